@@ -1,0 +1,133 @@
+"""``labelstudio-maskclip``: the command line. Each subcommand reads Settings once and calls the package.
+
+CLI flags override the environment (``MASKCLIP_*``, ``LABEL_STUDIO_*``, ``MODEL_DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .settings import Settings, SettingsError
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("labelstudio_maskclip")
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (override MASKCLIP_* environment variables)")
+    g.add_argument("--model", help="open_clip architecture or config JSON (MASKCLIP_MODEL, default ViT-B-16)")
+    g.add_argument("--pretrained", help="open_clip tag, local checkpoint file or hf-hub:id (MASKCLIP_PRETRAINED)")
+    g.add_argument("--device", help="auto, cpu, cuda, cuda:N (MASKCLIP_DEVICE)")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="MASKCLIP_PRECISION")
+    g.add_argument("--allow-random", action="store_true", default=None, help="allow random weights (tests)")
+    g.add_argument("--dense-mode", choices=["maskclip", "sclip", "clearclip", "naclip"], help="MASKCLIP_DENSE_MODE")
+    g.add_argument("--templates", help="maskclip85, imagenet80, simple, or a file (MASKCLIP_TEMPLATES)")
+    g.add_argument("--short-side", type=int, help="resize short side to this (MASKCLIP_SHORT_SIDE)")
+    g.add_argument("--window", type=int, help="sliding-window size, 0 = whole image (MASKCLIP_WINDOW)")
+    g.add_argument("--stride", type=int, help="sliding-window stride (MASKCLIP_STRIDE)")
+    g.add_argument("--key-smoothing", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--prompt-denoising", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--min-confidence", type=float, help="below this a pixel gets no label")
+    g.add_argument("--batch-size", type=int, help="images per forward pass (MASKCLIP_BATCH_SIZE)")
+
+
+_OVERRIDES = (
+    "model", "pretrained", "device", "precision", "allow_random", "dense_mode", "templates", "short_side",
+    "window", "stride", "key_smoothing", "prompt_denoising", "min_confidence", "batch_size",
+)  # fmt: skip
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(**{k: getattr(args, k, None) for k in _OVERRIDES})
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .images import ImageError, decode_image
+    from .overlay import overlay, save_label_png
+    from .segmenter import MaskCLIP, SegmentOptions
+
+    s = _settings(args)
+    labels = [x.strip() for x in args.labels.split(",") if x.strip()]
+    background = [x.strip() for x in (args.background or "").split(",") if x.strip()]
+    if not labels:
+        raise SystemExit("--labels needs at least one name, e.g. --labels 'cat,dog,grass'")
+    classes = [tuple(n.strip() for n in lab.split("|")) for lab in labels]  # "car|automobile": synonyms
+    names = [c[0] for c in classes]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seg = MaskCLIP.shared(s)
+    opts = SegmentOptions.from_settings(s)
+    failed = 0
+    for path in tqdm(args.images, desc="segment", unit="img", disable=len(args.images) < 2 or None):
+        try:
+            image = decode_image(Path(path).read_bytes(), max_pixels=s.max_image_pixels)
+        except (OSError, ImageError) as e:
+            log.error("%s: %s", path, e)
+            failed += 1
+            continue
+        result = seg.segment([image], classes, background, opts)[0]
+        stem = Path(path).stem
+        save_label_png(result.labels, out / f"{stem}.labels.png")
+        overlay(image, result.labels, names).save(out / f"{stem}.overlay.png")
+        summary = {
+            "image": str(path),
+            "width": image.shape[1],
+            "height": image.shape[0],
+            "model": seg.version,
+            "score": round(result.score, 4),
+            "labels": {
+                names[k]: {"area": int(result.class_areas[k]), "score": round(float(result.class_scores[k]), 4)}
+                for k in result.present
+            },
+            "label_png": f"{stem}.labels.png",
+            "label_values": {names[k]: k for k in range(len(names))} | {"(no label)": 255},
+        }
+        (out / f"{stem}.json").write_text(json.dumps(summary, indent=2))
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="labelstudio-maskclip", description=__doc__)
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (LOG_LEVEL)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("segment", help="segment image files into the given labels")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--labels", required=True, help="comma-separated label names; 'car|automobile' for synonyms")
+    p.add_argument("--background", help="comma-separated background names (their pixels get no label)")
+    p.add_argument("--out", required=True, help="output folder: NAME.labels.png, NAME.overlay.png, NAME.json")
+    _model_flags(p)
+    p.set_defaults(func=_cmd_segment)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = args.log_level or Settings.from_env().log_level
+    logging.basicConfig(level=str(level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except SettingsError as e:
+        log.error("%s", e)
+        return 2
+    except Exception as e:  # a clear one-line error for known failures; full trace at DEBUG
+        from .loading import WeightsError
+
+        if isinstance(e, WeightsError):
+            log.error("%s", e)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The one settings object, read from the environment in one place.
+
+Entry points (the CLI, the WSGI app, the trainer process) call :meth:`Settings.from_env` once and pass the
+result down; nothing else in the package reads ``os.environ``. Names follow label-studio-ml where it has
+one (``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``, ``MODEL_DIR``, ``BASIC_AUTH_*``, ``LOG_LEVEL``); the
+rest are ``MASKCLIP_*``. Every field's environment variable is listed in :data:`ENV`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["Settings", "ENV", "SettingsError"]
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+def _env(name: str) -> dict[str, str]:
+    return {"env": name}
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- model -------------------------------------------------------------------------------------
+    model: str = field(default="ViT-B-16", metadata=_env("MASKCLIP_MODEL"))
+    # open_clip pretrained tag ("openai", "laion2b_s34b_b88k"), a local state-dict file, or "hf-hub:org/name".
+    # "random" gives random weights and is refused unless allow_random is set (tests, smoke runs).
+    pretrained: str = field(default="openai", metadata=_env("MASKCLIP_PRETRAINED"))
+    allow_random: bool = field(default=False, metadata=_env("MASKCLIP_ALLOW_RANDOM"))
+    device: str = field(default="auto", metadata=_env("MASKCLIP_DEVICE"))  # auto | cpu | cuda | cuda:N
+    precision: str = field(default="auto", metadata=_env("MASKCLIP_PRECISION"))  # auto | fp32 | bf16 | fp16
+    cache_dir: str = field(default="", metadata=_env("MASKCLIP_CACHE_DIR"))  # open_clip download cache
+
+    # --- dense prediction --------------------------------------------------------------------------
+    dense_mode: str = field(default="maskclip", metadata=_env("MASKCLIP_DENSE_MODE"))
+    templates: str = field(default="maskclip85", metadata=_env("MASKCLIP_TEMPLATES"))  # name or file path
+    short_side: int = field(default=448, metadata=_env("MASKCLIP_SHORT_SIDE"))  # resize before the encoder
+    window: int = field(default=0, metadata=_env("MASKCLIP_WINDOW"))  # 0: whole image; else sliding window
+    stride: int = field(default=224, metadata=_env("MASKCLIP_STRIDE"))
+    key_smoothing: bool = field(default=True, metadata=_env("MASKCLIP_KEY_SMOOTHING"))
+    prompt_denoising: bool = field(default=True, metadata=_env("MASKCLIP_PROMPT_DENOISING"))
+    temperature: float = field(default=100.0, metadata=_env("MASKCLIP_TEMPERATURE"))
+    # A pixel whose best class probability is below this belongs to no label.
+    min_confidence: float = field(default=0.0, metadata=_env("MASKCLIP_MIN_CONFIDENCE"))
+    # Regions smaller than this fraction of the image are dropped from pre-annotations.
+    min_area: float = field(default=0.0005, metadata=_env("MASKCLIP_MIN_AREA"))
+    batch_size: int = field(default=16, metadata=_env("MASKCLIP_BATCH_SIZE"))
+    compile: bool = field(default=False, metadata=_env("MASKCLIP_COMPILE"))
+
+    # --- Label Studio and serving ------------------------------------------------------------------
+    label_studio_url: str = field(default="", metadata=_env("LABEL_STUDIO_URL"))
+    label_studio_api_key: str = field(default="", metadata=_env("LABEL_STUDIO_API_KEY"))
+    model_dir: str = field(default="./model_dir", metadata=_env("MODEL_DIR"))
+    basic_auth_user: str = field(default="", metadata=_env("BASIC_AUTH_USER"))
+    basic_auth_pass: str = field(default="", metadata=_env("BASIC_AUTH_PASS"))
+    log_level: str = field(default="INFO", metadata=_env("LOG_LEVEL"))
+    workers: int = field(default=1, metadata=_env("WORKERS"))
+    threads: int = field(default=4, metadata=_env("THREADS"))
+    # Image fetching: private, loopback and link-local hosts other than LABEL_STUDIO_URL's are refused
+    # unless allowed (server-side request forgery).
+    allow_private_urls: bool = field(default=False, metadata=_env("MASKCLIP_ALLOW_PRIVATE_URLS"))
+    max_image_pixels: int = field(default=64_000_000, metadata=_env("MASKCLIP_MAX_IMAGE_PIXELS"))
+    max_download_bytes: int = field(default=50_000_000, metadata=_env("MASKCLIP_MAX_DOWNLOAD_BYTES"))
+    download_timeout: float = field(default=20.0, metadata=_env("MASKCLIP_DOWNLOAD_TIMEOUT"))
+    polygons: bool = field(default=True, metadata=_env("MASKCLIP_POLYGONS"))
+
+    # --- MaskCLIP+ training ------------------------------------------------------------------------
+    train_steps: int = field(default=2000, metadata=_env("MASKCLIP_TRAIN_STEPS"))
+    train_batch_size: int = field(default=4, metadata=_env("MASKCLIP_TRAIN_BATCH_SIZE"))
+    train_crop: int = field(default=512, metadata=_env("MASKCLIP_TRAIN_CROP"))
+    train_lr: float = field(default=0.01, metadata=_env("MASKCLIP_TRAIN_LR"))
+    train_momentum: float = field(default=0.9, metadata=_env("MASKCLIP_TRAIN_MOMENTUM"))
+    train_weight_decay: float = field(default=5e-4, metadata=_env("MASKCLIP_TRAIN_WEIGHT_DECAY"))
+    train_self_training_start: float = field(default=0.1, metadata=_env("MASKCLIP_TRAIN_SELF_TRAINING_START"))
+    train_pseudo_threshold: float = field(default=0.0, metadata=_env("MASKCLIP_TRAIN_PSEUDO_THRESHOLD"))
+    train_every_n: int = field(default=0, metadata=_env("MASKCLIP_TRAIN_EVERY_N"))  # 0: off
+    train_interval_minutes: float = field(default=0.0, metadata=_env("MASKCLIP_TRAIN_INTERVAL_MINUTES"))
+    train_val_fraction: float = field(default=0.2, metadata=_env("MASKCLIP_TRAIN_VAL_FRACTION"))
+    student: str = field(default="deeplabv3_resnet50", metadata=_env("MASKCLIP_STUDENT"))
+    student_pretrained: str = field(default="imagenet", metadata=_env("MASKCLIP_STUDENT_PRETRAINED"))
+    promote: str = field(default="better", metadata=_env("MASKCLIP_PROMOTE"))  # better | always
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Read every field from ``environ`` (default ``os.environ``); ``overrides`` (CLI flags) win."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values).validated()
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes).validated()
+
+    def validated(self) -> "Settings":
+        if self.dense_mode not in DENSE_MODES:
+            raise SettingsError(f"MASKCLIP_DENSE_MODE={self.dense_mode!r}: choose one of {', '.join(DENSE_MODES)}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise SettingsError(f"MASKCLIP_PRECISION={self.precision!r}: choose auto, fp32, bf16 or fp16")
+        if self.promote not in ("better", "always"):
+            raise SettingsError(f"MASKCLIP_PROMOTE={self.promote!r}: choose better or always")
+        if self.window and self.stride <= 0:
+            raise SettingsError("MASKCLIP_STRIDE must be positive when MASKCLIP_WINDOW is set")
+        return self
+
+    @property
+    def model_path(self) -> Path:
+        return Path(self.model_dir)
+
+
+DENSE_MODES = ("maskclip", "sclip", "clearclip", "naclip")
+
+#: field name -> environment variable
+ENV: dict[str, str] = {f.name: f.metadata["env"] for f in dataclasses.fields(Settings)}
+
+
+def _parse(f: dataclasses.Field, raw: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "bool":
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        return raw
+    except ValueError:
+        raise SettingsError(f"{f.metadata['env']}={raw!r} is not a valid {kind}") from None

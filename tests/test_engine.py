@@ -1,0 +1,293 @@
+"""The MaskCLIP engine: the method's equations, shapes, sizes, sliding window, refinements, modes, loading."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from labelstudio_maskclip import MaskCLIP, NO_LABEL, SegmentOptions
+from labelstudio_maskclip import dense as dense_mod
+from labelstudio_maskclip import segmenter as seg_mod
+from labelstudio_maskclip.loading import WeightsError
+from labelstudio_maskclip.refine import key_smoothing, prompt_denoising
+from tests.tiny import TINY_RN, TINY_VIT, save_random_state
+
+
+@pytest.fixture(scope="module")
+def vit_file(tmp_path_factory):
+    return save_random_state(TINY_VIT, tmp_path_factory.mktemp("w") / "tiny_vit.pt")
+
+
+@pytest.fixture(scope="module")
+def rn_file(tmp_path_factory):
+    return save_random_state(TINY_RN, tmp_path_factory.mktemp("w") / "tiny_rn.pt")
+
+
+@pytest.fixture(scope="module")
+def vit(vit_file):
+    return MaskCLIP.load(model=TINY_VIT, pretrained=str(vit_file), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def rn(rn_file):
+    return MaskCLIP.load(model=TINY_RN, pretrained=str(rn_file), device="cpu")
+
+
+def _pixels(seed: int, h: int, w: int, b: int = 2) -> torch.Tensor:
+    return torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def _self_only_mask(n: int) -> torch.Tensor:
+    mask = torch.full((n, n), float("-inf"))
+    mask.fill_diagonal_(0.0)
+    return mask
+
+
+# --- the method's equations ------------------------------------------------------------------------
+
+
+def test_value_path_equals_block_output_when_tokens_attend_only_to_themselves(vit):
+    blk = vit.clip.model.visual.transformer.resblocks[-1]
+    x = torch.randn(2, 17, 64)
+    expected = blk(x, attn_mask=_self_only_mask(17))  # open_clip's own block
+    ours, keys = dense_mod._last_block(blk, x, "maskclip", (4, 4))
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    w_k = blk.attn.in_proj_weight[64:128]
+    b_k = blk.attn.in_proj_bias[64:128]
+    torch.testing.assert_close(keys, F.linear(blk.ln_1(x), w_k, b_k))
+
+
+def test_dense_logits_match_open_clip_forward_with_self_attention_only(vit):
+    """At the native size, MaskCLIP features are open_clip's tower with a diagonal mask in the last block."""
+    visual = vit.clip.model.visual
+    pixels = _pixels(0, 32, 32)
+    emb = vit.text_embeddings(["cat", "dog", "tree"], templates=["a photo of a {}."])
+    x = visual._embeds(pixels)
+    for blk in visual.transformer.resblocks[:-1]:
+        x = blk(x)
+    x = visual.transformer.resblocks[-1](x, attn_mask=_self_only_mask(x.shape[1]))
+    f = F.normalize(visual.ln_post(x[:, 1:]) @ visual.proj, dim=-1)  # (B, 16, D)
+    expected = torch.einsum("bnd,kd->bkn", f, emb).reshape(2, 3, 4, 4)
+    logits = vit.dense_logits(pixels, emb)
+    assert logits.dtype == torch.float32 and logits.shape == (2, 3, 4, 4)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert logits.abs().max() <= 1.0 + 1e-6
+
+
+def test_resnet_dense_features_are_value_and_output_projections_as_1x1_convs(rn):
+    visual = rn.clip.model.visual
+    pixels = _pixels(1, 64, 96)
+    trunk = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(pixels)))))  # (B, C, 2, 3)
+    pool = visual.attnpool
+    v = F.conv2d(trunk, pool.v_proj.weight[:, :, None, None], pool.v_proj.bias)
+    f = F.normalize(F.conv2d(v, pool.c_proj.weight[:, :, None, None], pool.c_proj.bias), dim=1)
+    emb = rn.text_embeddings(["cat", "dog"], templates=["a photo of a {}."])
+    expected = torch.einsum("bdhw,kd->bkhw", f, emb)
+    torch.testing.assert_close(rn.dense_logits(pixels, emb), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_positional_embedding_is_resized_bicubically_and_class_row_kept(vit):
+    pos = vit.clip.model.visual.positional_embedding.detach()  # (1 + 16, 64)
+    out = dense_mod.resize_pos_embed(pos, (3, 6))
+    assert out.shape == (1 + 18, 64)
+    torch.testing.assert_close(out[0], pos[0])
+    grid = pos[1:].reshape(1, 4, 4, 64).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(3, 6), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(out[1:], expected.permute(0, 2, 3, 1).reshape(18, 64))
+    assert dense_mod.resize_pos_embed(pos, (4, 4)) is pos
+
+
+# --- text ------------------------------------------------------------------------------------------
+
+
+def test_text_embeddings_are_normalised_template_means_and_cached(vit):
+    templates = ["a photo of a {}.", "a drawing of the {}."]
+    emb = vit.text_embeddings(["cat", "dog"], templates=templates)
+    model, tok = vit.clip.model, vit.clip.tokenizer
+    rows = []
+    for name in ["cat", "dog"]:
+        f = F.normalize(model.encode_text(tok([t.format(name) for t in templates])).float(), dim=-1)
+        rows.append(F.normalize(f.mean(0), dim=0))
+    torch.testing.assert_close(emb, torch.stack(rows), rtol=1e-5, atol=1e-6)
+    assert vit.text_embeddings(["cat", "dog"], templates=templates) is emb
+
+
+def test_synonyms_are_averaged_like_templates(vit):
+    t = ["a photo of a {}."]
+    car, auto = vit.text_embeddings(["car", "automobile"], templates=t)
+    both = vit.text_embeddings([("car", "automobile")], templates=t)[0]
+    torch.testing.assert_close(both, F.normalize(car + auto, dim=0))
+
+
+def test_default_templates_are_the_authors_85(vit):
+    assert len(vit.templates) == 85
+    assert "this is one {} in the scene." in vit.templates and "a photo of a {}." in vit.templates
+
+
+# --- sizes, windows, modes -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("h,w", [(32, 32), (24, 56), (64, 40)])
+def test_vit_any_size_gives_its_grid(vit, h, w):
+    emb = vit.text_embeddings(["a", "b", "c", "d"], templates=["{}"])
+    assert vit.dense_logits(_pixels(2, h, w), emb).shape == (2, 4, h // 8, w // 8)
+
+
+def test_resnet_non_square_and_bad_sizes(rn):
+    emb = rn.text_embeddings(["a", "b"], templates=["{}"])
+    assert rn.dense_logits(_pixels(3, 96, 160), emb).shape == (2, 2, 3, 5)
+    with pytest.raises(ValueError, match="multiple of the stride 32"):
+        rn.dense_logits(_pixels(3, 100, 160), emb)
+
+
+def test_window_covering_whole_image_equals_whole_image(vit):
+    emb = vit.text_embeddings(["a", "b", "c"], templates=["{}"])
+    px = _pixels(4, 48, 64)
+    whole = vit.grid_probs(px, emb, SegmentOptions(window=0))
+    for win in (64, 128):
+        torch.testing.assert_close(vit.grid_probs(px, emb, SegmentOptions(window=win, stride=16)), whole)
+
+
+def test_sliding_window_averages_overlaps(vit):
+    emb = vit.text_embeddings(["a", "b", "c"], templates=["{}"])
+    px = _pixels(5, 32, 48)  # windows 32 wide at x = 0 and 16: cells 2..3 are covered twice
+    opts = SegmentOptions(window=32, stride=16, key_smoothing=True, prompt_denoising=False)
+    got = vit.grid_probs(px, emb, opts)
+    left = vit.grid_probs(px[..., :32], emb, opts)
+    right = vit.grid_probs(px[..., 16:], emb, opts)
+    torch.testing.assert_close(got[..., :2], left[..., :2])
+    torch.testing.assert_close(got[..., 2:4], (left[..., 2:] + right[..., :2]) / 2)
+    torch.testing.assert_close(got[..., 4:], right[..., 2:])
+    assert seg_mod._windows(100, 40, 32, 16) == [
+        (y, min(y + 32, 100), x, min(x + 32, 40)) for y in (0, 16, 32, 48, 64, 68) for x in (0, 8)
+    ]
+
+
+def test_clearclip_is_q_q_attention_without_residual_or_mlp(vit):
+    visual = vit.clip.model.visual
+    blk = visual.transformer.resblocks[-1]
+    x = torch.randn(1, 17, 64)
+    q, _, v = F.linear(blk.ln_1(x), blk.attn.in_proj_weight, blk.attn.in_proj_bias).chunk(3, -1)
+    nh = blk.attn.num_heads
+    qh, vh = (t.reshape(1, 17, nh, -1).transpose(1, 2) for t in (q, v))
+    att = (qh @ qh.transpose(-1, -2) / qh.shape[-1] ** 0.5).softmax(-1)
+    expected = blk.attn.out_proj((att @ vh).transpose(1, 2).reshape(1, 17, 64))
+    got, _ = dense_mod._last_block(blk, x, "clearclip", (4, 4))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_naclip_neighbourhood_and_modes_differ(vit, rn):
+    bias = dense_mod._gaussian_neighbourhood((3, 3), 5.0, "cpu", torch.float32)
+    assert bias.shape == (10, 10) and bias[0].abs().sum() == 0 and torch.allclose(bias[1:, 1:].diagonal(), torch.ones(9))
+    assert bias[1, 2] > bias[1, 3] > bias[1, 9]  # nearer patches get a larger bias
+    emb = vit.text_embeddings(["a", "b", "c"], templates=["{}"])
+    px = _pixels(6, 32, 40)
+    outs = {m: vit.dense_logits(px, emb, mode=m) for m in dense_mod.DENSE_MODES}
+    for m, o in outs.items():
+        assert o.shape == (2, 3, 4, 5) and torch.isfinite(o).all(), m
+    assert len({tuple(o.flatten()[:5].tolist()) for o in outs.values()}) == 4
+    with pytest.raises(ValueError, match="needs a ViT"):
+        rn.dense_logits(_pixels(6, 64, 64), rn.text_embeddings(["a"], templates=["{}"]), mode="sclip")
+
+
+# --- refinements -----------------------------------------------------------------------------------
+
+
+def test_key_smoothing_averages_over_similar_keys():
+    probs = torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.5, 0.5]]).T.reshape(1, 2, 1, 3)  # 3 patches
+    same = torch.ones(1, 3, 4)
+    out = key_smoothing(probs, same)
+    torch.testing.assert_close(out, probs.mean(-1, keepdim=True).expand_as(probs))
+    orthogonal = torch.eye(3)[None]
+    torch.testing.assert_close(key_smoothing(probs, orthogonal), probs)
+    torch.testing.assert_close(out.sum(1), torch.ones(1, 1, 3))
+
+
+def test_prompt_denoising_removes_classes_whose_peak_is_below_half():
+    probs = torch.tensor([[0.6, 0.2], [0.3, 0.2], [0.1, 0.6]]).reshape(1, 3, 1, 2)  # class 1 peaks at 0.3
+    out = prompt_denoising(probs)
+    assert torch.all(out[0, 1] == 0)
+    torch.testing.assert_close(out.sum(1), torch.ones(1, 1, 2))
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([6 / 7, 0.0, 1 / 7]))
+    flat = torch.full((1, 4, 2, 2), 0.25)  # every class below 0.5: the best one is kept
+    assert (prompt_denoising(flat).flatten(2).amax(-1) > 0).sum() == 1
+
+
+# --- segmentation output ---------------------------------------------------------------------------
+
+
+def test_segment_outputs_at_original_size_with_consistent_scores(vit):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (70, 90, 3), dtype=np.uint8), rng.integers(0, 256, (90, 70, 3), dtype=np.uint8)]
+    out = vit.segment(images, ["cat", "dog", "tree"], opts=SegmentOptions(short_side=32))
+    for img, r in zip(images, out):
+        assert r.labels.shape == img.shape[:2] and r.confidence.shape == img.shape[:2]
+        assert r.class_areas.sum() == (r.labels >= 0).sum() == img.shape[0] * img.shape[1]
+        for k in range(3):
+            m = r.mask(k)
+            assert r.class_areas[k] == m.sum()
+            expected = r.confidence[m].mean() if m.any() else 0.0
+            assert r.class_scores[k] == pytest.approx(expected, rel=1e-4)
+        assert r.score == pytest.approx(r.confidence.mean(), rel=1e-4)
+        assert r.probabilities().shape == (3,) + img.shape[:2]
+        np.testing.assert_array_equal(r.probabilities().argmax(0), r.labels)
+
+
+def test_background_and_low_confidence_pixels_get_no_label(vit):
+    img = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    opts = SegmentOptions(short_side=32, key_smoothing=False, prompt_denoising=False)
+    with_bg = vit.segment([img], ["cat"], background=["sky", "wall", "floor"], opts=opts)[0]
+    probs = with_bg.probabilities()
+    np.testing.assert_array_equal(with_bg.labels == NO_LABEL, probs.argmax(0) > 0)
+    strict = vit.segment([img], ["cat", "dog"], opts=SegmentOptions(short_side=32, min_confidence=0.99))[0]
+    assert (strict.labels[strict.confidence < 0.99] == NO_LABEL).all()
+    assert (strict.labels[strict.confidence >= 0.99] >= 0).all()
+
+
+def test_upsampling_in_class_chunks_equals_one_shot(vit, monkeypatch):
+    probs = torch.rand(7, 5, 6).softmax(0)
+    one = seg_mod._finalize(probs, (50, 61), 7, 0.0)
+    monkeypatch.setattr(seg_mod, "_UPSAMPLE_BUDGET", 50 * 61 * 2)  # 2 classes per interpolate call
+    chunked = seg_mod._finalize(probs, (50, 61), 7, 0.0)
+    np.testing.assert_array_equal(one.labels, chunked.labels)
+    np.testing.assert_array_equal(one.confidence, chunked.confidence)
+
+
+def test_batches_of_mixed_sizes_equal_one_by_one(vit):
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, s, dtype=np.uint8) for s in [(40, 60, 3), (60, 40, 3), (40, 60, 3)]]
+    opts = SegmentOptions(short_side=32, batch_size=8)
+    together = vit.segment(images, ["a", "b"], opts=opts)
+    for img, r in zip(images, together):
+        alone = vit.segment([img], ["a", "b"], opts=opts)[0]
+        np.testing.assert_allclose(r.grid_probs, alone.grid_probs, atol=1e-5)
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def test_saved_state_file_loads_identical_weights(vit_file):
+    a = MaskCLIP.load(model=TINY_VIT, pretrained=str(vit_file), device="cpu")
+    b = MaskCLIP.load(model=TINY_VIT, pretrained=str(vit_file), device="cpu")
+    px = _pixels(7, 32, 32)
+    emb = a.text_embeddings(["x"], templates=["{}"])
+    torch.testing.assert_close(a.dense_logits(px, emb), b.dense_logits(px, emb))
+    assert a.version == "MaskCLIP-Tiny-ViT.tiny_vit.pt"
+
+
+def test_random_weights_need_explicit_permission():
+    with pytest.raises(WeightsError, match="MASKCLIP_ALLOW_RANDOM"):
+        MaskCLIP.load(model=TINY_VIT, pretrained="random", device="cpu")
+    with pytest.warns(UserWarning, match="RANDOM WEIGHTS"):
+        MaskCLIP.load(model=TINY_VIT, pretrained="random", device="cpu", allow_random=True)
+
+
+def test_missing_checkpoint_names_the_setting(tmp_path):
+    with pytest.raises(WeightsError, match="MASKCLIP_PRETRAINED=/path/to/file"):
+        MaskCLIP.load(model="ViT-B-16", pretrained=str(tmp_path / "nope.pt"), device="cpu")
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="MASKCLIP_PRETRAINED"):
+        MaskCLIP.load(model=TINY_VIT, pretrained=str(bad), device="cpu")
