@@ -94,6 +94,54 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    s = _settings(args)  # validates the environment before gunicorn starts
+    workers = args.workers or s.workers
+    cmd = [
+        sys.executable, "-m", "gunicorn", "labelstudio_maskclip.server:wsgi()",
+        "--bind", f"{args.host}:{args.port}",
+        "--workers", str(workers), "--threads", str(s.threads), "--worker-class", "gthread",
+        # /predict may take up to Label Studio's 100 s limit; the time budget stops earlier.
+        "--timeout", str(int(s.predict_time_budget) + 60), "--graceful-timeout", "30",
+        "--log-level", s.log_level.lower(), "--access-logfile", "-",
+    ]  # fmt: skip
+    env = dict(os.environ)
+    env.update({k: str(v) for k, v in _env_overrides(args).items()})
+    log.info("serving on http://%s:%d with %d worker(s): %s", args.host, args.port, workers, " ".join(cmd[2:]))
+    os.execvpe(cmd[0], cmd, env)
+    return 0  # not reached
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import DatasetError, run_eval
+
+    try:
+        metrics = run_eval(
+            _settings(args), args.dataset, Path(args.root), Path(args.out), protocol=args.protocol,
+            limit=args.limit, overlays=args.overlays, progress=not args.no_progress,
+            bg_threshold=args.bg_threshold, refinements=args.refinements,
+        )  # fmt: skip
+    except DatasetError as e:
+        log.error("%s", e)
+        return 2
+    print(json.dumps({k: metrics[k] for k in ("dataset", "protocol", "n_images", "mIoU", "aAcc") if k in metrics}))
+    return 0
+
+
+def _env_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """CLI model flags as environment variables, for child processes (gunicorn workers, the trainer)."""
+    from .settings import ENV
+
+    out: dict[str, object] = {}
+    for k in _OVERRIDES:
+        v = getattr(args, k, None)
+        if v is not None:
+            out[ENV[k]] = ("true" if v else "false") if isinstance(v, bool) else v
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labelstudio-maskclip", description=__doc__)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (LOG_LEVEL)")
@@ -106,6 +154,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder: NAME.labels.png, NAME.overlay.png, NAME.json")
     _model_flags(p)
     p.set_defaults(func=_cmd_segment)
+
+    from .evaluate import DATASETS, PROTOCOLS
+
+    p = sub.add_parser("eval", help="evaluate mIoU on a segmentation dataset like the paper")
+    p.add_argument("--dataset", required=True, choices=list(DATASETS))
+    p.add_argument("--root", required=True, help="dataset folder (mmsegmentation layout; see README)")
+    p.add_argument("--out", required=True, help="output folder: metrics.json, predictions/, overlays/")
+    p.add_argument("--protocol", default="whole512", choices=list(PROTOCOLS),
+                   help="whole512: short side 512 (Context 520), whole image; slide448: sliding window 448/224. "
+                        "Overrides --short-side/--window/--stride/--min-confidence")  # fmt: skip
+    p.add_argument("--bg-threshold", type=float, help="voc21/context60: below this probability -> background")
+    p.add_argument("--limit", type=int, help="evaluate the first N images only")
+    p.add_argument("--overlays", type=int, default=8, help="overlay pictures to write (default 8)")
+    p.add_argument("--refinements", action="store_true", help="allow key smoothing / prompt denoising (off by default)")
+    p.add_argument("--no-progress", action="store_true")
+    _model_flags(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("serve", help="run the Label Studio ML backend (gunicorn)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=9090, help="port (default 9090)")
+    p.add_argument("--workers", type=int, help="gunicorn worker processes (WORKERS, default 1)")
+    _model_flags(p)
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 

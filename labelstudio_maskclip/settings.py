@@ -51,7 +51,6 @@ class Settings:
     # Regions smaller than this fraction of the image are dropped from pre-annotations.
     min_area: float = field(default=0.0005, metadata=_env("MASKCLIP_MIN_AREA"))
     batch_size: int = field(default=16, metadata=_env("MASKCLIP_BATCH_SIZE"))
-    compile: bool = field(default=False, metadata=_env("MASKCLIP_COMPILE"))
 
     # --- Label Studio and serving ------------------------------------------------------------------
     label_studio_url: str = field(default="", metadata=_env("LABEL_STUDIO_URL"))
@@ -69,6 +68,10 @@ class Settings:
     max_download_bytes: int = field(default=50_000_000, metadata=_env("MASKCLIP_MAX_DOWNLOAD_BYTES"))
     download_timeout: float = field(default=20.0, metadata=_env("MASKCLIP_DOWNLOAD_TIMEOUT"))
     polygons: bool = field(default=True, metadata=_env("MASKCLIP_POLYGONS"))
+    # /predict stops starting new batches after this many seconds (Label Studio gives up at 100 s); tasks
+    # left over get no prediction and are asked for again later (or use `labelstudio-maskclip preannotate`).
+    predict_time_budget: float = field(default=75.0, metadata=_env("MASKCLIP_PREDICT_TIME_BUDGET"))
+    fetch_threads: int = field(default=8, metadata=_env("MASKCLIP_FETCH_THREADS"))
 
     # --- MaskCLIP+ training ------------------------------------------------------------------------
     train_steps: int = field(default=2000, metadata=_env("MASKCLIP_TRAIN_STEPS"))

@@ -1,0 +1,32 @@
+# Two commands for a fresh machine (see README):  make serve   |   make test
+PYTHON ?= python3
+VENV ?= .venv
+LABEL_STUDIO_VENV ?= .ls-venv
+PORT ?= 9090
+export LABEL_STUDIO_VENV
+
+.PHONY: serve test install install-label-studio bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-label-studio:
+	bash scripts/install-label-studio.sh
+
+# The backend server with the default model (ViT-B/16, OpenAI weights) on port $(PORT).
+serve: install
+	$(VENV)/bin/labelstudio-maskclip serve --port $(PORT)
+
+# Unit tests and end-to-end tests against a real Label Studio started on loopback by the tests.
+test: install install-label-studio
+	$(VENV)/bin/python -m pytest -q
+
+bench: install
+	$(VENV)/bin/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) $(LABEL_STUDIO_VENV) build *.egg-info

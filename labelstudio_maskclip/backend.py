@@ -1,0 +1,227 @@
+"""The ML backend: ``setup``, ``predict`` and ``fit`` with label-studio-ml's names, pure of HTTP.
+
+Label Studio's convention builds a backend object per request; everything heavy (the CLIP teacher, the
+promoted student, the image fetcher, the store) lives in a process-level :class:`Runtime`, built once per
+process and settings. Training never runs here: ``fit`` stores the webhook's masks and, when a trigger
+fires, starts the trainer as a separate process.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .labeling import LabelingSpec, parse_label_config
+from .settings import Settings
+
+__all__ = ["MaskCLIPBackend", "Runtime", "runtime", "PredictError"]
+
+log = logging.getLogger(__name__)
+
+PREDICT_CHUNK = 64  # tasks fetched and segmented together; bounds memory for project-sized requests
+
+
+class PredictError(ValueError):
+    """The whole /predict request is unusable (e.g. a labeling config without a usable control)."""
+
+
+@dataclass
+class Runtime:
+    """Process-wide heavy objects, created lazily on first use."""
+
+    settings: Settings
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _fetcher: Any = None
+    _store: Any = None
+    _student: tuple[str, Any] | None = None  # (version, model)
+
+    @property
+    def fetcher(self):
+        with self._lock:
+            if self._fetcher is None:
+                from .images import ImageFetcher
+
+                self._fetcher = ImageFetcher.from_settings(self.settings)
+            return self._fetcher
+
+    @property
+    def store(self):
+        with self._lock:
+            if self._store is None:
+                from .store import Store
+
+                self._store = Store(Path(self.settings.model_dir))
+            return self._store
+
+    @property
+    def teacher(self):
+        from .segmenter import MaskCLIP
+
+        return MaskCLIP.shared(self.settings)
+
+    def teacher_version(self) -> str:
+        s = self.settings
+        tag = Path(s.pretrained).name if s.pretrained else "random"
+        arch = Path(s.model).stem if s.model.endswith(".json") else s.model
+        return f"maskclip-{arch}.{tag}-{s.dense_mode}"
+
+    def student_version(self) -> str | None:
+        """Version of the promoted student, read from MODEL_DIR on every call (cheap), so every worker
+        switches to a newly promoted model without a restart."""
+        from .checkpoints import current_version
+
+        return current_version(Path(self.settings.model_dir))
+
+    def model_for(self, vocabulary: Sequence[str]) -> tuple[str, Any]:
+        """(model_version, model) to serve for these labels: the promoted student when one exists and
+        knows every label, else the MaskCLIP teacher."""
+        version = self.student_version()
+        if version is not None:
+            with self._lock:
+                if self._student is None or self._student[0] != version:
+                    from .checkpoints import current_checkpoint
+                    from .student import load_student
+
+                    model = load_student(current_checkpoint(Path(self.settings.model_dir)), self.settings.device)
+                    self._student = (version, model)
+                    log.info("serving student %s", version)
+                student = self._student[1]
+            if set(vocabulary) <= set(student.labels):
+                return version, student
+            log.warning("student %s does not know labels %s: serving MaskCLIP", version, set(vocabulary) - set(student.labels))
+        return self.teacher_version(), self.teacher
+
+
+@functools.lru_cache(maxsize=4)
+def runtime(settings: Settings) -> Runtime:
+    return Runtime(settings)
+
+
+@dataclass
+class TaskFailure:
+    task_id: Any
+    reason: str
+
+
+class MaskCLIPBackend:
+    """One request's view of the backend (label-studio-ml's ``LabelStudioMLBase`` surface)."""
+
+    def __init__(self, settings: Settings, project: str | None = None, label_config: str | None = None):
+        self.settings = settings
+        self.project = project
+        self.label_config = label_config
+        self.rt = runtime(settings)
+
+    # -- setup ---------------------------------------------------------------------------------------
+    def spec(self) -> LabelingSpec:
+        if not self.label_config:
+            raise PredictError("no labeling config in the request ('label_config' or 'schema')")
+        return parse_label_config(self.label_config)
+
+    @property
+    def model_version(self) -> str:
+        return self.rt.student_version() or self.rt.teacher_version()
+
+    def setup(self) -> dict[str, Any]:
+        """Validate the project's labeling config and report the served model version."""
+        if self.label_config:
+            self.spec()  # raises LabelConfigError with what to add
+        return {"model_version": self.model_version}
+
+    # -- predict -------------------------------------------------------------------------------------
+    def predict(self, tasks: Sequence[Mapping[str, Any]], context: Any = None) -> dict[str, Any]:
+        """One entry per task, in order: a prediction dict, or ``[]`` (no prediction: Label Studio asks
+        again later) for a task that failed, with the reasons under ``errors``."""
+        from .regions import prediction
+        from .segmenter import SegmentOptions
+
+        spec = self.spec()
+        vocab = list(spec.vocabulary)
+        classes = [spec.names_of(v) for v in vocab]
+        version, model = self.rt.model_for(vocab)
+        opts = SegmentOptions.from_settings(self.settings)
+        results: list[Any] = [[] for _ in tasks]
+        failures: list[TaskFailure] = []
+        start = time.monotonic()
+        chunks = [range(i, min(i + PREDICT_CHUNK, len(tasks))) for i in range(0, len(tasks), PREDICT_CHUNK)]
+        with ThreadPoolExecutor(max(1, self.settings.fetch_threads)) as pool:
+            pending = self._fetch_chunk(pool, tasks, chunks[0], spec) if chunks else None
+            for n, chunk in enumerate(chunks):
+                loaded = [(i, f.result()) for i, f in pending]
+                if n + 1 < len(chunks):  # overlap the next chunk's downloads with this chunk's inference
+                    pending = self._fetch_chunk(pool, tasks, chunks[n + 1], spec)
+                images = []
+                for i, got in loaded:
+                    if isinstance(got, TaskFailure):
+                        failures.append(got)
+                    else:
+                        images.append((i, got))
+                if images:
+                    segs = model.segment([img for _, img in images], classes, opts=opts)
+                    for (i, _), seg in zip(images, segs):
+                        results[i] = prediction(
+                            seg, spec.targets, vocab, version, min_area=self.settings.min_area,
+                            polygons=self.settings.polygons,
+                        )  # fmt: skip
+                elapsed = time.monotonic() - start
+                if n + 1 < len(chunks) and elapsed > self.settings.predict_time_budget:
+                    left = sum(len(c) for c in chunks[n + 1 :])
+                    log.warning(
+                        "predict: time budget of %.0f s used after %d tasks; %d tasks left without a prediction "
+                        "(Label Studio will ask again; for large projects run `labelstudio-maskclip preannotate`)",
+                        self.settings.predict_time_budget, chunk.stop, left,
+                    )  # fmt: skip
+                    failures.append(TaskFailure(None, f"{left} tasks skipped: time budget reached"))
+                    break
+        done = sum(1 for r in results if r)
+        log.info("predict: %d/%d tasks predicted with %s in %.2f s", done, len(tasks), version, time.monotonic() - start)
+        for f in failures:
+            log.warning("predict: task %s: %s", f.task_id, f.reason)
+        return {
+            "results": results,
+            "model_version": version,
+            "errors": [{"task": f.task_id, "error": f.reason} for f in failures],
+        }
+
+    def _fetch_chunk(self, pool, tasks, chunk, spec):
+        return [(i, pool.submit(self._load_image, tasks[i], spec)) for i in chunk]
+
+    def _load_image(self, task: Mapping[str, Any], spec: LabelingSpec) -> np.ndarray | TaskFailure:
+        from .images import ImageError
+
+        task_id = task.get("id") if isinstance(task, Mapping) else None
+        if not isinstance(task, Mapping) or not isinstance(task.get("data"), Mapping):
+            return TaskFailure(task_id, "task has no 'data' object")
+        key = spec.targets[0].image_key
+        url = task["data"].get(key)
+        if not isinstance(url, str) or not url:
+            return TaskFailure(task_id, f"task data has no image under '{key}' (keys: {sorted(task['data'])[:10]})")
+        try:
+            return self.rt.fetcher.load(url, task_id, max_pixels=self.settings.max_image_pixels)
+        except ImageError as e:
+            return TaskFailure(task_id, str(e))
+
+    # -- fit (webhooks) ------------------------------------------------------------------------------
+    def fit(self, event: str, data: Mapping[str, Any]) -> dict[str, Any]:
+        """Store what a webhook carries; start training (in another process) when a trigger fires."""
+        from .collect import handle_event
+        from .trigger import request_training, should_train
+
+        result = handle_event(data, self.rt.store)
+        reply: dict[str, Any] = {"action": event, "status": result.status}
+        if result.rejected:
+            reply["rejected"] = result.rejected
+        reason = "START_TRAINING" if result.train_requested else None
+        if reason is None and result.status == "stored" and should_train(self.settings, self.rt.store):
+            reason = f"{self.settings.train_every_n} new annotations"
+        if reason:
+            reply["training"] = "started" if request_training(self.settings, reason) else "already running"
+        return reply

@@ -1,0 +1,162 @@
+"""The HTTP adapter: Label Studio's ML backend protocol as a Flask WSGI app (run under gunicorn).
+
+Routes: ``GET /`` and ``/health``, ``POST /setup``, ``POST /predict``, ``POST /webhook``, ``GET /metrics``.
+Every error is a JSON body ``{"error": "..."}`` with a 4xx status for bad input (and a log line saying why);
+the server keeps serving. gunicorn entry point: ``labelstudio_maskclip.server:wsgi()``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import logging
+import threading
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+
+from .backend import MaskCLIPBackend, PredictError, runtime
+from .settings import Settings
+
+__all__ = ["create_app", "wsgi"]
+
+log = logging.getLogger(__name__)
+
+
+class _BadRequest(ValueError):
+    pass
+
+
+def _json_body() -> dict[str, Any]:
+    body = request.get_json(silent=True, force=True)
+    if not isinstance(body, dict):
+        raise _BadRequest("request body must be a JSON object")
+    return body
+
+
+def _error(status: int, message: str) -> tuple[Response, int]:
+    log.warning("%s %s -> %d: %s", request.method, request.path, status, message)
+    return jsonify({"error": message, "status": status}), status
+
+
+def create_app(settings: Settings, *, warm: bool = True) -> Flask:
+    """The WSGI app. ``warm`` starts loading the model in a background thread so the first /predict
+    does not pay for it; a model that cannot load makes /health answer 503 with the reason."""
+    app = Flask("labelstudio_maskclip")
+    app.config["MAX_CONTENT_LENGTH"] = 256 * 1024 * 1024
+    state: dict[str, Any] = {"model_error": None}
+
+    def load_model() -> None:
+        try:
+            runtime(settings).teacher
+            log.info("model ready: %s", runtime(settings).teacher_version())
+        except Exception as e:  # reported by /health and /predict
+            state["model_error"] = str(e)
+            log.error("model failed to load: %s", e)
+
+    if warm:
+        threading.Thread(target=load_model, name="model-warmup", daemon=True).start()
+
+    @app.before_request
+    def _auth():
+        if not settings.basic_auth_user:
+            return None
+        auth = request.authorization
+        ok = (
+            auth is not None
+            and hmac.compare_digest(auth.username or "", settings.basic_auth_user)
+            and hmac.compare_digest(auth.password or "", settings.basic_auth_pass)
+        )
+        if not ok:
+            return Response(
+                '{"error": "authentication required"}', 401, {"WWW-Authenticate": 'Basic realm="ml-backend"'},
+                mimetype="application/json",
+            )  # fmt: skip
+        return None
+
+    @app.errorhandler(_BadRequest)
+    def _bad_request(e):
+        return _error(400, str(e))
+
+    @app.errorhandler(PredictError)
+    def _predict_error(e):
+        return _error(400, str(e))
+
+    @app.errorhandler(413)
+    def _too_large(e):
+        return _error(413, f"request body larger than {app.config['MAX_CONTENT_LENGTH']} bytes")
+
+    @app.errorhandler(Exception)
+    def _unexpected(e):
+        from werkzeug.exceptions import HTTPException
+
+        from .labeling import LabelConfigError
+
+        if isinstance(e, HTTPException):
+            return _error(e.code or 500, e.description or str(e))
+        if isinstance(e, LabelConfigError):
+            return _error(400, f"labeling config: {e}")
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return _error(500, f"internal error: {type(e).__name__}: {e}")
+
+    @app.get("/")
+    @app.get("/health")
+    def health():
+        if state["model_error"]:
+            return jsonify({"status": "DOWN", "error": state["model_error"]}), 503
+        return jsonify({"status": "UP", "model_class": "MaskCLIPBackend"})
+
+    @app.post("/setup")
+    def setup():
+        body = _json_body()
+        backend = MaskCLIPBackend(settings, str(body.get("project", "")), body.get("schema"))
+        return jsonify(backend.setup())
+
+    @app.post("/predict")
+    def predict():
+        if state["model_error"]:
+            return _error(503, f"model not available: {state['model_error']}")
+        body = _json_body()
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list):
+            raise _BadRequest("'tasks' must be a list of task objects")
+        config = body.get("label_config") or body.get("schema")
+        backend = MaskCLIPBackend(settings, str(body.get("project", "")), config)
+        return jsonify(backend.predict(tasks, body.get("params", {}).get("context") if isinstance(body.get("params"), dict) else None))
+
+    @app.post("/webhook")
+    def webhook():
+        from .collect import CollectError
+
+        body = _json_body()
+        try:
+            reply = MaskCLIPBackend(settings).fit(str(body.get("action")), body)
+        except CollectError as e:
+            raise _BadRequest(str(e)) from e
+        return jsonify(reply), 201
+
+    @app.get("/metrics")
+    def metrics():
+        rt = runtime(settings)
+        return jsonify(
+            {
+                "model_version": rt.student_version() or rt.teacher_version(),
+                "acceptance": rt.store.acceptance_stats(),
+                "annotations_since_training": rt.store.count_since_last_training(),
+                "training_runs": rt.store.training_runs()[-10:],
+            }
+        )
+
+    return app
+
+
+def wsgi() -> Flask:
+    """gunicorn factory: settings from the environment, read once per worker."""
+    settings = Settings.from_env()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return create_app(settings)
+
+
+def basic_auth_header(user: str, password: str) -> str:
+    """``Authorization`` header value for HTTP basic auth (used by tests and the CLI)."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()

@@ -1,0 +1,175 @@
+"""Polygons: mask -> polygons -> mask round trips (COCO's rasteriser), Label Studio percent coordinates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from labelstudio_maskclip import polygons as polygons_module
+from labelstudio_maskclip.polygons import (
+    PolygonError,
+    mask_to_polygons,
+    percent_to_points,
+    points_to_percent,
+    polygons_to_mask,
+)
+
+COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128-seg"
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+def disc(height: int, width: int, cy: float, cx: float, radius: float) -> np.ndarray:
+    yy, xx = np.mgrid[:height, :width]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 < radius**2
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """The mask with every background region not 4-connected to the border filled."""
+    padded = np.ascontiguousarray(np.pad(mask, 1).astype(np.uint8))
+    cv2.floodFill(padded, np.zeros((padded.shape[0] + 2, padded.shape[1] + 2), np.uint8), (0, 0), 2)
+    return (padded != 2)[1:-1, 1:-1]
+
+
+@pytest.fixture(scope="module")
+def coco_instances() -> list[np.ndarray]:
+    """Real COCO instance masks (first 30 label files of COCO128) at image size."""
+    masks = []
+    for label in sorted((COCO128 / "labels").glob("*.txt"))[:30]:
+        image = COCO128 / "images" / (label.stem + ".jpg")
+        if not image.exists():
+            continue
+        width, height = Image.open(image).size
+        for line in label.read_text().splitlines():
+            points = np.array(line.split()[1:], dtype=float).reshape(-1, 2) * [width, height]
+            masks.append(polygons_to_mask([points], height, width))
+    assert len(masks) > 150, f"COCO128 not found under {COCO128}"
+    return masks
+
+
+def test_public_api() -> None:
+    assert sorted(polygons_module.__all__) == sorted(
+        ["PolygonError", "mask_to_polygons", "polygons_to_mask", "points_to_percent", "percent_to_points"]
+    )
+
+
+def test_rectangles_round_trip_exactly() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        height, width = rng.integers(5, 80, size=2)
+        top, left = rng.integers(0, height - 1), rng.integers(0, width - 1)
+        bottom, right = rng.integers(top + 1, height + 1), rng.integers(left + 1, width + 1)
+        mask = np.zeros((height, width), bool)
+        mask[top:bottom, left:right] = True
+        polygons = mask_to_polygons(mask, min_area=1)
+        assert len(polygons) == 1 and len(polygons[0]) == 4
+        assert sorted(map(tuple, polygons[0])) == sorted(
+            [(left, top), (right, top), (left, bottom), (right, bottom)]
+        )
+        np.testing.assert_array_equal(polygons_to_mask(polygons, height, width), mask)
+
+
+def test_discs_round_trip_closely() -> None:
+    for radius in (6, 20, 150):
+        mask = disc(400, 380, 200, 190, radius)
+        polygons = mask_to_polygons(mask)
+        assert len(polygons) == 1
+        assert len(polygons[0]) < 4 * radius  # simplified, not one vertex per boundary pixel
+        assert iou(polygons_to_mask(polygons, 400, 380), mask) > (0.95 if radius > 6 else 0.9)
+
+
+def test_coco128_masks_round_trip_exactly_without_simplification(coco_instances: list[np.ndarray]) -> None:
+    for mask in coco_instances:
+        polygons = mask_to_polygons(mask, tolerance=0, min_area=0)
+        np.testing.assert_array_equal(polygons_to_mask(polygons, *mask.shape), fill_holes(mask))
+
+
+def test_coco128_masks_round_trip_with_default_simplification(coco_instances: list[np.ndarray]) -> None:
+    ious = {}
+    for k, mask in enumerate(coco_instances):
+        if mask.sum() >= 100:
+            ious[k] = iou(polygons_to_mask(mask_to_polygons(mask), *mask.shape), mask)
+    large = [v for k, v in ious.items() if coco_instances[k].sum() >= 4000]
+    assert len(large) > 50 and min(large) > 0.95
+    assert np.mean(list(ious.values())) > 0.95
+
+
+def test_components_are_separate_largest_first_and_holes_filled() -> None:
+    mask = disc(100, 200, 50, 140, 40)
+    mask[10:30, 10:40] = True  # a second, smaller component
+    ring = mask.copy()
+    ring[45:55, 135:145] = False  # a hole in the disc
+    polygons = mask_to_polygons(ring)
+    assert len(polygons) == 2
+    assert polygons[0][:, 0].min() > 90 and polygons[1][:, 0].max() <= 40
+    assert iou(polygons_to_mask(polygons, 100, 200), mask) > 0.97
+
+
+def test_empty_mask_and_tiny_components() -> None:
+    assert mask_to_polygons(np.zeros((30, 40), bool)) == []
+    mask = np.zeros((30, 40), np.uint8)
+    mask[2:5, 2:5] = 1  # 9 pixels
+    mask[20:25, 20:25] = 7  # 25 pixels, nonzero = in mask
+    kept = mask_to_polygons(mask)  # min_area 16
+    assert len(kept) == 1 and kept[0][:, 0].min() == 20
+    assert len(mask_to_polygons(mask, min_area=1)) == 2
+    assert len(mask_to_polygons(mask, min_area=26)) == 0
+
+
+def test_one_pixel_wide_lines_and_diagonals_keep_a_polygon() -> None:
+    mask = np.zeros((40, 40), bool)
+    mask[5, 2:38] = True  # 36 x 1: Douglas-Peucker at 1 px would collapse it to a segment
+    np.fill_diagonal(mask[10:, :], True)  # 30 pixels touching at corners: one 8-connected component
+    polygons = mask_to_polygons(mask)
+    assert len(polygons) == 2 and all(len(p) >= 3 for p in polygons)
+    np.testing.assert_array_equal(
+        polygons_to_mask(polygons, 40, 40) | mask, polygons_to_mask(polygons, 40, 40)
+    )
+
+
+def test_polygons_to_mask_unites_clips_and_skips_degenerate_polygons() -> None:
+    square = [[0, 0], [10, 0], [10, 10], [0, 10]]
+    shifted = np.array(square) + 5
+    outside = [[15, -5], [30, -5], [30, 3], [15, 3]]  # partly outside a 20 x 20 image
+    mask = polygons_to_mask([square, shifted, outside, [[1, 1], [2, 2]]], 20, 20)
+    expected = np.zeros((20, 20), bool)
+    expected[0:10, 0:10] = expected[5:15, 5:15] = expected[0:3, 15:20] = True
+    np.testing.assert_array_equal(mask, expected)
+    assert not polygons_to_mask([], 5, 6).any() and polygons_to_mask([], 5, 6).shape == (5, 6)
+    assert not polygons_to_mask([[[0, 0], [4, 4]]], 5, 6).any()  # 2 points: not read as a box
+
+
+def test_percent_round_trip_and_values() -> None:
+    polygon = np.array([[0.0, 0.0], [640.0, 0.0], [320.0, 480.0]])
+    percent = points_to_percent(polygon, height=480, width=640)
+    np.testing.assert_allclose(percent, [[0, 0], [100, 0], [50, 100]])
+    np.testing.assert_allclose(percent_to_points(percent, 480, 640), polygon)
+    rng = np.random.default_rng(1)
+    points = rng.uniform(0, 100, size=(50, 2))
+    np.testing.assert_allclose(
+        points_to_percent(percent_to_points(points.tolist(), 333, 517), 333, 517), points
+    )
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: points_to_percent([[1, 2, 3]], 10, 10), r"\(N, 2\)"),
+        (lambda: percent_to_points([[1, float("nan")]], 10, 10), "non-finite"),
+        (lambda: points_to_percent([[1, 2]], 0, 10), "positive"),
+        (lambda: polygons_to_mask([[[0, 0], [1, 0], [1, 1]]], 10, -1), "positive"),
+        (lambda: polygons_to_mask([[0, 0, 1, 0, 1, 1]], 10, 10), r"polygons\[0\]"),
+        (lambda: mask_to_polygons(np.zeros((3, 3, 3), bool)), "shape"),
+        (lambda: mask_to_polygons(np.zeros((3, 3), float)), "bool or integer"),
+        (lambda: mask_to_polygons(np.zeros((3, 3), bool), tolerance=-1), "tolerance"),
+    ],
+)
+def test_bad_inputs_raise(call, message: str) -> None:
+    with pytest.raises(PolygonError, match=message):
+        call()
