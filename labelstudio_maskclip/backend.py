@@ -144,8 +144,9 @@ class MaskCLIPBackend:
         from .segmenter import SegmentOptions
 
         spec = self.spec()
-        vocab = list(spec.vocabulary)
-        classes = [spec.names_of(v) for v in vocab]
+        targets = self._targets(spec)
+        vocab = list(dict.fromkeys(v for t in targets for v in t.values))
+        classes = [spec.names(v) for v in vocab]
         version, model = self.rt.model_for(vocab)
         opts = SegmentOptions.from_settings(self.settings)
         results: list[Any] = [[] for _ in tasks]
@@ -168,7 +169,7 @@ class MaskCLIPBackend:
                     segs = model.segment([img for _, img in images], classes, opts=opts)
                     for (i, _), seg in zip(images, segs):
                         results[i] = prediction(
-                            seg, spec.targets, vocab, version, min_area=self.settings.min_area,
+                            seg, targets, vocab, version, min_area=self.settings.min_area,
                             polygons=self.settings.polygons,
                         )  # fmt: skip
                 elapsed = time.monotonic() - start
@@ -191,6 +192,11 @@ class MaskCLIPBackend:
             "errors": [{"task": f.task_id, "error": f.reason} for f in failures],
         }
 
+    @staticmethod
+    def _targets(spec: LabelingSpec):
+        """Controls on the first image of the config (one image per task is predicted)."""
+        return [t for t in spec.targets if t.image_key == spec.image_keys[0]]
+
     def _fetch_chunk(self, pool, tasks, chunk, spec):
         return [(i, pool.submit(self._load_image, tasks[i], spec)) for i in chunk]
 
@@ -200,7 +206,7 @@ class MaskCLIPBackend:
         task_id = task.get("id") if isinstance(task, Mapping) else None
         if not isinstance(task, Mapping) or not isinstance(task.get("data"), Mapping):
             return TaskFailure(task_id, "task has no 'data' object")
-        key = spec.targets[0].image_key
+        key = spec.image_keys[0]
         url = task["data"].get(key)
         if not isinstance(url, str) or not url:
             return TaskFailure(task_id, f"task data has no image under '{key}' (keys: {sorted(task['data'])[:10]})")

@@ -130,6 +130,101 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_preannotate(args: argparse.Namespace) -> int:
+    from .preannotate import preannotate
+
+    r = preannotate(_settings(args), args.project, batch_size=args.batch)
+    print(json.dumps({"model_version": r.model_version, "predicted": r.predicted, "skipped": r.skipped,
+                      "failed": len(r.failed)}))  # fmt: skip
+    for f in r.failed[:20]:
+        log.warning("task %s: %s", f.get("task"), f.get("error"))
+    return 1 if r.failed else 0
+
+
+def _categories(args: argparse.Namespace, s: Settings, store) -> list[str]:
+    """Export categories: the labeling config's labels in order (file or project), else the store's."""
+    from .labeling import parse_label_config
+
+    if getattr(args, "label_config", None):
+        return list(parse_label_config(Path(args.label_config).read_text()).vocabulary)
+    if getattr(args, "project", None) and s.label_studio_url:
+        from .lsapi import LabelStudioAPI
+
+        return list(parse_label_config(LabelStudioAPI.from_settings(s).project(args.project)["label_config"]).vocabulary)
+    labels = sorted({label for sample in store.accepted_samples() for label in sample.masks})
+    log.warning("no --label-config or --project: categories are the labels found in the store, sorted: %s", labels)
+    return labels
+
+
+def _source_store(args: argparse.Namespace, s: Settings, tmp: str):
+    """The store to read: MODEL_DIR's, or a temporary one filled from an export file or the API."""
+    from .collect import backfill_from_api, backfill_from_export
+    from .store import Store
+
+    if args.from_export:
+        store = Store(Path(tmp))
+        config = Path(args.label_config).read_text() if args.label_config else None
+        backfill_from_export(args.from_export, store, label_config=config, project_id=args.project)
+        return store
+    if args.from_api:
+        from .lsapi import LabelStudioAPI
+
+        if not args.project:
+            raise SystemExit("--from-api needs --project ID")
+        store = Store(Path(tmp))
+        backfill_from_api(LabelStudioAPI.from_settings(s), args.project, store)
+        return store
+    return Store(Path(s.model_dir))
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .coco import run_export
+
+    s = _settings(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = _source_store(args, s, tmp)
+        categories = _categories(args, s, store)
+        summary = run_export(
+            store, categories, args.out, mode=args.mode, polygons=args.polygons,
+            project=None if (args.from_export or args.from_api) else args.project, png_dir=args.png_dir,
+        )  # fmt: skip
+    print(json.dumps(summary))
+    return 0
+
+
+def _cmd_backfill(args: argparse.Namespace) -> int:
+    from .collect import backfill_from_api, backfill_from_export
+    from .store import Store
+
+    s = _settings(args)
+    store = Store(Path(s.model_dir))
+    if args.export:
+        config = Path(args.label_config).read_text() if args.label_config else None
+        result = backfill_from_export(args.export, store, label_config=config, project_id=args.project)
+    else:
+        from .lsapi import LabelStudioAPI
+
+        result = backfill_from_api(LabelStudioAPI.from_settings(s), args.project, store)
+    print(json.dumps({"counts": result.counts, "rejected": len(result.rejected)}))
+    for reason in result.rejected[:20]:
+        log.warning("rejected: %s", reason)
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from .store import Store
+
+    store = Store(Path(_settings(args).model_dir))
+    print(json.dumps({
+        "acceptance": store.acceptance_stats(args.project),
+        "annotations_since_training": store.count_since_last_training(args.project),
+        "training_runs": store.training_runs(args.project),
+    }, indent=2))  # fmt: skip
+    return 0
+
+
 def _env_overrides(args: argparse.Namespace) -> dict[str, object]:
     """CLI model flags as environment variables, for child processes (gunicorn workers, the trainer)."""
     from .settings import ENV
@@ -171,6 +266,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     _model_flags(p)
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("preannotate", help="predict every task of a project through the API (resumable)")
+    p.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    p.add_argument("--batch", type=int, default=64, help="tasks per batch (default 64)")
+    _model_flags(p)
+    p.set_defaults(func=_cmd_preannotate)
+
+    p = sub.add_parser("backfill", help="store a project's existing annotations (API or JSON export file)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--project", type=int, help="Label Studio project id (through LABEL_STUDIO_URL)")
+    g.add_argument("--export", help="a Label Studio JSON export file")
+    p.add_argument("--label-config", help="labeling config XML file, to check labels of an export file")
+    p.set_defaults(func=_cmd_backfill)
+
+    p = sub.add_parser("export-coco", help="accepted masks as a COCO dataset (lossless RLE)")
+    p.add_argument("--out", required=True, help="COCO JSON file to write")
+    p.add_argument("--mode", choices=["instance", "semantic"], default="instance",
+                   help="instance: one annotation per connected region; semantic: one per label mask")  # fmt: skip
+    p.add_argument("--polygons", action="store_true", help="polygons instead of RLE (lossy)")
+    p.add_argument("--png-dir", help="also write semantic PNGs (category index per pixel, 255 unlabelled)")
+    p.add_argument("--project", type=int, help="only this project; with LABEL_STUDIO_URL also its categories")
+    p.add_argument("--label-config", help="labeling config XML file: categories in its order")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--from-export", help="read a Label Studio JSON export file instead of the store")
+    src.add_argument("--from-api", action="store_true", help="read the project through the API instead")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("stats", help="acceptance of pre-annotations per label, and training runs")
+    p.add_argument("--project", type=int)
+    p.set_defaults(func=_cmd_stats)
 
     p = sub.add_parser("serve", help="run the Label Studio ML backend (gunicorn)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")

@@ -1,0 +1,240 @@
+"""COCO export: the RLE codec pair, a real-data round trip through webhooks and the store, evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from labelstudio_maskclip import coco
+from labelstudio_maskclip.coco import (
+    CocoError, PredictedMask, coco_rle_to_mask, evaluate_segmentation, export_coco, export_semantic_pngs,
+    image_file_name, mask_to_coco_rle, predictions_to_coco_results, write_coco,
+)
+from labelstudio_maskclip.collect import handle_event
+from labelstudio_maskclip.rle import mask_to_brush_rle
+from labelstudio_maskclip.store import Sample, Store
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools + numpy 2
+DATA = Path("/work/shared/data/coco128-seg")
+CLASSES = (DATA / "classes.txt").read_text().split("\n")[:80]
+
+
+def label_config(labels: list[str]) -> str:
+    inner = "".join(f'<Label value="{name}"/>' for name in labels)
+    return (f'<View><Image name="image" value="$image"/>'
+            f'<BrushLabels name="tag" toName="image">{inner}</BrushLabels></View>')
+
+
+def coco128_ground_truth(count: int) -> list[tuple[int, str, int, int, dict[str, np.ndarray]]]:
+    """(task id, image name, height, width, label -> union of its polygons rasterised by pycocotools)."""
+    out = []
+    for index, label_file in enumerate(sorted((DATA / "labels").glob("*.txt"))):
+        image_file = DATA / "images" / f"{label_file.stem}.jpg"
+        if not image_file.exists():
+            continue
+        with Image.open(image_file) as image:
+            width, height = image.size
+        masks: dict[str, np.ndarray] = {}
+        for line in label_file.read_text().splitlines():
+            values = line.split()
+            label = CLASSES[int(values[0])]
+            xy = np.asarray(values[1:], dtype=float).reshape(-1, 2) * [width, height]  # (N, 2) pixels
+            rle = mask_utils.merge(mask_utils.frPyObjects([xy.ravel().tolist()], height, width))
+            mask = mask_utils.decode(rle).astype(bool)
+            masks[label] = masks[label] | mask if label in masks else mask
+        out.append((100 + index, image_file.name, height, width, masks))
+        if len(out) == count:
+            return out
+    raise AssertionError("coco128-seg has fewer images than asked for")
+
+
+def created_event(task_id: int, image: str, height: int, width: int, masks: dict, labels: list[str]) -> dict:
+    """An ANNOTATION_CREATED body as Label Studio 1.23 sends it, one brush region per label."""
+    result = [{
+        "id": f"r{k}", "from_name": "tag", "to_name": "image", "type": "brushlabels",
+        "original_width": width, "original_height": height, "image_rotation": 0,
+        "value": {"format": "rle", "rle": mask_to_brush_rle(mask), "brushlabels": [label]},
+    } for k, (label, mask) in enumerate(masks.items())]
+    return {
+        "action": "ANNOTATION_CREATED",
+        "annotation": {"id": task_id * 10, "result": result, "was_cancelled": False, "ground_truth": False,
+                       "lead_time": 12.5, "parent_prediction": None, "completed_by": 1, "task": task_id,
+                       "project": 1, "created_at": "2026-11-02T10:00:00.000000Z",
+                       "updated_at": "2026-11-02T10:00:00.000000Z"},
+        "project": {"id": 1, "label_config": label_config(labels)},
+        "task": {"id": task_id, "data": {"image": f"/data/upload/1/{image}"}, "project": 1},
+    }
+
+
+@pytest.fixture(scope="module")
+def ground_truth() -> list:
+    return coco128_ground_truth(12)
+
+
+# --- codec pair ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 17), (23, 1), (64, 48), (480, 640)])
+def test_rle_codec_matches_pycocotools(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(shape[0] * 1000 + shape[1])
+    for mask in (rng.random(shape) > 0.5, np.zeros(shape, bool), np.ones(shape, bool)):
+        rle = mask_to_coco_rle(mask)
+        reference = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        assert rle == {"size": list(shape), "counts": reference["counts"].decode("ascii")}
+        json.dumps(rle)  # JSON-ready
+        np.testing.assert_array_equal(coco_rle_to_mask(rle), mask)
+        np.testing.assert_array_equal(coco_rle_to_mask({**rle, "counts": rle["counts"].encode()}), mask)
+
+
+def test_rle_decoder_reads_uncompressed_counts_and_refuses_bad_ones() -> None:
+    # Column-major runs, starting with zeros: a 2x3 mask whose middle column is set.
+    np.testing.assert_array_equal(coco_rle_to_mask({"size": [2, 3], "counts": [2, 2, 2]}),
+                                  [[False, True, False], [False, True, False]])
+    with pytest.raises(CocoError, match="covers 5 pixels"):
+        coco_rle_to_mask({"size": [2, 3], "counts": [2, 2, 1]})
+    with pytest.raises(CocoError, match="size"):
+        coco_rle_to_mask({"counts": "abc"})
+    with pytest.raises(CocoError, match=r"\(H, W\)"):
+        mask_to_coco_rle(np.zeros((2, 3, 1), bool))
+
+
+def test_image_file_names() -> None:
+    assert image_file_name("/data/upload/1/e6cf8185-cat.png") == "e6cf8185-cat.png"
+    assert image_file_name("/data/local-files/?d=photos/a%20b.jpg") == "a b.jpg"
+    assert image_file_name("s3://bucket/k/x.jpg") == "x.jpg"
+    assert image_file_name("https://host/img/y.jpeg?token=1") == "y.jpeg"
+    assert image_file_name("data:image/png;base64,AAAA", fallback="task-3") == "task-3"
+
+
+# --- real data round trip ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["instance", "semantic"])
+def test_coco128_webhooks_to_coco_file_round_trip(tmp_path: Path, ground_truth: list, mode: str) -> None:
+    store = Store(tmp_path / "model_dir")
+    labels = sorted({label for *_, masks in ground_truth for label in masks}, key=CLASSES.index)
+    for task_id, name, height, width, masks in ground_truth:
+        result = handle_event(created_event(task_id, name, height, width, masks, labels), store)
+        assert (result.status, result.rejected) == ("stored", [])
+    path = write_coco(export_coco(store, labels, mode=mode), tmp_path / "export" / "coco.json")
+    assert [p.name for p in path.parent.iterdir()] == ["coco.json"]  # no temporary file left behind
+    dataset = COCO(str(path))
+    assert [c["name"] for c in dataset.loadCats(dataset.getCatIds())] == labels
+    assert dataset.getCatIds() == list(range(1, len(labels) + 1))
+    for task_id, name, height, width, masks in ground_truth:
+        (image,) = dataset.loadImgs([task_id])
+        assert (image["file_name"], image["height"], image["width"]) == (name, height, width)
+        for label, expected in masks.items():
+            (category,) = dataset.getCatIds(catNms=[label])
+            anns = dataset.loadAnns(dataset.getAnnIds(imgIds=[task_id], catIds=[category]))
+            union = np.zeros((height, width), bool)
+            for ann in anns:
+                part = dataset.annToMask(ann).astype(bool)
+                assert ann["area"] == part.sum() and ann["iscrowd"] == 0
+                x, y, w, h = ann["bbox"]
+                ys, xs = np.nonzero(part)
+                assert (x, y, x + w, y + h) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+                union |= part
+            np.testing.assert_array_equal(union, expected, err_msg=f"{name} {label}")
+            if mode == "semantic":
+                assert len(anns) == 1
+        assert len(dataset.getAnnIds(imgIds=[task_id])) >= len(masks)
+
+
+def test_instance_mode_splits_connected_regions() -> None:
+    mask = np.zeros((10, 20), bool)
+    mask[1:3, 1:3] = True
+    mask[5:9, 10:19] = True
+    mask[3, 3] = True  # touches the first square diagonally: same 8-connected region
+    sample = Sample(task_id=1, annotation_id=1, project=1, image="a.png", height=10, width=20, masks={"cat": mask})
+    instance = export_coco([sample], ["cat"], mode="instance")
+    assert sorted(a["area"] for a in instance["annotations"]) == [5, 36]
+    assert [a["id"] for a in instance["annotations"]] == [1, 2]
+    assert len(export_coco([sample], ["cat"], mode="semantic")["annotations"]) == 1
+    assert export_coco([sample], ["dog"])["annotations"] == []  # labels outside the categories are left out
+    with pytest.raises(CocoError, match="mode"):
+        export_coco([sample], ["cat"], mode="panoptic")  # type: ignore[arg-type]
+
+
+def test_polygon_export_is_close_to_the_masks(ground_truth: list) -> None:
+    labels = sorted({label for *_, masks in ground_truth for label in masks}, key=CLASSES.index)
+    samples = [Sample(task_id=t, annotation_id=t, project=1, image=n, height=h, width=w, masks=m)
+               for t, n, h, w, m in ground_truth[:4]]
+    dataset = COCO()
+    dataset.dataset = export_coco(samples, labels, mode="instance", polygons=True)
+    dataset.createIndex()
+    for sample in samples:
+        for label, expected in sample.masks.items():
+            ids = dataset.getAnnIds(imgIds=[sample.task_id], catIds=[labels.index(label) + 1])
+            anns = dataset.loadAnns(ids)
+            assert all(isinstance(a["segmentation"], list) and len(a["segmentation"][0]) >= 6 for a in anns)
+            union = np.zeros_like(expected)
+            for ann in anns:
+                union |= dataset.annToMask(ann).astype(bool)
+            iou = (union & expected).sum() / (union | expected).sum()
+            assert iou > 0.85, (sample.image, label, iou)  # traced polygons are lossy, but close
+
+
+def test_semantic_pngs(tmp_path: Path) -> None:
+    cat = np.zeros((6, 8), bool)
+    cat[1:4, 1:4] = True
+    dog = np.zeros((6, 8), bool)
+    dog[3:5, 3:7] = True
+    samples = [Sample(task_id=1, annotation_id=1, project=1, image="/data/upload/1/a.jpg", height=6, width=8,
+                      masks={"dog": dog, "cat": cat, "bird": np.ones((6, 8), bool)}),
+               Sample(task_id=2, annotation_id=2, project=1, image="s3://b/a.jpg", height=6, width=8, masks={})]
+    paths = export_semantic_pngs(samples, ["cat", "dog"], tmp_path)
+    assert [p.name for p in paths] == ["a.png", "2_a.png"]
+    pixels = np.asarray(Image.open(paths[0]))
+    expected = np.full((6, 8), 255, np.uint8)
+    expected[cat] = 0
+    expected[dog] = 1  # later category wins where they overlap
+    np.testing.assert_array_equal(pixels, expected)
+    assert (np.asarray(Image.open(paths[1])) == 255).all()
+    assert (tmp_path / "classes.txt").read_text() == "cat\ndog\n"
+
+
+def test_predictions_equal_to_ground_truth_score_ap_1(ground_truth: list) -> None:
+    labels = sorted({label for *_, masks in ground_truth for label in masks}, key=CLASSES.index)
+    samples = [Sample(task_id=t, annotation_id=t, project=1, image=n, height=h, width=w, masks=m)
+               for t, n, h, w, m in ground_truth]
+    gt = export_coco(samples, labels, mode="semantic")
+    perfect = [PredictedMask(s.task_id, label, mask, 0.9) for s in samples for label, mask in s.masks.items()]
+    results = predictions_to_coco_results(perfect, labels, mode="semantic")
+    assert {"image_id", "category_id", "segmentation", "score"} <= set(results[0])
+    stats = evaluate_segmentation(gt, results)
+    assert stats["AP"] == pytest.approx(1.0) and stats["AP50"] == pytest.approx(1.0)
+    # Shifted masks must score lower: the evaluation can fail.
+    shifted = [PredictedMask(p.image_id, p.label, np.roll(p.mask, 25, axis=1), p.score) for p in perfect]
+    assert evaluate_segmentation(gt, predictions_to_coco_results(shifted, labels, mode="semantic"))["AP"] < 0.9
+    with pytest.raises(CocoError, match="empty"):
+        evaluate_segmentation(gt, [])
+
+
+def test_run_export_writes_json_and_pngs(tmp_path: Path, ground_truth: list) -> None:
+    store = Store(tmp_path / "model_dir")
+    labels = sorted({label for *_, masks in ground_truth for label in masks}, key=CLASSES.index)
+    for task_id, name, height, width, masks in ground_truth[:3]:
+        handle_event(created_event(task_id, name, height, width, masks, labels), store)
+    summary = coco.run_export(store, labels, tmp_path / "out" / "coco.json", mode="semantic", png_dir=tmp_path / "png")
+    assert summary["images"] == 3 and summary["pngs"] == 3
+    assert summary["annotations"] == sum(len(m) for *_, m in ground_truth[:3])
+    assert coco.run_export(store, labels, tmp_path / "other.json", project=2)["images"] == 0
+
+
+def test_write_coco_replaces_atomically(tmp_path: Path) -> None:
+    target = tmp_path / "coco.json"
+    write_coco({"images": [1]}, target)
+    write_coco({"images": [2]}, target)
+    assert json.loads(target.read_text()) == {"images": [2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["coco.json"]
+
+
+def test_public_surface() -> None:
+    assert all(hasattr(coco, name) for name in coco.__all__)

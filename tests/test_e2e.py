@@ -1,0 +1,175 @@
+"""End to end against a real Label Studio 1.23.2 and the backend running under gunicorn.
+
+Label Studio (session fixture, tests/conftest.py) imports real photos, connects the backend, retrieves
+predictions through the Data Manager, and sends webhooks for annotations created, updated and deleted
+through its API; the backend's store and COCO export must follow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from label_studio_sdk.converter.brush import decode_rle
+from PIL import Image
+
+from labelstudio_maskclip.rle import mask_to_brush_rle
+from labelstudio_maskclip.store import Store
+from tests.labelstudio import free_port
+from tests.tiny import TINY_VIT, save_random_state
+
+pytestmark = pytest.mark.e2e
+
+PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128-seg" / "images"
+NAMES = ["000000000009.jpg", "000000000025.jpg", "000000000030.jpg", "000000000034.jpg"]
+CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image">
+    <Label value="Animal" predicted_values="zebra,giraffe,animal"/>
+    <Label value="Food" predicted_values="food,fruit,broccoli"/>
+    <Label value="Plant"/>
+  </BrushLabels>
+</View>"""
+LABELS = {"Animal", "Food", "Plant"}
+
+
+def _wait(predicate, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def backend(label_studio, tmp_path_factory):
+    """`labelstudio-maskclip serve` (gunicorn, 2 workers) with a saved random-weight tiny model."""
+    work = tmp_path_factory.mktemp("backend")
+    weights = save_random_state(TINY_VIT, work / "tiny_vit.pt")
+    port = free_port()
+    env = {
+        **os.environ,
+        "MASKCLIP_MODEL": TINY_VIT, "MASKCLIP_PRETRAINED": str(weights), "MASKCLIP_DEVICE": "cpu",
+        "MASKCLIP_SHORT_SIDE": "64", "MASKCLIP_TEMPLATES": "simple", "MASKCLIP_MIN_AREA": "0",
+        "MODEL_DIR": str(work / "model_dir"), "LABEL_STUDIO_URL": label_studio.url,
+        "LABEL_STUDIO_API_KEY": label_studio.token, "WORKERS": "2", "LOG_LEVEL": "INFO",
+    }  # fmt: skip
+    log = open(work / "backend.log", "wb")
+    cmd = [sys.executable, "-m", "labelstudio_maskclip.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy():
+        try:
+            return requests.get(url + "/health", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
+        _wait(healthy, 90, "the backend's /health")
+        yield {"url": url, "model_dir": Path(env["MODEL_DIR"]), "log": work / "backend.log", "env": env}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def project(label_studio, backend):
+    api = label_studio.api()
+    proj = api.create_project("maskclip e2e", CONFIG)
+    api.import_files(proj["id"], [PHOTOS / n for n in NAMES])
+    ml = api.connect_ml_backend(proj["id"], backend["url"], title="maskclip")
+    return {"id": proj["id"], "ml": ml, "tasks": api.list_tasks(proj["id"])}
+
+
+def _decode(region) -> np.ndarray:
+    h, w = region["original_height"], region["original_width"]
+    return decode_rle(region["value"]["rle"]).reshape(h, w, 4)[:, :, 3] > 0
+
+
+def test_connect_reports_our_model_version(label_studio, project):
+    ml = label_studio.api().get_ml_backend(project["ml"]["id"])
+    assert ml["state"] in ("CO", "CONNECTED"), ml
+    assert ml["model_version"].startswith("maskclip-MaskCLIP-Tiny-ViT.tiny_vit.pt")
+
+
+def test_retrieve_predictions_gives_every_task_brush_masks_of_its_image_size(label_studio, project):
+    api = label_studio.api()
+    api.retrieve_predictions(project["id"])
+    for task in project["tasks"]:
+        preds = _wait(lambda: api.list_predictions(task["id"]), 120, f"predictions of task {task['id']}")
+        assert len(preds) == 1
+        pred = preds[0]
+        assert pred["model_version"].startswith("maskclip-") and 0 < pred["score"] <= 1
+        name = Path(task["data"]["image"]).name.split("-", 1)[-1]
+        width, height = Image.open(PHOTOS / name).size
+        assert pred["result"]
+        for region in pred["result"]:
+            assert region["type"] == "brushlabels" and region["value"]["brushlabels"][0] in LABELS
+            assert (region["original_width"], region["original_height"]) == (width, height)
+            assert _decode(region).shape == (height, width) and _decode(region).any()
+
+
+def test_annotations_created_updated_deleted_reach_the_store_and_the_export(label_studio, project, backend, tmp_path):
+    api = label_studio.api()
+    task = project["tasks"][0]
+    width, height = Image.open(PHOTOS / NAMES[0]).size
+    mask = np.zeros((height, width), bool)
+    mask[50:200, 100:400] = True
+    region = {
+        "id": "a1", "from_name": "tag", "to_name": "image", "type": "brushlabels",
+        "original_width": width, "original_height": height, "image_rotation": 0,
+        "value": {"format": "rle", "rle": mask_to_brush_rle(mask), "brushlabels": ["Food"]},
+    }  # fmt: skip
+    ann = api.create_annotation(task["id"], [region])
+    store = Store(backend["model_dir"])
+
+    def stored_masks():
+        return {s.annotation_id: s.masks for s in store.accepted_samples()}.get(ann["id"])
+
+    masks = _wait(stored_masks, 30, "the ANNOTATION_CREATED webhook to be stored")
+    assert set(masks) == {"Food"} and np.array_equal(masks["Food"], mask)
+
+    moved = np.roll(mask, 60, axis=0)
+    region2 = {**region, "value": {**region["value"], "rle": mask_to_brush_rle(moved), "brushlabels": ["Plant"]}}
+    api.update_annotation(ann["id"], result=[region2])
+    masks = _wait(lambda: (m := stored_masks()) and "Plant" in m and m, 30, "the update")
+    assert set(masks) == {"Plant"} and np.array_equal(masks["Plant"], moved)
+
+    out = tmp_path / "coco.json"
+    cli = [sys.executable, "-m", "labelstudio_maskclip.cli", "export-coco", "--out", str(out), "--project",
+           str(project["id"])]  # fmt: skip
+    subprocess.run(cli, env=backend["env"], check=True, timeout=120)
+    from pycocotools.coco import COCO
+
+    coco = COCO(str(out))
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == ["Animal", "Food", "Plant"]
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=[task["id"]]))
+    union = np.zeros((height, width), bool)
+    for a in anns:
+        union |= coco.annToMask(a).astype(bool)
+        assert a["category_id"] == 3
+    assert np.array_equal(union, moved)
+
+    api.delete_annotation(ann["id"])
+    _wait(lambda: stored_masks() is None, 30, "the ANNOTATIONS_DELETED webhook")
+
+
+def test_bad_requests_do_not_stop_the_backend(backend):
+    url = backend["url"]
+    assert requests.post(url + "/predict", data=b"{oops", timeout=10).status_code == 400
+    r = requests.post(url + "/predict", json={"tasks": [{"id": 1, "data": {"image": "/nope.png"}}],
+                                               "label_config": CONFIG}, timeout=30)  # fmt: skip
+    assert r.status_code == 200 and r.json()["results"] == [[]] and r.json()["errors"]
+    assert requests.get(url + "/health", timeout=5).json()["status"] == "UP"

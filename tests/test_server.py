@@ -1,0 +1,205 @@
+"""The ML backend's HTTP surface (Flask app, called through WSGI), with real images served on loopback."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from label_studio_sdk.converter.brush import decode_rle
+from PIL import Image
+
+from labelstudio_maskclip.polygons import percent_to_points
+from labelstudio_maskclip.server import basic_auth_header, create_app
+from labelstudio_maskclip.settings import Settings
+from tests.tiny import TINY_VIT, save_random_state
+
+PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128-seg" / "images"
+BRUSH = """<View><Image name="image" value="$image"/>
+<BrushLabels name="tag" toName="image">
+  <Label value="Animal" predicted_values="cat,dog,animal"/><Label value="Food"/><Label value="Sky"/>
+</BrushLabels></View>"""
+BOTH = BRUSH.replace(
+    "</View>",
+    '<PolygonLabels name="poly" toName="image"><Label value="Food"/><Label value="Sky"/></PolygonLabels></View>',
+)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A loopback HTTP server playing Label Studio's file host: a photo, a text file, 404s."""
+    root = tmp_path_factory.mktemp("files")
+    (root / "photo.jpg").write_bytes((PHOTOS / "000000000009.jpg").read_bytes())
+    (root / "notes.txt").write_text("not an image")
+    (root / "truncated.jpg").write_bytes((PHOTOS / "000000000025.jpg").read_bytes()[:2000])
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(root), **kw)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory, files):
+    weights = save_random_state(TINY_VIT, tmp_path_factory.mktemp("w") / "tiny.pt")
+    return Settings(
+        model=TINY_VIT, pretrained=str(weights), device="cpu", short_side=64, templates="simple",
+        model_dir=str(tmp_path_factory.mktemp("model_dir")), label_studio_url=files, min_area=0.0,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def client(settings):
+    return create_app(settings, warm=False).test_client()
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def test_health_and_setup_report_the_model_version(client):
+    assert client.get("/health").get_json()["status"] == "UP"
+    reply = client.post("/setup", json={"project": "1.17", "schema": BRUSH})
+    assert reply.status_code == 200
+    assert reply.get_json()["model_version"] == "maskclip-MaskCLIP-Tiny-ViT.tiny.pt-maskclip"
+
+
+def test_setup_refuses_a_config_without_a_usable_control(client):
+    reply = client.post("/setup", json={"schema": '<View><Image name="i" value="$image"/></View>'})
+    assert reply.status_code == 400
+    assert "BrushLabels" in reply.get_json()["error"]
+
+
+def test_predict_gives_brush_masks_per_task_and_clear_errors_for_bad_tasks(client, files):
+    photo = Image.open(PHOTOS / "000000000009.jpg")
+    tasks = [
+        {"id": 1, "data": {"image": "/photo.jpg"}},  # relative: resolved against LABEL_STUDIO_URL
+        {"id": 2, "data": {"text": "no image here"}},
+        {"id": 3, "data": {"image": "/notes.txt"}},
+        {"id": 4, "data": {"image": "/missing.jpg"}},
+        {"id": 5, "data": {"image": "/truncated.jpg"}},
+        {"id": 6, "data": {"image": _data_uri(PHOTOS / "000000000025.jpg")}},
+        {"id": 7, "data": {"image": "http://10.1.2.3/private.jpg"}},  # SSRF: private address refused
+    ]
+    reply = client.post("/predict", json={"tasks": tasks, "label_config": BRUSH, "project": "1.1"})
+    assert reply.status_code == 200
+    body = reply.get_json()
+    results = body["results"]
+    assert len(results) == len(tasks)
+    for i in (0, 5):
+        pred = results[i]
+        assert pred["model_version"] == body["model_version"] and 0 <= pred["score"] <= 1
+        assert pred["result"], "the photo got no region"
+        union = np.zeros((pred["result"][0]["original_height"], pred["result"][0]["original_width"]), bool)
+        for region in pred["result"]:
+            assert region["type"] == "brushlabels" and region["from_name"] == "tag" and region["to_name"] == "image"
+            assert region["value"]["brushlabels"][0] in {"Animal", "Food", "Sky"}
+            h, w = region["original_height"], region["original_width"]
+            mask = decode_rle(region["value"]["rle"]).reshape(h, w, 4)[:, :, 3] > 0
+            assert mask.any() and not (mask & union).any()  # one label per pixel
+            union |= mask
+            assert 0 < region["score"] <= 1
+        if i == 0:
+            assert union.shape == (photo.height, photo.width)
+    assert all(results[i] == [] for i in (1, 2, 3, 4, 6))
+    errors = {e["task"]: e["error"] for e in body["errors"]}
+    assert "no image under 'image'" in errors[2]
+    assert "404" in errors[4]
+    assert errors[3] and errors[5]
+    assert "MASKCLIP_ALLOW_PRIVATE_URLS" in errors[7]
+
+
+def test_polygon_controls_get_polygons_traced_from_the_same_masks(client):
+    tasks = [{"id": 1, "data": {"image": "/photo.jpg"}}]
+    result = client.post("/predict", json={"tasks": tasks, "label_config": BOTH}).get_json()["results"][0]["result"]
+    polys = [r for r in result if r["type"] == "polygonlabels"]
+    brushes = {r["value"]["brushlabels"][0]: r for r in result if r["type"] == "brushlabels"}
+    assert brushes, "every pixel has a label, so some brush region must exist"
+    for label in ("Food", "Sky"):
+        mine = [r for r in polys if r["value"]["polygonlabels"] == [label]]
+        assert bool(mine) == (label in brushes)  # polygons exactly for the labels with masks
+        if not mine:
+            continue
+        brush = brushes[label]
+        mask = decode_rle(brush["value"]["rle"]).reshape(480, 640, 4)[:, :, 3] > 0
+        for r in mine:
+            assert r["from_name"] == "poly" and r["value"]["closed"]
+            pts = percent_to_points(r["value"]["points"], 480, 640)
+            assert pts.min() >= 0 and pts[:, 0].max() <= 640 and pts[:, 1].max() <= 480
+            centre = pts.mean(0).astype(int)
+            assert mask[max(0, min(479, centre[1]) - 40) : centre[1] + 40, max(0, centre[0] - 40) : centre[0] + 40].any()
+
+
+@pytest.mark.parametrize(
+    "body,status,message",
+    [
+        (b"{not json", 400, "JSON object"),
+        (b"[1, 2]", 400, "JSON object"),
+        (b'{"tasks": "x", "label_config": "<View/>"}', 400, "'tasks' must be a list"),
+        (b'{"tasks": [{"id": 1, "data": {}}]}', 400, "no labeling config"),
+        (b'{"tasks": [], "label_config": "<View><Image"}', 400, "labeling config"),
+    ],
+)
+def test_malformed_predict_requests_get_a_clear_400(client, body, status, message):
+    reply = client.post("/predict", data=body, content_type="application/json")
+    assert reply.status_code == status and message in reply.get_json()["error"]
+    assert client.get("/health").status_code == 200  # still serving
+
+
+def test_webhook_stores_annotations_and_ignores_other_actions(client, settings):
+    mask = np.zeros((480, 640), bool)
+    mask[100:200, 50:300] = True
+    from labelstudio_maskclip.rle import mask_to_brush_rle
+
+    region = {
+        "id": "r1", "from_name": "tag", "to_name": "image", "type": "brushlabels",
+        "original_width": 640, "original_height": 480, "image_rotation": 0,
+        "value": {"format": "rle", "rle": mask_to_brush_rle(mask), "brushlabels": ["Food"]},
+    }  # fmt: skip
+    payload = {
+        "action": "ANNOTATION_CREATED",
+        "annotation": {"id": 11, "result": [region], "was_cancelled": False, "ground_truth": False,
+                       "completed_by": 1, "task": 5, "project": 1, "updated_at": "2026-11-28T10:00:00Z"},
+        "task": {"id": 5, "data": {"image": "/photo.jpg"}, "project": 1},
+        "project": {"id": 1, "label_config": BRUSH},
+    }  # fmt: skip
+    reply = client.post("/webhook", json=payload)
+    assert reply.status_code == 201 and reply.get_json()["status"] == "stored"
+    from labelstudio_maskclip.store import Store
+
+    samples = list(Store(Path(settings.model_dir)).accepted_samples())
+    assert len(samples) == 1 and np.array_equal(samples[0].masks["Food"], mask)
+    assert client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {}}).get_json()["status"] == "ignored"
+    assert client.post("/webhook", json={"no": "action"}).status_code == 400
+    metrics = client.get("/metrics").get_json()
+    assert metrics["annotations_since_training"] >= 1
+
+
+def test_basic_auth_when_configured(settings):
+    app = create_app(settings.replace(basic_auth_user="ls", basic_auth_pass="s3cret"), warm=False).test_client()
+    assert app.get("/health").status_code == 401
+    assert app.get("/health", headers={"Authorization": basic_auth_header("ls", "wrong")}).status_code == 401
+    assert app.get("/health", headers={"Authorization": basic_auth_header("ls", "s3cret")}).status_code == 200
+
+
+def test_missing_weights_make_health_and_predict_say_why(settings, tmp_path):
+    app = create_app(settings.replace(pretrained=str(tmp_path / "absent.pt")), warm=True)
+    client = app.test_client()
+    for _ in range(100):
+        reply = client.get("/health")
+        if reply.status_code == 503:
+            break
+        threading.Event().wait(0.05)
+    assert reply.status_code == 503 and "MASKCLIP_PRETRAINED" in reply.get_json()["error"]
+    reply = client.post("/predict", json={"tasks": [], "label_config": BRUSH})
+    assert reply.status_code == 503 and "MASKCLIP_PRETRAINED" in reply.get_json()["error"]

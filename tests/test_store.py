@@ -1,0 +1,240 @@
+"""The SQLite store: schema, ordering rules, training marks, crash safety, concurrent writers."""
+
+from __future__ import annotations
+
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from labelstudio_maskclip import store as store_module
+from labelstudio_maskclip.store import (
+    SCHEMA_VERSION, AnnotationWrite, Store, StoreError, TaskRecord,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def disc(height: int, width: int, cy: int, cx: int, r: int) -> np.ndarray:
+    yy, xx = np.mgrid[:height, :width]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def write(annotation_id: int, task_id: int, masks: dict, updated_at: str = "2026-11-02T10:00:00Z", **kw) -> AnnotationWrite:
+    h, w = next(iter(masks.values())).shape if masks else (None, None)
+    return AnnotationWrite(id=annotation_id, task=TaskRecord(task_id, 1, f"/data/upload/1/img{task_id}.png"),
+                           height=h, width=w, masks=masks, updated_at=updated_at, **kw)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "model_dir")
+
+
+def test_schema_is_created_once_and_versioned(tmp_path: Path) -> None:
+    first = Store(tmp_path)
+    first.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
+    second = Store(tmp_path)  # reopening keeps the data
+    assert second.path == tmp_path / store_module.DB_FILE_NAME
+    assert second.annotation(1)["labels"] == ["cat"]
+    conn = sqlite3.connect(second.path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="newer than this code"):
+        Store(tmp_path)
+
+
+def test_connections_are_durable_and_wait_for_locks(store: Store) -> None:
+    conn = store._conn()
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 30_000
+    with pytest.raises(StoreError, match="synchronous"):
+        Store(store.path, synchronous="OFF")
+
+
+def test_masks_round_trip_losslessly(store: Store) -> None:
+    rng = np.random.default_rng(0)
+    noise = rng.random((37, 53)) > 0.5
+    shape = disc(37, 53, 18, 26, 12)
+    assert store.put_annotation(write(7, 3, {"cat": noise, "dog": shape})).status == "stored"
+    (sample,) = store.accepted_samples()
+    assert (sample.task_id, sample.annotation_id, sample.height, sample.width) == (3, 7, 37, 53)
+    assert sample.image == "/data/upload/1/img3.png"
+    np.testing.assert_array_equal(sample.masks["cat"], noise)
+    np.testing.assert_array_equal(sample.masks["dog"], shape)
+
+
+def test_duplicate_stale_and_update(store: Store) -> None:
+    old = {"cat": disc(20, 20, 10, 10, 5)}
+    new = {"dog": disc(20, 20, 5, 5, 3)}
+    assert store.put_annotation(write(1, 1, old, "2026-11-02T10:00:00Z")).status == "stored"
+    seq = store.current_seq()
+    assert store.put_annotation(write(1, 1, old, "2026-11-02T10:00:00Z")).status == "duplicate"
+    assert store.current_seq() == seq  # nothing changed
+    assert store.put_annotation(write(1, 1, new, "2026-11-02T10:05:00.5+00:00")).status == "stored"
+    assert store.annotation(1)["labels"] == ["dog"]  # update replaced the masks
+    assert store.put_annotation(write(1, 1, old, "2026-11-02T10:01:00Z")).status == "stale"
+    assert store.annotation(1)["labels"] == ["dog"]
+    assert store.check() == []
+
+
+def test_delete_leaves_a_tombstone(store: Store) -> None:
+    store.put_annotation(write(1, 1, {"cat": disc(20, 20, 10, 10, 5)}))
+    assert store.delete_annotations([1, 99]) == 1
+    assert list(store.accepted_samples()) == []
+    assert store.put_annotation(write(1, 1, {"cat": disc(20, 20, 10, 10, 6)}, "2027-01-01T00:00:00Z")).status == "deleted"
+    assert store.annotation(99)["deleted"] == 1  # deleted before it arrived: stays deleted when it does
+    assert store.put_annotation(write(99, 2, {"cat": disc(20, 20, 10, 10, 6)})).status == "deleted"
+    assert [t.id for t in store.unlabeled_tasks()] == [1]
+    assert store.check() == []
+
+
+def test_cancelled_annotations_hold_no_masks(store: Store) -> None:
+    store.put_annotation(write(1, 1, {"cat": disc(20, 20, 10, 10, 5)}, "2026-11-02T10:00:00Z"))
+    assert store.put_annotation(write(1, 1, {"cat": disc(20, 20, 10, 10, 5)}, "2026-11-02T11:00:00Z",
+                                      cancelled=True)).status == "stored"
+    assert store.annotation(1)["labels"] == [] and store.annotation(1)["cancelled"] == 1
+    assert list(store.accepted_samples()) == []
+    assert [t.id for t in store.unlabeled_tasks()] == [1]
+
+
+def test_samples_prefer_ground_truth_then_latest(store: Store) -> None:
+    a = {"cat": disc(20, 20, 10, 10, 5)}
+    store.put_annotation(write(1, 5, a, "2026-11-02T10:00:00Z", ground_truth=True))
+    store.put_annotation(write(2, 5, {"dog": a["cat"]}, "2026-11-02T12:00:00Z"))
+    store.put_annotation(write(3, 6, a, "2026-11-02T10:00:00Z"))
+    store.put_annotation(write(4, 6, {"dog": a["cat"]}, "2026-11-02T12:00:00Z"))
+    assert [(s.task_id, s.annotation_id, sorted(s.masks)) for s in store.accepted_samples()] == [
+        (5, 1, ["cat"]), (6, 4, ["dog"])]
+    store.put_tasks([TaskRecord(9, 2, "s3://bucket/x.jpg")])
+    assert [(t.id, t.project, t.image) for t in store.unlabeled_tasks()] == [(9, 2, "s3://bucket/x.jpg")]
+    assert list(store.unlabeled_tasks(project=1)) == []
+    assert [s.task_id for s in store.accepted_samples(project=2)] == []
+
+
+def test_training_marks_count_changes(store: Store) -> None:
+    mask = {"cat": disc(20, 20, 10, 10, 5)}
+    for i in range(3):
+        store.put_annotation(write(i + 1, i + 1, mask))
+    assert store.count_since_last_training() == 3
+    seq = store.current_seq()
+    store.put_annotation(write(10, 10, mask))  # arrives while the trainer runs
+    run = store.mark_trained(seq=seq, model_version="maskclip-1", metrics={"miou": 0.5})
+    assert store.count_since_last_training() == 1
+    assert store.training_runs()[-1] == {**store.training_runs()[-1], "id": run, "seq": seq, "metrics": {"miou": 0.5}}
+    store.mark_trained()
+    assert store.count_since_last_training() == 0
+    store.put_annotation(write(2, 2, {"dog": mask["cat"]}, "2027-01-01T00:00:00Z"))  # an edit counts again
+    assert store.count_since_last_training() == 1
+    assert store.count_since_last_training(project=1) == 4  # never trained for project 1 specifically
+
+
+def test_acceptance_stats(store: Store) -> None:
+    mask = {"cat": disc(20, 20, 10, 10, 5)}
+    store.put_annotation(write(1, 1, mask, accepted_unchanged=True, parent_prediction=5,
+                               outcomes=[("r1", "cat", "unchanged"), ("r2", "dog", "unchanged")]))
+    store.put_annotation(write(2, 2, mask, accepted_unchanged=False, parent_prediction=6,
+                               outcomes=[("r1", "cat", "edited"), ("r2", "dog", "deleted"), ("x", "cat", "added")]))
+    store.put_annotation(write(3, 3, mask))
+    stats = store.acceptance_stats()
+    assert stats["cat"] == {"unchanged": 1, "edited": 1, "deleted": 0, "added": 1}
+    assert stats["dog"] == {"unchanged": 1, "edited": 0, "deleted": 1, "added": 0}
+    assert stats["(annotations)"] == {"unchanged": 1, "edited": 1, "unknown": 1}
+
+
+# --- processes -----------------------------------------------------------------------------------------
+
+WRITER = textwrap.dedent("""
+    import sys
+    import numpy as np
+    sys.path.insert(0, {repo!r})
+    from labelstudio_maskclip.store import AnnotationWrite, Store, TaskRecord
+    store = Store({path!r})
+    start, count = int(sys.argv[1]), int(sys.argv[2])
+    for i in range(start, start + count):
+        rng = np.random.default_rng(i)
+        masks = {{f"label{{k}}": rng.random((48, 64)) > 0.7 for k in range(1 + i % 3)}}
+        result = store.put_annotation(AnnotationWrite(
+            id=i, task=TaskRecord(i, 1, f"img{{i}}.png"), height=48, width=64, masks=masks,
+            updated_at="2026-11-02T10:00:00Z"))
+        sys.stdout.write(f"{{result.status}} {{i}}\\n")  # acknowledged only after the commit returned
+        sys.stdout.flush()
+""")
+
+
+def expected_masks(i: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(i)
+    return {f"label{k}": rng.random((48, 64)) > 0.7 for k in range(1 + i % 3)}
+
+
+def writer_script(tmp_path: Path, db: Path) -> Path:
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER.format(repo=str(REPO), path=str(db)))
+    return script
+
+
+def assert_acknowledged(store: Store, acknowledged: list[int]) -> None:
+    samples = {s.annotation_id: s for s in store.accepted_samples()}
+    for i in acknowledged:
+        assert i in samples, f"acknowledged annotation {i} is missing"
+        expected = expected_masks(i)
+        assert sorted(samples[i].masks) == sorted(expected)
+        for label, mask in expected.items():
+            np.testing.assert_array_equal(samples[i].masks[label], mask)
+
+
+def test_writer_killed_mid_transaction_leaves_a_consistent_store(tmp_path: Path) -> None:
+    db = tmp_path / "store.sqlite3"
+    Store(db)
+    script = writer_script(tmp_path, db)
+    rng = random.Random(1)
+    acknowledged: list[int] = []
+    start = 1
+    for _ in range(6):
+        proc = subprocess.Popen([sys.executable, str(script), str(start), "100000"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        first = proc.stdout.readline()
+        assert first.startswith("stored "), proc.communicate()[1]  # the writer is past imports and writing
+        time.sleep(rng.uniform(0.05, 0.4))
+        proc.send_signal(signal.SIGKILL)
+        out, _ = proc.communicate()
+        assert proc.returncode == -signal.SIGKILL
+        complete = out.split("\n")[:-1]  # a line cut short by the kill is no acknowledgement
+        done = [start] + [int(line.split()[1]) for line in complete if line.startswith("stored ")]
+        acknowledged += done
+        start = done[-1] + 1 + 1  # skip the id that may or may not have committed when it died
+    store = Store(db)
+    assert store.check() == []  # integrity_check ok; every annotation row has exactly its masks
+    assert len(acknowledged) > 12
+    assert_acknowledged(store, acknowledged)
+
+
+def test_concurrent_writers_all_succeed(tmp_path: Path) -> None:
+    db = tmp_path / "store.sqlite3"  # not created yet: the writers race to create the schema too
+    script = writer_script(tmp_path, db)
+    procs = [subprocess.Popen([sys.executable, str(script), str(1 + 100 * k), "25"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for k in range(4)]
+    acknowledged: list[int] = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        acknowledged += [int(line.split()[1]) for line in out.splitlines() if line.startswith("stored")]
+    assert len(acknowledged) == 100
+    store = Store(db)
+    assert store.check() == []
+    assert_acknowledged(store, acknowledged)
+    assert store.current_seq() == 100
+
+
+def test_public_surface() -> None:
+    assert all(hasattr(store_module, name) for name in store_module.__all__)
