@@ -80,9 +80,10 @@ class Runtime:
 
         return current_version(Path(self.settings.model_dir))
 
-    def model_for(self, vocabulary: Sequence[str]) -> tuple[str, Any]:
-        """(model_version, model) to serve for these labels: the promoted student when one exists and
-        knows every label, else the MaskCLIP teacher."""
+    def model_for(self, classes: Sequence[Sequence[str]], *, load: bool = True) -> tuple[str, Any]:
+        """(model_version, model) to serve for these classes (names per label, in order): the promoted
+        student when one exists and was trained for exactly these labels, else the MaskCLIP teacher
+        (``load=False``: the teacher is not loaded and None is returned in its place, for /setup)."""
         version = self.student_version()
         if version is not None:
             with self._lock:
@@ -92,12 +93,12 @@ class Runtime:
 
                     model = load_student(current_checkpoint(Path(self.settings.model_dir)), self.settings.device)
                     self._student = (version, model)
-                    log.info("serving student %s", version)
+                    log.info("serving student %s for labels %s", version, model.labels)
                 student = self._student[1]
-            if set(vocabulary) <= set(student.labels):
+            if student.serves(classes):
                 return version, student
-            log.warning("student %s does not know labels %s: serving MaskCLIP", version, set(vocabulary) - set(student.labels))
-        return self.teacher_version(), self.teacher
+            log.info("student %s was trained for other labels (%s): serving MaskCLIP", version, student.labels)
+        return self.teacher_version(), (self.teacher if load else None)
 
 
 @functools.lru_cache(maxsize=4)
@@ -126,15 +127,17 @@ class MaskCLIPBackend:
             raise PredictError("no labeling config in the request ('label_config' or 'schema')")
         return parse_label_config(self.label_config)
 
-    @property
-    def model_version(self) -> str:
-        return self.rt.student_version() or self.rt.teacher_version()
+    def classes(self, spec: LabelingSpec) -> tuple[list[str], list[tuple[str, ...]]]:
+        """(label values, model-side names per label) of the controls on the task's image."""
+        vocab = list(dict.fromkeys(v for t in self._targets(spec) for v in t.values))
+        return vocab, [spec.names(v) for v in vocab]
 
     def setup(self) -> dict[str, Any]:
-        """Validate the project's labeling config and report the served model version."""
-        if self.label_config:
-            self.spec()  # raises LabelConfigError with what to add
-        return {"model_version": self.model_version}
+        """Validate the project's labeling config and report the model version served for it."""
+        if not self.label_config:
+            return {"model_version": self.rt.student_version() or self.rt.teacher_version()}
+        version, _ = self.rt.model_for(self.classes(self.spec())[1], load=False)  # LabelConfigError: what to add
+        return {"model_version": version}
 
     # -- predict -------------------------------------------------------------------------------------
     def predict(self, tasks: Sequence[Mapping[str, Any]], context: Any = None) -> dict[str, Any]:
@@ -145,9 +148,8 @@ class MaskCLIPBackend:
 
         spec = self.spec()
         targets = self._targets(spec)
-        vocab = list(dict.fromkeys(v for t in targets for v in t.values))
-        classes = [spec.names(v) for v in vocab]
-        version, model = self.rt.model_for(vocab)
+        vocab, classes = self.classes(spec)
+        version, model = self.rt.model_for(classes)
         opts = SegmentOptions.from_settings(self.settings)
         results: list[Any] = [[] for _ in tasks]
         failures: list[TaskFailure] = []
@@ -217,17 +219,30 @@ class MaskCLIPBackend:
 
     # -- fit (webhooks) ------------------------------------------------------------------------------
     def fit(self, event: str, data: Mapping[str, Any]) -> dict[str, Any]:
-        """Store what a webhook carries; start training (in another process) when a trigger fires."""
+        """Store what a webhook carries; start training (in another process) when a trigger fires:
+        ``START_TRAINING``, every ``MASKCLIP_TRAIN_EVERY_N`` new annotations, or the interval rule."""
         from .collect import handle_event
-        from .trigger import request_training, should_train
+        from .trigger import maybe_interval, request_training, should_train
 
         result = handle_event(data, self.rt.store)
         reply: dict[str, Any] = {"action": event, "status": result.status}
         if result.rejected:
             reply["rejected"] = result.rejected
-        reason = "START_TRAINING" if result.train_requested else None
-        if reason is None and result.status == "stored" and should_train(self.settings, self.rt.store):
-            reason = f"{self.settings.train_every_n} new annotations"
-        if reason:
-            reply["training"] = "started" if request_training(self.settings, reason) else "already running"
+        project = data.get("project") if isinstance(data.get("project"), Mapping) else {}
+        kwargs: dict[str, Any] = {"project": project.get("id")}
+        config = project.get("label_config")
+        if config:
+            try:
+                kwargs["classes"] = self.classes(parse_label_config(config))[1]
+            except ValueError as e:
+                log.warning("webhook: labeling config unusable for training (%s)", e)
+        started = None
+        if result.train_requested:
+            started = request_training(self.settings, "START_TRAINING", **kwargs)
+        elif result.status == "stored" and should_train(self.settings, self.rt.store, kwargs["project"]):
+            started = request_training(self.settings, f"{self.settings.train_every_n} new annotations", **kwargs)
+        elif result.status == "stored":
+            started = maybe_interval(self.settings, self.rt.store, **kwargs) or None
+        if started is not None:
+            reply["training"] = "started" if started else "already running"
         return reply

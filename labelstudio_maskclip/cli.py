@@ -225,6 +225,60 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    from .settings import ENV
+
+    overrides = _env_overrides(args)
+    for key in ("promote", "student", "student_pretrained"):
+        if getattr(args, key, None) is not None:
+            overrides[ENV[key]] = getattr(args, key)
+    s = Settings.from_env({**os.environ, **{k: str(v) for k, v in overrides.items()}})  # validate first
+    if args.detach:
+        from .trigger import request_training
+
+        classes = [tuple(c.split("|")) for c in args.labels.split(",")] if args.labels else None
+        started = request_training(s, "cli", classes=classes, project=args.project)
+        print("training started in the background" if started else "a training is already running")
+        return 0 if started else 3
+    os.environ.update({k: str(v) for k, v in overrides.items()})
+    from .training import train_main
+
+    argv = ["--reason", "cli"]
+    for flag in ("labels", "background", "project", "steps", "resume"):
+        if getattr(args, flag, None) is not None:
+            argv += [f"--{flag}", str(getattr(args, flag))]
+    return train_main(argv)
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    from .checkpoints import history
+
+    rows = history(Path(_settings(args).model_dir))
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        print("no student trained yet: MaskCLIP is served")
+    for r in rows:
+        metrics = r.get("metrics", {})
+        print(f"{'*' if r.get('current') else ' '} {r.get('version')}  {r.get('created', '')}  "
+              f"mIoU={metrics.get('miou', 'n/a')}  labels={r.get('labels', '')}")  # fmt: skip
+    return 0
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from .checkpoints import CheckpointError, rollback
+
+    try:
+        print(f"now serving {rollback(Path(_settings(args).model_dir), args.version)}")
+    except CheckpointError as e:
+        log.error("%s", e)
+        return 2
+    return 0
+
+
 def _env_overrides(args: argparse.Namespace) -> dict[str, object]:
     """CLI model flags as environment variables, for child processes (gunicorn workers, the trainer)."""
     from .settings import ENV
@@ -296,6 +350,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="acceptance of pre-annotations per label, and training runs")
     p.add_argument("--project", type=int)
     p.set_defaults(func=_cmd_stats)
+
+    p = sub.add_parser("train", help="MaskCLIP+: train a student on pseudo labels and accepted masks")
+    p.add_argument("--labels", help="classes, comma-separated, synonyms with | (default: labels in the store)")
+    p.add_argument("--background", help="background classes, comma-separated")
+    p.add_argument("--project", type=int, help="only this Label Studio project's tasks")
+    p.add_argument("--steps", type=int, help="MASKCLIP_TRAIN_STEPS")
+    p.add_argument("--resume", metavar="RUN_ID", help="continue MODEL_DIR/runs/RUN_ID")
+    p.add_argument("--promote", choices=["better", "always"], help="MASKCLIP_PROMOTE")
+    p.add_argument("--student", help="deeplabv3_resnet50, deeplabv3_resnet101, lraspp_mobilenet_v3_large, tiny")
+    p.add_argument("--student-pretrained", help="imagenet, none, or a local backbone file (MASKCLIP_STUDENT_PRETRAINED)")
+    p.add_argument("--detach", action="store_true", help="start in the background (like a webhook trigger)")
+    _model_flags(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("history", help="promoted students, newest last; * marks the one served")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_history)
+
+    p = sub.add_parser("rollback", help="serve an earlier student again, or 'maskclip' for the teacher")
+    p.add_argument("version", help="e.g. maskclip+-2, or maskclip")
+    p.set_defaults(func=_cmd_rollback)
 
     p = sub.add_parser("serve", help="run the Label Studio ML backend (gunicorn)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")

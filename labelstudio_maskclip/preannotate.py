@@ -40,8 +40,7 @@ def preannotate(
     api = api or LabelStudioAPI.from_settings(settings)
     config = api.project(project_id)["label_config"]
     backend = MaskCLIPBackend(settings.replace(predict_time_budget=float("inf")), str(project_id), config)
-    spec = backend.spec()
-    version, _ = backend.rt.model_for(list(spec.vocabulary))
+    version, _ = backend.rt.model_for(backend.classes(backend.spec())[1], load=False)
     result = PreannotateResult(model_version=version)
     bar = tqdm(desc=f"preannotate project {project_id}", unit="task", disable=not progress)
     pending: list[dict[str, Any]] = []

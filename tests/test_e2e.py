@@ -63,6 +63,9 @@ def backend(label_studio, tmp_path_factory):
         "MASKCLIP_SHORT_SIDE": "64", "MASKCLIP_TEMPLATES": "simple", "MASKCLIP_MIN_AREA": "0",
         "MODEL_DIR": str(work / "model_dir"), "LABEL_STUDIO_URL": label_studio.url,
         "LABEL_STUDIO_API_KEY": label_studio.token, "WORKERS": "2", "LOG_LEVEL": "INFO",
+        # MaskCLIP+ at toy scale: a tiny random student, 3 steps, promoted whatever its score.
+        "MASKCLIP_STUDENT": "tiny", "MASKCLIP_STUDENT_PRETRAINED": "none", "MASKCLIP_TRAIN_STEPS": "3",
+        "MASKCLIP_TRAIN_CROP": "64", "MASKCLIP_TRAIN_BATCH_SIZE": "2", "MASKCLIP_PROMOTE": "always",
     }  # fmt: skip
     log = open(work / "backend.log", "wb")
     cmd = [sys.executable, "-m", "labelstudio_maskclip.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
@@ -173,3 +176,38 @@ def test_bad_requests_do_not_stop_the_backend(backend):
                                                "label_config": CONFIG}, timeout=30)  # fmt: skip
     assert r.status_code == 200 and r.json()["results"] == [[]] and r.json()["errors"]
     assert requests.get(url + "/health", timeout=5).json()["status"] == "UP"
+
+
+def test_start_training_serves_a_new_model_version_to_label_studio(label_studio, project, backend):
+    api = label_studio.api()
+    task = project["tasks"][1]
+    width, height = Image.open(PHOTOS / NAMES[1]).size
+    mask = np.zeros((height, width), bool)
+    mask[: height // 2] = True
+    region = {
+        "id": "t1", "from_name": "tag", "to_name": "image", "type": "brushlabels",
+        "original_width": width, "original_height": height, "image_rotation": 0,
+        "value": {"format": "rle", "rle": mask_to_brush_rle(mask), "brushlabels": ["Plant"]},
+    }  # fmt: skip
+    api.create_annotation(task["id"], [region])
+    store = Store(backend["model_dir"])
+    _wait(lambda: any(s.task_id == task["id"] for s in store.accepted_samples()), 30, "the annotation")
+
+    api.train(project["ml"]["id"])  # Label Studio sends START_TRAINING to /webhook
+    from labelstudio_maskclip.checkpoints import current_version
+
+    version = _wait(lambda: current_version(backend["model_dir"]), 240, "a promoted student")
+    assert version == "maskclip+-1"
+    setup = requests.post(backend["url"] + "/setup", json={"project": "x", "schema": CONFIG}, timeout=30).json()
+    assert setup["model_version"] == version
+
+    api.retrieve_predictions(project["id"])
+    for t in project["tasks"]:
+        preds = _wait(
+            lambda: [p for p in api.list_predictions(t["id"]) if p["model_version"] == version], 120,
+            f"a {version} prediction of task {t['id']}",
+        )  # fmt: skip
+        for region in preds[0]["result"]:
+            assert region["value"]["brushlabels"][0] in LABELS and _decode(region).any()
+    runs = list((backend["model_dir"] / "runs").glob("*/metrics.json"))
+    assert runs and "decision" in json.loads(runs[0].read_text())
