@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import json
 import logging
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from .labeling import LabelConfigError, parse_label_config
 from .store import AnnotationWrite, Store, TaskRecord
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -120,30 +120,15 @@ class _Config:
 
 
 def _parse_config(label_config: Optional[str]) -> _Config:
-    """Label names (all, and per control tag), and the ``<Image value="$key">`` key of a labeling config."""
+    """Label names (all, and per segmentation control), and the image key of a labeling config."""
     if not label_config:
         return _Config(None, None)
     try:
-        root = ET.fromstring(label_config)
-    except ET.ParseError as exc:
-        raise _Rejected(f"project.label_config is not valid XML ({exc}); fix the project's labeling config")
-    by_control: dict[str, frozenset[str]] = {}
-    for node in root.iter():
-        names = [str(child.get("value")) for child in node if child.tag == "Label" and child.get("value") is not None]
-        if names and node.get("name"):
-            by_control[str(node.get("name"))] = frozenset(names)
-    labels = frozenset(
-        str(node.get("value")) for node in root.iter() if node.tag == "Label" and node.get("value") is not None)
-    image_key = None
-    for node in root.iter("Image"):
-        value = node.get("value") or ""
-        if value.startswith("$"):
-            image_key = value[1:]
-            break
-    return _Config(labels, image_key, by_control)
-
-
-# --- small readers of Label Studio JSON --------------------------------------------------------------
+        spec = parse_label_config(label_config)
+    except LabelConfigError as exc:
+        raise _Rejected(f"project.label_config: {exc}") from None
+    by_control = {t.from_name: frozenset(t.values) for t in spec.targets}
+    return _Config(frozenset(spec.vocabulary), spec.image_keys[0], by_control)
 
 
 def _int_or_none(value: Any) -> Optional[int]:

@@ -23,6 +23,9 @@ __all__ = ["create_app", "wsgi"]
 log = logging.getLogger(__name__)
 
 
+_WARMUP_CONFIG = '<View><Image name="i" value="$i"/><BrushLabels name="b" toName="i"><Label value="x"/></BrushLabels></View>'
+
+
 class _BadRequest(ValueError):
     pass
 
@@ -55,6 +58,11 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
             log.error("model failed to load: %s", e)
 
     if warm:
+        # The labeling-config parser imports label-studio-sdk lazily (~1 s): pay that before serving, since
+        # Label Studio gives /setup only 3 s. The model loads in the background.
+        from .labeling import parse_label_config
+
+        parse_label_config(_WARMUP_CONFIG)
         threading.Thread(target=load_model, name="model-warmup", daemon=True).start()
 
     @app.before_request

@@ -178,6 +178,23 @@ def test_bad_requests_do_not_stop_the_backend(backend):
     assert requests.get(url + "/health", timeout=5).json()["status"] == "UP"
 
 
+def test_preannotate_pushes_predictions_through_the_api_and_resumes(label_studio, backend):
+    api = label_studio.api()
+    proj = api.create_project("maskclip bulk", CONFIG)
+    api.import_files(proj["id"], [PHOTOS / n for n in NAMES[:3]])
+    cli = [sys.executable, "-m", "labelstudio_maskclip.cli", "preannotate", "--project", str(proj["id"]), "--batch", "2"]
+    first = subprocess.run(cli, env=backend["env"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    summary = json.loads(first.stdout.strip().splitlines()[-1])
+    assert summary["predicted"] == 3 and summary["skipped"] == 0 and summary["failed"] == 0
+    for task in api.list_tasks(proj["id"]):
+        preds = api.list_predictions(task["id"])
+        assert [p["model_version"] for p in preds] == [summary["model_version"]]
+        assert preds[0]["result"] and all(_decode(r).any() for r in preds[0]["result"])
+    again = subprocess.run(cli, env=backend["env"], capture_output=True, text=True, timeout=300)
+    assert json.loads(again.stdout.strip().splitlines()[-1])["skipped"] == 3  # resumable: nothing redone
+
+
 def test_start_training_serves_a_new_model_version_to_label_studio(label_studio, project, backend):
     api = label_studio.api()
     task = project["tasks"][1]

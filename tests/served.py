@@ -1,0 +1,213 @@
+"""Test helpers for whole-system runs: the backend under gunicorn, a loopback file host, worker processes.
+
+Used by tests/test_load.py, tests/test_faults.py and benchmarks/run.py. Everything listens on loopback
+ports chosen by the OS (or by :func:`tests.labelstudio.free_port`).
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import requests
+
+__all__ = [
+    "PHOTOS", "BRUSH", "FileHost", "Backend", "start_backend", "worker_pids", "vm_hwm_kib", "wait_for",
+    "brush_webhook", "free_port",
+]  # fmt: skip
+
+PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128-seg" / "images"
+BRUSH = """<View><Image name="image" value="$image"/>
+<BrushLabels name="tag" toName="image">
+  <Label value="Animal" predicted_values="cat,dog,animal"/><Label value="Food"/><Label value="Sky"/>
+</BrushLabels></View>"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, every: float = 0.1):
+    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):  # a client gone mid-reply (a killed worker) is expected
+        pass
+
+
+class FileHost:
+    """A loopback static file server playing Label Studio's file host, which can be stopped and started
+    again on the same port. ``delay`` (seconds) holds every response back, to keep requests in flight;
+    ``peers`` records the client ports of requests being answered."""
+
+    def __init__(self, root: Path, port: int = 0, delay: float = 0.0):
+        self.root, self.delay, self.peers = Path(root), delay, []
+        self._server: http.server.ThreadingHTTPServer | None = None
+        self.port = port
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        host = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, directory=str(host.root), **kw)
+
+            def do_GET(self):
+                host.peers.append(self.client_address[1])
+                if host.delay:
+                    time.sleep(host.delay)
+                super().do_GET()
+
+            def log_message(self, *a):
+                pass
+
+        server = _QuietServer(("127.0.0.1", self.port), Handler)
+        self.port = server.server_address[1]
+        self._server = server
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+@dataclass
+class Backend:
+    url: str
+    proc: subprocess.Popen
+    model_dir: Path
+    log: Path
+    env: Mapping[str, str]
+
+    @property
+    def master_pid(self) -> int:
+        return self.proc.pid
+
+    def workers(self) -> list[int]:
+        return worker_pids(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def start_backend(
+    work: Path, model: str, pretrained: str, label_studio_url: str, *, workers: int = 2,
+    extra_env: Mapping[str, str] | None = None, timeout: float = 90.0,
+) -> Backend:
+    """``labelstudio-maskclip serve`` (gunicorn, gthread) on a free loopback port; returns once /health is UP
+    and every worker has loaded the model (a /setup per worker would not prove that: /health is checked)."""
+    work.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {
+        **os.environ,
+        "MASKCLIP_MODEL": model, "MASKCLIP_PRETRAINED": pretrained, "MASKCLIP_DEVICE": "cpu",
+        "MASKCLIP_SHORT_SIDE": "64", "MASKCLIP_TEMPLATES": "simple", "MASKCLIP_MIN_AREA": "0",
+        "MODEL_DIR": str(work / "model_dir"), "LABEL_STUDIO_URL": label_studio_url, "WORKERS": str(workers),
+        "LOG_LEVEL": "WARNING",
+        **(extra_env or {}),
+    }  # fmt: skip
+    log_path = work / "backend.log"
+    cmd = [sys.executable, "-m", "labelstudio_maskclip.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    backend = Backend(f"http://127.0.0.1:{port}", proc, Path(env["MODEL_DIR"]), log_path, env)
+
+    def ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"the backend exited with {proc.returncode}:\n{backend.log_text()[-3000:]}")
+        try:
+            up = requests.get(backend.url + "/health", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+        return up and len(backend.workers()) == workers
+
+    try:
+        wait_for(ready, timeout, "the backend's /health and its workers", every=0.2)
+    except BaseException:
+        backend.stop()
+        raise
+    return backend
+
+
+def worker_pids(master: int) -> list[int]:
+    """Pids of the processes whose parent is ``master`` (gunicorn's workers), from /proc."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, ...
+        if int(fields[1]) == master and fields[0] != "Z":
+            pids.append(int(entry))
+    return sorted(pids)
+
+
+def vm_hwm_kib(pid: int) -> int:
+    """Peak resident set size (VmHWM) of a process, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
+
+
+def brush_webhook(annotation_id: int, task_id: int, height: int = 480, width: int = 640) -> dict:
+    """An ANNOTATION_CREATED body with one real brush RLE region (a rectangle that depends on the id)."""
+    import numpy as np
+
+    from labelstudio_maskclip.rle import mask_to_brush_rle
+
+    mask = np.zeros((height, width), bool)
+    top = 10 + annotation_id % 50
+    mask[top : top + 100, 20 : 20 + 50 + annotation_id % 200] = True
+    region = {
+        "id": f"r{annotation_id}", "from_name": "tag", "to_name": "image", "type": "brushlabels",
+        "original_width": width, "original_height": height, "image_rotation": 0,
+        "value": {"format": "rle", "rle": mask_to_brush_rle(mask), "brushlabels": ["Food"]},
+    }  # fmt: skip
+    return {
+        "action": "ANNOTATION_CREATED",
+        "annotation": {"id": annotation_id, "result": [region], "was_cancelled": False, "ground_truth": False,
+                       "completed_by": 1, "task": task_id, "project": 1, "updated_at": "2026-11-28T10:00:00Z"},
+        "task": {"id": task_id, "data": {"image": "/000000000009.jpg"}, "project": 1},
+        "project": {"id": 1, "label_config": BRUSH},
+    }  # fmt: skip
