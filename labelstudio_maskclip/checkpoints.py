@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import re
-import tempfile
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
+
+from .files import fsync_dir as _fsync_dir
+from .files import write_atomic
 
 __all__ = [
     "FORMAT",
@@ -76,36 +77,6 @@ def current_checkpoint(model_dir: str | Path) -> Path | None:
     """Path of the served checkpoint, or None."""
     version = current_version(model_dir)
     return None if version is None else checkpoint_path(model_dir, version)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str | Path, write: Callable[[Any], None] | bytes) -> Path:
-    """Write ``path`` atomically: ``write(binary_file)`` (or the given bytes) into a temporary file beside it,
-    fsync, ``os.replace``, fsync the directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(write, (bytes, bytearray)):
-                f.write(write)
-            else:
-                write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Mapping, Opt
 from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
+
+from .files import write_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     from .store import Sample, Store
@@ -219,25 +219,10 @@ def export_coco(
     }
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_coco(coco: Mapping[str, Any], path: Union[str, Path]) -> Path:
     """Write a COCO dict as JSON, atomically (readers see the old file or the whole new one)."""
     path = Path(path)
-    _atomic_write(path, json.dumps(coco, separators=(",", ":")).encode("utf-8"))
+    write_atomic(path, json.dumps(coco, separators=(",", ":")).encode("utf-8"))
     return path
 
 
@@ -271,9 +256,9 @@ def export_semantic_pngs(
         buffer = io.BytesIO()
         Image.fromarray(canvas, mode="L").save(buffer, format="PNG")
         target = out_dir / f"{stem}.png"
-        _atomic_write(target, buffer.getvalue())
+        write_atomic(target, buffer.getvalue())
         written.append(target)
-    _atomic_write(out_dir / "classes.txt", "".join(f"{name}\n" for name in categories).encode("utf-8"))
+    write_atomic(out_dir / "classes.txt", "".join(f"{name}\n" for name in categories).encode("utf-8"))
     return written
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +31,9 @@ from .refine import key_smoothing, prompt_denoising
 from .settings import Settings
 from .text import ClassNames, encode_classes, normalize_classes, resolve_templates
 
-__all__ = ["MaskCLIP", "SegmentOptions", "Segmentation", "NO_LABEL"]
+__all__ = [
+    "MaskCLIP", "SegmentOptions", "Segmentation", "NO_LABEL", "resized_size", "normalized_batch", "segment_in_batches",
+]  # fmt: skip
 
 NO_LABEL = -1
 _UPSAMPLE_BUDGET = 2**28  # elements per interpolate call, far below INT_MAX
@@ -225,18 +227,11 @@ class MaskCLIP:
     # -- images -------------------------------------------------------------------------------------
     def preprocess(self, images: Sequence[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
         """Same-size batch: list of (H, W, 3) uint8 RGB -> (B, 3, size) normalised on the model's device."""
-        out = []
-        for img in images:
-            t = torch.from_numpy(np.require(img, requirements=["C", "W"])).to(self.device).permute(2, 0, 1)[None].float()
-            t = F.interpolate(t / 255.0, size=size, mode="bilinear", antialias=True, align_corners=False)
-            out.append(t)
-        return (torch.cat(out) - self._mean) / self._std  # (B, 3, h, w)
+        return normalized_batch(images, size, self._mean, self._std)
 
     def input_size(self, height: int, width: int, short_side: int) -> tuple[int, int]:
         """Resized (H', W'): short side ``short_side`` (0 keeps the size), both rounded to the stride."""
-        scale = short_side / min(height, width) if short_side else 1.0
-        s = self.stride
-        return (max(s, round(height * scale / s) * s), max(s, round(width * scale / s) * s))
+        return resized_size(height, width, short_side, self.stride)
 
     @torch.inference_mode()
     def segment(
@@ -252,23 +247,64 @@ class MaskCLIP:
         called with the number of images finished after each batch."""
         if opts.mode not in DENSE_MODES:
             raise ValueError(f"unknown dense mode {opts.mode!r}")
-        n_labels = len(classes)
         emb = self.text_embeddings(list(classes) + list(background))  # (K + Kb, D)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, img in enumerate(images):
-            if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-                raise ValueError(f"image {i}: expected (H, W, 3) uint8 RGB, got {img.shape} {img.dtype}")
-            groups.setdefault(self.input_size(img.shape[0], img.shape[1], opts.short_side), []).append(i)
-        results: list[Segmentation | None] = [None] * len(images)
-        for size, idx in groups.items():
-            for b in range(0, len(idx), max(1, opts.batch_size)):
-                batch = idx[b : b + opts.batch_size]
-                probs = self.grid_probs(self.preprocess([images[i] for i in batch], size), emb, opts)
-                for i, p in zip(batch, probs):
-                    results[i] = _finalize(p, images[i].shape[:2], n_labels, opts.min_confidence)
-                if progress is not None:
-                    progress(len(batch))
-        return results  # type: ignore[return-value]
+        return segment_in_batches(
+            images,
+            lambda h, w: self.input_size(h, w, opts.short_side),
+            lambda batch, size: self.grid_probs(self.preprocess(batch, size), emb, opts),
+            n_labels=len(classes),
+            batch_size=opts.batch_size,
+            min_confidence=opts.min_confidence,
+            progress=progress,
+        )
+
+
+def resized_size(height: int, width: int, short_side: int, stride: int) -> tuple[int, int]:
+    """(H', W') with short side ``short_side`` (0 keeps the size), both rounded to multiples of ``stride``."""
+    scale = short_side / min(height, width) if short_side else 1.0
+    return (max(stride, round(height * scale / stride) * stride), max(stride, round(width * scale / stride) * stride))
+
+
+def normalized_batch(
+    images: Sequence[np.ndarray], size: tuple[int, int], mean: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB images -> (B, 3, *size) float32 on ``mean``'s device, resized (bilinear,
+    antialiased) and normalised; ``mean``/``std``: (1, 3, 1, 1) on the 0..1 scale."""
+    out = []
+    for img in images:
+        t = torch.from_numpy(np.require(img, requirements=["C", "W"])).to(mean.device).permute(2, 0, 1)[None]
+        out.append(F.interpolate(t.float() / 255.0, size=size, mode="bilinear", antialias=True, align_corners=False))
+    return (torch.cat(out) - mean) / std  # (B, 3, h, w)
+
+
+def segment_in_batches(
+    images: Sequence[np.ndarray],
+    size_of: Callable[[int, int], tuple[int, int]],
+    probs_of: Callable[[list[np.ndarray], tuple[int, int]], torch.Tensor],
+    *,
+    n_labels: int,
+    batch_size: int,
+    min_confidence: float,
+    progress: Callable[[int], None] | None = None,
+) -> list[Segmentation]:
+    """The batching shared by every segmenter: images grouped by resized shape ``size_of(H, W)``, run in
+    batches through ``probs_of(images, size) -> (B, K + Kb, h, w)`` probabilities, finalised one by one at
+    their original sizes. ``progress(n)`` is called after each batch."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, img in enumerate(images):
+        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+            raise ValueError(f"image {i}: expected (H, W, 3) uint8 RGB, got {img.shape} {img.dtype}")
+        groups.setdefault(size_of(img.shape[0], img.shape[1]), []).append(i)
+    results: list[Segmentation | None] = [None] * len(images)
+    for size, idx in groups.items():
+        for b in range(0, len(idx), max(1, batch_size)):
+            batch = idx[b : b + max(1, batch_size)]
+            probs = probs_of([images[i] for i in batch], size)
+            for i, p in zip(batch, probs):
+                results[i] = _finalize(p, images[i].shape[:2], n_labels, min_confidence)
+            if progress is not None:
+                progress(len(batch))
+    return results  # type: ignore[return-value]
 
 
 def _windows(height: int, width: int, win: int, stride: int) -> list[tuple[int, int, int, int]]:

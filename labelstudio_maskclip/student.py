@@ -251,20 +251,6 @@ class StudentModel:
         mine = self.classes + self.background
         return [mine.index(c) for c in class_key(classes) + class_key(background)]
 
-    def input_size(self, height: int, width: int, short_side: int) -> tuple[int, int]:
-        """Resized (H', W'): short side ``short_side`` (0 keeps the size), both rounded to the stride."""
-        scale = short_side / min(height, width) if short_side else 1.0
-        s = self.net.stride
-        return (max(s, round(height * scale / s) * s), max(s, round(width * scale / s) * s))
-
-    def preprocess(self, images: Sequence[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
-        """Same-size batch: list of (H, W, 3) uint8 RGB -> (B, 3, size) ImageNet-normalised float32."""
-        out = []
-        for img in images:
-            t = torch.from_numpy(np.ascontiguousarray(img)).to(self.device).permute(2, 0, 1)[None].float() / 255.0
-            out.append(F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False))
-        return (torch.cat(out) - self._mean) / self._std  # (B, 3, h, w)
-
     @torch.inference_mode()
     def grid_probs(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised -> (B, C, h, w) float32 class probabilities on the student's grid."""
@@ -290,7 +276,7 @@ class StudentModel:
         ``min_confidence`` and ``batch_size``); dense mode, windows, refinements and temperature are CLIP
         options and do not apply. Returns ``list[Segmentation]``.
         """
-        from .segmenter import SegmentOptions, _finalize
+        from .segmenter import SegmentOptions, normalized_batch, resized_size, segment_in_batches
 
         opts = opts if opts is not None else SegmentOptions()
         classes = self.classes if classes is None else classes
@@ -301,23 +287,16 @@ class StudentModel:
                 f"(background {[c[0] for c in self.background]}), not {[class_key([c])[0][0] for c in classes]}: "
                 "use MaskCLIP for these labels or train a student for them"
             )
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, img in enumerate(images):
-            if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-                raise ValueError(f"image {i}: expected (H, W, 3) uint8 RGB, got {img.shape} {img.dtype}")
-            groups.setdefault(self.input_size(img.shape[0], img.shape[1], opts.short_side), []).append(i)
         order = torch.tensor(self._order(classes, background), device=self.device)
-        results: list = [None] * len(images)
-        batch_size = max(1, int(getattr(opts, "batch_size", 8)))
-        for size, idx in groups.items():
-            for b in range(0, len(idx), batch_size):
-                batch = idx[b : b + batch_size]
-                probs = self.grid_probs(self.preprocess([images[i] for i in batch], size))[:, order]
-                for i, p in zip(batch, probs):
-                    results[i] = _finalize(p, images[i].shape[:2], len(self.classes), opts.min_confidence)
-                if progress is not None:
-                    progress(len(batch))
-        return results
+        return segment_in_batches(
+            images,
+            lambda h, w: resized_size(h, w, opts.short_side, self.net.stride),
+            lambda batch, size: self.grid_probs(normalized_batch(batch, size, self._mean, self._std))[:, order],
+            n_labels=len(self.classes),
+            batch_size=int(getattr(opts, "batch_size", 8)),
+            min_confidence=opts.min_confidence,
+            progress=progress,
+        )
 
 
 def load_student(checkpoint_path: str | Path, device: str | torch.device | None = None) -> StudentModel:

@@ -280,7 +280,7 @@ def test_bodies_over_the_limit_get_413(env):
     claimed = app.config["MAX_CONTENT_LENGTH"] + 1  # a Content-Length over the limit: refused before reading
     for path in ("/predict", "/setup", "/webhook"):
         reply = client.post(path, input_stream=io.BytesIO(b"{}"), content_type="application/json",
-                            headers={"Content-Length": str(claimed)})  # fmt: skip
+                            environ_overrides={"CONTENT_LENGTH": str(claimed)})  # fmt: skip
         assert reply.status_code == 413 and "larger than" in reply.get_json()["error"]
     small = create_app(settings, warm=False)
     small.config["MAX_CONTENT_LENGTH"] = 1 << 20

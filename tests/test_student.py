@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ from labelstudio_maskclip import checkpoints as ck
 from labelstudio_maskclip.student import (
     LabelMismatchError,
     StudentError,
-    StudentModel,
     StudentWeightsError,
     build_student,
     load_student,
