@@ -11,6 +11,7 @@ import base64
 import hmac
 import logging
 import threading
+import time
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -64,6 +65,8 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
 
         parse_label_config(_WARMUP_CONFIG)
         threading.Thread(target=load_model, name="model-warmup", daemon=True).start()
+    if warm and settings.train_interval_minutes > 0:
+        threading.Thread(target=_interval_trigger, args=(settings,), name="train-interval", daemon=True).start()
 
     @app.before_request
     def _auth():
@@ -156,6 +159,20 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
         )
 
     return app
+
+
+def _interval_trigger(settings: Settings) -> None:
+    """MASKCLIP_TRAIN_INTERVAL_MINUTES: look once a minute whether a training is due (new annotations and
+    the interval passed). Every worker looks; the training lock lets only one trainer run."""
+    from .trigger import maybe_interval
+
+    while True:
+        time.sleep(min(60.0, settings.train_interval_minutes * 60))
+        try:
+            if maybe_interval(settings, runtime(settings).store):
+                log.info("interval training started")
+        except Exception:  # keep the timer alive; the log says why
+            log.exception("interval training check failed")
 
 
 def wsgi() -> Flask:

@@ -13,3 +13,15 @@ def label_studio(tmp_path_factory) -> LabelStudioServer:
         pytest.fail(str(exc), pytrace=False)
     yield server
     server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch):
+    """Settings come from the environment: no test sees the caller's MASKCLIP_* / LABEL_STUDIO_* values."""
+    import os
+
+    from labelstudio_maskclip.settings import ENV
+
+    for name in ENV.values():
+        if name in os.environ:
+            monkeypatch.delenv(name)

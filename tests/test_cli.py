@@ -1,0 +1,73 @@
+"""The command line: files written by `segment`, errors people see, and the store commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from labelstudio_maskclip.cli import main
+from tests.tiny import TINY_VIT, save_random_state
+
+PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128-seg" / "images"
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return save_random_state(TINY_VIT, tmp_path_factory.mktemp("w") / "tiny.pt")
+
+
+def _model(weights) -> list[str]:
+    return ["--model", TINY_VIT, "--pretrained", str(weights), "--device", "cpu", "--short-side", "64"]
+
+
+def test_segment_writes_label_png_overlay_and_summary_per_image(tmp_path, weights):
+    images = [PHOTOS / "000000000009.jpg", PHOTOS / "000000000030.jpg"]
+    out = tmp_path / "out"
+    code = main(["segment", *map(str, images), "--labels", "food,bowl|dish,table", "--background", "wall",
+                 "--out", str(out), *_model(weights)])  # fmt: skip
+    assert code == 0
+    for path in images:
+        stem = path.stem
+        labels = np.array(Image.open(out / f"{stem}.labels.png"))
+        photo = Image.open(path)
+        assert labels.shape == (photo.height, photo.width) and labels.dtype == np.uint8
+        assert set(np.unique(labels)) <= {0, 1, 2, 255}
+        overlay = Image.open(out / f"{stem}.overlay.png")
+        assert overlay.size == photo.size and overlay.mode == "RGB"
+        assert not np.array_equal(np.array(overlay), np.array(photo.convert("RGB")))
+        summary = json.loads((out / f"{stem}.json").read_text())
+        assert summary["width"] == photo.width and summary["height"] == photo.height
+        for name, info in summary["labels"].items():
+            k = summary["label_values"][name]
+            assert info["area"] == int((labels == k).sum()) > 0 and 0 < info["score"] <= 1
+        assert sum(i["area"] for i in summary["labels"].values()) == int((labels != 255).sum())
+
+
+def test_segment_reports_unreadable_images_and_goes_on(tmp_path, weights, caplog):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    code = main(["segment", str(bad), str(PHOTOS / "000000000009.jpg"), "--labels", "a,b", "--out",
+                 str(tmp_path / "o"), *_model(weights)])  # fmt: skip
+    assert code == 1
+    assert (tmp_path / "o" / "000000000009.json").exists() and not (tmp_path / "o" / "broken.json").exists()
+    assert any("broken.jpg" in r.getMessage() for r in caplog.records)
+
+
+def test_random_weights_and_missing_files_are_refused_with_the_setting_named(tmp_path, caplog):
+    assert main(["segment", str(PHOTOS / "000000000009.jpg"), "--labels", "a", "--out", str(tmp_path),
+                 "--model", TINY_VIT, "--pretrained", "random", "--device", "cpu"]) == 2  # fmt: skip
+    assert "MASKCLIP_ALLOW_RANDOM" in caplog.text
+    assert main(["segment", str(PHOTOS / "000000000009.jpg"), "--labels", "a", "--out", str(tmp_path),
+                 "--model", TINY_VIT, "--pretrained", str(tmp_path / "none.pt")]) == 2  # fmt: skip
+    assert "MASKCLIP_PRETRAINED" in caplog.text
+
+
+def test_history_and_rollback_without_students(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
+    assert main(["history"]) == 0
+    assert "MaskCLIP is served" in capsys.readouterr().out
+    assert main(["rollback", "maskclip+-7"]) == 2
