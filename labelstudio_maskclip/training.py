@@ -699,6 +699,8 @@ def _plot(metrics: dict, path: Path) -> None:
     ax2.set_xlabel("step"), ax2.set_ylabel("validation mIoU"), ax2.set_title(metrics["decision"][:60], fontsize=8)
     if ax2.get_legend_handles_labels()[0]:
         ax2.legend()
+    else:
+        ax2.text(0.5, 0.5, "no held-out people's masks yet:\nnothing to validate on", ha="center", va="center")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
