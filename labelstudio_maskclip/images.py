@@ -100,7 +100,10 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"image refused as a decompression bomb: {exc}") from None
+        raise ImageTooLargeError(
+            f"image refused as a decompression bomb by Pillow's own limit ({exc}); images this large are not "
+            "served, whatever MASKCLIP_MAX_IMAGE_PIXELS says"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError) as exc:
         kind = image.format or "image"
         raise ImageDecodeError(f"cannot decode the {kind} data: {exc} (truncated or corrupt file?)") from exc
@@ -113,7 +116,10 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:  # Pillow's own, global limit, checked in open()
-        raise ImageTooLargeError(f"image refused as a decompression bomb: {exc}") from None
+        raise ImageTooLargeError(
+            f"image refused as a decompression bomb by Pillow's own limit ({exc}); images this large are not "
+            "served, whatever MASKCLIP_MAX_IMAGE_PIXELS says"
+        ) from None
     except UnidentifiedImageError:
         raise ImageDecodeError(f"not an image: {len(data)} bytes starting {data[:16]!r}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

@@ -32,7 +32,10 @@ class _BadRequest(ValueError):
 
 
 def _json_body() -> dict[str, Any]:
-    body = request.get_json(silent=True, force=True)
+    try:
+        body = request.get_json(silent=True, force=True)
+    except RecursionError:  # nesting deeper than the parser's recursion limit
+        raise _BadRequest("request body must be a JSON object (nested too deeply to parse)") from None
     if not isinstance(body, dict):
         raise _BadRequest("request body must be a JSON object")
     return body
@@ -179,7 +182,18 @@ def wsgi() -> Flask:
     """gunicorn factory: settings from the environment, read once per worker."""
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _share_cpu_threads(settings.workers)
     return create_app(settings)
+
+
+def _share_cpu_threads(workers: int) -> None:
+    """Each worker process gets its share of the cores for torch's CPU kernels, so workers do not
+    oversubscribe the machine (GPU work is unaffected)."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
 
 
 def basic_auth_header(user: str, password: str) -> str:

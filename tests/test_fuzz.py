@@ -265,8 +265,6 @@ def test_odd_image_bytes_give_per_task_errors(env):
 DEEP = [b"[" * 100_000, b'{"tasks": [' * 2000]  # nesting deeper than Python's recursion limit
 
 
-@pytest.mark.xfail(strict=True, reason="bug: deeply nested JSON raises RecursionError in request.get_json "
-                   "(server._json_body), answered 500 instead of 400")  # fmt: skip
 @pytest.mark.parametrize("path", ["/predict", "/setup", "/webhook"])
 @pytest.mark.parametrize("body", DEEP, ids=["arrays", "objects"])
 def test_deeply_nested_json_gets_a_400(env, path, body):
