@@ -51,11 +51,13 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
     does not pay for it; a model that cannot load makes /health answer 503 with the reason."""
     app = Flask("labelstudio_maskclip")
     app.config["MAX_CONTENT_LENGTH"] = 256 * 1024 * 1024
-    state: dict[str, Any] = {"model_error": None}
+    state: dict[str, Any] = {"model_error": None, "model": "not loaded"}
 
     def load_model() -> None:
+        state["model"] = "loading"
         try:
             runtime(settings).teacher
+            state["model"] = "ready"
             log.info("model ready: %s", runtime(settings).teacher_version())
         except Exception as e:  # reported by /health and /predict
             state["model_error"] = str(e)
@@ -118,7 +120,7 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
     def health():
         if state["model_error"]:
             return jsonify({"status": "DOWN", "error": state["model_error"]}), 503
-        return jsonify({"status": "UP", "model_class": "MaskCLIPBackend"})
+        return jsonify({"status": "UP", "model_class": "MaskCLIPBackend", "model": state["model"]})
 
     @app.post("/setup")
     def setup():
