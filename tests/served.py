@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.server
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import requests
+
+from tests.labelstudio import free_port
 
 __all__ = [
     "PHOTOS", "BRUSH", "FileHost", "Backend", "start_backend", "worker_pids", "vm_hwm_kib", "wait_for",
@@ -30,12 +31,6 @@ BRUSH = """<View><Image name="image" value="$image"/>
 <BrushLabels name="tag" toName="image">
   <Label value="Animal" predicted_values="cat,dog,animal"/><Label value="Food"/><Label value="Sky"/>
 </BrushLabels></View>"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, every: float = 0.1):

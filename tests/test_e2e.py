@@ -8,11 +8,8 @@ through its API; the backend's store and COCO export must follow.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +20,7 @@ from PIL import Image
 
 from labelstudio_maskclip.rle import mask_to_brush_rle
 from labelstudio_maskclip.store import Store
-from tests.labelstudio import free_port
+from tests.served import start_backend, wait_for
 from tests.tiny import TINY_VIT, save_random_state
 
 pytestmark = pytest.mark.e2e
@@ -41,50 +38,20 @@ CONFIG = """<View>
 LABELS = {"Animal", "Food", "Plant"}
 
 
-def _wait(predicate, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def backend(label_studio, tmp_path_factory):
     """`labelstudio-maskclip serve` (gunicorn, 2 workers) with a saved random-weight tiny model."""
     work = tmp_path_factory.mktemp("backend")
     weights = save_random_state(TINY_VIT, work / "tiny_vit.pt")
-    port = free_port()
-    env = {
-        **os.environ,
-        "MASKCLIP_MODEL": TINY_VIT, "MASKCLIP_PRETRAINED": str(weights), "MASKCLIP_DEVICE": "cpu",
-        "MASKCLIP_SHORT_SIDE": "64", "MASKCLIP_TEMPLATES": "simple", "MASKCLIP_MIN_AREA": "0",
-        "MODEL_DIR": str(work / "model_dir"), "LABEL_STUDIO_URL": label_studio.url,
-        "LABEL_STUDIO_API_KEY": label_studio.token, "WORKERS": "2", "LOG_LEVEL": "INFO",
+    extra = {
+        "LABEL_STUDIO_API_KEY": label_studio.token, "LOG_LEVEL": "INFO",
         # MaskCLIP+ at toy scale: a tiny random student, 3 steps, promoted whatever its score.
         "MASKCLIP_STUDENT": "tiny", "MASKCLIP_STUDENT_PRETRAINED": "none", "MASKCLIP_TRAIN_STEPS": "3",
         "MASKCLIP_TRAIN_CROP": "64", "MASKCLIP_TRAIN_BATCH_SIZE": "2", "MASKCLIP_PROMOTE": "always",
     }  # fmt: skip
-    log = open(work / "backend.log", "wb")
-    cmd = [sys.executable, "-m", "labelstudio_maskclip.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy():
-        try:
-            return requests.get(url + "/health", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    try:
-        _wait(healthy, 90, "the backend's /health")
-        yield {"url": url, "model_dir": Path(env["MODEL_DIR"]), "log": work / "backend.log", "env": env}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-        log.close()
+    served = start_backend(work, TINY_VIT, str(weights), label_studio.url, workers=2, extra_env=extra)
+    yield {"url": served.url, "model_dir": served.model_dir, "log": served.log, "env": served.env}
+    served.stop()
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +78,7 @@ def test_retrieve_predictions_gives_every_task_brush_masks_of_its_image_size(lab
     api = label_studio.api()
     api.retrieve_predictions(project["id"])
     for task in project["tasks"]:
-        preds = _wait(lambda: api.list_predictions(task["id"]), 120, f"predictions of task {task['id']}")
+        preds = wait_for(lambda: api.list_predictions(task["id"]), 120, f"predictions of task {task['id']}")
         assert len(preds) == 1
         pred = preds[0]
         assert pred["model_version"].startswith("maskclip-") and 0 < pred["score"] <= 1
@@ -141,13 +108,13 @@ def test_annotations_created_updated_deleted_reach_the_store_and_the_export(labe
     def stored_masks():
         return {s.annotation_id: s.masks for s in store.accepted_samples()}.get(ann["id"])
 
-    masks = _wait(stored_masks, 30, "the ANNOTATION_CREATED webhook to be stored")
+    masks = wait_for(stored_masks, 30, "the ANNOTATION_CREATED webhook to be stored")
     assert set(masks) == {"Food"} and np.array_equal(masks["Food"], mask)
 
     moved = np.roll(mask, 60, axis=0)
     region2 = {**region, "value": {**region["value"], "rle": mask_to_brush_rle(moved), "brushlabels": ["Plant"]}}
     api.update_annotation(ann["id"], result=[region2])
-    masks = _wait(lambda: (m := stored_masks()) and "Plant" in m and m, 30, "the update")
+    masks = wait_for(lambda: (m := stored_masks()) and "Plant" in m and m, 30, "the update")
     assert set(masks) == {"Plant"} and np.array_equal(masks["Plant"], moved)
 
     out = tmp_path / "coco.json"
@@ -166,7 +133,7 @@ def test_annotations_created_updated_deleted_reach_the_store_and_the_export(labe
     assert np.array_equal(union, moved)
 
     api.delete_annotation(ann["id"])
-    _wait(lambda: stored_masks() is None, 30, "the ANNOTATIONS_DELETED webhook")
+    wait_for(lambda: stored_masks() is None, 30, "the ANNOTATIONS_DELETED webhook")
 
 
 def test_bad_requests_do_not_stop_the_backend(backend):
@@ -208,19 +175,19 @@ def test_start_training_serves_a_new_model_version_to_label_studio(label_studio,
     }  # fmt: skip
     api.create_annotation(task["id"], [region])
     store = Store(backend["model_dir"])
-    _wait(lambda: any(s.task_id == task["id"] for s in store.accepted_samples()), 30, "the annotation")
+    wait_for(lambda: any(s.task_id == task["id"] for s in store.accepted_samples()), 30, "the annotation")
 
     api.train(project["ml"]["id"])  # Label Studio sends START_TRAINING to /webhook
     from labelstudio_maskclip.checkpoints import current_version
 
-    version = _wait(lambda: current_version(backend["model_dir"]), 240, "a promoted student")
+    version = wait_for(lambda: current_version(backend["model_dir"]), 240, "a promoted student")
     assert version == "maskclip+-1"
     setup = requests.post(backend["url"] + "/setup", json={"project": "x", "schema": CONFIG}, timeout=30).json()
     assert setup["model_version"] == version
 
     api.retrieve_predictions(project["id"])
     for t in project["tasks"]:
-        preds = _wait(
+        preds = wait_for(
             lambda: [p for p in api.list_predictions(t["id"]) if p["model_version"] == version], 120,
             f"a {version} prediction of task {t['id']}",
         )  # fmt: skip
