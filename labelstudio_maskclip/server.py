@@ -12,6 +12,7 @@ import hmac
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -153,6 +154,8 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
 
     @app.get("/metrics")
     def metrics():
+        from .checkpoints import history
+
         rt = runtime(settings)
         return jsonify(
             {
@@ -160,6 +163,7 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
                 "acceptance": rt.store.acceptance_stats(),
                 "annotations_since_training": rt.store.count_since_last_training(),
                 "training_runs": rt.store.training_runs()[-10:],
+                "students": history(Path(settings.model_dir))[-10:],
             }
         )
 

@@ -34,6 +34,9 @@ CONFIG = """<View>
     <Label value="Food" predicted_values="food,fruit,broccoli"/>
     <Label value="Plant"/>
   </BrushLabels>
+  <PolygonLabels name="outline" toName="image">
+    <Label value="Animal"/><Label value="Food"/><Label value="Plant"/>
+  </PolygonLabels>
 </View>"""
 LABELS = {"Animal", "Food", "Plant"}
 
@@ -63,6 +66,25 @@ def project(label_studio, backend):
     return {"id": proj["id"], "ml": ml, "tasks": api.list_tasks(proj["id"])}
 
 
+def _label(region) -> str:
+    return region["value"][region["type"]][0]
+
+
+def _check_regions(result: list[dict], width: int, height: int) -> None:
+    """Brush regions decode to the image's size; polygons come for exactly the labels that have masks."""
+    brushes = {_label(r) for r in result if r["type"] == "brushlabels"}
+    polygons = {_label(r) for r in result if r["type"] == "polygonlabels"}
+    assert brushes and brushes <= LABELS and polygons == brushes
+    for region in result:
+        assert (region["original_width"], region["original_height"]) == (width, height)
+        if region["type"] == "brushlabels":
+            assert region["from_name"] == "tag" and _decode(region).shape == (height, width) and _decode(region).any()
+        else:
+            assert region["from_name"] == "outline" and region["value"]["closed"]
+            points = np.array(region["value"]["points"])
+            assert points.shape[1] == 2 and len(points) >= 3 and points.min() >= 0 and points.max() <= 100
+
+
 def _decode(region) -> np.ndarray:
     h, w = region["original_height"], region["original_width"]
     return decode_rle(region["value"]["rle"]).reshape(h, w, 4)[:, :, 3] > 0
@@ -74,7 +96,7 @@ def test_connect_reports_our_model_version(label_studio, project):
     assert ml["model_version"].startswith("maskclip-MaskCLIP-Tiny-ViT.tiny_vit.pt")
 
 
-def test_retrieve_predictions_gives_every_task_brush_masks_of_its_image_size(label_studio, project):
+def test_retrieve_predictions_gives_every_task_brush_masks_and_polygons_of_its_image_size(label_studio, project):
     api = label_studio.api()
     api.retrieve_predictions(project["id"])
     for task in project["tasks"]:
@@ -84,11 +106,7 @@ def test_retrieve_predictions_gives_every_task_brush_masks_of_its_image_size(lab
         assert pred["model_version"].startswith("maskclip-") and 0 < pred["score"] <= 1
         name = Path(task["data"]["image"]).name.split("-", 1)[-1]
         width, height = Image.open(PHOTOS / name).size
-        assert pred["result"]
-        for region in pred["result"]:
-            assert region["type"] == "brushlabels" and region["value"]["brushlabels"][0] in LABELS
-            assert (region["original_width"], region["original_height"]) == (width, height)
-            assert _decode(region).shape == (height, width) and _decode(region).any()
+        _check_regions(pred["result"], width, height)
 
 
 def test_annotations_created_updated_deleted_reach_the_store_and_the_export(label_studio, project, backend, tmp_path):
@@ -157,7 +175,7 @@ def test_preannotate_pushes_predictions_through_the_api_and_resumes(label_studio
     for task in api.list_tasks(proj["id"]):
         preds = api.list_predictions(task["id"])
         assert [p["model_version"] for p in preds] == [summary["model_version"]]
-        assert preds[0]["result"] and all(_decode(r).any() for r in preds[0]["result"])
+        assert preds[0]["result"] and all(_decode(r).any() for r in preds[0]["result"] if r["type"] == "brushlabels")
     again = subprocess.run(cli, env=backend["env"], capture_output=True, text=True, timeout=300)
     assert json.loads(again.stdout.strip().splitlines()[-1])["skipped"] == 3  # resumable: nothing redone
 
@@ -191,7 +209,7 @@ def test_start_training_serves_a_new_model_version_to_label_studio(label_studio,
             lambda: [p for p in api.list_predictions(t["id"]) if p["model_version"] == version], 120,
             f"a {version} prediction of task {t['id']}",
         )  # fmt: skip
-        for region in preds[0]["result"]:
-            assert region["value"]["brushlabels"][0] in LABELS and _decode(region).any()
+        width, height = Image.open(PHOTOS / Path(t["data"]["image"]).name.split("-", 1)[-1]).size
+        _check_regions(preds[0]["result"], width, height)
     runs = list((backend["model_dir"] / "runs").glob("*/metrics.json"))
     assert runs and "decision" in json.loads(runs[0].read_text())

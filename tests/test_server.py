@@ -182,7 +182,8 @@ def test_webhook_stores_annotations_and_ignores_other_actions(client, settings):
     assert client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {}}).get_json()["status"] == "ignored"
     assert client.post("/webhook", json={"no": "action"}).status_code == 400
     metrics = client.get("/metrics").get_json()
-    assert metrics["annotations_since_training"] >= 1
+    assert metrics["annotations_since_training"] >= 1 and metrics["students"] == []
+    assert metrics["model_version"].startswith("maskclip-")
 
 
 def test_basic_auth_when_configured(settings):
