@@ -42,6 +42,21 @@ class Runtime:
     _fetcher: Any = None
     _store: Any = None
     _student: tuple[str, Any] | None = None  # (version, model)
+    _background: Any = None  # one thread for webhook follow-ups (Label Studio API calls)
+
+    def background(self, fn, *args) -> None:
+        """Run ``fn(*args)`` after the webhook has been answered (one worker thread, errors logged)."""
+        with self._lock:
+            if self._background is None:
+                self._background = ThreadPoolExecutor(1, thread_name_prefix="webhook-followup")
+
+        def run() -> None:
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("webhook follow-up %s failed", getattr(fn, "__name__", fn))
+
+        self._background.submit(run)
 
     @property
     def fetcher(self):
@@ -218,6 +233,29 @@ class MaskCLIPBackend:
             return TaskFailure(task_id, str(e))
 
     # -- fit (webhooks) ------------------------------------------------------------------------------
+    def _parent_prediction_unseen(self, data: Mapping[str, Any]) -> bool:
+        """The annotation started from a prediction that the payload does not carry (Label Studio's
+        webhooks usually don't): its outcome per label needs the prediction from the API."""
+        ann = data.get("annotation")
+        if not isinstance(ann, Mapping) or not isinstance(ann.get("parent_prediction"), int):
+            return False
+        seen = ann.get("prediction")
+        return not (isinstance(seen, Mapping) and isinstance(seen.get("result"), list)) and bool(
+            self.settings.label_studio_url
+        )
+
+    def _with_parent_prediction(self, data: Mapping[str, Any]) -> None:
+        """Background: fetch the parent prediction and store the annotation again with it, which records
+        per-label outcomes (unchanged / edited / deleted). An update that arrived meanwhile wins (stale)."""
+        from .collect import handle_event
+        from .lsapi import LabelStudioAPI
+
+        ann = data["annotation"]
+        prediction = LabelStudioAPI(self.rt.fetcher).request("GET", f"/api/predictions/{ann['parent_prediction']}")
+        result = handle_event({**data, "annotation": {**ann, "prediction": prediction}}, self.rt.store)
+        log.info("annotation %s compared with its prediction %s: %s", ann.get("id"), ann["parent_prediction"],
+                 result.status)  # fmt: skip
+
     def fit(self, event: str, data: Mapping[str, Any]) -> dict[str, Any]:
         """Store what a webhook carries; start training (in another process) when a trigger fires:
         ``START_TRAINING``, every ``MASKCLIP_TRAIN_EVERY_N`` new annotations, or the interval rule."""
@@ -226,6 +264,8 @@ class MaskCLIPBackend:
 
         result = handle_event(data, self.rt.store)
         reply: dict[str, Any] = {"action": event, "status": result.status}
+        if result.status == "stored" and self._parent_prediction_unseen(data):
+            self.rt.background(self._with_parent_prediction, data)
         if result.rejected:
             reply["rejected"] = result.rejected
         project = data.get("project") if isinstance(data.get("project"), Mapping) else {}

@@ -109,6 +109,29 @@ def test_retrieve_predictions_gives_every_task_brush_masks_and_polygons_of_its_i
         _check_regions(pred["result"], width, height)
 
 
+def test_accepting_a_prediction_counts_as_unchanged_per_label(label_studio, project, backend):
+    """An annotation made from a pre-annotation names it (``parent_prediction``): regions kept as predicted
+    count as unchanged for their label, the region moved counts as edited."""
+    api = label_studio.api()
+    task = project["tasks"][2]
+    pred = wait_for(lambda: api.list_predictions(task["id"]), 120, "a prediction")[0]
+    brushes = [r for r in pred["result"] if r["type"] == "brushlabels"]
+    result = [dict(r) for r in brushes]
+    edited = _label(result[0])
+    mask = _decode(result[0])
+    result[0] = {**result[0], "value": {**result[0]["value"], "rle": mask_to_brush_rle(np.roll(mask, 25, axis=1))}}
+    ann = api.create_annotation(task["id"], result, parent_prediction=pred["id"])
+    store = Store(backend["model_dir"])
+    # The webhook names the parent prediction; the backend fetches it from Label Studio in the background.
+    wait_for(lambda: (store.annotation(ann["id"]) or {}).get("accepted_unchanged") is not None, 30, "the outcome")
+    stats = store.acceptance_stats()
+    assert stats[edited]["edited"] >= 1
+    for region in brushes[1:]:
+        assert stats[_label(region)]["unchanged"] >= 1
+    assert stats["(annotations)"]["edited"] >= 1
+    api.delete_annotation(ann["id"])
+
+
 def test_annotations_created_updated_deleted_reach_the_store_and_the_export(label_studio, project, backend, tmp_path):
     api = label_studio.api()
     task = project["tasks"][0]
