@@ -69,7 +69,8 @@ def test_reduce_zero_label_like_mmseg():
 
 def test_rescale_follows_mmcv_keep_ratio():
     assert ev.rescaled_short_side(375, 500, (2048, 512)) == 512
-    assert ev.rescaled_short_side(375, 500, (520, 520)) == 390  # Context: the long side becomes 520
+    assert ev.rescaled_short_side(375, 500, (520, 520)) == 390  # a (520, 520) scale caps the long side
+    assert ev.rescaled_short_side(375, 500, (2048, 520)) == 520  # Context: short side 520
     assert ev.rescaled_short_side(1024, 2048, (2048, 512)) == 512
     assert ev.rescaled_short_side(100, 3000, (2048, 448)) == 68  # long side capped at 2048
 
@@ -156,7 +157,7 @@ def test_context_readers(tmp_path):
     split = "ImageSets/SegmentationContext/val.txt"
     _fake_voc(tmp_path, "VOC2010", "SegmentationClassContext", split, [0, 1, 59, 255])
     c59 = ev.load_dataset("context59", tmp_path)
-    assert len(c59.names) == 59 and c59.whole_scale == (520, 520) and c59.reduce_zero_label
+    assert len(c59.names) == 59 and c59.whole_scale == (2048, 520) and c59.reduce_zero_label
     np.testing.assert_array_equal(c59.read_mask(c59.samples[1])[0, :4], [255, 0, 58, 255])
     c60 = ev.load_dataset("context60", tmp_path / "VOCdevkit")
     assert c60.names[0] == "background" and c60.background_queries == ("background",) and c60.background == 0
