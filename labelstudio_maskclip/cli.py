@@ -51,7 +51,6 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .images import ImageError, decode_image
-    from .overlay import overlay, save_label_png
     from .segmenter import MaskCLIP, SegmentOptions
 
     s = _settings(args)
@@ -66,32 +65,45 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     seg = MaskCLIP.shared(s)
     opts = SegmentOptions.from_settings(s)
     failed = 0
-    for path in tqdm(args.images, desc="segment", unit="img", disable=len(args.images) < 2 or None):
-        try:
-            image = decode_image(Path(path).read_bytes(), max_pixels=s.max_image_pixels)
-        except (OSError, ImageError) as e:
-            log.error("%s: %s", path, e)
-            failed += 1
-            continue
-        result = seg.segment([image], classes, background, opts)[0]
-        stem = Path(path).stem
-        save_label_png(result.labels, out / f"{stem}.labels.png")
-        overlay(image, result.labels, names).save(out / f"{stem}.overlay.png")
-        summary = {
-            "image": str(path),
-            "width": image.shape[1],
-            "height": image.shape[0],
-            "model": seg.version,
-            "score": round(result.score, 4),
-            "labels": {
-                names[k]: {"area": int(result.class_areas[k]), "score": round(float(result.class_scores[k]), 4)}
-                for k in result.present
-            },
-            "label_png": f"{stem}.labels.png",
-            "label_values": {names[k]: k for k in range(len(names))} | {"(no label)": 255},
-        }
-        (out / f"{stem}.json").write_text(json.dumps(summary, indent=2))
+    bar = tqdm(total=len(args.images), desc="segment", unit="img", disable=len(args.images) < 2 or None)
+    step = max(1, s.batch_size)
+    for first in range(0, len(args.images), step):  # decode a batch, segment it in one call, write it
+        batch = []
+        for path in args.images[first : first + step]:
+            try:
+                batch.append((Path(path), decode_image(Path(path).read_bytes(), max_pixels=s.max_image_pixels)))
+            except (OSError, ImageError) as e:
+                log.error("%s: %s", path, e)
+                failed += 1
+        results = seg.segment([image for _, image in batch], classes, background, opts) if batch else []
+        for (path, image), result in zip(batch, results):
+            _write_segment_outputs(out, path, image, result, names, seg.version)
+        bar.update(len(args.images[first : first + step]))
+    bar.close()
     return 1 if failed else 0
+
+
+def _write_segment_outputs(out: Path, path: Path, image, result, names: list[str], model: str) -> None:
+    """NAME.labels.png (class index, 255 = no label), NAME.overlay.png and NAME.json for one image."""
+    from .overlay import overlay, save_label_png
+
+    stem = path.stem
+    save_label_png(result.labels, out / f"{stem}.labels.png")
+    overlay(image, result.labels, names).save(out / f"{stem}.overlay.png")
+    summary = {
+        "image": str(path),
+        "width": image.shape[1],
+        "height": image.shape[0],
+        "model": model,
+        "score": round(result.score, 4),
+        "labels": {
+            names[k]: {"area": int(result.class_areas[k]), "score": round(float(result.class_scores[k]), 4)}
+            for k in result.present
+        },
+        "label_png": f"{stem}.labels.png",
+        "label_values": {names[k]: k for k in range(len(names))} | {"(no label)": 255},
+    }
+    (out / f"{stem}.json").write_text(json.dumps(summary, indent=2))
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
