@@ -291,3 +291,20 @@ def test_missing_checkpoint_names_the_setting(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="MASKCLIP_PRETRAINED"):
         MaskCLIP.load(model=TINY_VIT, pretrained=str(bad), device="cpu")
+
+
+def test_bf16_path_agrees_with_fp32(vit_file):
+    """The GPU's default precision, exercised on the CPU: same shapes and dtypes out, close values."""
+    fp32 = MaskCLIP.load(model=TINY_VIT, pretrained=str(vit_file), device="cpu", precision="fp32")
+    bf16 = MaskCLIP.load(model=TINY_VIT, pretrained=str(vit_file), device="cpu", precision="bf16")
+    assert bf16.clip.dtype == torch.bfloat16
+    classes = ["cat", "dog", "tree", "sky"]
+    emb32, emb16 = fp32.text_embeddings(classes), bf16.text_embeddings(classes)
+    assert emb16.dtype == torch.float32 and (emb32 - emb16).abs().max() < 0.05
+    px = _pixels(8, 48, 64)
+    a, b = fp32.dense_logits(px, emb32), bf16.dense_logits(px, emb32)
+    assert b.dtype == torch.float32 and (a - b).abs().max() < 0.05
+    img = np.random.default_rng(3).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    opts = SegmentOptions(short_side=48)
+    r32, r16 = fp32.segment([img], classes, opts=opts)[0], bf16.segment([img], classes, opts=opts)[0]
+    assert (r32.labels == r16.labels).mean() > 0.9
