@@ -22,7 +22,7 @@ import requests
 from tests.labelstudio import free_port
 
 __all__ = [
-    "PHOTOS", "BRUSH", "FileHost", "Backend", "start_backend", "worker_pids", "vm_hwm_kib", "wait_for",
+    "PHOTOS", "BRUSH", "FileHost", "photo_host", "Backend", "start_backend", "worker_pids", "vm_hwm_kib", "wait_for",
     "brush_webhook", "free_port",
 ]  # fmt: skip
 
@@ -92,6 +92,14 @@ class FileHost:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def photo_host(root: Path, names: list[str], delay: float = 0.0) -> FileHost:
+    """A :class:`FileHost` serving copies of the named coco128 photos from ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (root / name).write_bytes((PHOTOS / name).read_bytes())
+    return FileHost(root, delay=delay)
 
 
 @dataclass

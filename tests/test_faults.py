@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from labelstudio_maskclip.store import Store
-from tests.served import BRUSH, PHOTOS, FileHost, brush_webhook, start_backend, wait_for
+from tests.served import BRUSH, brush_webhook, photo_host, start_backend, wait_for
 from tests.tiny import TINY_VIT, save_random_state
 
 pytestmark = pytest.mark.e2e
@@ -28,10 +28,7 @@ NAMES = ["000000000009.jpg", "000000000025.jpg", "000000000030.jpg"]
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
-    root = tmp_path_factory.mktemp("files")
-    for name in NAMES:
-        (root / name).write_bytes((PHOTOS / name).read_bytes())
-    host = FileHost(root)
+    host = photo_host(tmp_path_factory.mktemp("files"), NAMES)
     work = tmp_path_factory.mktemp("backend")
     weights = save_random_state(TINY_VIT, work / "tiny_vit.pt")
     backend = start_backend(work, TINY_VIT, str(weights), host.url, workers=2,

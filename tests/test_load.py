@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from labelstudio_maskclip.store import Store
-from tests.served import BRUSH, PHOTOS, FileHost, brush_webhook, start_backend, vm_hwm_kib
+from tests.served import BRUSH, brush_webhook, photo_host, start_backend, vm_hwm_kib
 from tests.tiny import TINY_VIT, save_random_state
 
 pytestmark = pytest.mark.e2e
@@ -31,10 +31,7 @@ RSS_BOUND_KIB = int(1.5 * 2**20)  # 1.5 GiB per worker
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
-    root = tmp_path_factory.mktemp("files")
-    for name in NAMES:
-        (root / name).write_bytes((PHOTOS / name).read_bytes())
-    host = FileHost(root)
+    host = photo_host(tmp_path_factory.mktemp("files"), NAMES)
     work = tmp_path_factory.mktemp("backend")
     weights = save_random_state(TINY_VIT, work / "tiny_vit.pt")
     backend = start_backend(work, TINY_VIT, str(weights), host.url, workers=2)
