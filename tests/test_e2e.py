@@ -236,3 +236,28 @@ def test_start_training_serves_a_new_model_version_to_label_studio(label_studio,
         _check_regions(preds[0]["result"], width, height)
     runs = list((backend["model_dir"] / "runs").glob("*/metrics.json"))
     assert runs and "decision" in json.loads(runs[0].read_text())
+
+
+def test_backfill_and_export_straight_from_the_project(label_studio, project, backend, tmp_path):
+    """A project annotated before the backend was connected: backfill its annotations through the API into
+    a fresh store, and export COCO straight from the project; both equal what the webhooks stored."""
+    env = {**backend["env"], "MODEL_DIR": str(tmp_path / "fresh")}
+    cli = [sys.executable, "-m", "labelstudio_maskclip.cli"]
+    run = subprocess.run([*cli, "backfill", "--project", str(project["id"])], env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    live = {s.annotation_id: s.masks for s in Store(backend["model_dir"]).accepted_samples()}
+    backfilled = {s.annotation_id: s.masks for s in Store(tmp_path / "fresh").accepted_samples()}
+    assert live and backfilled.keys() == live.keys()
+    for ann_id, masks in live.items():
+        assert masks.keys() == backfilled[ann_id].keys()
+        assert all(np.array_equal(masks[k], backfilled[ann_id][k]) for k in masks)
+
+    out = tmp_path / "from_api.json"
+    run = subprocess.run([*cli, "export-coco", "--from-api", "--project", str(project["id"]), "--out", str(out)],
+                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    from pycocotools.coco import COCO
+
+    coco = COCO(str(out))
+    assert {img["id"] for img in coco.loadImgs(coco.getImgIds())} == {s.task_id for s in Store(tmp_path / "fresh").accepted_samples()}
