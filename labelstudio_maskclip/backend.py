@@ -184,11 +184,13 @@ class MaskCLIPBackend:
                         images.append((i, got))
                 if images:
                     segs = model.segment([img for _, img in images], classes, opts=opts)
-                    for (i, _), seg in zip(images, segs):
-                        results[i] = prediction(
-                            seg, targets, vocab, version, min_area=self.settings.min_area,
-                            polygons=self.settings.polygons,
-                        )  # fmt: skip
+                    encode = functools.partial(
+                        prediction, targets=targets, vocabulary=vocab, model_version=version,
+                        min_area=self.settings.min_area, polygons=self.settings.polygons,
+                    )  # fmt: skip
+                    # RLE and polygon encoding run in the pool, beside the next chunk's downloads.
+                    for (i, _), pred in zip(images, pool.map(encode, segs)):
+                        results[i] = pred
                 elapsed = time.monotonic() - start
                 if n + 1 < len(chunks) and elapsed > self.settings.predict_time_budget:
                     left = sum(len(c) for c in chunks[n + 1 :])
