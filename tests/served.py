@@ -152,11 +152,13 @@ def start_backend(
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     backend = Backend(f"http://127.0.0.1:{port}", proc, Path(env["MODEL_DIR"]), log_path, env)
 
+    auth = (env["BASIC_AUTH_USER"], env.get("BASIC_AUTH_PASS", "")) if env.get("BASIC_AUTH_USER") else None
+
     def ready():
         if proc.poll() is not None:
             raise AssertionError(f"the backend exited with {proc.returncode}:\n{backend.log_text()[-3000:]}")
         try:
-            up = requests.get(backend.url + "/health", timeout=2).status_code == 200
+            up = requests.get(backend.url + "/health", timeout=2, auth=auth).status_code == 200
         except requests.RequestException:
             return False
         return up and len(backend.workers()) == workers

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -261,3 +262,46 @@ def test_backfill_and_export_straight_from_the_project(label_studio, project, ba
 
     coco = COCO(str(out))
     assert {img["id"] for img in coco.loadImgs(coco.getImgIds())} == {s.task_id for s in Store(tmp_path / "fresh").accepted_samples()}
+
+
+def test_basic_auth_backend_with_label_studio(label_studio, backend, tmp_path):
+    """Label Studio sends the connection's basic-auth credentials on /health, /setup and /predict. Its
+    webhook to the backend carries no credentials until the webhook gets an Authorization header (the
+    README's recipe): before that, annotations are refused with 401; after it, they are stored."""
+    from labelstudio_maskclip.server import basic_auth_header
+
+    weights = next(Path(backend["env"]["MODEL_DIR"]).parent.glob("*.pt"))
+    secured = start_backend(tmp_path / "secured", TINY_VIT, str(weights), label_studio.url, workers=1,
+                            extra_env={"LABEL_STUDIO_API_KEY": label_studio.token, "BASIC_AUTH_USER": "ls",
+                                       "BASIC_AUTH_PASS": "s3cret"})  # fmt: skip
+    try:
+        api = label_studio.api()
+        proj = api.create_project("maskclip basic auth", CONFIG)
+        api.import_files(proj["id"], [PHOTOS / NAMES[0]])
+        with pytest.raises(requests.HTTPError, match="400"):
+            api.connect_ml_backend(proj["id"], secured.url, title="no credentials")
+        api.connect_ml_backend(proj["id"], secured.url, title="secured", auth_method="BASIC_AUTH",
+                               basic_auth_user="ls", basic_auth_pass="s3cret")  # fmt: skip
+        api.retrieve_predictions(proj["id"])
+        task = api.list_tasks(proj["id"])[0]
+        assert wait_for(lambda: api.list_predictions(task["id"]), 60, "a prediction")[0]["result"]
+
+        width, height = Image.open(PHOTOS / NAMES[0]).size
+        region = {
+            "from_name": "tag", "to_name": "image", "type": "brushlabels", "original_width": width,
+            "original_height": height, "image_rotation": 0,
+            "value": {"format": "rle", "rle": mask_to_brush_rle(np.ones((height, width), bool)), "brushlabels": ["Plant"]},
+        }  # fmt: skip
+        store = Store(secured.model_dir)
+        first = api.create_annotation(task["id"], [region])
+        time.sleep(3)
+        assert store.annotation(first["id"]) is None  # the webhook was refused: 401
+        hooks = [h for h in api.request("GET", "/api/webhooks/", params={"project": proj["id"]})
+                 if h["url"].startswith(secured.url)]  # fmt: skip
+        assert len(hooks) == 1
+        api.request("PATCH", f"/api/webhooks/{hooks[0]['id']}/",
+                    json={"headers": {"Authorization": basic_auth_header("ls", "s3cret")}})  # fmt: skip
+        second = api.create_annotation(task["id"], [region])
+        wait_for(lambda: store.annotation(second["id"]), 30, "the authorised webhook")
+    finally:
+        secured.stop()
