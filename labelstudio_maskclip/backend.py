@@ -192,6 +192,8 @@ class MaskCLIPBackend:
                     for (i, _), pred in zip(images, pool.map(encode, segs)):
                         results[i] = pred
                 elapsed = time.monotonic() - start
+                if len(chunks) > 1:  # progress of a project-sized request, for whoever watches the log
+                    log.info("predict: %d/%d tasks in %.1f s", chunk.stop, len(tasks), elapsed)
                 if n + 1 < len(chunks) and elapsed > self.settings.predict_time_budget:
                     left = sum(len(c) for c in chunks[n + 1 :])
                     log.warning(
