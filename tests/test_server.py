@@ -204,3 +204,22 @@ def test_missing_weights_make_health_and_predict_say_why(settings, tmp_path):
     assert reply.status_code == 503 and "MASKCLIP_PRETRAINED" in reply.get_json()["error"]
     reply = client.post("/predict", json={"tasks": [], "label_config": BRUSH})
     assert reply.status_code == 503 and "MASKCLIP_PRETRAINED" in reply.get_json()["error"]
+
+
+def test_time_budget_leaves_the_rest_for_later_with_a_reason(settings):
+    """Label Studio gives /predict 100 s: past the budget, remaining tasks get no prediction (asked again
+    later) instead of the whole request timing out."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((24, 32, 3), 128, np.uint8)).save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    from labelstudio_maskclip.backend import PREDICT_CHUNK
+
+    tasks = [{"id": i, "data": {"image": uri}} for i in range(PREDICT_CHUNK + 3)]
+    client = create_app(settings.replace(predict_time_budget=0.0), warm=False).test_client()
+    body = client.post("/predict", json={"tasks": tasks, "label_config": BRUSH}).get_json()
+    done = [r for r in body["results"] if r]
+    assert len(body["results"]) == len(tasks) and len(done) == PREDICT_CHUNK
+    assert body["results"][PREDICT_CHUNK:] == [[], [], []]
+    assert any("time budget" in e["error"] for e in body["errors"])
