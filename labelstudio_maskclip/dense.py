@@ -1,7 +1,8 @@
 """Dense CLIP features: MaskCLIP and its training-free successors (METHOD.md sections 1 and 3).
 
 This is the one place that reaches into open_clip's image towers. It relies only on parameter names that
-open_clip keeps across versions (tested against 2.24 - 3.3):
+open_clip keeps across versions (tests/test_engine.py passed with open_clip 2.24.0, 2.26.1, 2.32.0, 3.0.0 and
+3.3.0; before 2.26 the blocks take sequence-first tensors):
 ViT ``conv1, class_embedding, positional_embedding, ln_pre, transformer.resblocks[i].{ln_1, attn.in_proj_weight,
 attn.in_proj_bias, attn.out_proj, attn.num_heads, ls_1, ln_2, mlp, ls_2}, ln_post, proj``;
 ResNet ``stem, layer1..4, attnpool.{k_proj, v_proj, c_proj}``.
@@ -81,7 +82,7 @@ def _vit_dense(visual: torch.nn.Module, pixels: torch.Tensor, mode: str) -> Dens
     x = x + resize_pos_embed(visual.positional_embedding, (h, w)).to(x.dtype)
     x = visual.ln_pre(x)
     blocks = visual.transformer.resblocks
-    batch_first = getattr(visual.transformer, "batch_first", True)
+    batch_first = getattr(visual.transformer, "batch_first", False)  # open_clip < 2.26: sequence first
     if not batch_first:
         x = x.transpose(0, 1)  # (N, B, W)
     for blk in blocks[:-1]:

@@ -39,6 +39,13 @@ def _pixels(seed: int, h: int, w: int, b: int = 2) -> torch.Tensor:
     return torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
+def _block(blk, x: torch.Tensor, visual, **kw) -> torch.Tensor:
+    """open_clip's own block on (B, N, W), whatever layout this open_clip version's blocks take."""
+    if getattr(visual.transformer, "batch_first", False):
+        return blk(x, **kw)
+    return blk(x.transpose(0, 1), **kw).transpose(0, 1)  # open_clip < 2.26: (N, B, W)
+
+
 def _self_only_mask(n: int) -> torch.Tensor:
     mask = torch.full((n, n), float("-inf"))
     mask.fill_diagonal_(0.0)
@@ -49,9 +56,10 @@ def _self_only_mask(n: int) -> torch.Tensor:
 
 
 def test_value_path_equals_block_output_when_tokens_attend_only_to_themselves(vit):
-    blk = vit.clip.model.visual.transformer.resblocks[-1]
+    visual = vit.clip.model.visual
+    blk = visual.transformer.resblocks[-1]
     x = torch.randn(2, 17, 64)
-    expected = blk(x, attn_mask=_self_only_mask(17))  # open_clip's own block
+    expected = _block(blk, x, visual, attn_mask=_self_only_mask(17))  # open_clip's own block
     ours, keys = dense_mod._last_block(blk, x, "maskclip", (4, 4))
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
     w_k = blk.attn.in_proj_weight[64:128]
@@ -64,10 +72,15 @@ def test_dense_logits_match_open_clip_forward_with_self_attention_only(vit):
     visual = vit.clip.model.visual
     pixels = _pixels(0, 32, 32)
     emb = vit.text_embeddings(["cat", "dog", "tree"], templates=["a photo of a {}."])
-    x = visual._embeds(pixels)
+    if hasattr(visual, "_embeds"):  # open_clip >= 3: its own embedding step
+        x = visual._embeds(pixels)
+    else:
+        x = visual.conv1(pixels).flatten(2).transpose(1, 2)
+        x = torch.cat([visual.class_embedding.expand(2, 1, -1), x], 1) + visual.positional_embedding
+        x = visual.ln_pre(x)
     for blk in visual.transformer.resblocks[:-1]:
-        x = blk(x)
-    x = visual.transformer.resblocks[-1](x, attn_mask=_self_only_mask(x.shape[1]))
+        x = _block(blk, x, visual)
+    x = _block(visual.transformer.resblocks[-1], x, visual, attn_mask=_self_only_mask(x.shape[1]))
     f = F.normalize(visual.ln_post(x[:, 1:]) @ visual.proj, dim=-1)  # (B, 16, D)
     expected = torch.einsum("bnd,kd->bkn", f, emb).reshape(2, 3, 4, 4)
     logits = vit.dense_logits(pixels, emb)
