@@ -100,20 +100,29 @@ class Runtime:
         student when one exists and was trained for exactly these labels, else the MaskCLIP teacher
         (``load=False``: the teacher is not loaded and None is returned in its place, for /setup)."""
         version = self.student_version()
-        if version is not None:
-            with self._lock:
-                if self._student is None or self._student[0] != version:
-                    from .checkpoints import current_checkpoint
-                    from .student import load_student
-
-                    model = load_student(current_checkpoint(Path(self.settings.model_dir)), self.settings.device)
-                    self._student = (version, model)
-                    log.info("serving student %s for labels %s", version, model.labels)
-                student = self._student[1]
+        student = self._load_student(version) if version is not None else None
+        if student is not None:
             if student.serves(classes):
                 return version, student
             log.info("student %s was trained for other labels (%s): serving MaskCLIP", version, student.labels)
         return self.teacher_version(), (self.teacher if load else None)
+
+    def _load_student(self, version: str):
+        """The promoted student, loaded once per version; None (MaskCLIP is served) if it cannot load."""
+        with self._lock:
+            if self._student is None or self._student[0] != version:
+                from .checkpoints import current_checkpoint
+                from .student import load_student
+
+                try:
+                    model = load_student(current_checkpoint(Path(self.settings.model_dir)), self.settings.device)
+                    log.info("serving student %s for labels %s", version, model.labels)
+                except Exception as e:  # a damaged file must not take serving down
+                    log.error("student %s cannot be loaded (%s): serving MaskCLIP; `labelstudio-maskclip "
+                              "rollback` picks another version", version, e)  # fmt: skip
+                    model = None
+                self._student = (version, model)
+            return self._student[1]
 
 
 @functools.lru_cache(maxsize=4)

@@ -223,3 +223,18 @@ def test_time_budget_leaves_the_rest_for_later_with_a_reason(settings):
     assert len(body["results"]) == len(tasks) and len(done) == PREDICT_CHUNK
     assert body["results"][PREDICT_CHUNK:] == [[], [], []]
     assert any("time budget" in e["error"] for e in body["errors"])
+
+
+def test_a_damaged_student_checkpoint_falls_back_to_maskclip(settings, tmp_path):
+    from labelstudio_maskclip import checkpoints as ck
+    from labelstudio_maskclip.files import write_atomic
+
+    damaged = settings.replace(model_dir=str(tmp_path))
+    write_atomic(ck.checkpoint_path(tmp_path, "maskclip+-1"), b"not a checkpoint")
+    write_atomic(ck.models_dir(tmp_path) / ck._POINTER, b"maskclip+-1\n")
+    assert ck.current_version(tmp_path) == "maskclip+-1"
+    client = create_app(damaged, warm=False).test_client()
+    assert client.post("/setup", json={"schema": BRUSH}).get_json()["model_version"].startswith("maskclip-")
+    tasks = [{"id": 1, "data": {"image": "/photo.jpg"}}]
+    body = client.post("/predict", json={"tasks": tasks, "label_config": BRUSH}).get_json()
+    assert body["results"][0]["result"] and body["model_version"].startswith("maskclip-")
