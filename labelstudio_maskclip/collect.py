@@ -31,15 +31,12 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from .labeling import LabelConfigError, parse_label_config
 from .store import AnnotationWrite, Store, TaskRecord
-
-if TYPE_CHECKING:  # pragma: no cover
-    import requests
 
 __all__ = [
     "CollectError",
@@ -513,44 +510,14 @@ def backfill_from_export(
     return _backfill_tasks(tasks, store, label_config, project_id, image_key)
 
 
-def _get_json(session: "requests.Session", url: str, timeout: float) -> Any:
-    try:
-        response = session.get(url, timeout=timeout)
-    except Exception as exc:  # requests' exceptions; requests stays a lazy import
-        raise CollectError(f"GET {url}: cannot reach Label Studio ({type(exc).__name__}: {exc})") from None
-    if response.status_code != 200:
-        hint = " (check LABEL_STUDIO_API_KEY)" if response.status_code in (401, 403) else ""
-        raise CollectError(f"GET {url}: HTTP {response.status_code}{hint}: {response.text[:200]}")
-    try:
-        return response.json()
-    except ValueError:
-        raise CollectError(f"GET {url}: the reply is not JSON") from None
-
-
-def backfill_from_api(
-    client: Any, project_id: int, store: Store, *, base_url: Optional[str] = None, timeout: float = 600.0,
-    image_key: Optional[str] = None,
-) -> BackfillResult:
+def backfill_from_api(client: Any, project_id: int, store: Store, *, image_key: Optional[str] = None) -> BackfillResult:
     """Backfill from a running Label Studio: the project's labeling config, then every task with its
     annotations and predictions, each through :func:`handle_event` (see :func:`backfill_from_export`).
 
-    ``client``: either an object with ``project(id) -> dict`` and ``tasks(id) -> Iterator[dict]`` (the
-    package's ``lsapi.LabelStudioAPI``, which pages ``/api/tasks`` and handles both token kinds), or a
-    ``requests.Session`` carrying the ``Authorization`` header, with ``base_url``: then
-    ``GET /api/projects/{id}`` and ``GET /api/projects/{id}/export?exportType=JSON&download_all_tasks=true``.
-    HTTP errors raise :class:`CollectError` (session) or the client's own error, naming URL and status.
+    ``client``: :class:`~labelstudio_maskclip.lsapi.LabelStudioAPI` (``project(id)``, paged ``tasks(id)``,
+    either kind of token); its errors name the call and the status.
     """
     project_id = int(project_id)
-    if callable(getattr(client, "project", None)) and callable(getattr(client, "tasks", None)):
-        project, tasks = client.project(project_id), client.tasks(project_id)
-    else:
-        if not base_url:
-            raise CollectError("backfill_from_api with a requests.Session needs base_url (LABEL_STUDIO_URL)")
-        base = base_url.rstrip("/")
-        project = _get_json(client, f"{base}/api/projects/{project_id}", timeout)
-        tasks = _get_json(client, f"{base}/api/projects/{project_id}/export?exportType=JSON&download_all_tasks=true",
-                          timeout)
-        if not isinstance(tasks, list):
-            raise CollectError(f"{base}: the project export is not a list of tasks")
+    project, tasks = client.project(project_id), client.tasks(project_id)
     config = project.get("label_config") if isinstance(project, Mapping) else None
     return _backfill_tasks(tasks, store, config if isinstance(config, str) else None, project_id, image_key)

@@ -13,7 +13,6 @@ from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import pytest
-import requests
 
 from labelstudio_maskclip import collect
 from labelstudio_maskclip.collect import (
@@ -339,20 +338,6 @@ def label_studio_like() -> Iterator[str]:
     server.server_close()
 
 
-def test_backfill_from_api_with_a_session(store: Store, label_studio_like: str) -> None:
-    session = requests.Session()
-    session.headers["Authorization"] = "Token secret"
-    outcome = backfill_from_api(session, 1, store, base_url=label_studio_like)
-    assert outcome.counts == {"tasks": 3, "stored": 2, "cancelled": 1}
-    check_backfilled(store)
-    with pytest.raises(CollectError, match="404"):
-        backfill_from_api(session, 2, store, base_url=label_studio_like)
-    with pytest.raises(CollectError, match="401.*LABEL_STUDIO_API_KEY"):
-        backfill_from_api(requests.Session(), 1, store, base_url=label_studio_like)
-    with pytest.raises(CollectError, match="base_url"):
-        backfill_from_api(session, 1, store)
-
-
 def test_backfill_from_api_with_the_package_client(store: Store, label_studio_like: str) -> None:
     from labelstudio_maskclip.images import ImageFetcher
     from labelstudio_maskclip.lsapi import LabelStudioAPI
@@ -363,6 +348,13 @@ def test_backfill_from_api_with_the_package_client(store: Store, label_studio_li
     check_backfilled(store)
     client.tasks = lambda project_id: client.__class__.tasks(client, project_id, page_size=2)  # several pages
     assert backfill_from_api(client, 1, store).counts == {"tasks": 3, "duplicate": 3}
+    from labelstudio_maskclip.lsapi import LabelStudioAPIError
+
+    with pytest.raises(LabelStudioAPIError, match="404"):
+        backfill_from_api(client, 2, store)
+    anonymous = LabelStudioAPI(ImageFetcher(label_studio_like, "", allow_private=True))
+    with pytest.raises(LabelStudioAPIError, match="401.*LABEL_STUDIO_API_KEY"):
+        backfill_from_api(anonymous, 1, store)
 
 
 def test_public_surface() -> None:
