@@ -15,13 +15,21 @@
 # correctness check and the segment-path benchmark (batch 1/16/64, bf16, 21 and 171 labels); the HTTP path
 # (/predict through gunicorn, tiny model and ViT-B/16 on CUDA); a student training step. Results go to
 # $OUT/BENCHMARKS-gpu.md (append its section to BENCHMARKS.md) and the log to $OUT/gpu_check.log. The brush RLE
-# codec runs on the CPU and needs label-studio-sdk: it is measured by the CPU run, not here.
+# codec runs on the CPU: it is measured by the CPU run, not here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 WHEELS=(open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 flask==3.1.3 blinker==1.9.0 itsdangerous==2.2.0
-        gunicorn==27.0.1)
+        gunicorn==27.0.1
+        # label-studio-sdk's labeling-config parser (the HTTP path) and what it imports at run time
+        label-studio-sdk==2.1.2 appdirs==1.4.4 faker==40.63.0 jsf==0.11.2 jsonschema==4.26.0
+        jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1 rstr==3.2.2 smart-open==9.0.2
+        xmljson==0.2.1 pyjwt==2.13.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
+        typing-inspection==0.4.5)
 
+# Checked here (2026-11-28): --prepare downloads 23 wheels (9 MB); with them and the packages the device
+# lists (numpy, pillow, lxml, requests, attrs, wrapt, werkzeug, jinja2, click), Python 3.12 imports flask,
+# gunicorn and label-studio-sdk's LabelInterface. The device part itself has not run yet.
 if [[ "${1:-}" == "--prepare" ]]; then
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
