@@ -113,6 +113,21 @@ class Settings:
             raise SettingsError(f"MASKCLIP_PROMOTE={self.promote!r}: choose better or always")
         if self.window and self.stride <= 0:
             raise SettingsError("MASKCLIP_STRIDE must be positive when MASKCLIP_WINDOW is set")
+        positive = ("batch_size", "train_steps", "train_batch_size", "train_crop", "max_image_pixels",
+                    "max_download_bytes", "fetch_threads", "workers", "threads")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{ENV[name]}={getattr(self, name)!r} must be positive")
+        fractions = ("min_confidence", "min_area", "train_val_fraction", "train_self_training_start",
+                     "train_pseudo_threshold")  # fmt: skip
+        for name in fractions:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise SettingsError(f"{ENV[name]}={getattr(self, name)!r} must be between 0 and 1")
+        if self.short_side < 0 or self.window < 0 or self.download_timeout <= 0 or self.temperature <= 0:
+            raise SettingsError(
+                "MASKCLIP_SHORT_SIDE and MASKCLIP_WINDOW must be >= 0; MASKCLIP_DOWNLOAD_TIMEOUT and "
+                "MASKCLIP_TEMPERATURE must be positive"
+            )
         return self
 
     @property

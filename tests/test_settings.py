@@ -1,0 +1,39 @@
+"""Settings: read from the environment once, typed, and bad values named clearly."""
+
+from __future__ import annotations
+
+import pytest
+
+from labelstudio_maskclip.settings import ENV, Settings, SettingsError
+
+
+def test_environment_is_parsed_by_type_and_flags_override_it():
+    env = {"MASKCLIP_MODEL": "RN50", "MASKCLIP_BATCH_SIZE": "32", "MASKCLIP_KEY_SMOOTHING": "off",
+           "MASKCLIP_MIN_CONFIDENCE": "0.25", "LABEL_STUDIO_URL": "http://ls:8080", "MODEL_DIR": ""}  # fmt: skip
+    s = Settings.from_env(env, batch_size=8)
+    assert (s.model, s.batch_size, s.key_smoothing, s.min_confidence) == ("RN50", 8, False, 0.25)
+    assert s.label_studio_url == "http://ls:8080" and s.model_dir == "./model_dir"  # empty = default
+    assert Settings.from_env({}) == Settings()
+
+
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"MASKCLIP_BATCH_SIZE": "many"}, "MASKCLIP_BATCH_SIZE='many' is not a valid int"),
+        ({"MASKCLIP_KEY_SMOOTHING": "maybe"}, "MASKCLIP_KEY_SMOOTHING='maybe' is not a valid bool"),
+        ({"MASKCLIP_DENSE_MODE": "segformer"}, "MASKCLIP_DENSE_MODE='segformer': choose one of"),
+        ({"MASKCLIP_PROMOTE": "sometimes"}, "MASKCLIP_PROMOTE='sometimes'"),
+        ({"MASKCLIP_BATCH_SIZE": "0"}, "MASKCLIP_BATCH_SIZE=0 must be positive"),
+        ({"MASKCLIP_MIN_AREA": "5"}, "MASKCLIP_MIN_AREA=5.0 must be between 0 and 1"),
+        ({"MASKCLIP_WINDOW": "-448"}, "MASKCLIP_WINDOW must be >= 0"),
+    ],
+)
+def test_bad_values_name_the_variable(env, message):
+    with pytest.raises(SettingsError, match=message.replace("(", r"\(")):
+        Settings.from_env(env)
+
+
+def test_every_field_has_its_own_variable():
+    assert len(set(ENV.values())) == len(ENV)
+    assert {"LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "MODEL_DIR", "BASIC_AUTH_USER", "BASIC_AUTH_PASS",
+            "LOG_LEVEL", "MASKCLIP_MODEL", "MASKCLIP_PRETRAINED", "MASKCLIP_DEVICE"} <= set(ENV.values())  # fmt: skip
