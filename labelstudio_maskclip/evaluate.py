@@ -505,6 +505,7 @@ def run_eval(
         key_smoothing=settings.key_smoothing and refinements,
         prompt_denoising=settings.prompt_denoising and refinements,
         min_confidence=threshold,
+        size_multiple=0,  # the protocol's sizes, rounded to the encoder stride only
     )
     seg = MaskCLIP.shared(settings)
     meta = {

@@ -43,6 +43,7 @@ _UPSAMPLE_BUDGET = 2**28  # elements per interpolate call, far below INT_MAX
 class SegmentOptions:
     mode: str = "maskclip"  # one of DENSE_MODES
     short_side: int = 448  # the image is resized so its short side has this many pixels (0: keep size)
+    size_multiple: int = 0  # sides rounded to about this many pixels (0: the encoder stride); see resized_size
     window: int = 0  # sliding-window size in pixels of the resized image; 0 = whole image
     stride: int = 224  # sliding-window stride
     key_smoothing: bool = True
@@ -56,6 +57,7 @@ class SegmentOptions:
         return cls(
             mode=s.dense_mode,
             short_side=s.short_side,
+            size_multiple=s.size_multiple,
             window=s.window,
             stride=s.stride,
             key_smoothing=s.key_smoothing,
@@ -229,9 +231,10 @@ class MaskCLIP:
         """Same-size batch: list of (H, W, 3) uint8 RGB -> (B, 3, size) normalised on the model's device."""
         return normalized_batch(images, size, self._mean, self._std)
 
-    def input_size(self, height: int, width: int, short_side: int) -> tuple[int, int]:
-        """Resized (H', W'): short side ``short_side`` (0 keeps the size), both rounded to the stride."""
-        return resized_size(height, width, short_side, self.stride)
+    def input_size(self, height: int, width: int, short_side: int, multiple: int = 0) -> tuple[int, int]:
+        """Resized (H', W'): short side ``short_side`` (0 keeps the size), sides rounded as
+        :func:`resized_size` says."""
+        return resized_size(height, width, short_side, self.stride, multiple)
 
     @torch.inference_mode()
     def segment(
@@ -250,7 +253,7 @@ class MaskCLIP:
         emb = self.text_embeddings(list(classes) + list(background))  # (K + Kb, D)
         return segment_in_batches(
             images,
-            lambda h, w: self.input_size(h, w, opts.short_side),
+            lambda h, w: self.input_size(h, w, opts.short_side, opts.size_multiple),
             lambda batch, size: self.grid_probs(self.preprocess(batch, size), emb, opts),
             n_labels=len(classes),
             batch_size=opts.batch_size,
@@ -259,10 +262,21 @@ class MaskCLIP:
         )
 
 
-def resized_size(height: int, width: int, short_side: int, stride: int) -> tuple[int, int]:
-    """(H', W') with short side ``short_side`` (0 keeps the size), both rounded to multiples of ``stride``."""
+def resized_size(height: int, width: int, short_side: int, stride: int, multiple: int = 0) -> tuple[int, int]:
+    """(H', W') with short side ``short_side`` (0 keeps the size), rounded to a multiple of ``stride``; the
+    long side is rounded to a multiple of ``stride * max(1, round(multiple / stride))`` (``multiple`` 0: of
+    the stride). Coarser rounding of the long side puts images of similar shapes into the same batch at the
+    cost of a small change of aspect ratio (64 px on a 448 px short side: at most 7 %); the masks are
+    upsampled back to the original size either way."""
+    step = stride * max(1, round(multiple / stride)) if multiple > 0 else stride
     scale = short_side / min(height, width) if short_side else 1.0
-    return (max(stride, round(height * scale / stride) * stride), max(stride, round(width * scale / stride) * stride))
+
+    def side(n: int, unit: int) -> int:
+        return max(unit, round(n * scale / unit) * unit)
+
+    if height <= width:
+        return side(height, stride), side(width, step)
+    return side(height, step), side(width, stride)
 
 
 def normalized_batch(

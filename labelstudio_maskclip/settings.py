@@ -41,6 +41,9 @@ class Settings:
     dense_mode: str = field(default="maskclip", metadata=_env("MASKCLIP_DENSE_MODE"))
     templates: str = field(default="maskclip85", metadata=_env("MASKCLIP_TEMPLATES"))  # name or file path
     short_side: int = field(default=448, metadata=_env("MASKCLIP_SHORT_SIDE"))  # resize before the encoder
+    # Resized sides are rounded to about this many pixels (a multiple of the encoder stride), so images of
+    # similar shapes share a batch; 0 rounds to the stride only (exact aspect, smaller batches).
+    size_multiple: int = field(default=64, metadata=_env("MASKCLIP_SIZE_MULTIPLE"))
     window: int = field(default=0, metadata=_env("MASKCLIP_WINDOW"))  # 0: whole image; else sliding window
     stride: int = field(default=224, metadata=_env("MASKCLIP_STRIDE"))
     key_smoothing: bool = field(default=True, metadata=_env("MASKCLIP_KEY_SMOOTHING"))
@@ -123,11 +126,10 @@ class Settings:
         for name in fractions:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise SettingsError(f"{ENV[name]}={getattr(self, name)!r} must be between 0 and 1")
-        if self.short_side < 0 or self.window < 0 or self.download_timeout <= 0 or self.temperature <= 0:
-            raise SettingsError(
-                "MASKCLIP_SHORT_SIDE and MASKCLIP_WINDOW must be >= 0; MASKCLIP_DOWNLOAD_TIMEOUT and "
-                "MASKCLIP_TEMPERATURE must be positive"
-            )
+        if min(self.short_side, self.window, self.size_multiple) < 0:
+            raise SettingsError("MASKCLIP_SHORT_SIDE, MASKCLIP_WINDOW and MASKCLIP_SIZE_MULTIPLE must be >= 0")
+        if self.download_timeout <= 0 or self.temperature <= 0:
+            raise SettingsError("MASKCLIP_DOWNLOAD_TIMEOUT and MASKCLIP_TEMPERATURE must be positive")
         return self
 
     @property

@@ -268,6 +268,20 @@ def test_upsampling_in_class_chunks_equals_one_shot(vit, monkeypatch):
     np.testing.assert_array_equal(one.confidence, chunked.confidence)
 
 
+def test_size_buckets_put_similar_shapes_in_one_batch_with_small_distortion():
+    sizes = [(480, 640 + d) for d in range(-64, 200, 4)]  # aspect ratios 1.2 to 1.75
+    exact = {seg_mod.resized_size(h, w, 448, 16) for h, w in sizes}
+    buckets = {seg_mod.resized_size(h, w, 448, 16, 64) for h, w in sizes}
+    assert len(buckets) <= len(exact) // 3
+    for h, w in sizes:
+        rh, rw = seg_mod.resized_size(h, w, 448, 16, 64)
+        assert rh == 448 and rw % 64 == 0  # the short side keeps its size; the long side goes in 64 px steps
+        assert abs((rw / rh) / (w / h) - 1) <= 0.072
+    assert seg_mod.resized_size(640, 480, 448, 16, 64) == (576, 448)  # portrait: the height is the long side
+    assert seg_mod.resized_size(480, 640, 448, 14, 64) == (448, 630)  # ViT-*/14: long side in steps of 70
+    assert seg_mod.resized_size(480, 640, 448, 16) == (448, 592)  # stride only
+
+
 def test_batches_of_mixed_sizes_equal_one_by_one(vit):
     rng = np.random.default_rng(2)
     images = [rng.integers(0, 256, s, dtype=np.uint8) for s in [(40, 60, 3), (60, 40, 3), (40, 60, 3)]]
