@@ -163,7 +163,7 @@ def _categories(args: argparse.Namespace, s: Settings, store) -> list[str]:
         from .lsapi import LabelStudioAPI
 
         return list(parse_label_config(LabelStudioAPI.from_settings(s).project(args.project)["label_config"]).vocabulary)
-    labels = sorted({label for sample in store.accepted_samples() for label in sample.masks})
+    labels = store.labels()
     log.warning("no --label-config or --project: categories are the labels found in the store, sorted: %s", labels)
     return labels
 

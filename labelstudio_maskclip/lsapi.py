@@ -15,7 +15,11 @@ __all__ = ["LabelStudioAPI", "LabelStudioAPIError"]
 
 
 class LabelStudioAPIError(RuntimeError):
-    """A Label Studio API call failed; the message names the call and the status."""
+    """A Label Studio API call failed; the message names the call and the status (also ``.status``)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class LabelStudioAPI:
@@ -51,7 +55,7 @@ class LabelStudioAPI:
             break
         if r.status_code >= 400:
             hint = " (check LABEL_STUDIO_API_KEY)" if r.status_code in (401, 403) else ""
-            raise LabelStudioAPIError(f"{method} {path} -> {r.status_code}{hint}: {r.text[:300]}")
+            raise LabelStudioAPIError(f"{method} {path} -> {r.status_code}{hint}: {r.text[:300]}", r.status_code)
         return r.json() if r.content else None
 
     def project(self, project_id: int) -> dict[str, Any]:
@@ -65,7 +69,7 @@ class LabelStudioAPI:
             try:
                 body = self.request("GET", "/api/tasks", params=params)
             except LabelStudioAPIError as e:
-                if "-> 404" in str(e) and page > 1:  # past the last page
+                if e.status == 404 and page > 1:  # past the last page
                     return
                 raise
             tasks = body.get("tasks", []) if isinstance(body, dict) else body

@@ -227,6 +227,10 @@ class MaskCLIP:
         return probs
 
     # -- images -------------------------------------------------------------------------------------
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float RGB in [0, 1] on the model's device -> normalised with the model's mean/std."""
+        return (images - self._mean) / self._std
+
     def preprocess(self, images: Sequence[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
         """Same-size batch: list of (H, W, 3) uint8 RGB -> (B, 3, size) normalised on the model's device."""
         return normalized_batch(images, size, self._mean, self._std)

@@ -443,6 +443,15 @@ class Store:
         for row in rows:
             yield TaskRecord(*row)
 
+    def labels(self, project: Optional[int] = None) -> list[str]:
+        """Labels of the live accepted masks, sorted (read from the index, no mask is decoded)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT m.label FROM masks m JOIN annotations a ON a.id = m.annotation_id "
+                "WHERE a.deleted = 0 AND a.cancelled = 0 AND (? IS NULL OR a.project = ?) ORDER BY m.label",
+                (project, project)).fetchall()
+        return [row[0] for row in rows]
+
     def acceptance_stats(self, project: Optional[int] = None) -> dict[str, dict[str, int]]:
         """Per label, how predicted regions fared: ``{label: {"unchanged", "edited", "deleted", "added"}}``.
 

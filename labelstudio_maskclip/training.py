@@ -105,15 +105,13 @@ class CLIPTeacher:
         self.maskclip = maskclip
         self.opts = opts
         self.embeddings = maskclip.text_embeddings(list(classes) + list(background)).float()  # (C, D)
-        self._mean = torch.tensor(maskclip.clip.mean, device=maskclip.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(maskclip.clip.std, device=maskclip.device).view(1, 3, 1, 1)
 
     def probs(self, images: torch.Tensor) -> torch.Tensor:
         h, w = self.maskclip.input_size(images.shape[2], images.shape[3], 0)  # rounded to the encoder stride
         x = images.to(self.maskclip.device, torch.float32)
         if (h, w) != tuple(images.shape[2:]):
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
-        return self.maskclip.grid_probs((x - self._mean) / self._std, self.embeddings, self.opts).float().clone()
+        return self.maskclip.grid_probs(self.maskclip.normalize(x), self.embeddings, self.opts).float().clone()
 
     def describe(self) -> dict[str, Any]:
         clip = self.maskclip.clip
@@ -535,7 +533,9 @@ def train(
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     switch = int(s.train_self_training_start * s.train_steps)
-    eval_opts = _eval_opts(s)
+    from .segmenter import SegmentOptions
+
+    eval_opts = SegmentOptions.from_settings(s)
     bar = _bar(progress and rank == 0, s.train_steps, state["step"])
     for step in range(state["step"], s.train_steps):
         lr = poly_lr(step, s.train_steps, s.train_lr)
@@ -577,12 +577,6 @@ def train(
                          counts, state, device, eval_opts)
     _barrier(world)
     return result  # type: ignore[return-value]
-
-
-def _eval_opts(s: Settings) -> Any:
-    from .segmenter import SegmentOptions
-
-    return SegmentOptions.from_settings(s)
 
 
 def _fetcher(s: Settings) -> Callable[[str, int], np.ndarray]:

@@ -72,6 +72,7 @@ def test_masks_round_trip_losslessly(store: Store) -> None:
     assert sample.image == "/data/upload/1/img3.png"
     np.testing.assert_array_equal(sample.masks["cat"], noise)
     np.testing.assert_array_equal(sample.masks["dog"], shape)
+    assert store.labels() == ["cat", "dog"]
 
 
 def test_duplicate_stale_and_update(store: Store) -> None:
@@ -91,7 +92,7 @@ def test_duplicate_stale_and_update(store: Store) -> None:
 def test_delete_leaves_a_tombstone(store: Store) -> None:
     store.put_annotation(write(1, 1, {"cat": disc(20, 20, 10, 10, 5)}))
     assert store.delete_annotations([1, 99]) == 1
-    assert list(store.accepted_samples()) == []
+    assert list(store.accepted_samples()) == [] and store.labels() == []
     assert store.put_annotation(write(1, 1, {"cat": disc(20, 20, 10, 10, 6)}, "2027-01-01T00:00:00Z")).status == "deleted"
     assert store.annotation(99)["deleted"] == 1  # deleted before it arrived: stays deleted when it does
     assert store.put_annotation(write(99, 2, {"cat": disc(20, 20, 10, 10, 6)})).status == "deleted"
