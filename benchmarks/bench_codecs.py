@@ -11,17 +11,17 @@ import argparse
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from PIL import Image
 
-from labelstudio_maskclip.polygons import polygons_to_mask
-from labelstudio_maskclip.rle import brush_rle_to_mask, mask_to_brush_rle
+from labelstudio_maskclip.masks.brush import brush_rle_to_mask, mask_to_brush_rle
+from labelstudio_maskclip.masks.polygons import polygons_to_mask
 
-COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128-seg"
+COCO128 = Path(__file__).resolve().parents[1] / "tests" / "data" / "coco128-seg"
 
 
 def disc_mask(size: int) -> np.ndarray:
@@ -92,9 +92,7 @@ def main() -> None:
         ("noise 512x512 (p=0.5)", noise_mask(512)),
         (f"COCO128 {stem} union 640x480", real),
     ]
-    print(
-        f"Python {platform.python_version()}, numpy {np.__version__}, {platform.processor() or platform.machine()}"
-    )
+    print(f"Python {platform.python_version()}, numpy {np.__version__}, {platform.processor() or platform.machine()}")
     print(f"median of {args.repeats} runs (SDK decoder: of {max(3, args.repeats // 2)}), milliseconds\n")
     print("| mask | RLE bytes | encode ours | encode SDK | speed-up | decode ours | decode SDK | speed-up |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

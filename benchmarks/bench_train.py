@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from labelstudio_maskclip.student import build_student
+from labelstudio_maskclip.training.student import build_student
 
 
 def main() -> None:
@@ -68,7 +68,9 @@ def main() -> None:
     mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if cuda else "-"
     print("| student | device | precision | crop | batch | images/s | s/step | peak memory |")
     print("|---|---|---|---|---|---|---|---|")
-    print(f"| {args.student} | {name} | {prec} | {args.crop} | {args.batch} | {ips:.2f} | {dt / args.steps:.3f} | {mem} |")
+    print(
+        f"| {args.student} | {name} | {prec} | {args.crop} | {args.batch} | {ips:.2f} | {dt / args.steps:.3f} | {mem} |"
+    )
 
 
 if __name__ == "__main__":

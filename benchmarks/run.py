@@ -9,7 +9,7 @@ single-image latency. (b) ``/predict`` through gunicorn with the tiny test model
 single-task latency p50 and throughput with concurrent clients. (c) the brush RLE codec against the SDK's
 (benchmarks/bench_codecs.py). (d) one student training step (benchmarks/bench_train.py).
 
-Method (/work/.library/device/METHOD.md): warm-up first, CUDA synchronised before the clock is read,
+Method: warm-up first, CUDA synchronised before the clock is read,
 medians of repeated runs, and ratios only between figures of the same run. Text embeddings are computed
 in the warm-up (cached per label set), so (a) times the image side only. ``--out`` appends one section
 (machine, date, exact command, a table per benchmark) to a markdown file.
@@ -36,12 +36,13 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # bench_codecs / bench_train, and tests.served / tests.tiny
 
-from bench_codecs import bench as bench_codec, coco_mask, disc_mask, noise_mask  # noqa: E402
+from bench_codecs import bench as bench_codec  # noqa: E402
+from bench_codecs import coco_mask, disc_mask, noise_mask
 
-from labelstudio_maskclip.class_names import COCO_STUFF171, VOC20  # noqa: E402
-from labelstudio_maskclip.segmenter import MaskCLIP, SegmentOptions  # noqa: E402
+from labelstudio_maskclip.engine.segmenter import MaskCLIP, SegmentOptions  # noqa: E402
+from labelstudio_maskclip.evaluation.class_names import COCO_STUFF171, VOC20  # noqa: E402
 
-PHOTOS = HERE.parents[1] / "shared" / "data" / "coco128-seg" / "images"
+PHOTOS = HERE.parent / "tests" / "data" / "coco128-seg" / "images"
 LABELS = {21: ("background",) + VOC20, 171: COCO_STUFF171}
 
 
@@ -85,7 +86,10 @@ def bench_segment(device: torch.device, quick: bool) -> list[str]:
     precisions = ["bf16", "fp32"] if cuda else ["fp32"]
     batches = [1, 16, 64] if cuda else [1, 16]
     repeats = {1: 3 if quick else 10, 16: 1 if quick else 3, 64: 5} if not cuda else {1: 50, 16: 20, 64: 10}
-    rows = ["| model | precision | labels | batch | images/s | ms per batch (median) | runs |", "|---|---|---|---:|---:|---:|---:|"]
+    rows = [
+        "| model | precision | labels | batch | images/s | ms per batch (median) | runs |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
     for precision in precisions:
         seg = MaskCLIP.load("ViT-B-16", "random", str(device), precision, allow_random=True, templates="simple")
         for batch in batches if precision == "bf16" or not cuda else [1, 16]:
@@ -114,7 +118,10 @@ def check_bf16(device: torch.device) -> list[str]:
     bf16 = MaskCLIP.load("ViT-B-16", "random", str(device), "bf16", allow_random=True, templates="simple")
     bf16.clip.model.load_state_dict(fp32.clip.model.state_dict())  # the same weights (cast to bf16)
     bf16.clip.model.to(bf16.clip.dtype)
-    rows = ["| labels | rel. error dense logits | rel. error grid probs | pixels same label | NaN |", "|---:|---:|---:|---:|---|"]
+    rows = [
+        "| labels | rel. error dense logits | rel. error grid probs | pixels same label | NaN |",
+        "|---:|---:|---:|---:|---|",
+    ]
     images = photos(8)
     rng = np.random.default_rng(int(time.time()))
     images = [images[i] for i in rng.permutation(len(images))]
@@ -156,9 +163,13 @@ def bench_http(device: torch.device, quick: bool) -> list[str]:
     dev = {"MASKCLIP_DEVICE": str(device)}
     setups = [
         ("tiny ViT (random), short side 64", TINY_VIT, str(tiny), {**dev}, (20, 4, 5, 4) if quick else (50, 8, 10, 8)),
-        ("ViT-B/16 (random), short side 448", "ViT-B-16", "random",
-         {**dev, "MASKCLIP_ALLOW_RANDOM": "true", "MASKCLIP_SHORT_SIDE": "448"},
-         (3, 2, 1, 2) if quick and not cuda else ((6, 2, 2, 4) if not cuda else (50, 8, 8, 64))),
+        (
+            "ViT-B/16 (random), short side 448",
+            "ViT-B-16",
+            "random",
+            {**dev, "MASKCLIP_ALLOW_RANDOM": "true", "MASKCLIP_SHORT_SIDE": "448"},
+            (3, 2, 1, 2) if quick and not cuda else ((6, 2, 2, 4) if not cuda else (50, 8, 8, 64)),
+        ),
     ]  # (single-task requests, clients, requests per client, tasks per request)
     workers = 1 if cuda else 2
     rows = ["| model | workers | single-task p50 ms | p95 ms | clients x requests x tasks | tasks/s | request p50 ms | p99 ms |",
@@ -167,6 +178,7 @@ def bench_http(device: torch.device, quick: bool) -> list[str]:
         backend = start_backend(work / model.replace("/", "_")[-20:], model, pretrained, host.url, workers=workers,
                                 extra_env={**env, "LOG_LEVEL": "WARNING", "MASKCLIP_BATCH_SIZE": "64"})  # fmt: skip
         try:
+
             def predict(k: int, n: int) -> float:
                 body = {"tasks": [{"id": k * 1000 + i, "data": {"image": "/" + names[(k + i) % len(names)]}}
                                   for i in range(n)], "label_config": BRUSH}  # fmt: skip
@@ -237,8 +249,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small counts (CPU: the whole run in a few minutes)")
-    p.add_argument("--only", default="segment,bf16,http,codecs,train",
-                   help="comma-separated subset of: segment, bf16 (CUDA only), http, codecs, train")
+    p.add_argument(
+        "--only",
+        default="segment,bf16,http,codecs,train",
+        help="comma-separated subset of: segment, bf16 (CUDA only), http, codecs, train",
+    )
     p.add_argument("--out", help="append the results as a markdown section to this file")
     args = p.parse_args(argv)
     device = torch.device(args.device)

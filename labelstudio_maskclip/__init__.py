@@ -11,7 +11,7 @@ __all__ = ["MaskCLIP", "Segmentation", "SegmentOptions", "Settings", "NO_LABEL",
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .segmenter import NO_LABEL, MaskCLIP, SegmentOptions, Segmentation
+    from .segmenter import NO_LABEL, MaskCLIP, Segmentation, SegmentOptions
     from .settings import Settings
 
 

@@ -9,8 +9,8 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .settings import Settings, SettingsError
 
@@ -50,8 +50,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _cmd_segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .images import ImageError, decode_image
-    from .segmenter import MaskCLIP, SegmentOptions
+    from .labelstudio.images import ImageError, decode_image
+    from .models import segment_options, shared_maskclip
 
     s = _settings(args)
     labels = [x.strip() for x in args.labels.split(",") if x.strip()]
@@ -62,8 +62,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     names = [c[0] for c in classes]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    seg = MaskCLIP.shared(s)
-    opts = SegmentOptions.from_settings(s)
+    seg = shared_maskclip(s)
+    opts = segment_options(s)
     failed = 0
     bar = tqdm(total=len(args.images), desc="segment", unit="img", disable=len(args.images) < 2 or None)
     step = max(1, s.batch_size)
@@ -85,7 +85,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 def _write_segment_outputs(out: Path, path: Path, image, result, names: list[str], model: str) -> None:
     """NAME.labels.png (class index, 255 = no label), NAME.overlay.png and NAME.json for one image."""
-    from .overlay import overlay, save_label_png
+    from .masks.overlay import overlay, save_label_png
 
     stem = path.stem
     save_label_png(result.labels, out / f"{stem}.labels.png")
@@ -112,7 +112,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     s = _settings(args)  # validates the environment before gunicorn starts
     workers = args.workers or s.workers
     cmd = [
-        sys.executable, "-m", "gunicorn", "labelstudio_maskclip.server:wsgi()",
+        sys.executable, "-m", "gunicorn", "labelstudio_maskclip.labelstudio.server:wsgi()",
         "--bind", f"{args.host}:{args.port}",
         "--workers", str(workers), "--threads", str(s.threads), "--worker-class", "gthread",
         # /predict may take up to Label Studio's 100 s limit; the time budget stops earlier.
@@ -127,7 +127,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import DatasetError, run_eval
+    from .evaluation.evaluate import DatasetError, run_eval
 
     try:
         metrics = run_eval(
@@ -143,7 +143,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_preannotate(args: argparse.Namespace) -> int:
-    from .preannotate import preannotate
+    from .labelstudio.preannotate import preannotate
 
     r = preannotate(_settings(args), args.project, batch_size=args.batch)
     print(json.dumps({"model_version": r.model_version, "predicted": r.predicted, "skipped": r.skipped,
@@ -155,14 +155,16 @@ def _cmd_preannotate(args: argparse.Namespace) -> int:
 
 def _categories(args: argparse.Namespace, s: Settings, store) -> list[str]:
     """Export categories: the labeling config's labels in order (file or project), else the store's."""
-    from .labeling import parse_label_config
+    from .labelstudio.labeling import parse_label_config
 
     if getattr(args, "label_config", None):
         return list(parse_label_config(Path(args.label_config).read_text()).vocabulary)
     if getattr(args, "project", None) and s.label_studio_url:
-        from .lsapi import LabelStudioAPI
+        from .labelstudio.api import LabelStudioAPI
 
-        return list(parse_label_config(LabelStudioAPI.from_settings(s).project(args.project)["label_config"]).vocabulary)
+        return list(
+            parse_label_config(LabelStudioAPI.from_settings(s).project(args.project)["label_config"]).vocabulary
+        )
     labels = store.labels()
     log.warning("no --label-config or --project: categories are the labels found in the store, sorted: %s", labels)
     return labels
@@ -170,8 +172,8 @@ def _categories(args: argparse.Namespace, s: Settings, store) -> list[str]:
 
 def _source_store(args: argparse.Namespace, s: Settings, tmp: str):
     """The store to read: MODEL_DIR's, or a temporary one filled from an export file or the API."""
-    from .collect import backfill_from_api, backfill_from_export
-    from .store import Store
+    from .learning.store import Store
+    from .learning.webhooks import backfill_from_api, backfill_from_export
 
     if args.from_export:
         store = Store(Path(tmp))
@@ -179,7 +181,7 @@ def _source_store(args: argparse.Namespace, s: Settings, tmp: str):
         backfill_from_export(args.from_export, store, label_config=config, project_id=args.project)
         return store
     if args.from_api:
-        from .lsapi import LabelStudioAPI
+        from .labelstudio.api import LabelStudioAPI
 
         if not args.project:
             raise SystemExit("--from-api needs --project ID")
@@ -192,7 +194,7 @@ def _source_store(args: argparse.Namespace, s: Settings, tmp: str):
 def _cmd_export(args: argparse.Namespace) -> int:
     import tempfile
 
-    from .coco import run_export
+    from .learning.export import run_export
 
     s = _settings(args)
     with tempfile.TemporaryDirectory() as tmp:
@@ -207,8 +209,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_backfill(args: argparse.Namespace) -> int:
-    from .collect import backfill_from_api, backfill_from_export
-    from .store import Store
+    from .learning.store import Store
+    from .learning.webhooks import backfill_from_api, backfill_from_export
 
     s = _settings(args)
     store = Store(Path(s.model_dir))
@@ -216,7 +218,7 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
         config = Path(args.label_config).read_text() if args.label_config else None
         result = backfill_from_export(args.export, store, label_config=config, project_id=args.project)
     else:
-        from .lsapi import LabelStudioAPI
+        from .labelstudio.api import LabelStudioAPI
 
         result = backfill_from_api(LabelStudioAPI.from_settings(s), args.project, store)
     print(json.dumps({"counts": result.counts, "rejected": len(result.rejected)}))
@@ -226,7 +228,7 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from .store import Store
+    from .learning.store import Store
 
     store = Store(Path(_settings(args).model_dir))
     print(json.dumps({
@@ -248,14 +250,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
             overrides[ENV[key]] = getattr(args, key)
     s = Settings.from_env({**os.environ, **{k: str(v) for k, v in overrides.items()}})  # validate first
     if args.detach:
-        from .trigger import request_training
+        from .learning.trigger import request_training
 
         classes = [tuple(c.split("|")) for c in args.labels.split(",")] if args.labels else None
         started = request_training(s, "cli", classes=classes, project=args.project)
         print("training started in the background" if started else "a training is already running")
         return 0 if started else 3
     os.environ.update({k: str(v) for k, v in overrides.items()})
-    from .training import train_main
+    from .training.train import train_main
 
     argv = ["--reason", "cli"]
     for flag in ("labels", "background", "project", "steps", "resume"):
@@ -265,7 +267,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_history(args: argparse.Namespace) -> int:
-    from .checkpoints import history
+    from .training.checkpoints import history
 
     rows = history(Path(_settings(args).model_dir))
     if args.json:
@@ -281,7 +283,7 @@ def _cmd_history(args: argparse.Namespace) -> int:
 
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
-    from .checkpoints import CheckpointError, rollback
+    from .training.checkpoints import CheckpointError, rollback
 
     try:
         print(f"now serving {rollback(Path(_settings(args).model_dir), args.version)}")
@@ -316,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(p)
     p.set_defaults(func=_cmd_segment)
 
-    from .evaluate import DATASETS, PROTOCOLS
+    from .evaluation.evaluate import DATASETS, PROTOCOLS
 
     p = sub.add_parser("eval", help="evaluate mIoU on a segmentation dataset like the paper")
     p.add_argument("--dataset", required=True, choices=list(DATASETS))
@@ -371,7 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_ID", help="continue MODEL_DIR/runs/RUN_ID")
     p.add_argument("--promote", choices=["better", "always"], help="MASKCLIP_PROMOTE")
     p.add_argument("--student", help="deeplabv3_resnet50, deeplabv3_resnet101, lraspp_mobilenet_v3_large, tiny")
-    p.add_argument("--student-pretrained", help="imagenet, none, or a local backbone file (MASKCLIP_STUDENT_PRETRAINED)")
+    p.add_argument(
+        "--student-pretrained", help="imagenet, none, or a local backbone file (MASKCLIP_STUDENT_PRETRAINED)"
+    )
     p.add_argument("--detach", action="store_true", help="start in the background (like a webhook trigger)")
     _model_flags(p)
     p.set_defaults(func=_cmd_train)
@@ -405,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", e)
         return 2
     except Exception as e:  # a clear one-line error for known failures; full trace at DEBUG
-        from .loading import WeightsError
+        from .engine.loading import WeightsError
 
         if isinstance(e, WeightsError):
             log.error("%s", e)

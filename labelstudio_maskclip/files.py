@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["write_atomic", "fsync_dir"]
 
@@ -38,5 +39,3 @@ def write_atomic(path: str | Path, write: Callable[[Any], None] | bytes) -> Path
         raise
     fsync_dir(path.parent)
     return path
-
-

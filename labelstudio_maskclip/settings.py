@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = ["Settings", "ENV", "SettingsError"]
 
@@ -93,7 +94,7 @@ class Settings:
     promote: str = field(default="better", metadata=_env("MASKCLIP_PROMOTE"))  # better | always
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read every field from ``environ`` (default ``os.environ``); ``overrides`` (CLI flags) win."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -104,10 +105,10 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values).validated()
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes).validated()
 
-    def validated(self) -> "Settings":
+    def validated(self) -> Settings:
         if self.dense_mode not in DENSE_MODES:
             raise SettingsError(f"MASKCLIP_DENSE_MODE={self.dense_mode!r}: choose one of {', '.join(DENSE_MODES)}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):

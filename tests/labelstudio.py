@@ -3,7 +3,7 @@
 The server is ``label-studio start`` from its own virtualenv (``LABEL_STUDIO_VENV``, default
 ``.ls-venv`` in the repository root; ``scripts/install-label-studio.sh`` creates it), with a temporary
 data dir, SQLite, a generated legacy API token and the settings that let it call a backend on
-127.0.0.1 (see ``shared/LABEL_STUDIO.md``).
+127.0.0.1 (see ``docs/label-studio.md``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import requests
 
@@ -81,7 +82,7 @@ class LabelStudioServer:
             "HOME": str(self.workdir),  # nothing lands in the real ~/.local/share/label-studio
         }
 
-    def start(self) -> "LabelStudioServer":
+    def start(self) -> LabelStudioServer:
         executable = self.venv / "bin" / "label-studio"
         if not executable.exists():
             raise LabelStudioUnavailable(f"Label Studio is not installed at {self.venv}: {INSTALL_HINT}")
@@ -90,8 +91,13 @@ class LabelStudioServer:
         started = time.monotonic()
         with open(self.log_path, "wb") as log:
             self._process = subprocess.Popen(
-                command, env=self.environment(), cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,  # its own process group, stopped as one
+                command,
+                env=self.environment(),
+                cwd=self.workdir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group, stopped as one
             )
         try:
             self._wait_healthy(started)
@@ -140,10 +146,10 @@ class LabelStudioServer:
             except subprocess.TimeoutExpired:
                 continue
 
-    def api(self) -> "LabelStudioAPI":
+    def api(self) -> LabelStudioAPI:
         return LabelStudioAPI(self.url, self.token)
 
-    def __enter__(self) -> "LabelStudioServer":
+    def __enter__(self) -> LabelStudioServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -236,7 +242,9 @@ class LabelStudioAPI:
         """The Data Manager action "Retrieve predictions": one ``/predict`` call with the tasks."""
         selected = {"all": True, "excluded": []} if task_ids is None else {"all": False, "included": task_ids}
         return self.request(
-            "POST", "/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project_id},
+            "POST",
+            "/api/dm/actions",
+            params={"id": "retrieve_tasks_predictions", "project": project_id},
             json={"selectedItems": selected},
         )
 

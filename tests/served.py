@@ -13,20 +13,21 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 import requests
 
 from tests.labelstudio import free_port
+from tests.photos import COCO128_PHOTOS
 
 __all__ = [
     "PHOTOS", "BRUSH", "FileHost", "photo_host", "Backend", "start_backend", "worker_pids", "vm_hwm_kib", "wait_for",
     "brush_webhook", "free_port",
 ]  # fmt: skip
 
-PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128-seg" / "images"
+PHOTOS = COCO128_PHOTOS
 BRUSH = """<View><Image name="image" value="$image"/>
 <BrushLabels name="tag" toName="image">
   <Label value="Animal" predicted_values="cat,dog,animal"/><Label value="Food"/><Label value="Sky"/>
@@ -131,8 +132,14 @@ class Backend:
 
 
 def start_backend(
-    work: Path, model: str, pretrained: str, label_studio_url: str, *, workers: int = 2,
-    extra_env: Mapping[str, str] | None = None, timeout: float = 90.0,
+    work: Path,
+    model: str,
+    pretrained: str,
+    label_studio_url: str,
+    *,
+    workers: int = 2,
+    extra_env: Mapping[str, str] | None = None,
+    timeout: float = 90.0,
 ) -> Backend:
     """``labelstudio-maskclip serve`` (gunicorn, gthread) on a free loopback port; returns once /health is UP
     and every worker has loaded the model (a /setup per worker would not prove that: /health is checked)."""
@@ -199,7 +206,7 @@ def brush_webhook(annotation_id: int, task_id: int, height: int = 480, width: in
     """An ANNOTATION_CREATED body with one real brush RLE region (a rectangle that depends on the id)."""
     import numpy as np
 
-    from labelstudio_maskclip.rle import mask_to_brush_rle
+    from labelstudio_maskclip.masks.brush import mask_to_brush_rle
 
     mask = np.zeros((height, width), bool)
     top = 10 + annotation_id % 50

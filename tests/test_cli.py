@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from labelstudio_maskclip.cli import main
+from tests.photos import COCO128_PHOTOS
 from tests.tiny import TINY_VIT, save_random_state
 
-PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128-seg" / "images"
+PHOTOS = COCO128_PHOTOS
 
 
 @pytest.fixture(scope="module")

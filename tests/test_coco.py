@@ -11,24 +11,32 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from labelstudio_maskclip import coco
-from labelstudio_maskclip.coco import (
-    CocoError, PredictedMask, coco_rle_to_mask, evaluate_segmentation, export_coco, export_semantic_pngs,
-    image_file_name, mask_to_coco_rle, predictions_to_coco_results, write_coco,
+from labelstudio_maskclip.learning import export as coco
+from labelstudio_maskclip.learning.export import (
+    CocoError,
+    PredictedMask,
+    evaluate_segmentation,
+    export_coco,
+    export_semantic_pngs,
+    image_file_name,
+    predictions_to_coco_results,
+    write_coco,
 )
-from labelstudio_maskclip.collect import handle_event
-from labelstudio_maskclip.rle import mask_to_brush_rle
-from labelstudio_maskclip.store import Sample, Store
+from labelstudio_maskclip.learning.store import Sample, Store
+from labelstudio_maskclip.learning.webhooks import handle_event
+from labelstudio_maskclip.masks.brush import mask_to_brush_rle
+from tests.photos import COCO128
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools + numpy 2
-DATA = Path("/work/shared/data/coco128-seg")
+DATA = COCO128
 CLASSES = (DATA / "classes.txt").read_text().split("\n")[:80]
 
 
 def label_config(labels: list[str]) -> str:
     inner = "".join(f'<Label value="{name}"/>' for name in labels)
-    return (f'<View><Image name="image" value="$image"/>'
-            f'<BrushLabels name="tag" toName="image">{inner}</BrushLabels></View>')
+    return (
+        f'<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">{inner}</BrushLabels></View>'
+    )
 
 
 def coco128_ground_truth(count: int) -> list[tuple[int, str, int, int, dict[str, np.ndarray]]]:
@@ -56,17 +64,34 @@ def coco128_ground_truth(count: int) -> list[tuple[int, str, int, int, dict[str,
 
 def created_event(task_id: int, image: str, height: int, width: int, masks: dict, labels: list[str]) -> dict:
     """An ANNOTATION_CREATED body as Label Studio 1.23 sends it, one brush region per label."""
-    result = [{
-        "id": f"r{k}", "from_name": "tag", "to_name": "image", "type": "brushlabels",
-        "original_width": width, "original_height": height, "image_rotation": 0,
-        "value": {"format": "rle", "rle": mask_to_brush_rle(mask), "brushlabels": [label]},
-    } for k, (label, mask) in enumerate(masks.items())]
+    result = [
+        {
+            "id": f"r{k}",
+            "from_name": "tag",
+            "to_name": "image",
+            "type": "brushlabels",
+            "original_width": width,
+            "original_height": height,
+            "image_rotation": 0,
+            "value": {"format": "rle", "rle": mask_to_brush_rle(mask), "brushlabels": [label]},
+        }
+        for k, (label, mask) in enumerate(masks.items())
+    ]
     return {
         "action": "ANNOTATION_CREATED",
-        "annotation": {"id": task_id * 10, "result": result, "was_cancelled": False, "ground_truth": False,
-                       "lead_time": 12.5, "parent_prediction": None, "completed_by": 1, "task": task_id,
-                       "project": 1, "created_at": "2026-11-02T10:00:00.000000Z",
-                       "updated_at": "2026-11-02T10:00:00.000000Z"},
+        "annotation": {
+            "id": task_id * 10,
+            "result": result,
+            "was_cancelled": False,
+            "ground_truth": False,
+            "lead_time": 12.5,
+            "parent_prediction": None,
+            "completed_by": 1,
+            "task": task_id,
+            "project": 1,
+            "created_at": "2026-11-02T10:00:00.000000Z",
+            "updated_at": "2026-11-02T10:00:00.000000Z",
+        },
         "project": {"id": 1, "label_config": label_config(labels)},
         "task": {"id": task_id, "data": {"image": f"/data/upload/1/{image}"}, "project": 1},
     }
@@ -75,41 +100,6 @@ def created_event(task_id: int, image: str, height: int, width: int, masks: dict
 @pytest.fixture(scope="module")
 def ground_truth() -> list:
     return coco128_ground_truth(12)
-
-
-# --- codec pair ----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("shape", [(1, 1), (1, 17), (23, 1), (64, 48), (480, 640)])
-def test_rle_codec_matches_pycocotools(shape: tuple[int, int]) -> None:
-    rng = np.random.default_rng(shape[0] * 1000 + shape[1])
-    for mask in (rng.random(shape) > 0.5, np.zeros(shape, bool), np.ones(shape, bool)):
-        rle = mask_to_coco_rle(mask)
-        reference = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-        assert rle == {"size": list(shape), "counts": reference["counts"].decode("ascii")}
-        json.dumps(rle)  # JSON-ready
-        np.testing.assert_array_equal(coco_rle_to_mask(rle), mask)
-        np.testing.assert_array_equal(coco_rle_to_mask({**rle, "counts": rle["counts"].encode()}), mask)
-
-
-def test_rle_decoder_reads_uncompressed_counts_and_refuses_bad_ones() -> None:
-    # Column-major runs, starting with zeros: a 2x3 mask whose middle column is set.
-    np.testing.assert_array_equal(coco_rle_to_mask({"size": [2, 3], "counts": [2, 2, 2]}),
-                                  [[False, True, False], [False, True, False]])
-    with pytest.raises(CocoError, match="covers 5 pixels"):
-        coco_rle_to_mask({"size": [2, 3], "counts": [2, 2, 1]})
-    with pytest.raises(CocoError, match="size"):
-        coco_rle_to_mask({"counts": "abc"})
-    with pytest.raises(CocoError, match=r"\(H, W\)"):
-        mask_to_coco_rle(np.zeros((2, 3, 1), bool))
-
-
-def test_image_file_names() -> None:
-    assert image_file_name("/data/upload/1/e6cf8185-cat.png") == "e6cf8185-cat.png"
-    assert image_file_name("/data/local-files/?d=photos/a%20b.jpg") == "a b.jpg"
-    assert image_file_name("s3://bucket/k/x.jpg") == "x.jpg"
-    assert image_file_name("https://host/img/y.jpeg?token=1") == "y.jpeg"
-    assert image_file_name("data:image/png;base64,AAAA", fallback="task-3") == "task-3"
 
 
 # --- real data round trip ---------------------------------------------------------------------------------
@@ -164,8 +154,10 @@ def test_instance_mode_splits_connected_regions() -> None:
 
 def test_polygon_export_is_close_to_the_masks(ground_truth: list) -> None:
     labels = sorted({label for *_, masks in ground_truth for label in masks}, key=CLASSES.index)
-    samples = [Sample(task_id=t, annotation_id=t, project=1, image=n, height=h, width=w, masks=m)
-               for t, n, h, w, m in ground_truth[:4]]
+    samples = [
+        Sample(task_id=t, annotation_id=t, project=1, image=n, height=h, width=w, masks=m)
+        for t, n, h, w, m in ground_truth[:4]
+    ]
     dataset = COCO()
     dataset.dataset = export_coco(samples, labels, mode="instance", polygons=True)
     dataset.createIndex()
@@ -186,9 +178,18 @@ def test_semantic_pngs(tmp_path: Path) -> None:
     cat[1:4, 1:4] = True
     dog = np.zeros((6, 8), bool)
     dog[3:5, 3:7] = True
-    samples = [Sample(task_id=1, annotation_id=1, project=1, image="/data/upload/1/a.jpg", height=6, width=8,
-                      masks={"dog": dog, "cat": cat, "bird": np.ones((6, 8), bool)}),
-               Sample(task_id=2, annotation_id=2, project=1, image="s3://b/a.jpg", height=6, width=8, masks={})]
+    samples = [
+        Sample(
+            task_id=1,
+            annotation_id=1,
+            project=1,
+            image="/data/upload/1/a.jpg",
+            height=6,
+            width=8,
+            masks={"dog": dog, "cat": cat, "bird": np.ones((6, 8), bool)},
+        ),
+        Sample(task_id=2, annotation_id=2, project=1, image="s3://b/a.jpg", height=6, width=8, masks={}),
+    ]
     paths = export_semantic_pngs(samples, ["cat", "dog"], tmp_path)
     assert [p.name for p in paths] == ["a.png", "2_a.png"]
     pixels = np.asarray(Image.open(paths[0]))
@@ -202,8 +203,10 @@ def test_semantic_pngs(tmp_path: Path) -> None:
 
 def test_predictions_equal_to_ground_truth_score_ap_1(ground_truth: list) -> None:
     labels = sorted({label for *_, masks in ground_truth for label in masks}, key=CLASSES.index)
-    samples = [Sample(task_id=t, annotation_id=t, project=1, image=n, height=h, width=w, masks=m)
-               for t, n, h, w, m in ground_truth]
+    samples = [
+        Sample(task_id=t, annotation_id=t, project=1, image=n, height=h, width=w, masks=m)
+        for t, n, h, w, m in ground_truth
+    ]
     gt = export_coco(samples, labels, mode="semantic")
     perfect = [PredictedMask(s.task_id, label, mask, 0.9) for s in samples for label, mask in s.masks.items()]
     results = predictions_to_coco_results(perfect, labels, mode="semantic")
@@ -238,3 +241,11 @@ def test_write_coco_replaces_atomically(tmp_path: Path) -> None:
 
 def test_public_surface() -> None:
     assert all(hasattr(coco, name) for name in coco.__all__)
+
+
+def test_image_file_names() -> None:
+    assert image_file_name("/data/upload/1/e6cf8185-cat.png") == "e6cf8185-cat.png"
+    assert image_file_name("/data/local-files/?d=photos/a%20b.jpg") == "a b.jpg"
+    assert image_file_name("s3://bucket/k/x.jpg") == "x.jpg"
+    assert image_file_name("https://host/img/y.jpeg?token=1") == "y.jpeg"
+    assert image_file_name("data:image/png;base64,AAAA", fallback="task-3") == "task-3"

@@ -6,28 +6,35 @@ import copy
 import json
 import random
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import pytest
 
-from labelstudio_maskclip import collect
-from labelstudio_maskclip.collect import (
-    CollectError, backfill_from_api, backfill_from_export, handle_event, image_reference,
+from labelstudio_maskclip.learning import webhooks as collect
+from labelstudio_maskclip.learning.store import Store
+from labelstudio_maskclip.learning.webhooks import (
+    CollectError,
+    backfill_from_api,
+    backfill_from_export,
+    handle_event,
+    image_reference,
 )
-from labelstudio_maskclip.polygons import points_to_percent, polygons_to_mask
-from labelstudio_maskclip.rle import mask_to_brush_rle
-from labelstudio_maskclip.store import Store
+from labelstudio_maskclip.masks.brush import mask_to_brush_rle
+from labelstudio_maskclip.masks.polygons import points_to_percent, polygons_to_mask
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools + numpy 2
 
 H, W = 40, 60
-CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
-          '<Label value="cat"/><Label value="dog"/></BrushLabels>'
-          '<PolygonLabels name="poly" toName="image"><Label value="cat"/><Label value="dog"/></PolygonLabels></View>')
+CONFIG = (
+    '<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
+    '<Label value="cat"/><Label value="dog"/></BrushLabels>'
+    '<PolygonLabels name="poly" toName="image"><Label value="cat"/><Label value="dog"/></PolygonLabels></View>'
+)
 
 
 def disc(cy: int, cx: int, r: int) -> np.ndarray:
@@ -36,28 +43,63 @@ def disc(cy: int, cx: int, r: int) -> np.ndarray:
 
 
 def brush(region_id: str, label: str, mask: np.ndarray) -> dict:
-    return {"id": region_id, "from_name": "tag", "to_name": "image", "type": "brushlabels",
-            "original_width": mask.shape[1], "original_height": mask.shape[0], "image_rotation": 0,
-            "value": {"format": "rle", "rle": mask_to_brush_rle(mask), "brushlabels": [label]}}
+    return {
+        "id": region_id,
+        "from_name": "tag",
+        "to_name": "image",
+        "type": "brushlabels",
+        "original_width": mask.shape[1],
+        "original_height": mask.shape[0],
+        "image_rotation": 0,
+        "value": {"format": "rle", "rle": mask_to_brush_rle(mask), "brushlabels": [label]},
+    }
 
 
 def polygon(region_id: str, label: str, points: np.ndarray) -> dict:
-    return {"id": region_id, "from_name": "poly", "to_name": "image", "type": "polygonlabels",
-            "original_width": W, "original_height": H, "image_rotation": 0,
-            "value": {"points": points_to_percent(points, H, W).tolist(), "closed": True, "polygonlabels": [label]}}
+    return {
+        "id": region_id,
+        "from_name": "poly",
+        "to_name": "image",
+        "type": "polygonlabels",
+        "original_width": W,
+        "original_height": H,
+        "image_rotation": 0,
+        "value": {"points": points_to_percent(points, H, W).tolist(), "closed": True, "polygonlabels": [label]},
+    }
 
 
-def event(annotation_id: int, task_id: int, result: list, *, action: str = "ANNOTATION_CREATED",
-          updated_at: str = "2026-11-02T10:00:00.000000Z", **annotation: Any) -> dict:
+def event(
+    annotation_id: int,
+    task_id: int,
+    result: list,
+    *,
+    action: str = "ANNOTATION_CREATED",
+    updated_at: str = "2026-11-02T10:00:00.000000Z",
+    **annotation: Any,
+) -> dict:
     """A webhook body shaped like Label Studio 1.23's."""
     return {
         "action": action,
-        "annotation": {"id": annotation_id, "result": result, "was_cancelled": False, "ground_truth": False,
-                       "lead_time": 3.2, "parent_prediction": None, "completed_by": 1, "task": task_id,
-                       "project": 1, "updated_at": updated_at, **annotation},
+        "annotation": {
+            "id": annotation_id,
+            "result": result,
+            "was_cancelled": False,
+            "ground_truth": False,
+            "lead_time": 3.2,
+            "parent_prediction": None,
+            "completed_by": 1,
+            "task": task_id,
+            "project": 1,
+            "updated_at": updated_at,
+            **annotation,
+        },
         "project": {"id": 1, "title": "pets", "label_config": CONFIG},
-        "task": {"id": task_id, "data": {"caption": "two pets", "image": f"/data/upload/1/img{task_id}.png"},
-                 "project": 1, "predictions": []},
+        "task": {
+            "id": task_id,
+            "data": {"caption": "two pets", "image": f"/data/upload/1/img{task_id}.png"},
+            "project": 1,
+            "predictions": [],
+        },
     }
 
 
@@ -73,14 +115,23 @@ def only_sample(store: Store):
 
 def test_brush_and_polygon_regions_merge_per_label(store: Store) -> None:
     square = np.array([[5, 5], [25, 5], [25, 20], [5, 20]], float)
-    result = [brush("a", "cat", disc(10, 10, 6)), brush("b", "cat", disc(30, 40, 5)),
-              polygon("c", "dog", square), polygon("d", "cat", square + [30, 0]),
-              {"id": "x", "type": "choices", "value": {"choices": ["indoor"]}, "from_name": "c", "to_name": "image"}]
+    result = [
+        brush("a", "cat", disc(10, 10, 6)),
+        brush("b", "cat", disc(30, 40, 5)),
+        polygon("c", "dog", square),
+        polygon("d", "cat", square + [30, 0]),
+        {"id": "x", "type": "choices", "value": {"choices": ["indoor"]}, "from_name": "c", "to_name": "image"},
+    ]
     outcome = handle_event(event(1, 7, result), store)
     assert (outcome.status, outcome.labels, outcome.rejected) == ("stored", ["cat", "dog"], [])
     sample = only_sample(store)
     assert (sample.task_id, sample.image, sample.height, sample.width, sample.author) == (
-        7, "/data/upload/1/img7.png", H, W, "1")
+        7,
+        "/data/upload/1/img7.png",
+        H,
+        W,
+        "1",
+    )
     cat = disc(10, 10, 6) | disc(30, 40, 5) | polygons_to_mask([square + [30, 0]], H, W)
     np.testing.assert_array_equal(sample.masks["cat"], cat)
     np.testing.assert_array_equal(sample.masks["dog"], polygons_to_mask([square], H, W))
@@ -98,10 +149,20 @@ def test_same_event_twice_changes_nothing(store: Store) -> None:
 
 def test_update_replaces_and_old_events_do_not_overwrite(store: Store) -> None:
     handle_event(event(1, 7, [brush("a", "cat", disc(10, 10, 6))]), store)
-    newer = event(1, 7, [brush("b", "dog", disc(20, 20, 8))], action="ANNOTATION_UPDATED",
-                  updated_at="2026-11-02T10:05:00.000000Z")
-    older = event(1, 7, [brush("c", "cat", disc(20, 20, 3))], action="ANNOTATION_UPDATED",
-                  updated_at="2026-11-02T10:02:00.000000Z")
+    newer = event(
+        1,
+        7,
+        [brush("b", "dog", disc(20, 20, 8))],
+        action="ANNOTATION_UPDATED",
+        updated_at="2026-11-02T10:05:00.000000Z",
+    )
+    older = event(
+        1,
+        7,
+        [brush("c", "cat", disc(20, 20, 3))],
+        action="ANNOTATION_UPDATED",
+        updated_at="2026-11-02T10:02:00.000000Z",
+    )
     assert handle_event(newer, store).status == "stored"
     assert handle_event(older, store).status == "stale"
     sample = only_sample(store)
@@ -115,15 +176,23 @@ def test_delete_removes_even_against_late_updates(store: Store) -> None:
     deleted = handle_event({"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 1}], "project": {"id": 1}}, store)
     assert (deleted.status, deleted.annotation_ids) == ("deleted", [1])
     assert [s.task_id for s in store.accepted_samples()] == [8]
-    late = event(1, 7, [brush("a", "cat", disc(10, 10, 9))], action="ANNOTATION_UPDATED", updated_at="2027-01-01T00:00:00Z")
+    late = event(
+        1, 7, [brush("a", "cat", disc(10, 10, 9))], action="ANNOTATION_UPDATED", updated_at="2027-01-01T00:00:00Z"
+    )
     assert handle_event(late, store).status == "deleted"
     assert [t.id for t in store.unlabeled_tasks()] == [7]
 
 
 def test_cancelled_annotations_are_not_masks(store: Store) -> None:
     handle_event(event(1, 7, [brush("a", "cat", disc(10, 10, 6))]), store)
-    skipped = event(1, 7, [brush("a", "cat", disc(10, 10, 6))], action="ANNOTATION_UPDATED",
-                    updated_at="2026-11-02T11:00:00Z", was_cancelled=True)
+    skipped = event(
+        1,
+        7,
+        [brush("a", "cat", disc(10, 10, 6))],
+        action="ANNOTATION_UPDATED",
+        updated_at="2026-11-02T11:00:00Z",
+        was_cancelled=True,
+    )
     assert handle_event(skipped, store).status == "cancelled"
     assert list(store.accepted_samples()) == [] and store.annotation(1)["labels"] == []
     assert store.count_since_last_training() == 0
@@ -136,8 +205,9 @@ def test_labels_outside_the_config_drop_only_their_region(store: Store) -> None:
     assert len(outcome.rejected) == 1 and "zebra" in outcome.rejected[0] and "labeling config" in outcome.rejected[0]
     assert list(only_sample(store).masks) == ["cat"]
     # A label of another control does not count: "bird" is a RectangleLabels label, not a brush one.
-    config = CONFIG.replace("</View>", '<RectangleLabels name="box" toName="image"><Label value="bird"/>'
-                                       "</RectangleLabels></View>")
+    config = CONFIG.replace(
+        "</View>", '<RectangleLabels name="box" toName="image"><Label value="bird"/></RectangleLabels></View>'
+    )
     body = event(2, 8, [brush("a", "bird", disc(10, 10, 6)), brush("b", "dog", disc(30, 40, 5))])
     body["project"]["label_config"] = config
     outcome = handle_event(body, store)
@@ -151,18 +221,45 @@ def test_undecodable_region_rejects_the_annotation_and_keeps_the_stored_one(stor
     wrong_size["original_height"] = H + 1  # the RLE holds H x W pixels
     bad_bodies = [
         event(1, 7, [wrong_size], action="ANNOTATION_UPDATED", updated_at="2027-01-01T00:00:00Z"),
-        event(1, 7, [{**brush("a", "cat", disc(1, 1, 1)), "value": {"format": "rle", "rle": [1, 2, 3],
-                                                                    "brushlabels": ["cat"]}}]),
-        event(1, 7, [{**brush("a", "cat", disc(1, 1, 1)), "value": {"format": "rle", "rle": "abc",
-                                                                    "brushlabels": ["cat"]}}]),
+        event(
+            1,
+            7,
+            [
+                {
+                    **brush("a", "cat", disc(1, 1, 1)),
+                    "value": {"format": "rle", "rle": [1, 2, 3], "brushlabels": ["cat"]},
+                }
+            ],
+        ),
+        event(
+            1,
+            7,
+            [{**brush("a", "cat", disc(1, 1, 1)), "value": {"format": "rle", "rle": "abc", "brushlabels": ["cat"]}}],
+        ),
         event(1, 7, [{**brush("a", "cat", disc(1, 1, 1)), "value": None}]),
         event(1, 7, [{**brush("a", "cat", disc(1, 1, 1)), "original_width": None}]),
         event(1, 7, [{**brush("a", "cat", disc(1, 1, 1)), "original_width": 10**6, "original_height": 10**6}]),
         event(1, 7, [{**brush("a", "cat", disc(1, 1, 1)), "value": {"rle": [0], "brushlabels": []}}]),
-        event(1, 7, [{**polygon("p", "cat", np.array([[1, 1], [5, 1], [5, 5]])), "value": {
-            "points": [[1, "x"], [2, 2], [3, 3]], "polygonlabels": ["cat"]}}]),
-        event(1, 7, [{**polygon("p", "cat", np.array([[1, 1], [5, 1], [5, 5]])), "value": {
-            "points": [[1, 1]], "polygonlabels": ["cat"]}}]),
+        event(
+            1,
+            7,
+            [
+                {
+                    **polygon("p", "cat", np.array([[1, 1], [5, 1], [5, 5]])),
+                    "value": {"points": [[1, "x"], [2, 2], [3, 3]], "polygonlabels": ["cat"]},
+                }
+            ],
+        ),
+        event(
+            1,
+            7,
+            [
+                {
+                    **polygon("p", "cat", np.array([[1, 1], [5, 1], [5, 5]])),
+                    "value": {"points": [[1, 1]], "polygonlabels": ["cat"]},
+                }
+            ],
+        ),
         event(1, 7, [brush("a", "cat", disc(10, 10, 6)), {**brush("b", "dog", np.ones((5, 5), bool))}]),
         event(1, 7, "not a list"),
         event("x", 7, []),
@@ -198,28 +295,36 @@ def test_random_garbage_never_raises(store: Store) -> None:
 
     def mutate(node: Any) -> Any:
         if isinstance(node, dict):
-            return {k: (rng.choice(junk) if rng.random() < 0.1 else mutate(v)) for k, v in node.items()
-                    if rng.random() > 0.05}
+            return {
+                k: (rng.choice(junk) if rng.random() < 0.1 else mutate(v))
+                for k, v in node.items()
+                if rng.random() > 0.05
+            }
         if isinstance(node, list) and len(node) < 50:
             return [rng.choice(junk) if rng.random() < 0.1 else mutate(v) for v in node]
         return node
 
     for _ in range(300):
         body = mutate(copy.deepcopy(good))
-        body["action"] = rng.choice(["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "TASKS_CREATED",
-                                     "ANNOTATIONS_DELETED"])
+        body["action"] = rng.choice(
+            ["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "TASKS_CREATED", "ANNOTATIONS_DELETED"]
+        )
         outcome = handle_event(body, store)  # must not raise
         assert not any("unexpected payload shape" in reason for reason in outcome.rejected), outcome.rejected
     assert store.check() == []
 
 
 def test_tasks_created_feed_the_unlabeled_pool(store: Store) -> None:
-    tasks = [{"id": 3, "data": {"caption": "a", "photo": "s3://b/3.jpg"}, "project": 1},
-             {"id": 4, "data": {"image": "/data/local-files/?d=x/4.png"}}]
+    tasks = [
+        {"id": 3, "data": {"caption": "a", "photo": "s3://b/3.jpg"}, "project": 1},
+        {"id": 4, "data": {"image": "/data/local-files/?d=x/4.png"}},
+    ]
     outcome = handle_event({"action": "TASKS_CREATED", "tasks": tasks, "project": {"id": 1}}, store)
     assert (outcome.status, outcome.task_ids) == ("tasks", [3, 4])
     assert [(t.id, t.project, t.image) for t in store.unlabeled_tasks()] == [
-        (3, 1, "s3://b/3.jpg"), (4, 1, "/data/local-files/?d=x/4.png")]
+        (3, 1, "s3://b/3.jpg"),
+        (4, 1, "/data/local-files/?d=x/4.png"),
+    ]
     handle_event(event(1, 3, [brush("a", "cat", disc(10, 10, 6))]), store)
     assert [t.id for t in store.unlabeled_tasks()] == [4]
 
@@ -240,8 +345,11 @@ def test_config_image_key_wins_over_guessing(store: Store) -> None:
 
 
 def test_acceptance_against_the_parent_prediction(store: Store) -> None:
-    predicted = [brush("p1", "cat", disc(10, 10, 6)), brush("p2", "dog", disc(30, 40, 5)),
-                 brush("p3", "cat", disc(30, 10, 4))]
+    predicted = [
+        brush("p1", "cat", disc(10, 10, 6)),
+        brush("p2", "dog", disc(30, 40, 5)),
+        brush("p3", "cat", disc(30, 10, 4)),
+    ]
     # Accepted as is: same regions (the brush RLE re-encoded by the editor still counts as unchanged).
     same = [dict(r) for r in predicted]
     same[0] = {**same[0], "value": {**same[0]["value"], "rle": mask_to_brush_rle(disc(10, 10, 6))}}
@@ -272,15 +380,18 @@ def export_tasks() -> list[dict]:
     for body in (first, second):
         annotation = {**body["annotation"], "completed_by": {"id": 1, "email": "ann@example.com"}}
         tasks.append({**body["task"], "annotations": [annotation], "predictions": []})
-    tasks.append({"id": 3, "data": {"image": "/data/upload/1/img3.png"}, "annotations": [], "predictions": [],
-                  "project": 1})
+    tasks.append(
+        {"id": 3, "data": {"image": "/data/upload/1/img3.png"}, "annotations": [], "predictions": [], "project": 1}
+    )
     tasks[1]["annotations"].append({**tasks[1]["annotations"][0], "id": 13, "was_cancelled": True})
     return tasks
 
 
 def check_backfilled(store: Store) -> None:
     assert [(s.task_id, s.annotation_id, list(s.masks), s.author) for s in store.accepted_samples()] == [
-        (1, 11, ["cat"], "ann@example.com"), (2, 12, ["dog"], "ann@example.com")]
+        (1, 11, ["cat"], "ann@example.com"),
+        (2, 12, ["dog"], "ann@example.com"),
+    ]
     assert [t.id for t in store.unlabeled_tasks()] == [3]
 
 
@@ -317,7 +428,7 @@ def label_studio_like() -> Iterator[str]:
                 query = {k: v[0] for k, v in parse_qs(urlparse(self.path).query).items()}
                 page, size = int(query["page"]), int(query["page_size"])
                 assert query["project"] == "1"
-                body = json.dumps({"tasks": tasks[(page - 1) * size:page * size], "total": len(tasks)}).encode()
+                body = json.dumps({"tasks": tasks[(page - 1) * size : page * size], "total": len(tasks)}).encode()
                 status = 200
             else:
                 body, status = b"{}", 404
@@ -339,8 +450,8 @@ def label_studio_like() -> Iterator[str]:
 
 
 def test_backfill_from_api_with_the_package_client(store: Store, label_studio_like: str) -> None:
-    from labelstudio_maskclip.images import ImageFetcher
-    from labelstudio_maskclip.lsapi import LabelStudioAPI
+    from labelstudio_maskclip.labelstudio.api import LabelStudioAPI
+    from labelstudio_maskclip.labelstudio.images import ImageFetcher
 
     client = LabelStudioAPI(ImageFetcher(label_studio_like, "secret", allow_private=True))
     outcome = backfill_from_api(client, 1, store)
@@ -348,7 +459,7 @@ def test_backfill_from_api_with_the_package_client(store: Store, label_studio_li
     check_backfilled(store)
     client.tasks = lambda project_id: client.__class__.tasks(client, project_id, page_size=2)  # several pages
     assert backfill_from_api(client, 1, store).counts == {"tasks": 3, "duplicate": 3}
-    from labelstudio_maskclip.lsapi import LabelStudioAPIError
+    from labelstudio_maskclip.labelstudio.api import LabelStudioAPIError
 
     with pytest.raises(LabelStudioAPIError, match="404"):
         backfill_from_api(client, 2, store)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +19,15 @@ import requests
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
-from labelstudio_maskclip.rle import mask_to_brush_rle
-from labelstudio_maskclip.store import Store
+from labelstudio_maskclip.learning.store import Store
+from labelstudio_maskclip.masks.brush import mask_to_brush_rle
+from tests.photos import COCO128_PHOTOS
 from tests.served import start_backend, wait_for
 from tests.tiny import TINY_VIT, save_random_state
 
 pytestmark = pytest.mark.e2e
 
-PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128-seg" / "images"
+PHOTOS = COCO128_PHOTOS
 NAMES = ["000000000009.jpg", "000000000025.jpg", "000000000030.jpg", "000000000034.jpg"]
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -102,7 +103,7 @@ def test_retrieve_predictions_gives_every_task_brush_masks_and_polygons_of_its_i
     api = label_studio.api()
     api.retrieve_predictions(project["id"])
     for task in project["tasks"]:
-        preds = wait_for(lambda: api.list_predictions(task["id"]), 120, f"predictions of task {task['id']}")
+        preds = wait_for(lambda task=task: api.list_predictions(task["id"]), 120, f"predictions of task {task['id']}")
         assert len(preds) == 1
         pred = preds[0]
         assert pred["model_version"].startswith("maskclip-") and 0 < pred["score"] <= 1
@@ -116,7 +117,7 @@ def test_accepting_a_prediction_counts_as_unchanged_per_label(label_studio, proj
     count as unchanged for their label, the region moved counts as edited."""
     api = label_studio.api()
     task = project["tasks"][2]
-    pred = wait_for(lambda: api.list_predictions(task["id"]), 120, "a prediction")[0]
+    pred = wait_for(lambda task=task: api.list_predictions(task["id"]), 120, "a prediction")[0]
     brushes = [r for r in pred["result"] if r["type"] == "brushlabels"]
     result = [dict(r) for r in brushes]
     edited = _label(result[0])
@@ -192,7 +193,16 @@ def test_preannotate_pushes_predictions_through_the_api_and_resumes(label_studio
     api = label_studio.api()
     proj = api.create_project("maskclip bulk", CONFIG)
     api.import_files(proj["id"], [PHOTOS / n for n in NAMES[:3]])
-    cli = [sys.executable, "-m", "labelstudio_maskclip.cli", "preannotate", "--project", str(proj["id"]), "--batch", "2"]
+    cli = [
+        sys.executable,
+        "-m",
+        "labelstudio_maskclip.cli",
+        "preannotate",
+        "--project",
+        str(proj["id"]),
+        "--batch",
+        "2",
+    ]
     first = subprocess.run(cli, env=backend["env"], capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
     summary = json.loads(first.stdout.strip().splitlines()[-1])
@@ -221,7 +231,7 @@ def test_start_training_serves_a_new_model_version_to_label_studio(label_studio,
     wait_for(lambda: any(s.task_id == task["id"] for s in store.accepted_samples()), 30, "the annotation")
 
     api.train(project["ml"]["id"])  # Label Studio sends START_TRAINING to /webhook
-    from labelstudio_maskclip.checkpoints import current_version
+    from labelstudio_maskclip.training.checkpoints import current_version
 
     version = wait_for(lambda: current_version(backend["model_dir"]), 240, "a promoted student")
     assert version == "maskclip+-1"
@@ -231,7 +241,7 @@ def test_start_training_serves_a_new_model_version_to_label_studio(label_studio,
     api.retrieve_predictions(project["id"])
     for t in project["tasks"]:
         preds = wait_for(
-            lambda: [p for p in api.list_predictions(t["id"]) if p["model_version"] == version], 120,
+            lambda t=t: [p for p in api.list_predictions(t["id"]) if p["model_version"] == version], 120,
             f"a {version} prediction of task {t['id']}",
         )  # fmt: skip
         width, height = Image.open(PHOTOS / Path(t["data"]["image"]).name.split("-", 1)[-1]).size
@@ -262,14 +272,16 @@ def test_backfill_and_export_straight_from_the_project(label_studio, project, ba
     from pycocotools.coco import COCO
 
     coco = COCO(str(out))
-    assert {img["id"] for img in coco.loadImgs(coco.getImgIds())} == {s.task_id for s in Store(tmp_path / "fresh").accepted_samples()}
+    assert {img["id"] for img in coco.loadImgs(coco.getImgIds())} == {
+        s.task_id for s in Store(tmp_path / "fresh").accepted_samples()
+    }
 
 
 def test_basic_auth_backend_with_label_studio(label_studio, backend, tmp_path):
     """Label Studio sends the connection's basic-auth credentials on /health, /setup and /predict. Its
     webhook to the backend carries no credentials until the webhook gets an Authorization header (the
     README's recipe): before that, annotations are refused with 401; after it, they are stored."""
-    from labelstudio_maskclip.server import basic_auth_header
+    from labelstudio_maskclip.labelstudio.server import basic_auth_header
 
     weights = next(Path(backend["env"]["MODEL_DIR"]).parent.glob("*.pt"))
     secured = start_backend(tmp_path / "secured", TINY_VIT, str(weights), label_studio.url, workers=1,
@@ -285,7 +297,7 @@ def test_basic_auth_backend_with_label_studio(label_studio, backend, tmp_path):
                                basic_auth_user="ls", basic_auth_pass="s3cret")  # fmt: skip
         api.retrieve_predictions(proj["id"])
         task = api.list_tasks(proj["id"])[0]
-        assert wait_for(lambda: api.list_predictions(task["id"]), 60, "a prediction")[0]["result"]
+        assert wait_for(lambda task=task: api.list_predictions(task["id"]), 60, "a prediction")[0]["result"]
 
         width, height = Image.open(PHOTOS / NAMES[0]).size
         region = {

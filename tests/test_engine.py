@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from labelstudio_maskclip import MaskCLIP, NO_LABEL, SegmentOptions
-from labelstudio_maskclip import dense as dense_mod
-from labelstudio_maskclip import segmenter as seg_mod
-from labelstudio_maskclip.loading import WeightsError
-from labelstudio_maskclip.refine import key_smoothing, prompt_denoising
+from labelstudio_maskclip import NO_LABEL, MaskCLIP, SegmentOptions
+from labelstudio_maskclip.engine import dense as dense_mod
+from labelstudio_maskclip.engine import segmenter as seg_mod
+from labelstudio_maskclip.engine.loading import WeightsError
+from labelstudio_maskclip.engine.refine import key_smoothing, prompt_denoising
 from tests.tiny import TINY_RN, TINY_VIT, save_random_state
 
 
@@ -193,7 +193,9 @@ def test_clearclip_is_q_q_attention_without_residual_or_mlp(vit):
 
 def test_naclip_neighbourhood_and_modes_differ(vit, rn):
     bias = dense_mod._gaussian_neighbourhood((3, 3), 5.0, "cpu", torch.float32)
-    assert bias.shape == (10, 10) and bias[0].abs().sum() == 0 and torch.allclose(bias[1:, 1:].diagonal(), torch.ones(9))
+    assert (
+        bias.shape == (10, 10) and bias[0].abs().sum() == 0 and torch.allclose(bias[1:, 1:].diagonal(), torch.ones(9))
+    )
     assert bias[1, 2] > bias[1, 3] > bias[1, 9]  # nearer patches get a larger bias
     emb = vit.text_embeddings(["a", "b", "c"], templates=["{}"])
     px = _pixels(6, 32, 40)

@@ -10,14 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from labelstudio_maskclip import class_names as cn
-from labelstudio_maskclip import evaluate as ev
+from labelstudio_maskclip.evaluation import class_names as cn
+from labelstudio_maskclip.evaluation import evaluate as ev
 from labelstudio_maskclip.settings import Settings
+from tests.photos import COCO128, VOC_SAMPLES
 from tests.tiny import TINY_VIT, save_random_state
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-VOC_SAMPLES = DATA / "voc-samples"
-COCO128 = DATA / "coco128-seg"
 
 
 def _png(path: Path, array: np.ndarray, palette: bool = False) -> None:

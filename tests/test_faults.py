@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from labelstudio_maskclip.store import Store
+from labelstudio_maskclip.learning.store import Store
 from tests.served import BRUSH, brush_webhook, photo_host, start_backend, wait_for
 from tests.tiny import TINY_VIT, save_random_state
 

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from labelstudio_maskclip.server import create_app
+from labelstudio_maskclip.labelstudio.server import create_app
+from labelstudio_maskclip.learning.store import Store
 from labelstudio_maskclip.settings import Settings
-from labelstudio_maskclip.store import Store
 from tests.served import BRUSH, PHOTOS, FileHost, brush_webhook
 from tests.tiny import TINY_VIT, save_random_state
 
@@ -125,12 +125,14 @@ def label_config(rng: random.Random):
 
 
 def task(rng: random.Random):
-    return rng.choice([
-        {"id": rng.choice([1, "1", None, -5, 2**64, 1.5]), "data": {"image": image_ref(rng)}},
-        {"id": 2, "data": garbage(rng)},
-        {"data": {"image": image_ref(rng), "other": garbage(rng)}},
-        garbage(rng),
-    ])
+    return rng.choice(
+        [
+            {"id": rng.choice([1, "1", None, -5, 2**64, 1.5]), "data": {"image": image_ref(rng)}},
+            {"id": 2, "data": garbage(rng)},
+            {"data": {"image": image_ref(rng), "other": garbage(rng)}},
+            garbage(rng),
+        ]
+    )
 
 
 def predict_body(rng: random.Random):

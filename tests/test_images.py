@@ -10,15 +10,14 @@ import threading
 import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from labelstudio_maskclip import images
-from labelstudio_maskclip.images import (
+from labelstudio_maskclip.labelstudio import images
+from labelstudio_maskclip.labelstudio.images import (
     ImageDecodeError,
     ImageError,
     ImageFetcher,
@@ -27,8 +26,9 @@ from labelstudio_maskclip.images import (
     decode_image,
     is_public_address,
 )
+from tests.photos import COCO128_PHOTOS
 
-COCO = Path("/work/shared/data/coco128-seg/images")
+COCO = COCO128_PHOTOS
 PHOTO = COCO / "000000000009.jpg"
 LEGACY = "0123456789abcdef0123456789abcdef01234567"
 PAT = "eyJhbGciOiJIUzI1NiJ9.eyJ0b2tlbl90eXBlIjoicmVmcmVzaCJ9.c2lnbmF0dXJl"  # header.payload.signature
@@ -50,8 +50,14 @@ def no_proxy(monkeypatch):
 
 def test_public_surface():
     assert set(images.__all__) == {
-        "ImageError", "ImageDecodeError", "ImageTooLargeError", "ImageFetchError",
-        "decode_image", "is_public_address", "ImageFetcher", "CLOUD_SCHEMES",
+        "ImageError",
+        "ImageDecodeError",
+        "ImageTooLargeError",
+        "ImageFetchError",
+        "decode_image",
+        "is_public_address",
+        "ImageFetcher",
+        "CLOUD_SCHEMES",
     }
     for error in (ImageDecodeError, ImageTooLargeError, ImageFetchError):
         assert issubclass(error, ImageError)
@@ -245,9 +251,26 @@ def test_is_public_address():
     for ip in ("8.8.8.8", "1.1.1.1", "2606:4700:4700::1111"):
         assert is_public_address(ip), ip
     for ip in (
-        "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0",
-        "224.0.0.1", "240.0.0.1", "255.255.255.255", "192.0.2.1", "::1", "::", "fe80::1", "fc00::1",
-        "ff02::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1", "2002:7f00:1::1", "2001:db8::1",
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "0.0.0.0",
+        "224.0.0.1",
+        "240.0.0.1",
+        "255.255.255.255",
+        "192.0.2.1",
+        "::1",
+        "::",
+        "fe80::1",
+        "fc00::1",
+        "ff02::1",
+        "::ffff:127.0.0.1",
+        "::ffff:10.0.0.1",
+        "2002:7f00:1::1",
+        "2001:db8::1",
     ):
         assert not is_public_address(ip), ip
 
@@ -522,10 +545,19 @@ def test_redirect_hop_to_refused_host(ls):
         fetcher(base).fetch("/redirect?to=file:///etc/passwd")
 
 
-@pytest.mark.parametrize("url", [
-    "http://10.0.0.1/a.png", "http://192.168.0.1/a.png", "http://169.254.169.254/", "http://[::1]/a.png",
-    "http://[fe80::1]/a.png", "http://224.0.0.1/", "http://0.0.0.0/", "http://[::ffff:127.0.0.1]/",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://10.0.0.1/a.png",
+        "http://192.168.0.1/a.png",
+        "http://169.254.169.254/",
+        "http://[::1]/a.png",
+        "http://[fe80::1]/a.png",
+        "http://224.0.0.1/",
+        "http://0.0.0.0/",
+        "http://[::ffff:127.0.0.1]/",
+    ],
+)
 def test_private_ip_literals_refused(url):
     with pytest.raises(ImageFetchError, match="refused"):
         fetcher("https://label-studio.example.com").fetch(url)
@@ -607,9 +639,18 @@ def test_data_uri():
 def test_from_settings():
     from labelstudio_maskclip.settings import Settings
 
-    settings = Settings(label_studio_url="http://ls:8080/", label_studio_api_key=LEGACY, allow_private_urls=True,
-                        max_download_bytes=123, download_timeout=4.5)
+    settings = Settings(
+        label_studio_url="http://ls:8080/",
+        label_studio_api_key=LEGACY,
+        allow_private_urls=True,
+        max_download_bytes=123,
+        download_timeout=4.5,
+    )
     built = ImageFetcher.from_settings(settings)
     assert (built.label_studio_url, built.allow_private, built.max_bytes, built.timeout) == (
-        "http://ls:8080", True, 123, 4.5)
+        "http://ls:8080",
+        True,
+        123,
+        4.5,
+    )
     assert LEGACY not in repr(built)

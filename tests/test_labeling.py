@@ -2,8 +2,14 @@ import dataclasses
 
 import pytest
 
-from labelstudio_maskclip import labeling
-from labelstudio_maskclip.labeling import LabelConfigError, LabelSpec, LabelingSpec, Target, parse_label_config
+from labelstudio_maskclip.labelstudio import labeling
+from labelstudio_maskclip.labelstudio.labeling import (
+    LabelConfigError,
+    LabelingSpec,
+    LabelSpec,
+    Target,
+    parse_label_config,
+)
 
 BRUSH = """
 <View>
@@ -130,7 +136,7 @@ def test_special_characters_and_alias():
         (
             "<View><Image name='i' value='$image'/><RectangleLabels name='r' toName='i'>"
             "<Label value='a'/></RectangleLabels></View>",
-            r'no <BrushLabels> or <PolygonLabels> control pointing at an <Image>.*add e\.g\. <BrushLabels',
+            r"no <BrushLabels> or <PolygonLabels> control pointing at an <Image>.*add e\.g\. <BrushLabels",
         ),
         (
             "<View><Image name='i' value='$image'/><Text name='t' value='$t'/>"

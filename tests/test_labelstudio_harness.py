@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +12,11 @@ from flask import Flask, jsonify, request
 from werkzeug.serving import make_server
 
 from tests.labelstudio import LabelStudioAPI, LabelStudioServer, LabelStudioUnavailable
+from tests.photos import COCO128_PHOTOS
 
 pytestmark = pytest.mark.e2e
 
-PHOTOS = Path("/work/shared/data/coco128-seg/images")
+PHOTOS = COCO128_PHOTOS
 CONFIG = """<View>
   <Image name="image" value="$image"/>
   <BrushLabels name="tag" toName="image">
@@ -60,8 +60,7 @@ class RecordingBackend:
     def _predict(self):
         body = self._record("/predict")
         results = [
-            {"model_version": "recorder-1", "score": 0.5,
-             "result": [_brush_region(task["id"], "person", 0.5)]}
+            {"model_version": "recorder-1", "score": 0.5, "result": [_brush_region(task["id"], "person", 0.5)]}
             for task in body.get("tasks", [])
         ]
         return jsonify(results=results)
@@ -82,7 +81,7 @@ class RecordingBackend:
             time.sleep(0.1)
         raise AssertionError(f"nothing arrived in {timeout} s; calls so far: {[r for r, _ in self.calls]}")
 
-    def __enter__(self) -> "RecordingBackend":
+    def __enter__(self) -> RecordingBackend:
         self._thread.start()
         return self
 
@@ -97,8 +96,13 @@ def _brush_region(seed: int, label: str, score: float | None = None) -> dict:
     mask = np.zeros((32, 32), np.uint8)
     mask[4 : 12 + seed % 5, 6:20] = 255
     region = {
-        "id": f"r{seed}", "from_name": "tag", "to_name": "image", "type": "brushlabels",
-        "original_width": 32, "original_height": 32, "image_rotation": 0,
+        "id": f"r{seed}",
+        "from_name": "tag",
+        "to_name": "image",
+        "type": "brushlabels",
+        "original_width": 32,
+        "original_height": 32,
+        "image_rotation": 0,
         "value": {"format": "rle", "rle": [int(v) for v in mask2rle(mask)], "brushlabels": [label]},
     }
     if score is not None:
@@ -185,7 +189,10 @@ def test_what_label_studio_sends_a_backend(api, project, label_studio):
         assert created["task"]["id"] == task["id"] and created["task"]["data"]["image"] == task["data"]["image"]
         assert created["project"]["id"] == project["id"] and created["project"]["label_config"] == CONFIG
         region = created["annotation"]["result"][0]
-        assert region["value"]["brushlabels"] == ["dog"] and region["value"]["rle"] == _brush_region(1, "dog")["value"]["rle"]
+        assert (
+            region["value"]["brushlabels"] == ["dog"]
+            and region["value"]["rle"] == _brush_region(1, "dog")["value"]["rle"]
+        )
 
         api.update_annotation(annotation["id"], result=[_brush_region(2, "person")])
         updated = backend.wait_for(lambda: backend.webhooks("ANNOTATION_UPDATED"))[0]

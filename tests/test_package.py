@@ -34,7 +34,7 @@ def test_importing_the_package_loads_no_model_code():
 
 def test_serving_never_imports_training_code():
     loaded = _imported_after(
-        "import labelstudio_maskclip.server, labelstudio_maskclip.backend, labelstudio_maskclip.student, "
-        "labelstudio_maskclip.regions"
+        "import labelstudio_maskclip.labelstudio.server, labelstudio_maskclip.labelstudio.backend, labelstudio_maskclip.training.student, "
+        "labelstudio_maskclip.labelstudio.regions"
     )
-    assert "labelstudio_maskclip.training" not in loaded
+    assert "labelstudio_maskclip.training.train" not in loaded

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
-from labelstudio_maskclip import polygons as polygons_module
-from labelstudio_maskclip.polygons import (
+from labelstudio_maskclip.masks import polygons as polygons_module
+from labelstudio_maskclip.masks.polygons import (
     PolygonError,
     mask_to_polygons,
     percent_to_points,
     points_to_percent,
     polygons_to_mask,
 )
-
-COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128-seg"
+from tests.photos import COCO128
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -69,9 +66,7 @@ def test_rectangles_round_trip_exactly() -> None:
         mask[top:bottom, left:right] = True
         polygons = mask_to_polygons(mask, min_area=1)
         assert len(polygons) == 1 and len(polygons[0]) == 4
-        assert sorted(map(tuple, polygons[0])) == sorted(
-            [(left, top), (right, top), (left, bottom), (right, bottom)]
-        )
+        assert sorted(map(tuple, polygons[0])) == sorted([(left, top), (right, top), (left, bottom), (right, bottom)])
         np.testing.assert_array_equal(polygons_to_mask(polygons, height, width), mask)
 
 
@@ -128,9 +123,7 @@ def test_one_pixel_wide_lines_and_diagonals_keep_a_polygon() -> None:
     np.fill_diagonal(mask[10:, :], True)  # 30 pixels touching at corners: one 8-connected component
     polygons = mask_to_polygons(mask)
     assert len(polygons) == 2 and all(len(p) >= 3 for p in polygons)
-    np.testing.assert_array_equal(
-        polygons_to_mask(polygons, 40, 40) | mask, polygons_to_mask(polygons, 40, 40)
-    )
+    np.testing.assert_array_equal(polygons_to_mask(polygons, 40, 40) | mask, polygons_to_mask(polygons, 40, 40))
 
 
 def test_polygons_to_mask_unites_clips_and_skips_degenerate_polygons() -> None:
@@ -152,9 +145,7 @@ def test_percent_round_trip_and_values() -> None:
     np.testing.assert_allclose(percent_to_points(percent, 480, 640), polygon)
     rng = np.random.default_rng(1)
     points = rng.uniform(0, 100, size=(50, 2))
-    np.testing.assert_allclose(
-        points_to_percent(percent_to_points(points.tolist(), 333, 517), 333, 517), points
-    )
+    np.testing.assert_allclose(points_to_percent(percent_to_points(points.tolist(), 333, 517), 333, 517), points)
 
 
 @pytest.mark.parametrize(

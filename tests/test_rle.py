@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from PIL import Image
 
-from labelstudio_maskclip import rle
-from labelstudio_maskclip.polygons import polygons_to_mask
-from labelstudio_maskclip.rle import BrushRLEError, brush_rle_to_mask, mask_to_brush_rle
-
-COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128-seg"
+from labelstudio_maskclip.masks import brush as rle
+from labelstudio_maskclip.masks.brush import BrushRLEError, brush_rle_to_mask, mask_to_brush_rle
+from labelstudio_maskclip.masks.polygons import polygons_to_mask
+from tests.photos import COCO128
 
 
 def sdk_encode(mask: np.ndarray) -> list[int]:

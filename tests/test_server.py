@@ -12,12 +12,13 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
-from labelstudio_maskclip.polygons import percent_to_points
-from labelstudio_maskclip.server import basic_auth_header, create_app
+from labelstudio_maskclip.labelstudio.server import basic_auth_header, create_app
+from labelstudio_maskclip.masks.polygons import percent_to_points
 from labelstudio_maskclip.settings import Settings
+from tests.photos import COCO128_PHOTOS
 from tests.tiny import TINY_VIT, save_random_state
 
-PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128-seg" / "images"
+PHOTOS = COCO128_PHOTOS
 BRUSH = """<View><Image name="image" value="$image"/>
 <BrushLabels name="tag" toName="image">
   <Label value="Animal" predicted_values="cat,dog,animal"/><Label value="Food"/><Label value="Sky"/>
@@ -137,7 +138,9 @@ def test_polygon_controls_get_polygons_traced_from_the_same_masks(client):
             pts = percent_to_points(r["value"]["points"], 480, 640)
             assert pts.min() >= 0 and pts[:, 0].max() <= 640 and pts[:, 1].max() <= 480
             centre = pts.mean(0).astype(int)
-            assert mask[max(0, min(479, centre[1]) - 40) : centre[1] + 40, max(0, centre[0] - 40) : centre[0] + 40].any()
+            assert mask[
+                max(0, min(479, centre[1]) - 40) : centre[1] + 40, max(0, centre[0] - 40) : centre[0] + 40
+            ].any()
 
 
 @pytest.mark.parametrize(
@@ -159,7 +162,7 @@ def test_malformed_predict_requests_get_a_clear_400(client, body, status, messag
 def test_webhook_stores_annotations_and_ignores_other_actions(client, settings):
     mask = np.zeros((480, 640), bool)
     mask[100:200, 50:300] = True
-    from labelstudio_maskclip.rle import mask_to_brush_rle
+    from labelstudio_maskclip.masks.brush import mask_to_brush_rle
 
     region = {
         "id": "r1", "from_name": "tag", "to_name": "image", "type": "brushlabels",
@@ -175,7 +178,7 @@ def test_webhook_stores_annotations_and_ignores_other_actions(client, settings):
     }  # fmt: skip
     reply = client.post("/webhook", json=payload)
     assert reply.status_code == 201 and reply.get_json()["status"] == "stored"
-    from labelstudio_maskclip.store import Store
+    from labelstudio_maskclip.learning.store import Store
 
     samples = list(Store(Path(settings.model_dir)).accepted_samples())
     assert len(samples) == 1 and np.array_equal(samples[0].masks["Food"], mask)
@@ -214,7 +217,7 @@ def test_time_budget_leaves_the_rest_for_later_with_a_reason(settings):
     buf = io.BytesIO()
     Image.fromarray(np.full((24, 32, 3), 128, np.uint8)).save(buf, format="PNG")
     uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    from labelstudio_maskclip.backend import PREDICT_CHUNK
+    from labelstudio_maskclip.labelstudio.backend import PREDICT_CHUNK
 
     tasks = [{"id": i, "data": {"image": uri}} for i in range(PREDICT_CHUNK + 3)]
     client = create_app(settings.replace(predict_time_budget=0.0), warm=False).test_client()

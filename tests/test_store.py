@@ -14,9 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from labelstudio_maskclip import store as store_module
-from labelstudio_maskclip.store import (
-    SCHEMA_VERSION, AnnotationWrite, Store, StoreError, TaskRecord,
+from labelstudio_maskclip.learning import store as store_module
+from labelstudio_maskclip.learning.store import (
+    SCHEMA_VERSION,
+    AnnotationWrite,
+    Store,
+    StoreError,
+    TaskRecord,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,10 +31,19 @@ def disc(height: int, width: int, cy: int, cx: int, r: int) -> np.ndarray:
     return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
 
 
-def write(annotation_id: int, task_id: int, masks: dict, updated_at: str = "2026-11-02T10:00:00Z", **kw) -> AnnotationWrite:
+def write(
+    annotation_id: int, task_id: int, masks: dict, updated_at: str = "2026-11-02T10:00:00Z", **kw
+) -> AnnotationWrite:
     h, w = next(iter(masks.values())).shape if masks else (None, None)
-    return AnnotationWrite(id=annotation_id, task=TaskRecord(task_id, 1, f"/data/upload/1/img{task_id}.png"),
-                           height=h, width=w, masks=masks, updated_at=updated_at, **kw)
+    return AnnotationWrite(
+        id=annotation_id,
+        task=TaskRecord(task_id, 1, f"/data/upload/1/img{task_id}.png"),
+        height=h,
+        width=w,
+        masks=masks,
+        updated_at=updated_at,
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -93,7 +106,9 @@ def test_delete_leaves_a_tombstone(store: Store) -> None:
     store.put_annotation(write(1, 1, {"cat": disc(20, 20, 10, 10, 5)}))
     assert store.delete_annotations([1, 99]) == 1
     assert list(store.accepted_samples()) == [] and store.labels() == []
-    assert store.put_annotation(write(1, 1, {"cat": disc(20, 20, 10, 10, 6)}, "2027-01-01T00:00:00Z")).status == "deleted"
+    assert (
+        store.put_annotation(write(1, 1, {"cat": disc(20, 20, 10, 10, 6)}, "2027-01-01T00:00:00Z")).status == "deleted"
+    )
     assert store.annotation(99)["deleted"] == 1  # deleted before it arrived: stays deleted when it does
     assert store.put_annotation(write(99, 2, {"cat": disc(20, 20, 10, 10, 6)})).status == "deleted"
     assert [t.id for t in store.unlabeled_tasks()] == [1]
@@ -102,8 +117,12 @@ def test_delete_leaves_a_tombstone(store: Store) -> None:
 
 def test_cancelled_annotations_hold_no_masks(store: Store) -> None:
     store.put_annotation(write(1, 1, {"cat": disc(20, 20, 10, 10, 5)}, "2026-11-02T10:00:00Z"))
-    assert store.put_annotation(write(1, 1, {"cat": disc(20, 20, 10, 10, 5)}, "2026-11-02T11:00:00Z",
-                                      cancelled=True)).status == "stored"
+    assert (
+        store.put_annotation(
+            write(1, 1, {"cat": disc(20, 20, 10, 10, 5)}, "2026-11-02T11:00:00Z", cancelled=True)
+        ).status
+        == "stored"
+    )
     assert store.annotation(1)["labels"] == [] and store.annotation(1)["cancelled"] == 1
     assert list(store.accepted_samples()) == []
     assert [t.id for t in store.unlabeled_tasks()] == [1]
@@ -116,7 +135,9 @@ def test_samples_prefer_ground_truth_then_latest(store: Store) -> None:
     store.put_annotation(write(3, 6, a, "2026-11-02T10:00:00Z"))
     store.put_annotation(write(4, 6, {"dog": a["cat"]}, "2026-11-02T12:00:00Z"))
     assert [(s.task_id, s.annotation_id, sorted(s.masks)) for s in store.accepted_samples()] == [
-        (5, 1, ["cat"]), (6, 4, ["dog"])]
+        (5, 1, ["cat"]),
+        (6, 4, ["dog"]),
+    ]
     store.put_tasks([TaskRecord(9, 2, "s3://bucket/x.jpg")])
     assert [(t.id, t.project, t.image) for t in store.unlabeled_tasks()] == [(9, 2, "s3://bucket/x.jpg")]
     assert list(store.unlabeled_tasks(project=1)) == []
@@ -142,10 +163,26 @@ def test_training_marks_count_changes(store: Store) -> None:
 
 def test_acceptance_stats(store: Store) -> None:
     mask = {"cat": disc(20, 20, 10, 10, 5)}
-    store.put_annotation(write(1, 1, mask, accepted_unchanged=True, parent_prediction=5,
-                               outcomes=[("r1", "cat", "unchanged"), ("r2", "dog", "unchanged")]))
-    store.put_annotation(write(2, 2, mask, accepted_unchanged=False, parent_prediction=6,
-                               outcomes=[("r1", "cat", "edited"), ("r2", "dog", "deleted"), ("x", "cat", "added")]))
+    store.put_annotation(
+        write(
+            1,
+            1,
+            mask,
+            accepted_unchanged=True,
+            parent_prediction=5,
+            outcomes=[("r1", "cat", "unchanged"), ("r2", "dog", "unchanged")],
+        )
+    )
+    store.put_annotation(
+        write(
+            2,
+            2,
+            mask,
+            accepted_unchanged=False,
+            parent_prediction=6,
+            outcomes=[("r1", "cat", "edited"), ("r2", "dog", "deleted"), ("x", "cat", "added")],
+        )
+    )
     store.put_annotation(write(3, 3, mask))
     stats = store.acceptance_stats()
     assert stats["cat"] == {"unchanged": 1, "edited": 1, "deleted": 0, "added": 1}
@@ -159,7 +196,7 @@ WRITER = textwrap.dedent("""
     import sys
     import numpy as np
     sys.path.insert(0, {repo!r})
-    from labelstudio_maskclip.store import AnnotationWrite, Store, TaskRecord
+    from labelstudio_maskclip.learning.store import AnnotationWrite, Store, TaskRecord
     store = Store({path!r})
     start, count = int(sys.argv[1]), int(sys.argv[2])
     for i in range(start, start + count):
@@ -202,8 +239,12 @@ def test_writer_killed_mid_transaction_leaves_a_consistent_store(tmp_path: Path)
     acknowledged: list[int] = []
     start = 1
     for _ in range(6):
-        proc = subprocess.Popen([sys.executable, str(script), str(start), "100000"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(start), "100000"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         first = proc.stdout.readline()
         assert first.startswith("stored "), proc.communicate()[1]  # the writer is past imports and writing
         time.sleep(rng.uniform(0.05, 0.4))
@@ -223,8 +264,15 @@ def test_writer_killed_mid_transaction_leaves_a_consistent_store(tmp_path: Path)
 def test_concurrent_writers_all_succeed(tmp_path: Path) -> None:
     db = tmp_path / "store.sqlite3"  # not created yet: the writers race to create the schema too
     script = writer_script(tmp_path, db)
-    procs = [subprocess.Popen([sys.executable, str(script), str(1 + 100 * k), "25"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for k in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(1 + 100 * k), "25"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for k in range(4)
+    ]
     acknowledged: list[int] = []
     for proc in procs:
         out, err = proc.communicate(timeout=120)

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from labelstudio_maskclip import NO_LABEL, SegmentOptions, Segmentation
-from labelstudio_maskclip import checkpoints as ck
-from labelstudio_maskclip.student import (
+from labelstudio_maskclip import NO_LABEL, Segmentation, SegmentOptions
+from labelstudio_maskclip.training import checkpoints as ck
+from labelstudio_maskclip.training.student import (
     LabelMismatchError,
     StudentError,
     StudentWeightsError,
@@ -192,8 +192,10 @@ def test_serving_side_does_not_import_training():
     import subprocess
     import sys
 
-    code = ("import sys, labelstudio_maskclip.student, labelstudio_maskclip.checkpoints; "
-            "bad = [m for m in ('labelstudio_maskclip.training', 'labelstudio_maskclip.trigger') if m in sys.modules]; "
-            "print(bad)")
+    code = (
+        "import sys, labelstudio_maskclip.training.student, labelstudio_maskclip.training.checkpoints; "
+        "bad = [m for m in ('labelstudio_maskclip.training.train', 'labelstudio_maskclip.learning.trigger') if m in sys.modules]; "
+        "print(bad)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr

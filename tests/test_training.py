@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from labelstudio_maskclip import checkpoints as ck
-from labelstudio_maskclip import training as tr
+from labelstudio_maskclip.learning.store import AnnotationWrite, Store, TaskRecord
 from labelstudio_maskclip.settings import Settings
-from labelstudio_maskclip.store import AnnotationWrite, Store, TaskRecord
-from labelstudio_maskclip.student import load_student
+from labelstudio_maskclip.training import checkpoints as ck
+from labelstudio_maskclip.training import train as tr
+from labelstudio_maskclip.training.student import load_student
 from tests.tiny import TINY_VIT, save_random_state
 
 CLASSES = ["disc", "box", "ground"]
@@ -92,8 +92,18 @@ def _png_data_uri(img: np.ndarray) -> str:
 
 
 def _settings(model_dir, **kw) -> Settings:
-    base = dict(model_dir=str(model_dir), device="cpu", student="tiny", student_pretrained="none", short_side=0,
-                train_steps=2, train_batch_size=2, train_crop=32, promote="always", train_val_fraction=0.0)
+    base = dict(
+        model_dir=str(model_dir),
+        device="cpu",
+        student="tiny",
+        student_pretrained="none",
+        short_side=0,
+        train_steps=2,
+        train_batch_size=2,
+        train_crop=32,
+        promote="always",
+        train_val_fraction=0.0,
+    )
     base.update(kw)
     return Settings(**base)
 
@@ -108,8 +118,9 @@ def _fill(store: Store, ids, *, annotated=(), seed0: int = 0) -> dict[str, np.nd
         store.put_tasks([TaskRecord(tid, image=ref)])
         if tid in annotated:
             masks = {CLASSES[k]: gt == k for k in range(3) if (gt == k).any()}
-            store.put_annotation(AnnotationWrite(id=1000 + tid, task=TaskRecord(tid, image=ref), masks=masks,
-                                                 height=64, width=64))
+            store.put_annotation(
+                AnnotationWrite(id=1000 + tid, task=TaskRecord(tid, image=ref), masks=masks, height=64, width=64)
+            )
     return images
 
 
@@ -178,8 +189,13 @@ def test_two_step_run_with_the_clip_teacher_writes_a_loadable_checkpoint(tmp_pat
     result = tr.train(s, store, load_image=lambda ref, tid: fetched.append(ref) or images[ref], progress=False)
     assert result.promoted and result.version == "maskclip+-1" == ck.current_version(tmp_path)
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
-    assert metrics["data"] == {"annotated": 1, "unlabeled": 3, "validation": 0, "failed_images": 0,
-                               "unknown_label_masks": 0}
+    assert metrics["data"] == {
+        "annotated": 1,
+        "unlabeled": 3,
+        "validation": 0,
+        "failed_images": 0,
+        "unknown_label_masks": 0,
+    }
     assert len(metrics["loss"]) == 2 and metrics["few_masks"] and metrics["promoted"]
     assert (result.run_dir / "curves.png").stat().st_size > 1000
     model = load_student(ck.current_checkpoint(tmp_path), "cpu")
@@ -198,13 +214,15 @@ def test_student_beats_its_noisy_teacher(tmp_path):
     """The MaskCLIP+ premise on a synthetic task: trained only on a noisy teacher's labels (no people's
     masks), the student's mIoU against the truth on held-out images exceeds the teacher's."""
     torch.manual_seed(0)
-    s = _settings(tmp_path, train_steps=100, train_batch_size=8, train_crop=48, train_lr=0.05,
-                  train_self_training_start=0.8)
+    s = _settings(
+        tmp_path, train_steps=100, train_batch_size=8, train_crop=48, train_lr=0.05, train_self_training_start=0.8
+    )
     store = Store(tmp_path)
     images = _fill(store, range(24))
     teacher = NoisyOracle(seed=1)
-    result = tr.train(s, store, load_image=lambda ref, tid: images[ref], teacher=teacher, classes=CLASSES,
-                      progress=False)
+    result = tr.train(
+        s, store, load_image=lambda ref, tid: images[ref], teacher=teacher, classes=CLASSES, progress=False
+    )
     student = load_student(ck.checkpoint_path(tmp_path, result.version), "cpu")
     held_out = range(500, 516)
     student_miou = _miou(lambda img: student.segment([img], CLASSES)[0].labels, held_out)
@@ -217,11 +235,20 @@ def test_worse_candidate_is_not_promoted_and_served_model_stays(tmp_path):
     s = _settings(tmp_path, promote="better", train_val_fraction=1.0, train_lr=1e-6)
     store = Store(tmp_path)
     images = _fill(store, range(8), annotated=set(range(4)))
-    served = ck.promote(tmp_path, {"student": "tiny", "state_dict": {}, "embeddings": torch.zeros(3, 16),
-                                   "classes": [["other"]], "background": []})
+    served = ck.promote(
+        tmp_path,
+        {
+            "student": "tiny",
+            "state_dict": {},
+            "embeddings": torch.zeros(3, 16),
+            "classes": [["other"]],
+            "background": [],
+        },
+    )
     perfect = NoisyOracle(blobs=0, block=1)
-    result = tr.train(s, store, load_image=lambda ref, tid: images[ref], teacher=perfect, classes=CLASSES,
-                      progress=False)
+    result = tr.train(
+        s, store, load_image=lambda ref, tid: images[ref], teacher=perfect, classes=CLASSES, progress=False
+    )
     m = result.metrics
     assert m["data"]["validation"] == 4 and not m["few_masks"]
     assert m["miou"]["teacher"] == pytest.approx(1.0) and m["miou"]["candidate"] < 1.0
@@ -234,8 +261,9 @@ def test_few_masks_are_reported_and_block_promote_better(tmp_path):
     s = _settings(tmp_path, promote="better", train_val_fraction=1.0)
     store = Store(tmp_path)
     images = _fill(store, range(4), annotated={0, 1})
-    result = tr.train(s, store, load_image=lambda ref, tid: images[ref], teacher=NoisyOracle(), classes=CLASSES,
-                      progress=False)
+    result = tr.train(
+        s, store, load_image=lambda ref, tid: images[ref], teacher=NoisyOracle(), classes=CLASSES, progress=False
+    )
     assert result.metrics["few_masks"] and result.metrics["data"]["validation"] == 2
     assert not result.promoted and "only 2 held-out" in result.decision and ck.current_version(tmp_path) is None
 
@@ -245,14 +273,16 @@ def test_checkpoint_resume_continues_the_schedule(tmp_path):
     store = Store(tmp_path)
     images = _fill(store, range(3))
     load = lambda ref, tid: images[ref]  # noqa: E731
-    first = tr.train(s.replace(train_steps=2), store, load_image=load, teacher=NoisyOracle(), classes=CLASSES,
-                     progress=False)
+    first = tr.train(
+        s.replace(train_steps=2), store, load_image=load, teacher=NoisyOracle(), classes=CLASSES, progress=False
+    )
     # a run that checkpointed at step 2 of 4 and was killed: recreate its last.pt from the first run's state
     net = load_student(ck.checkpoint_path(tmp_path, first.version), "cpu").net
     opt = tr._optimizer(net, s)
     tr._save_resume(first.run_dir, net, opt, {"step": 2, "losses": [1.0, 0.9], "evals": []})
-    resumed = tr.train(s, store, load_image=load, teacher=NoisyOracle(), classes=CLASSES, progress=False,
-                       resume=first.run_id)
+    resumed = tr.train(
+        s, store, load_image=load, teacher=NoisyOracle(), classes=CLASSES, progress=False, resume=first.run_id
+    )
     assert resumed.run_id == first.run_id and resumed.metrics["loss"][:2] == [1.0, 0.9]
     assert len(resumed.metrics["loss"]) == 4 and not (first.run_dir / "last.pt").exists()
     with pytest.raises(tr.TrainError, match="cannot resume"):
@@ -280,17 +310,23 @@ def test_two_process_distributed_run_on_cpu(tmp_path, clip_file):
     import subprocess
     import sys
 
-    from labelstudio_maskclip.trigger import _settings_env
+    from labelstudio_maskclip.learning.trigger import _settings_env
 
-    s = _settings(tmp_path / "md", model=TINY_VIT, pretrained=str(clip_file), templates="simple", short_side=32,
-                  train_steps=3)
+    s = _settings(
+        tmp_path / "md", model=TINY_VIT, pretrained=str(clip_file), templates="simple", short_side=32, train_steps=3
+    )
     store = Store(tmp_path / "md")
     for tid in range(4):
         store.put_tasks([TaskRecord(tid, image=_png_data_uri(synthetic(tid)[0]))])
     env = _settings_env(s)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run(torchrun + ["-m", "labelstudio_maskclip.training", "--service", "--labels", "disc,box,ground"],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        torchrun + ["-m", "labelstudio_maskclip.training.train", "--service", "--labels", "disc,box,ground"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("step 3/3") == 2 and "(world 2)" in proc.stderr
     assert [h["version"] for h in ck.history(tmp_path / "md")] == ["maskclip+-1"]

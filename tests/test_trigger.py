@@ -18,11 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from labelstudio_maskclip import checkpoints as ck
-from labelstudio_maskclip import trigger
+from labelstudio_maskclip.learning import trigger
+from labelstudio_maskclip.learning.store import AnnotationWrite, Store, TaskRecord
 from labelstudio_maskclip.settings import Settings
-from labelstudio_maskclip.store import AnnotationWrite, Store, TaskRecord
-from labelstudio_maskclip.student import build_student
+from labelstudio_maskclip.training import checkpoints as ck
+from labelstudio_maskclip.training.student import build_student
 from tests.tiny import TINY_VIT, save_random_state
 
 
@@ -36,8 +36,15 @@ def _data_uri(seed: int) -> str:
 def _annotate(store: Store, ann_id: int, task_id: int) -> None:
     mask = np.zeros((40, 48), bool)
     mask[5:20, 5:30] = True
-    store.put_annotation(AnnotationWrite(id=ann_id, task=TaskRecord(task_id, image=_data_uri(task_id)),
-                                         masks={"cat": mask, "dog": ~mask}, height=40, width=48))
+    store.put_annotation(
+        AnnotationWrite(
+            id=ann_id,
+            task=TaskRecord(task_id, image=_data_uri(task_id)),
+            masks={"cat": mask, "dog": ~mask},
+            height=40,
+            width=48,
+        )
+    )
 
 
 def _wait(predicate, timeout: float, what: str) -> None:
@@ -61,16 +68,34 @@ def _digest(path: Path) -> str:
 def setup(tmp_path):
     clip = save_random_state(TINY_VIT, tmp_path / "tiny_vit.pt")
     model_dir = tmp_path / "model_dir"
-    s = Settings(model=TINY_VIT, pretrained=str(clip), device="cpu", model_dir=str(model_dir), student="tiny",
-                 student_pretrained="none", train_steps=100_000, train_batch_size=2, train_crop=32, short_side=32,
-                 templates="simple", promote="always")
+    s = Settings(
+        model=TINY_VIT,
+        pretrained=str(clip),
+        device="cpu",
+        model_dir=str(model_dir),
+        student="tiny",
+        student_pretrained="none",
+        train_steps=100_000,
+        train_batch_size=2,
+        train_crop=32,
+        short_side=32,
+        templates="simple",
+        promote="always",
+    )
     store = Store(model_dir)
     store.put_tasks([TaskRecord(t, image=_data_uri(t)) for t in range(3)])
     _annotate(store, 100, 0)
     net = build_student("tiny", torch.nn.functional.normalize(torch.randn(2, 32), dim=1), "none")
-    served = ck.promote(model_dir, {"student": "tiny", "state_dict": net.state_dict(),
-                                    "embeddings": net.classifier.weight[:, :, 0, 0].detach(),
-                                    "classes": [["cat"], ["dog"]], "background": []})
+    served = ck.promote(
+        model_dir,
+        {
+            "student": "tiny",
+            "state_dict": net.state_dict(),
+            "embeddings": net.classifier.weight[:, :, 0, 0].detach(),
+            "classes": [["cat"], ["dog"]],
+            "background": [],
+        },
+    )
     return s, store, model_dir, served
 
 
@@ -83,7 +108,7 @@ def test_killed_trainer_leaves_served_model_intact_and_single_flight_holds(setup
     assert not trigger.request_training(s, "second request")  # the trainer process holds the lock
     other = subprocess.run(
         [sys.executable, "-c", "import sys; from labelstudio_maskclip.settings import Settings; "
-         "from labelstudio_maskclip.trigger import request_training; "
+         "from labelstudio_maskclip.learning.trigger import request_training; "
          f"print(request_training(Settings(model_dir={str(model_dir)!r}), 'other process'))"],
         capture_output=True, text=True, timeout=60)  # fmt: skip
     assert other.stdout.strip() == "False", other.stderr
@@ -108,8 +133,13 @@ def test_trainer_cli_refuses_to_run_beside_another(setup):
     held = trigger.acquire_training_lock(model_dir)
     try:
         env = trigger._settings_env(s)
-        proc = subprocess.run([sys.executable, "-m", "labelstudio_maskclip.training", "--service"], env=env,
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-m", "labelstudio_maskclip.training.train", "--service"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 3 and "another training holds" in proc.stderr
         assert not trigger.request_training(s, "while held")
     finally:

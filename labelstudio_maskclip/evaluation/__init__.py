@@ -1,0 +1,1 @@
+"""Evaluation: benchmark datasets and their class names, the one mIoU definition (``metrics``), eval runs."""

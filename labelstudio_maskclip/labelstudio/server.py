@@ -1,0 +1,213 @@
+"""The HTTP adapter: Label Studio's ML backend protocol as a Flask WSGI app (run under gunicorn).
+
+Routes: ``GET /`` and ``/health``, ``POST /setup``, ``POST /predict``, ``POST /webhook``, ``GET /metrics``.
+Every error is a JSON body ``{"error": "..."}`` with a 4xx status for bad input (and a log line saying why);
+the server keeps serving. gunicorn entry point: ``labelstudio_maskclip.labelstudio.server:wsgi()``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+
+from ..settings import Settings
+from .backend import MaskCLIPBackend, PredictError, runtime
+
+__all__ = ["create_app", "wsgi"]
+
+log = logging.getLogger(__name__)
+
+
+_WARMUP_CONFIG = (
+    '<View><Image name="i" value="$i"/><BrushLabels name="b" toName="i"><Label value="x"/></BrushLabels></View>'
+)
+
+
+class _BadRequest(ValueError):
+    pass
+
+
+def _json_body() -> dict[str, Any]:
+    try:
+        body = request.get_json(silent=True, force=True)
+    except RecursionError:  # nesting deeper than the parser's recursion limit
+        raise _BadRequest("request body must be a JSON object (nested too deeply to parse)") from None
+    if not isinstance(body, dict):
+        raise _BadRequest("request body must be a JSON object")
+    return body
+
+
+def _error(status: int, message: str) -> tuple[Response, int]:
+    log.warning("%s %s -> %d: %s", request.method, request.path, status, message)
+    return jsonify({"error": message, "status": status}), status
+
+
+def create_app(settings: Settings, *, warm: bool = True) -> Flask:
+    """The WSGI app. ``warm`` starts loading the model in a background thread so the first /predict
+    does not pay for it; a model that cannot load makes /health answer 503 with the reason."""
+    app = Flask("labelstudio_maskclip")
+    app.config["MAX_CONTENT_LENGTH"] = 256 * 1024 * 1024
+    state: dict[str, Any] = {"model_error": None, "model": "not loaded"}
+
+    def load_model() -> None:
+        state["model"] = "loading"
+        try:
+            _ = runtime(settings).teacher  # loads the model
+            state["model"] = "ready"
+            log.info("model ready: %s", runtime(settings).teacher_version())
+        except Exception as e:  # reported by /health and /predict
+            state["model_error"] = str(e)
+            log.error("model failed to load: %s", e)
+
+    if warm:
+        # The labeling-config parser imports label-studio-sdk lazily (~1 s): pay that before serving, since
+        # Label Studio gives /setup only 3 s. The model loads in the background.
+        from .labeling import parse_label_config
+
+        parse_label_config(_WARMUP_CONFIG)
+        threading.Thread(target=load_model, name="model-warmup", daemon=True).start()
+    if warm and settings.train_interval_minutes > 0:
+        threading.Thread(target=_interval_trigger, args=(settings,), name="train-interval", daemon=True).start()
+
+    @app.before_request
+    def _auth():
+        if not settings.basic_auth_user:
+            return None
+        auth = request.authorization
+        ok = (
+            auth is not None
+            and hmac.compare_digest(auth.username or "", settings.basic_auth_user)
+            and hmac.compare_digest(auth.password or "", settings.basic_auth_pass)
+        )
+        if not ok:
+            return Response(
+                '{"error": "authentication required"}', 401, {"WWW-Authenticate": 'Basic realm="ml-backend"'},
+                mimetype="application/json",
+            )  # fmt: skip
+        return None
+
+    @app.errorhandler(_BadRequest)
+    def _bad_request(e):
+        return _error(400, str(e))
+
+    @app.errorhandler(PredictError)
+    def _predict_error(e):
+        return _error(400, str(e))
+
+    @app.errorhandler(413)
+    def _too_large(e):
+        return _error(413, f"request body larger than {app.config['MAX_CONTENT_LENGTH']} bytes")
+
+    @app.errorhandler(Exception)
+    def _unexpected(e):
+        from werkzeug.exceptions import HTTPException
+
+        from .labeling import LabelConfigError
+
+        if isinstance(e, HTTPException):
+            return _error(e.code or 500, e.description or str(e))
+        if isinstance(e, LabelConfigError):
+            return _error(400, f"labeling config: {e}")
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return _error(500, f"internal error: {type(e).__name__}: {e}")
+
+    @app.get("/")
+    @app.get("/health")
+    def health():
+        if state["model_error"]:
+            return jsonify({"status": "DOWN", "error": state["model_error"]}), 503
+        return jsonify({"status": "UP", "model_class": "MaskCLIPBackend", "model": state["model"]})
+
+    @app.post("/setup")
+    def setup():
+        body = _json_body()
+        backend = MaskCLIPBackend(settings, str(body.get("project", "")), body.get("schema"))
+        return jsonify(backend.setup())
+
+    @app.post("/predict")
+    def predict():
+        if state["model_error"]:
+            return _error(503, f"model not available: {state['model_error']}")
+        body = _json_body()
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list):
+            raise _BadRequest("'tasks' must be a list of task objects")
+        config = body.get("label_config") or body.get("schema")
+        backend = MaskCLIPBackend(settings, str(body.get("project", "")), config)
+        return jsonify(
+            backend.predict(
+                tasks, body.get("params", {}).get("context") if isinstance(body.get("params"), dict) else None
+            )
+        )
+
+    @app.post("/webhook")
+    def webhook():
+        from ..learning.webhooks import CollectError
+
+        body = _json_body()
+        try:
+            reply = MaskCLIPBackend(settings).fit(str(body.get("action")), body)
+        except CollectError as e:
+            raise _BadRequest(str(e)) from e
+        return jsonify(reply), 201
+
+    @app.get("/metrics")
+    def metrics():
+        from ..training.checkpoints import history
+
+        rt = runtime(settings)
+        return jsonify(
+            {
+                "model_version": rt.student_version() or rt.teacher_version(),
+                "acceptance": rt.store.acceptance_stats(),
+                "annotations_since_training": rt.store.count_since_last_training(),
+                "training_runs": rt.store.training_runs()[-10:],
+                "students": history(Path(settings.model_dir))[-10:],
+            }
+        )
+
+    return app
+
+
+def _interval_trigger(settings: Settings) -> None:
+    """MASKCLIP_TRAIN_INTERVAL_MINUTES: look once a minute whether a training is due (new annotations and
+    the interval passed). Every worker looks; the training lock lets only one trainer run."""
+    from ..learning.trigger import maybe_interval
+
+    while True:
+        time.sleep(min(60.0, settings.train_interval_minutes * 60))
+        try:
+            if maybe_interval(settings, runtime(settings).store):
+                log.info("interval training started")
+        except Exception:  # keep the timer alive; the log says why
+            log.exception("interval training check failed")
+
+
+def wsgi() -> Flask:
+    """gunicorn factory: settings from the environment, read once per worker."""
+    settings = Settings.from_env()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _share_cpu_threads(settings.workers)
+    return create_app(settings)
+
+
+def _share_cpu_threads(workers: int) -> None:
+    """Each worker process gets its share of the cores for torch's CPU kernels, so workers do not
+    oversubscribe the machine (GPU work is unaffected)."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
+
+
+def basic_auth_header(user: str, password: str) -> str:
+    """``Authorization`` header value for HTTP basic auth (used by tests and the CLI)."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()

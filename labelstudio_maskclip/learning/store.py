@@ -1,0 +1,578 @@
+"""The durable store of people's accepted masks: one SQLite file under ``MODEL_DIR``.
+
+Durability: an annotation the webhook acknowledged must survive a crash, because Label Studio does not
+send a webhook twice. The database runs in WAL mode with ``synchronous=FULL``: every commit fsyncs the
+write-ahead log before returning, so a committed write survives a killed process *and* a power cut or OS
+crash. (``NORMAL`` in WAL mode survives a killed process but may lose the last commits on power loss.)
+The cost is one fsync per webhook (milliseconds), far below Label Studio's 1 s webhook timeout.
+
+Concurrency: several gunicorn workers (processes) and threads write at once. Every write is one short
+``BEGIN IMMEDIATE`` transaction (masks are RLE-encoded before it starts); a ``busy_timeout`` makes a writer
+wait for the lock instead of failing; WAL lets readers run beside the writer. Each thread of each process
+opens its own connection (a connection is never shared across ``fork``).
+
+Schema (version :data:`SCHEMA_VERSION`, in ``PRAGMA user_version``; created idempotently):
+
+- ``tasks(id, project, image, width, height, first_seen)``: every task seen (``TASKS_CREATED`` or an
+  annotation); tasks without a live annotation are the unlabeled pool.
+- ``annotations(id, task_id, project, author, ground_truth, parent_prediction, accepted_unchanged,
+  cancelled, deleted, updated_at, updated_ts, content_hash, seq, height, width, mask_count, stored_at)``:
+  one row per Label Studio annotation. ``accepted_unchanged`` is 1/0, or NULL when unknown (the prediction
+  was not in the payload). ``deleted`` rows are tombstones: they keep a late ``ANNOTATION_UPDATED`` from
+  bringing back a deleted annotation. ``seq`` is a store-wide counter bumped by every stored change;
+  ``mask_count`` = number of its ``masks`` rows (a consistency check).
+- ``masks(annotation_id, label, source, height, width, area, counts)``: one mask per (annotation, label),
+  merged over the annotation's regions; ``counts`` is compressed COCO RLE (pycocotools, ascii: lossless);
+  ``source`` is ``brush``, ``polygon`` or ``brush+polygon``.
+- ``outcomes(annotation_id, region_id, label, outcome)``: per predicted region: ``unchanged``, ``edited``,
+  ``deleted``; per region the person added: ``added`` (only when the prediction was known).
+- ``training_runs(id, project, seq, model_version, metrics, finished_at)``: what the trainer has seen.
+- ``meta(key, value)``: the ``seq`` counter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..masks.coco_rle import coco_rle_to_mask, mask_to_coco_rle
+
+__all__ = [
+    "Store",
+    "StoreError",
+    "Sample",
+    "TaskRecord",
+    "AnnotationWrite",
+    "PutResult",
+    "SCHEMA_VERSION",
+    "DB_FILE_NAME",
+    "OUTCOMES",
+]
+
+SCHEMA_VERSION = 1
+DB_FILE_NAME = "annotations.sqlite3"
+OUTCOMES = ("unchanged", "edited", "deleted", "added")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (
+    id INTEGER PRIMARY KEY, project INTEGER, image TEXT, width INTEGER, height INTEGER,
+    first_seen REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS annotations (
+    id INTEGER PRIMARY KEY, task_id INTEGER, project INTEGER, author TEXT,
+    ground_truth INTEGER NOT NULL DEFAULT 0, parent_prediction INTEGER, accepted_unchanged INTEGER,
+    cancelled INTEGER NOT NULL DEFAULT 0, deleted INTEGER NOT NULL DEFAULT 0,
+    updated_at TEXT, updated_ts REAL, content_hash TEXT, seq INTEGER NOT NULL,
+    height INTEGER, width INTEGER, mask_count INTEGER NOT NULL DEFAULT 0, stored_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS annotations_task ON annotations(task_id);
+CREATE TABLE IF NOT EXISTS masks (
+    annotation_id INTEGER NOT NULL REFERENCES annotations(id) ON DELETE CASCADE, label TEXT NOT NULL,
+    source TEXT NOT NULL, height INTEGER NOT NULL, width INTEGER NOT NULL, area INTEGER NOT NULL,
+    counts TEXT NOT NULL, PRIMARY KEY (annotation_id, label));
+CREATE TABLE IF NOT EXISTS outcomes (
+    annotation_id INTEGER NOT NULL REFERENCES annotations(id) ON DELETE CASCADE, region_id TEXT NOT NULL,
+    label TEXT NOT NULL, outcome TEXT NOT NULL, PRIMARY KEY (annotation_id, region_id, label));
+CREATE TABLE IF NOT EXISTS training_runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, project INTEGER, seq INTEGER NOT NULL, model_version TEXT,
+    metrics TEXT, finished_at REAL NOT NULL);
+INSERT OR IGNORE INTO meta(key, value) VALUES ('seq', 0);
+"""
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened or used (newer schema, unwritable directory); the message says why."""
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """A Label Studio task: ``image`` is the reference from ``task.data`` (URL or path), size if known."""
+
+    id: int
+    project: int | None = None
+    image: str | None = None
+    width: int | None = None
+    height: int | None = None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One accepted annotation, ready for training: ``masks`` label -> ``(height, width)`` bool."""
+
+    task_id: int
+    annotation_id: int
+    project: int | None
+    image: str
+    height: int
+    width: int
+    masks: dict[str, np.ndarray] = field(repr=False)
+    ground_truth: bool = False
+    author: str | None = None
+
+
+@dataclass(frozen=True)
+class AnnotationWrite:
+    """An annotation to store. ``masks``: label -> ``(height, width)`` bool, merged over regions;
+    ``sources``: label -> ``brush`` / ``polygon`` / ``brush+polygon``; ``outcomes``: (region id, label,
+    outcome) with outcome in :data:`OUTCOMES`; ``updated_at``: Label Studio's ISO 8601 timestamp."""
+
+    id: int
+    task: TaskRecord
+    author: str | None = None
+    ground_truth: bool = False
+    parent_prediction: int | None = None
+    accepted_unchanged: bool | None = None
+    cancelled: bool = False
+    updated_at: str | None = None
+    height: int | None = None
+    width: int | None = None
+    masks: Mapping[str, np.ndarray] = field(default_factory=dict)
+    sources: Mapping[str, str] = field(default_factory=dict)
+    outcomes: Sequence[tuple[str, str, str]] = ()
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """What :meth:`Store.put_annotation` did: ``stored``, ``duplicate`` (same content already stored),
+    ``stale`` (a newer version is stored) or ``deleted`` (the annotation was deleted earlier)."""
+
+    status: str
+    annotation_id: int
+    seq: int | None = None
+
+
+def _timestamp(value: str | None) -> float | None:
+    """ISO 8601 (``2026-11-02T10:00:00.123456Z``) -> POSIX seconds; None if absent or unreadable."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.timestamp()
+
+
+def _encoded(write: AnnotationWrite) -> list[tuple[str, str, int, int, int, str]]:
+    """(label, source, height, width, area, counts) for each non-empty mask, sorted by label."""
+    rows = []
+    for label in sorted(write.masks):
+        mask = np.asarray(write.masks[label], dtype=bool)
+        area = int(mask.sum())
+        if area == 0:
+            continue
+        rle = mask_to_coco_rle(mask)
+        rows.append((label, write.sources.get(label, "brush"), mask.shape[0], mask.shape[1], area, rle["counts"]))
+    return rows
+
+
+def _content_hash(write: AnnotationWrite, rows: Sequence[tuple]) -> str:
+    content = {
+        "task": write.task.id,
+        "author": write.author,
+        "ground_truth": bool(write.ground_truth),
+        "parent_prediction": write.parent_prediction,
+        "accepted_unchanged": write.accepted_unchanged,
+        "cancelled": bool(write.cancelled),
+        "masks": [list(r) for r in rows],
+        "outcomes": sorted(list(o) for o in write.outcomes),
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+class Store:
+    """SQLite store of tasks, accepted masks and training marks (see the module docstring).
+
+    ``path``: a directory (the file is ``path / DB_FILE_NAME``; created if missing) or a ``.sqlite3`` /
+    ``.sqlite`` / ``.db`` file. Safe to use from several threads and processes at once.
+    """
+
+    def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0, synchronous: str = "FULL") -> None:
+        path = Path(path)
+        if path.suffix not in (".sqlite3", ".sqlite", ".db"):
+            path = path / DB_FILE_NAME
+        if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+            raise StoreError(f"synchronous={synchronous!r}: choose FULL (default), EXTRA or NORMAL")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the store's directory {path.parent}: {exc}") from None
+        self.path = path
+        self._busy_ms = int(busy_timeout_s * 1000)
+        self._synchronous = synchronous.upper()
+        self._local = threading.local()
+        self._create_schema()
+
+    # --- connections and transactions ---------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self.path, timeout=self._busy_ms / 1000, isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the store {self.path}: {exc}") from None
+        if str(mode).lower() != "wal":
+            raise StoreError(f"{self.path}: SQLite refused WAL mode (journal_mode={mode}); use a local disk")
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection in this process (reopened after ``fork``)."""
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            local.conn, local.pid = self._connect(), os.getpid()
+        return local.conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One short write transaction; takes the write lock at once (no deadlocking lock upgrades)."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A consistent snapshot for the reads inside the block."""
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    def _create_schema(self) -> None:
+        with self._write() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path} has schema version {version}, newer than this code's {SCHEMA_VERSION}: "
+                    "upgrade labelstudio-maskclip or point MODEL_DIR elsewhere"
+                )
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        """Close this thread's connection (others close when their threads end)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            conn.close()
+        self._local = threading.local()
+
+    # --- writes ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _next_seq(conn: sqlite3.Connection) -> int:
+        conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'seq'")
+        return int(conn.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
+
+    @staticmethod
+    def _upsert_task(conn: sqlite3.Connection, task: TaskRecord) -> None:
+        conn.execute(
+            "INSERT INTO tasks(id, project, image, width, height, first_seen) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET project = COALESCE(excluded.project, project), "
+            "image = COALESCE(excluded.image, image), width = COALESCE(excluded.width, width), "
+            "height = COALESCE(excluded.height, height)",
+            (task.id, task.project, task.image, task.width, task.height, time.time()),
+        )
+
+    def put_tasks(self, tasks: Sequence[TaskRecord]) -> int:
+        """Record tasks (the unlabeled pool); known fields are kept where the new record lacks them."""
+        with self._write() as conn:
+            for task in tasks:
+                self._upsert_task(conn, task)
+        return len(tasks)
+
+    def put_annotation(self, write: AnnotationWrite) -> PutResult:
+        """Store an annotation and replace its masks, atomically (one transaction).
+
+        Idempotent (the same content again is a ``duplicate``: nothing changes), and ordered: a version
+        whose ``updated_at`` is older than the stored one is ``stale`` and dropped; an annotation deleted
+        earlier stays deleted. A ``cancelled`` annotation is stored without masks.
+        """
+        rows = [] if write.cancelled else _encoded(write)  # encode before taking the lock
+        digest = _content_hash(write, rows)
+        new_ts = _timestamp(write.updated_at)
+        with self._write() as conn:
+            old = conn.execute(
+                "SELECT deleted, updated_ts, content_hash FROM annotations WHERE id = ?", (write.id,)
+            ).fetchone()
+            if old is not None:
+                if old[0]:
+                    return PutResult("deleted", write.id)
+                if old[1] is not None and new_ts is not None and new_ts < old[1]:
+                    return PutResult("stale", write.id)
+                if old[2] == digest:
+                    return PutResult("duplicate", write.id)
+            self._upsert_task(conn, write.task)
+            seq = self._next_seq(conn)
+            conn.execute("DELETE FROM masks WHERE annotation_id = ?", (write.id,))
+            conn.execute("DELETE FROM outcomes WHERE annotation_id = ?", (write.id,))
+            conn.execute(
+                "INSERT OR REPLACE INTO annotations(id, task_id, project, author, ground_truth, parent_prediction, "
+                "accepted_unchanged, cancelled, deleted, updated_at, updated_ts, content_hash, seq, height, width, "
+                "mask_count, stored_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    write.id,
+                    write.task.id,
+                    write.task.project,
+                    write.author,
+                    int(bool(write.ground_truth)),
+                    write.parent_prediction,
+                    None if write.accepted_unchanged is None else int(write.accepted_unchanged),
+                    int(bool(write.cancelled)),
+                    write.updated_at,
+                    new_ts,
+                    digest,
+                    seq,
+                    write.height,
+                    write.width,
+                    len(rows),
+                    time.time(),
+                ),
+            )
+            conn.executemany(
+                "INSERT INTO masks(annotation_id, label, source, height, width, area, counts) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(write.id, *row) for row in rows],
+            )
+            if not write.cancelled:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO outcomes(annotation_id, region_id, label, outcome) VALUES (?, ?, ?, ?)",
+                    [(write.id, *outcome) for outcome in write.outcomes],
+                )
+        return PutResult("stored", write.id, seq)
+
+    def delete_annotations(self, ids: Sequence[int]) -> int:
+        """Delete annotations (masks and outcomes go; a tombstone row stays). Returns how many were live."""
+        live = 0
+        with self._write() as conn:
+            for annotation_id in ids:
+                row = conn.execute("SELECT deleted FROM annotations WHERE id = ?", (annotation_id,)).fetchone()
+                if row is not None and row[0]:
+                    continue
+                live += row is not None
+                seq = self._next_seq(conn)
+                conn.execute("DELETE FROM masks WHERE annotation_id = ?", (annotation_id,))
+                conn.execute("DELETE FROM outcomes WHERE annotation_id = ?", (annotation_id,))
+                conn.execute(
+                    "INSERT INTO annotations(id, deleted, seq, mask_count, stored_at) VALUES (?, 1, ?, 0, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET deleted = 1, seq = excluded.seq, mask_count = 0, "
+                    "content_hash = NULL",
+                    (annotation_id, seq, time.time()),
+                )
+        return live
+
+    def current_seq(self) -> int:
+        """The change counter now: pass it to :meth:`mark_trained` after training on what was there."""
+        with self._read() as conn:
+            return int(conn.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
+
+    def mark_trained(
+        self,
+        *,
+        seq: int | None = None,
+        project: int | None = None,
+        model_version: str = "",
+        metrics: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Record a training run that saw every change up to ``seq`` (default: now). Returns the run id."""
+        with self._write() as conn:
+            if seq is None:
+                seq = int(conn.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
+            cursor = conn.execute(
+                "INSERT INTO training_runs(project, seq, model_version, metrics, finished_at) VALUES (?, ?, ?, ?, ?)",
+                (project, seq, model_version, json.dumps(dict(metrics or {})), time.time()),
+            )
+            return int(cursor.lastrowid)
+
+    # --- reads -------------------------------------------------------------------------------------
+
+    def count_since_last_training(self, project: int | None = None) -> int:
+        """Live, not cancelled annotations (of ``project``, or all) stored or changed since the last
+        :meth:`mark_trained` for the same ``project`` value."""
+        with self._read() as conn:
+            last = conn.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM training_runs WHERE project IS ?", (project,)
+            ).fetchone()[0]
+            return int(
+                conn.execute(
+                    "SELECT COUNT(*) FROM annotations WHERE deleted = 0 AND cancelled = 0 AND seq > ? "
+                    "AND (? IS NULL OR project = ?)",
+                    (last, project, project),
+                ).fetchone()[0]
+            )
+
+    def training_runs(self, project: int | None = None) -> list[dict[str, Any]]:
+        """Recorded training runs, oldest first."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT id, project, seq, model_version, metrics, finished_at FROM training_runs "
+                "WHERE (? IS NULL OR project = ?) ORDER BY id",
+                (project, project),
+            ).fetchall()
+        return [
+            {
+                "id": r[0],
+                "project": r[1],
+                "seq": r[2],
+                "model_version": r[3],
+                "metrics": json.loads(r[4]),
+                "finished_at": r[5],
+            }
+            for r in rows
+        ]
+
+    def _chosen_annotations(self, conn: sqlite3.Connection, project: int | None) -> list[tuple]:
+        """Per task, the annotation to learn from: ground truth first, then the latest, then highest id."""
+        return conn.execute(
+            "SELECT a.id, a.task_id FROM ("
+            "  SELECT id, task_id, ROW_NUMBER() OVER (PARTITION BY task_id ORDER BY ground_truth DESC, "
+            "    COALESCE(updated_ts, 0) DESC, id DESC) AS rank"
+            "  FROM annotations WHERE deleted = 0 AND cancelled = 0 AND task_id IS NOT NULL"
+            "  AND (? IS NULL OR project = ?)) a WHERE a.rank = 1 ORDER BY a.task_id",
+            (project, project),
+        ).fetchall()
+
+    def accepted_samples(self, project: int | None = None) -> Iterator[Sample]:
+        """One :class:`Sample` per task with a live, not cancelled annotation, ordered by task id.
+
+        With several annotations on a task, the ground-truth one wins, then the latest. Masks are merged per
+        label across regions. Tasks whose image size was never seen (an empty annotation, no regions) are
+        left out. Reads in small snapshots: safe while writers run.
+        """
+        with self._read() as conn:
+            chosen = self._chosen_annotations(conn, project)
+        for annotation_id, _ in chosen:
+            sample = self._sample(annotation_id)
+            if sample is not None:
+                yield sample
+
+    def _sample(self, annotation_id: int) -> Sample | None:
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT a.task_id, a.project, t.image, COALESCE(a.height, t.height), COALESCE(a.width, t.width), "
+                "a.ground_truth, a.author FROM annotations a JOIN tasks t ON t.id = a.task_id "
+                "WHERE a.id = ? AND a.deleted = 0 AND a.cancelled = 0",
+                (annotation_id,),
+            ).fetchone()
+            masks = conn.execute(
+                "SELECT label, height, width, counts FROM masks WHERE annotation_id = ?", (annotation_id,)
+            ).fetchall()
+        if row is None or row[3] is None or row[4] is None:
+            return None
+        decoded = {label: coco_rle_to_mask({"size": [h, w], "counts": counts}) for label, h, w, counts in masks}
+        return Sample(
+            task_id=row[0],
+            annotation_id=annotation_id,
+            project=row[1],
+            image=row[2] or "",
+            height=int(row[3]),
+            width=int(row[4]),
+            masks=decoded,
+            ground_truth=bool(row[5]),
+            author=row[6],
+        )
+
+    def unlabeled_tasks(self, project: int | None = None) -> Iterator[TaskRecord]:
+        """Tasks with no live, not cancelled annotation (skipped tasks included), ordered by id."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT id, project, image, width, height FROM tasks t WHERE (? IS NULL OR project = ?) "
+                "AND NOT EXISTS (SELECT 1 FROM annotations a WHERE a.task_id = t.id AND a.deleted = 0 "
+                "AND a.cancelled = 0) ORDER BY id",
+                (project, project),
+            ).fetchall()
+        for row in rows:
+            yield TaskRecord(*row)
+
+    def labels(self, project: int | None = None) -> list[str]:
+        """Labels of the live accepted masks, sorted (read from the index, no mask is decoded)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT m.label FROM masks m JOIN annotations a ON a.id = m.annotation_id "
+                "WHERE a.deleted = 0 AND a.cancelled = 0 AND (? IS NULL OR a.project = ?) ORDER BY m.label",
+                (project, project),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def acceptance_stats(self, project: int | None = None) -> dict[str, dict[str, int]]:
+        """Per label, how predicted regions fared: ``{label: {"unchanged", "edited", "deleted", "added"}}``.
+
+        Counted over live annotations whose prediction was known. Also ``"(annotations)"``: whole
+        annotations ``unchanged`` / ``edited`` vs their prediction, and ``unknown`` (no prediction seen).
+        """
+        stats: dict[str, dict[str, int]] = {}
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT o.label, o.outcome, COUNT(*) FROM outcomes o JOIN annotations a ON a.id = o.annotation_id "
+                "WHERE a.deleted = 0 AND (? IS NULL OR a.project = ?) GROUP BY o.label, o.outcome",
+                (project, project),
+            ).fetchall()
+            whole = conn.execute(
+                "SELECT accepted_unchanged, COUNT(*) FROM annotations WHERE deleted = 0 AND cancelled = 0 "
+                "AND task_id IS NOT NULL AND (? IS NULL OR project = ?) GROUP BY accepted_unchanged",
+                (project, project),
+            ).fetchall()
+        for label, outcome, count in rows:
+            stats.setdefault(label, dict.fromkeys(OUTCOMES, 0))[outcome] = int(count)
+        summary = {"unchanged": 0, "edited": 0, "unknown": 0}
+        for flag, count in whole:
+            summary["unknown" if flag is None else ("unchanged" if flag else "edited")] += int(count)
+        stats["(annotations)"] = summary
+        return stats
+
+    def annotation(self, annotation_id: int) -> dict[str, Any] | None:
+        """The stored row of one annotation (``None`` if never seen), with its masks' labels: for logs/tests."""
+        with self._read() as conn:
+            cursor = conn.execute("SELECT * FROM annotations WHERE id = ?", (annotation_id,))
+            row = cursor.fetchone()
+            if row is None:
+                return None
+            names = [d[0] for d in cursor.description]
+            labels = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT label FROM masks WHERE annotation_id = ? ORDER BY label", (annotation_id,)
+                )
+            ]
+        return {**dict(zip(names, row)), "labels": labels}
+
+    def check(self) -> list[str]:
+        """Consistency problems (empty list = healthy): SQLite's integrity check and mask counts."""
+        problems: list[str] = []
+        with self._read() as conn:
+            result = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+            if result != ["ok"]:
+                problems += [f"integrity_check: {r}" for r in result]
+            for annotation_id, expected, actual in conn.execute(
+                "SELECT a.id, a.mask_count, (SELECT COUNT(*) FROM masks m WHERE m.annotation_id = a.id) "
+                "FROM annotations a"
+            ).fetchall():
+                if expected != actual:
+                    problems.append(f"annotation {annotation_id}: mask_count {expected} but {actual} masks rows")
+            for (orphan,) in conn.execute(
+                "SELECT DISTINCT annotation_id FROM masks WHERE annotation_id NOT IN (SELECT id FROM annotations)"
+            ):
+                problems.append(f"masks of unknown annotation {orphan}")
+        return problems

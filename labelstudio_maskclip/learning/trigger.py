@@ -1,0 +1,152 @@
+"""Starting MaskCLIP+ training from the server: single-flight, detached, never inside a request.
+
+Single flight across threads, processes and gunicorn workers: an exclusive ``fcntl.flock`` on
+``MODEL_DIR/train.lock``. :func:`request_training` takes the lock without blocking, starts
+``python -m labelstudio_maskclip.training.train`` in its own session with the locked file descriptor inherited
+(the lock belongs to the open file, so the TRAINER PROCESS holds it for its whole life), closes its own copy
+and returns at once. A second request while the trainer lives finds the lock taken and returns False. A
+trainer that dies (even by SIGKILL) releases the lock with its last descriptor, and since only the atomic
+promotion in :mod:`labelstudio_maskclip.training.checkpoints` touches the served model, nothing else needs cleaning.
+
+Rules that call it: :func:`should_train` (every ``train_every_n`` new annotations, for the webhook) and
+:func:`maybe_interval` (every ``train_interval_minutes``, when something new arrived).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from ..settings import ENV, Settings
+
+__all__ = [
+    "LOCK_FILE",
+    "acquire_training_lock",
+    "training_running",
+    "request_training",
+    "should_train",
+    "maybe_train",
+    "maybe_interval",
+]
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "train.lock"
+_STAMP = "train.last"  # mtime = when the last training was started by a trigger
+
+
+def _lock_path(model_dir: str | Path) -> Path:
+    path = Path(model_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path / LOCK_FILE
+
+
+def acquire_training_lock(model_dir: str | Path) -> IO[str] | None:
+    """The training lock as an open file (keep it open to hold the lock), or None if someone holds it."""
+    f = open(_lock_path(model_dir), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
+def training_running(model_dir: str | Path) -> bool:
+    """True while a trainer process holds the lock."""
+    f = acquire_training_lock(model_dir)
+    if f is None:
+        return True
+    f.close()
+    return False
+
+
+def _settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes ``Settings.from_env()`` in the child equal ``settings``."""
+    env = dict(os.environ)
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        env[ENV[f.name]] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    return env
+
+
+def _class_arg(classes: Sequence[Any]) -> str:
+    return ",".join(c if isinstance(c, str) else "|".join(c) for c in classes)
+
+
+def request_training(
+    settings: Settings,
+    reason: str,
+    *,
+    classes: Sequence[Any] | None = None,
+    background: Sequence[Any] = (),
+    project: int | None = None,
+) -> bool:
+    """Start a detached trainer unless one is running. Returns True if started. Takes milliseconds.
+
+    The trainer's output goes to ``MODEL_DIR/runs/train-<timestamp>.log``. ``classes``/``background``: the
+    project's labels (default: the labels found in the store).
+    """
+    lock = acquire_training_lock(settings.model_dir)
+    if lock is None:
+        log.info("training requested (%s) but one is running", reason)
+        return False
+    try:
+        runs = Path(settings.model_dir) / "runs"
+        runs.mkdir(parents=True, exist_ok=True)
+        log_path = runs / f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        cmd = [sys.executable, "-m", "labelstudio_maskclip.training.train", "--service", "--reason", reason,
+               "--lock-fd", str(lock.fileno())]  # fmt: skip
+        if classes:
+            cmd += ["--labels", _class_arg(classes)]
+        if background:
+            cmd += ["--background", _class_arg(background)]
+        if project is not None:
+            cmd += ["--project", str(project)]
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                pass_fds=(lock.fileno(),), env=_settings_env(settings), cwd=os.getcwd(),
+            )  # fmt: skip
+        (Path(settings.model_dir) / _STAMP).touch()
+    finally:
+        lock.close()  # the child's inherited descriptor keeps the lock
+    threading.Thread(target=proc.wait, name=f"reap-trainer-{proc.pid}", daemon=True).start()  # no zombie
+    log.info("training started (%s): pid %d, log %s", reason, proc.pid, log_path)
+    return True
+
+
+def should_train(settings: Settings, store: Any, project: int | None = None) -> bool:
+    """The every-N rule: ``train_every_n`` > 0 and at least that many annotations since the last training."""
+    n = settings.train_every_n
+    return n > 0 and store.count_since_last_training(project) >= n
+
+
+def maybe_train(settings: Settings, store: Any, reason: str = "new annotations", **kwargs: Any) -> bool:
+    """For the webhook: :func:`request_training` when :func:`should_train`. Returns True if started."""
+    return should_train(settings, store, kwargs.get("project")) and request_training(settings, reason, **kwargs)
+
+
+def maybe_interval(settings: Settings, store: Any, *, now: float | None = None, **kwargs: Any) -> bool:
+    """The interval rule: ``train_interval_minutes`` > 0, that long since a trigger last started training
+    (or never), and at least one annotation since the last training. Returns True if started."""
+    minutes = settings.train_interval_minutes
+    if minutes <= 0:
+        return False
+    stamp = Path(settings.model_dir) / _STAMP
+    last = stamp.stat().st_mtime if stamp.exists() else None
+    now = time.time() if now is None else now
+    if last is not None and now - last < minutes * 60:
+        return False
+    if store.count_since_last_training(kwargs.get("project")) == 0:
+        return False
+    return request_training(settings, f"interval {minutes:g} min", **kwargs)
