@@ -5,7 +5,7 @@ LABEL_STUDIO_VENV ?= .ls-venv
 PORT ?= 9090
 export LABEL_STUDIO_VENV
 
-.PHONY: serve test install install-label-studio bench clean
+.PHONY: serve test lint install install-label-studio bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +21,15 @@ install-label-studio:
 serve: install
 	$(VENV)/bin/labelstudio-maskclip serve --port $(PORT)
 
-# Unit tests and end-to-end tests against a real Label Studio started on loopback by the tests.
-test: install install-label-studio
+# Lint, format check and type check (configured in pyproject.toml), then unit tests and end-to-end tests
+# against a real Label Studio started on loopback by the tests.
+test: install install-label-studio lint
 	$(VENV)/bin/python -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check labelstudio_maskclip tests benchmarks scripts
+	$(VENV)/bin/ruff format --check labelstudio_maskclip tests benchmarks scripts
+	$(VENV)/bin/mypy
 
 bench: install
 	$(VENV)/bin/python benchmarks/run.py
