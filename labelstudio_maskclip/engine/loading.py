@@ -87,7 +87,8 @@ def load_clip(
     dev = resolve_device(device)
     dtype = resolve_dtype(precision, dev)
     pretrained = (pretrained or "").strip()
-    model_name, weights = name, pretrained
+    model_name: str = name
+    weights: str | None = pretrained
     if pretrained.lower() in RANDOM:
         if not allow_random:
             raise WeightsError(
@@ -128,8 +129,8 @@ def load_clip(
     return LoadedCLIP(
         model=clip,
         tokenizer=open_clip.get_tokenizer(model_name),
-        mean=tuple(float(m) for m in norm.mean),
-        std=tuple(float(s) for s in norm.std),
+        mean=(float(norm.mean[0]), float(norm.mean[1]), float(norm.mean[2])),
+        std=(float(norm.std[0]), float(norm.std[1]), float(norm.std[2])),
         name=name,
         pretrained=pretrained if weights is not None or model_name != name else "random",
         device=dev,

@@ -145,8 +145,9 @@ def _coco_annotations(
 
 
 def _samples(source: Store | Iterable[Sample]) -> Iterable[Sample]:
-    accepted = getattr(source, "accepted_samples", None)
-    return accepted() if callable(accepted) else source
+    from .store import Store
+
+    return source.accepted_samples() if isinstance(source, Store) else source
 
 
 def export_coco(
