@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     if name in ("MaskCLIP", "Segmentation", "SegmentOptions", "NO_LABEL"):
-        from . import segmenter
+        from .engine import segmenter
 
         return getattr(segmenter, name)
     if name == "Settings":

@@ -49,6 +49,8 @@ class Settings:
     stride: int = field(default=224, metadata=_env("MASKCLIP_STRIDE"))
     key_smoothing: bool = field(default=True, metadata=_env("MASKCLIP_KEY_SMOOTHING"))
     prompt_denoising: bool = field(default=True, metadata=_env("MASKCLIP_PROMPT_DENOISING"))
+    # "pamr": pixel-adaptive mask refinement (as NACLIP reports it) after the other refinements; "none": off.
+    refine: str = field(default="none", metadata=_env("MASKCLIP_REFINE"))
     temperature: float = field(default=100.0, metadata=_env("MASKCLIP_TEMPERATURE"))
     # A pixel whose best class probability is below this belongs to no label.
     min_confidence: float = field(default=0.0, metadata=_env("MASKCLIP_MIN_CONFIDENCE"))
@@ -111,6 +113,8 @@ class Settings:
     def validated(self) -> Settings:
         if self.dense_mode not in DENSE_MODES:
             raise SettingsError(f"MASKCLIP_DENSE_MODE={self.dense_mode!r}: choose one of {', '.join(DENSE_MODES)}")
+        if self.refine not in ("none", "pamr"):
+            raise SettingsError(f"MASKCLIP_REFINE={self.refine!r}: choose none or pamr")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise SettingsError(f"MASKCLIP_PRECISION={self.precision!r}: choose auto, fp32, bf16 or fp16")
         if self.promote not in ("better", "always"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -228,6 +230,40 @@ def test_prompt_denoising_removes_classes_whose_peak_is_below_half():
     torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([6 / 7, 0.0, 1 / 7]))
     flat = torch.full((1, 4, 2, 2), 0.25)  # every class below 0.5: the best one is kept
     assert (prompt_denoising(flat).flatten(2).amax(-1) > 0).sum() == 1
+
+
+def test_pamr_refinement_runs_on_the_resized_image_in_the_same_batch(vit, monkeypatch):
+    from labelstudio_maskclip.engine.refine import pamr
+
+    rng = np.random.default_rng(7)
+    images = [rng.integers(0, 256, (40, 56, 3), dtype=np.uint8) for _ in range(2)]
+    opts = SegmentOptions(short_side=32, refine="pamr", key_smoothing=False, prompt_denoising=False)
+    calls = []
+    monkeypatch.setattr(seg_mod, "pamr", lambda image, probs: calls.append(len(image)) or pamr(image, probs))
+    out = vit.segment(images, ["cat", "dog"], opts=opts)
+    size = vit.input_size(40, 56, 32)
+    assert calls == [2] and size == (32, 48)  # one call for the batch of two
+    pixels = vit.preprocess(images, size)
+    expected = pamr(pixels, vit.grid_probs(pixels, vit.text_embeddings(["cat", "dog"]), opts))
+    for r, e in zip(out, expected):
+        assert r.grid_probs.shape == (2, 32, 48) and r.labels.shape == (40, 56)
+        np.testing.assert_allclose(r.grid_probs, e.numpy(), rtol=1e-5, atol=1e-6)
+    plain = vit.segment(images[:1], ["cat", "dog"], opts=dataclasses.replace(opts, refine="none"))[0]
+    assert plain.grid_probs.shape == (2, 4, 6)
+    monkeypatch.setattr(seg_mod, "REFINE_MAX_SIDE", 24)  # the refined resolution is capped
+    assert vit.segment(images[:1], ["cat", "dog"], opts=opts)[0].grid_probs.shape == (2, 16, 24)
+    with pytest.raises(ValueError, match="refinement"):
+        vit.segment(images, ["cat"], opts=dataclasses.replace(opts, refine="crf"))
+
+
+def test_refine_setting_reaches_the_engine():
+    from labelstudio_maskclip.models import segment_options
+    from labelstudio_maskclip.settings import Settings, SettingsError
+
+    assert segment_options(Settings()).refine == "none"
+    assert segment_options(Settings.from_env({"MASKCLIP_REFINE": "pamr"})).refine == "pamr"
+    with pytest.raises(SettingsError, match="MASKCLIP_REFINE"):
+        Settings.from_env({"MASKCLIP_REFINE": "crf"})
 
 
 # --- segmentation output ---------------------------------------------------------------------------

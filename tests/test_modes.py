@@ -193,3 +193,96 @@ def test_naclip_window_is_the_authors_gaussian(tower):
     torch.testing.assert_close(ours, _their_window(3, 5, 5.0), rtol=1e-6, atol=1e-7)
     assert float(ours[1, 2]) == pytest.approx(math.exp(-1 / 50))  # neighbours one patch apart
     assert float(ours[1, 15]) == pytest.approx(math.exp(-(2**2 + 4**2) / 50))  # opposite corners of 3 x 5
+
+
+# --- PAMR, as NACLIP and SCLIP apply it ----------------------------------------------------------------
+
+
+def _their_pamr(image: torch.Tensor, mask: torch.Tensor, iterations: int, dilations: tuple[int, ...]) -> torch.Tensor:
+    """PAMR the authors' way (their pamr.py, from 1-stage-wseg): 3 x 3 kernels applied as dilated convolutions
+    with replicated borders; the mask first resized to the image, bilinear with align_corners=True."""
+    mask = F.interpolate(mask, size=image.shape[-2:], mode="bilinear", align_corners=True)
+    ring = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1), (2, 2)]
+    copy = torch.zeros(8, 1, 3, 3)  # picks each of the 8 neighbours
+    for i, (a, b) in enumerate(ring):
+        copy[i, 0, a, b] = 1
+    diff = copy.clone().neg()  # centre minus neighbour
+    diff[:, 0, 1, 1] = 1
+    all9 = torch.zeros(9, 1, 3, 3)  # the 3 x 3 neighbourhood, centre included
+    for i in range(9):
+        all9[i, 0, i // 3, i % 3] = 1
+
+    def local(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, P, H, W)
+        b, c, h, w = x.shape
+        x = x.reshape(b * c, 1, h, w)
+        outs = [F.conv2d(F.pad(x, [d] * 4, mode="replicate"), kernel, dilation=d) for d in dilations]
+        return torch.cat(outs, 1).reshape(b, c, -1, h, w)
+
+    std = local(image, all9).std(2, keepdim=True)
+    aff = (-local(image, diff).abs() / (1e-8 + 0.1 * std)).mean(1, keepdim=True).softmax(2)  # (B, 1, P, H, W)
+    for _ in range(iterations):
+        mask = (local(mask, copy) * aff).sum(2)
+    return mask
+
+
+def test_pamr_equals_the_authors_module_on_a_small_case():
+    from labelstudio_maskclip.engine.refine import PAMR_DILATIONS, PAMR_ITERATIONS, pamr_average, pamr_weights
+
+    assert (PAMR_ITERATIONS, PAMR_DILATIONS) == (10, (8, 16))  # NACLIP's defaults
+    g = torch.Generator().manual_seed(3)
+    image = torch.randn(2, 3, 40, 48, generator=g)
+    mask = torch.randn(2, 4, 40, 48, generator=g)
+    weights = pamr_weights(image)
+    assert weights.shape == (2, 16, 40, 48)
+    torch.testing.assert_close(weights.sum(1), torch.ones(2, 40, 48))
+    ours = pamr_average(mask, weights)
+    torch.testing.assert_close(ours, _their_pamr(image, mask, 10, (8, 16)), rtol=1e-5, atol=1e-5)
+    # other dilations and iteration counts follow the same rule
+    ours = pamr_average(mask, pamr_weights(image, (1, 3)), (1, 3), 2)
+    torch.testing.assert_close(ours, _their_pamr(image, mask, 2, (1, 3)), rtol=1e-5, atol=1e-5)
+    # the image's mean/std normalisation does not change the weights
+    torch.testing.assert_close(pamr_weights(image * 3.0 + 1.0), weights, rtol=1e-4, atol=1e-6)
+
+
+def test_pamr_of_probabilities_is_the_authors_pamr_of_logits_then_softmax():
+    """NACLIP: cosine logits on the grid -> bilinear to the image -> PAMR -> softmax(40 * .). Ours refines
+    the probabilities softmax(40 * logits) on the grid and gives the same distribution."""
+    from labelstudio_maskclip.engine.refine import pamr
+
+    g = torch.Generator().manual_seed(4)
+    image = torch.randn(1, 3, 48, 64, generator=g)
+    logits = 0.2 * torch.randn(1, 5, 3, 4, generator=g)
+    up = F.interpolate(logits, size=(48, 64), mode="bilinear", align_corners=False)
+    theirs = (40 * _their_pamr(image, up, 10, (8, 16))).softmax(1)
+    ours = pamr(image, (40 * logits).softmax(1))
+    assert ours.shape == (1, 5, 48, 64)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert _rel((40 * up).softmax(1), theirs) > 1e-2  # and the refinement did change the map
+    # a class removed by prompt denoising stays removed; the rest is still a distribution
+    probs = (40 * logits).softmax(1)
+    probs[:, 2] = 0
+    probs = probs / probs.sum(1, keepdim=True)
+    out = pamr(image, probs)
+    assert float(out[:, 2].abs().max()) == 0.0
+    torch.testing.assert_close(out.sum(1), torch.ones(1, 48, 64))
+
+
+def test_pamr_moves_a_blurred_boundary_onto_the_image_edge():
+    """A dark left half and a bright right half; the grid says 'left class' up to the middle but the
+    upsampled map blurs it over a band; PAMR puts the boundary on the edge."""
+    from labelstudio_maskclip.engine.refine import pamr
+
+    image = torch.zeros(1, 3, 64, 64)
+    image[..., 36:] = 1.0  # the edge sits between columns 35 and 36
+    image += 0.01 * torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    grid = torch.zeros(1, 2, 4, 4)
+    grid[:, 0, :, :2] = 1.0  # grid columns 0-1 (pixels 0-31) say class 0, columns 2-3 class 1
+    grid[:, 1, :, 2:] = 1.0
+    probs = (10 * grid).softmax(1)
+    blurred = F.interpolate(probs, size=(64, 64), mode="bilinear", align_corners=False).argmax(1)
+    refined = pamr(image, probs).argmax(1)
+    truth = torch.zeros(1, 64, 64, dtype=torch.long)
+    truth[..., 36:] = 1
+    assert (blurred != truth).sum() > 0
+    assert (refined == truth).float().mean() > (blurred == truth).float().mean()
+    assert (refined == truth).all()
