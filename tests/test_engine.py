@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -220,6 +221,34 @@ def test_key_smoothing_averages_over_similar_keys():
     orthogonal = torch.eye(3)[None]
     torch.testing.assert_close(key_smoothing(probs, orthogonal), probs)
     torch.testing.assert_close(out.sum(1), torch.ones(1, 1, 3))
+
+
+def test_key_smoothing_by_hand_cosine_of_keys_clipped_at_zero_rows_summing_to_one():
+    """Keys (1, 0), (3, 3), (0, 2), (-1, 0): cosines 1/sqrt2 between neighbours, 0 or negative (clipped)
+    otherwise; lengths do not matter (cosine along the channel axis)."""
+    keys = torch.tensor([[[1.0, 0.0], [3.0, 3.0], [0.0, 2.0], [-1.0, 0.0]]])  # (1, 4 patches, C=2)
+    probs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 4)
+    r2 = math.sqrt(2)
+    end, mid = (2 - r2, r2 - 1), (1 - 1 / r2, r2 - 1)  # weights (self, neighbour): 1 / (1 + 1/r2), ...
+    expected = torch.tensor(
+        [
+            [end[0], end[1]],  # patch 0: itself (class 0) and patch 1 (class 1)
+            [2 * mid[0], mid[1]],  # patch 1: patches 0 and 2 (class 0) and itself (class 1)
+            [end[0], end[1]],  # patch 2: itself (class 0) and patch 1 (class 1)
+            [0.0, 1.0],  # patch 3: opposite to patch 0, orthogonal to 2: only itself
+        ]
+    ).T.reshape(1, 2, 1, 4)
+    torch.testing.assert_close(key_smoothing(probs, keys), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_probabilities_are_softmax_of_temperature_times_cosine(vit):
+    emb = vit.text_embeddings(["cat", "dog", "tree"], templates=["{}"])
+    px = _pixels(8, 32, 32)
+    cos = vit.dense_logits(px, emb, mode="maskclip")
+    assert SegmentOptions().temperature == 100.0
+    for t in (100.0, 7.0):
+        opts = SegmentOptions(temperature=t, key_smoothing=False, prompt_denoising=False)
+        torch.testing.assert_close(vit.grid_probs(px, emb, opts), (t * cos).softmax(1), rtol=1e-5, atol=1e-6)
 
 
 def test_prompt_denoising_removes_classes_whose_peak_is_below_half():
