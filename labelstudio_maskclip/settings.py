@@ -39,7 +39,9 @@ class Settings:
     cache_dir: str = field(default="", metadata=_env("MASKCLIP_CACHE_DIR"))  # open_clip download cache
 
     # --- dense prediction --------------------------------------------------------------------------
-    dense_mode: str = field(default="maskclip", metadata=_env("MASKCLIP_DENSE_MODE"))
+    # NACLIP: the best published of the modes proven equal to their authors' code (README, "Dense modes");
+    # "maskclip" for MaskCLIP itself (and for ResNet encoders, which support only it).
+    dense_mode: str = field(default="naclip", metadata=_env("MASKCLIP_DENSE_MODE"))
     templates: str = field(default="maskclip85", metadata=_env("MASKCLIP_TEMPLATES"))  # name or file path
     short_side: int = field(default=448, metadata=_env("MASKCLIP_SHORT_SIDE"))  # resize before the encoder
     # Resized sides are rounded to about this many pixels (a multiple of the encoder stride), so images of

@@ -82,7 +82,7 @@ def dense_features(visual: torch.nn.Module, pixels: torch.Tensor, mode: str = "m
         raise ValueError(f"input size {tuple(pixels.shape[-2:])} is not a multiple of the stride {stride}")
     if hasattr(visual, "attnpool"):
         if mode != "maskclip":
-            raise ValueError(f"dense mode {mode!r} needs a ViT; ResNet encoders support only 'maskclip'")
+            raise ValueError(f"dense mode {mode!r} needs a ViT; ResNet encoders support only 'maskclip' (set it)")
         return _resnet_dense(visual, pixels)
     return _vit_dense(visual, pixels, mode)
 

@@ -74,10 +74,12 @@ def pamr_weights(image: torch.Tensor, dilations: tuple[int, ...] = PAMR_DILATION
     A per-channel affine change of the image (its mean/std normalisation) leaves the weights unchanged.
     """
     x = image.float()
-    neighbours = [n for d in dilations for n in _shifted(x, d)]  # P x (B, 3, H, W)
-    spread = torch.stack(neighbours + [x] * len(dilations), dim=2).std(dim=2)  # (B, 3, H, W)
-    diff = torch.stack([(x - n).abs() for n in neighbours], dim=2)  # (B, 3, P, H, W)
-    return (-diff / (1e-8 + 0.1 * spread[:, :, None])).mean(1).softmax(1)  # (B, P, H, W)
+    neighbours = [n for d in dilations for n in _shifted(x, d)]  # P x (B, 3, H, W), views
+    count = len(neighbours) + len(dilations)  # the centre once per dilation
+    mean = (sum(neighbours) + len(dilations) * x) / count
+    var = (sum((n - mean).square() for n in neighbours) + len(dilations) * (x - mean).square()) / (count - 1)
+    inv = 1.0 / (1e-8 + 0.1 * var.sqrt())  # (B, 3, H, W)
+    return torch.stack([-((x - n).abs() * inv).mean(1) for n in neighbours], dim=1).softmax(1)  # (B, P, H, W)
 
 
 def pamr_average(
@@ -93,7 +95,7 @@ def pamr_average(
         p = 0
         for d in dilations:
             for n in _shifted(mask, d):
-                out += weights[:, p : p + 1] * n
+                out.addcmul_(weights[:, p : p + 1], n)
                 p += 1
         mask = out
     return mask
