@@ -45,13 +45,15 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batches", default="1,8")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--sizes", default="448x448,448x640", help="input sizes HxW, comma-separated")
+    p.add_argument("--classes", default="21,171", help="class counts, comma-separated")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     print(f"device {a.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print("| input | classes | batch | wall ms per image | CPU ms per image |\n|---|---|---|---|---|")
-    for h, w in ((448, 448), (448, 640)):
-        for k in (21, 171):
+    for h, w in (tuple(int(v) for v in hw.split("x")) for hw in a.sizes.split(",")):
+        for k in (int(x) for x in a.classes.split(",")):
             for b in (int(x) for x in a.batches.split(",")):
                 g = torch.Generator().manual_seed(0)
                 image = torch.randn(b, 3, h, w, generator=g).to(a.device)
