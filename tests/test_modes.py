@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from labelstudio_maskclip.engine.dense import dense_features
 
-SIZES = [(224, 224, 1), (160, 288, 2)]  # (H, W, batch)
+SIZES = [(224, 224, 1), (160, 288, 1)]  # (H, W, batch)
 TOL = 1e-4  # relative error of the dense logits
 
 
