@@ -31,6 +31,7 @@ def segment_options(s: Settings) -> SegmentOptions:
         stride=s.stride,
         key_smoothing=s.key_smoothing,
         prompt_denoising=s.prompt_denoising,
+        refine=s.refine,
         temperature=s.temperature,
         min_confidence=s.min_confidence,
         batch_size=s.batch_size,

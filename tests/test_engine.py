@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -220,6 +223,34 @@ def test_key_smoothing_averages_over_similar_keys():
     torch.testing.assert_close(out.sum(1), torch.ones(1, 1, 3))
 
 
+def test_key_smoothing_by_hand_cosine_of_keys_clipped_at_zero_rows_summing_to_one():
+    """Keys (1, 0), (3, 3), (0, 2), (-1, 0): cosines 1/sqrt2 between neighbours, 0 or negative (clipped)
+    otherwise; lengths do not matter (cosine along the channel axis)."""
+    keys = torch.tensor([[[1.0, 0.0], [3.0, 3.0], [0.0, 2.0], [-1.0, 0.0]]])  # (1, 4 patches, C=2)
+    probs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 4)
+    r2 = math.sqrt(2)
+    end, mid = (2 - r2, r2 - 1), (1 - 1 / r2, r2 - 1)  # weights (self, neighbour): 1 / (1 + 1/r2), ...
+    expected = torch.tensor(
+        [
+            [end[0], end[1]],  # patch 0: itself (class 0) and patch 1 (class 1)
+            [2 * mid[0], mid[1]],  # patch 1: patches 0 and 2 (class 0) and itself (class 1)
+            [end[0], end[1]],  # patch 2: itself (class 0) and patch 1 (class 1)
+            [0.0, 1.0],  # patch 3: opposite to patch 0, orthogonal to 2: only itself
+        ]
+    ).T.reshape(1, 2, 1, 4)
+    torch.testing.assert_close(key_smoothing(probs, keys), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_probabilities_are_softmax_of_temperature_times_cosine(vit):
+    emb = vit.text_embeddings(["cat", "dog", "tree"], templates=["{}"])
+    px = _pixels(8, 32, 32)
+    cos = vit.dense_logits(px, emb, mode="maskclip")
+    assert SegmentOptions().temperature == 100.0
+    for t in (100.0, 7.0):
+        opts = SegmentOptions(temperature=t, key_smoothing=False, prompt_denoising=False)
+        torch.testing.assert_close(vit.grid_probs(px, emb, opts), (t * cos).softmax(1), rtol=1e-5, atol=1e-6)
+
+
 def test_prompt_denoising_removes_classes_whose_peak_is_below_half():
     probs = torch.tensor([[0.6, 0.2], [0.3, 0.2], [0.1, 0.6]]).reshape(1, 3, 1, 2)  # class 1 peaks at 0.3
     out = prompt_denoising(probs)
@@ -228,6 +259,40 @@ def test_prompt_denoising_removes_classes_whose_peak_is_below_half():
     torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([6 / 7, 0.0, 1 / 7]))
     flat = torch.full((1, 4, 2, 2), 0.25)  # every class below 0.5: the best one is kept
     assert (prompt_denoising(flat).flatten(2).amax(-1) > 0).sum() == 1
+
+
+def test_pamr_refinement_runs_on_the_resized_image_in_the_same_batch(vit, monkeypatch):
+    from labelstudio_maskclip.engine.refine import pamr
+
+    rng = np.random.default_rng(7)
+    images = [rng.integers(0, 256, (40, 56, 3), dtype=np.uint8) for _ in range(2)]
+    opts = SegmentOptions(short_side=32, refine="pamr", key_smoothing=False, prompt_denoising=False)
+    calls = []
+    monkeypatch.setattr(seg_mod, "pamr", lambda image, probs: calls.append(len(image)) or pamr(image, probs))
+    out = vit.segment(images, ["cat", "dog"], opts=opts)
+    size = vit.input_size(40, 56, 32)
+    assert calls == [2] and size == (32, 48)  # one call for the batch of two
+    pixels = vit.preprocess(images, size)
+    expected = pamr(pixels, vit.grid_probs(pixels, vit.text_embeddings(["cat", "dog"]), opts))
+    for r, e in zip(out, expected):
+        assert r.grid_probs.shape == (2, 32, 48) and r.labels.shape == (40, 56)
+        np.testing.assert_allclose(r.grid_probs, e.numpy(), rtol=1e-5, atol=1e-6)
+    plain = vit.segment(images[:1], ["cat", "dog"], opts=dataclasses.replace(opts, refine="none"))[0]
+    assert plain.grid_probs.shape == (2, 4, 6)
+    monkeypatch.setattr(seg_mod, "REFINE_MAX_SIDE", 24)  # the refined resolution is capped
+    assert vit.segment(images[:1], ["cat", "dog"], opts=opts)[0].grid_probs.shape == (2, 16, 24)
+    with pytest.raises(ValueError, match="refinement"):
+        vit.segment(images, ["cat"], opts=dataclasses.replace(opts, refine="crf"))
+
+
+def test_refine_setting_reaches_the_engine():
+    from labelstudio_maskclip.models import segment_options
+    from labelstudio_maskclip.settings import Settings, SettingsError
+
+    assert segment_options(Settings()).refine == "none"
+    assert segment_options(Settings.from_env({"MASKCLIP_REFINE": "pamr"})).refine == "pamr"
+    with pytest.raises(SettingsError, match="MASKCLIP_REFINE"):
+        Settings.from_env({"MASKCLIP_REFINE": "crf"})
 
 
 # --- segmentation output ---------------------------------------------------------------------------

@@ -323,3 +323,41 @@ def test_unknown_protocol_and_public_surface(tiny_settings, tmp_path):
     assert [len(getattr(cn, n)) for n in ("VOC20", "CONTEXT59", "COCO_STUFF171", "ADE150", "CITYSCAPES19")] == [
         20, 59, 171, 150, 19,
     ]  # fmt: skip
+
+
+# --- from query names to ground-truth labels -----------------------------------------------------------
+
+
+class _ScriptedSegmenter:
+    """Answers every image with a fixed label map (query indices, -1 = no label); records what it was asked."""
+
+    def __init__(self, labels: np.ndarray):
+        self.labels, self.asked = labels, []
+
+    def segment(self, images, classes, background, opts):
+        self.asked.append((list(classes), tuple(background), opts.short_side))
+        return [type("R", (), {"labels": self.labels.astype(np.int16)})() for _ in images]
+
+
+def test_queries_map_to_ground_truth_labels_around_a_background_in_the_middle():
+    """Classes (cat, background, dog|puppy, tree): the segmenter is asked for cat, dog|puppy, tree (queries
+    0, 1, 2) with the background's names as background queries; query k answers ground-truth label
+    to_gt[k], and a pixel with no label (a background query won or low confidence) the background label."""
+    classes = (("cat",), ("background", "sky", "wall"), ("dog", "puppy"), ("tree",))
+    ds = ev.EvalSet("t", classes, (), background=1, background_queries=("sky", "wall"))
+    queries, to_gt = ds.queries()
+    assert queries == [("cat",), ("dog", "puppy"), ("tree",)] and to_gt.tolist() == [0, 2, 3]
+    seg = _ScriptedSegmenter(np.array([[0, 1, 2, -1]]))
+    from labelstudio_maskclip.engine.segmenter import SegmentOptions
+
+    opts = SegmentOptions(short_side=0)
+    predict = ev.maskclip_predictor(seg, ds, opts, (2048, 512))
+    pred = predict(np.zeros((1, 4, 3), dtype=np.uint8))
+    np.testing.assert_array_equal(pred, [[0, 2, 3, 1]])
+    assert seg.asked == [([("cat",), ("dog", "puppy"), ("tree",)], ("sky", "wall"), 512)]
+    # without a background class, no label is the ignore index and every class is a query
+    plain = ev.EvalSet("t", (("cat",), ("dog",)), ())
+    assert plain.queries()[1].tolist() == [0, 1]
+    seg = _ScriptedSegmenter(np.array([[1, -1, 0]]))
+    pred = ev.maskclip_predictor(seg, plain, opts, (2048, 512))(np.zeros((1, 3, 3), dtype=np.uint8))
+    np.testing.assert_array_equal(pred, [[1, ev.IGNORE, 0]])

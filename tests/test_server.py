@@ -72,7 +72,7 @@ def test_health_and_setup_report_the_model_version(client):
     assert client.get("/health").get_json()["status"] == "UP"
     reply = client.post("/setup", json={"project": "1.17", "schema": BRUSH})
     assert reply.status_code == 200
-    assert reply.get_json()["model_version"] == "maskclip-MaskCLIP-Tiny-ViT.tiny.pt-maskclip"
+    assert reply.get_json()["model_version"] == "maskclip-MaskCLIP-Tiny-ViT.tiny.pt-naclip"  # the default mode
 
 
 def test_setup_refuses_a_config_without_a_usable_control(client):

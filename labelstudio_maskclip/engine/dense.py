@@ -16,10 +16,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DenseOutput", "dense_features", "resize_pos_embed", "output_stride", "DENSE_MODES"]
+__all__ = ["DenseOutput", "dense_features", "resize_pos_embed", "output_stride", "DENSE_MODES", "POS_RESIZE"]
 
 DENSE_MODES = ("maskclip", "sclip", "clearclip", "naclip")
 NACLIP_SIGMA = 5.0  # std of NACLIP's Gaussian neighbourhood, in patches
+# How each mode's authors resize the positional embedding to another grid (see resize_pos_embed):
+# MaskCLIP (mmsegmentation) to the target size; SCLIP, ClearCLIP and NACLIP by the factor (n + 0.1) / g.
+POS_RESIZE = {"maskclip": "size", "sclip": "factor", "clearclip": "factor", "naclip": "factor"}
 
 
 @dataclass
@@ -38,10 +41,13 @@ def output_stride(visual: torch.nn.Module) -> int:
     raise TypeError(f"unsupported image tower {type(visual).__name__}: MaskCLIP needs a ViT or ModifiedResNet")
 
 
-def resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+def resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int], by: str = "size") -> torch.Tensor:
     """(1 + g*g, W) positional embedding -> (1 + h*w, W) for grid (h, w).
 
     The class token's row is kept; the patch rows are resized as a (g, g) image, bicubic, align_corners=False.
+    ``by="size"`` samples with the exact ratio h / g (MaskCLIP's mmsegmentation code); ``by="factor"`` with
+    the ratio (h + 0.1) / g, as the DINO-derived code of SCLIP, ClearCLIP and NACLIP does (same output
+    size, slightly different sampling positions).
     """
     n = pos.shape[0] - 1
     g = int(round(math.sqrt(n)))
@@ -50,7 +56,15 @@ def resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     if (g, g) == tuple(grid):
         return pos
     patches = pos[1:].float().reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, W, g, g)
-    patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False)
+    if by == "size":
+        patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False)
+    elif by == "factor":
+        factor = ((grid[0] + 0.1) / g, (grid[1] + 0.1) / g)
+        patches = F.interpolate(
+            patches, scale_factor=factor, mode="bicubic", align_corners=False, recompute_scale_factor=False
+        )
+    else:
+        raise ValueError(f"unknown resize {by!r}: 'size' or 'factor'")
     patches = patches.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)  # (h*w, W)
     return torch.cat([pos[:1], patches.to(pos.dtype)])
 
@@ -68,7 +82,7 @@ def dense_features(visual: torch.nn.Module, pixels: torch.Tensor, mode: str = "m
         raise ValueError(f"input size {tuple(pixels.shape[-2:])} is not a multiple of the stride {stride}")
     if hasattr(visual, "attnpool"):
         if mode != "maskclip":
-            raise ValueError(f"dense mode {mode!r} needs a ViT; ResNet encoders support only 'maskclip'")
+            raise ValueError(f"dense mode {mode!r} needs a ViT; ResNet encoders support only 'maskclip' (set it)")
         return _resnet_dense(visual, pixels)
     return _vit_dense(visual, pixels, mode)
 
@@ -79,7 +93,7 @@ def _vit_dense(visual: torch.nn.Module, pixels: torch.Tensor, mode: str) -> Dens
     x = x.flatten(2).transpose(1, 2)  # (B, h*w, W)
     cls = visual.class_embedding.to(x.dtype).expand(b, 1, width)
     x = torch.cat([cls, x], dim=1)  # (B, 1+h*w, W)
-    x = x + resize_pos_embed(visual.positional_embedding, (h, w)).to(x.dtype)
+    x = x + resize_pos_embed(visual.positional_embedding, (h, w), POS_RESIZE[mode]).to(x.dtype)
     x = visual.ln_pre(x)
     blocks = visual.transformer.resblocks
     batch_first = getattr(visual.transformer, "batch_first", False)  # open_clip < 2.26: sequence first

@@ -2,8 +2,9 @@
 
 Pipeline per batch: resize (short side ``short_side``, sides rounded to the encoder's stride) -> dense
 features (whole image or sliding window) -> cosine logits against the class text embeddings ->
-``softmax(temperature * logits)`` -> key smoothing (per window) -> prompt denoising -> probabilities
-upsampled to the original size in chunks of classes -> label map, confidence, per-class scores.
+``softmax(temperature * logits)`` -> key smoothing (per window) -> prompt denoising -> optionally PAMR
+(``refine="pamr"``) at the resized image's resolution -> probabilities upsampled to the original size in
+chunks of classes -> label map, confidence, per-class scores.
 
 Rules for the output (also in the README):
 - A pixel belongs to the label with the highest probability. It belongs to **no label** (``NO_LABEL``)
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from .dense import DENSE_MODES, dense_features, output_stride
 from .loading import LoadedCLIP, load_clip
-from .refine import key_smoothing, prompt_denoising
+from .refine import REFINEMENTS, key_smoothing, pamr, prompt_denoising
 from .text import ClassNames, encode_classes, normalize_classes, resolve_templates
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
 
 NO_LABEL = -1
 _UPSAMPLE_BUDGET = 2**28  # elements per interpolate call, far below INT_MAX
+REFINE_MAX_SIDE = 896  # PAMR runs at the resized image's resolution, its long side capped at this
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class SegmentOptions:
     stride: int = 224  # sliding-window stride
     key_smoothing: bool = True
     prompt_denoising: bool = True
+    refine: str = "none"  # "pamr": pixel-adaptive mask refinement at the resized image's resolution
     temperature: float = 100.0  # softmax(temperature * cosine logits)
     min_confidence: float = 0.0  # winning probability below this -> NO_LABEL
     batch_size: int = 16
@@ -58,7 +61,7 @@ class Segmentation:
 
     labels: np.ndarray  # (H, W) int16: index into the label classes, NO_LABEL where no label
     confidence: np.ndarray  # (H, W) float32: the winning class's probability
-    grid_probs: np.ndarray  # (K + Kb, h, w) float32 on the encoder grid: label classes, then background
+    grid_probs: np.ndarray  # (K + Kb, h, w) float32 on the encoder grid (with PAMR: the refined resolution)
     class_scores: np.ndarray  # (K,) float32: mean confidence over the label's pixels, 0 if absent
     class_areas: np.ndarray  # (K,) int64: pixels per label
     score: float  # mean confidence over labelled pixels
@@ -182,6 +185,20 @@ class MaskCLIP:
             probs = prompt_denoising(probs)
         return probs
 
+    @torch.inference_mode()
+    def refined_probs(self, pixels: torch.Tensor, emb: torch.Tensor, opts: SegmentOptions) -> torch.Tensor:
+        """:meth:`grid_probs`, then ``opts.refine``: (B, K, h, w), or with ``"pamr"`` (B, K, H', W') at the
+        resolution of ``pixels`` (B, 3, H, W), its long side at most ``REFINE_MAX_SIDE``."""
+        probs = self.grid_probs(pixels, emb, opts)
+        if opts.refine == "pamr":
+            image = pixels.to(self.device, torch.float32)
+            if max(image.shape[-2:]) > REFINE_MAX_SIDE:
+                f = REFINE_MAX_SIDE / max(image.shape[-2:])
+                size = (max(1, round(image.shape[-2] * f)), max(1, round(image.shape[-1] * f)))
+                image = F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)
+            probs = pamr(image, probs)
+        return probs
+
     def _window_probs(self, pixels: torch.Tensor, emb: torch.Tensor, opts: SegmentOptions) -> torch.Tensor:
         out = dense_features(self.clip.model.visual, pixels.to(self.device, self.clip.dtype), opts.mode)
         logits = torch.einsum("bdhw,kd->bkhw", out.features, emb.to(self.device, torch.float32))
@@ -218,11 +235,13 @@ class MaskCLIP:
         called with the number of images finished after each batch."""
         if opts.mode not in DENSE_MODES:
             raise ValueError(f"unknown dense mode {opts.mode!r}")
+        if opts.refine not in REFINEMENTS:
+            raise ValueError(f"unknown refinement {opts.refine!r}; choose one of {', '.join(REFINEMENTS)}")
         emb = self.text_embeddings(list(classes) + list(background))  # (K + Kb, D)
         return segment_in_batches(
             images,
             lambda h, w: self.input_size(h, w, opts.short_side, opts.size_multiple),
-            lambda batch, size: self.grid_probs(self.preprocess(batch, size), emb, opts),
+            lambda batch, size: self.refined_probs(self.preprocess(batch, size), emb, opts),
             n_labels=len(classes),
             batch_size=opts.batch_size,
             min_confidence=opts.min_confidence,
