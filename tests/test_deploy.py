@@ -59,3 +59,12 @@ def test_compose_gives_label_studio_the_documented_settings_that_the_end_to_end_
     tested = {k: v for k, v in harness.items() if k in address_names}
     assert tested == LABEL_STUDIO_SETTINGS["same machine"] and tested.keys() == documented.keys()
     assert "Connect Model -> http://maskclip:9090" in (ROOT / "docker" / "docker-compose.yml").read_text()
+
+
+def test_readme_same_machine_settings_are_the_tested_ones():
+    from labelstudio_maskclip.labelstudio.network import LABEL_STUDIO_SETTINGS
+
+    readme = (ROOT / "README.md").read_text()
+    for name, value in LABEL_STUDIO_SETTINGS["same machine"].items():
+        assert f"export {name}={value}\n" in readme, name
+    assert "403 URL resolves to a reserved network address (block: 127.0.0.0/8)" in readme
