@@ -59,7 +59,7 @@ class LabelStudioServer:
         self,
         workdir: Path,
         venv: Path | None = None,
-        start_timeout: float = 180.0,
+        start_timeout: float = 600.0,
         address_settings: Mapping[str, str] | None = None,
     ):
         self.workdir = Path(workdir)

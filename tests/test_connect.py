@@ -103,7 +103,7 @@ def test_with_the_documented_settings_connect_webhook_predictions_and_doctor(lab
         api.import_files(pid, [COCO128_PHOTOS / n for n in NAMES])
         ml = api.connect_ml_backend(pid, backend.url, title="maskclip", auth_method="BASIC_AUTH",
                                     basic_auth_user="ls", basic_auth_pass="pw")  # fmt: skip
-        assert api.get_ml_backend(ml["id"])["state"] == "CO"
+        assert api.get_ml_backend(ml["id"])["state"] in ("CO", "CONNECTED")
         hooks = [h for h in api.request("GET", "/api/webhooks/", params={"project": pid})
                  if h["url"] == backend.url + "/webhook"]  # fmt: skip
         assert len(hooks) == 1  # Label Studio may call it: the webhook was created on connect

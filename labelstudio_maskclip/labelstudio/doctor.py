@@ -215,7 +215,7 @@ def check_label_studio(settings: Settings):
     try:
         version = api.request("GET", "/api/version")
         release = version.get("release") or version.get("label-studio-os-package", {}).get("version", "?")
-    except LabelStudioAPIError:
+    except (LabelStudioAPIError, ImageError):
         release = "unknown"
     found.append(Finding("Label Studio", "ok", f"Label Studio {release} reachable at {url}"))
     if release not in ("unknown", "?") and not str(release).startswith("1.23"):
@@ -350,7 +350,8 @@ def check_address(settings: Settings, api, url: str, *, given: bool) -> list[Fin
         addresses, host = [], url
         local = f"(it does not resolve from here: {e})"
     else:
-        local = f"({host} is {', '.join(addresses)} from here)"
+        local = "" if addresses == [host] else f"({host} is {', '.join(addresses)} from here)"
+    where = f"{url} {local}" if local else url
     blocked_here = {ip: network.blocking_subnet(ip) for ip in addresses}
     default_ranges = sorted({s for s in blocked_here.values() if s})
     ml_status, ml_detail = _probe(api, "/api/ml", url)
@@ -369,7 +370,7 @@ def check_address(settings: Settings, api, url: str, *, given: bool) -> list[Fin
             "SSRF_PROTECTION_ENABLED=false. README, 'Connect it to Label Studio', says what each gives up"
         )  # fmt: skip
         said = "; ".join(f"{what}: 403 {detail}" for what, detail in refused)
-        found.append(Finding("address block", "fail", f"Label Studio refuses {url} {local}: {said}", fix))
+        found.append(Finding("address block", "fail", f"Label Studio refuses {where}: {said}", fix))
         return found
     unresolved = [detail for status, detail in ((ml_status, ml_detail), (hook_status, hook_detail)) if status >= 500]
     if unresolved:
@@ -378,10 +379,10 @@ def check_address(settings: Settings, api, url: str, *, given: bool) -> list[Fin
                              "http://maskclip:9090)"))  # fmt: skip
         return found
     if default_ranges:
-        found.append(Finding("address block", "ok", f"{url} {local} is in {', '.join(default_ranges)}, which Label "
+        found.append(Finding("address block", "ok", f"{where} is in {', '.join(default_ranges)}, which Label "
                              "Studio blocks by default; this Label Studio accepts it (its block is relaxed)"))  # fmt: skip
     else:
-        found.append(Finding("address block", "ok", f"{url} {local} is not in a range Label Studio blocks"
+        found.append(Finding("address block", "ok", f"{where} is not in a range Label Studio blocks"
                              + ("" if given else "; pass --backend-url with the URL you will connect")))  # fmt: skip
     return found
 
@@ -474,12 +475,17 @@ def check_predictions(settings: Settings, api, project: Mapping[str, Any], spec)
         found.append(Finding("predictions", "warn", "'Use predictions to prelabel tasks' is off: annotators do not "
                              "see the masks", "Project -> Settings -> Annotation (or Model): turn on 'Use "
                              "predictions to prelabel tasks'"))  # fmt: skip
-    elif project.get("model_version") and project.get("model_version") != version:
+    elif project.get("model_version") not in ("", None, version, *_backend_titles(api, project["id"])):
         found.append(Finding("predictions", "note", f"the project shows predictions of model version "
                              f"{project.get('model_version')!r} as prelabels, while {version} is served now",
                              "Project -> Settings -> Annotation: choose the current model version, or leave it; "
                              "Label Studio asks the backend for the current version when it needs predictions"))  # fmt: skip
     return found
+
+
+def _backend_titles(api, project_id: int) -> list[str]:
+    """Titles of the connected backends: a project's model_version naming one means "the live model"."""
+    return [str(ml.get("title")) for ml in _ml_backends(api, project_id)]
 
 
 def _task_versions(api, project_id: int, page_size: int = 500):
@@ -488,7 +494,8 @@ def _task_versions(api, project_id: int, page_size: int = 500):
 
     page = 1
     while True:
-        params = {"project": project_id, "page": page, "page_size": page_size, "fields": "task_only",
+        # Label Studio 1.23 fills predictions_model_versions only with fields=all; include keeps it light.
+        params = {"project": project_id, "page": page, "page_size": page_size, "fields": "all",
                   "include": "id,predictions_model_versions"}  # fmt: skip
         try:
             body = api.request("GET", "/api/tasks", params=params)
@@ -497,8 +504,12 @@ def _task_versions(api, project_id: int, page_size: int = 500):
                 return
             raise
         tasks = body.get("tasks", []) if isinstance(body, dict) else body
+        total = body.get("total") if isinstance(body, dict) else None
         for task in tasks:
-            yield set(task.get("predictions_model_versions") or [])
-        if not tasks or page * page_size >= (body.get("total") or 0 if isinstance(body, dict) else 0):
+            versions = task.get("predictions_model_versions") or []
+            if isinstance(versions, str):  # "v1,v2" (a string in 1.23)
+                versions = versions.split(",")
+            yield {str(v).strip() for v in versions if str(v).strip()}
+        if not tasks or (total is not None and page * page_size >= total):
             return
         page += 1
