@@ -91,7 +91,13 @@ def diagnose(
     findings += ls_findings
     if project is not None:
         if api is None:
-            findings.append(Finding("project", "fail", f"project {project} not checked: Label Studio is not reachable"))
+            findings.append(
+                Finding(
+                    "project",
+                    "fail",
+                    f"project {project} not checked: Label Studio is not reachable or refused the token (see above)",
+                )
+            )
         else:
             findings += _guard("project", lambda: check_project(settings, api, project, backend_url))
     return findings
