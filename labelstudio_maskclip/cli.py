@@ -153,14 +153,6 @@ def _cmd_preannotate(args: argparse.Namespace) -> int:
     return 1 if r.failed else 0
 
 
-def _cmd_doctor(args: argparse.Namespace) -> int:
-    from .labelstudio.doctor import blocks_preannotation, diagnose, render, to_json
-
-    findings = diagnose(_settings(args), args.project, backend_url=args.backend_url, load_weights=not args.no_weights)
-    print(to_json(findings) if args.json else render(findings))
-    return 1 if blocks_preannotation(findings) else 0
-
-
 def _categories(args: argparse.Namespace, s: Settings, store) -> list[str]:
     """Export categories: the labeling config's labels in order (file or project), else the store's."""
     from .labelstudio.labeling import parse_label_config
@@ -299,6 +291,14 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
         log.error("%s", e)
         return 2
     return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .labelstudio.doctor import blocks_preannotation, diagnose, render, to_json
+
+    findings = diagnose(_settings(args), args.project, backend_url=args.backend_url, load_weights=not args.no_weights)
+    print(to_json(findings) if args.json else render(findings))
+    return 1 if blocks_preannotation(findings) else 0
 
 
 def _env_overrides(args: argparse.Namespace) -> dict[str, object]:
