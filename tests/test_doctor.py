@@ -102,3 +102,52 @@ def test_cli_exit_status_and_json(tmp_path, capsys, monkeypatch):
     assert main(["doctor", "--no-weights", "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["blocked"] is True and {f["topic"] for f in report["findings"]} >= {"model dir", "Label Studio"}
+
+
+class _FakeLabelStudio:
+    """Just enough of LabelStudioAPI for the address probes: POST answers by path."""
+
+    def __init__(self, answers: dict[str, tuple[int, str]]):
+        self.url, self.answers = "http://ls", answers
+        self.session = self
+        self.fetcher = self
+        self.posted: list[dict] = []
+
+    def auth_headers(self, url):
+        return {}
+
+    def post(self, url, json, headers, timeout):
+        self.posted.append(json)
+        status, detail = self.answers[url[len(self.url) :]]
+
+        class Reply:
+            status_code, text = status, detail
+
+            def json(self):
+                return {"detail": detail}
+
+        return Reply()
+
+
+BLOCKED = (403, "URL resolves to a reserved network address (block: 127.0.0.0/8)")
+PASSED = (400, "Validation error")
+
+
+@pytest.mark.parametrize(
+    ("ml", "hook", "status", "words"),
+    [(BLOCKED, BLOCKED, "fail", "Label Studio refuses http://127.0.0.1:9090: Connect Model: 403 URL resolves"),
+     (PASSED, BLOCKED, "warn", "may call http://127.0.0.1:9090 as an ML backend but refuses its webhook"),
+     (PASSED, PASSED, "ok", "is in 127.0.0.0/8, which Label Studio blocks by default; this Label Studio accepts it"),
+     ((500, "Can't resolve hostname x"), PASSED, "fail", "cannot use http://127.0.0.1:9090: Can't resolve")],
+)  # fmt: skip
+def test_address_verdict_comes_from_label_studio_and_names_the_fix(ml, hook, status, words):
+    from labelstudio_maskclip.labelstudio.doctor import check_address
+    from labelstudio_maskclip.labelstudio.network import LABEL_STUDIO_SETTINGS
+
+    ls = _FakeLabelStudio({"/api/ml": ml, "/api/webhooks/": hook})
+    [finding] = check_address(Settings(), ls, "http://127.0.0.1:9090", given=True)
+    assert finding.status == status and words in finding.message
+    assert all(p["project"] == 0 for p in ls.posted)  # no real project: Label Studio creates nothing
+    if status != "ok" and ml[0] != 500:
+        for name, value in LABEL_STUDIO_SETTINGS["same machine"].items():
+            assert f"{name}={value}" in finding.fix

@@ -376,7 +376,13 @@ def check_address(settings: Settings, api, url: str, *, given: bool) -> list[Fin
             "SSRF_PROTECTION_ENABLED=false. README, 'Connect it to Label Studio', says what each gives up"
         )  # fmt: skip
         said = "; ".join(f"{what}: 403 {detail}" for what, detail in refused)
-        found.append(Finding("address block", "fail", f"Label Studio refuses {where}: {said}", fix))
+        if ml_status == 403:
+            found.append(Finding("address block", "fail", f"Label Studio refuses {where}: {said}", fix))
+        else:  # ML_BLOCK_LOCAL_IP=false alone: predictions work, the webhook does not (Connect Model said 403)
+            found.append(Finding("address block", "warn", f"Label Studio may call {where} as an ML backend but "
+                                 f"refuses its webhook ({said}; SSRF_PROTECTION_ENABLED is on): annotations never "
+                                 "reach the backend. Connect Model answered 403 although it saved the model",
+                                 fix + ". Then add the webhook: disconnect and connect the model again"))  # fmt: skip
         return found
     unresolved = [detail for status, detail in ((ml_status, ml_detail), (hook_status, hook_detail)) if status >= 500]
     if unresolved:
