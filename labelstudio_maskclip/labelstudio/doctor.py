@@ -30,7 +30,7 @@ from typing import Any, Literal
 from ..settings import Settings
 from . import network
 
-__all__ = ["Finding", "diagnose", "render", "blocks_preannotation", "DEFAULT_BACKEND_URL"]
+__all__ = ["Finding", "diagnose", "render", "to_json", "blocks_preannotation", "DEFAULT_BACKEND_URL"]
 
 Status = Literal["ok", "note", "warn", "fail"]
 
