@@ -293,6 +293,14 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .labelstudio.doctor import blocks_preannotation, diagnose, render, to_json
+
+    findings = diagnose(_settings(args), args.project, backend_url=args.backend_url, load_weights=not args.no_weights)
+    print(to_json(findings) if args.json else render(findings))
+    return 1 if blocks_preannotation(findings) else 0
+
+
 def _env_overrides(args: argparse.Namespace) -> dict[str, object]:
     """CLI model flags as environment variables, for child processes (gunicorn workers, the trainer)."""
     from .settings import ENV
@@ -387,6 +395,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rollback", help="serve an earlier student again, or 'maskclip' for the teacher")
     p.add_argument("version", help="e.g. maskclip+-2, or maskclip")
     p.set_defaults(func=_cmd_rollback)
+
+    p = sub.add_parser("doctor", help="check weights, MODEL_DIR, Label Studio, a project's connection; explain fixes")
+    p.add_argument("--project", type=int, help="also check this Label Studio project: config, ML backend, webhook")
+    p.add_argument("--backend-url", help="the URL Label Studio should use for this backend, checked against its "
+                   "address block when the project has no ML backend yet (default http://127.0.0.1:9090)")  # fmt: skip
+    p.add_argument("--no-weights", action="store_true", help="skip loading the CLIP weights")
+    p.add_argument("--json", action="store_true", help="findings as JSON")
+    _model_flags(p)
+    p.set_defaults(func=_cmd_doctor)
 
     p = sub.add_parser("serve", help="run the Label Studio ML backend (gunicorn)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")

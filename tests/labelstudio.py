@@ -2,8 +2,11 @@
 
 The server is ``label-studio start`` from its own virtualenv (``LABEL_STUDIO_VENV``, default
 ``.ls-venv`` in the repository root; ``scripts/install-label-studio.sh`` creates it), with a temporary
-data dir, SQLite, a generated legacy API token and the settings that let it call a backend on
-127.0.0.1 (see ``docs/label-studio.md``).
+data dir, SQLite, a generated legacy API token and, unless told otherwise, the settings the README documents
+for a backend on the same machine (``LABEL_STUDIO_SETTINGS["same machine"]`` in
+``labelstudio_maskclip/labelstudio/network.py``, the list ``docker/docker-compose.yml`` is checked against):
+Label Studio's address checks stay on, and it may call loopback addresses. ``address_settings={}`` starts it
+with its defaults (loopback and private networks blocked).
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import requests
+
+from labelstudio_maskclip.labelstudio.network import LABEL_STUDIO_SETTINGS, SWITCHES
 
 __all__ = ["LabelStudioAPI", "LabelStudioServer", "LabelStudioUnavailable", "free_port"]
 
@@ -50,8 +55,16 @@ class LabelStudioServer:
     Use as a context manager, or call ``start()`` / ``stop()``.
     """
 
-    def __init__(self, workdir: Path, venv: Path | None = None, start_timeout: float = 180.0):
+    def __init__(
+        self,
+        workdir: Path,
+        venv: Path | None = None,
+        start_timeout: float = 600.0,
+        address_settings: Mapping[str, str] | None = None,
+    ):
         self.workdir = Path(workdir)
+        same_machine = LABEL_STUDIO_SETTINGS["same machine"]
+        self.address_settings = dict(same_machine if address_settings is None else address_settings)
         self.venv = label_studio_venv() if venv is None else Path(venv)
         self.start_timeout = start_timeout
         self.token = secrets.token_hex(20)  # 40 hex chars, the legacy token format
@@ -64,8 +77,11 @@ class LabelStudioServer:
 
     def environment(self) -> dict[str, str]:
         data_dir = self.workdir / "data"
+        # The caller's own address settings never leak in: Label Studio gets exactly ``address_settings``.
+        inherited = {k: v for k, v in os.environ.items() if k not in (*SWITCHES, "USER_ADDITIONAL_BANNED_SUBNETS")}
         return {
-            **os.environ,
+            **inherited,
+            **self.address_settings,
             "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
             "DJANGO_DB": "sqlite",
             "LABEL_STUDIO_USERNAME": "admin@example.com",
@@ -73,8 +89,6 @@ class LabelStudioServer:
             "LABEL_STUDIO_USER_TOKEN": self.token,
             "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
             "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
-            "ML_BLOCK_LOCAL_IP": "false",
-            "SSRF_PROTECTION_ENABLED": "false",
             "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
             "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(self.files_root),
             "LATEST_VERSION_CHECK": "false",  # no PyPI lookup at start

@@ -31,3 +31,40 @@ def test_dockerfile_env_names_are_settings_and_it_runs_as_non_root():
     for name in ("MODEL_DIR", "MASKCLIP_CACHE_DIR"):
         assert re.search(rf"\b{name}=", text) and name in ENV.values()
     assert 'CMD ["labelstudio-maskclip", "serve"' in text
+
+
+def test_compose_gives_label_studio_the_documented_settings_that_the_end_to_end_tests_use(tmp_path):
+    """Label Studio in compose may call maskclip's fixed address and nothing else it blocks by default; the
+    settings come from the one list (network.LABEL_STUDIO_SETTINGS) that the e2e harness starts Label Studio
+    with, so what the tests prove is what compose runs."""
+    from labelstudio_maskclip.labelstudio.network import (
+        COMPOSE_BACKEND_ADDRESS,
+        COMPOSE_SUBNET,
+        LABEL_STUDIO_SETTINGS,
+        SWITCHES,
+    )
+    from tests.labelstudio import LabelStudioServer
+
+    compose = yaml.safe_load((ROOT / "docker" / "docker-compose.yml").read_text())
+    services = compose["services"]
+    ls_env = dict(entry.split("=", 1) for entry in services["label-studio"]["environment"])
+    documented = LABEL_STUDIO_SETTINGS["docker compose"]
+    address_names = {*SWITCHES, "USER_ADDITIONAL_BANNED_SUBNETS"}
+    assert {k: v for k, v in ls_env.items() if k in address_names} == documented
+    assert services["maskclip"]["networks"]["maskclip-net"]["ipv4_address"] == COMPOSE_BACKEND_ADDRESS
+    assert services["label-studio"]["networks"] == ["maskclip-net"]
+    assert compose["networks"]["maskclip-net"]["ipam"]["config"][0]["subnet"] == COMPOSE_SUBNET
+    # the e2e harness: the same settings, for its backend on loopback
+    harness = LabelStudioServer(tmp_path).environment()
+    tested = {k: v for k, v in harness.items() if k in address_names}
+    assert tested == LABEL_STUDIO_SETTINGS["same machine"] and tested.keys() == documented.keys()
+    assert "Connect Model -> http://maskclip:9090" in (ROOT / "docker" / "docker-compose.yml").read_text()
+
+
+def test_readme_same_machine_settings_are_the_tested_ones():
+    from labelstudio_maskclip.labelstudio.network import LABEL_STUDIO_SETTINGS
+
+    readme = (ROOT / "README.md").read_text()
+    for name, value in LABEL_STUDIO_SETTINGS["same machine"].items():
+        assert f"export {name}={value}\n" in readme, name
+    assert "403 URL resolves to a reserved network address (block: 127.0.0.0/8)" in readme

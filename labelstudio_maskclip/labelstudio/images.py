@@ -434,6 +434,11 @@ class ImageFetcher:
         """The ``Authorization`` header for ``url`` (empty unless it is Label Studio's origin)."""
         return self._headers(url)
 
+    @property
+    def uses_personal_access_token(self) -> bool:
+        """True when the API key is a personal access token (refreshed for access tokens), False for a legacy one."""
+        return bool(self._api_key) and self._is_pat()
+
     def refresh_auth(self) -> None:
         """Exchange the personal access token again (after a 401); no-op for a legacy token."""
         if self._api_key and self._is_pat():

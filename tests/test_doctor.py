@@ -1,0 +1,153 @@
+"""`labelstudio-maskclip doctor` without Label Studio: the backend's own machine, the verdict, the output.
+
+Against a real Label Studio (address block on and off): tests/test_connect.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from labelstudio_maskclip.cli import main
+from labelstudio_maskclip.labelstudio.doctor import (
+    Finding,
+    _allowed_ranges,
+    blocks_preannotation,
+    check_label_studio,
+    check_model_dir,
+    check_weights,
+    render,
+)
+from labelstudio_maskclip.labelstudio.network import LOOPBACK
+from labelstudio_maskclip.settings import Settings
+from tests.labelstudio import free_port
+from tests.tiny import TINY_VIT, save_random_state
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return save_random_state(TINY_VIT, tmp_path_factory.mktemp("w") / "tiny.pt")
+
+
+def test_weights_that_load_name_model_device_and_precision(weights):
+    found = check_weights(Settings(model=TINY_VIT, pretrained=str(weights), device="cpu"))
+    assert found[0].status == "ok" and not blocks_preannotation(found)
+    assert "MaskCLIP-Tiny-ViT" in found[0].message and "cpu" in found[0].message and "float32" in found[0].message
+
+
+def test_weights_that_cannot_load_block_and_name_the_setting(tmp_path):
+    found = check_weights(Settings(model=TINY_VIT, pretrained=str(tmp_path / "missing.pt"), device="cpu"))
+    assert blocks_preannotation(found)
+    assert "MASKCLIP_PRETRAINED" in found[0].message and "local checkpoint" in found[0].fix
+
+
+def test_model_dir_writable_and_store_healthy(tmp_path):
+    found = check_model_dir(Settings(model_dir=str(tmp_path / "md")))
+    assert [f.status for f in found] == ["ok"] and "healthy" in found[0].message
+    assert "no annotations stored yet" in found[0].message and "MaskCLIP" in found[0].message
+
+
+def test_model_dir_that_cannot_be_written_is_a_warning_with_the_fix(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    found = check_model_dir(Settings(model_dir=str(blocker / "model_dir")))
+    assert [f.status for f in found] == ["warn"] and not blocks_preannotation(found)
+    assert "not writable" in found[0].message and "MODEL_DIR" in found[0].fix
+
+
+def test_damaged_store_is_reported(tmp_path):
+    from labelstudio_maskclip.learning.store import Store
+
+    store = Store(tmp_path)
+    conn = store._conn()
+    conn.execute("PRAGMA foreign_keys = OFF")  # what a half-copied or hand-edited file can look like
+    conn.execute("INSERT INTO masks (annotation_id, label, source, height, width, area, counts) "
+                 "VALUES (99, 'x', 'brush', 1, 1, 1, '')")  # fmt: skip
+    store.close()
+    found = check_model_dir(Settings(model_dir=str(tmp_path)))
+    assert found[0].status == "warn" and "damaged" in found[0].message and "backfill" in found[0].fix
+
+
+def test_label_studio_missing_or_unreachable_blocks():
+    found, api = check_label_studio(Settings())
+    assert api is None and blocks_preannotation(found) and "LABEL_STUDIO_URL is not set" in found[0].message
+    url = f"http://127.0.0.1:{free_port()}"
+    found, api = check_label_studio(Settings(label_studio_url=url, label_studio_api_key="x"))
+    assert api is None and blocks_preannotation(found) and url in found[0].message
+
+
+def test_what_to_allow_for_an_address():
+    assert _allowed_ranges(["127.0.0.1"]) == list(LOOPBACK)
+    assert _allowed_ranges(["10.1.2.3", "::1"]) == ["10.1.2.3/32", *LOOPBACK]
+    assert _allowed_ranges(["93.184.216.34"]) == []
+
+
+def test_render_says_what_blocks_and_shows_each_fix():
+    findings = [
+        Finding("weights", "ok", "loaded"),
+        Finding("webhook", "warn", "missing", "add it"),
+        Finding("address block", "fail", "refused", "line one\nline two"),
+    ]
+    text = render(findings)
+    assert "[FAIL] address block: refused" in text and "fix: line one" in text and "            line two" in text
+    assert "Pre-annotation is blocked: fix address block" in text
+    assert "should work" in render(findings[:2]) and "in order" in render(findings[:1])
+
+
+def test_cli_exit_status_and_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "md"))
+    assert main(["doctor", "--no-weights"]) == 1  # no LABEL_STUDIO_URL
+    assert "LABEL_STUDIO_URL is not set" in capsys.readouterr().out
+    assert main(["doctor", "--no-weights", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["blocked"] is True and {f["topic"] for f in report["findings"]} >= {"model dir", "Label Studio"}
+
+
+class _FakeLabelStudio:
+    """Just enough of LabelStudioAPI for the address probes: POST answers by path."""
+
+    def __init__(self, answers: dict[str, tuple[int, str]]):
+        self.url, self.answers = "http://ls", answers
+        self.session = self
+        self.fetcher = self
+        self.posted: list[dict] = []
+
+    def auth_headers(self, url):
+        return {}
+
+    def post(self, url, json, headers, timeout):
+        self.posted.append(json)
+        status, detail = self.answers[url[len(self.url) :]]
+
+        class Reply:
+            status_code, text = status, detail
+
+            def json(self):
+                return {"detail": detail}
+
+        return Reply()
+
+
+BLOCKED = (403, "URL resolves to a reserved network address (block: 127.0.0.0/8)")
+PASSED = (400, "Validation error")
+
+
+@pytest.mark.parametrize(
+    ("ml", "hook", "status", "words"),
+    [(BLOCKED, BLOCKED, "fail", "Label Studio refuses http://127.0.0.1:9090: Connect Model: 403 URL resolves"),
+     (PASSED, BLOCKED, "warn", "may call http://127.0.0.1:9090 as an ML backend but refuses its webhook"),
+     (PASSED, PASSED, "ok", "is in 127.0.0.0/8, which Label Studio blocks by default; this Label Studio accepts it"),
+     ((500, "Can't resolve hostname x"), PASSED, "fail", "cannot use http://127.0.0.1:9090: Can't resolve")],
+)  # fmt: skip
+def test_address_verdict_comes_from_label_studio_and_names_the_fix(ml, hook, status, words):
+    from labelstudio_maskclip.labelstudio.doctor import check_address
+    from labelstudio_maskclip.labelstudio.network import LABEL_STUDIO_SETTINGS
+
+    ls = _FakeLabelStudio({"/api/ml": ml, "/api/webhooks/": hook})
+    [finding] = check_address(Settings(), ls, "http://127.0.0.1:9090", given=True)
+    assert finding.status == status and words in finding.message
+    assert all(p["project"] == 0 for p in ls.posted)  # no real project: Label Studio creates nothing
+    if status != "ok" and ml[0] != 500:
+        for name, value in LABEL_STUDIO_SETTINGS["same machine"].items():
+            assert f"{name}={value}" in finding.fix
