@@ -238,7 +238,7 @@ def _check_outputs(out: Path, m: dict, n: int, names: tuple[str, ...]) -> None:
 
 def test_voc_samples_end_to_end(tiny_settings, tmp_path):
     ds = ev.load_dataset("folder", VOC_SAMPLES)
-    assert len(ds.samples) == 14 and ds.names[0] == "background" and ds.background == 0
+    assert len(ds.samples) == 5 and ds.names[0] == "background" and ds.background == 0
     assert ds.background_queries == ("background",) and len(ds.names) == 21
     out = tmp_path / "whole"
     m = ev.run_eval(tiny_settings, "folder", VOC_SAMPLES, out, protocol="whole512", limit=3, overlays=2, progress=False)

@@ -2,14 +2,45 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import labelstudio_maskclip
 
-MODULES = sorted(m.name for m in pkgutil.iter_modules(labelstudio_maskclip.__path__))
+PACKAGE = Path(labelstudio_maskclip.__file__).parent
+MODULES = sorted(m.name for m in pkgutil.walk_packages(labelstudio_maskclip.__path__) if not m.ispkg)
+SUBPACKAGES = sorted(m.name for m in pkgutil.iter_modules(labelstudio_maskclip.__path__) if m.ispkg)
+
+
+def test_the_layout_is_the_pipeline():
+    assert SUBPACKAGES == ["engine", "evaluation", "labelstudio", "learning", "masks", "training"]
+
+
+def _package_imports(path: Path) -> set[str]:
+    """Top-level names of this package that a module imports (relative or absolute), e.g. {"settings"}."""
+    rel = path.relative_to(PACKAGE).parts[:-1]  # the module's subpackage, () at the top
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = list(rel[: len(rel) - (node.level - 1)]) if node.level - 1 <= len(rel) else []
+                parts = base + (node.module.split(".") if node.module else [a.name for a in node.names])
+            elif node.module and node.module.startswith("labelstudio_maskclip."):
+                parts = node.module.split(".")[1:]
+            else:
+                continue
+            found.add(parts[0] if parts else "")
+    return found
+
+
+def test_engine_and_masks_import_nothing_of_the_rest():
+    for sub in ("engine", "masks"):
+        for path in (PACKAGE / sub).glob("*.py"):
+            assert _package_imports(path) <= {sub}, f"{path.name} reaches outside {sub}/"
 
 
 def test_every_module_declares_its_public_names_and_they_exist():

@@ -229,8 +229,8 @@ def test_time_budget_leaves_the_rest_for_later_with_a_reason(settings):
 
 
 def test_a_damaged_student_checkpoint_falls_back_to_maskclip(settings, tmp_path):
-    from labelstudio_maskclip import checkpoints as ck
     from labelstudio_maskclip.files import write_atomic
+    from labelstudio_maskclip.training import checkpoints as ck
 
     damaged = settings.replace(model_dir=str(tmp_path))
     write_atomic(ck.checkpoint_path(tmp_path, "maskclip+-1"), b"not a checkpoint")
