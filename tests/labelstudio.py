@@ -50,7 +50,7 @@ class LabelStudioServer:
     Use as a context manager, or call ``start()`` / ``stop()``.
     """
 
-    def __init__(self, workdir: Path, venv: Path | None = None, start_timeout: float = 180.0):
+    def __init__(self, workdir: Path, venv: Path | None = None, start_timeout: float = 600.0):
         self.workdir = Path(workdir)
         self.venv = label_studio_venv() if venv is None else Path(venv)
         self.start_timeout = start_timeout
