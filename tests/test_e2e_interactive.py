@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import requests
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
@@ -104,9 +105,16 @@ def test_a_box_gives_a_mask_inside_the_box(setup):
     assert ys.min() >= int(0.1 * height) - 1 and ys.max() <= int(0.7 * height) + 1
 
 
-def test_an_unusable_context_reaches_the_editor_as_an_error(setup):
+def test_an_unusable_context_is_refused_with_its_reason(setup, label_studio):
+    """Label Studio 1.23 passes on only the status of a refused interactive call ("400 Client Error"); the
+    reason is in the backend's reply body (and its log), which a direct call shows."""
     api, ml, task = setup
     item = {"type": "keypointlabels", "from_name": "click", "to_name": "image",
             "value": {"x": 10, "y": 10, "keypointlabels": ["Bus"]}}  # fmt: skip
     reply = _ask(api, ml, task, [item])
-    assert "data" not in reply and any("Bus" in e for e in reply["errors"]), reply
+    assert "data" not in reply and any("400" in e for e in reply["errors"]), reply
+    direct = requests.post(f"{ml['url']}/predict", timeout=60, json={
+        "tasks": [api.request("GET", f"/api/tasks/{task['id']}")], "label_config": CONFIG,
+        "params": {"context": {"result": [item]}},
+    })  # fmt: skip
+    assert direct.status_code == 400 and "'Bus'" in direct.json()["error"], direct.text
