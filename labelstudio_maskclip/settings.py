@@ -80,6 +80,9 @@ class Settings:
     # left over get no prediction and are asked for again later (or use `labelstudio-maskclip preannotate`).
     predict_time_budget: float = field(default=75.0, metadata=_env("MASKCLIP_PREDICT_TIME_BUDGET"))
     fetch_threads: int = field(default=8, metadata=_env("MASKCLIP_FETCH_THREADS"))
+    # Interactive prompting keeps each image's decoded pixels and dense features for further clicks and
+    # boxes; this bounds that cache per worker process (MiB).
+    interactive_cache_mb: int = field(default=512, metadata=_env("MASKCLIP_INTERACTIVE_CACHE_MB"))
 
     # --- MaskCLIP+ training ------------------------------------------------------------------------
     train_steps: int = field(default=2000, metadata=_env("MASKCLIP_TRAIN_STEPS"))
@@ -124,7 +127,7 @@ class Settings:
         if self.window and self.stride <= 0:
             raise SettingsError("MASKCLIP_STRIDE must be positive when MASKCLIP_WINDOW is set")
         positive = ("batch_size", "train_steps", "train_batch_size", "train_crop", "max_image_pixels",
-                    "max_download_bytes", "fetch_threads", "workers", "threads")  # fmt: skip
+                    "max_download_bytes", "fetch_threads", "workers", "threads", "interactive_cache_mb")  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{ENV[name]}={getattr(self, name)!r} must be positive")

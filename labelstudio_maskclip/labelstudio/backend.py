@@ -44,6 +44,7 @@ class Runtime:
     _store: Any = None
     _student: tuple[str, Any] | None = None  # (version, model)
     _background: Any = None  # one thread for webhook follow-ups (Label Studio API calls)
+    _features: Any = None  # interactive prompting: per-image pixels and dense features (FeatureCache)
 
     def background(self, fn, *args) -> None:
         """Run ``fn(*args)`` after the webhook has been answered (one worker thread, errors logged)."""
@@ -67,6 +68,15 @@ class Runtime:
 
                 self._fetcher = ImageFetcher.from_settings(self.settings)
             return self._fetcher
+
+    @property
+    def features(self):
+        with self._lock:
+            if self._features is None:
+                from .interactive import FeatureCache
+
+                self._features = FeatureCache(self.settings.interactive_cache_mb * 2**20)
+            return self._features
 
     @property
     def store(self):
@@ -167,10 +177,13 @@ class MaskCLIPBackend:
     # -- predict -------------------------------------------------------------------------------------
     def predict(self, tasks: Sequence[Mapping[str, Any]], context: Any = None) -> dict[str, Any]:
         """One entry per task, in order: a prediction dict, or ``[]`` (no prediction: Label Studio asks
-        again later) for a task that failed, with the reasons under ``errors``."""
+        again later) for a task that failed, with the reasons under ``errors``. A ``context`` with editor
+        regions (interactive prompting) is answered by :meth:`predict_interactive` instead."""
         from ..models import segment_options
         from .regions import prediction
 
+        if isinstance(context, Mapping) and context.get("result"):
+            return self.predict_interactive(tasks, context)
         spec = self.spec()
         targets = self._targets(spec)
         vocab, classes = self.classes(spec)
@@ -223,6 +236,50 @@ class MaskCLIPBackend:
             "results": results,
             "model_version": version,
             "errors": [{"task": f.task_id, "error": f.reason} for f in failures],
+        }
+
+    def predict_interactive(self, tasks: Sequence[Mapping[str, Any]], context: Mapping[str, Any]) -> dict[str, Any]:
+        """One prediction for the one task of an interactive request: the masks of the editor's phrases,
+        clicks and boxes (:mod:`.interactive`). Always the MaskCLIP teacher: prompts need its dense
+        features and text side. An unusable context or image raises :class:`PredictError` (a 400 that
+        Label Studio shows in the editor)."""
+        from ..engine.prompts import encode_image
+        from ..models import segment_options
+        from .interactive import ContextError, parse_context, predict_interactive
+
+        if len(tasks) != 1:
+            raise PredictError(f"an interactive request carries one task, got {len(tasks)}")
+        spec = self.spec()
+        try:
+            prompts = parse_context(context, spec)
+        except ContextError as e:
+            raise PredictError(str(e)) from e
+        key = spec.image_keys[0]
+        url = tasks[0].get("data", {}).get(key) if isinstance(tasks[0], Mapping) else None
+        if not isinstance(url, str) or not url:
+            raise PredictError(f"the task has no image under data.{key}")
+        seg, opts, version = self.rt.teacher, segment_options(self.settings), self.rt.teacher_version()
+
+        def load() -> tuple[Any, int]:
+            got = self._load_image(tasks[0], spec)
+            if isinstance(got, TaskFailure):
+                raise PredictError(f"task {got.task_id}: {got.reason}")
+            dense = encode_image(seg, got, opts)
+            return (got, dense), got.nbytes + dense.nbytes
+
+        start = time.monotonic()
+        image, dense = self.rt.features.get((url, version, opts), load)
+        regions, notes = predict_interactive(
+            seg, image, dense, prompts, spec, key, opts, polygons=self.settings.polygons
+        )
+        log.info("interactive: task %s, %d prompts -> %d regions in %.0f ms", tasks[0].get("id"), len(prompts),
+                 len(regions), 1000 * (time.monotonic() - start))  # fmt: skip
+        score = float(np.mean([r["score"] for r in regions])) if regions else 0.0
+        result = {"result": regions, "score": round(score, 4), "model_version": version}
+        return {
+            "results": [result],
+            "model_version": version,
+            "errors": [{"task": tasks[0].get("id"), "error": n} for n in notes],
         }
 
     @staticmethod

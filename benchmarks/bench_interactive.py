@@ -1,0 +1,86 @@
+"""Interactive prompting latency: the first prompt on an image (decode + image tower + prompt) and the
+repeated ones (feature cache hit: grid-sized work only), through the backend object, no HTTP.
+
+    python benchmarks/bench_interactive.py [--device cpu|cuda] [--repeats 20] [--out BENCHMARKS-interactive.md]
+
+Random ViT-B/16 weights (the speed does not depend on them), short side 448, a 3-label config with
+BrushLabels, on the vendored COCO photos sent as data: URIs. Prints a markdown table of p50/p95 in ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent)]
+
+from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend  # noqa: E402
+from labelstudio_maskclip.settings import Settings  # noqa: E402
+
+PHOTOS = sorted((HERE.parent / "tests" / "data" / "coco128-seg" / "images").glob("*.jpg"))
+CONFIG = """<View><Image name="image" value="$image"/>
+<KeyPointLabels name="click" toName="image"><Label value="person"/><Label value="car"/><Label value="dog"/></KeyPointLabels>
+<RectangleLabels name="box" toName="image"><Label value="person"/><Label value="car"/><Label value="dog"/></RectangleLabels>
+<BrushLabels name="tag" toName="image"><Label value="person"/><Label value="car"/><Label value="dog"/></BrushLabels>
+</View>"""
+
+
+def click(x: float, y: float) -> dict:
+    return {"type": "keypointlabels", "is_positive": True, "value": {"x": x, "y": y, "keypointlabels": ["car"]}}
+
+
+def box(x: float, y: float) -> dict:
+    return {"type": "rectanglelabels", "value": {"x": x, "y": y, "width": 30, "height": 30, "rectanglelabels": ["car"]}}
+
+
+def percentiles(ms: list[float]) -> tuple[float, float]:
+    ordered = sorted(ms)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    model_dir = tempfile.mkdtemp()
+    settings = Settings(pretrained="random", allow_random=True, device=args.device, model_dir=model_dir,
+                        templates="simple", polygons=False)  # fmt: skip
+    backend = MaskCLIPBackend(settings, "1", CONFIG)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    tasks = [{"id": i, "data": {"image": "data:image/jpeg;base64," + base64.b64encode(p.read_bytes()).decode()}}
+             for i, p in enumerate(PHOTOS[: args.repeats + 1])]  # fmt: skip
+    backend.predict([tasks[-1]], {"result": [click(50, 50)]})  # warm-up: model load, text embeddings
+
+    def timed(task: dict, item: dict) -> float:
+        sync()
+        start = time.perf_counter()
+        backend.predict([task], {"result": [item]})
+        sync()
+        return 1000 * (time.perf_counter() - start)
+
+    first = [timed(t, click(50, 50)) for t in tasks[:-1]]  # a new image each time: cache miss
+    again = [timed(t, click(30 + i % 40, 60)) for i, t in enumerate(tasks[:-1])]  # same images: cache hits
+    boxes = [timed(t, box(20, 20)) for t in tasks[:-1]]  # a box runs the tower on its crop
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    rows = ["| prompt | p50 ms | p95 ms | n |", "|---|---|---|---|"]
+    for name, ms in (("first click on an image", first), ("repeated click (cache hit)", again), ("box", boxes)):
+        p50, p95 = percentiles(ms)
+        rows.append(f"| {name} | {p50:.0f} | {p95:.0f} | {len(ms)} |")
+    text = f"ViT-B/16 (random weights), short side 448, 3 labels, {device}\n\n" + "\n".join(rows) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

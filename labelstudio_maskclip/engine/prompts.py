@@ -1,0 +1,192 @@
+"""Interactive prompts on one image: a typed phrase, clicks, a box -> one (H, W) bool mask.
+
+The expensive part of MaskCLIP, the image tower, runs once per image and is kept as a :class:`DenseImage`
+(patch features and keys on the encoder grid); every further prompt on that image costs a few small
+tensor operations on the grid plus one upsampling. Boxes are the exception: they run the tower again on
+the box's own crop, at the model's input size, which is what makes their masks finer than the
+whole-image mask.
+
+Coordinates are pixels of the image as decoded (after EXIF orientation): ``x`` = column, ``y`` = row.
+Masks are (H, W) bool at the image's size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .dense import dense_features
+from .refine import key_smoothing, prompt_denoising
+from .segmenter import MaskCLIP, SegmentOptions
+
+__all__ = ["DenseImage", "encode_image", "grid_probs", "phrase_masks", "click_mask", "box_mask", "CLICK_WEIGHT"]
+
+#: Share of the click score that comes from the feature similarity to the clicked patches; the rest is the
+#: clicked label's probability. Similarity alone follows texture, probability alone ignores the click.
+CLICK_WEIGHT = 0.5
+#: A pixel joins a click's region when its score is at least this share of the score at the click.
+CLICK_RELATIVE_THRESHOLD = 0.6
+
+
+@dataclass
+class DenseImage:
+    """One image's dense state: what every prompt on it reuses.
+
+    features: (D, h, w) float32, L2-normalised along D, on the model's device.
+    keys: (h*w, C) float32 last-layer keys (key smoothing).
+    size: the image's (H, W) in pixels.
+    """
+
+    features: torch.Tensor
+    keys: torch.Tensor
+    size: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return self.features.element_size() * self.features.nelement() + self.keys.element_size() * self.keys.nelement()
+
+
+@torch.inference_mode()
+def encode_image(seg: MaskCLIP, image: np.ndarray, opts: SegmentOptions) -> DenseImage:
+    """Run the image tower once: (H, W, 3) uint8 RGB -> :class:`DenseImage` (whole image, no window)."""
+    height, width = image.shape[:2]
+    size = seg.input_size(height, width, opts.short_side, opts.size_multiple)
+    pixels = seg.preprocess([image], size)  # (1, 3, H', W')
+    out = dense_features(seg.clip.model.visual, pixels.to(seg.device, seg.clip.dtype), opts.mode)
+    return DenseImage(features=out.features[0], keys=out.keys[0], size=(height, width))
+
+
+@torch.inference_mode()
+def grid_probs(dense: DenseImage, emb: torch.Tensor, opts: SegmentOptions) -> torch.Tensor:
+    """(K, h, w) class probabilities on the grid for class embeddings ``emb`` (K, D), with the
+    refinements ``opts`` asks for (the same steps as :meth:`MaskCLIP.grid_probs`)."""
+    logits = torch.einsum("dhw,kd->khw", dense.features, emb.to(dense.features.device, torch.float32))
+    probs = (opts.temperature * logits).softmax(0)[None]  # (1, K, h, w)
+    if opts.key_smoothing:
+        probs = key_smoothing(probs, dense.keys[None])
+    if opts.prompt_denoising:
+        probs = prompt_denoising(probs)
+    return probs[0]
+
+
+def _upsample(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(h, w) or (K, h, w) -> the same at ``size`` (H, W), bilinear."""
+    squeeze = grid.dim() == 2
+    up = F.interpolate(grid.reshape(1, -1, *grid.shape[-2:]).float(), size=size, mode="bilinear", align_corners=False)
+    return up[0, 0] if squeeze else up[0]
+
+
+@torch.inference_mode()
+def phrase_masks(
+    dense: DenseImage, emb: torch.Tensor, n_phrases: int, opts: SegmentOptions
+) -> list[tuple[np.ndarray, float]]:
+    """(mask, score) of the first ``n_phrases`` classes of ``emb`` (phrases first, then background classes:
+    the project's other labels and background words), each pixel to its most probable class; the score is
+    the mean winning probability over the mask (0 for an empty mask)."""
+    probs = _upsample(grid_probs(dense, emb, opts), dense.size)  # (K, H, W)
+    best, winner = probs.max(0)
+    out = []
+    for j in range(n_phrases):
+        mine = winner == j
+        out.append((mine.cpu().numpy(), float(best[mine].mean()) if bool(mine.any()) else 0.0))
+    return out
+
+
+def _grid_cell(point: tuple[float, float], size: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
+    """Pixel (x, y) of an image of ``size`` (H, W) -> (row, col) of the encoder grid ``grid`` (h, w)."""
+    (x, y), (height, width), (h, w) = point, size, grid
+    return min(h - 1, max(0, int(y * h / height))), min(w - 1, max(0, int(x * w / width)))
+
+
+def _similarity(dense: DenseImage, points: Sequence[tuple[float, float]]) -> torch.Tensor:
+    """(h, w) highest cosine similarity of each patch to the patches under ``points`` (-1 when none)."""
+    _, h, w = dense.features.shape
+    if not points:
+        return torch.full((h, w), -1.0, device=dense.features.device)
+    cells = [_grid_cell(p, dense.size, (h, w)) for p in points]
+    anchors = torch.stack([dense.features[:, r, c] for r, c in cells])  # (P, D)
+    return torch.einsum("pd,dhw->phw", anchors, dense.features).amax(0)
+
+
+@torch.inference_mode()
+def click_mask(
+    dense: DenseImage,
+    label_probs: torch.Tensor,
+    positive: Sequence[tuple[float, float]],
+    negative: Sequence[tuple[float, float]] = (),
+) -> tuple[np.ndarray, float]:
+    """The region of the clicked label that contains the positive clicks and none of the negative ones.
+
+    label_probs: (h, w) the clicked label's probability on the grid. Score of a patch:
+    ``CLICK_WEIGHT * similarity to the positive clicks' patches + (1 - CLICK_WEIGHT) * label probability``;
+    patches more similar to a negative click than to every positive one score 0. The score is upsampled to
+    the image, kept where it reaches ``CLICK_RELATIVE_THRESHOLD`` of its value at the click (so the clicked
+    pixel is always in), and only the connected parts that hold a positive click remain. A click on a pixel
+    the model gives to another label still yields a region: the similarity term carries it.
+    Returns the (H, W) bool mask and the label's mean probability over it.
+    """
+    if not positive:
+        raise ValueError("at least one positive click is needed")
+    pos, neg = _similarity(dense, positive), _similarity(dense, negative)
+    score = CLICK_WEIGHT * pos.clamp_min(0) + (1 - CLICK_WEIGHT) * label_probs.to(pos.device)
+    score = torch.where(neg > pos, torch.zeros_like(score), score)
+    up = _upsample(score, dense.size).cpu().numpy()  # (H, W)
+    height, width = dense.size
+    clicks = [(min(height - 1, max(0, int(y))), min(width - 1, max(0, int(x)))) for x, y in positive]
+    keep = np.zeros(dense.size, bool)
+    for r, c in clicks:
+        keep |= up >= CLICK_RELATIVE_THRESHOLD * up[r, c]
+    for x, y in negative:
+        keep[min(height - 1, max(0, int(y))), min(width - 1, max(0, int(x)))] = False
+    _, components = cv2.connectedComponents(keep.astype(np.uint8), connectivity=8)
+    chosen = {components[r, c] for r, c in clicks} - {0}
+    mask = np.isin(components, list(chosen))
+    for r, c in clicks:
+        mask[r, c] = True
+    label_up = _upsample(label_probs, dense.size).cpu().numpy()
+    return mask, float(label_up[mask].mean())
+
+
+def box_mask(
+    seg: MaskCLIP,
+    image: np.ndarray,
+    corners: np.ndarray,
+    label: int,
+    emb: torch.Tensor,
+    opts: SegmentOptions,
+) -> tuple[np.ndarray, float]:
+    """Label ``label``'s mask inside a (possibly rotated) box, segmented on the box's own crop.
+
+    corners: (4, 2) float pixel (x, y) corners of the box. The crop is the box's axis-aligned bounding
+    box, resized to the model's input size, so small boxes get finer masks than the whole image gives.
+    emb: (K, D) embeddings of the project's labels (and background classes after them); each crop pixel
+    goes to its most probable class. When the label wins nowhere in the crop, its pixels of at least half
+    its peak probability are taken instead: the box says the label is there. The mask is clipped to the box.
+    Prompt denoising is off here for the same reason. Returns the (H, W) bool mask and the label's mean
+    probability over it.
+    """
+    height, width = image.shape[:2]
+    inside = np.zeros((height, width), np.uint8)
+    cv2.fillPoly(inside, [np.round(corners).astype(np.int32)], 1)
+    ys, xs = np.nonzero(inside)
+    if len(ys) == 0:
+        raise ValueError("the box covers no pixel of the image")
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    crop = np.ascontiguousarray(image[y0:y1, x0:x1])
+    crop_opts = replace(opts, size_multiple=0, window=0, prompt_denoising=False)
+    dense = encode_image(seg, crop, crop_opts)
+    probs = _upsample(grid_probs(dense, emb, crop_opts), dense.size)  # (K, h_crop, w_crop)
+    mine = probs.argmax(0) == label
+    if not bool(mine.any()):
+        mine = probs[label] >= 0.5 * probs[label].max()
+    mask = np.zeros((height, width), bool)
+    mask[y0:y1, x0:x1] = mine.cpu().numpy()
+    mask &= inside.astype(bool)
+    label_probs = np.zeros((height, width), np.float32)
+    label_probs[y0:y1, x0:x1] = probs[label].cpu().numpy()
+    return mask, float(label_probs[mask].mean()) if mask.any() else 0.0

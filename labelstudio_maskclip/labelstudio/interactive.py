@@ -1,0 +1,291 @@
+"""Interactive prompting: Label Studio's editor context (a typed phrase, clicks, a box) -> mask regions.
+
+With *Interactive preannotations* on, the editor posts to Label Studio's
+``/api/ml/{id}/interactive-annotating``, and Label Studio forwards the task to ``/predict`` with the editor's
+regions under ``params.context.result`` (docs/label-studio.md, "Interactive prompting"). Items use Label
+Studio's region format, coordinates in percent of the image:
+
+- a phrase: ``{"type": "textarea", "value": {"text": ["red car, road"]}}`` (comma-separated phrases);
+- a click: ``{"type": "keypointlabels", "is_positive": true, "value": {"x", "y", "keypointlabels": ["Car"]}}``;
+- a box: ``{"type": "rectanglelabels", "value": {"x", "y", "width", "height", "rotation", "rectanglelabels": [...]}}``.
+
+Each prompt becomes regions of the project's ``BrushLabels`` control (and ``PolygonLabels``, when the
+config has one) for the label it names. The image's dense features are cached per (image URL, model), so
+a second click on the same task costs only the grid-sized part (:mod:`..engine.prompts`).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .labeling import LabelingSpec, Target
+from .regions import brush_region, polygon_regions
+
+__all__ = [
+    "ContextError",
+    "TextPrompt",
+    "ClickPrompt",
+    "BoxPrompt",
+    "parse_context",
+    "percent_to_pixel",
+    "box_corners",
+    "FeatureCache",
+    "BACKGROUND_WORDS",
+]
+
+#: Extra classes a phrase competes with, beside the project's labels: pixels that are none of them.
+BACKGROUND_WORDS = ("background",)
+
+
+class ContextError(ValueError):
+    """The editor's context cannot be used; the message says which item and why."""
+
+
+@dataclass(frozen=True)
+class TextPrompt:
+    phrases: tuple[str, ...]
+
+
+@dataclass
+class ClickPrompt:
+    label: str
+    positive: list[tuple[float, float]] = field(default_factory=list)  # percent (x, y)
+    negative: list[tuple[float, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BoxPrompt:
+    label: str
+    x: float  # percent: top-left corner, size, rotation in degrees clockwise about the top-left corner
+    y: float
+    width: float
+    height: float
+    rotation: float = 0.0
+
+
+Prompt = TextPrompt | ClickPrompt | BoxPrompt
+
+
+def percent_to_pixel(x: float, y: float, size: tuple[int, int]) -> tuple[float, float]:
+    """Label Studio percent coordinates -> pixel (x, y) of an image of ``size`` (H, W)."""
+    height, width = size
+    return x * width / 100.0, y * height / 100.0
+
+
+def box_corners(box: BoxPrompt, size: tuple[int, int]) -> np.ndarray:
+    """(4, 2) pixel (x, y) corners of a rectangle region: top-left, top-right, bottom-right, bottom-left.
+
+    Label Studio stores a rectangle as its top-left corner, width and height in percent of the image, and
+    a rotation in degrees, clockwise on screen, about that corner.
+    """
+    height, width = size
+    x0, y0 = percent_to_pixel(box.x, box.y, size)
+    w, h = box.width * width / 100.0, box.height * height / 100.0
+    t = math.radians(box.rotation)
+    u = np.array([math.cos(t), math.sin(t)]) * w  # along the top edge (y grows downwards)
+    v = np.array([-math.sin(t), math.cos(t)]) * h  # along the left edge
+    p = np.array([x0, y0])
+    return np.stack([p, p + u, p + u + v, p + v])
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ContextError(f"{what} must be a finite number, got {value!r:.40}")
+    return float(value)
+
+
+def _label_of(item: Mapping[str, Any], key: str, spec: LabelingSpec) -> str:
+    labels = item["value"].get(key)
+    if not isinstance(labels, list) or not labels or not isinstance(labels[0], str):
+        raise ContextError(f"a {key} item names no label (value.{key} is {labels!r:.60})")
+    if labels[0] not in spec.vocabulary:
+        raise ContextError(
+            f"label {labels[0]!r} of the {key} item is not a label of the project's BrushLabels/PolygonLabels "
+            f"({', '.join(spec.vocabulary)}); give the {key} control the same <Label> values"
+        )
+    return labels[0]
+
+
+def parse_context(context: Any, spec: LabelingSpec) -> list[Prompt]:
+    """The prompts in an editor context (``{"result": [items]}``); clicks are grouped per label.
+
+    Raises :class:`ContextError` for a context without usable items or with a malformed one.
+    """
+    items = context.get("result") if isinstance(context, Mapping) else None
+    if not isinstance(items, list) or not items:
+        raise ContextError("the interactive context has no 'result' items (a phrase, a click or a box)")
+    prompts: list[Prompt] = []
+    clicks: dict[str, ClickPrompt] = {}
+    for n, item in enumerate(items):
+        if not isinstance(item, Mapping) or not isinstance(item.get("value"), Mapping):
+            raise ContextError(f"context item {n} has no 'value' object")
+        kind = str(item.get("type", "")).lower()
+        value = item["value"]
+        if kind == "textarea":
+            texts = value.get("text")
+            texts = [texts] if isinstance(texts, str) else texts
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                raise ContextError(f"context item {n}: value.text must be a list of strings")
+            phrases = tuple(dict.fromkeys(p.strip() for t in texts for p in t.split(",") if p.strip()))
+            if not phrases:
+                raise ContextError(f"context item {n}: the text prompt is empty")
+            prompts.append(TextPrompt(phrases))
+        elif kind == "keypointlabels":
+            label = _label_of(item, "keypointlabels", spec)
+            point = (_number(value.get("x"), "a click's x"), _number(value.get("y"), "a click's y"))
+            click = clicks.setdefault(label, ClickPrompt(label))
+            (click.positive if item.get("is_positive", True) is not False else click.negative).append(point)
+        elif kind == "rectanglelabels":
+            label = _label_of(item, "rectanglelabels", spec)
+            nums = [_number(value.get(k, 0.0 if k == "rotation" else None), f"a box's {k}") for k in
+                    ("x", "y", "width", "height", "rotation")]  # fmt: skip
+            if nums[2] <= 0 or nums[3] <= 0:
+                raise ContextError(f"context item {n}: the box has no area ({nums[2]} x {nums[3]} %)")
+            prompts.append(BoxPrompt(label, *nums))
+        else:
+            raise ContextError(
+                f"context item {n} has type {kind!r}; interactive prompts are textarea (phrases), "
+                "keypointlabels (clicks) and rectanglelabels (boxes)"
+            )
+    for click in clicks.values():
+        if not click.positive:
+            raise ContextError(f"the clicks on {click.label!r} are all negative: add a positive click")
+        prompts.append(click)
+    return prompts
+
+
+def targets_for(spec: LabelingSpec, label: str, image_key: str) -> list[Target]:
+    """The segmentation controls on the image that offer ``label``."""
+    return [t for t in spec.targets if t.image_key == image_key and label in t.values]
+
+
+def regions_for(
+    targets: Sequence[Target], label: str, mask: np.ndarray, score: float, *, polygons: bool, note: str
+) -> list[dict[str, Any]]:
+    """Brush (and polygon) regions of one prompt's mask, each saying which prompt made it (``meta.text``)."""
+    out: list[dict[str, Any]] = []
+    for target in targets:
+        if target.kind == "brush":
+            out.append(brush_region(target, label, mask, score))
+        elif polygons:
+            out.extend(polygon_regions(target, label, mask, score))
+    for region in out:
+        region["meta"] = {"text": [note]}
+    return out
+
+
+class FeatureCache:
+    """A bounded LRU of per-image state (decoded image and its dense features), keyed by whatever
+    identifies the image and the model; ``max_bytes`` bounds the total, the newest entry always stays."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Any, make: Callable[[], tuple[Any, int]]) -> Any:
+        """The cached value for ``key``, or ``make()`` -> (value, nbytes) stored and returned."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return self._items[key][0]
+        value, nbytes = make()  # outside the lock: other images go on meanwhile
+        with self._lock:
+            self.misses += 1
+            self._items[key] = (value, nbytes)
+            self._items.move_to_end(key)
+            while len(self._items) > 1 and sum(n for _, n in self._items.values()) > self.max_bytes:
+                self._items.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def phrase_label(phrase: str, spec: LabelingSpec, labels: Sequence[str], similarity: Callable[[], np.ndarray]) -> str:
+    """The label a phrase goes to: the one whose value or ``predicted_values`` it names, else the label
+    whose text embedding is nearest (``similarity()`` -> (len(labels),) cosine of the phrase to each label)."""
+    wanted = _normalise(phrase)
+    for label in labels:
+        if wanted == _normalise(label) or wanted in {_normalise(n) for n in spec.names(label)}:
+            return label
+    return labels[int(np.argmax(similarity()))]
+
+
+def predict_interactive(
+    seg: Any,
+    image: np.ndarray,
+    dense: Any,
+    prompts: Sequence[Prompt],
+    spec: LabelingSpec,
+    image_key: str,
+    opts: Any,
+    *,
+    polygons: bool,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """(regions, notes) for the prompts on one image.
+
+    seg: the MaskCLIP teacher; image: (H, W, 3) uint8 RGB; dense: its cached ``DenseImage``; opts: the
+    engine's ``SegmentOptions``. Notes say which prompts found nothing.
+    """
+    from dataclasses import replace
+
+    from ..engine import prompts as engine
+
+    labels = [v for v in spec.vocabulary if targets_for(spec, v, image_key)]
+    label_classes = [spec.names(v) for v in labels] + [(w,) for w in BACKGROUND_WORDS]
+    label_emb = seg.text_embeddings(label_classes)  # (L + Kb, D)
+    size = image.shape[:2]
+    regions: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for prompt in prompts:
+        if isinstance(prompt, TextPrompt):
+            named = {
+                phrase: phrase_label(
+                    phrase, spec, labels,
+                    lambda p=phrase: (seg.text_embeddings([p]) @ label_emb[: len(labels)].T)[0].cpu().numpy(),
+                )
+                for phrase in prompt.phrases
+            }  # fmt: skip
+            others = [spec.names(v) for v in labels if v not in named.values()]
+            emb = seg.text_embeddings([(p,) for p in prompt.phrases] + others + [(w,) for w in BACKGROUND_WORDS])
+            for phrase, (mask, score) in zip(
+                prompt.phrases, engine.phrase_masks(dense, emb, len(prompt.phrases), opts)
+            ):
+                if not mask.any():
+                    notes.append(f"phrase {phrase!r}: found nowhere in the image")
+                    continue
+                regions += regions_for(targets_for(spec, named[phrase], image_key), named[phrase], mask, score,
+                                       polygons=polygons, note=f"prompt: {phrase}")  # fmt: skip
+        elif isinstance(prompt, ClickPrompt):
+            k = labels.index(prompt.label)
+            probs = engine.grid_probs(dense, label_emb, replace(opts, prompt_denoising=False))[k]
+            pos = [percent_to_pixel(x, y, size) for x, y in prompt.positive]
+            neg = [percent_to_pixel(x, y, size) for x, y in prompt.negative]
+            mask, score = engine.click_mask(dense, probs, pos, neg)
+            note = f"clicks: {len(pos)} positive, {len(neg)} negative"
+            regions += regions_for(targets_for(spec, prompt.label, image_key), prompt.label, mask, score,
+                                   polygons=polygons, note=note)  # fmt: skip
+        else:
+            k = labels.index(prompt.label)
+            mask, score = engine.box_mask(seg, image, box_corners(prompt, size), k, label_emb, opts)
+            if not mask.any():
+                notes.append(f"box on {prompt.label!r}: no pixel of the label inside")
+                continue
+            regions += regions_for(targets_for(spec, prompt.label, image_key), prompt.label, mask, score,
+                                   polygons=polygons, note="box")  # fmt: skip
+    return regions, notes

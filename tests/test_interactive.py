@@ -1,0 +1,296 @@
+"""Interactive prompting: context parsing, geometry (percent <-> pixels, rotation, EXIF), the engine's click,
+phrase and box masks, and the backend's answer with its feature cache."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from labelstudio_maskclip.engine import prompts as engine
+from labelstudio_maskclip.engine.prompts import DenseImage
+from labelstudio_maskclip.engine.segmenter import MaskCLIP, SegmentOptions
+from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend, PredictError
+from labelstudio_maskclip.labelstudio.images import decode_image
+from labelstudio_maskclip.labelstudio.interactive import (
+    BoxPrompt,
+    ClickPrompt,
+    ContextError,
+    FeatureCache,
+    TextPrompt,
+    box_corners,
+    parse_context,
+    percent_to_pixel,
+    phrase_label,
+)
+from labelstudio_maskclip.labelstudio.labeling import parse_label_config
+from labelstudio_maskclip.settings import Settings
+from tests.photos import COCO128_PHOTOS
+from tests.tiny import TINY_VIT, save_random_state
+
+CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <TextArea name="prompt" toName="image" editable="true" perRegion="false"/>
+  <KeyPointLabels name="click" toName="image" smart="true"><Label value="Car"/><Label value="Road"/></KeyPointLabels>
+  <RectangleLabels name="box" toName="image" smart="true"><Label value="Car"/><Label value="Road"/></RectangleLabels>
+  <BrushLabels name="tag" toName="image">
+    <Label value="Car" predicted_values="car,automobile"/><Label value="Road"/>
+  </BrushLabels>
+  <PolygonLabels name="outline" toName="image"><Label value="Car"/><Label value="Road"/></PolygonLabels>
+</View>"""
+SPEC = parse_label_config(CONFIG)
+
+
+def click(x: float, y: float, label: str = "Car", positive: bool = True) -> dict:
+    return {"type": "keypointlabels", "from_name": "click", "to_name": "image", "is_positive": positive,
+            "original_width": 640, "original_height": 480,
+            "value": {"x": x, "y": y, "width": 0.3, "keypointlabels": [label]}}  # fmt: skip
+
+
+def box(x: float, y: float, w: float, h: float, rotation: float = 0.0, label: str = "Car") -> dict:
+    return {"type": "rectanglelabels", "from_name": "box", "to_name": "image",
+            "value": {"x": x, "y": y, "width": w, "height": h, "rotation": rotation, "rectanglelabels": [label]}}  # fmt: skip
+
+
+def text(*texts: str) -> dict:
+    return {"type": "textarea", "from_name": "prompt", "to_name": "image", "value": {"text": list(texts)}}
+
+
+# --- context parsing ------------------------------------------------------------------------------------
+
+
+def test_context_items_become_prompts():
+    prompts = parse_context(
+        {"result": [text("red car, road ", "car"), click(10, 20), click(30, 40, positive=False), click(5, 5, "Road"),
+                    box(1, 2, 3, 4, 15)]}, SPEC,
+    )  # fmt: skip
+    assert prompts[0] == TextPrompt(("red car", "road", "car"))
+    assert prompts[1] == BoxPrompt("Car", 1, 2, 3, 4, 15)
+    assert prompts[2] == ClickPrompt("Car", positive=[(10, 20)], negative=[(30, 40)])
+    assert prompts[3] == ClickPrompt("Road", positive=[(5, 5)])
+
+
+@pytest.mark.parametrize(
+    ("context", "message"),
+    [
+        (None, "no 'result' items"),
+        ({"result": []}, "no 'result' items"),
+        ({"result": ["x"]}, "item 0 has no 'value'"),
+        ({"result": [text(" , ")]}, "text prompt is empty"),
+        ({"result": [click(10, 20, "Bus")]}, "'Bus' .* not a label"),
+        ({"result": [click(float("nan"), 20)]}, "finite number"),
+        ({"result": [click(10, 20, positive=False)]}, "all negative"),
+        ({"result": [box(1, 2, 0, 4)]}, "no area"),
+        ({"result": [{"type": "ellipselabels", "value": {}}]}, "type 'ellipselabels'"),
+        ({"result": [{"type": "keypointlabels", "value": {"x": 1, "y": 2}}]}, "names no label"),
+    ],
+)
+def test_unusable_context_is_a_clear_error(context, message):
+    with pytest.raises(ContextError, match=message):
+        parse_context(context, SPEC)
+
+
+# --- geometry -------------------------------------------------------------------------------------------
+
+
+def test_percent_to_pixel_scales_each_axis_by_its_own_side():
+    assert percent_to_pixel(50, 25, (480, 640)) == (320.0, 120.0)
+    assert percent_to_pixel(0, 100, (480, 640)) == (0.0, 480.0)
+
+
+def test_box_corners_without_and_with_rotation():
+    size = (200, 400)  # H, W
+    np.testing.assert_allclose(
+        box_corners(BoxPrompt("Car", 10, 20, 50, 25), size), [[40, 40], [240, 40], [240, 90], [40, 90]]
+    )
+    # 90 degrees clockwise about the top-left corner: the top edge points down, the left edge points left.
+    np.testing.assert_allclose(
+        box_corners(BoxPrompt("Car", 50, 10, 10, 20, 90), size), [[200, 20], [200, 60], [160, 60], [160, 20]],
+        atol=1e-9,
+    )  # fmt: skip
+    c = box_corners(BoxPrompt("Car", 50, 50, 10, 10, 30), size)
+    assert math.isclose(float(np.linalg.norm(c[1] - c[0])), 40) and math.isclose(float(np.linalg.norm(c[3] - c[0])), 20)
+
+
+def test_click_percent_lands_on_the_displayed_pixel_of_an_exif_rotated_photo():
+    """Label Studio's percentages are of the image as displayed (EXIF applied); so is our decoded array."""
+    stored = np.zeros((20, 40, 3), np.uint8)  # as stored: 40 wide, 20 tall
+    stored[2:6, 30:38] = (255, 0, 0)  # a red block near the top-right corner
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation 6: display rotated 90 degrees clockwise
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, format="PNG", exif=exif)
+    shown = decode_image(buf.getvalue(), max_pixels=10_000)
+    assert shown.shape == (40, 20, 3)  # displayed: 20 wide, 40 tall
+    # Rotated clockwise, the stored top-right corner is the displayed bottom-right corner.
+    x, y = percent_to_pixel(80.0, 85.0, shown.shape[:2])
+    assert tuple(shown[int(y), int(x)]) == (255, 0, 0)
+
+
+# --- engine: clicks on hand-made features ---------------------------------------------------------------
+
+
+def _two_region_dense() -> DenseImage:
+    """An 8 x 8 grid over a 64 x 64 image: left half patches all point one way, right half another."""
+    feats = torch.zeros(4, 8, 8)
+    feats[0, :, :4] = 1.0
+    feats[1, :, 4:] = 1.0
+    return DenseImage(features=feats, keys=torch.zeros(64, 2), size=(64, 64))
+
+
+def test_click_selects_the_similar_connected_region_and_contains_the_click():
+    dense = _two_region_dense()
+    flat = torch.full((8, 8), 0.5)  # the label is equally likely everywhere: the click decides
+    mask, score = engine.click_mask(dense, flat, [(10.0, 30.0)])
+    assert mask[30, 10] and mask[:, :28].all() and not mask[:, 36:].any()
+    assert score == pytest.approx(0.5)
+
+
+def test_click_on_another_labels_pixel_still_gives_a_region_for_the_chosen_label():
+    dense = _two_region_dense()
+    probs = torch.zeros(8, 8)
+    probs[:, 4:] = 1.0  # the model gives the left half to another label
+    mask, _ = engine.click_mask(dense, probs, [(8.0, 8.0)])
+    assert mask[8, 8] and mask[:, :28].all()
+
+
+def test_negative_click_removes_what_it_resembles():
+    dense = _two_region_dense()
+    dense.features[2, 4:, :4] = 0.5  # the lower-left quarter is like the upper-left one, not the same
+    dense.features = torch.nn.functional.normalize(dense.features, dim=0)
+    flat = torch.full((8, 8), 0.5)
+    plain, _ = engine.click_mask(dense, flat, [(8.0, 8.0)])
+    cut, _ = engine.click_mask(dense, flat, [(8.0, 8.0)], [(8.0, 56.0)])
+    assert plain[56, 8] and not cut[56, 8] and cut[8, 8]
+    assert cut.sum() < plain.sum()
+
+
+def test_click_needs_a_positive_point():
+    with pytest.raises(ValueError, match="positive"):
+        engine.click_mask(_two_region_dense(), torch.zeros(8, 8), [])
+
+
+# --- phrases -> labels ----------------------------------------------------------------------------------
+
+
+def test_phrase_goes_to_the_label_it_names_else_the_nearest():
+    never = lambda: pytest.fail("no embedding needed for a named label")  # noqa: E731
+    assert phrase_label("CAR", SPEC, ["Car", "Road"], never) == "Car"
+    assert phrase_label("automobile", SPEC, ["Car", "Road"], never) == "Car"  # predicted_values
+    assert phrase_label("red truck", SPEC, ["Car", "Road"], lambda: np.array([0.9, 0.1])) == "Car"
+    assert phrase_label("asphalt", SPEC, ["Car", "Road"], lambda: np.array([0.2, 0.7])) == "Road"
+
+
+# --- the cache ------------------------------------------------------------------------------------------
+
+
+def test_feature_cache_is_bounded_by_bytes_and_keeps_the_newest():
+    cache = FeatureCache(max_bytes=100)
+    made = []
+
+    def make(name: str, size: int):
+        return lambda: (made.append(name) or name, size)
+
+    assert cache.get("a", make("a", 60)) == "a"
+    assert cache.get("a", make("a", 60)) == "a" and made == ["a"] and cache.hits == 1
+    cache.get("b", make("b", 60))  # a + b > 100: a goes
+    assert len(cache) == 1
+    cache.get("a", make("a", 60))
+    assert made == ["a", "b", "a"]
+    cache.get("huge", make("huge", 1000))  # larger than the budget: kept alone, as the newest
+    assert len(cache) == 1 and cache.get("huge", make("x", 1)) == "huge"
+
+
+# --- with a tiny real model -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    weights = save_random_state(TINY_VIT, tmp_path_factory.mktemp("w") / "tiny_vit.pt")
+    seg = MaskCLIP.load(TINY_VIT, str(weights), "cpu", "fp32", templates="simple")
+    return seg, weights
+
+
+def test_box_mask_lies_inside_the_box_and_is_computed_on_the_crop(tiny):
+    seg, _ = tiny
+    image = np.asarray(Image.open(COCO128_PHOTOS / "000000000009.jpg").convert("RGB"))
+    height, width = image.shape[:2]
+    emb = seg.text_embeddings(["car", "road", "background"])
+    opts = SegmentOptions(short_side=64)
+    for prompt in (BoxPrompt("Car", 10, 20, 30, 40), BoxPrompt("Car", 30, 10, 30, 40, 25)):
+        corners = box_corners(prompt, (height, width))
+        mask, score = engine.box_mask(seg, image, corners, 0, emb, opts)
+        inside = np.zeros((height, width), np.uint8)
+        cv2.fillPoly(inside, [np.round(corners).astype(np.int32)], 1)
+        assert mask.any() and not (mask & ~inside.astype(bool)).any() and 0 < score <= 1
+    # The crop is what the encoder sees: a box the size of the image gives the whole-image mask.
+    plain = SegmentOptions(short_side=64, size_multiple=0, prompt_denoising=False)
+    dense = engine.encode_image(seg, image, plain)
+    winners = engine._upsample(engine.grid_probs(dense, emb, plain), (height, width)).argmax(0).numpy()
+    k = int(np.bincount(winners.ravel()).argmax())  # the class that wins most pixels
+    expected = winners == k
+    full = box_corners(BoxPrompt("Car", 0, 0, 100, 100), (height, width))
+    whole = engine.box_mask(seg, image, full, k, emb, plain)[0]
+    assert (whole == expected).mean() > 0.99
+
+
+@pytest.fixture(scope="module")
+def backend(tiny, tmp_path_factory):
+    """The backend on the tiny model; the task's image travels as a data: URI (no host needed)."""
+    _, weights = tiny
+    settings = Settings(model=TINY_VIT, pretrained=str(weights), device="cpu", short_side=64, templates="simple",
+                        model_dir=str(tmp_path_factory.mktemp("m")))  # fmt: skip
+    photo = base64.b64encode((COCO128_PHOTOS / "000000000009.jpg").read_bytes()).decode()
+    return MaskCLIPBackend(settings, "1", CONFIG), "data:image/jpeg;base64," + photo
+
+
+def test_backend_answers_each_kind_of_prompt_with_brush_and_polygons(backend):
+    be, url = backend
+    task = {"id": 7, "data": {"image": url}}
+    height, width = 480, 640
+    reply = be.predict([task], {"result": [text("car, road"), click(20, 30), box(40, 40, 30, 30)]})
+    (pred,) = reply["results"]
+    kinds = {(r["type"], r["from_name"]) for r in pred["result"]}
+    assert ("brushlabels", "tag") in kinds and ("polygonlabels", "outline") in kinds
+    notes = [r["meta"]["text"][0] for r in pred["result"]]
+    assert {"box", "clicks: 1 positive, 0 negative"} <= set(notes)
+    for r in pred["result"]:
+        assert (r["original_width"], r["original_height"]) == (width, height) and 0 <= r["score"] <= 1
+    from label_studio_sdk.converter.brush import decode_rle
+
+    brushes = {r["meta"]["text"][0]: decode_rle(r["value"]["rle"]).reshape(height, width, 4)[:, :, 3] > 0
+               for r in pred["result"] if r["type"] == "brushlabels"}  # fmt: skip
+    assert brushes["clicks: 1 positive, 0 negative"][int(0.3 * height), int(0.2 * width)]  # holds the click
+    box_mask = brushes["box"]
+    ys, xs = np.nonzero(box_mask)
+    assert ys.min() >= int(0.4 * height) - 1 and ys.max() <= int(0.7 * height) + 1
+    assert xs.min() >= int(0.4 * width) - 1 and xs.max() <= int(0.7 * width) + 1
+    assert pred["model_version"] == reply["model_version"]
+
+
+def test_second_prompt_on_the_same_image_reuses_its_features(backend):
+    be, url = backend
+    task = {"id": 8, "data": {"image": url}}
+    cache = be.rt.features
+    be.predict([task], {"result": [click(50, 50)]})
+    misses, hits = cache.misses, cache.hits
+    be.predict([task], {"result": [click(60, 60, "Road")]})
+    assert cache.misses == misses and cache.hits == hits + 1
+
+
+def test_backend_refuses_unusable_interactive_requests(backend):
+    be, url = backend
+    with pytest.raises(PredictError, match="one task"):
+        be.predict([{"id": 1, "data": {"image": url}}] * 2, {"result": [click(1, 1)]})
+    with pytest.raises(PredictError, match="not a label"):
+        be.predict([{"id": 1, "data": {"image": url}}], {"result": [click(1, 1, "Bus")]})
+    with pytest.raises(PredictError, match="no image"):
+        be.predict([{"id": 1, "data": {}}], {"result": [click(1, 1)]})
+    with pytest.raises(PredictError, match="task 1"):
+        be.predict([{"id": 1, "data": {"image": "data:image/png;base64,AAAA"}}], {"result": [click(1, 1)]})
