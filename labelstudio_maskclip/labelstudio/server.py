@@ -20,7 +20,7 @@ from flask import Flask, Response, jsonify, request
 from ..settings import Settings
 from .backend import MaskCLIPBackend, PredictError, runtime
 
-__all__ = ["create_app", "wsgi"]
+__all__ = ["create_app", "wsgi", "credentials_match", "basic_auth_header"]
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +80,8 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
     def _auth():
         if not settings.basic_auth_user:
             return None
-        auth = request.authorization
-        ok = (
-            auth is not None
-            and hmac.compare_digest(auth.username or "", settings.basic_auth_user)
-            and hmac.compare_digest(auth.password or "", settings.basic_auth_pass)
-        )
-        if not ok:
+        if not credentials_match(request.headers.get("Authorization"), settings.basic_auth_user,
+                                 settings.basic_auth_pass):  # fmt: skip
             return Response(
                 '{"error": "authentication required"}', 401, {"WWW-Authenticate": 'Basic realm="ml-backend"'},
                 mimetype="application/json",
@@ -206,6 +201,37 @@ def _share_cpu_threads(workers: int) -> None:
     import torch
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
+
+
+def _basic_credentials(header: str | None) -> tuple[bytes, bytes] | None:
+    """(user, password) as the raw bytes a ``Basic`` ``Authorization`` header carries; None if absent or
+    malformed. WSGI gives header values as latin-1 decoded text, so encoding back to latin-1 recovers the
+    bytes the client sent, whatever charset it used."""
+    if not header:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip().encode("latin-1"), validate=True)
+    except (ValueError, UnicodeError):  # binascii.Error is a ValueError
+        return None
+    user, sep, password = decoded.partition(b":")
+    return (user, password) if sep else None
+
+
+def credentials_match(header: str | None, user: str, password: str) -> bool:
+    """Whether an ``Authorization`` header carries exactly ``user`` and ``password``.
+
+    Compared as bytes (the settings encoded as UTF-8, as browsers, curl and requests send them), in
+    constant time: any text, ASCII or not, on either side, gives True or False, never an error.
+    """
+    given = _basic_credentials(header)
+    if given is None:
+        return False
+    user_ok = hmac.compare_digest(given[0], user.encode("utf-8"))
+    pass_ok = hmac.compare_digest(given[1], password.encode("utf-8"))
+    return user_ok and pass_ok
 
 
 def basic_auth_header(user: str, password: str) -> str:
