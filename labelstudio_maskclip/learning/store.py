@@ -19,7 +19,7 @@ Schema (version :data:`SCHEMA_VERSION`, in ``PRAGMA user_version``; created idem
   cancelled, deleted, updated_at, updated_ts, content_hash, seq, height, width, mask_count, stored_at)``:
   one row per Label Studio annotation. ``accepted_unchanged`` is 1/0, or NULL when unknown (the prediction
   was not in the payload). ``deleted`` rows are tombstones: they keep a late ``ANNOTATION_UPDATED`` from
-  bringing back a deleted annotation. ``seq`` is a store-wide counter bumped by every stored change;
+  bringing back a deleted annotation (only annotations that were stored get one). ``seq`` is a store-wide counter bumped by every stored change;
   ``mask_count`` = number of its ``masks`` rows (a consistency check).
 - ``masks(annotation_id, label, source, height, width, area, counts)``: one mask per (annotation, label),
   merged over the annotation's regions; ``counts`` is compressed COCO RLE (pycocotools, ascii: lossless);
@@ -364,22 +364,25 @@ class Store:
         return PutResult("stored", write.id, seq)
 
     def delete_annotations(self, ids: Sequence[int]) -> int:
-        """Delete annotations (masks and outcomes go; a tombstone row stays). Returns how many were live."""
+        """Delete annotations (masks and outcomes go; a tombstone row stays). Returns how many were live.
+
+        Only annotations stored here get a tombstone: ids never seen are skipped, so made-up ids cannot
+        grow the store or later drop a real annotation that happens to get that id. The tombstones are
+        thus bounded by the annotations ever stored (one row each, no masks).
+        """
         live = 0
         with self._write() as conn:
             for annotation_id in ids:
                 row = conn.execute("SELECT deleted FROM annotations WHERE id = ?", (annotation_id,)).fetchone()
-                if row is not None and row[0]:
+                if row is None or row[0]:
                     continue
-                live += row is not None
+                live += 1
                 seq = self._next_seq(conn)
                 conn.execute("DELETE FROM masks WHERE annotation_id = ?", (annotation_id,))
                 conn.execute("DELETE FROM outcomes WHERE annotation_id = ?", (annotation_id,))
                 conn.execute(
-                    "INSERT INTO annotations(id, deleted, seq, mask_count, stored_at) VALUES (?, 1, ?, 0, ?) "
-                    "ON CONFLICT(id) DO UPDATE SET deleted = 1, seq = excluded.seq, mask_count = 0, "
-                    "content_hash = NULL",
-                    (annotation_id, seq, time.time()),
+                    "UPDATE annotations SET deleted = 1, seq = ?, mask_count = 0, content_hash = NULL WHERE id = ?",
+                    (seq, annotation_id),
                 )
         return live
 

@@ -49,12 +49,16 @@ __all__ = [
     "backfill_from_api",
     "MASK_TYPES",
     "MAX_PIXELS",
+    "MAX_ID",
+    "label_studio_id",
 ]
 
 log = logging.getLogger(__name__)
 
 #: result type -> (labels key in ``value``, source name stored with the mask)
 MASK_TYPES = {"brushlabels": ("brushlabels", "brush"), "polygonlabels": ("polygonlabels", "polygon")}
+#: Largest id accepted: SQLite's INTEGER is a signed 64-bit number.
+MAX_ID = 2**63 - 1
 #: Largest image (pixels) a region may claim; bigger sizes are rejected before anything is allocated.
 MAX_PIXELS = 256_000_000
 _MAX_PERCENT_OFFSET = 1000.0  # polygon points further than this from the image centre (in %) are refused
@@ -129,13 +133,21 @@ def _parse_config(label_config: str | None) -> _Config:
     return _Config(frozenset(spec.vocabulary), spec.image_keys[0], by_control)
 
 
-def _int_or_none(value: Any) -> int | None:
+def label_studio_id(value: Any) -> int | None:
+    """A Label Studio id (task, annotation, prediction, project), strictly: a JSON integer from 1 to
+    :data:`MAX_ID`, or its plain decimal text (``"17"``); an object's ``id`` field the same way. None for
+    anything else: floats (``1.5`` is not annotation 1, nor is ``1.0``), booleans, signs, exponents, blanks,
+    numbers SQLite cannot hold."""
     if isinstance(value, Mapping):
         value = value.get("id")
-    try:
-        return None if value is None or isinstance(value, bool) else int(value)
-    except (TypeError, ValueError):
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= len(str(MAX_ID)):
+        value = int(value)
+    if type(value) is not int or not 1 <= value <= MAX_ID:  # type(): bool is an int subclass
         return None
+    return value
+
+
+_int_or_none = label_studio_id
 
 
 def _author(value: Any) -> str | None:
@@ -400,14 +412,17 @@ def _deleted_event(payload: Mapping[str, Any], store: Store, action: str) -> Eve
         raise _Rejected("payload has no 'annotations' list")
     ids = [_int_or_none(entry) for entry in entries]
     bad = [entry for entry, i in zip(entries, ids) if i is None]
-    ids = [i for i in ids if i is not None]
+    ids = list(dict.fromkeys(i for i in ids if i is not None))
     if ids:
-        store.delete_annotations(ids)
+        live = store.delete_annotations(ids)
+        if live < len(ids):
+            log.info("%s: %d of %d annotation ids were not stored here (nothing to delete)", action,
+                     len(ids) - live, len(ids))  # fmt: skip
     return EventResult(
         action,
         "deleted" if ids else "rejected",
         annotation_ids=ids,
-        rejected=[f"annotation entry without an integer id: {entry!r}" for entry in bad],
+        rejected=[f"annotation entry without a valid id (an integer 1..2**63-1): {entry!r:.80}" for entry in bad],
     )
 
 
