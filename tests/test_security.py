@@ -143,3 +143,140 @@ def test_deleting_unknown_ids_leaves_no_tombstones_and_later_creations_are_store
     assert store.path.stat().st_size + (wal.stat().st_size if wal.exists() else 0) < size + 2_000_000
     with __import__("sqlite3").connect(store.path) as conn:
         assert conn.execute("SELECT COUNT(*) FROM annotations").fetchone()[0] == 1
+
+
+# --- bounded work per annotation (item 3) -------------------------------------------------------------
+
+
+def _polygon_region(region_id, points, height=4000, width=4000, label="Food"):
+    return {
+        "id": region_id, "from_name": "poly", "to_name": "image", "type": "polygonlabels",
+        "original_width": width, "original_height": height,
+        "value": {"points": points, "polygonlabels": [label]},
+    }  # fmt: skip
+
+
+POLY_CONFIG = (
+    '<View><Image name="image" value="$image"/><PolygonLabels name="poly" toName="image">'
+    + "".join(f'<Label value="L{i}"/>' for i in range(40))
+    + '<Label value="Food"/></PolygonLabels></View>'
+)
+
+
+def _annotation_body(annotation_id, regions, predictions=None):
+    body = {
+        "action": "ANNOTATION_CREATED",
+        "annotation": {"id": annotation_id, "task": 5, "result": regions, "updated_at": "2026-11-28T10:00:00Z"},
+        "task": {"id": 5, "data": {"image": "/x.jpg"}},
+        "project": {"id": 1, "label_config": POLY_CONFIG},
+    }
+    if predictions is not None:
+        body["annotation"]["parent_prediction"] = 77
+        body["task"]["predictions"] = [{"id": 77, "result": predictions}]
+    return body
+
+
+def _zigzag(n, seed=0, spread=900.0):
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.uniform(-spread, 100 + spread), rng.uniform(-spread, 100 + spread)] for _ in range(n)]
+
+
+SQUARE = [[10, 10], [60, 10], [60, 60], [10, 60]]
+
+
+def test_a_300k_point_polygon_is_rejected_before_rasterising_in_bounded_memory(tmp_path):
+    """In a child process limited to 3 GB of address space: the old code crashed the process (pycocotools
+    allocating tens of GB for the edges); now the annotation is rejected with a reason and the next stored."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    payload = tmp_path / "body.json"
+    payload.write_text(json.dumps(_annotation_body(1, [_polygon_region("big", _zigzag(300_000))])))
+    script = f"""
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+from labelstudio_maskclip.learning.store import Store
+from labelstudio_maskclip.learning.webhooks import handle_event
+sys.setrecursionlimit(10000)
+store = Store({str(tmp_path / "store")!r})
+big = handle_event(json.load(open({str(payload)!r})), store)
+small = handle_event({json.dumps(_annotation_body(2, [_polygon_region("ok", SQUARE)]))!r} and
+                     json.loads({json.dumps(json.dumps(_annotation_body(2, [_polygon_region("ok", SQUARE)])))}), store)
+print(json.dumps([big.status, big.rejected, small.status]))
+"""
+    repo = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=repo,
+                          env={**__import__("os").environ, "PYTHONPATH": repo})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    status, reasons, small = json.loads(done.stdout.strip().splitlines()[-1])
+    assert status == "rejected" and small == "stored"
+    assert "too much work" in reasons[0] and "polygon points" in reasons[0], reasons
+
+
+# pixel bounds scaled down so the tests stay small
+SCALED_PIXELS = {"MAX_DECODED_PIXELS": 5_000_000}
+SCALED_BYTES = {"MAX_MASK_BYTES": 100_000}
+
+
+@pytest.mark.parametrize(
+    "regions, predictions, what, bounds",
+    [
+        ([_polygon_region(f"r{i}", _zigzag(2500, i, spread=0), 20, 20) for i in range(50)], None, "polygon points", {}),
+        ([_polygon_region("z", _zigzag(5000, 1))], None, "pixels of polygon edges", {}),
+        ([_polygon_region(f"r{i}", SQUARE, 20, 20) for i in range(1001)], None, "mask regions", {}),
+        ([_polygon_region(f"r{i}", SQUARE, 1000, 1000) for i in range(6)], None, "decoded pixels", SCALED_PIXELS),
+        (
+            [_polygon_region(f"r{i}", SQUARE, 100, 100, f"L{i}") for i in range(40)],
+            None,
+            "bytes of masks",
+            SCALED_BYTES,
+        ),
+        ([_polygon_region("a", SQUARE)], [_polygon_region("a", _zigzag(20000, 2))], "polygon edges", {}),
+        ([_polygon_region("a", SQUARE)], [_polygon_region(f"p{i}", SQUARE) for i in range(1001)], "mask regions", {}),
+    ],
+    ids=[
+        "points-over-regions",
+        "edges",
+        "regions",
+        "pixels",
+        "labels-x-size",
+        "prediction-edges",
+        "prediction-regions",
+    ],
+)
+def test_work_per_annotation_is_bounded_before_decoding(tmp_path, monkeypatch, regions, predictions, what, bounds):
+    from pycocotools import mask as coco_mask
+
+    from labelstudio_maskclip.learning import webhooks
+    from labelstudio_maskclip.learning.store import Store
+    from labelstudio_maskclip.learning.webhooks import handle_event
+
+    store = Store(tmp_path)
+    assert handle_event(_annotation_body(9, [_polygon_region("ok", SQUARE)]), store).status == "stored"
+    for name, value in bounds.items():
+        monkeypatch.setattr(webhooks, name, value)
+    walked = []
+    real = coco_mask.frPyObjects
+    monkeypatch.setattr(coco_mask, "frPyObjects", lambda polys, h, w: walked.append(h * w) or real(polys, h, w))
+    result = handle_event(_annotation_body(9, regions, predictions), store)
+    assert result.status == "rejected" and what in result.rejected[0] and "too much work" in result.rejected[0]
+    assert sum(walked) <= webhooks.MAX_DECODED_PIXELS  # what was rasterised before the bound was hit
+    assert store.annotation(9)["labels"] == ["Food"]  # the stored version stays
+    assert store.check() == []
+
+
+def test_edge_pixels_count_what_pycocotools_walks():
+    import numpy as np
+
+    from labelstudio_maskclip.masks.polygons import PolygonError, edge_pixels, polygons_to_mask
+
+    square = np.array([[0, 0], [10, 0], [10, 10], [0, 10]], float)
+    assert edge_pixels([square]) == 44 and edge_pixels([square[:2]]) == 0
+    assert edge_pixels([square * 1e300]) > 10**18  # no overflow, no exception
+    with pytest.raises(PolygonError, match="edges"):
+        polygons_to_mask([square * 1000], 100, 100, max_edge_pixels=1000)
+    assert polygons_to_mask([square], 20, 20, max_edge_pixels=44).sum() == 100
