@@ -145,7 +145,9 @@ class AnnotationWrite:
 @dataclass(frozen=True)
 class PutResult:
     """What :meth:`Store.put_annotation` did: ``stored``, ``duplicate`` (same content already stored),
-    ``stale`` (a newer version is stored) or ``deleted`` (the annotation was deleted earlier)."""
+    ``outcomes`` (same content already stored; its outcomes vs the parent prediction, unknown or different
+    before, were recorded: not a new annotation), ``stale`` (a newer version is stored) or ``deleted`` (the
+    annotation was deleted earlier)."""
 
     status: str
     annotation_id: int
@@ -179,15 +181,16 @@ def _encoded(write: AnnotationWrite) -> list[tuple[str, str, int, int, int, str]
 
 
 def _content_hash(write: AnnotationWrite, rows: Sequence[tuple]) -> str:
+    """What the person made (task, author, flags, masks): not the outcomes, which are derived from the
+    parent prediction and may be learnt later (a repeat of the same event without the prediction is the
+    same annotation)."""
     content = {
         "task": write.task.id,
         "author": write.author,
         "ground_truth": bool(write.ground_truth),
         "parent_prediction": write.parent_prediction,
-        "accepted_unchanged": write.accepted_unchanged,
         "cancelled": bool(write.cancelled),
         "masks": [list(r) for r in rows],
-        "outcomes": sorted(list(o) for o in write.outcomes),
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
@@ -306,9 +309,12 @@ class Store:
     def put_annotation(self, write: AnnotationWrite) -> PutResult:
         """Store an annotation and replace its masks, atomically (one transaction).
 
-        Idempotent (the same content again is a ``duplicate``: nothing changes), and ordered: a version
-        whose ``updated_at`` is older than the stored one is ``stale`` and dropped; an annotation deleted
-        earlier stays deleted. A ``cancelled`` annotation is stored without masks.
+        Idempotent (the same content again is a ``duplicate``: nothing changes, the change counter
+        included), and ordered: a version whose ``updated_at`` is older than the stored one is ``stale`` and
+        dropped; an annotation deleted earlier stays deleted. A ``cancelled`` annotation is stored without
+        masks. Outcomes are not content: the same content without them (prediction unknown) keeps the stored
+        outcomes; with other outcomes than stored, only the outcomes are replaced (``outcomes``: the change
+        counter does not move, so it does not count toward training again).
         """
         rows = [] if write.cancelled else _encoded(write)  # encode before taking the lock
         digest = _content_hash(write, rows)
@@ -323,7 +329,7 @@ class Store:
                 if old[1] is not None and new_ts is not None and new_ts < old[1]:
                     return PutResult("stale", write.id)
                 if old[2] == digest:
-                    return PutResult("duplicate", write.id)
+                    return PutResult(self._record_outcomes(conn, write), write.id)
             self._upsert_task(conn, write.task)
             seq = self._next_seq(conn)
             conn.execute("DELETE FROM masks WHERE annotation_id = ?", (write.id,))
@@ -362,6 +368,30 @@ class Store:
                     [(write.id, *outcome) for outcome in write.outcomes],
                 )
         return PutResult("stored", write.id, seq)
+
+    @staticmethod
+    def _record_outcomes(conn: sqlite3.Connection, write: AnnotationWrite) -> str:
+        """For a write whose content is already stored: ``duplicate``, or ``outcomes`` after replacing the
+        stored outcomes with the write's when it knows them and they differ."""
+        if write.accepted_unchanged is None or write.cancelled:
+            return "duplicate"  # prediction unknown here: whatever was learnt about it stays
+        stored = conn.execute("SELECT accepted_unchanged FROM annotations WHERE id = ?", (write.id,)).fetchone()[0]
+        known = conn.execute(
+            "SELECT region_id, label, outcome FROM outcomes WHERE annotation_id = ?", (write.id,)
+        ).fetchall()
+        new = sorted({tuple(o) for o in write.outcomes})
+        if stored is not None and bool(stored) == bool(write.accepted_unchanged) and sorted(known) == new:
+            return "duplicate"
+        conn.execute(
+            "UPDATE annotations SET accepted_unchanged = ? WHERE id = ?",
+            (int(bool(write.accepted_unchanged)), write.id),
+        )
+        conn.execute("DELETE FROM outcomes WHERE annotation_id = ?", (write.id,))
+        conn.executemany(
+            "INSERT INTO outcomes(annotation_id, region_id, label, outcome) VALUES (?, ?, ?, ?)",
+            [(write.id, *o) for o in new],
+        )
+        return "outcomes"
 
     def delete_annotations(self, ids: Sequence[int]) -> int:
         """Delete annotations (masks and outcomes go; a tombstone row stays). Returns how many were live.

@@ -21,8 +21,9 @@ student that the missing region is background: the previously stored version, if
 that is unusable as a whole (not a mapping, no action) raises :class:`CollectError`. Storage failures
 (``sqlite3.Error``) propagate, so the web route can answer 5xx.
 
-Idempotent and ordered (see :meth:`~.store.Store.put_annotation`): a repeated event changes nothing, an
-update replaces the masks in one transaction, an older version arriving late does not overwrite a newer one.
+Idempotent and ordered (see :meth:`~.store.Store.put_annotation`): a repeated event changes nothing (also
+when it carries a ``parent_prediction`` whose outcomes were learnt since), an update replaces the masks in
+one transaction, an older version arriving late does not overwrite a newer one.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ class _Rejected(ValueError):
 class EventResult:
     """What :func:`handle_event` did, for the log and the HTTP reply.
 
-    ``status``: ``stored``, ``duplicate``, ``stale``, ``deleted`` (annotation deleted earlier, or by this
+    ``status``: ``stored``, ``duplicate``, ``outcomes`` (already stored; its outcomes vs the parent
+    prediction were recorded), ``stale``, ``deleted`` (annotation deleted earlier, or by this
     event), ``cancelled``, ``tasks``, ``train``, ``ignored`` or ``rejected``. ``rejected`` holds one reason
     per rejected region or annotation.
     """
