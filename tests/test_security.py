@@ -280,3 +280,192 @@ def test_edge_pixels_count_what_pycocotools_walks():
     with pytest.raises(PolygonError, match="edges"):
         polygons_to_mask([square * 1000], 100, 100, max_edge_pixels=1000)
     assert polygons_to_mask([square], 20, 20, max_edge_pixels=44).sum() == 100
+
+
+# --- webhook follow-ups: idempotent repeats (item 10), bounded queue and prompt shutdown (item 7) ---------
+
+
+class FakeLabelStudio:
+    """Loopback Label Studio API: GET /api/annotations/N, /api/predictions/N from dicts; counts hits; every
+    answer waits for ``gate`` (set = answer at once)."""
+
+    def __init__(self):
+        import http.server
+        import json
+        import threading
+
+        self.annotations: dict[int, dict] = {}
+        self.predictions: dict[int, dict] = {}
+        self.hits: dict[str, int] = {}
+        self.gate = threading.Event()
+        self.gate.set()
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                fake.hits[self.path] = fake.hits.get(self.path, 0) + 1
+                fake.gate.wait(120)
+                kind, _, key = self.path.rpartition("/")
+                table = {"/api/annotations": fake.annotations, "/api/predictions": fake.predictions}.get(kind, {})
+                body = table.get(int(key)) if key.isdigit() else None
+                data = json.dumps(body if body is not None else {"detail": "not found"}).encode()
+                self.send_response(200 if body is not None else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self):
+        self.gate.set()
+        self.server.shutdown()
+
+
+@pytest.fixture
+def fake_ls():
+    fake = FakeLabelStudio()
+    yield fake
+    fake.stop()
+
+
+def _brush(region_id, label, top):
+    import numpy as np
+
+    from labelstudio_maskclip.masks.brush import mask_to_brush_rle
+
+    mask = np.zeros((48, 64), bool)
+    mask[top : top + 10, 5:30] = True
+    return {
+        "id": region_id, "from_name": "tag", "to_name": "image", "type": "brushlabels",
+        "original_width": 64, "original_height": 48,
+        "value": {"format": "rle", "rle": mask_to_brush_rle(mask), "brushlabels": [label]},
+    }  # fmt: skip
+
+
+def _accepted_event(annotation_id, prediction_id=77):
+    from tests.served import BRUSH
+
+    annotation = {
+        "id": annotation_id, "task": 5, "project": 1, "completed_by": {"id": 3, "email": "a@example.com"},
+        "result": [_brush("r1", "Food", 5)], "parent_prediction": prediction_id, "was_cancelled": False,
+        "ground_truth": False, "updated_at": "2026-11-28T10:00:00.000000Z",
+    }  # fmt: skip
+    return {
+        "action": "ANNOTATION_CREATED", "annotation": annotation,
+        "task": {"id": 5, "data": {"image": "/data/upload/1/x.jpg"}, "project": 1},
+        "project": {"id": 1, "label_config": BRUSH},
+    }  # fmt: skip
+
+
+def test_repeated_webhooks_with_a_parent_prediction_change_nothing(tmp_path, fake_ls):
+    from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend, runtime
+    from labelstudio_maskclip.learning.store import Store
+    from tests.served import wait_for
+
+    settings = Settings(model_dir=str(tmp_path), label_studio_url=fake_ls.url, label_studio_api_key="tok")
+    event = _accepted_event(1)
+    fake_ls.annotations[1] = {**event["annotation"], "completed_by": 3}
+    fake_ls.predictions[77] = {"id": 77, "result": [_brush("r1", "Food", 5), _brush("r2", "Sky", 30)]}
+    backend = MaskCLIPBackend(settings)
+    first = [backend.fit(event["action"], event)["status"] for _ in range(3)]
+    store = Store(tmp_path)
+    wait_for(lambda: (store.annotation(1) or {}).get("accepted_unchanged") is not None, 60, "the follow-up")
+    wait_for(lambda: runtime(settings).followups.done >= 1, 60, "the follow-up to finish")
+    seq = store.current_seq()
+    later = [backend.fit(event["action"], event)["status"] for _ in range(3)]
+    assert first == ["stored", "duplicate", "duplicate"] and later == ["duplicate"] * 3
+    assert store.current_seq() == seq == 1  # outcomes are not a new annotation: nothing counts twice
+    assert store.count_since_last_training() == 1
+    stats = store.acceptance_stats()
+    assert stats["Food"]["unchanged"] == 1 and stats["Sky"]["deleted"] == 1  # kept through the repeats
+    assert store.annotation(1)["accepted_unchanged"] == 0
+    assert fake_ls.hits.get("/api/predictions/77") == 1  # fetched once
+    runtime(settings).followups.stop()
+
+
+def test_outcomes_in_the_payload_then_repeats_without_them_keep_them(tmp_path):
+    from labelstudio_maskclip.learning.store import Store
+    from labelstudio_maskclip.learning.webhooks import handle_event
+
+    store = Store(tmp_path)
+    event = _accepted_event(2)
+    assert handle_event(event, store).status == "stored"
+    with_prediction = _accepted_event(2)
+    with_prediction["annotation"]["prediction"] = {"id": 77, "result": [_brush("r1", "Food", 5)]}
+    assert handle_event(with_prediction, store).status == "outcomes"
+    assert handle_event(with_prediction, store).status == "duplicate"
+    for _ in range(3):
+        assert handle_event(event, store).status == "duplicate"
+    assert store.annotation(2)["accepted_unchanged"] == 1 and store.acceptance_stats()["Food"]["unchanged"] == 1
+    assert store.current_seq() == 1
+    edited = _accepted_event(2)
+    edited["annotation"]["prediction"] = {"id": 77, "result": [_brush("r1", "Food", 20)]}
+    assert handle_event(edited, store).status == "outcomes"  # another prediction result: outcomes replaced
+    assert store.acceptance_stats()["Food"] == {"unchanged": 0, "edited": 1, "deleted": 0, "added": 0}
+    assert store.current_seq() == 1
+
+
+def test_follow_up_queue_is_bounded_and_small_when_label_studio_hangs(tmp_path, fake_ls, caplog):
+    import pickle
+
+    from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend, runtime
+    from labelstudio_maskclip.labelstudio.followups import MAX_PENDING
+    from tests.served import wait_for
+
+    fake_ls.gate.clear()  # Label Studio hangs
+    settings = Settings(model_dir=str(tmp_path), label_studio_url=fake_ls.url, download_timeout=120.0)
+    backend = MaskCLIPBackend(settings)
+    n = MAX_PENDING + 40
+    for i in range(1, n + 1):
+        event = _accepted_event(1000 + i, prediction_id=5000 + i)
+        assert backend.fit(event["action"], event)["status"] == "stored"
+    followups = runtime(settings).followups
+    wait_for(lambda: sum(fake_ls.hits.values()) >= 1, 30, "the first follow-up to reach Label Studio")
+    assert followups.pending() <= MAX_PENDING
+    assert followups.dropped == n - MAX_PENDING - 1  # one is running, the rest wait or were dropped
+    assert "dropped" in caplog.text and "backfill" in caplog.text
+    assert all(len(pickle.dumps(item)) < 4096 for _, item in list(followups._queue.queue))  # no masks kept
+    assert followups.stop(timeout=0.1) in (True, False)  # returns although Label Studio still hangs
+    assert followups.pending() == 0
+
+
+def test_a_worker_exits_promptly_with_follow_ups_stuck_on_label_studio(tmp_path):
+    """A child process answers a webhook whose follow-up hangs on Label Studio, then exits: it must not wait
+    for the follow-up (the old executor thread was joined at exit: shutdown hung as long as Label Studio, 60 s
+    here; the bound of 40 s is for a loaded machine, the child needs a few seconds)."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    hung = socket.socket()  # accepts connections (kernel backlog), never answers
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)
+    url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+    script = f"""
+import json, sys, time
+from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend
+from labelstudio_maskclip.settings import Settings
+s = Settings(model_dir={str(tmp_path)!r}, label_studio_url={url!r}, download_timeout=600.0)
+event = json.loads({json.dumps(json.dumps(_accepted_event(3)))})
+print(MaskCLIPBackend(s).fit(event["action"], event)["status"], flush=True)
+time.sleep(1.0)  # the follow-up is now waiting on Label Studio
+"""
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**__import__("os").environ, "PYTHONPATH": repo}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=40, cwd=repo, env=env
+        )
+    finally:
+        hung.close()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["stored"]
