@@ -410,8 +410,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except Exception as e:  # a clear one-line error for known failures; full trace at DEBUG
         from .engine.loading import WeightsError
+        from .learning.store import StoreError
 
-        if isinstance(e, WeightsError):
+        if isinstance(e, (WeightsError, StoreError)):  # StoreError: a damaged store says how to recover
             log.error("%s", e)
             return 2
         raise

@@ -469,3 +469,101 @@ time.sleep(1.0)  # the follow-up is now waiting on Label Studio
         hung.close()
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["stored"]
+
+
+# --- a damaged store (item 12) --------------------------------------------------------------------------
+
+
+def _filled_store(directory, n=120):
+    import numpy as np
+
+    from labelstudio_maskclip.learning.store import AnnotationWrite, Store, TaskRecord
+
+    store = Store(directory)
+    rng = np.random.default_rng(0)
+    for i in range(1, n + 1):
+        store.put_annotation(
+            AnnotationWrite(id=i, task=TaskRecord(i, 1, f"/x{i}.jpg"), height=64, width=80,
+                            masks={"cat": rng.random((64, 80)) > 0.5}, outcomes=[("r", "cat", "unchanged")],
+                            accepted_unchanged=True)
+        )  # fmt: skip
+    store.close()
+    return store.path
+
+
+def _corrupt(path, page):
+    import sqlite3
+
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(path.read_bytes())
+    data[page * 4096 : (page + 1) * 4096] = bytes((i * 7 + 13) % 256 for i in range(4096))
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("page", [0, 2, 5, 40, 100], ids=lambda p: f"page{p}")
+def test_a_damaged_store_is_found_at_open_and_refuses_every_use(tmp_path, page):
+    from labelstudio_maskclip.learning.store import AnnotationWrite, Store, StoreDamaged, TaskRecord
+
+    _corrupt(_filled_store(tmp_path), page)
+    store = Store(tmp_path)  # opening never raises for a damaged file: it says so
+    assert store.damage, "quick_check found nothing"
+    message = store.damage_message()
+    assert "damaged" in message and "backfill" in message and "annotations.sqlite3" in message
+    calls = [
+        lambda: list(store.accepted_samples()), store.acceptance_stats, store.count_since_last_training,
+        store.labels, store.training_runs, lambda: store.annotation(1), lambda: list(store.unlabeled_tasks()),
+        lambda: store.put_annotation(AnnotationWrite(id=999, task=TaskRecord(9))), lambda: store.delete_annotations([1]),
+        lambda: store.put_tasks([TaskRecord(5)]), lambda: store.mark_trained(),
+    ]  # fmt: skip
+    for call in calls:
+        with pytest.raises(StoreDamaged, match="backfill"):
+            call()
+
+
+def test_corruption_met_while_running_is_detected_and_reported(tmp_path):
+    import threading
+
+    from labelstudio_maskclip.learning.store import Store, StoreDamaged
+
+    path = _filled_store(tmp_path)
+    store = Store(tmp_path)
+    assert store.damage == [] and store.count_since_last_training() == 120
+    store.close()
+    _corrupt(path, 5)
+    errors = []
+
+    def use():  # a new thread: a new connection, which reads the pages from disk
+        try:
+            list(store.accepted_samples())
+        except StoreDamaged as e:
+            errors.append(str(e))
+
+    thread = threading.Thread(target=use)
+    thread.start()
+    thread.join(60)
+    assert errors and "backfill" in errors[0]
+    assert store.damage
+    with pytest.raises(StoreDamaged):
+        store.labels()
+
+
+def test_health_webhook_and_cli_say_the_store_is_damaged(tmp_path, monkeypatch, capsys, caplog):
+    from labelstudio_maskclip.cli import main
+    from tests.served import brush_webhook, wait_for
+
+    _corrupt(_filled_store(tmp_path), 5)
+    app = create_app(Settings(model_dir=str(tmp_path), pretrained="absent-on-purpose"), warm=False)
+    client = app.test_client()
+    reply = client.post("/webhook", json=brush_webhook(500, 50))
+    assert reply.status_code == 503 and "backfill" in reply.get_json()["error"]
+    health = wait_for(lambda: (r := client.get("/health")).status_code == 503 and r, 30, "/health to report it")
+    assert health.get_json()["store"] == "damaged" and "backfill" in health.get_json()["error"]
+    assert client.get("/metrics").status_code == 503
+
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
+    out = tmp_path / "coco.json"
+    assert main(["export-coco", "--out", str(out)]) == 2
+    assert not out.exists()  # nothing exported from a damaged store
+    assert main(["stats"]) == 2  # a message, not a traceback
+    assert "backfill" in caplog.text

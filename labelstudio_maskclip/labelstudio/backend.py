@@ -73,6 +73,12 @@ class Runtime:
                 self._store = Store(Path(self.settings.model_dir))
             return self._store
 
+    def store_damage(self) -> str:
+        """What is wrong with the store and how to recover; "" when intact or not opened yet (not opened
+        here: opening checks the whole file)."""
+        store = self._store
+        return store.damage_message() if store is not None else ""
+
     @property
     def teacher(self):
         from ..models import shared_maskclip

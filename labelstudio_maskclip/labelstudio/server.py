@@ -52,6 +52,8 @@ def _error(status: int, message: str) -> tuple[Response, int]:
 def create_app(settings: Settings, *, warm: bool = True) -> Flask:
     """The WSGI app. ``warm`` starts loading the model in a background thread so the first /predict
     does not pay for it; a model that cannot load makes /health answer 503 with the reason."""
+    from ..learning.store import StoreError
+
     app = Flask("labelstudio_maskclip")
     app.config["MAX_CONTENT_LENGTH"] = 256 * 1024 * 1024
     state: dict[str, Any] = {"model_error": None, "model": "not loaded"}
@@ -66,13 +68,21 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
             state["model_error"] = str(e)
             log.error("model failed to load: %s", e)
 
+    def open_store() -> None:
+        try:
+            _ = runtime(settings).store  # opening checks the file's integrity (reported by /health)
+        except Exception as e:  # an unusable MODEL_DIR: webhooks report it
+            log.error("the annotation store cannot be opened: %s", e)
+
     if warm:
         # The labeling-config parser imports label-studio-sdk lazily (~1 s): pay that before serving, since
-        # Label Studio gives /setup only 3 s. The model loads in the background.
+        # Label Studio gives /setup only 3 s. The model loads in the background; the store is opened (and
+        # checked) in the background too, so the first webhook does not wait for it.
         from .labeling import parse_label_config
 
         parse_label_config(_WARMUP_CONFIG)
         threading.Thread(target=load_model, name="model-warmup", daemon=True).start()
+        threading.Thread(target=open_store, name="store-check", daemon=True).start()
     if warm and settings.train_interval_minutes > 0:
         threading.Thread(target=_interval_trigger, args=(settings,), name="train-interval", daemon=True).start()
 
@@ -100,6 +110,10 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
     def _too_large(e):
         return _error(413, f"request body larger than {app.config['MAX_CONTENT_LENGTH']} bytes")
 
+    @app.errorhandler(StoreError)
+    def _store_error(e):  # a damaged or unusable store: the message says how to recover
+        return _error(503, f"annotation store unavailable: {e}")
+
     @app.errorhandler(Exception)
     def _unexpected(e):
         from werkzeug.exceptions import HTTPException
@@ -118,6 +132,9 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
     def health():
         if state["model_error"]:
             return jsonify({"status": "DOWN", "error": state["model_error"]}), 503
+        damage = runtime(settings).store_damage()
+        if damage:  # predictions would work, but nothing Label Studio sends can be kept: make it seen
+            return jsonify({"status": "DOWN", "error": damage, "model": state["model"], "store": "damaged"}), 503
         return jsonify({"status": "UP", "model_class": "MaskCLIPBackend", "model": state["model"]})
 
     @app.post("/setup")

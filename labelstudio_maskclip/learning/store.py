@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -52,6 +53,7 @@ from ..masks.coco_rle import coco_rle_to_mask, mask_to_coco_rle
 __all__ = [
     "Store",
     "StoreError",
+    "StoreDamaged",
     "Sample",
     "TaskRecord",
     "AnnotationWrite",
@@ -60,6 +62,8 @@ __all__ = [
     "DB_FILE_NAME",
     "OUTCOMES",
 ]
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 DB_FILE_NAME = "annotations.sqlite3"
@@ -93,6 +97,22 @@ INSERT OR IGNORE INTO meta(key, value) VALUES ('seq', 0);
 
 class StoreError(RuntimeError):
     """The store cannot be opened or used (newer schema, unwritable directory); the message says why."""
+
+
+class StoreDamaged(StoreError):
+    """The store's file is corrupted (SQLite ``quick_check`` fails, or a read or write met a malformed page).
+    The store refuses every read and write from then on; the message says what was found and how to
+    recover (rebuild it from Label Studio with ``backfill``)."""
+
+
+_CORRUPTION_CODES = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
+
+
+def _is_corruption(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _CORRUPTION_CODES
+    return type(exc) is sqlite3.DatabaseError  # "database disk image is malformed", "file is not a database"
 
 
 @dataclass(frozen=True)
@@ -152,6 +172,14 @@ class PutResult:
     status: str
     annotation_id: int
     seq: int | None = None
+
+
+def _quietly(conn: sqlite3.Connection, statement: str) -> None:
+    """End a transaction on a connection that may be broken (corruption, no transaction open)."""
+    try:
+        conn.execute(statement)
+    except sqlite3.Error:
+        pass
 
 
 def _timestamp(value: str | None) -> float | None:
@@ -216,7 +244,16 @@ class Store:
         self._busy_ms = int(busy_timeout_s * 1000)
         self._synchronous = synchronous.upper()
         self._local = threading.local()
-        self._create_schema()
+        #: What SQLite found wrong with the file ([] = intact): checked when the store opens (``PRAGMA
+        #: quick_check``) and again whenever a read or write meets corruption.
+        self.damage: list[str] = []
+        try:
+            self._create_schema()
+        except StoreDamaged:
+            return
+        self.damage = self.integrity()
+        if self.damage:
+            log.error("%s", self.damage_message())
 
     # --- connections and transactions ---------------------------------------------------------------
 
@@ -226,6 +263,9 @@ class Store:
             conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         except sqlite3.Error as exc:
+            if _is_corruption(exc):
+                self.damage = [f"cannot open it: {exc}"]
+                raise StoreDamaged(self.damage_message()) from None
             raise StoreError(f"cannot open the store {self.path}: {exc}") from None
         if str(mode).lower() != "wal":
             raise StoreError(f"{self.path}: SQLite refused WAL mode (journal_mode={mode}); use a local disk")
@@ -243,24 +283,75 @@ class Store:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One short write transaction; takes the write lock at once (no deadlocking lock upgrades)."""
+        self.require_intact()
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                _quietly(conn, "ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            if _is_corruption(exc):
+                _quietly(conn, "ROLLBACK")
+                raise self._damaged(exc) from None
             raise
-        conn.execute("COMMIT")
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         """A consistent snapshot for the reads inside the block."""
+        self.require_intact()
         conn = self._conn()
-        conn.execute("BEGIN")
         try:
-            yield conn
-        finally:
-            conn.execute("COMMIT")
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                _quietly(conn, "COMMIT")
+        except sqlite3.DatabaseError as exc:
+            if _is_corruption(exc):
+                raise self._damaged(exc) from None
+            raise
+
+    # --- integrity ---------------------------------------------------------------------------------
+
+    def integrity(self) -> list[str]:
+        """SQLite's ``PRAGMA quick_check`` of the file (O(size), no index cross-check): [] when intact,
+        else what it reports (at most 20 lines). Never raises for a corrupted file."""
+        try:
+            conn = self._conn()
+            rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check(20)")]
+        except StoreError as exc:
+            return [str(exc)]
+        except sqlite3.DatabaseError as exc:
+            return [f"quick_check: {exc}"]
+        return [] if rows == ["ok"] else rows
+
+    def damage_message(self) -> str:
+        """What is wrong with the store and how to recover ("" when intact)."""
+        if not self.damage:
+            return ""
+        found = "; ".join(line.replace("\n", " ") for line in self.damage[:5])
+        return (
+            f"the annotation store {self.path} is damaged ({found}). Nothing is read from or written to it. "
+            f"To recover: stop the backend, move {self.path.name} and its -wal/-shm files aside, start again (an "
+            "empty store is created), and rebuild it from Label Studio with `labelstudio-maskclip backfill "
+            "--project ID` for each project (annotations and their outcomes come back; the list of past "
+            "training runs does not)"
+        )
+
+    def require_intact(self) -> None:
+        """Raise :class:`StoreDamaged` (with :meth:`damage_message`) if the store was found damaged."""
+        if self.damage:
+            raise StoreDamaged(self.damage_message())
+
+    def _damaged(self, exc: sqlite3.Error) -> StoreDamaged:
+        self.damage = self.integrity() or [str(exc)]
+        message = self.damage_message()
+        log.error("%s", message)
+        return StoreDamaged(message)
 
     def _create_schema(self) -> None:
         with self._write() as conn:
