@@ -567,3 +567,78 @@ def test_health_webhook_and_cli_say_the_store_is_damaged(tmp_path, monkeypatch, 
     assert not out.exists()  # nothing exported from a damaged store
     assert main(["stats"]) == 2  # a message, not a traceback
     assert "backfill" in caplog.text
+
+
+# --- health check under basic auth (item 9) -------------------------------------------------------------
+
+
+@pytest.fixture
+def served_app(tmp_path):
+    """create_app under a real WSGI server on loopback; yields start(settings) -> URL of /health."""
+    import threading
+
+    from werkzeug.serving import make_server
+
+    servers = []
+
+    def start(**auth):
+        app = create_app(Settings(model_dir=str(tmp_path), **auth), warm=False)
+        server = make_server("127.0.0.1", 0, app, threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}/health"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def _healthcheck(url, **env):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = str(Path(__file__).resolve().parents[1])
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BASIC_AUTH_")}
+    args = [sys.executable, "-m", "labelstudio_maskclip.labelstudio.healthcheck", "--url", url]
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=repo,
+                          env={**clean, "PYTHONPATH": repo, **env})  # fmt: skip
+
+
+@pytest.mark.parametrize("password", ["s3cret", "pässwörd 密码"], ids=["ascii", "non-ascii"])
+def test_container_health_check_works_with_and_without_basic_auth(served_app, password):
+    secured = served_app(basic_auth_user="ls", basic_auth_pass=password)
+    done = _healthcheck(secured, BASIC_AUTH_USER="ls", BASIC_AUTH_PASS=password)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert password not in done.stdout + done.stderr
+    wrong = _healthcheck(secured, BASIC_AUTH_USER="ls", BASIC_AUTH_PASS=password + "x")
+    assert wrong.returncode == 1 and "401" in wrong.stdout
+    assert _healthcheck(secured).returncode == 1  # no credentials: /health needs them too
+    open_ = served_app()
+    assert _healthcheck(open_).returncode == 0
+    assert _healthcheck(open_, BASIC_AUTH_USER="ls", BASIC_AUTH_PASS="whatever").returncode == 0
+
+
+def test_label_studio_style_probe_with_latin1_credentials_is_accepted(served_app):
+    """Label Studio 1.23 probes /health with requests' HTTPBasicAuth, which encodes text as latin-1."""
+    import requests
+    from requests.auth import HTTPBasicAuth
+
+    url = served_app(basic_auth_user="ls", basic_auth_pass="pässwörd")
+    assert requests.get(url, auth=HTTPBasicAuth("ls", "pässwörd"), timeout=30).status_code == 200
+    assert requests.get(url, auth=HTTPBasicAuth("ls", "passwörd"), timeout=30).status_code == 401
+    assert requests.get(url, timeout=30).status_code == 401
+
+
+def test_docker_health_checks_authenticate_from_the_environment():
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    dockerfile = (root / "docker" / "Dockerfile").read_text()
+    command = ["python", "-m", "labelstudio_maskclip.labelstudio.healthcheck", "--url", "http://127.0.0.1:9090/health"]
+    assert "CMD " + __import__("json").dumps(command) in dockerfile and "curl" not in dockerfile.split("HEALTHCHECK")[1]
+    compose = yaml.safe_load((root / "docker" / "docker-compose.yml").read_text())
+    assert compose["services"]["maskclip"]["healthcheck"]["test"] == ["CMD", *command]

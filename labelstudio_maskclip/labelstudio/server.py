@@ -240,15 +240,25 @@ def _basic_credentials(header: str | None) -> tuple[bytes, bytes] | None:
 def credentials_match(header: str | None, user: str, password: str) -> bool:
     """Whether an ``Authorization`` header carries exactly ``user`` and ``password``.
 
-    Compared as bytes (the settings encoded as UTF-8, as browsers, curl and requests send them), in
-    constant time: any text, ASCII or not, on either side, gives True or False, never an error.
+    Compared as bytes, in constant time: any text, ASCII or not, on either side, gives True or False, never
+    an error. The settings are accepted encoded as UTF-8 (curl, browsers) or as latin-1 (Python requests'
+    ``HTTPBasicAuth``, which Label Studio 1.23 uses to reach the backend): both spell the same text.
     """
     given = _basic_credentials(header)
     if given is None:
         return False
-    user_ok = hmac.compare_digest(given[0], user.encode("utf-8"))
-    pass_ok = hmac.compare_digest(given[1], password.encode("utf-8"))
+    user_ok = _same_text(given[0], user)
+    pass_ok = _same_text(given[1], password)
     return user_ok and pass_ok
+
+
+def _same_text(given: bytes, expected: str) -> bool:
+    ok = hmac.compare_digest(given, expected.encode("utf-8"))
+    try:
+        latin1 = expected.encode("latin-1")
+    except UnicodeEncodeError:
+        return ok
+    return hmac.compare_digest(given, latin1) or ok
 
 
 def basic_auth_header(user: str, password: str) -> str:
