@@ -132,3 +132,54 @@ def test_label_studio_down_or_hung_gives_per_task_errors_then_recovers(system):
     assert r.status_code == 200 and all(r.json()["results"]) and r.json()["errors"] == []
     print(f"\nLabel Studio refused: /predict answered in {refused_s:.2f} s; hung: {hung_s:.2f} s "
           f"(MASKCLIP_DOWNLOAD_TIMEOUT={DOWNLOAD_TIMEOUT})")  # fmt: skip
+
+
+def test_slow_clients_cannot_hold_the_worker_threads(tmp_path_factory):
+    """12 connections dripping request headers and 4 dripping a small body, against one worker of 2
+    threads: /health keeps answering (the requests are read in the event loop, not in the threads), and the
+    drippers are answered 408 and disconnected after the read timeout."""
+    from labelstudio_maskclip.labelstudio.worker import READ_TIMEOUT
+
+    work = tmp_path_factory.mktemp("slow-clients")
+    weights = save_random_state(TINY_VIT, work / "tiny_vit.pt")
+    backend = start_backend(work, TINY_VIT, str(weights), "http://127.0.0.1:9", workers=1,
+                            extra_env={"THREADS": "2"})  # fmt: skip
+    port = int(backend.url.rsplit(":", 1)[1])
+    heads, bodies, stop = [], [], threading.Event()
+    try:
+        for _ in range(12):
+            s = socket.create_connection(("127.0.0.1", port), timeout=60)
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            heads.append(s)
+        for _ in range(4):
+            s = socket.create_connection(("127.0.0.1", port), timeout=60)
+            s.sendall(
+                b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 900\r\n\r\n{"
+            )
+            bodies.append(s)
+
+        def drip():
+            while not stop.wait(0.5):
+                for s, byte in [(s, b"X-Slow: 1\r\n") for s in heads] + [(s, b" ") for s in bodies]:
+                    try:
+                        s.send(byte)
+                    except OSError:
+                        pass
+
+        dripper = threading.Thread(target=drip, daemon=True)
+        dripper.start()
+        for _ in range(5):  # a generous per-request bound: it answers in milliseconds when threads are free
+            r = requests.get(backend.url + "/health", timeout=10)
+            assert r.status_code == 200 and r.json()["status"] == "UP"
+        for s in heads + bodies:  # bounded: answered 408, then closed (within the read timeout + slack)
+            s.settimeout(READ_TIMEOUT + 60)
+            reply = b""
+            while chunk := s.recv(4096):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 408"), reply[:100]
+        assert requests.get(backend.url + "/health", timeout=10).status_code == 200
+    finally:
+        stop.set()
+        for s in heads + bodies:
+            s.close()
+        backend.stop()
