@@ -642,3 +642,24 @@ def test_docker_health_checks_authenticate_from_the_environment():
     assert "CMD " + __import__("json").dumps(command) in dockerfile and "curl" not in dockerfile.split("HEALTHCHECK")[1]
     compose = yaml.safe_load((root / "docker" / "docker-compose.yml").read_text())
     assert compose["services"]["maskclip"]["healthcheck"]["test"] == ["CMD", *command]
+
+
+# --- requests read in the event loop (item 11; the whole-system test is in tests/test_faults.py) -----------
+
+
+def test_a_request_is_complete_when_its_head_and_small_body_arrived():
+    from labelstudio_maskclip.labelstudio.worker import MAX_BUFFERED_BODY, MAX_HEAD, _Reading
+
+    def complete(data: bytes) -> bool:
+        reading = _Reading(conn=None, deadline=0.0)
+        reading.data += data
+        return reading.complete()
+
+    assert not complete(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+    assert complete(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    post = b"POST /webhook HTTP/1.1\r\nHost: x\r\ncontent-LENGTH: 5\r\n\r\n"
+    assert not complete(post + b"{}") and complete(post + b'{"a"}')
+    big = f"POST /predict HTTP/1.1\r\nContent-Length: {MAX_BUFFERED_BODY + 1}\r\n\r\n".encode()
+    assert complete(big)  # too big to buffer: the thread reads it
+    assert complete(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")  # unknown length: the thread
+    assert complete(b"GET / HTTP/1.1\r\nX: " + b"a" * (MAX_HEAD + 1))  # gunicorn's header limits refuse it

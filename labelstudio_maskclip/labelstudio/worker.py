@@ -29,7 +29,7 @@ from typing import Any
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
-__all__ = ["BufferingThreadWorker", "READ_TIMEOUT", "MAX_BUFFERED_BODY", "MAX_HEAD"]
+__all__ = ["BufferingThreadWorker", "READ_TIMEOUT", "MAX_BUFFERED_BODY", "MAX_HEAD", "MAX_BUFFERED_TOTAL"]
 
 #: Seconds a client has to send a request's head (and a buffered body) once it connected or sent its
 #: first byte on a kept-alive connection.
@@ -38,6 +38,10 @@ READ_TIMEOUT = 15.0
 MAX_BUFFERED_BODY = 4 * 1024 * 1024
 #: A head longer than this goes to the thread at once (gunicorn's header limits then refuse it).
 MAX_HEAD = 64 * 1024
+#: Bytes buffered in the event loop at once per worker, all connections together: past this, a request
+#: goes to a thread as soon as it sends more (gunicorn's behaviour), so many connections cannot make the
+#: buffers grow the worker.
+MAX_BUFFERED_TOTAL = 64 * 1024 * 1024
 
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,12})[ \t]*\r\n", re.IGNORECASE)
 _TIMEOUT_REPLY = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
@@ -71,6 +75,7 @@ class BufferingThreadWorker(ThreadWorker):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.reading: deque[_Reading] = deque()  # ordered by deadline (constant timeout)
+        self.buffered = 0  # bytes held by self.reading
 
     def _buffering(self, conn: TConn) -> bool:
         return not self.cfg.is_ssl and not negotiation.prior_knowledge_allowed(self.cfg, conn.client)
@@ -117,7 +122,8 @@ class BufferingThreadWorker(ThreadWorker):
             reading.conn.close()
             return
         reading.data += chunk
-        if reading.complete():
+        self.buffered += len(chunk)
+        if reading.complete() or self.buffered > MAX_BUFFERED_TOTAL:
             self._forget(reading)
             conn = reading.conn
             conn.sock.setblocking(True)
@@ -127,13 +133,15 @@ class BufferingThreadWorker(ThreadWorker):
             self.enqueue_req(conn)
 
     def _forget(self, reading: _Reading) -> None:
-        try:
-            self.poller.unregister(reading.conn.sock)
-        except (KeyError, ValueError, OSError):
-            pass
+        """Stop reading this connection in the loop (once: later calls do nothing)."""
         try:
             self.reading.remove(reading)
         except ValueError:
+            return
+        self.buffered -= len(reading.data)
+        try:
+            self.poller.unregister(reading.conn.sock)
+        except (KeyError, ValueError, OSError):
             pass
 
     def murder_pending(self):
@@ -141,11 +149,8 @@ class BufferingThreadWorker(ThreadWorker):
         super().murder_pending()
         now = time.monotonic()
         while self.reading and self.reading[0].deadline <= now:
-            reading = self.reading.popleft()
-            try:
-                self.poller.unregister(reading.conn.sock)
-            except (KeyError, ValueError, OSError):
-                pass
+            reading = self.reading[0]
+            self._forget(reading)
             try:
                 reading.conn.sock.send(_TIMEOUT_REPLY)
             except OSError:
