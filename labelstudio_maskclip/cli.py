@@ -114,7 +114,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     cmd = [
         sys.executable, "-m", "gunicorn", "labelstudio_maskclip.labelstudio.server:wsgi()",
         "--bind", f"{args.host}:{args.port}",
-        "--workers", str(workers), "--threads", str(s.threads), "--worker-class", "gthread",
+        "--workers", str(workers), "--threads", str(s.threads),
+        # gthread, but a request is read in the event loop before it takes a thread: slow clients cannot
+        # hold the threads (see labelstudio/worker.py).
+        "--worker-class", "labelstudio_maskclip.labelstudio.worker.BufferingThreadWorker",
         # /predict may take up to Label Studio's 100 s limit; the time budget stops earlier.
         "--timeout", str(int(s.predict_time_budget) + 60), "--graceful-timeout", "30",
         "--log-level", s.log_level.lower(), "--access-logfile", "-",
@@ -427,8 +430,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except Exception as e:  # a clear one-line error for known failures; full trace at DEBUG
         from .engine.loading import WeightsError
+        from .learning.store import StoreError
 
-        if isinstance(e, WeightsError):
+        if isinstance(e, (WeightsError, StoreError)):  # StoreError: a damaged store says how to recover
             log.error("%s", e)
             return 2
         raise

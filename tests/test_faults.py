@@ -132,3 +132,135 @@ def test_label_studio_down_or_hung_gives_per_task_errors_then_recovers(system):
     assert r.status_code == 200 and all(r.json()["results"]) and r.json()["errors"] == []
     print(f"\nLabel Studio refused: /predict answered in {refused_s:.2f} s; hung: {hung_s:.2f} s "
           f"(MASKCLIP_DOWNLOAD_TIMEOUT={DOWNLOAD_TIMEOUT})")  # fmt: skip
+
+
+def test_slow_clients_cannot_hold_the_worker_threads(tmp_path_factory):
+    """12 connections dripping request headers and 4 dripping a small body, against one worker of 2
+    threads: /health keeps answering (the requests are read in the event loop, not in the threads), and the
+    drippers are answered 408 and disconnected after the read timeout."""
+    from labelstudio_maskclip.labelstudio.worker import READ_TIMEOUT
+
+    work = tmp_path_factory.mktemp("slow-clients")
+    weights = save_random_state(TINY_VIT, work / "tiny_vit.pt")
+    backend = start_backend(work, TINY_VIT, str(weights), "http://127.0.0.1:9", workers=1,
+                            extra_env={"THREADS": "2"})  # fmt: skip
+    port = int(backend.url.rsplit(":", 1)[1])
+    heads, bodies, stop = [], [], threading.Event()
+    try:
+        for _ in range(12):
+            s = socket.create_connection(("127.0.0.1", port), timeout=60)
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            heads.append(s)
+        for _ in range(4):
+            s = socket.create_connection(("127.0.0.1", port), timeout=60)
+            s.sendall(
+                b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 900\r\n\r\n{"
+            )
+            bodies.append(s)
+
+        def drip():
+            while not stop.wait(0.5):
+                for s, byte in [(s, b"X-Slow: 1\r\n") for s in heads] + [(s, b" ") for s in bodies]:
+                    try:
+                        s.send(byte)
+                    except OSError:
+                        pass
+
+        dripper = threading.Thread(target=drip, daemon=True)
+        dripper.start()
+        for _ in range(5):  # a generous per-request bound: it answers in milliseconds when threads are free
+            r = requests.get(backend.url + "/health", timeout=10)
+            assert r.status_code == 200 and r.json()["status"] == "UP"
+        for s in heads + bodies:  # bounded: answered 408, then closed (within the read timeout + slack)
+            s.settimeout(READ_TIMEOUT + 60)
+            reply = b""
+            while chunk := s.recv(4096):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 408"), reply[:100]
+        assert requests.get(backend.url + "/health", timeout=10).status_code == 200
+    finally:
+        stop.set()
+        for s in heads + bodies:
+            s.close()
+        backend.stop()
+
+
+def _heavy_webhook(annotation_id: int, rles: dict, side: int) -> dict:
+    """An annotation at the work bounds for a 64-megapixel image: one brush region per label."""
+    regions = [
+        {"id": f"r{label}", "from_name": "tag", "to_name": "image", "type": "brushlabels",
+         "original_width": side, "original_height": side,
+         "value": {"format": "rle", "rle": rle, "brushlabels": [label]}}
+        for label, rle in rles.items()
+    ]  # fmt: skip
+    body = brush_webhook(annotation_id, annotation_id)
+    body["annotation"]["result"] = regions
+    return body
+
+
+def _polygon_bomb(annotation_id: int) -> dict:
+    import random
+
+    rng = random.Random(annotation_id)
+    points = [[rng.uniform(-900, 1000), rng.uniform(-900, 1000)] for _ in range(300_000)]
+    body = brush_webhook(annotation_id, annotation_id)
+    body["annotation"]["result"] = [
+        {"id": "bomb", "from_name": "poly", "to_name": "image", "type": "polygonlabels", "original_width": 8000,
+         "original_height": 8000, "value": {"points": points, "polygonlabels": ["Food"]}}
+    ]  # fmt: skip
+    body["project"]["label_config"] = BRUSH.replace(
+        "</View>", '<PolygonLabels name="poly" toName="image"><Label value="Food"/></PolygonLabels></View>'
+    )
+    return body
+
+
+def test_peak_memory_of_8_concurrent_worst_case_webhooks(tmp_path_factory):
+    """One worker with 8 threads gets 8 webhooks at once, twice: annotations at the bounds for a 64-megapixel
+    image (3 labels: (3 + 2) x 64 MB of masks each), then 300k-point polygons (rejected before rasterising).
+    The worker's peak RSS (VmHWM) stays bounded (2 annotations decoded at once per process) and it lives."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from labelstudio_maskclip.masks.brush import mask_to_brush_rle
+    from tests.served import vm_hwm_kib
+
+    side = 8000
+    rles = {}
+    for k, label in enumerate(["Animal", "Food", "Sky"]):
+        mask = np.zeros((side, side), bool)
+        mask[500 * k : 500 * k + 4000, 1000 : 1000 + 5000] = True
+        rles[label] = mask_to_brush_rle(mask)
+    work = tmp_path_factory.mktemp("rss")
+    weights = save_random_state(TINY_VIT, work / "tiny_vit.pt")
+    backend = start_backend(work, TINY_VIT, str(weights), "http://127.0.0.1:9", workers=1,
+                            extra_env={"THREADS": "8"})  # fmt: skip
+    try:
+        (worker,) = backend.workers()
+        base = vm_hwm_kib(worker)
+
+        def post(body: bytes) -> requests.Response:
+            return requests.post(backend.url + "/webhook", data=body, timeout=600,
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+
+        heavy = [json.dumps(_heavy_webhook(7000 + i, rles, side)).encode() for i in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(post, heavy))
+        assert [r.status_code for r in replies] == [201] * 8 and {r.json()["status"] for r in replies} == {"stored"}
+        after_heavy = vm_hwm_kib(worker)
+        bombs = [json.dumps(_polygon_bomb(8000 + i)).encode() for i in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(post, bombs))
+        assert [r.json()["status"] for r in replies] == ["rejected"] * 8
+        assert all("too much work" in r.json()["rejected"][0] for r in replies)
+        after_bombs = vm_hwm_kib(worker)
+        assert backend.workers() == [worker]  # the same worker: nothing crashed
+        print(f"\npeak RSS of the worker: {base / 1024:.0f} MiB at start, {after_heavy / 1024:.0f} MiB after 8 "
+              f"concurrent 64-Mpx 3-label annotations, {after_bombs / 1024:.0f} MiB after 8 concurrent "
+              f"300k-point polygons ({sum(map(len, bombs)) / 8e6:.1f} MB JSON each)")  # fmt: skip
+        assert after_bombs - base < 3 * 1024 * 1024  # KiB: 3 GiB, a generous bound (about 1 GiB expected)
+        store = Store(backend.model_dir)
+        assert store.check() == [] and store.annotation(7003)["labels"] == ["Animal", "Food", "Sky"]
+    finally:
+        backend.stop()

@@ -288,3 +288,114 @@ def test_bodies_over_the_limit_get_413(env):
     reply = small.test_client().post("/predict", data=body, content_type="application/json")
     assert reply.status_code == 413
     assert client.get("/health").status_code == 200
+
+
+# --- hardening classes: ids, work per annotation, repeats with a parent prediction, credentials -----------
+
+NASTY_IDS = [1.5, 1.0, "1.5", "1e3", True, False, 0, -1, 10**29, str(10**29), 2**63, 2**63 - 1, "٣", " 1", None,
+             {"id": 1.5}, {"id": 10**29}, [1], "17", 17]  # fmt: skip
+LIVE = 1  # an annotation with a small id, stored first: no nasty id may delete or overwrite it
+
+
+def _polygon(rng: random.Random, n_points: int, spread: float) -> dict:
+    points = [[rng.uniform(-spread, 100 + spread), rng.uniform(-spread, 100 + spread)] for _ in range(n_points)]
+    return {"id": f"p{rng.randrange(10**6)}", "from_name": "poly", "to_name": "image", "type": "polygonlabels",
+            "original_width": rng.choice([64, 4000]), "original_height": rng.choice([48, 4000]),
+            "value": {"points": points, "polygonlabels": ["Food"]}}  # fmt: skip
+
+
+def hardening_body(rng: random.Random) -> dict:
+    kind = rng.randrange(5)
+    if kind == 0:  # deletions by odd ids
+        return {
+            "action": "ANNOTATIONS_DELETED",
+            "annotations": [rng.choice(NASTY_IDS) for _ in range(rng.randrange(1, 6))],
+        }
+    body = brush_webhook(rng.randrange(100, 120), rng.randrange(1, 20))
+    body["project"]["label_config"] = BRUSH.replace(
+        "</View>", '<PolygonLabels name="poly" toName="image"><Label value="Food"/></PolygonLabels></View>'
+    )
+    if kind == 1:  # odd ids anywhere an id goes
+        target = rng.choice([body["annotation"], body["task"], body["project"]])
+        target["id"] = rng.choice(NASTY_IDS)
+        body["annotation"]["parent_prediction"] = rng.choice(NASTY_IDS)
+    elif kind == 2:  # heavy polygons: many points, far away, or many regions
+        n, spread = rng.choice([(3, 0.0), (2_000, 900.0), (120_000, 900.0), (120_000, 0.0)])
+        body["annotation"]["result"] = [_polygon(rng, n, spread) for _ in range(rng.choice([1, 2]))]
+    elif kind == 3:  # many small regions, in the annotation or in its prediction
+        regions = [_polygon(rng, 4, 0.0) for _ in range(rng.choice([10, 1001]))]
+        if rng.random() < 0.5:
+            body["annotation"]["result"] = regions
+        else:
+            body["annotation"]["parent_prediction"] = 77
+            body["task"]["predictions"] = [{"id": 77, "result": regions}]
+    else:  # a repeat with a parent prediction, with or without the prediction in the payload
+        body["annotation"]["parent_prediction"] = 77
+        if rng.random() < 0.5:
+            body["annotation"]["prediction"] = {"id": 77, "result": body["annotation"]["result"]}
+    return body
+
+
+def test_fuzzed_ids_heavy_annotations_and_repeats_never_give_a_500(env):
+    app, settings = env
+    client = app.test_client()
+    assert client.post("/webhook", json=brush_webhook(LIVE, 900)).status_code == 201
+    store = Store(Path(settings.model_dir))
+    live = store.annotation(LIVE)
+    rng = random.Random(SEED + 1)
+    statuses: dict[str, int] = {}
+    bad = []
+    for n in range(60):
+        body = hardening_body(rng)
+        data = json.dumps(body)
+        reply = client.post("/webhook", data=data, content_type="application/json")
+        payload = reply.get_json(silent=True) or {}
+        statuses[str(payload.get("status", reply.status_code))] = (
+            statuses.get(str(payload.get("status", reply.status_code)), 0) + 1
+        )
+        if reply.status_code >= 500:
+            bad.append((n, data[:200], reply.status_code, reply.get_data()[:300]))
+        if body.get("annotation", {}).get("parent_prediction") == 77 and payload.get("status") == "stored":
+            again = client.post("/webhook", data=data, content_type="application/json").get_json()
+            assert again["status"] == "duplicate", (n, again)  # a repeat changes nothing
+    print(f"\nhardening fuzz: 60 cases, statuses {dict(sorted(statuses.items()))}")
+    assert bad == [], "\n".join(map(repr, bad))
+    assert store.annotation(LIVE) == live  # no float, boolean or huge id touched it
+    assert store.check() == []
+    assert client.get("/health").status_code == 200
+
+
+def _encode(text: str, encoding: str) -> bytes:
+    try:
+        return text.encode(encoding, "surrogatepass")
+    except (UnicodeError, LookupError):
+        return text.encode(encoding, "replace")
+
+
+def test_fuzzed_credentials_get_200_or_401_only(tmp_path):
+    import base64
+
+    from labelstudio_maskclip.labelstudio.server import basic_auth_header
+
+    user, password = "ann\u00e9e", "p\u00e4ss \u5bc6\u7801:\U0001f511"
+    client = create_app(Settings(model_dir=str(tmp_path), basic_auth_user=user, basic_auth_pass=password),
+                        warm=False).test_client()  # fmt: skip
+    rng = random.Random(SEED + 2)
+    texts = [user, password, "", ":", "\x00", "é" * 300, "\udcff", "a" * 10_000, "pass", "密码", "\U0001f511"]
+    encodings = ["utf-8", "latin-1", "utf-16", "cp1252", "utf-8-sig"]
+    seen = {200: 0, 401: 0}
+    for _ in range(300):
+        u, p = rng.choice(texts), rng.choice(texts)
+        raw = b":".join(_encode(t, rng.choice(encodings)) for t in (u, p))
+        if rng.random() < 0.2:
+            raw = bytes(rng.randrange(256) for _ in range(rng.randrange(40)))
+        scheme = rng.choice(["Basic", "basic", "BASIC", "Bearer", "Basic  ", ""])
+        token = base64.b64encode(raw).decode() if rng.random() < 0.9 else rng.choice(["!!", "=", "Zg", "a" * 5001])
+        header = f"{scheme} {token}".encode("latin-1", "replace").decode("latin-1")
+        reply = client.get("/health", headers={"Authorization": header})
+        assert reply.status_code in (200, 401), (header[:80], reply.status_code)
+        seen[reply.status_code] += 1
+        if reply.status_code == 200:
+            assert (u, p) == (user, password) and scheme.strip().lower() == "basic"
+    assert client.get("/health", headers={"Authorization": basic_auth_header(user, password)}).status_code == 200
+    assert seen[401] > 250

@@ -52,7 +52,15 @@ def coco_instances() -> list[np.ndarray]:
 
 def test_public_api() -> None:
     assert sorted(polygons_module.__all__) == sorted(
-        ["PolygonError", "mask_to_polygons", "polygons_to_mask", "points_to_percent", "percent_to_points"]
+        [
+            "PolygonError",
+            "mask_to_polygons",
+            "polygons_to_mask",
+            "points_to_percent",
+            "percent_to_points",
+            "MAX_EDGE_PIXELS",
+            "edge_pixels",
+        ]
     )
 
 

@@ -43,22 +43,18 @@ class Runtime:
     _fetcher: Any = None
     _store: Any = None
     _student: tuple[str, Any] | None = None  # (version, model)
-    _background: Any = None  # one thread for webhook follow-ups (Label Studio API calls)
+    _followups: Any = None  # webhook follow-ups (Label Studio API calls): a bounded queue, one thread
     _features: Any = None  # interactive prompting: per-image pixels and dense features (FeatureCache)
 
-    def background(self, fn, *args) -> None:
-        """Run ``fn(*args)`` after the webhook has been answered (one worker thread, errors logged)."""
+    @property
+    def followups(self):
+        """The process's :class:`~.followups.FollowUps` (bounded; drops with a logged reason when full)."""
         with self._lock:
-            if self._background is None:
-                self._background = ThreadPoolExecutor(1, thread_name_prefix="webhook-followup")
+            if self._followups is None:
+                from .followups import FollowUps
 
-        def run() -> None:
-            try:
-                fn(*args)
-            except Exception:
-                log.exception("webhook follow-up %s failed", getattr(fn, "__name__", fn))
-
-        self._background.submit(run)
+                self._followups = FollowUps(functools.partial(record_parent_prediction, self))
+            return self._followups
 
     @property
     def fetcher(self):
@@ -86,6 +82,12 @@ class Runtime:
 
                 self._store = Store(Path(self.settings.model_dir))
             return self._store
+
+    def store_damage(self) -> str:
+        """What is wrong with the store and how to recover; "" when intact or not opened yet (not opened
+        here: opening checks the whole file)."""
+        store = self._store
+        return store.damage_message() if store is not None else ""
 
     @property
     def teacher(self):
@@ -134,6 +136,63 @@ class Runtime:
                     model = None
                 self._student = (version, model)
             return self._student[1]
+
+
+_MAX_KEPT_CONFIG = 65_536  # a longer labeling config is fetched again by the follow-up
+_KEPT_FIELDS = ("id", "task", "project", "completed_by", "ground_truth", "was_cancelled", "parent_prediction",
+                "created_at", "updated_at")  # fmt: skip
+
+
+def _small(value: Any, depth: int = 0) -> bool:
+    """A scalar, a short string, or a small object of those (the author): kept in a queued follow-up."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return True
+    if isinstance(value, str):
+        return len(value) <= 256
+    return isinstance(value, Mapping) and depth == 0 and len(value) <= 16 and all(_small(v, 1) for v in value.values())
+
+
+@dataclass(frozen=True)
+class ParentPredictionCheck:
+    """A queued follow-up (small: no masks): fetch the annotation's current result and its parent
+    prediction from Label Studio, and store them together, which records per-label outcomes."""
+
+    annotation_id: int
+    prediction_id: int
+    task: int | None
+    project: int | None
+    label_config: str | None
+    fields: Mapping[str, Any]  # the webhook's annotation fields but the result (author, flags, timestamps)
+
+
+def record_parent_prediction(rt: Runtime, check: ParentPredictionCheck) -> None:
+    """Follow-up: GET the annotation and its parent prediction, then store them through the webhook rules:
+    the same content only gains its outcomes (the change counter does not move, see
+    :meth:`~..learning.store.Store.put_annotation`); an update that arrived meanwhile wins (stale)."""
+    from ..learning.webhooks import handle_event
+    from .api import LabelStudioAPI
+
+    api = LabelStudioAPI(rt.fetcher, timeout=rt.settings.download_timeout)
+    annotation = api.request("GET", f"/api/annotations/{check.annotation_id}")
+    prediction = api.request("GET", f"/api/predictions/{check.prediction_id}")
+    if not isinstance(annotation, Mapping) or not isinstance(prediction, Mapping):
+        log.warning("annotation %s: Label Studio gave no annotation or prediction object", check.annotation_id)
+        return
+    config = check.label_config
+    if config is None and check.project is not None:
+        project = api.request("GET", f"/api/projects/{check.project}")
+        config = project.get("label_config") if isinstance(project, Mapping) else None
+    fields = dict(check.fields)
+    fields.update({k: annotation[k] for k in ("result", "updated_at", "was_cancelled") if k in annotation})
+    event = {
+        "action": "ANNOTATION_UPDATED",
+        "annotation": {**fields, "prediction": prediction},
+        "task": {"id": check.task if check.task is not None else annotation.get("task")},
+        "project": {"id": check.project, "label_config": config},
+    }
+    result = handle_event(event, rt.store)
+    log.info("annotation %s compared with its prediction %s: %s", check.annotation_id, check.prediction_id,
+             result.status)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=4)
@@ -306,28 +365,33 @@ class MaskCLIPBackend:
             return TaskFailure(task_id, str(e))
 
     # -- fit (webhooks) ------------------------------------------------------------------------------
-    def _parent_prediction_unseen(self, data: Mapping[str, Any]) -> bool:
-        """The annotation started from a prediction that the payload does not carry (Label Studio's
-        webhooks usually don't): its outcome per label needs the prediction from the API."""
+    def _parent_prediction_check(self, data: Mapping[str, Any]) -> ParentPredictionCheck | None:
+        """The follow-up for an annotation started from a prediction that the payload does not carry
+        (Label Studio's webhooks usually don't): its outcome per label needs the prediction from the API.
+        None when there is nothing to fetch (or no Label Studio to fetch it from)."""
+        from ..learning.webhooks import label_studio_id
+
         ann = data.get("annotation")
-        if not isinstance(ann, Mapping) or not isinstance(ann.get("parent_prediction"), int):
-            return False
+        if not isinstance(ann, Mapping) or not self.settings.label_studio_url:
+            return None
+        annotation_id, prediction_id = label_studio_id(ann.get("id")), label_studio_id(ann.get("parent_prediction"))
         seen = ann.get("prediction")
-        return not (isinstance(seen, Mapping) and isinstance(seen.get("result"), list)) and bool(
-            self.settings.label_studio_url
+        if (
+            annotation_id is None
+            or prediction_id is None
+            or (isinstance(seen, Mapping) and isinstance(seen.get("result"), list))
+        ):
+            return None
+        project = data.get("project") if isinstance(data.get("project"), Mapping) else {}
+        config = project.get("label_config")
+        return ParentPredictionCheck(
+            annotation_id=annotation_id,
+            prediction_id=prediction_id,
+            task=label_studio_id(data.get("task")) or label_studio_id(ann.get("task")),
+            project=label_studio_id(project.get("id")),
+            label_config=config if isinstance(config, str) and len(config) <= _MAX_KEPT_CONFIG else None,
+            fields={k: v for k, v in ann.items() if k in _KEPT_FIELDS and _small(v)},
         )
-
-    def _with_parent_prediction(self, data: Mapping[str, Any]) -> None:
-        """Background: fetch the parent prediction and store the annotation again with it, which records
-        per-label outcomes (unchanged / edited / deleted). An update that arrived meanwhile wins (stale)."""
-        from ..learning.webhooks import handle_event
-        from .api import LabelStudioAPI
-
-        ann = data["annotation"]
-        prediction = LabelStudioAPI(self.rt.fetcher).request("GET", f"/api/predictions/{ann['parent_prediction']}")
-        result = handle_event({**data, "annotation": {**ann, "prediction": prediction}}, self.rt.store)
-        log.info("annotation %s compared with its prediction %s: %s", ann.get("id"), ann["parent_prediction"],
-                 result.status)  # fmt: skip
 
     def fit(self, event: str, data: Mapping[str, Any]) -> dict[str, Any]:
         """Store what a webhook carries; start training (in another process) when a trigger fires:
@@ -337,8 +401,9 @@ class MaskCLIPBackend:
 
         result = handle_event(data, self.rt.store)
         reply: dict[str, Any] = {"action": event, "status": result.status}
-        if result.status == "stored" and self._parent_prediction_unseen(data):
-            self.rt.background(self._with_parent_prediction, data)
+        check = self._parent_prediction_check(data) if result.status == "stored" else None
+        if check is not None:
+            self.rt.followups.submit(check.annotation_id, check, f"annotation {check.annotation_id} vs its prediction")
         if result.rejected:
             reply["rejected"] = result.rejected
         project = data.get("project") if isinstance(data.get("project"), Mapping) else {}

@@ -20,7 +20,7 @@ from flask import Flask, Response, jsonify, request
 from ..settings import Settings
 from .backend import MaskCLIPBackend, PredictError, runtime
 
-__all__ = ["create_app", "wsgi"]
+__all__ = ["create_app", "wsgi", "credentials_match", "basic_auth_header"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ def _error(status: int, message: str) -> tuple[Response, int]:
 def create_app(settings: Settings, *, warm: bool = True) -> Flask:
     """The WSGI app. ``warm`` starts loading the model in a background thread so the first /predict
     does not pay for it; a model that cannot load makes /health answer 503 with the reason."""
+    from ..learning.store import StoreError
+
     app = Flask("labelstudio_maskclip")
     app.config["MAX_CONTENT_LENGTH"] = 256 * 1024 * 1024
     state: dict[str, Any] = {"model_error": None, "model": "not loaded"}
@@ -66,13 +68,21 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
             state["model_error"] = str(e)
             log.error("model failed to load: %s", e)
 
+    def open_store() -> None:
+        try:
+            _ = runtime(settings).store  # opening checks the file's integrity (reported by /health)
+        except Exception as e:  # an unusable MODEL_DIR: webhooks report it
+            log.error("the annotation store cannot be opened: %s", e)
+
     if warm:
         # The labeling-config parser imports label-studio-sdk lazily (~1 s): pay that before serving, since
-        # Label Studio gives /setup only 3 s. The model loads in the background.
+        # Label Studio gives /setup only 3 s. The model loads in the background; the store is opened (and
+        # checked) in the background too, so the first webhook does not wait for it.
         from .labeling import parse_label_config
 
         parse_label_config(_WARMUP_CONFIG)
         threading.Thread(target=load_model, name="model-warmup", daemon=True).start()
+        threading.Thread(target=open_store, name="store-check", daemon=True).start()
     if warm and settings.train_interval_minutes > 0:
         threading.Thread(target=_interval_trigger, args=(settings,), name="train-interval", daemon=True).start()
 
@@ -80,13 +90,8 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
     def _auth():
         if not settings.basic_auth_user:
             return None
-        auth = request.authorization
-        ok = (
-            auth is not None
-            and hmac.compare_digest(auth.username or "", settings.basic_auth_user)
-            and hmac.compare_digest(auth.password or "", settings.basic_auth_pass)
-        )
-        if not ok:
+        if not credentials_match(request.headers.get("Authorization"), settings.basic_auth_user,
+                                 settings.basic_auth_pass):  # fmt: skip
             return Response(
                 '{"error": "authentication required"}', 401, {"WWW-Authenticate": 'Basic realm="ml-backend"'},
                 mimetype="application/json",
@@ -104,6 +109,10 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
     @app.errorhandler(413)
     def _too_large(e):
         return _error(413, f"request body larger than {app.config['MAX_CONTENT_LENGTH']} bytes")
+
+    @app.errorhandler(StoreError)
+    def _store_error(e):  # a damaged or unusable store: the message says how to recover
+        return _error(503, f"annotation store unavailable: {e}")
 
     @app.errorhandler(Exception)
     def _unexpected(e):
@@ -123,6 +132,9 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
     def health():
         if state["model_error"]:
             return jsonify({"status": "DOWN", "error": state["model_error"]}), 503
+        damage = runtime(settings).store_damage()
+        if damage:  # predictions would work, but nothing Label Studio sends can be kept: make it seen
+            return jsonify({"status": "DOWN", "error": damage, "model": state["model"], "store": "damaged"}), 503
         return jsonify({"status": "UP", "model_class": "MaskCLIPBackend", "model": state["model"]})
 
     @app.post("/setup")
@@ -206,6 +218,47 @@ def _share_cpu_threads(workers: int) -> None:
     import torch
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
+
+
+def _basic_credentials(header: str | None) -> tuple[bytes, bytes] | None:
+    """(user, password) as the raw bytes a ``Basic`` ``Authorization`` header carries; None if absent or
+    malformed. WSGI gives header values as latin-1 decoded text, so encoding back to latin-1 recovers the
+    bytes the client sent, whatever charset it used."""
+    if not header:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip().encode("latin-1"), validate=True)
+    except (ValueError, UnicodeError):  # binascii.Error is a ValueError
+        return None
+    user, sep, password = decoded.partition(b":")
+    return (user, password) if sep else None
+
+
+def credentials_match(header: str | None, user: str, password: str) -> bool:
+    """Whether an ``Authorization`` header carries exactly ``user`` and ``password``.
+
+    Compared as bytes, in constant time: any text, ASCII or not, on either side, gives True or False, never
+    an error. The settings are accepted encoded as UTF-8 (curl, browsers) or as latin-1 (Python requests'
+    ``HTTPBasicAuth``, which Label Studio 1.23 uses to reach the backend): both spell the same text.
+    """
+    given = _basic_credentials(header)
+    if given is None:
+        return False
+    user_ok = _same_text(given[0], user)
+    pass_ok = _same_text(given[1], password)
+    return user_ok and pass_ok
+
+
+def _same_text(given: bytes, expected: str) -> bool:
+    ok = hmac.compare_digest(given, expected.encode("utf-8"))
+    try:
+        latin1 = expected.encode("latin-1")
+    except UnicodeEncodeError:
+        return ok
+    return hmac.compare_digest(given, latin1) or ok
 
 
 def basic_auth_header(user: str, password: str) -> str:

@@ -257,7 +257,9 @@ def run_export(
     png_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """The ``export`` command: the store's accepted masks (of ``project``, or all) -> COCO JSON at ``out``
-    (atomic), and optionally semantic PNGs in ``png_dir``. Returns counts for the command to print."""
+    (atomic), and optionally semantic PNGs in ``png_dir``. Returns counts for the command to print.
+    A damaged store is refused (:class:`~.store.StoreDamaged`, saying how to recover): nothing is written."""
+    store.require_intact()
     coco = export_coco(store.accepted_samples(project), categories, mode=mode, polygons=polygons)
     write_coco(coco, out)
     summary: dict[str, Any] = {"path": str(out), "images": len(coco["images"]), "annotations": len(coco["annotations"])}

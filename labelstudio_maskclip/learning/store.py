@@ -19,7 +19,7 @@ Schema (version :data:`SCHEMA_VERSION`, in ``PRAGMA user_version``; created idem
   cancelled, deleted, updated_at, updated_ts, content_hash, seq, height, width, mask_count, stored_at)``:
   one row per Label Studio annotation. ``accepted_unchanged`` is 1/0, or NULL when unknown (the prediction
   was not in the payload). ``deleted`` rows are tombstones: they keep a late ``ANNOTATION_UPDATED`` from
-  bringing back a deleted annotation. ``seq`` is a store-wide counter bumped by every stored change;
+  bringing back a deleted annotation (only annotations that were stored get one). ``seq`` is a store-wide counter bumped by every stored change;
   ``mask_count`` = number of its ``masks`` rows (a consistency check).
 - ``masks(annotation_id, label, source, height, width, area, counts)``: one mask per (annotation, label),
   merged over the annotation's regions; ``counts`` is compressed COCO RLE (pycocotools, ascii: lossless);
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -52,6 +53,7 @@ from ..masks.coco_rle import coco_rle_to_mask, mask_to_coco_rle
 __all__ = [
     "Store",
     "StoreError",
+    "StoreDamaged",
     "Sample",
     "TaskRecord",
     "AnnotationWrite",
@@ -60,6 +62,8 @@ __all__ = [
     "DB_FILE_NAME",
     "OUTCOMES",
 ]
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 DB_FILE_NAME = "annotations.sqlite3"
@@ -93,6 +97,22 @@ INSERT OR IGNORE INTO meta(key, value) VALUES ('seq', 0);
 
 class StoreError(RuntimeError):
     """The store cannot be opened or used (newer schema, unwritable directory); the message says why."""
+
+
+class StoreDamaged(StoreError):
+    """The store's file is corrupted (SQLite ``quick_check`` fails, or a read or write met a malformed page).
+    The store refuses every read and write from then on; the message says what was found and how to
+    recover (rebuild it from Label Studio with ``backfill``)."""
+
+
+_CORRUPTION_CODES = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
+
+
+def _is_corruption(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _CORRUPTION_CODES
+    return type(exc) is sqlite3.DatabaseError  # "database disk image is malformed", "file is not a database"
 
 
 @dataclass(frozen=True)
@@ -145,11 +165,21 @@ class AnnotationWrite:
 @dataclass(frozen=True)
 class PutResult:
     """What :meth:`Store.put_annotation` did: ``stored``, ``duplicate`` (same content already stored),
-    ``stale`` (a newer version is stored) or ``deleted`` (the annotation was deleted earlier)."""
+    ``outcomes`` (same content already stored; its outcomes vs the parent prediction, unknown or different
+    before, were recorded: not a new annotation), ``stale`` (a newer version is stored) or ``deleted`` (the
+    annotation was deleted earlier)."""
 
     status: str
     annotation_id: int
     seq: int | None = None
+
+
+def _quietly(conn: sqlite3.Connection, statement: str) -> None:
+    """End a transaction on a connection that may be broken (corruption, no transaction open)."""
+    try:
+        conn.execute(statement)
+    except sqlite3.Error:
+        pass
 
 
 def _timestamp(value: str | None) -> float | None:
@@ -179,15 +209,16 @@ def _encoded(write: AnnotationWrite) -> list[tuple[str, str, int, int, int, str]
 
 
 def _content_hash(write: AnnotationWrite, rows: Sequence[tuple]) -> str:
+    """What the person made (task, author, flags, masks): not the outcomes, which are derived from the
+    parent prediction and may be learnt later (a repeat of the same event without the prediction is the
+    same annotation)."""
     content = {
         "task": write.task.id,
         "author": write.author,
         "ground_truth": bool(write.ground_truth),
         "parent_prediction": write.parent_prediction,
-        "accepted_unchanged": write.accepted_unchanged,
         "cancelled": bool(write.cancelled),
         "masks": [list(r) for r in rows],
-        "outcomes": sorted(list(o) for o in write.outcomes),
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
@@ -213,7 +244,16 @@ class Store:
         self._busy_ms = int(busy_timeout_s * 1000)
         self._synchronous = synchronous.upper()
         self._local = threading.local()
-        self._create_schema()
+        #: What SQLite found wrong with the file ([] = intact): checked when the store opens (``PRAGMA
+        #: quick_check``) and again whenever a read or write meets corruption.
+        self.damage: list[str] = []
+        try:
+            self._create_schema()
+        except StoreDamaged:
+            return
+        self.damage = self.integrity()
+        if self.damage:
+            log.error("%s", self.damage_message())
 
     # --- connections and transactions ---------------------------------------------------------------
 
@@ -223,6 +263,9 @@ class Store:
             conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         except sqlite3.Error as exc:
+            if _is_corruption(exc):
+                self.damage = [f"cannot open it: {exc}"]
+                raise StoreDamaged(self.damage_message()) from None
             raise StoreError(f"cannot open the store {self.path}: {exc}") from None
         if str(mode).lower() != "wal":
             raise StoreError(f"{self.path}: SQLite refused WAL mode (journal_mode={mode}); use a local disk")
@@ -240,24 +283,75 @@ class Store:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One short write transaction; takes the write lock at once (no deadlocking lock upgrades)."""
+        self.require_intact()
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                _quietly(conn, "ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            if _is_corruption(exc):
+                _quietly(conn, "ROLLBACK")
+                raise self._damaged(exc) from None
             raise
-        conn.execute("COMMIT")
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         """A consistent snapshot for the reads inside the block."""
+        self.require_intact()
         conn = self._conn()
-        conn.execute("BEGIN")
         try:
-            yield conn
-        finally:
-            conn.execute("COMMIT")
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                _quietly(conn, "COMMIT")
+        except sqlite3.DatabaseError as exc:
+            if _is_corruption(exc):
+                raise self._damaged(exc) from None
+            raise
+
+    # --- integrity ---------------------------------------------------------------------------------
+
+    def integrity(self) -> list[str]:
+        """SQLite's ``PRAGMA quick_check`` of the file (O(size), no index cross-check): [] when intact,
+        else what it reports (at most 20 lines). Never raises for a corrupted file."""
+        try:
+            conn = self._conn()
+            rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check(20)")]
+        except StoreError as exc:
+            return [str(exc)]
+        except sqlite3.DatabaseError as exc:
+            return [f"quick_check: {exc}"]
+        return [] if rows == ["ok"] else rows
+
+    def damage_message(self) -> str:
+        """What is wrong with the store and how to recover ("" when intact)."""
+        if not self.damage:
+            return ""
+        found = "; ".join(line.replace("\n", " ") for line in self.damage[:5])
+        return (
+            f"the annotation store {self.path} is damaged ({found}). Nothing is read from or written to it. "
+            f"To recover: stop the backend, move {self.path.name} and its -wal/-shm files aside, start again (an "
+            "empty store is created), and rebuild it from Label Studio with `labelstudio-maskclip backfill "
+            "--project ID` for each project (annotations and their outcomes come back; the list of past "
+            "training runs does not)"
+        )
+
+    def require_intact(self) -> None:
+        """Raise :class:`StoreDamaged` (with :meth:`damage_message`) if the store was found damaged."""
+        if self.damage:
+            raise StoreDamaged(self.damage_message())
+
+    def _damaged(self, exc: sqlite3.Error) -> StoreDamaged:
+        self.damage = self.integrity() or [str(exc)]
+        message = self.damage_message()
+        log.error("%s", message)
+        return StoreDamaged(message)
 
     def _create_schema(self) -> None:
         with self._write() as conn:
@@ -306,9 +400,12 @@ class Store:
     def put_annotation(self, write: AnnotationWrite) -> PutResult:
         """Store an annotation and replace its masks, atomically (one transaction).
 
-        Idempotent (the same content again is a ``duplicate``: nothing changes), and ordered: a version
-        whose ``updated_at`` is older than the stored one is ``stale`` and dropped; an annotation deleted
-        earlier stays deleted. A ``cancelled`` annotation is stored without masks.
+        Idempotent (the same content again is a ``duplicate``: nothing changes, the change counter
+        included), and ordered: a version whose ``updated_at`` is older than the stored one is ``stale`` and
+        dropped; an annotation deleted earlier stays deleted. A ``cancelled`` annotation is stored without
+        masks. Outcomes are not content: the same content without them (prediction unknown) keeps the stored
+        outcomes; with other outcomes than stored, only the outcomes are replaced (``outcomes``: the change
+        counter does not move, so it does not count toward training again).
         """
         rows = [] if write.cancelled else _encoded(write)  # encode before taking the lock
         digest = _content_hash(write, rows)
@@ -323,7 +420,7 @@ class Store:
                 if old[1] is not None and new_ts is not None and new_ts < old[1]:
                     return PutResult("stale", write.id)
                 if old[2] == digest:
-                    return PutResult("duplicate", write.id)
+                    return PutResult(self._record_outcomes(conn, write), write.id)
             self._upsert_task(conn, write.task)
             seq = self._next_seq(conn)
             conn.execute("DELETE FROM masks WHERE annotation_id = ?", (write.id,))
@@ -363,23 +460,50 @@ class Store:
                 )
         return PutResult("stored", write.id, seq)
 
+    @staticmethod
+    def _record_outcomes(conn: sqlite3.Connection, write: AnnotationWrite) -> str:
+        """For a write whose content is already stored: ``duplicate``, or ``outcomes`` after replacing the
+        stored outcomes with the write's when it knows them and they differ."""
+        if write.accepted_unchanged is None or write.cancelled:
+            return "duplicate"  # prediction unknown here: whatever was learnt about it stays
+        stored = conn.execute("SELECT accepted_unchanged FROM annotations WHERE id = ?", (write.id,)).fetchone()[0]
+        known = conn.execute(
+            "SELECT region_id, label, outcome FROM outcomes WHERE annotation_id = ?", (write.id,)
+        ).fetchall()
+        new = sorted({tuple(o) for o in write.outcomes})
+        if stored is not None and bool(stored) == bool(write.accepted_unchanged) and sorted(known) == new:
+            return "duplicate"
+        conn.execute(
+            "UPDATE annotations SET accepted_unchanged = ? WHERE id = ?",
+            (int(bool(write.accepted_unchanged)), write.id),
+        )
+        conn.execute("DELETE FROM outcomes WHERE annotation_id = ?", (write.id,))
+        conn.executemany(
+            "INSERT INTO outcomes(annotation_id, region_id, label, outcome) VALUES (?, ?, ?, ?)",
+            [(write.id, *o) for o in new],
+        )
+        return "outcomes"
+
     def delete_annotations(self, ids: Sequence[int]) -> int:
-        """Delete annotations (masks and outcomes go; a tombstone row stays). Returns how many were live."""
+        """Delete annotations (masks and outcomes go; a tombstone row stays). Returns how many were live.
+
+        Only annotations stored here get a tombstone: ids never seen are skipped, so made-up ids cannot
+        grow the store or later drop a real annotation that happens to get that id. The tombstones are
+        thus bounded by the annotations ever stored (one row each, no masks).
+        """
         live = 0
         with self._write() as conn:
             for annotation_id in ids:
                 row = conn.execute("SELECT deleted FROM annotations WHERE id = ?", (annotation_id,)).fetchone()
-                if row is not None and row[0]:
+                if row is None or row[0]:
                     continue
-                live += row is not None
+                live += 1
                 seq = self._next_seq(conn)
                 conn.execute("DELETE FROM masks WHERE annotation_id = ?", (annotation_id,))
                 conn.execute("DELETE FROM outcomes WHERE annotation_id = ?", (annotation_id,))
                 conn.execute(
-                    "INSERT INTO annotations(id, deleted, seq, mask_count, stored_at) VALUES (?, 1, ?, 0, ?) "
-                    "ON CONFLICT(id) DO UPDATE SET deleted = 1, seq = excluded.seq, mask_count = 0, "
-                    "content_hash = NULL",
-                    (annotation_id, seq, time.time()),
+                    "UPDATE annotations SET deleted = 1, seq = ?, mask_count = 0, content_hash = NULL WHERE id = ?",
+                    (seq, annotation_id),
                 )
         return live
 

@@ -21,14 +21,16 @@ student that the missing region is background: the previously stored version, if
 that is unusable as a whole (not a mapping, no action) raises :class:`CollectError`. Storage failures
 (``sqlite3.Error``) propagate, so the web route can answer 5xx.
 
-Idempotent and ordered (see :meth:`~.store.Store.put_annotation`): a repeated event changes nothing, an
-update replaces the masks in one transaction, an older version arriving late does not overwrite a newer one.
+Idempotent and ordered (see :meth:`~.store.Store.put_annotation`): a repeated event changes nothing (also
+when it carries a ``parent_prediction`` whose outcomes were learnt since), an update replaces the masks in
+one transaction, an older version arriving late does not overwrite a newer one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from ..labelstudio.labeling import LabelConfigError, parse_label_config
+from ..masks import polygons as _polygons
 from .store import AnnotationWrite, Store, TaskRecord
 
 __all__ = [
@@ -49,14 +52,35 @@ __all__ = [
     "backfill_from_api",
     "MASK_TYPES",
     "MAX_PIXELS",
+    "MAX_REGIONS",
+    "MAX_POINTS",
+    "MAX_EDGE_PIXELS",
+    "MAX_DECODED_PIXELS",
+    "MAX_MASK_BYTES",
+    "MAX_ID",
+    "label_studio_id",
 ]
 
 log = logging.getLogger(__name__)
 
 #: result type -> (labels key in ``value``, source name stored with the mask)
 MASK_TYPES = {"brushlabels": ("brushlabels", "brush"), "polygonlabels": ("polygonlabels", "polygon")}
+#: Largest id accepted: SQLite's INTEGER is a signed 64-bit number.
+MAX_ID = 2**63 - 1
 #: Largest image (pixels) a region may claim; bigger sizes are rejected before anything is allocated.
 MAX_PIXELS = 256_000_000
+#: Bounds on the work one annotation may ask for, checked before anything is decoded or rasterised (a
+#: region's size and points are read first; the whole annotation is rejected with the reason). They count
+#: the annotation's mask regions plus the parent prediction's regions it is compared with.
+MAX_REGIONS = 1000  # mask regions
+MAX_POINTS = 100_000  # polygon points, all regions together
+MAX_EDGE_PIXELS = _polygons.MAX_EDGE_PIXELS  # pixels of polygon edges to walk, all regions together
+MAX_DECODED_PIXELS = 2_000_000_000  # sum over decoded regions of height x width
+MAX_MASK_BYTES = 1_000_000_000  # masks held at once: (labels + 2) x height x width bytes
+#: Annotations decoded at once per process (each holds at most MAX_MASK_BYTES): bounds a worker's memory
+#: whatever the number of threads or concurrent webhooks; others wait their turn.
+DECODE_SLOTS = 2
+_decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
 _MAX_PERCENT_OFFSET = 1000.0  # polygon points further than this from the image centre (in %) are refused
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _IMAGE_PREFIXES = ("http://", "https://", "s3://", "gs://", "azure-blob://", "/data/", "data:image/")
@@ -74,7 +98,8 @@ class _Rejected(ValueError):
 class EventResult:
     """What :func:`handle_event` did, for the log and the HTTP reply.
 
-    ``status``: ``stored``, ``duplicate``, ``stale``, ``deleted`` (annotation deleted earlier, or by this
+    ``status``: ``stored``, ``duplicate``, ``outcomes`` (already stored; its outcomes vs the parent
+    prediction were recorded), ``stale``, ``deleted`` (annotation deleted earlier, or by this
     event), ``cancelled``, ``tasks``, ``train``, ``ignored`` or ``rejected``. ``rejected`` holds one reason
     per rejected region or annotation.
     """
@@ -129,13 +154,21 @@ def _parse_config(label_config: str | None) -> _Config:
     return _Config(frozenset(spec.vocabulary), spec.image_keys[0], by_control)
 
 
-def _int_or_none(value: Any) -> int | None:
+def label_studio_id(value: Any) -> int | None:
+    """A Label Studio id (task, annotation, prediction, project), strictly: a JSON integer from 1 to
+    :data:`MAX_ID`, or its plain decimal text (``"17"``); an object's ``id`` field the same way. None for
+    anything else: floats (``1.5`` is not annotation 1, nor is ``1.0``), booleans, signs, exponents, blanks,
+    numbers SQLite cannot hold."""
     if isinstance(value, Mapping):
         value = value.get("id")
-    try:
-        return None if value is None or isinstance(value, bool) else int(value)
-    except (TypeError, ValueError):
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= len(str(MAX_ID)):
+        value = int(value)
+    if type(value) is not int or not 1 <= value <= MAX_ID:  # type(): bool is an int subclass
         return None
+    return value
+
+
+_int_or_none = label_studio_id
 
 
 def _author(value: Any) -> str | None:
@@ -178,6 +211,33 @@ def _task_record(task: Mapping[str, Any], project: int | None, config: _Config, 
 # --- regions -> masks ----------------------------------------------------------------------------------
 
 
+@dataclass
+class _Budget:
+    """What one annotation has asked for so far; :meth:`charge` rejects it past a bound (before decoding)."""
+
+    regions: int = 0
+    points: int = 0
+    edge_pixels: int = 0
+    decoded_pixels: int = 0
+
+    def charge(self, region: Mapping[str, Any], height: int, width: int, points: int = 0, edges: int = 0) -> None:
+        self.regions += 1
+        self.points += points
+        self.edge_pixels += edges
+        self.decoded_pixels += height * width
+        for name, used, bound in (
+            ("mask regions", self.regions, MAX_REGIONS),
+            ("polygon points", self.points, MAX_POINTS),
+            ("pixels of polygon edges", self.edge_pixels, MAX_EDGE_PIXELS),
+            ("decoded pixels (regions x height x width)", self.decoded_pixels, MAX_DECODED_PIXELS),
+        ):
+            if used > bound:
+                raise _Rejected(
+                    f"too much work: at region {str(region.get('id'))[:40]!r} the annotation needs more than "
+                    f"{bound} {name} (with its prediction's regions); refused before decoding it"
+                )
+
+
 def _region_size(region: Mapping[str, Any]) -> tuple[int, int]:
     try:
         height, width = int(region["original_height"]), int(region["original_width"])
@@ -197,8 +257,9 @@ def _region_labels(region: Mapping[str, Any]) -> list[str]:
     return labels
 
 
-def _region_mask(region: Mapping[str, Any]) -> np.ndarray:
-    """A ``brushlabels`` / ``polygonlabels`` region -> ``(H, W)`` bool at the region's original size."""
+def _region_mask(region: Mapping[str, Any], budget: _Budget) -> np.ndarray:
+    """A ``brushlabels`` / ``polygonlabels`` region -> ``(H, W)`` bool at the region's original size.
+    Its cost is charged to ``budget`` before anything is decoded."""
     height, width = _region_size(region)
     value = region.get("value")
     if not isinstance(value, Mapping):
@@ -210,12 +271,15 @@ def _region_mask(region: Mapping[str, Any]) -> np.ndarray:
             rle = value.get("rle")
             if value.get("format", "rle") != "rle" or not isinstance(rle, list):
                 raise _Rejected(f"brush region {region.get('id')!r}: expected value.format 'rle' with value.rle a list")
+            budget.charge(region, height, width)
             return np.asarray(brush_rle_to_mask(rle, height, width), dtype=bool)
-        from ..masks.polygons import percent_to_points, polygons_to_mask
+        from ..masks.polygons import edge_pixels, percent_to_points, polygons_to_mask
 
         points = value.get("points")
         if not isinstance(points, list) or len(points) < 3:
             raise _Rejected(f"polygon region {region.get('id')!r}: value.points needs at least 3 [x%, y%] points")
+        if len(points) > MAX_POINTS:  # refused before converting the list
+            budget.charge(region, height, width, points=len(points))
         percent = np.asarray(points, dtype=np.float64)  # (N, 2) x%, y%
         if (
             percent.ndim != 2
@@ -228,7 +292,10 @@ def _region_mask(region: Mapping[str, Any]) -> np.ndarray:
                 f"polygon region {region.get('id')!r}: value.points must be [x%, y%] pairs near "
                 "0..100 (percent of the image)"
             )
-        return np.asarray(polygons_to_mask([percent_to_points(points, height, width)], height, width), dtype=bool)
+        pixels = percent_to_points(percent, height, width)  # (N, 2) pixel x, y
+        edges = edge_pixels([pixels])
+        budget.charge(region, height, width, points=len(pixels), edges=edges)
+        return np.asarray(polygons_to_mask([pixels], height, width, max_edge_pixels=None), dtype=bool)
     except _Rejected:
         raise
     except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:  # codec errors are ValueErrors
@@ -249,13 +316,17 @@ class _Decoded:
     dropped: list[str]  # reasons for regions left out (labels not in the config)
 
 
-def _decode_result(result: Any, config: _Config) -> _Decoded:
-    """Merge an annotation's mask regions per label. Raises :class:`_Rejected` for undecodable regions."""
+def _decode_result(result: Any, config: _Config, budget: _Budget) -> _Decoded:
+    """Merge an annotation's mask regions per label. Raises :class:`_Rejected` for undecodable regions and
+    for work past the bounds (:class:`_Budget`, :data:`MAX_MASK_BYTES`)."""
     masks: dict[str, np.ndarray] = {}
     sources: dict[str, set[str]] = {}
     dropped: list[str] = []
     size: tuple[int, int] | None = None
-    for region in _mask_regions(result):
+    regions = _mask_regions(result)
+    if len(regions) > MAX_REGIONS:
+        raise _Rejected(f"too much work: {len(regions)} mask regions, more than the bound of {MAX_REGIONS}")
+    for region in regions:
         labels = _region_labels(region)
         allowed = config.allowed(region.get("from_name"))
         unknown = [label for label in labels if allowed is not None and label not in allowed]
@@ -267,7 +338,15 @@ def _decode_result(result: Any, config: _Config) -> _Decoded:
             labels = [label for label in labels if label not in unknown]
             if not labels:
                 continue
-        mask = _region_mask(region)
+        new_labels = len(set(labels) - set(masks))
+        if new_labels:
+            height, width = _region_size(region)
+            if (len(masks) + new_labels + 2) * height * width > MAX_MASK_BYTES:
+                raise _Rejected(
+                    f"too much work: {len(masks) + new_labels} labels at {height}x{width} need more than "
+                    f"{MAX_MASK_BYTES} bytes of masks at once"
+                )
+        mask = _region_mask(region, budget)
         if size is not None and mask.shape != size:
             raise _Rejected(
                 f"region {region.get('id')!r} is {mask.shape[0]}x{mask.shape[1]}, other regions "
@@ -300,7 +379,7 @@ def _prediction_result(annotation: Mapping[str, Any], task: Mapping[str, Any]) -
     return None
 
 
-def _same_region(predicted: Mapping[str, Any], annotated: Mapping[str, Any]) -> bool:
+def _same_region(predicted: Mapping[str, Any], annotated: Mapping[str, Any], budget: _Budget) -> bool:
     if predicted.get("type") != annotated.get("type"):
         return False
     try:
@@ -308,19 +387,25 @@ def _same_region(predicted: Mapping[str, Any], annotated: Mapping[str, Any]) -> 
             return False
         if predicted.get("value") == annotated.get("value"):
             return True
-        return bool(np.array_equal(_region_mask(predicted), _region_mask(annotated)))
-    except _Rejected:
+        return bool(np.array_equal(_region_mask(predicted, budget), _region_mask(annotated, budget)))
+    except _Rejected as exc:
+        if str(exc).startswith("too much work"):
+            raise
         return False
 
 
-def _outcomes(predicted: list, annotated: list) -> list[tuple[str, str, str]]:
+def _outcomes(predicted: list, annotated: list, budget: _Budget) -> list[tuple[str, str, str]]:
     """(region id, label, outcome) for every predicted region and every region the person added."""
     predicted_regions = {str(r.get("id")): r for r in _mask_regions(predicted)}
     annotated_regions = {str(r.get("id")): r for r in _mask_regions(annotated)}
+    if len(predicted_regions) > MAX_REGIONS:
+        raise _Rejected(
+            f"too much work: the parent prediction has {len(predicted_regions)} mask regions, more than {MAX_REGIONS}"
+        )
     outcomes: set[tuple[str, str, str]] = set()
     for region_id, region in predicted_regions.items():
         other = annotated_regions.get(region_id)
-        outcome = "deleted" if other is None else ("unchanged" if _same_region(region, other) else "edited")
+        outcome = "deleted" if other is None else ("unchanged" if _same_region(region, other, budget) else "edited")
         for label in _safe_labels(region):
             outcomes.add((region_id, label, outcome))
     for region_id, region in annotated_regions.items():
@@ -365,9 +450,10 @@ def _annotation_event(payload: Mapping[str, Any], store: Store, action: str, ima
         config = _parse_config(_label_config(payload))
         record = _task_record(task, _project_id(payload, annotation.get("project")), config, image_key)
         cancelled = bool(annotation.get("was_cancelled"))
-        decoded = _Decoded({}, {}, None, []) if cancelled else _decode_result(annotation.get("result"), config)
+        budget = _Budget()
+        decoded = _Decoded({}, {}, None, []) if cancelled else _decode_result(annotation.get("result"), config, budget)
         predicted = None if cancelled else _prediction_result(annotation, task)
-        outcomes = [] if predicted is None else _outcomes(predicted, list(annotation.get("result") or []))
+        outcomes = [] if predicted is None else _outcomes(predicted, list(annotation.get("result") or []), budget)
     except _Rejected as exc:
         result.rejected.append(f"annotation {annotation_id}: {exc}")
         return result
@@ -400,14 +486,17 @@ def _deleted_event(payload: Mapping[str, Any], store: Store, action: str) -> Eve
         raise _Rejected("payload has no 'annotations' list")
     ids = [_int_or_none(entry) for entry in entries]
     bad = [entry for entry, i in zip(entries, ids) if i is None]
-    ids = [i for i in ids if i is not None]
+    ids = list(dict.fromkeys(i for i in ids if i is not None))
     if ids:
-        store.delete_annotations(ids)
+        live = store.delete_annotations(ids)
+        if live < len(ids):
+            log.info("%s: %d of %d annotation ids were not stored here (nothing to delete)", action,
+                     len(ids) - live, len(ids))  # fmt: skip
     return EventResult(
         action,
         "deleted" if ids else "rejected",
         annotation_ids=ids,
-        rejected=[f"annotation entry without an integer id: {entry!r}" for entry in bad],
+        rejected=[f"annotation entry without a valid id (an integer 1..2**63-1): {entry!r:.80}" for entry in bad],
     )
 
 
@@ -446,7 +535,8 @@ def handle_event(payload: Any, store: Store, *, image_key: str | None = None) ->
         raise CollectError(f"webhook body has no 'action' (keys: {sorted(payload)[:10]})")
     try:
         if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
-            result = _annotation_event(payload, store, action, image_key)
+            with _decode_slots:  # bounds the masks decoded and held at once in this process
+                result = _annotation_event(payload, store, action, image_key)
         elif action == "ANNOTATIONS_DELETED":
             result = _deleted_event(payload, store, action)
         elif action == "TASKS_CREATED":
