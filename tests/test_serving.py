@@ -264,14 +264,15 @@ def test_predict_stops_starting_batches_that_the_time_left_cannot_hold(weights, 
     uri = _uri(np.full((24, 32, 3), 90, np.uint8))
     tasks = [{"id": 10 + i, "data": {"image": uri}} for i in range(7)]
     tasks.insert(3, {"id": 99, "data": {}})  # a bad task keeps its own reason
+    tasks[0]["predictions"] = [{"model_version": rt.teacher_version(), "result": []}]  # has one: comes last
     body = MaskCLIPBackend(settings, "1", BRUSH).predict(tasks)
     assert model.batches == [2, 2]
     done = [t["id"] for t, r in zip(tasks, body["results"]) if r]
-    assert done == [10, 11, 12, 13]
+    assert done == [11, 12, 13, 14]
     errors = {e["task"]: e["error"] for e in body["errors"]}
-    assert set(errors) == {99, 14, 15, 16}
+    assert set(errors) == {99, 15, 16, 10}
     assert "no image" in errors[99]
-    assert all("time budget of 5 s" in errors[t] for t in (14, 15, 16))
+    assert all("time budget of 5 s" in errors[t] for t in (15, 16, 10))
     assert rt.seconds_per_image(rt.teacher_version()) == pytest.approx(1.0)
 
 

@@ -284,6 +284,18 @@ def _takes_deadline(method: Callable) -> bool:
     return _takes_deadline_of(getattr(method, "__func__", method))
 
 
+def _unpredicted_first(tasks: Sequence[Any], version: str) -> list[int]:
+    """Task indices, those without a prediction of ``version`` (as the request shows them) first: when the
+    budget cannot hold every task, the time goes to tasks that have nothing yet."""
+
+    def has_one(task: Any) -> bool:
+        preds = task.get("predictions") if isinstance(task, Mapping) else None
+        return isinstance(preds, list) and any(isinstance(p, Mapping) and p.get("model_version") == version
+                                               for p in preds)  # fmt: skip
+
+    return sorted(range(len(tasks)), key=lambda i: has_one(tasks[i]))
+
+
 def _size_key(model: Any, opts: Any) -> Callable[[int, int], tuple[int, int]]:
     """(H, W) -> the size the model resizes an image to, which groups images into batches."""
     from ..engine.segmenter import resized_size
@@ -377,11 +389,12 @@ class MaskCLIPBackend:
         results: list[Any] = [[] for _ in tasks]
         failures: dict[int, TaskFailure] = {}
         encoded: list[tuple[int, Any]] = []
-        chunks = [range(i, min(i + PREDICT_CHUNK, len(tasks))) for i in range(0, len(tasks), PREDICT_CHUNK)]
+        order = _unpredicted_first(tasks, version)
+        chunks = [order[i : i + PREDICT_CHUNK] for i in range(0, len(order), PREDICT_CHUNK)]
         pool = ThreadPoolExecutor(max(1, self.settings.fetch_threads), thread_name_prefix="predict")
         try:
             pending = self._fetch_chunk(pool, tasks, chunks[0], spec, deadline) if chunks else []
-            for n, chunk in enumerate(chunks):
+            for n in range(len(chunks)):
                 images = self._gather(pending, failures, deadline)
                 if n + 1 < len(chunks):  # the next chunk downloads while this one is segmented
                     pending = self._fetch_chunk(pool, tasks, chunks[n + 1], spec, deadline)
@@ -396,7 +409,10 @@ class MaskCLIPBackend:
                     # RLE and polygon encoding run in the pool, beside the next batch's inference.
                     encoded += [(i, pool.submit(encode, seg)) for (i, _), seg in zip(batch, segs)]
                 if len(chunks) > 1:  # progress of a project-sized request, for whoever watches the log
-                    log.info("predict: %d/%d tasks in %.1f s", chunk.stop, len(tasks), time.monotonic() - start)
+                    done = (n + 1) * PREDICT_CHUNK
+                    log.info(
+                        "predict: %d/%d tasks in %.1f s", min(done, len(tasks)), len(tasks), time.monotonic() - start
+                    )
                 if out_of_time:
                     break
             for i, future in encoded:
