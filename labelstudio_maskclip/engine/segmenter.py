@@ -338,31 +338,48 @@ def _candidates(probs: torch.Tensor) -> torch.Tensor:
 def _finalize(probs: torch.Tensor, size: tuple[int, int], n_labels: int, min_conf: float) -> Segmentation:
     """Grid probabilities (K + Kb, h, w) -> Segmentation at ``size`` (H, W).
 
-    Only the classes that can win a pixel are upsampled (:func:`_candidates`), a chunk of classes at a time
-    with a running maximum, so the full (K, H, W) tensor is never materialised and no interpolate call
-    exceeds INT_MAX elements.
+    Only the k' classes that can win a pixel are upsampled (:func:`_candidates`), a chunk of classes at a
+    time with a running maximum, so the full (K, H, W) tensor is never materialised and no interpolate call
+    exceeds INT_MAX elements. Areas and scores are counted per candidate (k' bins), then placed.
     """
     height, width = size
-    keep = _candidates(probs)
-    kept = probs.index_select(0, keep)  # (k', h, w)
+    keep = _candidates(probs)  # (k',) ascending class indices
+    kept = probs.index_select(0, keep)[None]  # (1, k', h, w)
     chunk = max(1, _UPSAMPLE_BUDGET // (height * width))
-    best = torch.full((height, width), -1.0, device=probs.device)
-    label = torch.zeros((height, width), dtype=torch.long, device=probs.device)
-    for c0 in range(0, len(keep), chunk):
-        up = F.interpolate(kept[None, c0 : c0 + chunk], size=size, mode="bilinear", align_corners=False)[0]
-        value, index = up.max(0)  # (H, W) each
-        better = value > best
-        best = torch.where(better, value, best)
-        label = torch.where(better, keep[index + c0], label)
-    no_label = (label >= n_labels) | (best < min_conf)
-    label = label.masked_fill(no_label, NO_LABEL)
-    valid = label >= 0
-    areas = torch.bincount(label[valid], minlength=n_labels)[:n_labels]
-    conf_sums = torch.bincount(label[valid], weights=best[valid].double(), minlength=n_labels)[:n_labels]
-    scores = torch.where(areas > 0, conf_sums / areas.clamp_min(1), torch.zeros_like(conf_sums))
-    image_score = float(best[valid].mean()) if bool(valid.any()) else 0.0
+    if len(keep) <= chunk:  # the usual case: one call
+        best, index = F.interpolate(kept, size=size, mode="bilinear", align_corners=False)[0].max(0)  # (H, W)
+    else:
+        best = torch.full((height, width), -1.0, device=probs.device)
+        index = torch.zeros((height, width), dtype=torch.long, device=probs.device)
+        for c0 in range(0, len(keep), chunk):
+            up = F.interpolate(kept[:, c0 : c0 + chunk], size=size, mode="bilinear", align_corners=False)[0]
+            value, idx = up.max(0)
+            better = value > best
+            best = torch.where(better, value, best)
+            index = torch.where(better, idx + c0, index)
+    labels = keep.to(torch.int16)[index]  # (H, W) class of each pixel
+    dropped = keep >= n_labels  # (k',) background classes: their pixels get no label
+    none = dropped[index] if bool(dropped.any()) else None
+    if min_conf > 0:
+        low = best < min_conf
+        none = low if none is None else none | low
+    if none is not None:
+        labels.masked_fill_(none, NO_LABEL)
+        index = index.masked_fill(none, len(keep))  # an extra bin, not counted
+    bins = len(keep) + 1
+    counts = torch.bincount(index.flatten(), minlength=bins)[: len(keep)]  # (k',)
+    sums = torch.bincount(index.flatten(), weights=best.flatten().double(), minlength=bins)[: len(keep)]
+    counts = counts.masked_fill(dropped, 0)
+    sums = sums.masked_fill(dropped, 0.0)
+    own = ~dropped
+    areas = torch.zeros(n_labels, dtype=torch.long, device=probs.device)
+    areas[keep[own]] = counts[own]
+    scores = torch.zeros(n_labels, dtype=torch.float64, device=probs.device)
+    scores[keep[own]] = sums[own] / counts[own].clamp_min(1)
+    total = int(counts.sum())
+    image_score = float(sums.sum() / total) if total else 0.0
     return Segmentation(
-        labels=label.to(torch.int16).cpu().numpy(),
+        labels=labels.cpu().numpy(),
         confidence=best.float().cpu().numpy(),
         grid_probs=probs.float().cpu().numpy(),
         class_scores=scores.float().cpu().numpy(),

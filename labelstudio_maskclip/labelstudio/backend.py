@@ -284,6 +284,14 @@ def _takes_deadline(method: Callable) -> bool:
     return _takes_deadline_of(getattr(method, "__func__", method))
 
 
+def _images_that_fit(deadline: float, per_image: float, wanted: int) -> int:
+    """How many of ``wanted`` images the time left until ``deadline`` holds at ``per_image`` seconds each
+    (all of them before the first measurement, or without a deadline)."""
+    if per_image <= 0 or math.isinf(deadline):
+        return wanted
+    return max(0, min(wanted, int((deadline - time.monotonic()) / per_image)))
+
+
 def _unpredicted_first(tasks: Sequence[Any], version: str) -> list[int]:
     """Task indices, those without a prediction of ``version`` (as the request shows them) first: when the
     budget cannot hold every task, the time goes to tasks that have nothing yet."""
@@ -400,14 +408,18 @@ class MaskCLIPBackend:
                     pending = self._fetch_chunk(pool, tasks, chunks[n + 1], spec, deadline)
                 out_of_time = False
                 for batch in _batches(images, size_of, opts.batch_size):
-                    if time.monotonic() + self.rt.seconds_per_image(version) * len(batch) > deadline:
-                        out_of_time = True
+                    fit = _images_that_fit(deadline, self.rt.seconds_per_image(version), len(batch))
+                    if fit < len(batch):  # the time left holds only part of the batch (or none of it)
+                        out_of_time, batch = True, batch[:fit]
+                    if not batch:
                         break
                     began = time.monotonic()
                     segs = model.segment([img for _, img in batch], classes, opts=opts, **extra)
                     self.rt.observe(version, len(batch), time.monotonic() - began)
                     # RLE and polygon encoding run in the pool, beside the next batch's inference.
                     encoded += [(i, pool.submit(encode, seg)) for (i, _), seg in zip(batch, segs)]
+                    if out_of_time:
+                        break
                 if len(chunks) > 1:  # progress of a project-sized request, for whoever watches the log
                     done = (n + 1) * PREDICT_CHUNK
                     log.info(
