@@ -337,3 +337,62 @@ def test_warm_up_runs_a_batch_and_measures_the_time_per_image(weights, tmp_path)
     assert rt.seconds_per_image(rt.teacher_version()) == 0.0
     rt.warm_up()
     assert rt.seconds_per_image(rt.teacher_version()) > 0.0
+
+
+# --- JPEG decoding on the model's device (run here on the CPU: the same torchvision call) ---------------------
+
+
+def _jpeg(array: np.ndarray, orientation: int = 1) -> bytes:
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(array).save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_device_jpeg_decoding_matches_the_cpu_decoder_and_applies_exif_orientation():
+    from labelstudio_maskclip.labelstudio.images import decode_image
+    from labelstudio_maskclip.labelstudio.jpeg import decode_jpegs
+
+    photo = (COCO128_PHOTOS / "000000000009.jpg").read_bytes()
+    base = np.asarray(Image.open(COCO128_PHOTOS / "000000000025.jpg").convert("RGB"))[:200, :300]
+    rotated = _jpeg(base, orientation=6)  # shown rotated by 90 degrees
+    png = io.BytesIO()
+    Image.fromarray(base).save(png, format="PNG")
+    blobs = [photo, rotated, png.getvalue(), photo[:3000], photo]
+    out = decode_jpegs(blobs, "cpu", max_pixels=10**8)
+    assert out[2] is None  # not a JPEG: left to the CPU decoder
+    assert out[4] is not None and out[0] is not None
+    for k in (0, 1):
+        reference = decode_image(blobs[k], max_pixels=10**8)
+        assert tuple(out[k].shape) == reference.shape and out[k].dtype == torch.uint8
+        assert np.abs(out[k].numpy().astype(int) - reference).mean() < 2.0  # IDCTs differ by a level or so
+    assert tuple(out[1].shape) == (300, 200, 3)
+    assert decode_jpegs([photo], "cpu", max_pixels=1000) == [None]  # over the limit: the CPU decoder says why
+
+
+def test_predict_with_device_decoding_gives_the_same_answers_and_reasons(weights, tmp_path):
+    settings = _settings(weights, tmp_path)
+    rt = runtime(settings)
+    rt.embeddings.prepare(LABELS).result(60)
+    photo = (COCO128_PHOTOS / "000000000009.jpg").read_bytes()
+    flat = io.BytesIO()
+    Image.fromarray(np.full((24, 32, 3), 90, np.uint8)).save(flat, format="PNG")
+    uris = [
+        "data:image/jpeg;base64," + base64.b64encode(photo).decode(),
+        "data:image/png;base64," + base64.b64encode(flat.getvalue()).decode(),
+        "data:image/jpeg;base64," + base64.b64encode(photo[:3000]).decode(),
+    ]
+    tasks = [{"id": i, "data": {"image": u}} for i, u in enumerate(uris)]
+    on_cpu = MaskCLIPBackend(settings, "1", BRUSH)
+    on_device = MaskCLIPBackend(settings, "1", BRUSH)
+    on_device._device_decode = True  # what a CUDA model gets
+    a, b = on_cpu.predict(tasks), on_device.predict(tasks)
+    for r in (a, b):
+        assert r["results"][0] and r["results"][1] and r["results"][2] == []
+        assert [e["task"] for e in r["errors"]] == [2]
+    size = Image.open(io.BytesIO(photo)).size
+    assert all((x["original_width"], x["original_height"]) == size for x in b["results"][0]["result"])
+    assert {x["value"]["brushlabels"][0] for x in a["results"][0]["result"]} == {
+        x["value"]["brushlabels"][0] for x in b["results"][0]["result"]
+    }

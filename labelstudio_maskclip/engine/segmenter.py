@@ -257,16 +257,19 @@ def resized_size(height: int, width: int, short_side: int, stride: int, multiple
 def normalized_batch(
     images: Sequence[np.ndarray], size: tuple[int, int], mean: torch.Tensor, std: torch.Tensor
 ) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB images -> (B, 3, *size) float32 on ``mean``'s device, resized (bilinear,
-    antialiased) and normalised; ``mean``/``std``: (1, 3, 1, 1) on the 0..1 scale. On a GPU the uint8 pixels
-    are copied from pinned memory without blocking and resized there."""
+    """(H, W, 3) uint8 RGB images (numpy arrays, or tensors) -> (B, 3, *size) float32 on ``mean``'s device,
+    resized (bilinear, antialiased) and normalised; ``mean``/``std``: (1, 3, 1, 1) on the 0..1 scale. On a GPU
+    the uint8 pixels are copied from pinned memory without blocking and resized there."""
     cuda = mean.device.type == "cuda"
     out = []
     for img in images:
-        t = torch.from_numpy(np.require(img, requirements=["C", "W"]))
-        if cuda:
-            t = t.pin_memory()
-        t = t.to(mean.device, non_blocking=cuda).permute(2, 0, 1)[None]
+        if isinstance(img, torch.Tensor):  # decoded on the device already (labelstudio.jpeg)
+            t = img.to(mean.device).permute(2, 0, 1)[None]
+        else:
+            t = torch.from_numpy(np.require(img, requirements=["C", "W"]))
+            if cuda:
+                t = t.pin_memory()
+            t = t.to(mean.device, non_blocking=cuda).permute(2, 0, 1)[None]
         out.append(F.interpolate(t.float() / 255.0, size=size, mode="bilinear", antialias=True, align_corners=False))
     return (torch.cat(out) - mean) / std  # (B, 3, h, w)
 
@@ -286,7 +289,8 @@ def segment_in_batches(
     their original sizes. ``progress(n)`` is called after each batch."""
     groups: dict[tuple[int, int], list[int]] = {}
     for i, img in enumerate(images):
-        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        uint8 = img.dtype == (torch.uint8 if isinstance(img, torch.Tensor) else np.uint8)
+        if img.ndim != 3 or img.shape[2] != 3 or not uint8:
             raise ValueError(f"image {i}: expected (H, W, 3) uint8 RGB, got {img.shape} {img.dtype}")
         groups.setdefault(size_of(img.shape[0], img.shape[1]), []).append(i)
     results: list[Segmentation | None] = [None] * len(images)
@@ -295,7 +299,8 @@ def segment_in_batches(
             batch = idx[b : b + max(1, batch_size)]
             probs = probs_of([images[i] for i in batch], size)
             for i, p in zip(batch, probs):
-                results[i] = _finalize(p, images[i].shape[:2], n_labels, min_confidence)
+                size = (int(images[i].shape[0]), int(images[i].shape[1]))
+                results[i] = _finalize(p, size, n_labels, min_confidence)
             if progress is not None:
                 progress(len(batch))
     return results  # type: ignore[return-value]

@@ -275,6 +275,13 @@ def _task_id(task: Any) -> Any:
     return task.get("id") if isinstance(task, Mapping) else None
 
 
+def _short(task: Any) -> str:
+    """The task's first image reference, shortened, for messages."""
+    data = task.get("data") if isinstance(task, Mapping) else None
+    url = next((v for v in data.values() if isinstance(v, str)), "") if isinstance(data, Mapping) else ""
+    return url if len(url) <= 80 else url[:77] + "..."
+
+
 @functools.lru_cache(maxsize=8)
 def _takes_deadline_of(function: Callable) -> bool:
     return "deadline" in inspect.signature(function).parameters
@@ -403,7 +410,7 @@ class MaskCLIPBackend:
         try:
             pending = self._fetch_chunk(pool, tasks, chunks[0], spec, deadline) if chunks else []
             for n in range(len(chunks)):
-                images = self._gather(pending, failures, deadline)
+                images = self._decoded(self._gather(pending, failures, deadline), failures, model, tasks)
                 if n + 1 < len(chunks):  # the next chunk downloads while this one is segmented
                     pending = self._fetch_chunk(pool, tasks, chunks[n + 1], spec, deadline)
                 out_of_time = False
@@ -466,7 +473,35 @@ class MaskCLIPBackend:
         return [t for t in spec.targets if t.image_key == spec.image_keys[0]]
 
     def _fetch_chunk(self, pool, tasks, chunk, spec, deadline: float):
-        return [(i, pool.submit(self._load_image, tasks[i], spec, deadline)) for i in chunk]
+        raw = self._device_decode
+        return [(i, pool.submit(self._load_image, tasks[i], spec, deadline, raw)) for i in chunk]
+
+    @functools.cached_property
+    def _device_decode(self) -> bool:
+        """JPEGs are decoded on the GPU when the model runs on one (labelstudio.jpeg)."""
+        return _device(self.settings.device).type == "cuda"
+
+    def _decoded(self, images: list, failures: dict[int, TaskFailure], model: Any, tasks) -> list:
+        """Decode the JPEG bytes among ``images`` on the model's device in one batch; what that path does not
+        take is decoded on the CPU (a failure goes to ``failures``)."""
+        from .images import ImageError, decode_image
+        from .jpeg import decode_jpegs
+
+        raw = [k for k, (_, got) in enumerate(images) if isinstance(got, bytes)]
+        if not raw:
+            return images
+        device = getattr(model, "device", None) or _device(self.settings.device)
+        limit = self.settings.max_image_pixels
+        on_device = decode_jpegs([images[k][1] for k in raw], device, max_pixels=limit)
+        out = list(images)
+        for k, tensor in zip(raw, on_device):
+            i, data = images[k]
+            try:
+                out[k] = (i, tensor if tensor is not None else decode_image(data, max_pixels=limit))
+            except ImageError as e:
+                failures[i] = TaskFailure(_task_id(tasks[i]), f"{_short(tasks[i])}: {e}")
+                out[k] = None
+        return [item for item in out if item is not None]
 
     @staticmethod
     def _gather(pending, failures: dict[int, TaskFailure], deadline: float) -> list[tuple[int, np.ndarray]]:
@@ -485,10 +520,11 @@ class MaskCLIPBackend:
         return images
 
     def _load_image(
-        self, task: Mapping[str, Any], spec: LabelingSpec, deadline: float
-    ) -> np.ndarray | TaskFailure | None:
+        self, task: Mapping[str, Any], spec: LabelingSpec, deadline: float, raw: bool = False
+    ) -> np.ndarray | bytes | TaskFailure | None:
         """The task's image; a TaskFailure saying why not; None when the deadline passed before the download
-        started (the task is left for Label Studio's next request)."""
+        started (the task is left for Label Studio's next request). ``raw``: JPEG files come back as their
+        bytes, for decoding on the GPU."""
         from .images import ImageError
 
         task_id = _task_id(task)
@@ -501,18 +537,27 @@ class MaskCLIPBackend:
         if time.monotonic() >= deadline:
             return None
         try:
-            return self._fetch(url, task_id, deadline)
+            return self._fetch(url, task_id, deadline, raw)
         except ImageError as e:
             return TaskFailure(task_id, str(e))
 
-    def _fetch(self, url: str, task_id: Any, deadline: float) -> np.ndarray:
-        """Download and decode; the request's deadline goes down to a fetcher that takes one (``deadline=``,
-        ``time.monotonic()`` seconds), so that a slow download ends with the request."""
+    def _fetch(self, url: str, task_id: Any, deadline: float, raw: bool = False) -> np.ndarray | bytes:
+        """Download and decode (``raw``: a JPEG's bytes, undecoded); the request's deadline goes down to a
+        fetcher that takes one (``deadline=``, ``time.monotonic()`` seconds), so that a slow download ends with
+        the request."""
+        from .jpeg import is_jpeg
+
         fetcher = self.rt.fetcher
-        kwargs: dict[str, Any] = {"max_pixels": self.settings.max_image_pixels}
-        if _takes_deadline(fetcher.load) and not math.isinf(deadline):
+        call = fetcher.fetch if raw else fetcher.load
+        kwargs: dict[str, Any] = {} if raw else {"max_pixels": self.settings.max_image_pixels}
+        if _takes_deadline(call) and not math.isinf(deadline):
             kwargs["deadline"] = deadline
-        return fetcher.load(url, task_id, **kwargs)
+        got = call(url, task_id, **kwargs)
+        if raw and not is_jpeg(got):
+            from .images import decode_image
+
+            return decode_image(got, max_pixels=self.settings.max_image_pixels)
+        return got
 
     # -- fit (webhooks) ------------------------------------------------------------------------------
     def _parent_prediction_unseen(self, data: Mapping[str, Any]) -> bool:
