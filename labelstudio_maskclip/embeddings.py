@@ -27,7 +27,7 @@ import torch
 
 from .files import write_atomic
 
-__all__ = ["EmbeddingStore", "LabelSet", "weights_identity"]
+__all__ = ["EmbeddingStore", "LabelSet", "label_set", "weights_identity"]
 
 log = logging.getLogger(__name__)
 
