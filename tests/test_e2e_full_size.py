@@ -59,6 +59,9 @@ def test_full_size_model_predicts_every_task_within_label_studios_limit_and_a_re
     weights = _random_vit_b16(tmp_path / "vit_b16_random.pt")
     backend = _served(tmp_path / "backend", label_studio, weights)
     try:
+        # The model loads and runs a warm-up batch at start; /health says when it is done.
+        wait_for(lambda: requests.get(backend.url + "/health", timeout=5).json().get("model") == "ready", 600,
+                 "the model loaded and warmed up")  # fmt: skip
         api = label_studio.api()
         project = api.create_project("maskclip full size", CONFIG)
         api.import_files(project["id"], PHOTOS)

@@ -49,6 +49,7 @@ class Runtime:
     _student: tuple[str, Any] | None = None  # (version, model)
     _background: Any = None  # one thread for webhook follow-ups (Label Studio API calls)
     _embeddings: Any = None  # EmbeddingStore of the teacher
+    _preparer: Any = None  # one thread that hands label sets to the store (off the /setup thread)
     _teacher_ready: threading.Event = field(default_factory=threading.Event)
     _teacher_loader: threading.Thread | None = None
     _teacher_error: BaseException | None = None
@@ -137,11 +138,22 @@ class Runtime:
     def _encode_labels(self, labels) -> Any:
         return self.teacher.text_embeddings(labels)
 
-    def prepare_labels(self, classes: Sequence[Sequence[str]]):
-        """Start making the text embeddings of ``classes`` (names per label) ready; returns at once."""
+    def prepare_labels(self, classes: Sequence[Sequence[str]]) -> None:
+        """Start making the text embeddings of ``classes`` (names per label) ready, without waiting for anything:
+        even building the store (it imports open_clip, which may be busy loading the model) happens in the
+        background, since Label Studio gives /setup only 3 s."""
+        with self._lock:
+            if self._preparer is None:
+                self._preparer = ThreadPoolExecutor(1, thread_name_prefix="prepare-labels")
+        self._preparer.submit(self._prepare, [tuple(names) for names in classes])
+
+    def _prepare(self, classes: list[tuple[str, ...]]) -> None:
         from ..embeddings import label_set
 
-        return self.embeddings.prepare(label_set(classes))
+        try:
+            self.embeddings.prepare(label_set(classes))
+        except Exception:
+            log.exception("preparing the text embeddings of %d labels failed", len(classes))
 
     def labels_within(self, classes: Sequence[Sequence[str]], deadline: float):
         """(K, D) text embeddings of ``classes`` if ready by ``deadline``, else None (still computing)."""
