@@ -23,6 +23,7 @@ import io
 import json
 import platform
 import pstats
+import re
 import statistics
 import sys
 import tempfile
@@ -165,7 +166,15 @@ def whole_path(urls: list[str], settings: Settings, polygons: bool, repeats: int
     prof.disable()
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(profile_rows)
-    return statistics.median(times), statistics.median(walls), text.getvalue()
+    return statistics.median(times), statistics.median(walls), _short_paths(text.getvalue())
+
+
+def _short_paths(text: str) -> str:
+    """File names in a profile without this machine's directories: repository-relative, site-packages/...,
+    or the standard library's module path."""
+    text = text.replace(str(HERE.parent) + "/", "")
+    text = re.sub(r"\S*/site-packages/", "site-packages/", text)
+    return re.sub(r"\S*/lib/python3\.\d+/", "", text)
 
 
 def main() -> None:
