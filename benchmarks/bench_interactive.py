@@ -71,7 +71,9 @@ def main() -> None:
     first = [timed(t, click(50, 50)) for t in tasks[:-1]]  # a new image each time: cache miss
     again = [timed(t, click(30 + i % 40, 60)) for i, t in enumerate(tasks[:-1])]  # same images: cache hits
     boxes = [timed(t, box(20, 20)) for t in tasks[:-1]]  # a box runs the tower on its crop
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    device = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    )
     rows = ["| prompt | p50 ms | p95 ms | n |", "|---|---|---|---|"]
     for name, ms in (("first click on an image", first), ("repeated click (cache hit)", again), ("box", boxes)):
         p50, p95 = percentiles(ms)

@@ -42,7 +42,7 @@ def shared_maskclip(s: Settings) -> MaskCLIP:
     """The process-wide MaskCLIP for these settings, loaded on first use (thread-safe)."""
     from .engine.segmenter import MaskCLIP
 
-    key = (s.model, s.pretrained, s.device, s.precision, s.allow_random, s.cache_dir, s.templates)
+    key = (s.model, s.pretrained, s.device, s.precision, s.allow_random, s.cache_dir, s.templates, s.compile)
     with _shared_lock:
         if key not in _shared:
             _shared[key] = MaskCLIP.load(
@@ -53,5 +53,6 @@ def shared_maskclip(s: Settings) -> MaskCLIP:
                 allow_random=s.allow_random,
                 cache_dir=s.cache_dir,
                 templates=s.templates,
+                compile=s.compile,
             )
         return _shared[key]

@@ -37,6 +37,8 @@ class Settings:
     device: str = field(default="auto", metadata=_env("MASKCLIP_DEVICE"))  # auto | cpu | cuda | cuda:N
     precision: str = field(default="auto", metadata=_env("MASKCLIP_PRECISION"))  # auto | fp32 | bf16 | fp16
     cache_dir: str = field(default="", metadata=_env("MASKCLIP_CACHE_DIR"))  # open_clip download cache
+    # Run the image tower through torch.compile (a GPU speed-up; compiling takes a minute at start, per size).
+    compile: bool = field(default=False, metadata=_env("MASKCLIP_COMPILE"))
 
     # --- dense prediction --------------------------------------------------------------------------
     # NACLIP: the best published of the modes proven equal to their authors' code (README, "Dense modes");

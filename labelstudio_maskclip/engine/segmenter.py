@@ -86,7 +86,7 @@ class Segmentation:
 class MaskCLIP:
     """A frozen CLIP turned into a dense classifier. Build with :meth:`load` (or ``models.shared_maskclip``)."""
 
-    def __init__(self, clip: LoadedCLIP, templates: Sequence[str] | str | None = None):
+    def __init__(self, clip: LoadedCLIP, templates: Sequence[str] | str | None = None, *, compile: bool = False):
         self.clip = clip
         self.stride = output_stride(clip.model.visual)
         self.templates = resolve_templates(templates)
@@ -94,6 +94,9 @@ class MaskCLIP:
         self._std = torch.tensor(clip.std, device=clip.device).view(1, 3, 1, 1)
         self._text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
+        # The image tower, optionally compiled (one graph per input shape: size buckets keep them few).
+        self.compiled = compile
+        self._dense = torch.compile(dense_features, dynamic=False) if compile else dense_features
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -107,10 +110,12 @@ class MaskCLIP:
         allow_random: bool = False,
         cache_dir: str | None = None,
         templates: Sequence[str] | str | None = None,
+        compile: bool = False,
     ) -> MaskCLIP:
-        """Load an open_clip model (see :func:`labelstudio_maskclip.engine.loading.load_clip`)."""
+        """Load an open_clip model (see :func:`labelstudio_maskclip.engine.loading.load_clip`); ``compile``
+        runs the image tower through ``torch.compile``."""
         clip = load_clip(model, pretrained, device, precision, allow_random=allow_random, cache_dir=cache_dir)
-        return cls(clip, templates)
+        return cls(clip, templates, compile=compile)
 
     @property
     def device(self) -> torch.device:
@@ -200,7 +205,7 @@ class MaskCLIP:
         return probs
 
     def _window_probs(self, pixels: torch.Tensor, emb: torch.Tensor, opts: SegmentOptions) -> torch.Tensor:
-        out = dense_features(self.clip.model.visual, pixels.to(self.device, self.clip.dtype), opts.mode)
+        out = self._dense(self.clip.model.visual, pixels.to(self.device, self.clip.dtype), opts.mode)
         logits = torch.einsum("bdhw,kd->bkhw", out.features, emb.to(self.device, torch.float32))
         probs = (opts.temperature * logits).softmax(1)  # (B, K, h, w)
         if opts.key_smoothing:
@@ -229,15 +234,17 @@ class MaskCLIP:
         background: Sequence[ClassNames] = (),
         opts: SegmentOptions = SegmentOptions(),
         progress=None,
+        text: torch.Tensor | None = None,
     ) -> list[Segmentation]:
         """Segment (H, W, 3) uint8 RGB images of any sizes into ``classes`` (+ ``background`` classes,
         whose pixels become NO_LABEL). Images are grouped by resized shape and batched; ``progress`` is
-        called with the number of images finished after each batch."""
+        called with the number of images finished after each batch. ``text``: the (K + Kb, D) class
+        embeddings when the caller has them (else computed, or taken from the cache)."""
         if opts.mode not in DENSE_MODES:
             raise ValueError(f"unknown dense mode {opts.mode!r}")
         if opts.refine not in REFINEMENTS:
             raise ValueError(f"unknown refinement {opts.refine!r}; choose one of {', '.join(REFINEMENTS)}")
-        emb = self.text_embeddings(list(classes) + list(background))  # (K + Kb, D)
+        emb = text if text is not None else self.text_embeddings(list(classes) + list(background))  # (K + Kb, D)
         return segment_in_batches(
             images,
             lambda h, w: self.input_size(h, w, opts.short_side, opts.size_multiple),
@@ -269,11 +276,19 @@ def resized_size(height: int, width: int, short_side: int, stride: int, multiple
 def normalized_batch(
     images: Sequence[np.ndarray], size: tuple[int, int], mean: torch.Tensor, std: torch.Tensor
 ) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB images -> (B, 3, *size) float32 on ``mean``'s device, resized (bilinear,
-    antialiased) and normalised; ``mean``/``std``: (1, 3, 1, 1) on the 0..1 scale."""
+    """(H, W, 3) uint8 RGB images (numpy arrays, or tensors) -> (B, 3, *size) float32 on ``mean``'s device,
+    resized (bilinear, antialiased) and normalised; ``mean``/``std``: (1, 3, 1, 1) on the 0..1 scale. On a GPU
+    the uint8 pixels are copied from pinned memory without blocking and resized there."""
+    cuda = mean.device.type == "cuda"
     out = []
     for img in images:
-        t = torch.from_numpy(np.require(img, requirements=["C", "W"])).to(mean.device).permute(2, 0, 1)[None]
+        if isinstance(img, torch.Tensor):  # decoded on the device already (labelstudio.jpeg)
+            t = img.to(mean.device).permute(2, 0, 1)[None]
+        else:
+            t = torch.from_numpy(np.require(img, requirements=["C", "W"]))
+            if cuda:
+                t = t.pin_memory()
+            t = t.to(mean.device, non_blocking=cuda).permute(2, 0, 1)[None]
         out.append(F.interpolate(t.float() / 255.0, size=size, mode="bilinear", antialias=True, align_corners=False))
     return (torch.cat(out) - mean) / std  # (B, 3, h, w)
 
@@ -293,7 +308,8 @@ def segment_in_batches(
     their original sizes. ``progress(n)`` is called after each batch."""
     groups: dict[tuple[int, int], list[int]] = {}
     for i, img in enumerate(images):
-        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        uint8 = img.dtype == (torch.uint8 if isinstance(img, torch.Tensor) else np.uint8)
+        if img.ndim != 3 or img.shape[2] != 3 or not uint8:
             raise ValueError(f"image {i}: expected (H, W, 3) uint8 RGB, got {img.shape} {img.dtype}")
         groups.setdefault(size_of(img.shape[0], img.shape[1]), []).append(i)
     results: list[Segmentation | None] = [None] * len(images)
@@ -302,7 +318,8 @@ def segment_in_batches(
             batch = idx[b : b + max(1, batch_size)]
             probs = probs_of([images[i] for i in batch], size)
             for i, p in zip(batch, probs):
-                results[i] = _finalize(p, images[i].shape[:2], n_labels, min_confidence)
+                size = (int(images[i].shape[0]), int(images[i].shape[1]))
+                results[i] = _finalize(p, size, n_labels, min_confidence)
             if progress is not None:
                 progress(len(batch))
     return results  # type: ignore[return-value]
@@ -320,32 +337,73 @@ def _windows(height: int, width: int, win: int, stride: int) -> list[tuple[int, 
     return [(y0, min(y0 + win, height), x0, min(x0 + win, width)) for y0 in starts(height) for x0 in starts(width)]
 
 
+def _candidates(probs: torch.Tensor) -> torch.Tensor:
+    """Indices of the classes that can win some pixel once (K, h, w) grid probabilities are upsampled
+    bilinearly, ascending.
+
+    An upsampled pixel is a convex combination of the 4 cells of one 2x2 block of the grid (or of fewer at
+    the border, which the blocks also cover). Within a block, a class whose highest corner is below the best
+    lowest corner of some class loses everywhere in it. So only classes that survive this test in some block
+    are upsampled: usually a handful of the K (prompt denoising alone zeroes the absent ones), which makes
+    finishing an image at full resolution several times cheaper without changing the result.
+    """
+    k, h, w = probs.shape
+    if k <= 2:
+        return torch.arange(k, device=probs.device)
+    padded = probs[None]
+    if h == 1 or w == 1:  # a one-cell-wide grid: blocks are 1x2 or 2x1 (or a single cell)
+        padded = F.pad(padded, (0, int(w == 1), 0, int(h == 1)), mode="replicate")
+    hi = F.max_pool2d(padded, 2, stride=1)[0]  # (K, h', w') per block: best corner of each class
+    lo = -F.max_pool2d(-padded, 2, stride=1)[0]  # worst corner of each class
+    floor = lo.amax(0, keepdim=True)  # (1, h', w'): a value some class reaches everywhere in the block
+    return torch.nonzero((hi >= floor).flatten(1).any(1)).flatten()
+
+
 def _finalize(probs: torch.Tensor, size: tuple[int, int], n_labels: int, min_conf: float) -> Segmentation:
     """Grid probabilities (K + Kb, h, w) -> Segmentation at ``size`` (H, W).
 
-    Upsamples a chunk of classes at a time and keeps the running maximum, so the full (K, H, W) tensor is
-    never materialised and no interpolate call exceeds INT_MAX elements.
+    Only the k' classes that can win a pixel are upsampled (:func:`_candidates`), a chunk of classes at a
+    time with a running maximum, so the full (K, H, W) tensor is never materialised and no interpolate call
+    exceeds INT_MAX elements. Areas and scores are counted per candidate (k' bins), then placed.
     """
     height, width = size
-    k_all = probs.shape[0]
+    keep = _candidates(probs)  # (k',) ascending class indices
+    kept = probs.index_select(0, keep)[None]  # (1, k', h, w)
     chunk = max(1, _UPSAMPLE_BUDGET // (height * width))
-    best = torch.full((height, width), -1.0, device=probs.device)
-    label = torch.zeros((height, width), dtype=torch.long, device=probs.device)
-    for c0 in range(0, k_all, chunk):
-        up = F.interpolate(probs[None, c0 : c0 + chunk], size=size, mode="bilinear", align_corners=False)[0]
-        value, index = up.max(0)  # (H, W) each
-        better = value > best
-        best = torch.where(better, value, best)
-        label = torch.where(better, index + c0, label)
-    no_label = (label >= n_labels) | (best < min_conf)
-    label = label.masked_fill(no_label, NO_LABEL)
-    valid = label >= 0
-    areas = torch.bincount(label[valid], minlength=n_labels)[:n_labels]
-    conf_sums = torch.bincount(label[valid], weights=best[valid].double(), minlength=n_labels)[:n_labels]
-    scores = torch.where(areas > 0, conf_sums / areas.clamp_min(1), torch.zeros_like(conf_sums))
-    image_score = float(best[valid].mean()) if bool(valid.any()) else 0.0
+    if len(keep) <= chunk:  # the usual case: one call
+        best, index = F.interpolate(kept, size=size, mode="bilinear", align_corners=False)[0].max(0)  # (H, W)
+    else:
+        best = torch.full((height, width), -1.0, device=probs.device)
+        index = torch.zeros((height, width), dtype=torch.long, device=probs.device)
+        for c0 in range(0, len(keep), chunk):
+            up = F.interpolate(kept[:, c0 : c0 + chunk], size=size, mode="bilinear", align_corners=False)[0]
+            value, idx = up.max(0)
+            better = value > best
+            best = torch.where(better, value, best)
+            index = torch.where(better, idx + c0, index)
+    labels = keep.to(torch.int16)[index]  # (H, W) class of each pixel
+    dropped = keep >= n_labels  # (k',) background classes: their pixels get no label
+    none = dropped[index] if bool(dropped.any()) else None
+    if min_conf > 0:
+        low = best < min_conf
+        none = low if none is None else none | low
+    if none is not None:
+        labels.masked_fill_(none, NO_LABEL)
+        index = index.masked_fill(none, len(keep))  # an extra bin, not counted
+    bins = len(keep) + 1
+    counts = torch.bincount(index.flatten(), minlength=bins)[: len(keep)]  # (k',)
+    sums = torch.bincount(index.flatten(), weights=best.flatten().double(), minlength=bins)[: len(keep)]
+    counts = counts.masked_fill(dropped, 0)
+    sums = sums.masked_fill(dropped, 0.0)
+    own = ~dropped
+    areas = torch.zeros(n_labels, dtype=torch.long, device=probs.device)
+    areas[keep[own]] = counts[own]
+    scores = torch.zeros(n_labels, dtype=torch.float64, device=probs.device)
+    scores[keep[own]] = sums[own] / counts[own].clamp_min(1)
+    total = int(counts.sum())
+    image_score = float(sums.sum() / total) if total else 0.0
     return Segmentation(
-        labels=label.to(torch.int16).cpu().numpy(),
+        labels=labels.cpu().numpy(),
         confidence=best.float().cpu().numpy(),
         grid_probs=probs.float().cpu().numpy(),
         class_scores=scores.float().cpu().numpy(),

@@ -9,10 +9,13 @@ fires, starts the trainer as a separate process.
 from __future__ import annotations
 
 import functools
+import hashlib
+import inspect
 import logging
+import math
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +30,8 @@ __all__ = ["MaskCLIPBackend", "Runtime", "runtime", "PredictError"]
 
 log = logging.getLogger(__name__)
 
-PREDICT_CHUNK = 64  # tasks fetched and segmented together; bounds memory for project-sized requests
+PREDICT_CHUNK = 64  # tasks fetched ahead of inference; bounds memory for project-sized requests
+WARMUP_LABELS = 21  # labels of the warm-up batch (embeddings made up: the text tower is not needed)
 
 
 class PredictError(ValueError):
@@ -45,6 +49,12 @@ class Runtime:
     _student: tuple[str, Any] | None = None  # (version, model)
     _followups: Any = None  # webhook follow-ups (Label Studio API calls): a bounded queue, one thread
     _features: Any = None  # interactive prompting: per-image pixels and dense features (FeatureCache)
+    _embeddings: Any = None  # EmbeddingStore of the teacher
+    _preparer: Any = None  # one thread that hands label sets to the store (off the /setup thread)
+    _teacher_ready: threading.Event = field(default_factory=threading.Event)
+    _teacher_loader: threading.Thread | None = None
+    _teacher_error: BaseException | None = None
+    _per_image: dict[str, float] = field(default_factory=dict)  # seconds per image by model version
 
     @property
     def followups(self):
@@ -91,9 +101,112 @@ class Runtime:
 
     @property
     def teacher(self):
+        """The MaskCLIP teacher, loaded here if needed (blocking; see :meth:`teacher_within`)."""
         from ..models import shared_maskclip
 
         return shared_maskclip(self.settings)
+
+    # -- the teacher within a deadline ---------------------------------------------------------------
+    def start_teacher(self) -> None:
+        """Start loading the teacher in a background thread (once per process)."""
+        with self._lock:
+            if self._teacher_loader is None:
+                self._teacher_loader = threading.Thread(target=self._load_teacher, name="model-load", daemon=True)
+                self._teacher_loader.start()
+
+    def _load_teacher(self) -> None:
+        try:
+            _ = self.teacher
+        except BaseException as e:  # kept for /predict and /health
+            self._teacher_error = e
+        finally:
+            self._teacher_ready.set()
+
+    def teacher_within(self, deadline: float):
+        """The teacher if it is loaded by ``deadline`` (``time.monotonic()`` seconds; inf: wait as long as it
+        takes), else None. Raises what loading raised."""
+        self.start_teacher()
+        if not self._teacher_ready.wait(remaining(deadline)):
+            return None
+        if self._teacher_error is not None:
+            raise self._teacher_error
+        return self.teacher
+
+    # -- text embeddings, prepared in the background -------------------------------------------------
+    @property
+    def embeddings(self):
+        """The teacher's :class:`~labelstudio_maskclip.embeddings.EmbeddingStore` (under MODEL_DIR)."""
+        with self._lock:
+            if self._embeddings is None:
+                from ..embeddings import EmbeddingStore
+
+                s = self.settings
+                self._embeddings = EmbeddingStore(
+                    Path(s.model_dir) / "text_embeddings", embedding_identity(s), self._encode_labels,
+                    persist=s.pretrained.strip().lower() not in ("random", "none", ""), device=_device(s.device),
+                )  # fmt: skip
+            return self._embeddings
+
+    def _encode_labels(self, labels) -> Any:
+        return self.teacher.text_embeddings(labels)
+
+    def prepare_labels(self, classes: Sequence[Sequence[str]]) -> None:
+        """Start making the text embeddings of ``classes`` (names per label) ready, without waiting for anything:
+        even building the store (it imports open_clip, which may be busy loading the model) happens in the
+        background, since Label Studio gives /setup only 3 s."""
+        with self._lock:
+            if self._preparer is None:
+                self._preparer = ThreadPoolExecutor(1, thread_name_prefix="prepare-labels")
+        self._preparer.submit(self._prepare, [tuple(names) for names in classes])
+
+    def _prepare(self, classes: list[tuple[str, ...]]) -> None:
+        from ..embeddings import label_set
+
+        try:
+            self.embeddings.prepare(label_set(classes))
+        except Exception:
+            log.exception("preparing the text embeddings of %d labels failed", len(classes))
+
+    def labels_within(self, classes: Sequence[Sequence[str]], deadline: float):
+        """(K, D) text embeddings of ``classes`` if ready by ``deadline``, else None (still computing)."""
+        from ..embeddings import label_set
+
+        return self.embeddings.wait(label_set(classes), remaining(deadline))
+
+    # -- time per image ------------------------------------------------------------------------------
+    def seconds_per_image(self, version: str) -> float:
+        """Recent seconds per image of ``version`` (0 before the first measurement)."""
+        with self._lock:
+            return self._per_image.get(version, 0.0)
+
+    def observe(self, version: str, images: int, seconds: float) -> None:
+        """Record a batch of ``images`` that took ``seconds`` (smoothed over recent batches)."""
+        per = seconds / max(1, images)
+        with self._lock:
+            old = self._per_image.get(version)
+            self._per_image[version] = per if old is None else 0.5 * old + 0.5 * per
+
+    def warm_up(self) -> None:
+        """Load the teacher and run a batch through it (kernels, allocator, compiled graphs), so that the first
+        annotator does not pay for it; the time it takes is the first estimate of the time per image."""
+        import torch
+
+        from ..models import segment_options
+
+        teacher = self.teacher_within(math.inf)
+        opts = segment_options(self.settings)
+        side = opts.short_side or 224
+        image = np.full((side, side * 4 // 3, 3), 127, np.uint8)  # a 4:3 photo at the served size
+        dim = int(teacher.clip.model.visual.output_dim)
+        text = torch.nn.functional.normalize(torch.randn(WARMUP_LABELS, dim), dim=-1).to(teacher.device)
+        names = [f"label {k}" for k in range(WARMUP_LABELS)]
+        batches = [1, 1] + ([opts.batch_size] if teacher.device.type == "cuda" and opts.batch_size > 1 else [])
+        for n in batches:
+            start = time.monotonic()
+            teacher.segment([image] * n, names, opts=opts, text=text)
+            seconds = time.monotonic() - start
+        self.observe(self.teacher_version(), 1, seconds / n if n > 1 else seconds)
+        log.info("model warmed up: %.3f s per image", self.seconds_per_image(self.teacher_version()))
 
     def teacher_version(self) -> str:
         s = self.settings
@@ -200,10 +313,101 @@ def runtime(settings: Settings) -> Runtime:
     return Runtime(settings)
 
 
+def remaining(deadline: float) -> float | None:
+    """Seconds left until ``deadline`` (``time.monotonic()`` time), at least 0; None for no deadline."""
+    return None if math.isinf(deadline) else max(0.0, deadline - time.monotonic())
+
+
+def _device(device: str):
+    from ..engine.loading import resolve_device
+
+    return resolve_device(device)
+
+
+def embedding_identity(s: Settings) -> dict[str, str]:
+    """What the teacher's text embeddings depend on besides the label names: architecture (a config file
+    by its content), weights, precision, prompt templates, open_clip's version (its tokenizer)."""
+    import open_clip
+
+    from ..embeddings import weights_identity
+    from ..engine.loading import resolve_dtype
+    from ..engine.text import resolve_templates
+
+    arch = s.model
+    if s.model.endswith(".json") and Path(s.model).is_file():
+        arch = f"{Path(s.model).stem}:{hashlib.sha256(Path(s.model).read_bytes()).hexdigest()[:16]}"
+    templates = "\n".join(resolve_templates(s.templates))
+    return {
+        "architecture": arch,
+        "weights": weights_identity(s.pretrained),
+        "precision": str(resolve_dtype(s.precision, _device(s.device))),
+        "templates": hashlib.sha256(templates.encode()).hexdigest()[:16],
+        "open_clip": open_clip.__version__,
+    }
+
+
 @dataclass
 class TaskFailure:
     task_id: Any
     reason: str
+
+
+def _task_id(task: Any) -> Any:
+    return task.get("id") if isinstance(task, Mapping) else None
+
+
+def _short(task: Any) -> str:
+    """The task's first image reference, shortened, for messages."""
+    data = task.get("data") if isinstance(task, Mapping) else None
+    url = next((v for v in data.values() if isinstance(v, str)), "") if isinstance(data, Mapping) else ""
+    return url if len(url) <= 80 else url[:77] + "..."
+
+
+@functools.lru_cache(maxsize=8)
+def _takes_deadline_of(function: Callable) -> bool:
+    return "deadline" in inspect.signature(function).parameters
+
+
+def _takes_deadline(method: Callable) -> bool:
+    return _takes_deadline_of(getattr(method, "__func__", method))
+
+
+def _images_that_fit(deadline: float, per_image: float, wanted: int) -> int:
+    """How many of ``wanted`` images the time left until ``deadline`` holds at ``per_image`` seconds each
+    (all of them before the first measurement, or without a deadline)."""
+    if per_image <= 0 or math.isinf(deadline):
+        return wanted
+    return max(0, min(wanted, int((deadline - time.monotonic()) / per_image)))
+
+
+def _unpredicted_first(tasks: Sequence[Any], version: str) -> list[int]:
+    """Task indices, those without a prediction of ``version`` (as the request shows them) first: when the
+    budget cannot hold every task, the time goes to tasks that have nothing yet."""
+
+    def has_one(task: Any) -> bool:
+        preds = task.get("predictions") if isinstance(task, Mapping) else None
+        return isinstance(preds, list) and any(isinstance(p, Mapping) and p.get("model_version") == version
+                                               for p in preds)  # fmt: skip
+
+    return sorted(range(len(tasks)), key=lambda i: has_one(tasks[i]))
+
+
+def _size_key(model: Any, opts: Any) -> Callable[[int, int], tuple[int, int]]:
+    """(H, W) -> the size the model resizes an image to, which groups images into batches."""
+    from ..engine.segmenter import resized_size
+
+    stride = getattr(model, "stride", None) or getattr(getattr(model, "net", None), "stride", 32)
+    return lambda h, w: resized_size(h, w, opts.short_side, int(stride), opts.size_multiple)
+
+
+def _batches(images: list[tuple[int, np.ndarray]], size_of: Callable, batch_size: int) -> list[list]:
+    """(task index, image) pairs in batches of at most ``batch_size`` images that resize to the same size,
+    groups in order of their first image."""
+    groups: dict[tuple[int, int], list] = {}
+    for item in images:
+        groups.setdefault(size_of(*item[1].shape[:2]), []).append(item)
+    size = max(1, batch_size)
+    return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
 
 
 class MaskCLIPBackend:
@@ -227,70 +431,120 @@ class MaskCLIPBackend:
         return vocab, [spec.names(v) for v in vocab]
 
     def setup(self) -> dict[str, Any]:
-        """Validate the project's labeling config and report the model version served for it."""
+        """Validate the project's labeling config and report the model version served for it. When MaskCLIP
+        serves these labels, their text embeddings start being prepared in the background (Label Studio calls
+        /setup when the backend is connected and before it asks for predictions), so that /predict finds
+        them ready."""
         if not self.label_config:
             return {"model_version": self.rt.student_version() or self.rt.teacher_version()}
-        version, _ = self.rt.model_for(self.classes(self.spec())[1], load=False)  # LabelConfigError: what to add
+        classes = self.classes(self.spec())[1]  # LabelConfigError: what to add
+        version, student = self.rt.model_for(classes, load=False)
+        if student is None:
+            self.rt.prepare_labels(classes)
         return {"model_version": version}
 
     # -- predict -------------------------------------------------------------------------------------
     def predict(self, tasks: Sequence[Mapping[str, Any]], context: Any = None) -> dict[str, Any]:
         """One entry per task, in order: a prediction dict, or ``[]`` (no prediction: Label Studio asks
-        again later) for a task that failed, with the reasons under ``errors``. A ``context`` with editor
-        regions (interactive prompting) is answered by :meth:`predict_interactive` instead."""
+        again later) for a task that failed or was not reached, with the reasons under ``errors``. A
+        ``context`` with editor regions (interactive prompting) is answered by :meth:`predict_interactive`.
+
+        One deadline, ``MASKCLIP_PREDICT_TIME_BUDGET`` seconds from now, covers everything: waiting for the
+        model and the labels' text embeddings, downloads and inference. Images are segmented in batches of
+        similar sizes; a batch starts only when the time left can hold it (from the measured time per image),
+        so the answer comes within the budget plus at most one batch.
+        """
         from ..models import segment_options
         from .regions import prediction
 
         if isinstance(context, Mapping) and context.get("result"):
             return self.predict_interactive(tasks, context)
+        start = time.monotonic()
+        deadline = start + self.settings.predict_time_budget
         spec = self.spec()
         targets = self._targets(spec)
         vocab, classes = self.classes(spec)
-        version, model = self.rt.model_for(classes)
+        version, model = self.rt.model_for(classes, load=False)
+        extra: dict[str, Any] = {}
+        if model is None:  # MaskCLIP: the model and these labels' text embeddings must be ready in time
+            model = self.rt.teacher_within(deadline)
+            text = self.rt.labels_within(classes, deadline) if model is not None else None
+            if text is None:
+                why = (
+                    "the model is still loading" if model is None else
+                    f"still preparing the labels: the text embeddings of these {len(classes)} labels are being "
+                    "computed in the background (once per label set, kept under MODEL_DIR)"
+                )  # fmt: skip
+                return self._answer(version, [[] for _ in tasks], [
+                    TaskFailure(_task_id(t), f"{why}; Label Studio will ask again") for t in tasks
+                ], start)  # fmt: skip
+            extra["text"] = text
         opts = segment_options(self.settings)
+        encode = functools.partial(
+            prediction, targets=targets, vocabulary=vocab, model_version=version,
+            min_area=self.settings.min_area, polygons=self.settings.polygons,
+        )  # fmt: skip
+        size_of = _size_key(model, opts)
         results: list[Any] = [[] for _ in tasks]
-        failures: list[TaskFailure] = []
-        start = time.monotonic()
-        chunks = [range(i, min(i + PREDICT_CHUNK, len(tasks))) for i in range(0, len(tasks), PREDICT_CHUNK)]
-        with ThreadPoolExecutor(max(1, self.settings.fetch_threads)) as pool:
-            pending = self._fetch_chunk(pool, tasks, chunks[0], spec) if chunks else None
-            for n, chunk in enumerate(chunks):
-                loaded = [(i, f.result()) for i, f in pending]
-                if n + 1 < len(chunks):  # overlap the next chunk's downloads with this chunk's inference
-                    pending = self._fetch_chunk(pool, tasks, chunks[n + 1], spec)
-                images = []
-                for i, got in loaded:
-                    if isinstance(got, TaskFailure):
-                        failures.append(got)
-                    else:
-                        images.append((i, got))
-                if images:
-                    segs = model.segment([img for _, img in images], classes, opts=opts)
-                    encode = functools.partial(
-                        prediction, targets=targets, vocabulary=vocab, model_version=version,
-                        min_area=self.settings.min_area, polygons=self.settings.polygons,
-                    )  # fmt: skip
-                    # RLE and polygon encoding run in the pool, beside the next chunk's downloads.
-                    for (i, _), pred in zip(images, pool.map(encode, segs)):
-                        results[i] = pred
-                elapsed = time.monotonic() - start
+        failures: dict[int, TaskFailure] = {}
+        encoded: list[tuple[int, Any]] = []
+        order = _unpredicted_first(tasks, version)
+        chunks = [order[i : i + PREDICT_CHUNK] for i in range(0, len(order), PREDICT_CHUNK)]
+        pool = ThreadPoolExecutor(max(1, self.settings.fetch_threads), thread_name_prefix="predict")
+        try:
+            pending = self._fetch_chunk(pool, tasks, chunks[0], spec, deadline) if chunks else []
+            for n in range(len(chunks)):
+                images = self._decoded(self._gather(pending, failures, deadline), failures, model, tasks)
+                if n + 1 < len(chunks):  # the next chunk downloads while this one is segmented
+                    pending = self._fetch_chunk(pool, tasks, chunks[n + 1], spec, deadline)
+                out_of_time = False
+                for batch in _batches(images, size_of, opts.batch_size):
+                    fit = _images_that_fit(deadline, self.rt.seconds_per_image(version), len(batch))
+                    if fit < len(batch):  # the time left holds only part of the batch (or none of it)
+                        out_of_time, batch = True, batch[:fit]
+                    if not batch:
+                        break
+                    began = time.monotonic()
+                    segs = model.segment([img for _, img in batch], classes, opts=opts, **extra)
+                    self.rt.observe(version, len(batch), time.monotonic() - began)
+                    # RLE and polygon encoding run in the pool, beside the next batch's inference.
+                    encoded += [(i, pool.submit(encode, seg)) for (i, _), seg in zip(batch, segs)]
+                    if out_of_time:
+                        break
                 if len(chunks) > 1:  # progress of a project-sized request, for whoever watches the log
-                    log.info("predict: %d/%d tasks in %.1f s", chunk.stop, len(tasks), elapsed)
-                if n + 1 < len(chunks) and elapsed > self.settings.predict_time_budget:
-                    left = sum(len(c) for c in chunks[n + 1 :])
-                    log.warning(
-                        "predict: time budget of %.0f s used after %d tasks; %d tasks left without a prediction "
-                        "(Label Studio will ask again; for large projects run `labelstudio-maskclip preannotate`)",
-                        self.settings.predict_time_budget, chunk.stop, left,
-                    )  # fmt: skip
-                    failures.append(TaskFailure(None, f"{left} tasks skipped: time budget reached"))
+                    done = (n + 1) * PREDICT_CHUNK
+                    log.info(
+                        "predict: %d/%d tasks in %.1f s", min(done, len(tasks)), len(tasks), time.monotonic() - start
+                    )
+                if out_of_time:
                     break
+            for i, future in encoded:
+                results[i] = future.result()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        budget = self.settings.predict_time_budget
+        late = [i for i, r in enumerate(results) if not r and i not in failures]
+        if late:
+            log.warning(
+                "predict: time budget of %.0f s reached; %d of %d tasks left without a prediction (Label Studio "
+                "will ask again; for large projects run `labelstudio-maskclip preannotate`)", budget, len(late),
+                len(tasks),
+            )  # fmt: skip
+        for i in late:
+            failures[i] = TaskFailure(
+                _task_id(tasks[i]), f"not reached within the time budget of {budget:g} s "
+                "(MASKCLIP_PREDICT_TIME_BUDGET); Label Studio will ask again",
+            )  # fmt: skip
+        return self._answer(version, results, [failures[i] for i in sorted(failures)], start)
+
+    def _answer(self, version: str, results: list[Any], failures: list[TaskFailure], start: float) -> dict[str, Any]:
         done = sum(1 for r in results if r)
-        log.info(
-            "predict: %d/%d tasks predicted with %s in %.2f s", done, len(tasks), version, time.monotonic() - start
-        )
-        for f in failures:
+        log.info("predict: %d/%d tasks predicted with %s in %.2f s", done, len(results), version,
+                 time.monotonic() - start)  # fmt: skip
+        for f in failures[:20]:
             log.warning("predict: task %s: %s", f.task_id, f.reason)
+        if len(failures) > 20:
+            log.warning("predict: ... and %d more tasks without a prediction", len(failures) - 20)
         return {
             "results": results,
             "model_version": version,
@@ -300,8 +554,8 @@ class MaskCLIPBackend:
     def predict_interactive(self, tasks: Sequence[Mapping[str, Any]], context: Mapping[str, Any]) -> dict[str, Any]:
         """One prediction for the one task of an interactive request: the masks of the editor's phrases,
         clicks and boxes (:mod:`.interactive`). Always the MaskCLIP teacher: prompts need its dense
-        features and text side. An unusable context or image raises :class:`PredictError` (a 400 that
-        Label Studio shows in the editor)."""
+        features and text side. An unusable context or image raises :class:`PredictError` (a 400; Label Studio
+        shows the editor its status, the reason is in the body and the log)."""
         from ..engine.prompts import encode_image
         from ..models import segment_options
         from .interactive import ContextError, parse_context, predict_interactive
@@ -320,9 +574,11 @@ class MaskCLIPBackend:
         seg, opts, version = self.rt.teacher, segment_options(self.settings), self.rt.teacher_version()
 
         def load() -> tuple[Any, int]:
-            got = self._load_image(tasks[0], spec)
+            got = self._load_image(tasks[0], spec, time.monotonic() + self.settings.predict_time_budget)
             if isinstance(got, TaskFailure):
                 raise PredictError(f"task {got.task_id}: {got.reason}")
+            if not isinstance(got, np.ndarray):
+                raise PredictError(f"task {tasks[0].get('id')}: the image did not arrive within the time budget")
             dense = encode_image(seg, got, opts)
             return (got, dense), got.nbytes + dense.nbytes
 
@@ -346,23 +602,92 @@ class MaskCLIPBackend:
         """Controls on the first image of the config (one image per task is predicted)."""
         return [t for t in spec.targets if t.image_key == spec.image_keys[0]]
 
-    def _fetch_chunk(self, pool, tasks, chunk, spec):
-        return [(i, pool.submit(self._load_image, tasks[i], spec)) for i in chunk]
+    def _fetch_chunk(self, pool, tasks, chunk, spec, deadline: float):
+        raw = self._device_decode
+        return [(i, pool.submit(self._load_image, tasks[i], spec, deadline, raw)) for i in chunk]
 
-    def _load_image(self, task: Mapping[str, Any], spec: LabelingSpec) -> np.ndarray | TaskFailure:
+    @functools.cached_property
+    def _device_decode(self) -> bool:
+        """JPEGs are decoded on the GPU when the model runs on one (labelstudio.jpeg)."""
+        return _device(self.settings.device).type == "cuda"
+
+    def _decoded(self, images: list, failures: dict[int, TaskFailure], model: Any, tasks) -> list:
+        """Decode the JPEG bytes among ``images`` on the model's device in one batch; what that path does not
+        take is decoded on the CPU (a failure goes to ``failures``)."""
+        from .images import ImageError, decode_image
+        from .jpeg import decode_jpegs
+
+        raw = [k for k, (_, got) in enumerate(images) if isinstance(got, bytes)]
+        if not raw:
+            return images
+        device = getattr(model, "device", None) or _device(self.settings.device)
+        limit = self.settings.max_image_pixels
+        on_device = decode_jpegs([images[k][1] for k in raw], device, max_pixels=limit)
+        out = list(images)
+        for k, tensor in zip(raw, on_device):
+            i, data = images[k]
+            try:
+                out[k] = (i, tensor if tensor is not None else decode_image(data, max_pixels=limit))
+            except ImageError as e:
+                failures[i] = TaskFailure(_task_id(tasks[i]), f"{_short(tasks[i])}: {e}")
+                out[k] = None
+        return [item for item in out if item is not None]
+
+    @staticmethod
+    def _gather(pending, failures: dict[int, TaskFailure], deadline: float) -> list[tuple[int, np.ndarray]]:
+        """The chunk's images that arrived by ``deadline``; failed tasks go to ``failures`` (tasks whose
+        download was not started or not finished in time are left out: the deadline's reason covers them)."""
+        images = []
+        for i, future in pending:
+            try:
+                got = future.result(timeout=remaining(deadline))
+            except TimeoutError:
+                continue
+            if isinstance(got, TaskFailure):
+                failures[i] = got
+            elif got is not None:
+                images.append((i, got))
+        return images
+
+    def _load_image(
+        self, task: Mapping[str, Any], spec: LabelingSpec, deadline: float, raw: bool = False
+    ) -> np.ndarray | bytes | TaskFailure | None:
+        """The task's image; a TaskFailure saying why not; None when the deadline passed before the download
+        started (the task is left for Label Studio's next request). ``raw``: JPEG files come back as their
+        bytes, for decoding on the GPU."""
         from .images import ImageError
 
-        task_id = task.get("id") if isinstance(task, Mapping) else None
+        task_id = _task_id(task)
         if not isinstance(task, Mapping) or not isinstance(task.get("data"), Mapping):
             return TaskFailure(task_id, "task has no 'data' object")
         key = spec.image_keys[0]
         url = task["data"].get(key)
         if not isinstance(url, str) or not url:
             return TaskFailure(task_id, f"task data has no image under '{key}' (keys: {sorted(task['data'])[:10]})")
+        if time.monotonic() >= deadline:
+            return None
         try:
-            return self.rt.fetcher.load(url, task_id, max_pixels=self.settings.max_image_pixels)
+            return self._fetch(url, task_id, deadline, raw)
         except ImageError as e:
             return TaskFailure(task_id, str(e))
+
+    def _fetch(self, url: str, task_id: Any, deadline: float, raw: bool = False) -> np.ndarray | bytes:
+        """Download and decode (``raw``: a JPEG's bytes, undecoded); the request's deadline goes down to a
+        fetcher that takes one (``deadline=``, ``time.monotonic()`` seconds), so that a slow download ends with
+        the request."""
+        from .jpeg import is_jpeg
+
+        fetcher = self.rt.fetcher
+        call = fetcher.fetch if raw else fetcher.load
+        kwargs: dict[str, Any] = {} if raw else {"max_pixels": self.settings.max_image_pixels}
+        if _takes_deadline(call) and not math.isinf(deadline):
+            kwargs["deadline"] = deadline
+        got = call(url, task_id, **kwargs)
+        if raw and not is_jpeg(got):
+            from .images import decode_image
+
+            return decode_image(got, max_pixels=self.settings.max_image_pixels)
+        return got
 
     # -- fit (webhooks) ------------------------------------------------------------------------------
     def _parent_prediction_check(self, data: Mapping[str, Any]) -> ParentPredictionCheck | None:

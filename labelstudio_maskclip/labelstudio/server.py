@@ -61,7 +61,7 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
     def load_model() -> None:
         state["model"] = "loading"
         try:
-            _ = runtime(settings).teacher  # loads the model
+            runtime(settings).warm_up()  # loads the model and runs a batch through it
             state["model"] = "ready"
             log.info("model ready: %s", runtime(settings).teacher_version())
         except Exception as e:  # reported by /health and /predict
@@ -76,8 +76,8 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
 
     if warm:
         # The labeling-config parser imports label-studio-sdk lazily (~1 s): pay that before serving, since
-        # Label Studio gives /setup only 3 s. The model loads in the background; the store is opened (and
-        # checked) in the background too, so the first webhook does not wait for it.
+        # Label Studio gives /setup only 3 s. The model loads and warms up in the background; the store is
+        # opened (and checked) in the background too, so the first webhook does not wait for it.
         from .labeling import parse_label_config
 
         parse_label_config(_WARMUP_CONFIG)

@@ -1,0 +1,401 @@
+"""Serving under a deadline: text embeddings prepared in the background and kept on disk, one time budget per
+/predict, warm-up, the compiled image tower, and the exact shortcut that finishes segmentations."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from labelstudio_maskclip.embeddings import EmbeddingStore
+from labelstudio_maskclip.engine import segmenter
+from labelstudio_maskclip.engine.refine import prompt_denoising
+from labelstudio_maskclip.engine.segmenter import MaskCLIP, SegmentOptions
+from labelstudio_maskclip.labelstudio import backend as backend_module
+from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend, runtime
+from labelstudio_maskclip.labelstudio.server import create_app
+from labelstudio_maskclip.settings import Settings
+from tests.photos import COCO128_PHOTOS
+from tests.tiny import TINY_VIT, save_random_state
+
+BRUSH = """<View><Image name="image" value="$image"/>
+<BrushLabels name="tag" toName="image"><Label value="Animal" predicted_values="cat,dog"/><Label value="Food"/>
+<Label value="Sky"/></BrushLabels></View>"""
+LABELS = (("cat", "dog"), ("Food",), ("Sky",))
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return save_random_state(TINY_VIT, tmp_path_factory.mktemp("w") / "tiny.pt")
+
+
+def _settings(weights, tmp_path, **changes) -> Settings:
+    return Settings(
+        model=TINY_VIT, pretrained=str(weights), device="cpu", short_side=64, templates="simple",
+        model_dir=str(tmp_path / "model_dir"), min_area=0.0, **changes,
+    )  # fmt: skip
+
+
+def _uri(array: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+# --- the shortcut in _finalize ------------------------------------------------------------------------------
+
+
+def _reference_finalize(probs: torch.Tensor, size: tuple[int, int], n_labels: int, min_conf: float):
+    """The plain definition: upsample every class, argmax, drop background and low-confidence pixels."""
+    best, label = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0].max(0)
+    label = label.masked_fill((label >= n_labels) | (best < min_conf), -1)
+    valid = label >= 0
+    areas = torch.bincount(label[valid], minlength=n_labels)[:n_labels]
+    sums = torch.bincount(label[valid], weights=best[valid].double(), minlength=n_labels)[:n_labels]
+    scores = torch.where(areas > 0, sums / areas.clamp_min(1), torch.zeros_like(sums))
+    score = float(best[valid].mean()) if bool(valid.any()) else 0.0
+    return label.numpy(), best.numpy(), areas.numpy(), scores.float().numpy(), score
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_finalize_upsamples_only_classes_that_can_win_and_matches_the_plain_definition(seed):
+    gen = torch.Generator().manual_seed(seed)
+    k, h, w = 3 + seed * 4, 1 + seed, 9 - seed
+    smooth = F.interpolate(torch.randn(1, k, 3, 3, generator=gen) * 4, size=(h, w), mode="bilinear")
+    sharp = 3.0 if seed < 4 else 0.1  # nearly flat probabilities: many close contenders per block
+    probs = prompt_denoising((smooth * sharp).softmax(1), 0.3)[0] if seed % 2 else (smooth * sharp).softmax(1)[0]
+    size = (17 + 9 * seed, 40 - 3 * seed)
+    n_labels = k - seed % 3  # the last classes are background in some cases
+    min_conf = 0.4 if seed % 4 == 3 else 0.0
+    seg = segmenter._finalize(probs, size, n_labels, min_conf)
+    label, best, areas, scores, score = _reference_finalize(probs, size, n_labels, min_conf)
+    assert np.allclose(seg.confidence, best, atol=1e-6)
+    assert (seg.labels == label).mean() > 0.999  # exact up to ties between equal probabilities
+    assert np.abs(seg.class_areas - areas).sum() <= 0.001 * label.size
+    assert np.allclose(seg.class_scores, scores, atol=1e-4) and seg.score == pytest.approx(score, abs=1e-4)
+    assert seg.labels.dtype == np.int16 and seg.class_areas.dtype == np.int64
+    assert len(segmenter._candidates(probs)) <= k
+
+
+def test_candidates_drop_a_class_that_loses_everywhere_and_keep_every_winner():
+    probs = torch.tensor([[[0.6, 0.1], [0.6, 0.6]], [[0.3, 0.8], [0.3, 0.3]], [[0.1, 0.1], [0.1, 0.1]]])
+    assert segmenter._candidates(probs).tolist() == [0, 1]
+    one_row = probs[:, :1, :]  # a 1-cell-high grid still works
+    assert segmenter._candidates(one_row).tolist() == [0, 1]
+
+
+# --- the compiled image tower -------------------------------------------------------------------------------
+
+
+def test_the_compiled_image_tower_gives_the_eager_results(weights):
+    eager = MaskCLIP.load(TINY_VIT, str(weights), "cpu", templates="simple")
+    compiled = MaskCLIP.load(TINY_VIT, str(weights), "cpu", templates="simple", compile=True)
+    assert compiled.compiled and not eager.compiled
+    image = np.asarray(Image.open(COCO128_PHOTOS / "000000000009.jpg").convert("RGB"))
+    opts = SegmentOptions(short_side=64)
+    a = eager.segment([image], ["zebra", "grass", "sky"], opts=opts)[0]
+    b = compiled.segment([image], ["zebra", "grass", "sky"], opts=opts)[0]
+    assert np.allclose(a.grid_probs, b.grid_probs, atol=1e-4)
+    assert (a.labels == b.labels).mean() > 0.99
+
+
+# --- the embedding store ------------------------------------------------------------------------------------
+
+
+class _Counting:
+    """A stand-in text tower: counts calls, optionally blocks until released."""
+
+    def __init__(self, block: bool = False, dim: int = 4):
+        self.calls, self.dim = 0, dim
+        self.release = threading.Event()
+        if not block:
+            self.release.set()
+
+    def __call__(self, labels):
+        self.calls += 1
+        self.release.wait(60)
+        return F.normalize(torch.arange(len(labels) * self.dim, dtype=torch.float32).view(len(labels), -1) + 1, dim=-1)
+
+
+IDENTITY = {"architecture": "tiny", "weights": "file:1:abc", "templates": "t1"}
+
+
+def test_store_computes_in_the_background_once_and_a_restart_reads_the_file(tmp_path):
+    compute = _Counting(block=True)
+    store = EmbeddingStore(tmp_path, IDENTITY, compute)
+    future = store.prepare(LABELS)
+    assert store.wait(LABELS, 0.05) is None and store.get(LABELS) is None  # still computing: no blocking
+    assert store.prepare(LABELS) is future  # one job per label set
+    compute.release.set()
+    emb = future.result(30)
+    assert emb.shape == (3, 4) and compute.calls == 1
+    assert torch.equal(store.wait(LABELS, 0), emb)
+    files = list(tmp_path.glob("*.pt"))
+    assert len(files) == 1
+
+    again = _Counting()
+    restarted = EmbeddingStore(tmp_path, IDENTITY, again)  # a new process, or another worker
+    assert torch.equal(restarted.prepare(LABELS).result(0), emb) and again.calls == 0
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"identity": {**IDENTITY, "templates": "t2"}}, {"identity": {**IDENTITY, "weights": "file:2:def"}},
+     {"labels": (("cat",), ("Food",), ("Sky",))}, {"labels": (("Food",), ("cat", "dog"), ("Sky",))}],
+)  # fmt: skip
+def test_anything_the_embeddings_depend_on_gives_another_file(tmp_path, change):
+    EmbeddingStore(tmp_path, IDENTITY, _Counting()).prepare(LABELS).result(30)
+    compute = _Counting()
+    other = EmbeddingStore(tmp_path, change.get("identity", IDENTITY), compute)
+    other.prepare(change.get("labels", LABELS)).result(30)
+    assert compute.calls == 1 and len(list(tmp_path.glob("*.pt"))) == 2
+
+
+def test_a_damaged_file_is_computed_again_and_replaced(tmp_path):
+    first = EmbeddingStore(tmp_path, IDENTITY, _Counting())
+    first.prepare(LABELS).result(30)
+    path = first.path(LABELS)
+    path.write_bytes(path.read_bytes()[:100])  # cut short
+    compute = _Counting()
+    emb = EmbeddingStore(tmp_path, IDENTITY, compute).prepare(LABELS).result(30)
+    assert compute.calls == 1 and emb.shape == (3, 4)
+    assert torch.equal(EmbeddingStore(tmp_path, IDENTITY, _Counting()).prepare(LABELS).result(0), emb)
+
+
+def test_concurrent_workers_compute_once_and_the_others_read_the_file(tmp_path):
+    computes = [_Counting(block=True) for _ in range(3)]
+    stores = [EmbeddingStore(tmp_path, IDENTITY, c) for c in computes]  # three worker processes
+    futures = [s.prepare(LABELS) for s in stores]
+    deadline = time.monotonic() + 30
+    while sum(c.calls for c in computes) == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for c in computes:
+        c.release.set()
+    results = [f.result(30) for f in futures]
+    assert sum(c.calls for c in computes) == 1  # the lock file lets one compute; the others read its file
+    assert all(torch.equal(r, results[0]) for r in results)
+
+
+def test_a_failed_computation_is_reported_and_tried_again(tmp_path):
+    calls = []
+
+    def flaky(labels):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return torch.ones(len(labels), 4)
+
+    store = EmbeddingStore(tmp_path, IDENTITY, flaky)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        store.wait(LABELS, 30)
+    time.sleep(0.05)  # the failed job is forgotten in its done-callback
+    assert store.wait(LABELS, 30).shape == (3, 4) and len(calls) == 2
+
+
+# --- /setup, /predict and the deadline ----------------------------------------------------------------------
+
+
+def test_setup_prepares_the_labels_in_the_background_and_predict_finds_them(weights, tmp_path):
+    settings = _settings(weights, tmp_path)
+    client = create_app(settings, warm=False).test_client()
+    assert client.post("/setup", json={"schema": BRUSH}).status_code == 200
+    store = runtime(settings).embeddings
+    deadline = time.monotonic() + 120
+    while store.get(LABELS) is None and time.monotonic() < deadline:  # computed in the background
+        time.sleep(0.05)
+    emb = store.get(LABELS)
+    assert store.path(LABELS).is_file() and emb.shape[0] == 3
+    image = np.asarray(Image.open(COCO128_PHOTOS / "000000000009.jpg").convert("RGB"))
+    body = client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": _uri(image)}}],
+                                         "label_config": BRUSH}).get_json()  # fmt: skip
+    assert body["results"][0]["result"] and body["errors"] == []
+
+
+def test_predict_before_the_labels_are_ready_answers_within_its_budget_with_a_clear_error(weights, tmp_path):
+    settings = _settings(weights, tmp_path, predict_time_budget=0.5)
+    rt = runtime(settings)
+    teacher = rt.teacher_within(float("inf"))
+    blocked = _Counting(block=True, dim=teacher.clip.model.visual.output_dim)
+    rt._encode_labels = blocked  # the text tower takes "minutes"
+    tasks = [{"id": i, "data": {"image": _uri(np.full((24, 32, 3), 90, np.uint8))}} for i in range(3)]
+    started = time.monotonic()
+    body = MaskCLIPBackend(settings, "1", BRUSH).predict(tasks)
+    assert time.monotonic() - started < 30  # generous: the budget is 0.5 s, the text tower is blocked
+    assert body["results"] == [[], [], []]
+    assert [e["task"] for e in body["errors"]] == [0, 1, 2]
+    assert all("still preparing the labels" in e["error"] for e in body["errors"])
+    blocked.release.set()
+    rt.embeddings.prepare(LABELS).result(30)
+    body = MaskCLIPBackend(settings, "1", BRUSH).predict(tasks)
+    assert all(r and r["result"] for r in body["results"]) and body["errors"] == []
+    assert blocked.calls == 1
+
+
+class _FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+        self.lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self.lock:
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self.lock:
+            self.now += seconds
+
+
+class _SlowModel:
+    """A stand-in model: every image "takes" one second of the fake clock."""
+
+    stride = 8
+
+    def __init__(self, teacher, clock):
+        self.teacher, self.clock, self.batches = teacher, clock, []
+
+    def segment(self, images, classes, opts, text=None):
+        self.batches.append(len(images))
+        self.clock.advance(1.0 * len(images))
+        return self.teacher.segment(images, classes, opts=opts, text=text)
+
+
+def test_predict_stops_starting_batches_that_the_time_left_cannot_hold(weights, tmp_path, monkeypatch):
+    """Budget 5 s, 1 s per image, batches of 2: batches at t=0 (2 s, the first measurement) and t=2 (ends at
+    4 s) fit; the 1 s left holds one image of the third batch, then nothing more starts. The rest get the
+    budget's reason."""
+    settings = _settings(weights, tmp_path, predict_time_budget=5.0, batch_size=2)
+    rt = runtime(settings)
+    teacher = rt.teacher_within(float("inf"))
+    rt.embeddings.prepare(LABELS).result(60)
+    clock = _FakeClock()
+    model = _SlowModel(teacher, clock)
+    monkeypatch.setattr(backend_module.time, "monotonic", clock)
+    monkeypatch.setattr(rt, "teacher_within", lambda deadline: model)
+    uri = _uri(np.full((24, 32, 3), 90, np.uint8))
+    tasks = [{"id": 10 + i, "data": {"image": uri}} for i in range(7)]
+    tasks.insert(3, {"id": 99, "data": {}})  # a bad task keeps its own reason
+    tasks[0]["predictions"] = [{"model_version": rt.teacher_version(), "result": []}]  # has one: comes last
+    body = MaskCLIPBackend(settings, "1", BRUSH).predict(tasks)
+    assert model.batches == [2, 2, 1]
+    done = [t["id"] for t, r in zip(tasks, body["results"]) if r]
+    assert done == [11, 12, 13, 14, 15]
+    errors = {e["task"]: e["error"] for e in body["errors"]}
+    assert set(errors) == {99, 16, 10}
+    assert "no image" in errors[99]
+    assert all("time budget of 5 s" in errors[t] for t in (16, 10))
+    assert rt.seconds_per_image(rt.teacher_version()) == pytest.approx(1.0)
+
+
+def test_downloads_are_not_started_once_the_deadline_has_passed(weights, tmp_path, monkeypatch):
+    settings = _settings(weights, tmp_path, predict_time_budget=2.0, batch_size=1, fetch_threads=1)
+    rt = runtime(settings)
+    teacher = rt.teacher_within(float("inf"))
+    rt.embeddings.prepare(LABELS).result(60)
+    clock = _FakeClock()
+    fetched = []
+    real_load = rt.fetcher.load
+
+    def slow_load(url, task_id, **kwargs):  # each download "takes" 1.5 s
+        fetched.append(task_id)
+        clock.advance(1.5)
+        return real_load(url, task_id, **kwargs)
+
+    monkeypatch.setattr(backend_module.time, "monotonic", clock)
+    monkeypatch.setattr(rt.fetcher, "load", slow_load)
+    monkeypatch.setattr(rt, "teacher_within", lambda deadline: teacher)
+    uri = _uri(np.full((24, 32, 3), 90, np.uint8))
+    body = MaskCLIPBackend(settings, "1", BRUSH).predict([{"id": i, "data": {"image": uri}} for i in range(5)])
+    assert fetched == [0, 1]  # the third download would start after the deadline
+    assert sum(1 for r in body["results"] if r) <= 2
+    assert {e["task"] for e in body["errors"]} >= {2, 3, 4}
+
+
+def test_the_deadline_reaches_a_fetcher_that_takes_one(weights, tmp_path, monkeypatch):
+    settings = _settings(weights, tmp_path)
+    rt = runtime(settings)
+    seen = []
+
+    class Fetcher:
+        def load(self, url, task_id=None, *, max_pixels, deadline=None):
+            seen.append(deadline)
+            return np.full((24, 32, 3), 90, np.uint8)
+
+    monkeypatch.setattr(rt, "_fetcher", Fetcher())
+    start = time.monotonic()
+    body = MaskCLIPBackend(settings, "1", BRUSH).predict([{"id": 1, "data": {"image": "/x.png"}}])
+    assert body["results"][0] and len(seen) == 1
+    assert start + settings.predict_time_budget - 1 < seen[0] <= time.monotonic() + settings.predict_time_budget
+
+
+def test_warm_up_runs_a_batch_and_measures_the_time_per_image(weights, tmp_path):
+    settings = _settings(weights, tmp_path)
+    rt = runtime(settings)
+    assert rt.seconds_per_image(rt.teacher_version()) == 0.0
+    rt.warm_up()
+    assert rt.seconds_per_image(rt.teacher_version()) > 0.0
+
+
+# --- JPEG decoding on the model's device (run here on the CPU: the same torchvision call) ---------------------
+
+
+def _jpeg(array: np.ndarray, orientation: int = 1) -> bytes:
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(array).save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_device_jpeg_decoding_matches_the_cpu_decoder_and_applies_exif_orientation():
+    from labelstudio_maskclip.labelstudio.images import decode_image
+    from labelstudio_maskclip.labelstudio.jpeg import decode_jpegs
+
+    photo = (COCO128_PHOTOS / "000000000009.jpg").read_bytes()
+    base = np.asarray(Image.open(COCO128_PHOTOS / "000000000025.jpg").convert("RGB"))[:200, :300]
+    rotated = _jpeg(base, orientation=6)  # shown rotated by 90 degrees
+    png = io.BytesIO()
+    Image.fromarray(base).save(png, format="PNG")
+    blobs = [photo, rotated, png.getvalue(), photo[:3000], photo]
+    out = decode_jpegs(blobs, "cpu", max_pixels=10**8)
+    assert out[2] is None  # not a JPEG: left to the CPU decoder
+    assert out[4] is not None and out[0] is not None
+    for k in (0, 1):
+        reference = decode_image(blobs[k], max_pixels=10**8)
+        assert tuple(out[k].shape) == reference.shape and out[k].dtype == torch.uint8
+        assert np.abs(out[k].numpy().astype(int) - reference).mean() < 2.0  # IDCTs differ by a level or so
+    assert tuple(out[1].shape) == (300, 200, 3)
+    assert decode_jpegs([photo], "cpu", max_pixels=1000) == [None]  # over the limit: the CPU decoder says why
+
+
+def test_predict_with_device_decoding_gives_the_same_answers_and_reasons(weights, tmp_path):
+    settings = _settings(weights, tmp_path)
+    rt = runtime(settings)
+    rt.embeddings.prepare(LABELS).result(60)
+    photo = (COCO128_PHOTOS / "000000000009.jpg").read_bytes()
+    flat = io.BytesIO()
+    Image.fromarray(np.full((24, 32, 3), 90, np.uint8)).save(flat, format="PNG")
+    uris = [
+        "data:image/jpeg;base64," + base64.b64encode(photo).decode(),
+        "data:image/png;base64," + base64.b64encode(flat.getvalue()).decode(),
+        "data:image/jpeg;base64," + base64.b64encode(photo[:3000]).decode(),
+    ]
+    tasks = [{"id": i, "data": {"image": u}} for i, u in enumerate(uris)]
+    on_cpu = MaskCLIPBackend(settings, "1", BRUSH)
+    on_device = MaskCLIPBackend(settings, "1", BRUSH)
+    on_device._device_decode = True  # what a CUDA model gets
+    a, b = on_cpu.predict(tasks), on_device.predict(tasks)
+    for r in (a, b):
+        assert r["results"][0] and r["results"][1] and r["results"][2] == []
+        assert [e["task"] for e in r["errors"]] == [2]
+    size = Image.open(io.BytesIO(photo)).size
+    assert all((x["original_width"], x["original_height"]) == size for x in b["results"][0]["result"])
+    assert {x["value"]["brushlabels"][0] for x in a["results"][0]["result"]} == {
+        x["value"]["brushlabels"][0] for x in b["results"][0]["result"]
+    }
