@@ -6,12 +6,15 @@ open_clip keeps across versions (tests/test_engine.py passed with open_clip 2.24
 ViT ``conv1, class_embedding, positional_embedding, ln_pre, transformer.resblocks[i].{ln_1, attn.in_proj_weight,
 attn.in_proj_bias, attn.out_proj, attn.num_heads, ls_1, ln_2, mlp, ls_2}, ln_post, proj``;
 ResNet ``stem, layer1..4, attnpool.{k_proj, v_proj, c_proj}``.
+The towers are typed ``Tower`` (``Any``) inside this module: torch types a submodule's attributes as
+``Tensor | Module``, which says nothing about open_clip's; the names above are the contract, pinned by tests.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +26,7 @@ NACLIP_SIGMA = 5.0  # std of NACLIP's Gaussian neighbourhood, in patches
 # How each mode's authors resize the positional embedding to another grid (see resize_pos_embed):
 # MaskCLIP (mmsegmentation) to the target size; SCLIP, ClearCLIP and NACLIP by the factor (n + 0.1) / g.
 POS_RESIZE = {"maskclip": "size", "sclip": "factor", "clearclip": "factor", "naclip": "factor"}
+Tower = Any  # an open_clip image tower or one of its blocks (see the module docstring)
 
 
 @dataclass
@@ -31,7 +35,7 @@ class DenseOutput:
     keys: torch.Tensor  # (B, h*w, C) float32, last-layer keys of the patches (for key smoothing)
 
 
-def output_stride(visual: torch.nn.Module) -> int:
+def output_stride(visual: Tower) -> int:
     """Pixels per output cell: the ViT patch size, or 32 for open_clip's ModifiedResNet."""
     if hasattr(visual, "conv1") and hasattr(visual, "class_embedding"):
         p = visual.conv1.kernel_size
@@ -69,7 +73,7 @@ def resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int], by: str = "size")
     return torch.cat([pos[:1], patches.to(pos.dtype)])
 
 
-def dense_features(visual: torch.nn.Module, pixels: torch.Tensor, mode: str = "maskclip") -> DenseOutput:
+def dense_features(visual: Tower, pixels: torch.Tensor, mode: str = "maskclip") -> DenseOutput:
     """Dense image features of CLIP's image tower.
 
     ``pixels``: (B, 3, H, W), normalised, H and W multiples of :func:`output_stride`. ``mode``: one of
@@ -87,7 +91,7 @@ def dense_features(visual: torch.nn.Module, pixels: torch.Tensor, mode: str = "m
     return _vit_dense(visual, pixels, mode)
 
 
-def _vit_dense(visual: torch.nn.Module, pixels: torch.Tensor, mode: str) -> DenseOutput:
+def _vit_dense(visual: Tower, pixels: torch.Tensor, mode: str) -> DenseOutput:
     x = visual.conv1(pixels.to(visual.conv1.weight.dtype))  # (B, W, h, w)
     b, width, h, w = x.shape
     x = x.flatten(2).transpose(1, 2)  # (B, h*w, W)
@@ -122,9 +126,7 @@ def _merge(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(b, length, n * hd)  # (B, N, W)
 
 
-def _last_block(
-    blk: torch.nn.Module, x: torch.Tensor, mode: str, grid: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _last_block(blk: Tower, x: torch.Tensor, mode: str, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The last residual block, rewritten per dense mode. x: (B, N, W) -> ((B, N, W), keys (B, N, W))."""
     attn = blk.attn
     y = blk.ln_1(x)
@@ -155,7 +157,9 @@ def _last_block(
     return x, k
 
 
-def _gaussian_neighbourhood(grid: tuple[int, int], sigma: float, device, dtype) -> torch.Tensor:
+def _gaussian_neighbourhood(
+    grid: tuple[int, int], sigma: float, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     """(1+h*w, 1+h*w) additive attention bias exp(-d^2 / 2 sigma^2) between patches; 0 for the class token."""
     h, w = grid
     ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
@@ -166,7 +170,7 @@ def _gaussian_neighbourhood(grid: tuple[int, int], sigma: float, device, dtype) 
     return bias.to(dtype)
 
 
-def _resnet_dense(visual: torch.nn.Module, pixels: torch.Tensor) -> DenseOutput:
+def _resnet_dense(visual: Tower, pixels: torch.Tensor) -> DenseOutput:
     x = visual.stem(pixels.to(visual.conv1.weight.dtype))
     x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))  # (B, C, h, w)
     b, _, h, w = x.shape
