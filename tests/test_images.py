@@ -125,12 +125,14 @@ class Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         query = parse_qs(parts.query)
         path = parts.path
+        if path.startswith("/data/upload/_/"):  # test routes below Label Studio's media route, without auth
+            path = path.removeprefix("/data/upload/_")
         if path.startswith("/public/"):
             return self.serve(path.removeprefix("/public/"))
         if path == "/redirect":
             return self.redirect(query["to"][0], int(query.get("code", ["302"])[0]))
         if path.startswith("/loop/"):
-            return self.redirect(f"/loop/{int(path.split('/')[2]) + 1}", 302)
+            return self.redirect(f"/data/upload/_/loop/{int(path.split('/')[2]) + 1}", 302)
         if path == "/huge":
             self.send_response(200)
             self.send_header("Content-Length", str(10**9))
@@ -329,7 +331,7 @@ def test_no_auth_header_to_other_hosts(ls):
     assert fetcher(base, allow_private=True).fetch(other + "/public/red.png") == state.files["red.png"]
     assert state.requests[-1][3] is None
     # Not even when Label Studio redirects there.
-    fetcher(base, allow_private=True).fetch(f"/redirect?to={other}/public/red.png")
+    fetcher(base, allow_private=True).fetch(f"/data/upload/_/redirect?to={other}/public/red.png")
     assert [r[3] for r in state.requests[-2:]] == [f"Token {LEGACY}", None]
 
 
@@ -340,7 +342,7 @@ def test_loopback_refused_unless_label_studio_host_or_allowed(ls):
     with pytest.raises(ImageFetchError, match="MASKCLIP_ALLOW_PRIVATE_URLS"):
         fetcher(base).fetch(other + "/public/red.png")  # same machine, other host name: not LS's host
     assert state.requests == []  # refused before connecting
-    assert fetcher(base).fetch(base + "/public/red.png") == state.files["red.png"]  # LS's host
+    assert fetcher(base).fetch(base + "/data/upload/red.png") == state.files["red.png"]  # LS's host
     assert fetcher("", allow_private=True).fetch(base + "/public/red.png") == state.files["red.png"]
 
 
@@ -348,9 +350,9 @@ def test_redirect_hop_to_refused_host(ls):
     base, _, state = ls
     for target in ("http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/x.png", "http://[::1]:9/x.png"):
         with pytest.raises(ImageFetchError, match="refused.*MASKCLIP_ALLOW_PRIVATE_URLS"):
-            fetcher(base).fetch(f"/redirect?to={target}")
+            fetcher(base).fetch(f"/data/upload/_/redirect?to={target}")
     with pytest.raises(ImageFetchError, match="only http"):
-        fetcher(base).fetch("/redirect?to=file:///etc/passwd")
+        fetcher(base).fetch("/data/upload/_/redirect?to=file:///etc/passwd")
 
 
 @pytest.mark.parametrize(
@@ -380,22 +382,25 @@ def test_other_schemes_refused(url):
 def test_too_many_redirects(ls):
     base, _, _ = ls
     with pytest.raises(ImageFetchError, match="more than 5 redirects"):
-        fetcher(base).fetch("/loop/0")
+        fetcher(base).fetch("/data/upload/_/loop/0")
 
 
 def test_redirect_codes_followed(ls):
     base, _, state = ls
     for code in (301, 302, 303, 307, 308):
-        assert fetcher(base).fetch(f"/redirect?code={code}&to=/public/red.png") == state.files["red.png"]
+        assert (
+            fetcher(base).fetch(f"/data/upload/_/redirect?code={code}&to=/data/upload/red.png")
+            == state.files["red.png"]
+        )
 
 
 def test_size_cap_by_content_length_and_by_stream(ls):
     base, _, _ = ls
     started = time.perf_counter()
     with pytest.raises(ImageFetchError, match="larger than 1000000 bytes.*MASKCLIP_MAX_DOWNLOAD_BYTES"):
-        fetcher(base, max_bytes=1_000_000).fetch("/huge")
+        fetcher(base, max_bytes=1_000_000).fetch("/data/upload/_/huge")
     with pytest.raises(ImageFetchError, match="larger than 1000000 bytes"):
-        fetcher(base, max_bytes=1_000_000).fetch("/huge-chunked")
+        fetcher(base, max_bytes=1_000_000).fetch("/data/upload/_/huge-chunked")
     assert time.perf_counter() - started < 3.0
 
 
@@ -403,9 +408,9 @@ def test_timeouts(ls):
     base, _, _ = ls
     started = time.perf_counter()
     with pytest.raises(ImageFetchError, match="timed out after 0.5 s.*MASKCLIP_DOWNLOAD_TIMEOUT"):
-        fetcher(base, timeout=0.5).fetch("/slow?s=2")
+        fetcher(base, timeout=0.5).fetch("/data/upload/_/slow?s=2")
     with pytest.raises(ImageFetchError, match="timed out after 0.5 s"):
-        fetcher(base, timeout=0.5).fetch("/drip")  # each byte is quick; the whole is not
+        fetcher(base, timeout=0.5).fetch("/data/upload/_/drip")  # each byte is quick; the whole is not
     assert time.perf_counter() - started < 3.0
 
 

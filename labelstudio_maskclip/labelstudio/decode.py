@@ -68,7 +68,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             "served, whatever MASKCLIP_MAX_IMAGE_PIXELS says"
         ) from None
     except UnidentifiedImageError:
-        raise ImageDecodeError(f"not an image: {len(data)} bytes starting {data[:16]!r}") from None
+        raise ImageDecodeError(f"not an image: {len(data)} bytes in no image format this backend reads") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"cannot read the image header: {exc} (truncated or corrupt file?)") from exc
     width, height = image.size

@@ -1,7 +1,7 @@
 """Fetching a task's image: the URL in a task's ``data`` -> bytes, the way Label Studio's browser would.
 
-The adapter around :mod:`.urls` (which addresses may be reached), :mod:`.auth` (which requests carry Label
-Studio's credentials) and :mod:`.decode` (bytes -> pixels).
+The adapter around :mod:`.urls` (one parse of each URL, which addresses may be reached), :mod:`.auth`
+(which requests carry Label Studio's credentials) and :mod:`.decode` (bytes -> pixels).
 """
 
 from __future__ import annotations
@@ -11,14 +11,23 @@ import binascii
 import re
 import time
 from typing import TYPE_CHECKING
-from urllib.parse import quote, unquote_to_bytes, urljoin, urlsplit
+from urllib.parse import quote, unquote_to_bytes, urljoin
 
 import numpy as np
 
 from .auth import LabelStudioAuth
 from .decode import decode_image
 from .errors import ImageError, ImageFetchError
-from .urls import CLOUD_SCHEMES, display, is_public_address, resolve
+from .urls import (
+    CLOUD_SCHEMES,
+    MEDIA_ROUTES,
+    Target,
+    display,
+    is_media_route,
+    is_public_address,
+    parse_target,
+    resolve,
+)
 
 if TYPE_CHECKING:  # requests is imported lazily: decoding does not need it
     import requests
@@ -31,22 +40,29 @@ __all__ = ["ImageFetcher"]
 _MAX_REDIRECTS = 5
 _REDIRECTS = (301, 302, 303, 307, 308)
 _CHUNK = 64 * 1024
+_SCHEME = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*):")
 
 
 class ImageFetcher:
     """Download a task's image by the URL in its ``data``, the way Label Studio's browser client would.
 
-    - relative URLs (``/data/upload/...``, ``/data/local-files/?d=...``) resolve against
-      ``label_studio_url``; cloud URIs (``s3://``, ``gs://``, ``gcs://``, ``azure-blob://``) go through
-      Label Studio's ``GET /tasks/{task_id}/presign/?fileuri=<urlsafe base64>`` (a 303 to a presigned URL,
-      or the bytes proxied when the storage has presign off); ``data:`` URIs are decoded in place.
-    - requests to Label Studio's origin carry ``Authorization``: ``Token <key>`` for a legacy token,
-      ``Bearer <access>`` for a personal access token (a JWT refresh token, exchanged at
-      ``POST /api/token/refresh/``, cached and refreshed once on a 401). Other hosts get no auth header.
+    - relative URLs resolve against ``label_studio_url`` and must be one of Label Studio's media routes
+      (``/data/upload/...``, ``/data/local-files/?d=...``; see :data:`.urls.MEDIA_ROUTES`): a task cannot
+      make the backend call Label Studio's API with its credentials. Cloud URIs (``s3://``, ``gs://``,
+      ``gcs://``, ``azure-blob://``) go through Label Studio's ``GET /tasks/{task_id}/presign/?fileuri=<urlsafe
+      base64>`` (a 303 to a presigned URL, or the bytes proxied when the storage has presign off); ``data:``
+      URIs are decoded in place.
+    - each URL is parsed once, as the HTTP client parses it (:func:`.urls.parse_target`); URLs that parsers
+      read differently are refused. The address check, the credentials decision and the request use that
+      parse.
+    - requests to Label Studio's exact origin carry ``Authorization`` (see :mod:`.auth`); other hosts get no
+      auth header. On Label Studio's host only the media routes are fetched.
     - every hop (redirects followed here, at most 5) must be http(s) and resolve only to public addresses,
       unless it is Label Studio's host and port or ``allow_private`` is set. A host is checked when the
       request is made; a DNS answer that changes between the check and the connection is not caught.
     - the body is streamed and capped at ``max_bytes``; ``timeout`` bounds each request in total.
+    - error messages say what failed without quoting what the server sent; URLs in them are redacted
+      (:func:`.urls.display`).
 
     Safe to share between threads.
     """
@@ -82,7 +98,7 @@ class ImageFetcher:
         )
 
     def __repr__(self) -> str:  # never show the key
-        return f"ImageFetcher(label_studio_url={self.label_studio_url!r}, allow_private={self.allow_private})"
+        return f"ImageFetcher(label_studio_url={display(self.label_studio_url)!r}, allow_private={self.allow_private})"
 
     # --- public ---------------------------------------------------------------------------------------
 
@@ -97,42 +113,50 @@ class ImageFetcher:
     def fetch(self, url: str, task_id: int | None = None) -> bytes:
         """The bytes behind a task's image URL (see the class docstring for what URLs are accepted)."""
         url = url.strip()
-        scheme = urlsplit(url).scheme.lower()
+        match = _SCHEME.match(url)
+        scheme = match.group(1).lower() if match else ""
         if scheme == "data":
             return self._decode_data_uri(url)
         if scheme in CLOUD_SCHEMES:
-            return self._download(self._presign_url(url, task_id))
+            return self._download(self._presign_target(url, task_id))
         if not scheme:
-            return self._download(self._absolute(url))
+            return self._download(self._relative_target(url))
         if scheme not in ("http", "https"):
             raise ImageFetchError(
                 f"{display(url)}: unsupported URL scheme {scheme!r}; use http(s), a Label Studio path, "
                 f"a cloud storage URI ({', '.join(s + '://' for s in CLOUD_SCHEMES)}) or a data: URI",
                 url=display(url),
             )
-        return self._download(url)
+        return self._download(parse_target(url))
 
     # --- URL forms ------------------------------------------------------------------------------------
 
-    def _absolute(self, url: str) -> str:
+    def _label_studio(self, url: str) -> Target:
         if not self.label_studio_url:
             raise ImageFetchError(
                 f"{display(url)} is relative to Label Studio: set LABEL_STUDIO_URL (the address this backend "
                 "reaches Label Studio at, e.g. http://label-studio:8080)",
                 url=display(url),
             )
-        if url.startswith("//"):
-            return urljoin(self.label_studio_url + "/", url)
-        return self.label_studio_url + "/" + url.lstrip("/")
+        return self._auth.target
 
-    def _presign_url(self, uri: str, task_id: int | None) -> str:
-        if task_id is None:
+    def _relative_target(self, url: str) -> Target:
+        base = self._label_studio(url)
+        if url.startswith("//"):  # scheme-relative: another host, Label Studio's scheme
+            return parse_target(f"{base.scheme}:{url}")
+        target = parse_target(base.url.rstrip("/") + "/" + url.lstrip("/"))
+        if not (self._auth.is_label_studio(target) and is_media_route(target, self._auth.base_path)):
+            raise self._not_media_error(target)
+        return target
+
+    def _presign_target(self, uri: str, task_id: int | None) -> Target:
+        if task_id is None or isinstance(task_id, bool) or not isinstance(task_id, int):
             raise ImageFetchError(
                 f"{display(uri)}: a cloud storage URI is resolved by Label Studio per task, and no task id was given",
                 url=display(uri),
             )
         fileuri = base64.urlsafe_b64encode(uri.encode()).decode()
-        return self._absolute(f"/tasks/{int(task_id)}/presign/?fileuri={quote(fileuri)}")
+        return self._relative_target(f"/tasks/{task_id}/presign/?fileuri={quote(fileuri)}")
 
     def _decode_data_uri(self, url: str) -> bytes:
         header, comma, payload = url.partition(",")
@@ -145,56 +169,66 @@ class ImageFetcher:
                 compact = re.sub(r"\s+", "", unquote_to_bytes(payload).decode("ascii"))
                 return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
             return unquote_to_bytes(payload)
-        except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
-            raise ImageFetchError(f"{display(url)}: invalid base64 in data: URI ({exc})", url=display(url)) from None
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise ImageFetchError(f"{display(url)}: invalid base64 in data: URI", url=display(url)) from None
 
     # --- HTTP -----------------------------------------------------------------------------------------
 
-    def _download(self, url: str) -> bytes:
+    def _download(self, target: Target) -> bytes:
         refreshed = False
         for _ in range(_MAX_REDIRECTS + 1):
-            self._check_target(url)
-            response = self._get(url)
+            self._check(target)
+            response = self._get(target)
             if response.status_code in _REDIRECTS and response.headers.get("Location"):
+                location = response.headers["Location"]
                 response.close()
-                url = urljoin(url, response.headers["Location"])
+                target = parse_target(urljoin(target.url, location))
                 continue
-            if response.status_code == 401 and self._auth.is_pat and self._auth.is_label_studio(url) and not refreshed:
+            if (
+                response.status_code == 401
+                and self._auth.is_pat
+                and self._auth.is_label_studio(target)
+                and not refreshed
+            ):
                 response.close()
                 self._auth.refresh(stale=True)
                 refreshed = True
                 continue
-            return self._read_body(url, response)
-        raise ImageFetchError(f"{display(url)}: more than {_MAX_REDIRECTS} redirects", url=display(url))
+            return self._read_body(target, response)
+        raise ImageFetchError(f"{target.display}: more than {_MAX_REDIRECTS} redirects", url=target.display)
 
-    def _get(self, url: str) -> requests.Response:
+    def _get(self, target: Target) -> requests.Response:
         import requests
 
         try:
             return self._session.get(
-                url, headers=self._auth.headers(url), stream=True, allow_redirects=False, timeout=self.timeout
+                target.url,
+                headers=self._auth.headers(target),
+                stream=True,
+                allow_redirects=False,
+                timeout=self.timeout,
             )
         except requests.Timeout:
-            raise self._timeout_error(url) from None
+            raise self._timeout_error(target) from None
         except requests.RequestException as exc:
             raise ImageFetchError(
-                f"{display(url)}: could not connect ({type(exc).__name__}); is the host up and reachable "
+                f"{target.display}: could not connect ({type(exc).__name__}); is the host up and reachable "
                 "from this backend?",
-                url=display(url),
+                url=target.display,
             ) from None
 
-    def _read_body(self, url: str, response: requests.Response) -> bytes:
+    def _read_body(self, target: Target, response: requests.Response) -> bytes:
         with response:
             if response.status_code >= 400:
-                raise self._status_error(url, response.status_code)
+                raise self._status_error(target, response.status_code)
             length = response.headers.get("Content-Length", "")
             if length.isdigit() and int(length) > self.max_bytes:
                 raise ImageFetchError(
-                    self._too_large_message(display(url)), url=display(url), status=response.status_code
+                    self._too_large_message(target.display), url=target.display, status=response.status_code
                 )
-            return self._read_capped(url, response.raw)
+            return self._read_capped(target, response.raw)
 
-    def _read_capped(self, url: str, raw: urllib3.response.BaseHTTPResponse) -> bytes:
+    def _read_capped(self, target: Target, raw: urllib3.response.BaseHTTPResponse) -> bytes:
         """The decoded body, stopped at ``max_bytes`` and at the ``timeout`` deadline.
 
         ``read1`` returns whatever arrived (a slow sender cannot hold one read for long), so the deadline is
@@ -209,35 +243,33 @@ class ImageFetcher:
             while chunk := read(_CHUNK, decode_content=True):
                 body += chunk
                 if len(body) > self.max_bytes:
-                    raise ImageFetchError(self._too_large_message(display(url)), url=display(url))
+                    raise ImageFetchError(self._too_large_message(target.display), url=target.display)
                 if time.monotonic() > deadline:
-                    raise self._timeout_error(url)
+                    raise self._timeout_error(target)
         except urllib3.exceptions.ReadTimeoutError:
-            raise self._timeout_error(url) from None
+            raise self._timeout_error(target) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise ImageFetchError(
-                f"{display(url)}: the download broke off ({type(exc).__name__})", url=display(url)
+                f"{target.display}: the download broke off ({type(exc).__name__})", url=target.display
             ) from None
         return bytes(body)
 
-    def _check_target(self, url: str) -> None:
-        parts = urlsplit(url)
-        if parts.scheme.lower() not in ("http", "https"):
-            raise ImageFetchError(
-                f"{display(url)}: refused, only http(s) URLs are fetched (scheme {parts.scheme!r})", url=display(url)
-            )
-        host = parts.hostname
-        if not host:
-            raise ImageFetchError(f"{display(url)}: the URL has no host", url=display(url))
-        if self.allow_private or self._auth.is_label_studio_host(url):
+    def _check(self, target: Target) -> None:
+        """Refuse a hop before connecting: Label Studio's host only on its media routes; other hosts only
+        at public addresses (unless ``allow_private``)."""
+        if self._auth.is_label_studio_host(target):
+            if not is_media_route(target, self._auth.base_path):
+                raise self._not_media_error(target)
             return
-        for ip in resolve(host, parts.port or (443 if parts.scheme.lower() == "https" else 80), url):
+        if self.allow_private:
+            return
+        for ip in resolve(target):
             if not is_public_address(ip):
                 raise ImageFetchError(
-                    f"{display(url)}: refused, host {host!r} resolves to {ip}, a private, loopback, link-local "
-                    "or reserved address, and is not LABEL_STUDIO_URL's host; set "
+                    f"{target.display}: refused, host {target.host!r} resolves to {ip}, a private, loopback, "
+                    "link-local or reserved address, and is not LABEL_STUDIO_URL's host; set "
                     "MASKCLIP_ALLOW_PRIVATE_URLS=true to allow",
-                    url=display(url),
+                    url=target.display,
                 )
 
     # --- auth -----------------------------------------------------------------------------------------
@@ -253,34 +285,41 @@ class ImageFetcher:
 
     # --- messages -------------------------------------------------------------------------------------
 
-    def _status_error(self, url: str, status: int) -> ImageFetchError:
-        shown = display(url)
-        if status in (401, 403) and self._auth.is_label_studio(url):
+    def _not_media_error(self, target: Target) -> ImageFetchError:
+        return ImageFetchError(
+            f"{target.display}: refused, on Label Studio's host only its media routes are fetched "
+            f"({', '.join(MEDIA_ROUTES)}); a task's image URL cannot point at other Label Studio pages or its API",
+            url=target.display,
+        )
+
+    def _status_error(self, target: Target, status: int) -> ImageFetchError:
+        shown, path = target.display, target.path
+        if status in (401, 403) and self._auth.is_label_studio(target):
             hint = (
                 "Label Studio refused the credentials; check LABEL_STUDIO_API_KEY (a legacy token or a personal "
                 "access token of a user who can see the project)"
             )
             if not self._auth.has_key:
                 hint = "Label Studio needs credentials; set LABEL_STUDIO_API_KEY"
-            if "/data/local-files" in url:
+            if "/data/local-files" in path:
                 hint += "; local files are served only under a Local Storage path of the project"
         elif status in (401, 403):
             hint = "the server refused access (an expired presigned URL, or a private bucket?)"
         elif status == 404:
             hint = "not found"
-            if "/presign/" in url:
+            if "/presign" in path:
                 hint += " (is a cloud storage matching this URI connected to the task's project?)"
-            elif "/data/local-files" in url:
+            elif "/data/local-files" in path:
                 hint += " (is the file under a Local Storage path of the project?)"
-        elif status >= 500 and self._auth.is_label_studio(url) and "/data/upload/" in url:
+        elif status >= 500 and self._auth.is_label_studio(target) and "/data/upload/" in path:
             hint = "Label Studio failed to serve the upload (LS 1.23 answers 500 for a missing upload file)"
         else:
             hint = "the server answered with an error"
         return ImageFetchError(f"{shown}: HTTP {status}, {hint}", url=shown, status=status)
 
-    def _timeout_error(self, url: str) -> ImageFetchError:
+    def _timeout_error(self, target: Target) -> ImageFetchError:
         return ImageFetchError(
-            f"{display(url)}: timed out after {self.timeout:g} s (MASKCLIP_DOWNLOAD_TIMEOUT)", url=display(url)
+            f"{target.display}: timed out after {self.timeout:g} s (MASKCLIP_DOWNLOAD_TIMEOUT)", url=target.display
         )
 
     def _too_large_message(self, shown: str) -> str:
