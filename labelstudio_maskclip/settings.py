@@ -45,6 +45,9 @@ class Settings:
     # Resized sides are rounded to about this many pixels (a multiple of the encoder stride), so images of
     # similar shapes share a batch; 0 rounds to the stride only (exact aspect, smaller batches).
     size_multiple: int = field(default=64, metadata=_env("MASKCLIP_SIZE_MULTIPLE"))
+    # At most this many pixels enter the encoder per image (0: 8 x short_side^2); extreme aspect ratios are
+    # squeezed to fit instead of costing gigabytes.
+    max_input_pixels: int = field(default=0, metadata=_env("MASKCLIP_MAX_INPUT_PIXELS"))
     window: int = field(default=0, metadata=_env("MASKCLIP_WINDOW"))  # 0: whole image; else sliding window
     stride: int = field(default=224, metadata=_env("MASKCLIP_STRIDE"))
     key_smoothing: bool = field(default=True, metadata=_env("MASKCLIP_KEY_SMOOTHING"))
@@ -127,8 +130,10 @@ class Settings:
         for name in fractions:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise SettingsError(f"{ENV[name]}={getattr(self, name)!r} must be between 0 and 1")
-        if min(self.short_side, self.window, self.size_multiple) < 0:
-            raise SettingsError("MASKCLIP_SHORT_SIDE, MASKCLIP_WINDOW and MASKCLIP_SIZE_MULTIPLE must be >= 0")
+        if min(self.short_side, self.window, self.size_multiple, self.max_input_pixels) < 0:
+            raise SettingsError(
+                "MASKCLIP_SHORT_SIDE, MASKCLIP_WINDOW, MASKCLIP_SIZE_MULTIPLE and MASKCLIP_MAX_INPUT_PIXELS must be >= 0"
+            )
         if self.download_timeout <= 0 or self.temperature <= 0:
             raise SettingsError("MASKCLIP_DOWNLOAD_TIMEOUT and MASKCLIP_TEMPERATURE must be positive")
         return self

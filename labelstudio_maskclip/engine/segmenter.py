@@ -16,6 +16,7 @@ Rules for the output (also in the README):
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -43,6 +44,9 @@ class SegmentOptions:
     mode: str = "maskclip"  # one of DENSE_MODES
     short_side: int = 448  # the image is resized so its short side has this many pixels (0: keep size)
     size_multiple: int = 0  # sides rounded to about this many pixels (0: the encoder stride); see resized_size
+    # At most this many pixels enter the encoder per image (0: 8 x short_side^2, no bound when short_side is
+    # 0): an extreme aspect ratio (a 1 x 100000 strip) is squeezed instead of asking for gigabytes.
+    max_input_pixels: int = 0
     window: int = 0  # sliding-window size in pixels of the resized image; 0 = whole image
     stride: int = 224  # sliding-window stride
     key_smoothing: bool = True
@@ -199,10 +203,12 @@ class MaskCLIP:
         """Same-size batch: list of (H, W, 3) uint8 RGB -> (B, 3, size) normalised on the model's device."""
         return normalized_batch(images, size, self._mean, self._std)
 
-    def input_size(self, height: int, width: int, short_side: int, multiple: int = 0) -> tuple[int, int]:
-        """Resized (H', W'): short side ``short_side`` (0 keeps the size), sides rounded as
-        :func:`resized_size` says."""
-        return resized_size(height, width, short_side, self.stride, multiple)
+    def input_size(
+        self, height: int, width: int, short_side: int, multiple: int = 0, max_pixels: int = 0
+    ) -> tuple[int, int]:
+        """Resized (H', W'): short side ``short_side`` (0 keeps the size), sides rounded and the pixel
+        count bounded as :func:`resized_size` says."""
+        return resized_size(height, width, short_side, self.stride, multiple, max_pixels)
 
     @torch.inference_mode()
     def segment(
@@ -221,7 +227,7 @@ class MaskCLIP:
         emb = self.text_embeddings(list(classes) + list(background))  # (K + Kb, D)
         return segment_in_batches(
             images,
-            lambda h, w: self.input_size(h, w, opts.short_side, opts.size_multiple),
+            lambda h, w: self.input_size(h, w, opts.short_side, opts.size_multiple, opts.max_input_pixels),
             lambda batch, size: self.grid_probs(self.preprocess(batch, size), emb, opts),
             n_labels=len(classes),
             batch_size=opts.batch_size,
@@ -230,21 +236,37 @@ class MaskCLIP:
         )
 
 
-def resized_size(height: int, width: int, short_side: int, stride: int, multiple: int = 0) -> tuple[int, int]:
+def resized_size(
+    height: int, width: int, short_side: int, stride: int, multiple: int = 0, max_pixels: int = 0
+) -> tuple[int, int]:
     """(H', W') with short side ``short_side`` (0 keeps the size), rounded to a multiple of ``stride``; the
     long side is rounded to a multiple of ``stride * max(1, round(multiple / stride))`` (``multiple`` 0: of
     the stride). Coarser rounding of the long side puts images of similar shapes into the same batch at the
     cost of a small change of aspect ratio (64 px on a 448 px short side: at most 7 %); the masks are
-    upsampled back to the original size either way."""
+    upsampled back to the original size either way.
+
+    H' x W' is at most about ``max_pixels`` (within the rounding of the sides; 0: ``8 * short_side**2``, which leaves aspect ratios up to 8:1
+    untouched; no bound when ``short_side`` is 0 too): beyond it the image is scaled down as a whole, the
+    short side never below one ``stride``, and the long side then cut to fit, so a 1 x 100000 strip becomes a
+    ``stride``-high band of bounded length (aspect squeezed) instead of a tensor of gigabytes.
+    """
     step = stride * max(1, round(multiple / stride)) if multiple > 0 else stride
     scale = short_side / min(height, width) if short_side else 1.0
+    budget = max_pixels or 8 * short_side * short_side
+    capped = bool(budget) and height * width * scale * scale > budget * (1 + 1e-9)  # exact 8:1 stays uncapped
+    if capped:
+        scale = math.sqrt(budget / (height * width))
 
     def side(n: int, unit: int) -> int:
-        return max(unit, round(n * scale / unit) * unit)
+        exact = n * scale / unit
+        return max(unit, (math.floor(exact) if capped else round(exact)) * unit)
 
-    if height <= width:
-        return side(height, stride), side(width, step)
-    return side(height, step), side(width, stride)
+    short, long = (height, width) if height <= width else (width, height)
+    short_out = side(short, stride)
+    long_out = side(long, step)
+    if capped:  # the short side was raised to one stride: cut the long side so the product fits
+        long_out = max(step, min(long_out, budget // short_out // step * step))
+    return (short_out, long_out) if height <= width else (long_out, short_out)
 
 
 def normalized_batch(

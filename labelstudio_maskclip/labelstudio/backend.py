@@ -193,7 +193,7 @@ class MaskCLIPBackend:
                     else:
                         images.append((i, got))
                 if images:
-                    segs = model.segment([img for _, img in images], classes, opts=opts)
+                    images, segs = self._segment(model, images, classes, opts, tasks, failures)
                     encode = functools.partial(
                         prediction, targets=targets, vocabulary=vocab, model_version=version,
                         min_area=self.settings.min_area, polygons=self.settings.polygons,
@@ -224,6 +224,28 @@ class MaskCLIPBackend:
             "model_version": version,
             "errors": [{"task": f.task_id, "error": f.reason} for f in failures],
         }
+
+    @staticmethod
+    def _segment(model, images, classes, opts, tasks, failures: list[TaskFailure]) -> tuple[list, list]:
+        """Segment ``images`` ((task index, array) pairs) in one call; when that fails, image by image, so
+        one image's failure (out of memory, say) is that task's error. Returns the pairs that succeeded
+        and their segmentations; failures are appended to ``failures``."""
+        try:
+            return images, model.segment([img for _, img in images], classes, opts=opts)
+        except Exception as e:
+            if len(images) == 1:
+                i, img = images[0]
+                task_id = tasks[i].get("id")
+                log.exception("predict: task %s (%d x %d image) failed in the model", task_id, *img.shape[:2])
+                failures.append(TaskFailure(task_id, f"the model failed on this image ({type(e).__name__})"))
+                return [], []
+        done: list = []
+        segs: list = []
+        for pair in images:
+            ok, seg = MaskCLIPBackend._segment(model, [pair], classes, opts, tasks, failures)
+            done += ok
+            segs += seg
+        return done, segs
 
     @staticmethod
     def _targets(spec: LabelingSpec):
