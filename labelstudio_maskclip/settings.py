@@ -132,7 +132,7 @@ class Settings:
                 raise SettingsError(f"{ENV[name]}={getattr(self, name)!r} must be between 0 and 1")
         if min(self.short_side, self.window, self.size_multiple, self.max_input_pixels) < 0:
             raise SettingsError(
-                "MASKCLIP_SHORT_SIDE, MASKCLIP_WINDOW, MASKCLIP_SIZE_MULTIPLE and MASKCLIP_MAX_INPUT_PIXELS must be >= 0"
+                "MASKCLIP_SHORT_SIDE, MASKCLIP_MAX_INPUT_PIXELS, MASKCLIP_WINDOW and MASKCLIP_SIZE_MULTIPLE must be >= 0"
             )
         if self.download_timeout <= 0 or self.temperature <= 0:
             raise SettingsError("MASKCLIP_DOWNLOAD_TIMEOUT and MASKCLIP_TEMPERATURE must be positive")
