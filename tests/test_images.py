@@ -467,3 +467,56 @@ def test_from_settings():
         4.5,
     )
     assert LEGACY not in repr(built)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# An absolute deadline (the request's time budget) over the whole fetch
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_deadline_cuts_a_slow_drip_long_before_the_timeout(ls):
+    base, _, _ = ls
+    started = time.monotonic()
+    with pytest.raises(ImageFetchError, match="deadline reached before the download finished"):
+        fetcher(base, timeout=30.0).fetch("/data/upload/_/drip", deadline=started + 0.5)  # 1000 bytes over 50 s
+    assert time.monotonic() - started < 10  # generous: the timeout alone would allow 30 s
+    with pytest.raises(ImageFetchError, match="deadline reached"):  # headers that never come
+        fetcher(base, timeout=30.0).fetch("/data/upload/_/slow?s=5", deadline=time.monotonic() + 0.5)
+    with pytest.raises(ImageFetchError, match="deadline reached"):  # through a redirect
+        fetcher(base, timeout=30.0).load(
+            "/data/upload/_/redirect?to=/data/upload/_/slow%3Fs%3D5", deadline=time.monotonic() + 0.5, max_pixels=100
+        )
+
+
+def test_timeout_still_applies_and_is_named_when_it_comes_first(ls):
+    base, _, _ = ls
+    with pytest.raises(ImageFetchError, match="timed out after 0.5 s.*MASKCLIP_DOWNLOAD_TIMEOUT"):
+        fetcher(base, timeout=0.5).fetch("/data/upload/_/drip", deadline=time.monotonic() + 60)
+
+
+def test_a_fetch_starting_after_the_deadline_sends_nothing(ls):
+    base, _, state = ls
+    with pytest.raises(ImageFetchError, match="deadline reached before the download started"):
+        fetcher(base).fetch("/data/upload/red.png", deadline=time.monotonic() - 1)
+    assert state.requests == []
+    assert fetcher(base).fetch("/data/upload/red.png", deadline=time.monotonic() + 60) == state.files["red.png"]
+
+
+def test_queued_downloads_past_the_deadline_are_dropped_without_a_request(ls):
+    """Eight slow downloads queued behind one thread with a shared deadline: those that start after it fail at
+    once and never reach the server."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base, _, state = ls
+    images_fetcher = fetcher(base, timeout=30.0)
+    deadline = time.monotonic() + 1.0
+    with ThreadPoolExecutor(1) as pool:
+        futures = [pool.submit(images_fetcher.fetch, "/data/upload/_/slow?s=0.7", deadline=deadline) for _ in range(8)]
+        outcomes = []
+        for future in futures:
+            try:
+                outcomes.append(len(future.result()))
+            except ImageFetchError as exc:
+                outcomes.append(str(exc))
+    assert sum(isinstance(o, str) and "deadline reached before the download started" in o for o in outcomes) >= 5
+    assert len(state.requests) <= 3 and all(isinstance(o, int) or "deadline reached" in o for o in outcomes)

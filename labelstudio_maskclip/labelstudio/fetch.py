@@ -60,7 +60,10 @@ class ImageFetcher:
     - every hop (redirects followed here, at most 5) must be http(s) and resolve only to public addresses,
       unless it is Label Studio's host and port or ``allow_private`` is set. A host is checked when the
       request is made; a DNS answer that changes between the check and the connection is not caught.
-    - the body is streamed and capped at ``max_bytes``; ``timeout`` bounds each request in total.
+    - the body is streamed and capped at ``max_bytes``; ``timeout`` bounds each request in total, and an
+      optional absolute ``deadline`` (a :func:`time.monotonic` value, e.g. the end of a ``/predict``'s time
+      budget) bounds the whole fetch, redirects included: a fetch that starts after it makes no request,
+      one in flight is cut off at it ("deadline reached"). DNS resolution is not bounded by it.
     - error messages say what failed without quoting what the server sent; URLs in them are redacted
       (:func:`.urls.display`).
 
@@ -102,32 +105,40 @@ class ImageFetcher:
 
     # --- public ---------------------------------------------------------------------------------------
 
-    def load(self, url: str, task_id: int | None = None, *, max_pixels: int) -> np.ndarray:
+    def load(
+        self, url: str, task_id: int | None = None, *, max_pixels: int, deadline: float | None = None
+    ) -> np.ndarray:
         """Fetch and decode: ``(H, W, 3)`` uint8 RGB, EXIF orientation applied (see :func:`decode_image`)."""
-        data = self.fetch(url, task_id)
+        data = self.fetch(url, task_id, deadline=deadline)
         try:
             return decode_image(data, max_pixels=max_pixels)
         except ImageError as exc:
             raise type(exc)(f"{display(url)}: {exc}") from None
 
-    def fetch(self, url: str, task_id: int | None = None) -> bytes:
-        """The bytes behind a task's image URL (see the class docstring for what URLs are accepted)."""
+    def fetch(self, url: str, task_id: int | None = None, *, deadline: float | None = None) -> bytes:
+        """The bytes behind a task's image URL (see the class docstring for what URLs are accepted).
+
+        ``deadline``: a :func:`time.monotonic` time after which the fetch gives up with an
+        :class:`ImageFetchError` saying "deadline reached" (none: only ``timeout`` per request).
+        """
         url = url.strip()
+        if deadline is not None and time.monotonic() >= deadline:
+            raise self._deadline_error(display(url), started=False)
         match = _SCHEME.match(url)
         scheme = match.group(1).lower() if match else ""
         if scheme == "data":
             return self._decode_data_uri(url)
         if scheme in CLOUD_SCHEMES:
-            return self._download(self._presign_target(url, task_id))
+            return self._download(self._presign_target(url, task_id), deadline)
         if not scheme:
-            return self._download(self._relative_target(url))
+            return self._download(self._relative_target(url), deadline)
         if scheme not in ("http", "https"):
             raise ImageFetchError(
                 f"{display(url)}: unsupported URL scheme {scheme!r}; use http(s), a Label Studio path, "
                 f"a cloud storage URI ({', '.join(s + '://' for s in CLOUD_SCHEMES)}) or a data: URI",
                 url=display(url),
             )
-        return self._download(parse_target(url))
+        return self._download(parse_target(url), deadline)
 
     # --- URL forms ------------------------------------------------------------------------------------
 
@@ -174,11 +185,13 @@ class ImageFetcher:
 
     # --- HTTP -----------------------------------------------------------------------------------------
 
-    def _download(self, target: Target) -> bytes:
+    def _download(self, target: Target, deadline: float | None) -> bytes:
         refreshed = False
-        for _ in range(_MAX_REDIRECTS + 1):
+        for hop in range(_MAX_REDIRECTS + 1):
             self._check(target)
-            response = self._get(target)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise self._deadline_error(target.display, started=hop > 0)
+            response = self._get(target, deadline)
             if response.status_code in _REDIRECTS and response.headers.get("Location"):
                 location = response.headers["Location"]
                 response.close()
@@ -194,21 +207,24 @@ class ImageFetcher:
                 self._auth.refresh(stale=True)
                 refreshed = True
                 continue
-            return self._read_body(target, response)
+            return self._read_body(target, response, deadline)
         raise ImageFetchError(f"{target.display}: more than {_MAX_REDIRECTS} redirects", url=target.display)
 
-    def _get(self, target: Target) -> requests.Response:
+    def _get(self, target: Target, deadline: float | None) -> requests.Response:
         import requests
 
+        timeout = self.timeout if deadline is None else max(0.001, min(self.timeout, deadline - time.monotonic()))
         try:
             return self._session.get(
                 target.url,
                 headers=self._auth.headers(target),
                 stream=True,
                 allow_redirects=False,
-                timeout=self.timeout,
+                timeout=timeout,
             )
         except requests.Timeout:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise self._deadline_error(target.display, started=True) from None
             raise self._timeout_error(target) from None
         except requests.RequestException as exc:
             raise ImageFetchError(
@@ -217,7 +233,7 @@ class ImageFetcher:
                 url=target.display,
             ) from None
 
-    def _read_body(self, target: Target, response: requests.Response) -> bytes:
+    def _read_body(self, target: Target, response: requests.Response, deadline: float | None) -> bytes:
         with response:
             if response.status_code >= 400:
                 raise self._status_error(target, response.status_code)
@@ -226,28 +242,35 @@ class ImageFetcher:
                 raise ImageFetchError(
                     self._too_large_message(target.display), url=target.display, status=response.status_code
                 )
-            return self._read_capped(target, response.raw)
+            return self._read_capped(target, response.raw, deadline)
 
-    def _read_capped(self, target: Target, raw: urllib3.response.BaseHTTPResponse) -> bytes:
-        """The decoded body, stopped at ``max_bytes`` and at the ``timeout`` deadline.
+    def _read_capped(self, target: Target, raw: urllib3.response.BaseHTTPResponse, deadline: float | None) -> bytes:
+        """The decoded body, stopped at ``max_bytes``, after ``timeout`` and at ``deadline``.
 
-        ``read1`` returns whatever arrived (a slow sender cannot hold one read for long), so the deadline is
-        checked often; each socket read is itself bounded by ``timeout``.
+        ``read1`` returns whatever arrived (a slow sender cannot hold one read for long), so the time is
+        checked often; each socket read is itself bounded by the time left when the request was made.
         """
         import urllib3
 
         read = raw.read1 if hasattr(raw, "read1") else raw.read  # read1: recent urllib3 2.x
-        deadline = time.monotonic() + self.timeout
+        own = time.monotonic() + self.timeout
+        stop = own if deadline is None else min(own, deadline)
         body = bytearray()
+
+        def late() -> ImageFetchError:
+            if deadline is not None and deadline <= own:
+                return self._deadline_error(target.display, started=True)
+            return self._timeout_error(target)
+
         try:
             while chunk := read(_CHUNK, decode_content=True):
                 body += chunk
                 if len(body) > self.max_bytes:
                     raise ImageFetchError(self._too_large_message(target.display), url=target.display)
-                if time.monotonic() > deadline:
-                    raise self._timeout_error(target)
+                if time.monotonic() > stop:
+                    raise late()
         except urllib3.exceptions.ReadTimeoutError:
-            raise self._timeout_error(target) from None
+            raise late() from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise ImageFetchError(
                 f"{target.display}: the download broke off ({type(exc).__name__})", url=target.display
@@ -321,6 +344,10 @@ class ImageFetcher:
         return ImageFetchError(
             f"{target.display}: timed out after {self.timeout:g} s (MASKCLIP_DOWNLOAD_TIMEOUT)", url=target.display
         )
+
+    def _deadline_error(self, shown: str, *, started: bool) -> ImageFetchError:
+        when = "before the download finished" if started else "before the download started"
+        return ImageFetchError(f"{shown}: deadline reached {when} (the request's time budget ran out)", url=shown)
 
     def _too_large_message(self, shown: str) -> str:
         return f"{shown}: larger than {self.max_bytes} bytes (MASKCLIP_MAX_DOWNLOAD_BYTES)"
