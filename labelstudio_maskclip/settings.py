@@ -45,7 +45,7 @@ class Settings:
     # Resized sides are rounded to about this many pixels (a multiple of the encoder stride), so images of
     # similar shapes share a batch; 0 rounds to the stride only (exact aspect, smaller batches).
     size_multiple: int = field(default=64, metadata=_env("MASKCLIP_SIZE_MULTIPLE"))
-    # At most this many pixels enter the encoder per image (0: 8 x short_side^2); extreme aspect ratios are
+    # At most this many pixels enter the encoder per image (0: 4 x short_side^2); extreme aspect ratios are
     # squeezed to fit instead of costing gigabytes.
     max_input_pixels: int = field(default=0, metadata=_env("MASKCLIP_MAX_INPUT_PIXELS"))
     window: int = field(default=0, metadata=_env("MASKCLIP_WINDOW"))  # 0: whole image; else sliding window

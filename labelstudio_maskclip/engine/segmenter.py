@@ -44,7 +44,7 @@ class SegmentOptions:
     mode: str = "maskclip"  # one of DENSE_MODES
     short_side: int = 448  # the image is resized so its short side has this many pixels (0: keep size)
     size_multiple: int = 0  # sides rounded to about this many pixels (0: the encoder stride); see resized_size
-    # At most this many pixels enter the encoder per image (0: 8 x short_side^2, no bound when short_side is
+    # At most this many pixels enter the encoder per image (0: 4 x short_side^2, no bound when short_side is
     # 0): an extreme aspect ratio (a 1 x 100000 strip) is squeezed instead of asking for gigabytes.
     max_input_pixels: int = 0
     window: int = 0  # sliding-window size in pixels of the resized image; 0 = whole image
@@ -245,15 +245,15 @@ def resized_size(
     cost of a small change of aspect ratio (64 px on a 448 px short side: at most 7 %); the masks are
     upsampled back to the original size either way.
 
-    H' x W' is at most about ``max_pixels`` (within the rounding of the sides; 0: ``8 * short_side**2``, which leaves aspect ratios up to 8:1
-    untouched; no bound when ``short_side`` is 0 too): beyond it the image is scaled down as a whole, the
+    H' x W' is at most about ``max_pixels`` (within the rounding of the sides; 0: ``4 * short_side**2``,
+    which leaves aspect ratios up to 4:1 untouched; no bound when ``short_side`` is 0 too): beyond it the image is scaled down as a whole, the
     short side never below one ``stride``, and the long side then cut to fit, so a 1 x 100000 strip becomes a
     ``stride``-high band of bounded length (aspect squeezed) instead of a tensor of gigabytes.
     """
     step = stride * max(1, round(multiple / stride)) if multiple > 0 else stride
     scale = short_side / min(height, width) if short_side else 1.0
-    budget = max_pixels or 8 * short_side * short_side
-    capped = bool(budget) and height * width * scale * scale > budget * (1 + 1e-9)  # exact 8:1 stays uncapped
+    budget = max_pixels or 4 * short_side * short_side
+    capped = bool(budget) and height * width * scale * scale > budget * (1 + 1e-9)  # exactly 4:1 stays uncapped
     if capped:
         scale = math.sqrt(budget / (height * width))
 
