@@ -72,6 +72,8 @@ class Settings:
     # unless allowed (server-side request forgery).
     allow_private_urls: bool = field(default=False, metadata=_env("MASKCLIP_ALLOW_PRIVATE_URLS"))
     max_image_pixels: int = field(default=64_000_000, metadata=_env("MASKCLIP_MAX_IMAGE_PIXELS"))
+    # Decoded pixels held at once per worker process (images wait for room, up to the download timeout).
+    max_pixels_in_flight: int = field(default=128_000_000, metadata=_env("MASKCLIP_MAX_PIXELS_IN_FLIGHT"))
     max_download_bytes: int = field(default=50_000_000, metadata=_env("MASKCLIP_MAX_DOWNLOAD_BYTES"))
     download_timeout: float = field(default=20.0, metadata=_env("MASKCLIP_DOWNLOAD_TIMEOUT"))
     polygons: bool = field(default=True, metadata=_env("MASKCLIP_POLYGONS"))
@@ -120,7 +122,7 @@ class Settings:
             raise SettingsError(f"MASKCLIP_PROMOTE={self.promote!r}: choose better or always")
         if self.window and self.stride <= 0:
             raise SettingsError("MASKCLIP_STRIDE must be positive when MASKCLIP_WINDOW is set")
-        positive = ("batch_size", "train_steps", "train_batch_size", "train_crop", "max_image_pixels",
+        positive = ("batch_size", "train_steps", "train_batch_size", "train_crop", "max_image_pixels", "max_pixels_in_flight",
                     "max_download_bytes", "fetch_threads", "workers", "threads")  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:

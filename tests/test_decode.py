@@ -207,3 +207,59 @@ def test_decompression_bomb_refused_before_decoding():
     with pytest.raises(ImageTooLargeError, match="decompression bomb"):
         decode_image(bomb, max_pixels=10**12)
     assert time.perf_counter() - started < 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PixelBudget: decoded pixels in flight per worker
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_pixel_budget_waits_for_a_decoded_array_to_be_freed():
+    import gc
+    import threading
+
+    from labelstudio_maskclip.labelstudio.decode import PixelBudget
+
+    budget = PixelBudget(100)
+    with budget.reserve(60, time.monotonic() + 5) as lease:
+        held = lease.attach(np.zeros((6, 10, 3), np.uint8))
+    assert budget.in_flight == 60
+    got = []
+
+    def second() -> None:
+        with budget.reserve(60, time.monotonic() + 60) as lease:
+            got.append(lease.attach(np.zeros((6, 10, 3), np.uint8)))
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    thread.join(0.5)
+    assert thread.is_alive() and got == []  # 60 + 60 > 100: waits
+    view = held[1:]  # a view keeps the pixels alive too
+    del held
+    gc.collect()
+    thread.join(0.5)
+    assert thread.is_alive()
+    del view
+    gc.collect()
+    thread.join(30)
+    assert not thread.is_alive() and len(got) == 1 and budget.in_flight == 60
+    got.clear()
+    gc.collect()
+    assert budget.in_flight == 0
+
+
+def test_pixel_budget_alone_over_the_limit_passes_and_waiting_ends_at_the_deadline():
+    from labelstudio_maskclip.labelstudio.decode import PixelBudget
+    from labelstudio_maskclip.labelstudio.errors import ImageError
+
+    budget = PixelBudget(10)
+    with budget.reserve(50, time.monotonic() + 1):  # nothing else in flight: one large image passes
+        assert budget.in_flight == 50
+        with pytest.raises(ImageError, match="MASKCLIP_MAX_PIXELS_IN_FLIGHT"):
+            with budget.reserve(1, time.monotonic() + 0.2):
+                pass
+    assert budget.in_flight == 0  # not attached: released when the block ends
+    with pytest.raises(ValueError):
+        with budget.reserve(5, time.monotonic() + 1):
+            raise ValueError("decoding failed")
+    assert budget.in_flight == 0

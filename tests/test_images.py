@@ -520,3 +520,24 @@ def test_queued_downloads_past_the_deadline_are_dropped_without_a_request(ls):
                 outcomes.append(str(exc))
     assert sum(isinstance(o, str) and "deadline reached before the download started" in o for o in outcomes) >= 5
     assert len(state.requests) <= 3 and all(isinstance(o, int) or "deadline reached" in o for o in outcomes)
+
+
+def test_fetcher_with_a_pixel_budget_holds_decoded_pixels_until_freed(ls):
+    import gc
+
+    from labelstudio_maskclip.labelstudio.decode import PixelBudget
+
+    base, _, _ = ls
+    budget = PixelBudget(50)  # red.png is 8 x 6 = 48 pixels
+    images_fetcher = fetcher(base, pixel_budget=budget)
+    first = images_fetcher.load("/data/upload/red.png", max_pixels=MAX_PIXELS)
+    assert budget.in_flight == 48
+    with pytest.raises(ImageError, match="MASKCLIP_MAX_PIXELS_IN_FLIGHT"):
+        images_fetcher.load("/data/upload/red.png", max_pixels=MAX_PIXELS, deadline=time.monotonic() + 0.3)
+    del first
+    gc.collect()
+    second = images_fetcher.load("/data/upload/red.png", max_pixels=MAX_PIXELS, deadline=time.monotonic() + 5)
+    assert second.shape == (6, 8, 3) and budget.in_flight == 48
+    with pytest.raises(ImageDecodeError):  # a failed decode releases its room
+        images_fetcher.load("/data/upload/text.html", max_pixels=MAX_PIXELS)
+    assert budget.in_flight == 48

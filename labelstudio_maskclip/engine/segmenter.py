@@ -36,7 +36,7 @@ __all__ = [
 ]  # fmt: skip
 
 NO_LABEL = -1
-_UPSAMPLE_BUDGET = 2**28  # elements per interpolate call, far below INT_MAX
+_UPSAMPLE_BUDGET = 2**24  # probabilities upsampled at once in _finalize (64 MiB of float32)
 
 
 @dataclass(frozen=True)
@@ -276,9 +276,33 @@ def normalized_batch(
     antialiased) and normalised; ``mean``/``std``: (1, 3, 1, 1) on the 0..1 scale."""
     out = []
     for img in images:
+        img = _box_shrink(img, size)
         t = torch.from_numpy(np.require(img, requirements=["C", "W"])).to(mean.device).permute(2, 0, 1)[None]
         out.append(F.interpolate(t.float() / 255.0, size=size, mode="bilinear", antialias=True, align_corners=False))
     return (torch.cat(out) - mean) / std  # (B, 3, h, w)
+
+
+def _box_shrink(img: np.ndarray, size: tuple[int, int], band: int = 64) -> np.ndarray:
+    """(H, W, 3) uint8 -> box-averaged by whole factors to at least twice ``size`` (H', W'), in uint8.
+
+    A large photo is first averaged over fy x fx blocks (fy = H // 2H', fx = W // 2W'; the last H mod fy rows
+    and W mod fx columns, under half a pixel of the model input, are dropped) a band of rows at a time, so
+    the float copy that the antialiased resize needs is of a small image, not of 64 megapixels. Images less
+    than four times the size in each direction are returned unchanged.
+    """
+    fy, fx = img.shape[0] // (2 * size[0]), img.shape[1] // (2 * size[1])
+    if fy <= 1 and fx <= 1:
+        return img
+    fy, fx = max(1, fy), max(1, fx)
+    from PIL import Image
+
+    height, width = img.shape[0] // fy, img.shape[1] // fx
+    out = np.empty((height, width, 3), np.uint8)
+    for y0 in range(0, height, band):
+        y1 = min(height, y0 + band)
+        rows = np.ascontiguousarray(img[y0 * fy : y1 * fy, : width * fx])
+        out[y0:y1] = np.asarray(Image.fromarray(rows).reduce((fx, fy)))
+    return out
 
 
 def segment_in_batches(
@@ -326,32 +350,50 @@ def _windows(height: int, width: int, win: int, stride: int) -> list[tuple[int, 
 def _finalize(probs: torch.Tensor, size: tuple[int, int], n_labels: int, min_conf: float) -> Segmentation:
     """Grid probabilities (K + Kb, h, w) -> Segmentation at ``size`` (H, W).
 
-    Upsamples a chunk of classes at a time and keeps the running maximum, so the full (K, H, W) tensor is
-    never materialised and no interpolate call exceeds INT_MAX elements.
+    Bilinear upsampling (``align_corners=False``, as ``F.interpolate``) done separably: along the width for
+    the whole grid ((K, h, W): small), then along the height one band of output rows at a time, keeping each
+    band's winning class and its probability. Beyond the outputs ((H, W) int16 labels and float32
+    confidence, on the CPU) at most about ``_UPSAMPLE_BUDGET`` probabilities exist at once, whatever the image
+    size, so a 64-megapixel image costs its label map, not gigabytes of (K, H, W) floats.
     """
     height, width = size
-    k_all = probs.shape[0]
-    chunk = max(1, _UPSAMPLE_BUDGET // (height * width))
-    best = torch.full((height, width), -1.0, device=probs.device)
-    label = torch.zeros((height, width), dtype=torch.long, device=probs.device)
-    for c0 in range(0, k_all, chunk):
-        up = F.interpolate(probs[None, c0 : c0 + chunk], size=size, mode="bilinear", align_corners=False)[0]
-        value, index = up.max(0)  # (H, W) each
-        better = value > best
-        best = torch.where(better, value, best)
-        label = torch.where(better, index + c0, label)
-    no_label = (label >= n_labels) | (best < min_conf)
-    label = label.masked_fill(no_label, NO_LABEL)
-    valid = label >= 0
-    areas = torch.bincount(label[valid], minlength=n_labels)[:n_labels]
-    conf_sums = torch.bincount(label[valid], weights=best[valid].double(), minlength=n_labels)[:n_labels]
-    scores = torch.where(areas > 0, conf_sums / areas.clamp_min(1), torch.zeros_like(conf_sums))
-    image_score = float(best[valid].mean()) if bool(valid.any()) else 0.0
+    k_all, grid_h, _ = probs.shape
+    device = probs.device
+    rows = F.interpolate(probs[None].float(), size=(grid_h, width), mode="bilinear", align_corners=False)[0]
+    scale = torch.tensor(grid_h / height, dtype=torch.float32)
+    src = ((torch.arange(height, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_min(0.0)  # (H,) source rows
+    top = src.long().clamp_max(grid_h - 1)
+    bottom = (top + 1).clamp_max(grid_h - 1)
+    lower = (src - top.float()).to(device)  # weight of the bottom row
+    upper = 1.0 - lower
+    top, bottom = top.to(device), bottom.to(device)
+    labels = torch.empty((height, width), dtype=torch.int16)
+    confidence = torch.empty((height, width), dtype=torch.float32)
+    areas = torch.zeros(n_labels, dtype=torch.float64)
+    sums = torch.zeros(n_labels, dtype=torch.float64)
+    total, count = 0.0, 0
+    band = max(1, _UPSAMPLE_BUDGET // (k_all * width))
+    for y0 in range(0, height, band):
+        y1 = min(height, y0 + band)
+        up = rows[:, top[y0:y1]] * upper[None, y0:y1, None] + rows[:, bottom[y0:y1]] * lower[None, y0:y1, None]
+        value, index = up.max(0)  # (n, W) each; ties go to the first class
+        del up
+        no_label = (index >= n_labels) | (value < min_conf)
+        index = index.masked_fill(no_label, NO_LABEL)
+        valid = ~no_label
+        kept, weights = index[valid], value[valid].double()
+        areas += torch.bincount(kept, minlength=n_labels)[:n_labels].double().cpu()
+        sums += torch.bincount(kept, weights=weights, minlength=n_labels)[:n_labels].cpu()
+        total += float(weights.sum())
+        count += int(kept.numel())
+        labels[y0:y1] = index.to(torch.int16).cpu()
+        confidence[y0:y1] = value.cpu()
+    scores = torch.where(areas > 0, sums / areas.clamp_min(1), torch.zeros_like(sums))
     return Segmentation(
-        labels=label.to(torch.int16).cpu().numpy(),
-        confidence=best.float().cpu().numpy(),
+        labels=labels.numpy(),
+        confidence=confidence.numpy(),
         grid_probs=probs.float().cpu().numpy(),
-        class_scores=scores.float().cpu().numpy(),
-        class_areas=areas.cpu().numpy().astype(np.int64),
-        score=image_score,
+        class_scores=scores.float().numpy(),
+        class_areas=areas.numpy().astype(np.int64),
+        score=total / count if count else 0.0,
     )

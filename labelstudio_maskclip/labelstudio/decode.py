@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageDecodeError, ImageError, ImageTooLargeError
 
-__all__ = ["decode_image"]
+__all__ = ["decode_image", "image_pixels", "PixelBudget"]
 
 # EXIF orientation: Label Studio shows images in an <img>/canvas, and browsers apply EXIF orientation by
 # default (CSS `image-orientation: from-image`). Label Studio's ML-backend maintainers confirmed it:
@@ -54,6 +59,62 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError) as exc:
         kind = image.format or "image"
         raise ImageDecodeError(f"cannot decode the {kind} data: {exc} (truncated or corrupt file?)") from exc
+
+
+def image_pixels(data: bytes, *, max_pixels: int) -> int:
+    """Width x height from the header alone (the same checks and errors as :func:`decode_image`)."""
+    width, height = _open(data, max_pixels).size
+    return width * height
+
+
+class PixelBudget:
+    """Decoded pixels in flight, bounded: a counting semaphore weighted by pixels, shared by a worker's threads.
+
+    :meth:`reserve` waits until the pixels fit (or nothing else is in flight, so one image larger than the
+    budget still passes alone), and the reservation lasts as long as the decoded array it is attached to:
+    it is released when the array is garbage collected, wherever the array went (segmentation, encoding).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self._free = threading.Condition()
+
+    @contextmanager
+    def reserve(self, pixels: int, deadline: float) -> Iterator[PixelBudget._Lease]:
+        """Reserve ``pixels`` until ``deadline`` (:func:`time.monotonic`); ``lease.attach(array)`` hands the
+        release to the array's lifetime, else the pixels are released when the block ends."""
+        with self._free:
+            while self.in_flight and self.in_flight + pixels > self.limit:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ImageError(
+                        f"gave up waiting for {self.in_flight + pixels - self.limit} pixels of decoding room: "
+                        f"{self.in_flight} decoded pixels are in flight in this worker, the limit is {self.limit} "
+                        "(MASKCLIP_MAX_PIXELS_IN_FLIGHT)"
+                    )
+                self._free.wait(min(left, 1.0))
+            self.in_flight += pixels
+        lease = PixelBudget._Lease(self, pixels)
+        try:
+            yield lease
+        finally:
+            if not lease.attached:
+                self.release(pixels)
+
+    def release(self, pixels: int) -> None:
+        with self._free:
+            self.in_flight -= pixels
+            self._free.notify_all()
+
+    class _Lease:
+        def __init__(self, budget: PixelBudget, pixels: int) -> None:
+            self.budget, self.pixels, self.attached = budget, pixels, False
+
+        def attach(self, array: np.ndarray) -> np.ndarray:
+            weakref.finalize(array, self.budget.release, self.pixels)
+            self.attached = True
+            return array
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:

@@ -16,7 +16,7 @@ from urllib.parse import quote, unquote_to_bytes, urljoin
 import numpy as np
 
 from .auth import LabelStudioAuth
-from .decode import decode_image
+from .decode import PixelBudget, decode_image, image_pixels
 from .errors import ImageError, ImageFetchError
 from .urls import (
     CLOUD_SCHEMES,
@@ -79,9 +79,11 @@ class ImageFetcher:
         max_bytes: int = 50_000_000,
         timeout: float = 20.0,
         session: requests.Session | None = None,
+        pixel_budget: PixelBudget | None = None,
     ) -> None:
         import requests
 
+        self.pixel_budget = pixel_budget
         self.label_studio_url = label_studio_url.strip().rstrip("/")
         self.allow_private = allow_private
         self.max_bytes = max_bytes
@@ -98,6 +100,7 @@ class ImageFetcher:
             max_bytes=settings.max_download_bytes,
             timeout=settings.download_timeout,
             session=session,
+            pixel_budget=PixelBudget(settings.max_pixels_in_flight),
         )
 
     def __repr__(self) -> str:  # never show the key
@@ -108,10 +111,21 @@ class ImageFetcher:
     def load(
         self, url: str, task_id: int | None = None, *, max_pixels: int, deadline: float | None = None
     ) -> np.ndarray:
-        """Fetch and decode: ``(H, W, 3)`` uint8 RGB, EXIF orientation applied (see :func:`decode_image`)."""
+        """Fetch and decode: ``(H, W, 3)`` uint8 RGB, EXIF orientation applied (see :func:`decode_image`).
+
+        With a ``pixel_budget``, decoding waits (until the deadline, or ``timeout``) while too many decoded
+        pixels are in flight in this process, and the returned array holds its pixels until it is freed.
+        """
         data = self.fetch(url, task_id, deadline=deadline)
         try:
-            return decode_image(data, max_pixels=max_pixels)
+            if self.pixel_budget is None:
+                return decode_image(data, max_pixels=max_pixels)
+            pixels = image_pixels(data, max_pixels=max_pixels)
+            wait_until = time.monotonic() + self.timeout
+            with self.pixel_budget.reserve(
+                pixels, wait_until if deadline is None else min(deadline, wait_until)
+            ) as lease:
+                return lease.attach(decode_image(data, max_pixels=max_pixels))
         except ImageError as exc:
             raise type(exc)(f"{display(url)}: {exc}") from None
 
