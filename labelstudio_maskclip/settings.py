@@ -72,7 +72,7 @@ class Settings:
     # unless allowed (server-side request forgery).
     allow_private_urls: bool = field(default=False, metadata=_env("MASKCLIP_ALLOW_PRIVATE_URLS"))
     max_image_pixels: int = field(default=64_000_000, metadata=_env("MASKCLIP_MAX_IMAGE_PIXELS"))
-    # Decoded pixels held at once per worker process (images wait for room, up to the download timeout).
+    # Pixels being decoded at once per worker process (images wait for room, up to the download timeout).
     max_pixels_in_flight: int = field(default=128_000_000, metadata=_env("MASKCLIP_MAX_PIXELS_IN_FLIGHT"))
     max_download_bytes: int = field(default=50_000_000, metadata=_env("MASKCLIP_MAX_DOWNLOAD_BYTES"))
     download_timeout: float = field(default=20.0, metadata=_env("MASKCLIP_DOWNLOAD_TIMEOUT"))

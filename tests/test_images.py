@@ -530,13 +530,17 @@ def test_fetcher_with_a_pixel_budget_holds_decoded_pixels_until_freed(ls):
     base, _, _ = ls
     budget = PixelBudget(50)  # red.png is 8 x 6 = 48 pixels
     images_fetcher = fetcher(base, pixel_budget=budget)
-    first = images_fetcher.load("/data/upload/red.png", max_pixels=MAX_PIXELS)
+    assert images_fetcher.load("/data/upload/red.png", max_pixels=MAX_PIXELS).shape == (6, 8, 3)
+    assert budget.in_flight == 0  # by default the room is held while decoding only
+    first = images_fetcher.load("/data/upload/red.png", max_pixels=MAX_PIXELS, hold_pixels=True)
     assert budget.in_flight == 48
     with pytest.raises(ImageError, match="MASKCLIP_MAX_PIXELS_IN_FLIGHT"):
         images_fetcher.load("/data/upload/red.png", max_pixels=MAX_PIXELS, deadline=time.monotonic() + 0.3)
     del first
     gc.collect()
-    second = images_fetcher.load("/data/upload/red.png", max_pixels=MAX_PIXELS, deadline=time.monotonic() + 5)
+    second = images_fetcher.load(
+        "/data/upload/red.png", max_pixels=MAX_PIXELS, deadline=time.monotonic() + 5, hold_pixels=True
+    )
     assert second.shape == (6, 8, 3) and budget.in_flight == 48
     with pytest.raises(ImageDecodeError):  # a failed decode releases its room
         images_fetcher.load("/data/upload/text.html", max_pixels=MAX_PIXELS)

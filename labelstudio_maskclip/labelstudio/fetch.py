@@ -109,12 +109,20 @@ class ImageFetcher:
     # --- public ---------------------------------------------------------------------------------------
 
     def load(
-        self, url: str, task_id: int | None = None, *, max_pixels: int, deadline: float | None = None
+        self,
+        url: str,
+        task_id: int | None = None,
+        *,
+        max_pixels: int,
+        deadline: float | None = None,
+        hold_pixels: bool = False,
     ) -> np.ndarray:
         """Fetch and decode: ``(H, W, 3)`` uint8 RGB, EXIF orientation applied (see :func:`decode_image`).
 
-        With a ``pixel_budget``, decoding waits (until the deadline, or ``timeout``) while too many decoded
-        pixels are in flight in this process, and the returned array holds its pixels until it is freed.
+        With a ``pixel_budget``, decoding waits (until the deadline, or ``timeout``) while too many pixels are
+        being decoded in this process. ``hold_pixels``: the returned array keeps its pixels reserved until it
+        is freed (for callers that drop their arrays promptly: a caller holding many arrays while loading
+        more would wait on itself until the deadline).
         """
         data = self.fetch(url, task_id, deadline=deadline)
         try:
@@ -125,7 +133,8 @@ class ImageFetcher:
             with self.pixel_budget.reserve(
                 pixels, wait_until if deadline is None else min(deadline, wait_until)
             ) as lease:
-                return lease.attach(decode_image(data, max_pixels=max_pixels))
+                array = decode_image(data, max_pixels=max_pixels)
+                return lease.attach(array) if hold_pixels else array
         except ImageError as exc:
             raise type(exc)(f"{display(url)}: {exc}") from None
 
