@@ -186,7 +186,7 @@ class ImageFetcher:
     def _presign_target(self, uri: str, task_id: int | None) -> Target:
         if task_id is None or isinstance(task_id, bool) or not isinstance(task_id, int):
             raise ImageFetchError(
-                f"{display(uri)}: a cloud storage URI is resolved by Label Studio per task, and no task id was given",
+                f"{display(uri)}: a cloud storage URI is resolved by Label Studio per task, and no task id (an integer) was given",
                 url=display(uri),
             )
         fileuri = base64.urlsafe_b64encode(uri.encode()).decode()
