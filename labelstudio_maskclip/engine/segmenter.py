@@ -36,7 +36,7 @@ __all__ = [
 ]  # fmt: skip
 
 NO_LABEL = -1
-_UPSAMPLE_BUDGET = 2**24  # probabilities upsampled at once in _finalize (64 MiB of float32)
+_UPSAMPLE_BUDGET = 2**22  # probabilities upsampled at once in _finalize (16 MiB of float32)
 
 
 @dataclass(frozen=True)
