@@ -27,6 +27,7 @@ def segment_options(s: Settings) -> SegmentOptions:
         mode=s.dense_mode,
         short_side=s.short_side,
         size_multiple=s.size_multiple,
+        max_input_pixels=s.max_input_pixels,
         window=s.window,
         stride=s.stride,
         key_smoothing=s.key_smoothing,

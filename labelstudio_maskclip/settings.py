@@ -49,6 +49,9 @@ class Settings:
     # Resized sides are rounded to about this many pixels (a multiple of the encoder stride), so images of
     # similar shapes share a batch; 0 rounds to the stride only (exact aspect, smaller batches).
     size_multiple: int = field(default=64, metadata=_env("MASKCLIP_SIZE_MULTIPLE"))
+    # At most this many pixels enter the encoder per image (0: 4 x short_side^2); extreme aspect ratios are
+    # squeezed to fit instead of costing gigabytes.
+    max_input_pixels: int = field(default=0, metadata=_env("MASKCLIP_MAX_INPUT_PIXELS"))
     window: int = field(default=0, metadata=_env("MASKCLIP_WINDOW"))  # 0: whole image; else sliding window
     stride: int = field(default=224, metadata=_env("MASKCLIP_STRIDE"))
     key_smoothing: bool = field(default=True, metadata=_env("MASKCLIP_KEY_SMOOTHING"))
@@ -75,6 +78,8 @@ class Settings:
     # unless allowed (server-side request forgery).
     allow_private_urls: bool = field(default=False, metadata=_env("MASKCLIP_ALLOW_PRIVATE_URLS"))
     max_image_pixels: int = field(default=64_000_000, metadata=_env("MASKCLIP_MAX_IMAGE_PIXELS"))
+    # Pixels being decoded at once per worker process (images wait for room, up to the download timeout).
+    max_pixels_in_flight: int = field(default=128_000_000, metadata=_env("MASKCLIP_MAX_PIXELS_IN_FLIGHT"))
     max_download_bytes: int = field(default=50_000_000, metadata=_env("MASKCLIP_MAX_DOWNLOAD_BYTES"))
     download_timeout: float = field(default=20.0, metadata=_env("MASKCLIP_DOWNLOAD_TIMEOUT"))
     polygons: bool = field(default=True, metadata=_env("MASKCLIP_POLYGONS"))
@@ -129,7 +134,8 @@ class Settings:
         if self.window and self.stride <= 0:
             raise SettingsError("MASKCLIP_STRIDE must be positive when MASKCLIP_WINDOW is set")
         positive = ("batch_size", "train_steps", "train_batch_size", "train_crop", "max_image_pixels",
-                    "max_download_bytes", "fetch_threads", "workers", "threads", "interactive_cache_mb")  # fmt: skip
+                    "max_pixels_in_flight", "max_download_bytes", "fetch_threads", "workers", "threads",
+                    "interactive_cache_mb")  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{ENV[name]}={getattr(self, name)!r} must be positive")
@@ -138,8 +144,10 @@ class Settings:
         for name in fractions:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise SettingsError(f"{ENV[name]}={getattr(self, name)!r} must be between 0 and 1")
-        if min(self.short_side, self.window, self.size_multiple) < 0:
-            raise SettingsError("MASKCLIP_SHORT_SIDE, MASKCLIP_WINDOW and MASKCLIP_SIZE_MULTIPLE must be >= 0")
+        if min(self.short_side, self.window, self.size_multiple, self.max_input_pixels) < 0:
+            raise SettingsError(
+                "MASKCLIP_SHORT_SIDE, MASKCLIP_MAX_INPUT_PIXELS, MASKCLIP_WINDOW and MASKCLIP_SIZE_MULTIPLE must be >= 0"
+            )
         if self.download_timeout <= 0 or self.temperature <= 0:
             raise SettingsError("MASKCLIP_DOWNLOAD_TIMEOUT and MASKCLIP_TEMPERATURE must be positive")
         return self

@@ -74,6 +74,9 @@ class FileHost:
             def __init__(self, *a, **kw):
                 super().__init__(*a, directory=str(host.root), **kw)
 
+            def translate_path(self, path):  # Label Studio serves uploads under /data/upload/
+                return super().translate_path(path.removeprefix("/data/upload"))
+
             def do_GET(self):
                 host.peers.append(self.client_address[1])
                 if host.delay:
@@ -220,6 +223,6 @@ def brush_webhook(annotation_id: int, task_id: int, height: int = 480, width: in
         "action": "ANNOTATION_CREATED",
         "annotation": {"id": annotation_id, "result": [region], "was_cancelled": False, "ground_truth": False,
                        "completed_by": 1, "task": task_id, "project": 1, "updated_at": "2026-11-28T10:00:00Z"},
-        "task": {"id": task_id, "data": {"image": "/000000000009.jpg"}, "project": 1},
+        "task": {"id": task_id, "data": {"image": "/data/upload/000000000009.jpg"}, "project": 1},
         "project": {"id": 1, "label_config": BRUSH},
     }  # fmt: skip

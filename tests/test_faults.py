@@ -39,7 +39,7 @@ def system(tmp_path_factory):
 
 
 def _predict(url: str, names=NAMES, timeout: float = 60) -> requests.Response:
-    tasks = [{"id": i + 1, "data": {"image": "/" + n}} for i, n in enumerate(names)]
+    tasks = [{"id": i + 1, "data": {"image": "/data/upload/" + n}} for i, n in enumerate(names)]
     return requests.post(url + "/predict", json={"tasks": tasks, "label_config": BRUSH}, timeout=timeout)
 
 

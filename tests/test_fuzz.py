@@ -104,7 +104,7 @@ def garbage(rng: random.Random, depth: int = 0):
 
 def image_ref(rng: random.Random):
     return rng.choice([
-        "/" + rng.choice(list(ODD_FILES)), "/missing.png", "data:image/png;base64,!!!", "data:,", "data:image/gif;base64,",
+        "/data/upload/" + rng.choice(list(ODD_FILES)), "/data/upload/missing.png", "data:image/png;base64,!!!", "data:,", "data:image/gif;base64,",
         "ftp://example.com/x.png", "file:///etc/passwd", "http://10.0.0.1/x.jpg", "http://[::1]:1/x.png", "s3://b/k.png",
         "//evil/x.png", "/\x00.png", "/" + "é" * 300 + ".jpg", "http://", "gs://", 123, None, ["/one.png"], {"u": 1},
     ])  # fmt: skip
@@ -250,7 +250,7 @@ def test_odd_image_bytes_give_per_task_errors(env):
     app, _ = env
     client = app.test_client()
     names = ["zero.jpg", "header.png", "text.jpg", "bomb.png", "bomb100m.png", "anim.gif", "one.png", "photo.jpg"]
-    tasks = [{"id": i, "data": {"image": "/" + n}} for i, n in enumerate(names)]
+    tasks = [{"id": i, "data": {"image": "/data/upload/" + n}} for i, n in enumerate(names)]
     reply = client.post("/predict", json={"tasks": tasks, "label_config": BRUSH})
     assert reply.status_code == 200
     body = reply.get_json()

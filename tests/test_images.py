@@ -1,14 +1,11 @@
-"""images.py: decoding every Pillow mode safely, and fetching through a real loopback HTTP server."""
+"""images.py / fetch.py / urls.py / auth.py: fetching through a real loopback HTTP server, the address policy."""
 
 from __future__ import annotations
 
 import base64
-import io
 import json
-import struct
 import threading
 import time
-import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -27,18 +24,13 @@ from labelstudio_maskclip.labelstudio.images import (
     is_public_address,
 )
 from tests.photos import COCO128_PHOTOS
+from tests.test_decode import encode, jpeg_with_orientation
 
 COCO = COCO128_PHOTOS
 PHOTO = COCO / "000000000009.jpg"
 LEGACY = "0123456789abcdef0123456789abcdef01234567"
 PAT = "eyJhbGciOiJIUzI1NiJ9.eyJ0b2tlbl90eXBlIjoicmVmcmVzaCJ9.c2lnbmF0dXJl"  # header.payload.signature
 MAX_PIXELS = 10_000_000
-
-
-def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **kwargs)
-    return buffer.getvalue()
 
 
 @pytest.fixture(autouse=True)
@@ -61,190 +53,6 @@ def test_public_surface():
     }
     for error in (ImageDecodeError, ImageTooLargeError, ImageFetchError):
         assert issubclass(error, ImageError)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# decode_image
-# ---------------------------------------------------------------------------------------------------------
-
-
-def check_rgb(array: np.ndarray, height: int, width: int) -> None:
-    assert array.shape == (height, width, 3)
-    assert array.dtype == np.uint8
-    assert array.flags.c_contiguous
-
-
-def test_real_photo_matches_pillow():
-    data = PHOTO.read_bytes()
-    array = decode_image(data, max_pixels=MAX_PIXELS)
-    reference = np.asarray(Image.open(PHOTO).convert("RGB"))
-    check_rgb(array, *reference.shape[:2])
-    np.testing.assert_array_equal(array, reference)
-
-
-def test_rgb_png_roundtrip_exact():
-    pixels = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
-    array = decode_image(encode(Image.fromarray(pixels)), max_pixels=MAX_PIXELS)
-    np.testing.assert_array_equal(array, pixels)
-
-
-def test_grayscale_and_one_bit():
-    gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
-    array = decode_image(encode(Image.fromarray(gray, "L")), max_pixels=MAX_PIXELS)
-    check_rgb(array, 3, 4)
-    np.testing.assert_array_equal(array, np.repeat(gray[:, :, None], 3, axis=2))
-
-    bits = Image.fromarray(np.array([[0, 255], [255, 0]], dtype=np.uint8)).convert("1")
-    assert bits.mode == "1"
-    array = decode_image(encode(bits), max_pixels=MAX_PIXELS)
-    np.testing.assert_array_equal(array[:, :, 0], [[0, 255], [255, 0]])
-
-
-@pytest.mark.parametrize("mode", ["RGBA", "LA", "PA"])
-def test_alpha_is_composited_on_white(mode):
-    rgba = Image.new("RGBA", (4, 2), (200, 10, 10, 255))
-    rgba.putpixel((0, 0), (0, 0, 0, 0))  # fully transparent black -> white
-    rgba.putpixel((1, 0), (0, 0, 0, 128))  # half transparent black -> mid grey
-    image = rgba if mode == "RGBA" else rgba.convert(mode)
-    data = encode(image, "TIFF" if mode == "PA" else "PNG")
-    assert Image.open(io.BytesIO(data)).mode == mode
-    array = decode_image(data, max_pixels=MAX_PIXELS)
-    check_rgb(array, 2, 4)
-    np.testing.assert_array_equal(array[0, 0], [255, 255, 255])
-    assert 120 <= int(array[0, 1, 0]) <= 135
-    opaque = np.asarray(image.convert("RGBA"))[1, 3, :3]  # an opaque pixel keeps its colour
-    np.testing.assert_array_equal(array[1, 3], opaque)
-
-
-def test_palette_with_and_without_transparency():
-    image = Image.new("P", (3, 1))
-    image.putpalette([255, 0, 0, 0, 0, 255, 0, 255, 0] + [0] * (256 * 3 - 9))
-    image.putdata([0, 1, 2])
-    array = decode_image(encode(image), max_pixels=MAX_PIXELS)
-    np.testing.assert_array_equal(array[0], [[255, 0, 0], [0, 0, 255], [0, 255, 0]])
-
-    data = encode(image, transparency=1)  # index 1 (blue) is transparent
-    assert "transparency" in Image.open(io.BytesIO(data)).info
-    array = decode_image(data, max_pixels=MAX_PIXELS)
-    np.testing.assert_array_equal(array[0], [[255, 0, 0], [255, 255, 255], [0, 255, 0]])
-
-
-def test_cmyk_jpeg_and_tiff():
-    cmyk = Image.new("CMYK", (6, 4), (0, 255, 255, 0))  # pure red in CMYK
-    for fmt in ("JPEG", "TIFF"):
-        data = encode(cmyk, fmt)
-        assert Image.open(io.BytesIO(data)).mode == "CMYK"
-        array = decode_image(data, max_pixels=MAX_PIXELS)
-        check_rgb(array, 4, 6)
-        red, green, blue = (int(v) for v in array[2, 3])
-        assert red > 200 and green < 60 and blue < 60, (fmt, array[2, 3])
-
-
-@pytest.mark.parametrize("mode,fmt", [("I;16", "PNG"), ("I;16B", "TIFF"), ("I", "TIFF")])
-def test_sixteen_bit_is_scaled_not_clipped(mode, fmt):
-    values = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)
-    if mode == "I;16B":
-        image = Image.frombytes("I;16B", (4, 1), values.astype(">u2").tobytes())
-    else:
-        image = Image.fromarray(values.astype(np.int32) if mode == "I" else values)
-    assert image.mode == mode
-    data = encode(image, fmt)
-    assert Image.open(io.BytesIO(data)).mode == mode
-    array = decode_image(data, max_pixels=MAX_PIXELS)
-    check_rgb(array, 1, 4)
-    np.testing.assert_array_equal(array[0, :, 0], [0, 1, 128, 255])
-    np.testing.assert_array_equal(array[..., 0], array[..., 2])
-
-
-def test_thirty_two_bit_outside_sixteen_bit_range_is_stretched():
-    values = np.array([[-1000, 0, 1000]], dtype=np.int32)
-    array = decode_image(encode(Image.fromarray(values), "TIFF"), max_pixels=MAX_PIXELS)
-    np.testing.assert_array_equal(array[0, :, 0], [0, 128, 255])
-
-
-def test_float_in_unit_range_and_outside():
-    unit = np.array([[0.0, 0.5, 1.0]], dtype=np.float32)
-    array = decode_image(encode(Image.fromarray(unit, "F"), "TIFF"), max_pixels=MAX_PIXELS)
-    np.testing.assert_array_equal(array[0, :, 1], [0, 128, 255])
-
-    wide = np.array([[-10.0, 0.0, 10.0]], dtype=np.float32)
-    array = decode_image(encode(Image.fromarray(wide, "F"), "TIFF"), max_pixels=MAX_PIXELS)
-    np.testing.assert_array_equal(array[0, :, 1], [0, 128, 255])  # min-max stretched
-
-
-def jpeg_with_orientation(orientation: int) -> bytes:
-    image = Image.new("RGB", (40, 20), (0, 0, 255))  # stored landscape: 40 wide, 20 high
-    image.paste((255, 0, 0), (0, 0, 20, 20))  # left half red
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    return encode(image, "JPEG", exif=exif, quality=95)
-
-
-def test_exif_rotation_applied():
-    # Orientation 6: the camera was turned; viewers rotate 90 degrees clockwise: the left half goes on top.
-    array = decode_image(jpeg_with_orientation(6), max_pixels=MAX_PIXELS)
-    check_rgb(array, 40, 20)
-    assert array[5, 10, 0] > 200 and array[5, 10, 2] < 60  # top: red
-    assert array[35, 10, 2] > 200 and array[35, 10, 0] < 60  # bottom: blue
-
-    array = decode_image(jpeg_with_orientation(8), max_pixels=MAX_PIXELS)  # 90 counter-clockwise
-    check_rgb(array, 40, 20)
-    assert array[35, 10, 0] > 200  # left half goes to the bottom
-
-    array = decode_image(jpeg_with_orientation(3), max_pixels=MAX_PIXELS)  # 180 degrees
-    check_rgb(array, 20, 40)
-    assert array[10, 35, 0] > 200
-
-    array = decode_image(jpeg_with_orientation(1), max_pixels=MAX_PIXELS)
-    check_rgb(array, 20, 40)
-    assert array[10, 5, 0] > 200
-
-
-def test_not_an_image_and_empty():
-    with pytest.raises(ImageDecodeError, match="not an image: 23 bytes"):
-        decode_image(b"<html>not found</html>\n", max_pixels=MAX_PIXELS)
-    with pytest.raises(ImageDecodeError, match="empty"):
-        decode_image(b"", max_pixels=MAX_PIXELS)
-
-
-def test_truncated_jpeg_and_png():
-    data = PHOTO.read_bytes()
-    with pytest.raises(ImageDecodeError, match="truncated"):
-        decode_image(data[: len(data) // 2], max_pixels=MAX_PIXELS)
-    png = encode(Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)))
-    with pytest.raises(ImageDecodeError):
-        decode_image(png[: len(png) // 2], max_pixels=MAX_PIXELS)
-
-
-def test_too_many_pixels_refused_from_header():
-    data = encode(Image.new("L", (3000, 2000)))  # 6 Mpx of zeros compresses to a few kB
-    assert len(data) < 50_000
-    with pytest.raises(ImageTooLargeError, match="3000 x 2000 = 6000000 pixels, over the limit of 1000000"):
-        decode_image(data, max_pixels=1_000_000)
-    assert decode_image(data, max_pixels=6_000_000).shape == (2000, 3000, 3)
-
-
-def crafted_png(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width x height`` pixels, with a tiny (bogus) body: a decompression bomb."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
-    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    return b"\x89PNG\r\n\x1a\n" + body
-
-
-def test_decompression_bomb_refused_before_decoding():
-    bomb = crafted_png(100_000, 100_000)  # 10 gigapixels in 100 bytes
-    assert len(bomb) < 200
-    started = time.perf_counter()
-    with pytest.raises(ImageTooLargeError):
-        decode_image(bomb, max_pixels=MAX_PIXELS)
-    # Over Pillow's own global limit too: its DecompressionBombError must surface as ours.
-    with pytest.raises(ImageTooLargeError, match="decompression bomb"):
-        decode_image(bomb, max_pixels=10**12)
-    assert time.perf_counter() - started < 1.0
 
 
 def test_is_public_address():
@@ -317,12 +125,14 @@ class Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         query = parse_qs(parts.query)
         path = parts.path
+        if path.startswith("/data/upload/_/"):  # test routes below Label Studio's media route, without auth
+            path = path.removeprefix("/data/upload/_")
         if path.startswith("/public/"):
             return self.serve(path.removeprefix("/public/"))
         if path == "/redirect":
             return self.redirect(query["to"][0], int(query.get("code", ["302"])[0]))
         if path.startswith("/loop/"):
-            return self.redirect(f"/loop/{int(path.split('/')[2]) + 1}", 302)
+            return self.redirect(f"/data/upload/_/loop/{int(path.split('/')[2]) + 1}", 302)
         if path == "/huge":
             self.send_response(200)
             self.send_header("Content-Length", str(10**9))
@@ -521,7 +331,7 @@ def test_no_auth_header_to_other_hosts(ls):
     assert fetcher(base, allow_private=True).fetch(other + "/public/red.png") == state.files["red.png"]
     assert state.requests[-1][3] is None
     # Not even when Label Studio redirects there.
-    fetcher(base, allow_private=True).fetch(f"/redirect?to={other}/public/red.png")
+    fetcher(base, allow_private=True).fetch(f"/data/upload/_/redirect?to={other}/public/red.png")
     assert [r[3] for r in state.requests[-2:]] == [f"Token {LEGACY}", None]
 
 
@@ -532,7 +342,7 @@ def test_loopback_refused_unless_label_studio_host_or_allowed(ls):
     with pytest.raises(ImageFetchError, match="MASKCLIP_ALLOW_PRIVATE_URLS"):
         fetcher(base).fetch(other + "/public/red.png")  # same machine, other host name: not LS's host
     assert state.requests == []  # refused before connecting
-    assert fetcher(base).fetch(base + "/public/red.png") == state.files["red.png"]  # LS's host
+    assert fetcher(base).fetch(base + "/data/upload/red.png") == state.files["red.png"]  # LS's host
     assert fetcher("", allow_private=True).fetch(base + "/public/red.png") == state.files["red.png"]
 
 
@@ -540,9 +350,9 @@ def test_redirect_hop_to_refused_host(ls):
     base, _, state = ls
     for target in ("http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/x.png", "http://[::1]:9/x.png"):
         with pytest.raises(ImageFetchError, match="refused.*MASKCLIP_ALLOW_PRIVATE_URLS"):
-            fetcher(base).fetch(f"/redirect?to={target}")
+            fetcher(base).fetch(f"/data/upload/_/redirect?to={target}")
     with pytest.raises(ImageFetchError, match="only http"):
-        fetcher(base).fetch("/redirect?to=file:///etc/passwd")
+        fetcher(base).fetch("/data/upload/_/redirect?to=file:///etc/passwd")
 
 
 @pytest.mark.parametrize(
@@ -572,22 +382,25 @@ def test_other_schemes_refused(url):
 def test_too_many_redirects(ls):
     base, _, _ = ls
     with pytest.raises(ImageFetchError, match="more than 5 redirects"):
-        fetcher(base).fetch("/loop/0")
+        fetcher(base).fetch("/data/upload/_/loop/0")
 
 
 def test_redirect_codes_followed(ls):
     base, _, state = ls
     for code in (301, 302, 303, 307, 308):
-        assert fetcher(base).fetch(f"/redirect?code={code}&to=/public/red.png") == state.files["red.png"]
+        assert (
+            fetcher(base).fetch(f"/data/upload/_/redirect?code={code}&to=/data/upload/red.png")
+            == state.files["red.png"]
+        )
 
 
 def test_size_cap_by_content_length_and_by_stream(ls):
     base, _, _ = ls
     started = time.perf_counter()
     with pytest.raises(ImageFetchError, match="larger than 1000000 bytes.*MASKCLIP_MAX_DOWNLOAD_BYTES"):
-        fetcher(base, max_bytes=1_000_000).fetch("/huge")
+        fetcher(base, max_bytes=1_000_000).fetch("/data/upload/_/huge")
     with pytest.raises(ImageFetchError, match="larger than 1000000 bytes"):
-        fetcher(base, max_bytes=1_000_000).fetch("/huge-chunked")
+        fetcher(base, max_bytes=1_000_000).fetch("/data/upload/_/huge-chunked")
     assert time.perf_counter() - started < 3.0
 
 
@@ -595,9 +408,9 @@ def test_timeouts(ls):
     base, _, _ = ls
     started = time.perf_counter()
     with pytest.raises(ImageFetchError, match="timed out after 0.5 s.*MASKCLIP_DOWNLOAD_TIMEOUT"):
-        fetcher(base, timeout=0.5).fetch("/slow?s=2")
+        fetcher(base, timeout=0.5).fetch("/data/upload/_/slow?s=2")
     with pytest.raises(ImageFetchError, match="timed out after 0.5 s"):
-        fetcher(base, timeout=0.5).fetch("/drip")  # each byte is quick; the whole is not
+        fetcher(base, timeout=0.5).fetch("/data/upload/_/drip")  # each byte is quick; the whole is not
     assert time.perf_counter() - started < 3.0
 
 
@@ -654,3 +467,81 @@ def test_from_settings():
         4.5,
     )
     assert LEGACY not in repr(built)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# An absolute deadline (the request's time budget) over the whole fetch
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_deadline_cuts_a_slow_drip_long_before_the_timeout(ls):
+    base, _, _ = ls
+    started = time.monotonic()
+    with pytest.raises(ImageFetchError, match="deadline reached before the download finished"):
+        fetcher(base, timeout=30.0).fetch("/data/upload/_/drip", deadline=started + 0.5)  # 1000 bytes over 50 s
+    assert time.monotonic() - started < 10  # generous: the timeout alone would allow 30 s
+    with pytest.raises(ImageFetchError, match="deadline reached"):  # headers that never come
+        fetcher(base, timeout=30.0).fetch("/data/upload/_/slow?s=5", deadline=time.monotonic() + 0.5)
+    with pytest.raises(ImageFetchError, match="deadline reached"):  # through a redirect
+        fetcher(base, timeout=30.0).load(
+            "/data/upload/_/redirect?to=/data/upload/_/slow%3Fs%3D5", deadline=time.monotonic() + 0.5, max_pixels=100
+        )
+
+
+def test_timeout_still_applies_and_is_named_when_it_comes_first(ls):
+    base, _, _ = ls
+    with pytest.raises(ImageFetchError, match="timed out after 0.5 s.*MASKCLIP_DOWNLOAD_TIMEOUT"):
+        fetcher(base, timeout=0.5).fetch("/data/upload/_/drip", deadline=time.monotonic() + 60)
+
+
+def test_a_fetch_starting_after_the_deadline_sends_nothing(ls):
+    base, _, state = ls
+    with pytest.raises(ImageFetchError, match="deadline reached before the download started"):
+        fetcher(base).fetch("/data/upload/red.png", deadline=time.monotonic() - 1)
+    assert state.requests == []
+    assert fetcher(base).fetch("/data/upload/red.png", deadline=time.monotonic() + 60) == state.files["red.png"]
+
+
+def test_queued_downloads_past_the_deadline_are_dropped_without_a_request(ls):
+    """Eight slow downloads queued behind one thread with a shared deadline: those that start after it fail at
+    once and never reach the server."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base, _, state = ls
+    images_fetcher = fetcher(base, timeout=30.0)
+    deadline = time.monotonic() + 1.0
+    with ThreadPoolExecutor(1) as pool:
+        futures = [pool.submit(images_fetcher.fetch, "/data/upload/_/slow?s=0.7", deadline=deadline) for _ in range(8)]
+        outcomes = []
+        for future in futures:
+            try:
+                outcomes.append(len(future.result()))
+            except ImageFetchError as exc:
+                outcomes.append(str(exc))
+    assert sum(isinstance(o, str) and "deadline reached before the download started" in o for o in outcomes) >= 5
+    assert len(state.requests) <= 3 and all(isinstance(o, int) or "deadline reached" in o for o in outcomes)
+
+
+def test_fetcher_with_a_pixel_budget_holds_decoded_pixels_until_freed(ls):
+    import gc
+
+    from labelstudio_maskclip.labelstudio.decode import PixelBudget
+
+    base, _, _ = ls
+    budget = PixelBudget(50)  # red.png is 8 x 6 = 48 pixels
+    images_fetcher = fetcher(base, pixel_budget=budget)
+    assert images_fetcher.load("/data/upload/red.png", max_pixels=MAX_PIXELS).shape == (6, 8, 3)
+    assert budget.in_flight == 0  # by default the room is held while decoding only
+    first = images_fetcher.load("/data/upload/red.png", max_pixels=MAX_PIXELS, hold_pixels=True)
+    assert budget.in_flight == 48
+    with pytest.raises(ImageError, match="MASKCLIP_MAX_PIXELS_IN_FLIGHT"):
+        images_fetcher.load("/data/upload/red.png", max_pixels=MAX_PIXELS, deadline=time.monotonic() + 0.3)
+    del first
+    gc.collect()
+    second = images_fetcher.load(
+        "/data/upload/red.png", max_pixels=MAX_PIXELS, deadline=time.monotonic() + 5, hold_pixels=True
+    )
+    assert second.shape == (6, 8, 3) and budget.in_flight == 48
+    with pytest.raises(ImageDecodeError):  # a failed decode releases its room
+        images_fetcher.load("/data/upload/text.html", max_pixels=MAX_PIXELS)
+    assert budget.in_flight == 48

@@ -47,7 +47,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def _predict(url: str, client: int, n: int) -> tuple[float, int, dict]:
-    tasks = [{"id": 1000 * client + 10 * n + t, "data": {"image": "/" + NAMES[(client + n + t) % len(NAMES)]}}
+    tasks = [{"id": 1000 * client + 10 * n + t, "data": {"image": "/data/upload/" + NAMES[(client + n + t) % len(NAMES)]}}
              for t in range(TASKS)]  # fmt: skip
     start = time.perf_counter()
     r = requests.post(url + "/predict", json={"tasks": tasks, "label_config": BRUSH, "project": "1.1"}, timeout=60)

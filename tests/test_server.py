@@ -41,6 +41,9 @@ def files(tmp_path_factory):
         def __init__(self, *a, **kw):
             super().__init__(*a, directory=str(root), **kw)
 
+        def translate_path(self, path):  # Label Studio serves uploads under /data/upload/
+            return super().translate_path(path.removeprefix("/data/upload"))
+
         def log_message(self, *a):
             pass
 
@@ -84,11 +87,11 @@ def test_setup_refuses_a_config_without_a_usable_control(client):
 def test_predict_gives_brush_masks_per_task_and_clear_errors_for_bad_tasks(client, files):
     photo = Image.open(PHOTOS / "000000000009.jpg")
     tasks = [
-        {"id": 1, "data": {"image": "/photo.jpg"}},  # relative: resolved against LABEL_STUDIO_URL
+        {"id": 1, "data": {"image": "/data/upload/photo.jpg"}},  # relative: resolved against LABEL_STUDIO_URL
         {"id": 2, "data": {"text": "no image here"}},
-        {"id": 3, "data": {"image": "/notes.txt"}},
-        {"id": 4, "data": {"image": "/missing.jpg"}},
-        {"id": 5, "data": {"image": "/truncated.jpg"}},
+        {"id": 3, "data": {"image": "/data/upload/notes.txt"}},
+        {"id": 4, "data": {"image": "/data/upload/missing.jpg"}},
+        {"id": 5, "data": {"image": "/data/upload/truncated.jpg"}},
         {"id": 6, "data": {"image": _data_uri(PHOTOS / "000000000025.jpg")}},
         {"id": 7, "data": {"image": "http://10.1.2.3/private.jpg"}},  # SSRF: private address refused
     ]
@@ -121,7 +124,7 @@ def test_predict_gives_brush_masks_per_task_and_clear_errors_for_bad_tasks(clien
 
 
 def test_polygon_controls_get_polygons_traced_from_the_same_masks(client):
-    tasks = [{"id": 1, "data": {"image": "/photo.jpg"}}]
+    tasks = [{"id": 1, "data": {"image": "/data/upload/photo.jpg"}}]
     result = client.post("/predict", json={"tasks": tasks, "label_config": BOTH}).get_json()["results"][0]["result"]
     polys = [r for r in result if r["type"] == "polygonlabels"]
     brushes = {r["value"]["brushlabels"][0]: r for r in result if r["type"] == "brushlabels"}
@@ -173,7 +176,7 @@ def test_webhook_stores_annotations_and_ignores_other_actions(client, settings):
         "action": "ANNOTATION_CREATED",
         "annotation": {"id": 11, "result": [region], "was_cancelled": False, "ground_truth": False,
                        "completed_by": 1, "task": 5, "project": 1, "updated_at": "2026-11-28T10:00:00Z"},
-        "task": {"id": 5, "data": {"image": "/photo.jpg"}, "project": 1},
+        "task": {"id": 5, "data": {"image": "/data/upload/photo.jpg"}, "project": 1},
         "project": {"id": 1, "label_config": BRUSH},
     }  # fmt: skip
     reply = client.post("/webhook", json=payload)
@@ -234,6 +237,6 @@ def test_a_damaged_student_checkpoint_falls_back_to_maskclip(settings, tmp_path)
     assert ck.current_version(tmp_path) == "maskclip+-1"
     client = create_app(damaged, warm=False).test_client()
     assert client.post("/setup", json={"schema": BRUSH}).get_json()["model_version"].startswith("maskclip-")
-    tasks = [{"id": 1, "data": {"image": "/photo.jpg"}}]
+    tasks = [{"id": 1, "data": {"image": "/data/upload/photo.jpg"}}]
     body = client.post("/predict", json={"tasks": tasks, "label_config": BRUSH}).get_json()
     assert body["results"][0]["result"] and body["model_version"].startswith("maskclip-")

@@ -55,7 +55,7 @@ class DenseImage:
 def encode_image(seg: MaskCLIP, image: np.ndarray, opts: SegmentOptions) -> DenseImage:
     """Run the image tower once: (H, W, 3) uint8 RGB -> :class:`DenseImage` (whole image, no window)."""
     height, width = image.shape[:2]
-    size = seg.input_size(height, width, opts.short_side, opts.size_multiple)
+    size = seg.input_size(height, width, opts.short_side, opts.size_multiple, opts.max_input_pixels)
     pixels = seg.preprocess([image], size)  # (1, 3, H', W')
     out = dense_features(seg.clip.model.visual, pixels.to(seg.device, seg.clip.dtype), opts.mode)
     return DenseImage(features=out.features[0], keys=out.keys[0], size=(height, width))

@@ -17,6 +17,7 @@ Rules for the output (also in the README):
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -36,7 +37,7 @@ __all__ = [
 ]  # fmt: skip
 
 NO_LABEL = -1
-_UPSAMPLE_BUDGET = 2**28  # elements per interpolate call, far below INT_MAX
+_UPSAMPLE_BUDGET = 2**22  # probabilities upsampled at once in _finalize (16 MiB of float32)
 REFINE_MAX_SIDE = 896  # PAMR runs at the resized image's resolution, its long side capped at this
 
 
@@ -45,6 +46,9 @@ class SegmentOptions:
     mode: str = "maskclip"  # one of DENSE_MODES
     short_side: int = 448  # the image is resized so its short side has this many pixels (0: keep size)
     size_multiple: int = 0  # sides rounded to about this many pixels (0: the encoder stride); see resized_size
+    # At most this many pixels enter the encoder per image (0: 4 x short_side^2, no bound when short_side is
+    # 0): an extreme aspect ratio (a 1 x 100000 strip) is squeezed instead of asking for gigabytes.
+    max_input_pixels: int = 0
     window: int = 0  # sliding-window size in pixels of the resized image; 0 = whole image
     stride: int = 224  # sliding-window stride
     key_smoothing: bool = True
@@ -221,10 +225,12 @@ class MaskCLIP:
         """Same-size batch: list of (H, W, 3) uint8 RGB -> (B, 3, size) normalised on the model's device."""
         return normalized_batch(images, size, self._mean, self._std)
 
-    def input_size(self, height: int, width: int, short_side: int, multiple: int = 0) -> tuple[int, int]:
-        """Resized (H', W'): short side ``short_side`` (0 keeps the size), sides rounded as
-        :func:`resized_size` says."""
-        return resized_size(height, width, short_side, self.stride, multiple)
+    def input_size(
+        self, height: int, width: int, short_side: int, multiple: int = 0, max_pixels: int = 0
+    ) -> tuple[int, int]:
+        """Resized (H', W'): short side ``short_side`` (0 keeps the size), sides rounded and the pixel
+        count bounded as :func:`resized_size` says."""
+        return resized_size(height, width, short_side, self.stride, multiple, max_pixels)
 
     @torch.inference_mode()
     def segment(
@@ -247,7 +253,7 @@ class MaskCLIP:
         emb = text if text is not None else self.text_embeddings(list(classes) + list(background))  # (K + Kb, D)
         return segment_in_batches(
             images,
-            lambda h, w: self.input_size(h, w, opts.short_side, opts.size_multiple),
+            lambda h, w: self.input_size(h, w, opts.short_side, opts.size_multiple, opts.max_input_pixels),
             lambda batch, size: self.refined_probs(self.preprocess(batch, size), emb, opts),
             n_labels=len(classes),
             batch_size=opts.batch_size,
@@ -256,21 +262,37 @@ class MaskCLIP:
         )
 
 
-def resized_size(height: int, width: int, short_side: int, stride: int, multiple: int = 0) -> tuple[int, int]:
+def resized_size(
+    height: int, width: int, short_side: int, stride: int, multiple: int = 0, max_pixels: int = 0
+) -> tuple[int, int]:
     """(H', W') with short side ``short_side`` (0 keeps the size), rounded to a multiple of ``stride``; the
     long side is rounded to a multiple of ``stride * max(1, round(multiple / stride))`` (``multiple`` 0: of
     the stride). Coarser rounding of the long side puts images of similar shapes into the same batch at the
     cost of a small change of aspect ratio (64 px on a 448 px short side: at most 7 %); the masks are
-    upsampled back to the original size either way."""
+    upsampled back to the original size either way.
+
+    H' x W' is at most about ``max_pixels`` (within the rounding of the sides; 0: ``4 * short_side**2``,
+    which leaves aspect ratios up to 4:1 untouched; no bound when ``short_side`` is 0 too): beyond it the image is scaled down as a whole, the
+    short side never below one ``stride``, and the long side then cut to fit, so a 1 x 100000 strip becomes a
+    ``stride``-high band of bounded length (aspect squeezed) instead of a tensor of gigabytes.
+    """
     step = stride * max(1, round(multiple / stride)) if multiple > 0 else stride
     scale = short_side / min(height, width) if short_side else 1.0
+    budget = max_pixels or 4 * short_side * short_side
+    capped = bool(budget) and height * width * scale * scale > budget * (1 + 1e-9)  # exactly 4:1 stays uncapped
+    if capped:
+        scale = math.sqrt(budget / (height * width))
 
     def side(n: int, unit: int) -> int:
-        return max(unit, round(n * scale / unit) * unit)
+        exact = n * scale / unit
+        return max(unit, (math.floor(exact) if capped else round(exact)) * unit)
 
-    if height <= width:
-        return side(height, stride), side(width, step)
-    return side(height, step), side(width, stride)
+    short, long = (height, width) if height <= width else (width, height)
+    short_out = side(short, stride)
+    long_out = side(long, step)
+    if capped:  # the short side was raised to one stride: cut the long side so the product fits
+        long_out = max(step, min(long_out, budget // short_out // step * step))
+    return (short_out, long_out) if height <= width else (long_out, short_out)
 
 
 def normalized_batch(
@@ -285,12 +307,36 @@ def normalized_batch(
         if isinstance(img, torch.Tensor):  # decoded on the device already (labelstudio.jpeg)
             t = img.to(mean.device).permute(2, 0, 1)[None]
         else:
+            img = _box_shrink(img, size)
             t = torch.from_numpy(np.require(img, requirements=["C", "W"]))
             if cuda:
                 t = t.pin_memory()
             t = t.to(mean.device, non_blocking=cuda).permute(2, 0, 1)[None]
         out.append(F.interpolate(t.float() / 255.0, size=size, mode="bilinear", antialias=True, align_corners=False))
     return (torch.cat(out) - mean) / std  # (B, 3, h, w)
+
+
+def _box_shrink(img: np.ndarray, size: tuple[int, int], band: int = 64) -> np.ndarray:
+    """(H, W, 3) uint8 -> box-averaged by whole factors to at least twice ``size`` (H', W'), in uint8.
+
+    A large photo is first averaged over fy x fx blocks (fy = H // 2H', fx = W // 2W'; the last H mod fy rows
+    and W mod fx columns, under half a pixel of the model input, are dropped) a band of rows at a time, so
+    the float copy that the antialiased resize needs is of a small image, not of 64 megapixels. Images less
+    than four times the size in each direction are returned unchanged.
+    """
+    fy, fx = img.shape[0] // (2 * size[0]), img.shape[1] // (2 * size[1])
+    if fy <= 1 and fx <= 1:
+        return img
+    fy, fx = max(1, fy), max(1, fx)
+    from PIL import Image
+
+    height, width = img.shape[0] // fy, img.shape[1] // fx
+    out = np.empty((height, width, 3), np.uint8)
+    for y0 in range(0, height, band):
+        y1 = min(height, y0 + band)
+        rows = np.ascontiguousarray(img[y0 * fy : y1 * fy, : width * fx])
+        out[y0:y1] = np.asarray(Image.fromarray(rows).reduce((fx, fy)))
+    return out
 
 
 def segment_in_batches(
@@ -362,51 +408,54 @@ def _candidates(probs: torch.Tensor) -> torch.Tensor:
 def _finalize(probs: torch.Tensor, size: tuple[int, int], n_labels: int, min_conf: float) -> Segmentation:
     """Grid probabilities (K + Kb, h, w) -> Segmentation at ``size`` (H, W).
 
-    Only the k' classes that can win a pixel are upsampled (:func:`_candidates`), a chunk of classes at a
-    time with a running maximum, so the full (K, H, W) tensor is never materialised and no interpolate call
-    exceeds INT_MAX elements. Areas and scores are counted per candidate (k' bins), then placed.
+    Only the k' classes that can win a pixel are upsampled (:func:`_candidates`: usually a handful of the K).
+    Bilinear upsampling (``align_corners=False``, as ``F.interpolate``) is done separably: along the width for
+    the whole grid ((k', h, W): small), then along the height one band of output rows at a time, keeping each
+    band's winning class and its probability. Beyond the outputs ((H, W) int16 labels and float32
+    confidence, on the CPU) at most about ``_UPSAMPLE_BUDGET`` probabilities exist at once, whatever the image
+    size, so a 64-megapixel image costs its label map, not gigabytes of (K, H, W) floats.
     """
     height, width = size
     keep = _candidates(probs)  # (k',) ascending class indices
-    kept = probs.index_select(0, keep)[None]  # (1, k', h, w)
-    chunk = max(1, _UPSAMPLE_BUDGET // (height * width))
-    if len(keep) <= chunk:  # the usual case: one call
-        best, index = F.interpolate(kept, size=size, mode="bilinear", align_corners=False)[0].max(0)  # (H, W)
-    else:
-        best = torch.full((height, width), -1.0, device=probs.device)
-        index = torch.zeros((height, width), dtype=torch.long, device=probs.device)
-        for c0 in range(0, len(keep), chunk):
-            up = F.interpolate(kept[:, c0 : c0 + chunk], size=size, mode="bilinear", align_corners=False)[0]
-            value, idx = up.max(0)
-            better = value > best
-            best = torch.where(better, value, best)
-            index = torch.where(better, idx + c0, index)
-    labels = keep.to(torch.int16)[index]  # (H, W) class of each pixel
-    dropped = keep >= n_labels  # (k',) background classes: their pixels get no label
-    none = dropped[index] if bool(dropped.any()) else None
-    if min_conf > 0:
-        low = best < min_conf
-        none = low if none is None else none | low
-    if none is not None:
-        labels.masked_fill_(none, NO_LABEL)
-        index = index.masked_fill(none, len(keep))  # an extra bin, not counted
-    bins = len(keep) + 1
-    counts = torch.bincount(index.flatten(), minlength=bins)[: len(keep)]  # (k',)
-    sums = torch.bincount(index.flatten(), weights=best.flatten().double(), minlength=bins)[: len(keep)]
-    counts = counts.masked_fill(dropped, 0)
-    sums = sums.masked_fill(dropped, 0.0)
-    own = ~dropped
-    areas = torch.zeros(n_labels, dtype=torch.long, device=probs.device)
-    areas[keep[own]] = counts[own]
-    scores = torch.zeros(n_labels, dtype=torch.float64, device=probs.device)
-    scores[keep[own]] = sums[own] / counts[own].clamp_min(1)
-    total = int(counts.sum())
-    image_score = float(sums.sum() / total) if total else 0.0
+    kept = probs.index_select(0, keep).float()  # (k', h, w)
+    k_kept, grid_h, _ = kept.shape
+    device = probs.device
+    rows = F.interpolate(kept[None], size=(grid_h, width), mode="bilinear", align_corners=False)[0]  # (k', h, W)
+    scale = torch.tensor(grid_h / height, dtype=torch.float32)
+    src = ((torch.arange(height, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_min(0.0)  # (H,) source rows
+    top = src.long().clamp_max(grid_h - 1)
+    bottom = (top + 1).clamp_max(grid_h - 1)
+    lower = (src - top.float()).to(device)  # weight of the bottom row
+    upper = 1.0 - lower
+    top, bottom = top.to(device), bottom.to(device)
+    labels = torch.empty((height, width), dtype=torch.int16)
+    confidence = torch.empty((height, width), dtype=torch.float32)
+    areas = torch.zeros(n_labels, dtype=torch.float64)
+    sums = torch.zeros(n_labels, dtype=torch.float64)
+    total, count = 0.0, 0
+    band = max(1, _UPSAMPLE_BUDGET // (k_kept * width))
+    for y0 in range(0, height, band):
+        y1 = min(height, y0 + band)
+        up = rows[:, top[y0:y1]] * upper[None, y0:y1, None] + rows[:, bottom[y0:y1]] * lower[None, y0:y1, None]
+        value, index = up.max(0)  # (n, W) each; ties go to the first class
+        del up
+        klass = keep[index]  # (n, W) class indices among all K
+        no_label = (klass >= n_labels) | (value < min_conf)
+        klass = klass.masked_fill(no_label, NO_LABEL)
+        valid = ~no_label
+        won, weights = klass[valid], value[valid].double()
+        areas += torch.bincount(won, minlength=n_labels)[:n_labels].double().cpu()
+        sums += torch.bincount(won, weights=weights, minlength=n_labels)[:n_labels].cpu()
+        total += float(weights.sum())
+        count += int(won.numel())
+        labels[y0:y1] = klass.to(torch.int16).cpu()
+        confidence[y0:y1] = value.cpu()
+    scores = torch.where(areas > 0, sums / areas.clamp_min(1), torch.zeros_like(sums))
     return Segmentation(
-        labels=labels.cpu().numpy(),
-        confidence=best.float().cpu().numpy(),
+        labels=labels.numpy(),
+        confidence=confidence.numpy(),
         grid_probs=probs.float().cpu().numpy(),
-        class_scores=scores.float().cpu().numpy(),
-        class_areas=areas.cpu().numpy().astype(np.int64),
-        score=image_score,
+        class_scores=scores.float().numpy(),
+        class_areas=areas.numpy().astype(np.int64),
+        score=total / count if count else 0.0,
     )

@@ -505,7 +505,7 @@ class MaskCLIPBackend:
                     if not batch:
                         break
                     began = time.monotonic()
-                    segs = model.segment([img for _, img in batch], classes, opts=opts, **extra)
+                    batch, segs = self._segment(model, batch, classes, opts, extra, tasks, failures)
                     self.rt.observe(version, len(batch), time.monotonic() - began)
                     # RLE and polygon encoding run in the pool, beside the next batch's inference.
                     encoded += [(i, pool.submit(encode, seg)) for (i, _), seg in zip(batch, segs)]
@@ -596,6 +596,28 @@ class MaskCLIPBackend:
             "model_version": version,
             "errors": [{"task": tasks[0].get("id"), "error": n} for n in notes],
         }
+
+    @staticmethod
+    def _segment(model, images, classes, opts, extra, tasks, failures: dict[int, TaskFailure]) -> tuple[list, list]:
+        """Segment ``images`` ((task index, array) pairs) in one call; when that fails, image by image, so
+        one image's failure (out of memory, say) is that task's error. Returns the pairs that succeeded
+        and their segmentations; failures go into ``failures`` by task index."""
+        try:
+            return images, model.segment([img for _, img in images], classes, opts=opts, **extra)
+        except Exception as e:
+            if len(images) == 1:
+                i, img = images[0]
+                task_id = _task_id(tasks[i])
+                log.exception("predict: task %s (%d x %d image) failed in the model", task_id, *img.shape[:2])
+                failures[i] = TaskFailure(task_id, f"the model failed on this image ({type(e).__name__})")
+                return [], []
+        done: list = []
+        segs: list = []
+        for pair in images:
+            ok, seg = MaskCLIPBackend._segment(model, [pair], classes, opts, extra, tasks, failures)
+            done += ok
+            segs += seg
+        return done, segs
 
     @staticmethod
     def _targets(spec: LabelingSpec):

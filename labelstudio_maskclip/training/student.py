@@ -294,7 +294,14 @@ class StudentModel:
         order = torch.tensor(self._order(classes, background), device=self.device)
         return segment_in_batches(
             images,
-            lambda h, w: resized_size(h, w, opts.short_side, self.net.stride, getattr(opts, "size_multiple", 0)),
+            lambda h, w: resized_size(
+                h,
+                w,
+                opts.short_side,
+                self.net.stride,
+                getattr(opts, "size_multiple", 0),
+                getattr(opts, "max_input_pixels", 0),
+            ),  # fmt: skip
             lambda batch, size: self.grid_probs(normalized_batch(batch, size, self._mean, self._std))[:, order],
             n_labels=len(self.classes),
             batch_size=int(getattr(opts, "batch_size", 8)),
