@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from labelstudio_maskclip.evaluation import evaluate as ev
+from labelstudio_maskclip.evaluation import metrics
+from labelstudio_maskclip.evaluation.metrics import IGNORE
 from labelstudio_maskclip.learning.store import AnnotationWrite, Store, TaskRecord
 from labelstudio_maskclip.settings import Settings
 from labelstudio_maskclip.training import checkpoints as ck
@@ -125,11 +128,11 @@ def _fill(store: Store, ids, *, annotated=(), seed0: int = 0) -> dict[str, np.nd
 
 
 def _miou(pred_fn, seeds) -> float:
-    total = np.zeros((4, 4), np.int64)
+    total = np.zeros((3, 4), np.int64)
     for sd in seeds:
         img, gt = synthetic(sd)
-        total += tr.confusion(pred_fn(img), gt, 3)
-    return tr.miou(total)
+        total += metrics.confusion_matrix(gt, pred_fn(img), 3)
+    return metrics.mean_iou(total)
 
 
 # --- pure parts --------------------------------------------------------------------------------------------
@@ -153,14 +156,52 @@ def test_poly_schedule_and_validation_split():
     assert not any(tr.is_validation(t, 0.0) for t in range(100)) and all(tr.is_validation(t, 1.0) for t in range(100))
 
 
-def test_confusion_and_miou_count_only_labelled_pixels():
+def _items(tmp_path, gts) -> list:
+    """Validation items on disk: a blank image and each (H, W) uint8 ground truth (255 = nobody labelled)."""
+    items = []
+    for i, gt in enumerate(gts):
+        np.save(image := tmp_path / f"img{i}.npy", np.zeros((*gt.shape, 3), np.uint8))
+        np.save(labels := tmp_path / f"lab{i}.npy", gt.astype(np.uint8))
+        items.append(tr.Item(i, image, labels))
+    return items
+
+
+def test_validation_counts_only_labelled_pixels(tmp_path):
     gt = np.array([[0, 0, 1, 255]], np.uint8)
-    pred = np.array([[0, 1, 1, 0]])
-    conf = tr.confusion(pred, gt, 2)
-    assert conf.sum() == 3  # the 255 pixel is not counted
-    assert tr.miou(conf) == pytest.approx((1 / 2 + 1 / 2) / 2)
-    assert tr.miou(tr.confusion(np.array([[-1, -1]]), np.array([[0, 1]], np.uint8), 2)) == 0.0  # no label = miss
-    assert tr.miou(tr.confusion(pred, np.full((1, 4), 255, np.uint8), 2)) is None
+    items = _items(tmp_path, [gt])
+    assert tr._evaluate(lambda img: np.array([[0, 1, 1, 0]]), items, 2) == pytest.approx((1 / 2 + 1 / 2) / 2)
+    assert tr._evaluate(lambda img: np.array([[-1, -1, -1, 0]]), items, 2) == 0.0  # no label = miss
+    assert tr._evaluate(lambda img: np.array([[0, 0, 1, 7]]), items, 2) == 1.0  # the 255 pixel is not counted
+    assert tr._evaluate(lambda img: np.zeros((1, 4)), _items(tmp_path, [np.full((1, 4), 255)]), 2) is None
+    assert tr._evaluate(lambda img: np.zeros((1, 4)), [], 2) is None
+
+
+def test_validation_penalises_labels_absent_from_the_image(tmp_path):
+    """People labelled only "disc" (0): a candidate that paints "box" (1) on a tenth of it must lose to a
+    teacher that leaves a fifth unlabelled (mmsegmentation's mIoU: box's IoU 0 counts), not win as it did
+    when the mean ran over ground-truth labels only."""
+    gt = np.full((10, 10), IGNORE, np.uint8)
+    gt[:, :5] = 0
+    items = _items(tmp_path, [gt])
+    painter = np.zeros((10, 10), np.int64)
+    painter[:5, 0] = 1  # 5 of the 50 labelled pixels
+    shy = np.zeros((10, 10), np.int64)
+    shy[:, 0] = -1  # 10 of 50 without a label
+    candidate = tr._evaluate(lambda img: painter, items, 3)
+    teacher = tr._evaluate(lambda img: shy, items, 3)
+    assert candidate == pytest.approx((0.9 + 0.0) / 2) and teacher == pytest.approx(0.8)
+    assert not tr.decide("better", candidate, teacher, None, tr.MIN_VAL_MASKS)[0]
+
+
+def test_validation_and_eval_agree(tmp_path):
+    """Training validation and `eval` compute one mIoU (the same confusion matrix and mean)."""
+    rng = np.random.default_rng(0)
+    gts = [rng.choice([0, 1, 2, 3, 255], (12, 9)).astype(np.uint8) for _ in range(3)]
+    preds = [rng.integers(-1, 4, (12, 9)) for _ in range(3)]
+    by_image = iter(preds)
+    got = tr._evaluate(lambda img: next(by_image), _items(tmp_path, gts), 4)
+    conf = sum(ev.confusion_matrix(g, p, 4) for g, p in zip(gts, preds))
+    assert got == pytest.approx(ev.scores(conf)["mIoU"])
 
 
 def test_promotion_rule():

@@ -15,8 +15,8 @@ One run (METHOD.md section 2):
    are treated as unlabeled (people rarely paint everything).
 3. Cross-entropy (ignore 255); SGD (lr ``train_lr``, momentum, weight decay from Settings), poly decay
    power 0.9 to 1e-4; bf16 autocast and channels_last on CUDA; DistributedDataParallel under torchrun.
-4. Validation on the held-out masks: mIoU over labels (confusion matrix on the pixels people labelled) of
-   the teacher, the served student (if its labels match) and the candidate; the decision is :func:`decide`.
+4. Validation on the held-out masks: mIoU (:mod:`labelstudio_maskclip.evaluation.metrics`, on the pixels
+   people labelled; a label painted where people put another one counts against it) of the teacher, the served student (if its labels match) and the candidate; the decision is :func:`decide`.
 5. Output in ``MODEL_DIR/runs/<run-id>/``: ``metrics.json``, ``curves.png``, ``last.pt`` (resume state);
    a promotion goes through :func:`labelstudio_maskclip.training.checkpoints.promote` (atomic).
 
@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..evaluation.metrics import IGNORE, confusion_matrix, mean_iou
 from ..settings import Settings
 from .checkpoints import current_checkpoint, save_checkpoint
 from .checkpoints import promote as promote_checkpoint
@@ -64,8 +65,6 @@ __all__ = [
     "is_validation",
     "build_targets",
     "poly_lr",
-    "confusion",
-    "miou",
     "decide",
     "train",
     "train_main",
@@ -73,7 +72,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IGNORE = 255  # target value of pixels without a label
 MIN_VAL_MASKS = 4  # fewer held-out annotated tasks than this: no "better" comparison, no promotion
 MIN_LR = 1e-4  # poly decay floor
 POLY_POWER = 0.9
@@ -184,29 +182,6 @@ def build_targets(pseudo_probs: torch.Tensor, human: torch.Tensor, threshold: fl
 def poly_lr(step: int, steps: int, base: float, min_lr: float = MIN_LR, power: float = POLY_POWER) -> float:
     """Poly decay from ``base`` at step 0 to ``min_lr`` at ``steps``."""
     return (base - min_lr) * (1 - min(step, steps) / max(1, steps)) ** power + min_lr
-
-
-def confusion(pred: np.ndarray, gt: np.ndarray, n_labels: int) -> np.ndarray:
-    """(n+1, n+1) int64 counts [gt, pred] over pixels with gt != 255; index n = no label.
-
-    ``pred``: (H, W) int, label index or < 0 / >= n for no label; ``gt``: (H, W) uint8 label or 255.
-    """
-    valid = gt != IGNORE
-    p = pred[valid].astype(np.int64)
-    p = np.where((p < 0) | (p >= n_labels), n_labels, p)
-    g = gt[valid].astype(np.int64)
-    return np.bincount(g * (n_labels + 1) + p, minlength=(n_labels + 1) ** 2).reshape(n_labels + 1, n_labels + 1)
-
-
-def miou(conf: np.ndarray) -> float | None:
-    """Mean IoU over labels present in the ground truth (the last row/column, no label, is not a class)."""
-    n = conf.shape[0] - 1
-    ious = []
-    for k in range(n):
-        tp, gt_k, pred_k = conf[k, k], conf[k, :].sum(), conf[:, k].sum()
-        if gt_k > 0:
-            ious.append(tp / (gt_k + pred_k - tp))
-    return float(np.mean(ious)) if ious else None
 
 
 def decide(
@@ -385,11 +360,11 @@ def _evaluate(predict: Callable[[np.ndarray], np.ndarray], items: list[Item], n_
     """mIoU of ``predict(image) -> (H, W) label indices`` against people's masks of ``items``."""
     if not items:
         return None
-    total = np.zeros((n_labels + 1, n_labels + 1), np.int64)
+    total = np.zeros((n_labels, n_labels + 1), np.int64)
     for it in items:
         image = np.load(it.image)
-        total += confusion(predict(image), np.load(it.labels), n_labels)
-    return miou(total)
+        total += confusion_matrix(np.load(it.labels), predict(image), n_labels)
+    return mean_iou(total)
 
 
 def _student_predictor(model: StudentModel, opts: Any, classes: Sequence, background: Sequence) -> Callable:
