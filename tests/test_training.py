@@ -18,7 +18,10 @@ from labelstudio_maskclip.evaluation.metrics import IGNORE
 from labelstudio_maskclip.learning.store import AnnotationWrite, Store, TaskRecord
 from labelstudio_maskclip.settings import Settings
 from labelstudio_maskclip.training import checkpoints as ck
+from labelstudio_maskclip.training import data as td
+from labelstudio_maskclip.training import loop as tl
 from labelstudio_maskclip.training import train as tr
+from labelstudio_maskclip.training import validation as tv
 from labelstudio_maskclip.training.student import load_student
 from tests.tiny import TINY_VIT, save_random_state
 
@@ -141,19 +144,19 @@ def _miou(pred_fn, seeds) -> float:
 def test_peoples_masks_take_precedence_over_pseudo_labels():
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25], [0.1, 0.1, 0.8]]).T.reshape(1, 3, 1, 3)
     human = torch.tensor([[[255, 255, 0]]], dtype=torch.uint8)
-    got = tr.build_targets(probs, human, threshold=0.5)
+    got = td.build_targets(probs, human, threshold=0.5)
     assert got.tolist() == [[[0, 255, 0]]]  # confident pseudo label; unsure -> ignored; person wins over 0.8
-    assert tr.build_targets(probs, human, threshold=0.0).tolist() == [[[0, 0, 0]]]
+    assert td.build_targets(probs, human, threshold=0.0).tolist() == [[[0, 0, 0]]]
 
 
 def test_poly_schedule_and_validation_split():
-    assert tr.poly_lr(0, 100, 0.01) == pytest.approx(0.01)
-    assert tr.poly_lr(100, 100, 0.01) == pytest.approx(1e-4)
-    assert tr.poly_lr(50, 100, 0.01) == pytest.approx((0.01 - 1e-4) * 0.5**0.9 + 1e-4)
-    picks = [tr.is_validation(t, 0.2) for t in range(2000)]
-    assert picks == [tr.is_validation(t, 0.2) for t in range(2000)]  # deterministic by task id
+    assert tl.poly_lr(0, 100, 0.01) == pytest.approx(0.01)
+    assert tl.poly_lr(100, 100, 0.01) == pytest.approx(1e-4)
+    assert tl.poly_lr(50, 100, 0.01) == pytest.approx((0.01 - 1e-4) * 0.5**0.9 + 1e-4)
+    picks = [td.is_validation(t, 0.2) for t in range(2000)]
+    assert picks == [td.is_validation(t, 0.2) for t in range(2000)]  # deterministic by task id
     assert 0.17 < np.mean(picks) < 0.23
-    assert not any(tr.is_validation(t, 0.0) for t in range(100)) and all(tr.is_validation(t, 1.0) for t in range(100))
+    assert not any(td.is_validation(t, 0.0) for t in range(100)) and all(td.is_validation(t, 1.0) for t in range(100))
 
 
 def _items(tmp_path, gts) -> list:
@@ -162,18 +165,18 @@ def _items(tmp_path, gts) -> list:
     for i, gt in enumerate(gts):
         np.save(image := tmp_path / f"img{i}.npy", np.zeros((*gt.shape, 3), np.uint8))
         np.save(labels := tmp_path / f"lab{i}.npy", gt.astype(np.uint8))
-        items.append(tr.Item(i, image, labels))
+        items.append(td.Item(i, image, labels))
     return items
 
 
 def test_validation_counts_only_labelled_pixels(tmp_path):
     gt = np.array([[0, 0, 1, 255]], np.uint8)
     items = _items(tmp_path, [gt])
-    assert tr._evaluate(lambda img: np.array([[0, 1, 1, 0]]), items, 2) == pytest.approx((1 / 2 + 1 / 2) / 2)
-    assert tr._evaluate(lambda img: np.array([[-1, -1, -1, 0]]), items, 2) == 0.0  # no label = miss
-    assert tr._evaluate(lambda img: np.array([[0, 0, 1, 7]]), items, 2) == 1.0  # the 255 pixel is not counted
-    assert tr._evaluate(lambda img: np.zeros((1, 4)), _items(tmp_path, [np.full((1, 4), 255)]), 2) is None
-    assert tr._evaluate(lambda img: np.zeros((1, 4)), [], 2) is None
+    assert tv.evaluate(lambda img: np.array([[0, 1, 1, 0]]), items, 2) == pytest.approx((1 / 2 + 1 / 2) / 2)
+    assert tv.evaluate(lambda img: np.array([[-1, -1, -1, 0]]), items, 2) == 0.0  # no label = miss
+    assert tv.evaluate(lambda img: np.array([[0, 0, 1, 7]]), items, 2) == 1.0  # the 255 pixel is not counted
+    assert tv.evaluate(lambda img: np.zeros((1, 4)), _items(tmp_path, [np.full((1, 4), 255)]), 2) is None
+    assert tv.evaluate(lambda img: np.zeros((1, 4)), [], 2) is None
 
 
 def test_validation_penalises_labels_absent_from_the_image(tmp_path):
@@ -187,10 +190,10 @@ def test_validation_penalises_labels_absent_from_the_image(tmp_path):
     painter[:5, 0] = 1  # 5 of the 50 labelled pixels
     shy = np.zeros((10, 10), np.int64)
     shy[:, 0] = -1  # 10 of 50 without a label
-    candidate = tr._evaluate(lambda img: painter, items, 3)
-    teacher = tr._evaluate(lambda img: shy, items, 3)
+    candidate = tv.evaluate(lambda img: painter, items, 3)
+    teacher = tv.evaluate(lambda img: shy, items, 3)
     assert candidate == pytest.approx((0.9 + 0.0) / 2) and teacher == pytest.approx(0.8)
-    assert not tr.decide("better", candidate, teacher, None, tr.MIN_VAL_MASKS)[0]
+    assert not tv.decide("better", candidate, teacher, None, tv.MIN_VAL_MASKS)[0]
 
 
 def test_validation_and_eval_agree(tmp_path):
@@ -199,19 +202,19 @@ def test_validation_and_eval_agree(tmp_path):
     gts = [rng.choice([0, 1, 2, 3, 255], (12, 9)).astype(np.uint8) for _ in range(3)]
     preds = [rng.integers(-1, 4, (12, 9)) for _ in range(3)]
     by_image = iter(preds)
-    got = tr._evaluate(lambda img: next(by_image), _items(tmp_path, gts), 4)
+    got = tv.evaluate(lambda img: next(by_image), _items(tmp_path, gts), 4)
     conf = sum(ev.confusion_matrix(g, p, 4) for g, p in zip(gts, preds))
     assert got == pytest.approx(ev.scores(conf)["mIoU"])
 
 
 def test_promotion_rule():
-    assert tr.decide("always", None, None, None, 0)[0]
-    ok, why = tr.decide("better", 0.6, 0.5, None, 2)
+    assert tv.decide("always", None, None, None, 0)[0]
+    ok, why = tv.decide("better", 0.6, 0.5, None, 2)
     assert not ok and "only 2 held-out" in why and "MASKCLIP_PROMOTE=always" in why
-    assert tr.decide("better", 0.6, 0.5, 0.55, 4)[0]
-    ok, why = tr.decide("better", 0.6, 0.5, 0.7, 4)
+    assert tv.decide("better", 0.6, 0.5, 0.55, 4)[0]
+    ok, why = tv.decide("better", 0.6, 0.5, 0.7, 4)
     assert not ok and "current student" in why
-    assert not tr.decide("better", 0.5, 0.5, None, 10)[0]  # a tie is not better
+    assert not tv.decide("better", 0.5, 0.5, None, 10)[0]  # a tie is not better
 
 
 # --- runs --------------------------------------------------------------------------------------------------
@@ -267,7 +270,7 @@ def test_student_beats_its_noisy_teacher(tmp_path):
     student = load_student(ck.checkpoint_path(tmp_path, result.version), "cpu")
     held_out = range(500, 516)
     student_miou = _miou(lambda img: student.segment([img], CLASSES)[0].labels, held_out)
-    teacher_miou = _miou(lambda img: tr._teacher_labels(teacher, img, 0, 0.0), held_out)
+    teacher_miou = _miou(lambda img: tv.teacher_labels(teacher, img, 0, 0.0), held_out)
     print(f"student {student_miou:.3f} teacher {teacher_miou:.3f}")
     assert student_miou > teacher_miou + 0.03
 
@@ -319,8 +322,8 @@ def test_checkpoint_resume_continues_the_schedule(tmp_path):
     )
     # a run that checkpointed at step 2 of 4 and was killed: recreate its last.pt from the first run's state
     net = load_student(ck.checkpoint_path(tmp_path, first.version), "cpu").net
-    opt = tr._optimizer(net, s)
-    tr._save_resume(first.run_dir, net, opt, {"step": 2, "losses": [1.0, 0.9], "evals": []})
+    opt = tl.optimizer(net, s)
+    tl.save_resume(first.run_dir, net, opt, tl.RunState(2, [1.0, 0.9], []))
     resumed = tr.train(
         s, store, load_image=load, teacher=NoisyOracle(), classes=CLASSES, progress=False, resume=first.run_id
     )
