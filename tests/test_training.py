@@ -16,6 +16,7 @@ from labelstudio_maskclip.evaluation import evaluate as ev
 from labelstudio_maskclip.evaluation import metrics
 from labelstudio_maskclip.evaluation.metrics import IGNORE
 from labelstudio_maskclip.learning.store import AnnotationWrite, Store, TaskRecord
+from labelstudio_maskclip.learning.trigger import training_running
 from labelstudio_maskclip.settings import Settings
 from labelstudio_maskclip.training import checkpoints as ck
 from labelstudio_maskclip.training import data as td
@@ -374,3 +375,33 @@ def test_two_process_distributed_run_on_cpu(tmp_path, clip_file):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("step 3/3") == 2 and "(world 2)" in proc.stderr
     assert [h["version"] for h in ck.history(tmp_path / "md")] == ["maskclip+-1"]
+
+
+def test_cli_train_hands_the_trainer_a_settings_object_and_leaves_the_environment_alone(tmp_path, monkeypatch):
+    """`labelstudio-maskclip train` runs in-process: CLI flags reach the trainer in the Settings it is
+    given (not by rewriting os.environ and re-parsing), and the lock is released afterwards."""
+    import os
+
+    from labelstudio_maskclip import cli
+
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("MASKCLIP_TRAIN_LR", "0.03")
+    seen = {}
+
+    def fake_train(settings, store, **kw):
+        seen.update(settings=settings, **kw)
+        return tr.TrainResult("r1", tmp_path / "runs" / "r1", False, None, "not promoted: test", {"miou": {}})
+
+    monkeypatch.setattr(tr, "train", fake_train)
+    before = dict(os.environ)
+    argv = ["train", "--steps", "7", "--promote", "always", "--student", "tiny", "--device", "cpu",
+            "--labels", "car | automobile, dog", "--background", "sky", "--project", "3"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert dict(os.environ) == before
+    s = seen["settings"]
+    assert isinstance(s, Settings)
+    assert (s.train_steps, s.promote, s.student, s.device, s.train_lr) == (7, "always", "tiny", "cpu", 0.03)
+    assert s.model_dir == str(tmp_path)
+    assert seen["classes"] == (("car", "automobile"), ("dog",)) and seen["background"] == (("sky",),)
+    assert seen["project"] == 3 and seen["resume"] is None
+    assert not training_running(tmp_path)

@@ -44,7 +44,7 @@ from .student import StudentModel, class_key
 from .teacher import CLIPTeacher, Teacher
 from .validation import MIN_VAL_MASKS, Scores, decide, evaluate, student_predictor, validate
 
-__all__ = ["TrainError", "TrainJob", "TrainResult", "train", "train_main", "build_parser"]
+__all__ = ["TrainError", "TrainJob", "TrainResult", "train", "run_job", "train_main", "build_parser", "parse_classes"]
 
 log = logging.getLogger(__name__)
 
@@ -277,9 +277,10 @@ def _write_run(run_dir: Path, metrics: dict[str, Any]) -> None:
 # --- the trainer process -----------------------------------------------------------------------------------
 
 
-def _parse_classes(text: str | None) -> list[tuple[str, ...]]:
-    """``"car|automobile,person"`` -> [("car", "automobile"), ("person",)]."""
-    return [tuple(n.strip() for n in part.split("|") if n.strip()) for part in (text or "").split(",") if part.strip()]
+def parse_classes(text: str | None) -> tuple[tuple[str, ...], ...]:
+    """``"car|automobile,person"`` -> (("car", "automobile"), ("person",))."""
+    parts = (text or "").split(",")
+    return tuple(tuple(n.strip() for n in part.split("|") if n.strip()) for part in parts if part.strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,45 +299,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m labelstudio_maskclip.training.train``; exit 0 done, 3 another training runs."""
+    """Entry point of ``python -m labelstudio_maskclip.training.train`` (the process the trigger starts, or
+    torchrun's ranks): settings from the environment, the job from the arguments. See :func:`run_job`."""
+    args = build_parser().parse_args(argv)
+    s = Settings.from_env(train_steps=args.steps or None)
+    logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    job = TrainJob(
+        classes=parse_classes(args.labels) or None,
+        background=parse_classes(args.background),
+        project=args.project,
+        resume=args.resume,
+        progress=not args.service,
+    )
+    return run_job(s, job, reason=args.reason, lock_fd=args.lock_fd)
+
+
+def run_job(settings: Settings, job: TrainJob, *, reason: str = "manual", lock_fd: int | None = None) -> int:
+    """One training in this process, holding ``MODEL_DIR/train.lock`` (rank 0; ``lock_fd``: a descriptor of
+    it already locked by the trigger). Prints the outcome as one JSON line. Returns the exit status:
+    0 done, 3 another training holds the lock."""
     from ..learning.store import Store
     from ..learning.trigger import acquire_training_lock
 
-    args = build_parser().parse_args(argv)
-    s = Settings.from_env()
-    if args.steps:
-        s = s.replace(train_steps=args.steps)
-    logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    rank = int(os.environ.get("RANK", "0"))
+    s = settings
     lock = None
-    if rank == 0:
-        lock = os.fdopen(args.lock_fd, "a") if args.lock_fd is not None else acquire_training_lock(s.model_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun's rank: only rank 0 holds the lock
+        lock = os.fdopen(lock_fd, "a") if lock_fd is not None else acquire_training_lock(s.model_dir)
         if lock is None:
             log.error("another training holds %s/train.lock; not starting", s.model_dir)
             return 3
-    log.info("training starts (reason: %s, pid %d)", args.reason, os.getpid())
-    result = train(
-        s,
-        Store(s.model_dir),
-        classes=_parse_classes(args.labels) or None,
-        background=_parse_classes(args.background),
-        project=args.project,
-        progress=not args.service,
-        resume=args.resume,
-    )
+    try:
+        log.info("training starts (reason: %s, pid %d)", reason, os.getpid())
+        result = train(s, Store(s.model_dir), classes=job.classes, background=job.background,
+                       project=job.project, progress=job.progress, resume=job.resume)  # fmt: skip
+    finally:
+        if lock is not None:
+            lock.close()
     if result is not None:
-        print(
-            json.dumps(
-                {
-                    "run_id": result.run_id,
-                    "promoted": result.promoted,
-                    "version": result.version,
-                    "decision": result.decision,
-                    "miou": result.metrics["miou"],
-                }
-            )
-        )
-    del lock  # released when the process exits anyway
+        summary = {k: getattr(result, k) for k in ("run_id", "promoted", "version", "decision")}
+        print(json.dumps({**summary, "miou": result.metrics["miou"]}))
     return 0
 
 
