@@ -295,3 +295,28 @@ def test_a_student_trained_for_the_projects_labels_is_served(settings, tmp_path)
     assert body["model_version"] == version and body["results"][0]["model_version"] == version
     labels = {r["value"]["brushlabels"][0] for r in body["results"][0]["result"]}
     assert labels and labels <= {"Animal", "Food", "Sky"}
+
+
+def test_metrics_never_serve_secrets(settings, tmp_path):
+    """/metrics lists the students with their training settings: never the credentials, neither for a
+    checkpoint promoted now nor for one whose metadata was written with them by an older version."""
+    import dataclasses
+    import json
+
+    from labelstudio_maskclip.training import checkpoints as ck
+
+    secret = settings.replace(model_dir=str(tmp_path), label_studio_api_key="lsk-0123456789-secret",
+                              basic_auth_user="ls", basic_auth_pass="pw-9876543210-secret")  # fmt: skip
+    everything = dataclasses.asdict(secret)  # what the trainer used to store
+    _promote_tiny_student(tmp_path, BRUSH_CLASSES, everything)
+    legacy = ck.models_dir(tmp_path) / "maskclip+-2.json"
+    ck.write_atomic(ck.checkpoint_path(tmp_path, "maskclip+-2"), b"weights")
+    legacy.write_text(json.dumps({"version": "maskclip+-2", "settings": everything}))
+    on_disk = b"".join(p.read_bytes() for p in ck.models_dir(tmp_path).glob("maskclip+-1.*"))
+    assert b"-secret" not in on_disk and b"train_steps" in on_disk
+    client = create_app(secret, warm=False).test_client()
+    reply = client.get("/metrics", headers={"Authorization": basic_auth_header("ls", secret.basic_auth_pass)})
+    students = reply.get_json()["students"]
+    assert [s["version"] for s in students] == ["maskclip+-1", "maskclip+-2"]
+    assert all(s["settings"]["basic_auth_user"] == "ls" for s in students)
+    assert b"-secret" not in reply.data

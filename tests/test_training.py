@@ -405,3 +405,23 @@ def test_cli_train_hands_the_trainer_a_settings_object_and_leaves_the_environmen
     assert seen["classes"] == (("car", "automobile"), ("dog",)) and seen["background"] == (("sky",),)
     assert seen["project"] == 3 and seen["resume"] is None
     assert not training_running(tmp_path)
+
+
+SECRETS = {"label_studio_api_key": "lsk-0123456789-secret", "basic_auth_pass": "pw-9876543210-secret"}
+
+
+def test_secrets_never_reach_the_disk(tmp_path):
+    """The promoted checkpoint records the training settings, but not the credentials among them; no file
+    a run leaves behind holds them."""
+    s = _settings(tmp_path, basic_auth_user="ls", **SECRETS)
+    store = Store(tmp_path)
+    images = _fill(store, range(2), annotated={0})
+    result = tr.train(s, store, load_image=lambda ref, tid: images[ref], teacher=NoisyOracle(), classes=CLASSES,
+                      progress=False)  # fmt: skip
+    assert result.promoted
+    saved = torch.load(ck.checkpoint_path(tmp_path, result.version), weights_only=True)["settings"]
+    assert saved["train_steps"] == 2 and saved["basic_auth_user"] == "ls" and "basic_auth_pass" not in saved
+    leaks = [
+        p for p in tmp_path.rglob("*") if p.is_file() and any(v.encode() in p.read_bytes() for v in SECRETS.values())
+    ]
+    assert leaks == []

@@ -28,7 +28,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -255,7 +255,7 @@ def _promote(run: Run, net: torch.nn.Module, metrics: dict[str, Any]) -> str:
         "classes": [list(c) for c in run.classes],
         "background": [list(c) for c in run.background],
         "clip": run.teacher.describe(),
-        "settings": asdict(run.settings),
+        "settings": run.settings.public(),  # never the secrets
         "metrics": {k: metrics[k] for k in ("miou", "decision", "steps")},
         "data": run.data.counts,
         "run_id": run.run_id,
