@@ -240,7 +240,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .training.train import TrainJob, parse_classes, run_job
+    from .training.job import TrainJob, parse_classes
 
     flags = {k: getattr(args, k, None) for k in (*_OVERRIDES, "promote", "student", "student_pretrained")}
     s = Settings.from_env(**flags, train_steps=args.steps)
@@ -256,6 +256,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         started = request_training(s, "cli", classes=job.classes, background=job.background, project=job.project)
         print("training started in the background" if started else "a training is already running")
         return 0 if started else 3
+    from .training.train import run_job
+
     return run_job(s, job, reason="cli")
 
 

@@ -370,7 +370,7 @@ def test_two_process_distributed_run_on_cpu(tmp_path, clip_file):
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,  # a generous bound: about 15 s on an idle machine
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("step 3/3") == 2 and "(world 2)" in proc.stderr
@@ -425,3 +425,28 @@ def test_secrets_never_reach_the_disk(tmp_path):
         p for p in tmp_path.rglob("*") if p.is_file() and any(v.encode() in p.read_bytes() for v in SECRETS.values())
     ]
     assert leaks == []
+
+
+def test_masks_of_labels_with_predicted_values_are_trained_on(tmp_path):
+    """People's masks are keyed by label value ("Disc"); the model knows the label by its predicted_values
+    ("red disc", "disc"). Every mask must reach the label maps: none dropped as unknown, and a perfect
+    teacher scores 1.0 on the held-out masks."""
+    s = _settings(tmp_path, promote="better", train_val_fraction=1.0)
+    values = ("Disc", "Box", "Ground")
+    names = (("red disc", "disc"), ("blue box",), ("ground", "floor"))
+    store = Store(tmp_path)
+    images = {}
+    for tid in range(4):
+        img, gt = synthetic(tid)
+        images[ref := f"img-{tid}"] = img
+        masks = {values[k]: gt == k for k in range(3) if (gt == k).any()}
+        store.put_annotation(AnnotationWrite(id=tid + 1, task=TaskRecord(tid, image=ref), masks=masks, height=64,
+                                             width=64))  # fmt: skip
+    images.update(_fill(store, range(10, 12)))  # unlabeled tasks to train on: the annotated ones are held out
+    perfect = NoisyOracle(blobs=0, block=1)
+    result = tr.train(s, store, load_image=lambda ref, tid: images[ref], teacher=perfect, classes=names,
+                      values=values, progress=False)  # fmt: skip
+    assert result.metrics["data"]["unknown_label_masks"] == 0 and result.metrics["data"]["validation"] == 4
+    assert result.metrics["miou"]["teacher"] == pytest.approx(1.0)
+    with pytest.raises(tr.TrainError, match="2 label values for 3 classes"):
+        tr.train(s, store, load_image=lambda ref, tid: images[ref], teacher=perfect, classes=names, values=values[:2])

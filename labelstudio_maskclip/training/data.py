@@ -94,8 +94,14 @@ def default_classes(samples: Iterable[Any]) -> list[tuple[str, ...]]:
     return [(name,) for name in sorted({lab for smp in samples for lab in smp.masks})]
 
 
-def label_index(classes: Sequence[tuple[str, ...]]) -> dict[str, int]:
-    """Mask key -> class index: each of a class's names."""
+def label_index(classes: Sequence[tuple[str, ...]], values: Sequence[str] | None = None) -> dict[str, int]:
+    """Mask key -> class index. People's masks are keyed by their label's ``value``; ``values[k]`` is class
+    k's (from the labeling config, where ``predicted_values`` gives the label other, model-side names).
+    Without ``values`` (labels typed on the command line), each of a class's names is taken as a value."""
+    if values is not None:
+        if len(values) != len(classes):
+            raise ValueError(f"{len(values)} label values for {len(classes)} classes: give one value per class")
+        return {value: k for k, value in enumerate(values)}
     return {name: k for k, names in enumerate(classes) for name in names}
 
 

@@ -1,6 +1,6 @@
 """MaskCLIP+ training: distil the MaskCLIP teacher (plus people's masks) into a student, validate, promote.
 
-One run (docs/METHOD.md section 2), each stage in its module:
+One run (METHOD.md section 2), each stage in its module:
 
 1. Data (:mod:`.data`): accepted samples (image + per-label masks) and the unlabeled pool from the store,
    images fetched once and cached under ``MODEL_DIR/cache/``, a fixed share of the people's masks held out
@@ -39,12 +39,13 @@ from ..settings import Settings
 from .checkpoints import promote as promote_checkpoint
 from .curves import plot_curves
 from .data import ImageLoader, Prepared, default_classes, label_index, mark_trained, prepare, read_store
+from .job import TrainJob, classes_from_json, parse_classes
 from .loop import Dist, Loop, RunState, TrainError, save_resume
 from .student import StudentModel, class_key
 from .teacher import CLIPTeacher, Teacher
 from .validation import MIN_VAL_MASKS, Scores, decide, evaluate, student_predictor, validate
 
-__all__ = ["TrainError", "TrainJob", "TrainResult", "train", "run_job", "train_main", "build_parser", "parse_classes"]
+__all__ = ["TrainError", "TrainResult", "train", "run_job", "train_main", "build_parser"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class Run:
     run_dir: Path
     teacher: Teacher
     classes: tuple[tuple[str, ...], ...]
+    values: tuple[str, ...] | None  # label value per class, when known
     background: tuple[tuple[str, ...], ...]
     data: Prepared
     device: torch.device
@@ -80,18 +82,6 @@ class Run:
         return StudentModel(net, self.classes, self.background)
 
 
-@dataclass(frozen=True)
-class TrainJob:
-    """What to train: which labels, on which project's tasks, from where. ``classes``: names per class
-    (synonyms), None for every label found in the accepted masks; ``resume``: a run id to continue."""
-
-    classes: tuple[tuple[str, ...], ...] | None = None
-    background: tuple[tuple[str, ...], ...] = ()
-    project: int | None = None
-    resume: str | None = None
-    progress: bool = True
-
-
 def train(
     settings: Settings,
     store: Any,
@@ -99,6 +89,7 @@ def train(
     load_image: ImageLoader | None = None,
     teacher: Teacher | None = None,
     classes: Sequence[Any] | None = None,
+    values: Sequence[str] | None = None,
     background: Sequence[Any] = (),
     project: int | None = None,
     progress: bool = True,
@@ -111,10 +102,20 @@ def train(
     ``load_image(ref, task_id) -> (H, W, 3) uint8``: default, the Label Studio image fetcher of ``settings``.
     ``teacher``: default MaskCLIP (``shared_maskclip``) over ``classes`` + ``background``.
     ``classes``: label names or synonym tuples; default, every label found in the accepted masks, sorted.
+    ``values``: each class's label value, as people's masks carry it (see :class:`TrainJob`).
     ``resume``: a run id whose ``last.pt`` to continue from. Under torchrun every rank calls this; rank 0
     fetches data, evaluates, writes and promotes (the other ranks return None).
     """
-    job = TrainJob(class_key(classes) if classes else None, class_key(background), project, resume, progress)
+    if values is not None and (not classes or len(values) != len(classes)):
+        raise TrainError(f"{len(values)} label values for {len(classes or ())} classes: give one value per class")
+    job = TrainJob(
+        classes=class_key(classes) if classes else None,
+        values=tuple(values) if values is not None else None,
+        background=class_key(background),
+        project=project,
+        resume=resume,
+        progress=progress,
+    )
     dist = Dist.init()
     s, device = _placed(settings, dist)
     run = _start(s, store, job, dist, device, load_image=load_image, teacher=teacher)
@@ -161,13 +162,15 @@ def _start(
         raise TrainError("no labels to train: no accepted masks in the store and no labels given (--labels)")
     run_id = dist.broadcast(job.resume or _new_run_id())
     run_dir = Path(s.model_dir) / "runs" / run_id
-    data = _prepare(s, dist, samples, unlabeled, label_index(classes), run_dir, load_image or _fetcher(s))
+    index = label_index(classes, job.values if job.classes else None)
+    data = _prepare(s, dist, samples, unlabeled, index, run_dir, load_image or _fetcher(s))
     if teacher is None:
         teacher = CLIPTeacher(shared_maskclip(s), classes, job.background, segment_options(s))
     log.info("run %s: %d labels, data %s, %d steps x %d images (world %d)",
              run_id, len(classes), data.counts, s.train_steps, s.train_batch_size, dist.world)  # fmt: skip
-    return Run(s, store, job.project, seq, run_id, run_dir, teacher, classes, job.background, data, device,
-               segment_options(s))  # fmt: skip
+    values = job.values if job.classes else tuple(c[0] for c in classes)
+    return Run(s, store, job.project, seq, run_id, run_dir, teacher, classes, values, job.background, data,
+               device, segment_options(s))  # fmt: skip
 
 
 def _prepare(
@@ -253,6 +256,7 @@ def _promote(run: Run, net: torch.nn.Module, metrics: dict[str, Any]) -> str:
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "embeddings": run.teacher.embeddings.detach().float().cpu(),
         "classes": [list(c) for c in run.classes],
+        "values": None if run.values is None else list(run.values),
         "background": [list(c) for c in run.background],
         "clip": run.teacher.describe(),
         "settings": run.settings.public(),  # never the secrets
@@ -277,17 +281,12 @@ def _write_run(run_dir: Path, metrics: dict[str, Any]) -> None:
 # --- the trainer process -----------------------------------------------------------------------------------
 
 
-def parse_classes(text: str | None) -> tuple[tuple[str, ...], ...]:
-    """``"car|automobile,person"`` -> (("car", "automobile"), ("person",))."""
-    parts = (text or "").split(",")
-    return tuple(tuple(n.strip() for n in part.split("|") if n.strip()) for part in parts if part.strip())
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m labelstudio_maskclip.training.train", description=__doc__.split("\n")[0]
     )
     p.add_argument("--labels", help="classes, comma-separated, synonyms with | (default: labels in the store)")
+    p.add_argument("--classes-json", help='instead of --labels: [{"value": "Car", "names": ["car", "van"]}, ...]')
     p.add_argument("--background", help="background classes, comma-separated (pixels become no label)")
     p.add_argument("--project", type=int, help="train on one Label Studio project's tasks only")
     p.add_argument("--steps", type=int, help="override MASKCLIP_TRAIN_STEPS")
@@ -304,8 +303,15 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     s = Settings.from_env(train_steps=args.steps or None)
     logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    classes, values = parse_classes(args.labels) or None, None
+    if args.classes_json:
+        try:
+            classes, values = classes_from_json(args.classes_json)
+        except ValueError as e:
+            build_parser().error(str(e))
     job = TrainJob(
-        classes=parse_classes(args.labels) or None,
+        classes=classes,
+        values=values,
         background=parse_classes(args.background),
         project=args.project,
         resume=args.resume,
@@ -330,7 +336,7 @@ def run_job(settings: Settings, job: TrainJob, *, reason: str = "manual", lock_f
             return 3
     try:
         log.info("training starts (reason: %s, pid %d)", reason, os.getpid())
-        result = train(s, Store(s.model_dir), classes=job.classes, background=job.background,
+        result = train(s, Store(s.model_dir), classes=job.classes, values=job.values, background=job.background,
                        project=job.project, progress=job.progress, resume=job.resume)  # fmt: skip
     finally:
         if lock is not None:
