@@ -14,10 +14,11 @@ label absent from the ground truth gets IoU 0 for it, and the mean drops. A pixe
 from __future__ import annotations
 
 import math
+from typing import TypedDict
 
 import numpy as np
 
-__all__ = ["IGNORE", "confusion_matrix", "iou", "mean_iou", "scores"]
+__all__ = ["IGNORE", "Scores", "confusion_matrix", "iou", "mean_iou", "scores"]
 
 IGNORE = 255  # ground-truth value of a pixel nobody labelled (also 8-bit label PNGs' "no label")
 
@@ -58,7 +59,17 @@ def mean_iou(conf: np.ndarray) -> float | None:
     return float(np.nanmean(values)) if np.isfinite(values).any() else None
 
 
-def scores(conf: np.ndarray) -> dict[str, np.ndarray | float]:
+class Scores(TypedDict):
+    """Fractions: ``IoU`` and ``Acc`` (K,) with NaN where undefined, their nanmeans, overall accuracy."""
+
+    IoU: np.ndarray
+    Acc: np.ndarray
+    mIoU: float
+    mAcc: float
+    aAcc: float
+
+
+def scores(conf: np.ndarray) -> Scores:
     """Fractions from a (K, K + 1) confusion matrix: ``IoU`` and ``Acc`` (K,) with NaN where undefined,
     ``mIoU``, ``mAcc`` (nanmean, NaN when nothing is defined), ``aAcc``."""
     tp, gt_area, _ = _areas(conf)

@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ __all__ = [
     "IGNORE",
     "Item",
     "Prepared",
+    "TrainingStore",
     "read_store",
     "mark_trained",
     "default_classes",
@@ -72,21 +73,34 @@ class Prepared:
 # --- the store adapter -------------------------------------------------------------------------------------
 
 
-def read_store(store: Any, project: int | None = None) -> tuple[list[Any], list[Any], int | None]:
+class TrainingStore(Protocol):
+    """What the trainer needs of the store (:class:`~labelstudio_maskclip.learning.store.Store`)."""
+
+    def current_seq(self) -> int: ...
+
+    def accepted_samples(self, project: int | None = None) -> Iterable[Any]: ...
+
+    def unlabeled_tasks(self, project: int | None = None) -> Iterable[Any]: ...
+
+    def mark_trained(
+        self, *, seq: int | None = None, project: int | None = None, model_version: str = "", metrics: Any = None
+    ) -> Any: ...
+
+
+def read_store(store: TrainingStore, project: int | None = None) -> tuple[list[Any], list[Any], int]:
     """(accepted samples, unlabeled tasks, change counter now). The ONLY place that reads the store.
 
     Samples have ``task_id``, ``image``, ``masks`` (label value -> (H, W) bool); tasks have ``id``, ``image``.
     """
-    seq = store.current_seq() if hasattr(store, "current_seq") else None
+    seq = store.current_seq()
     samples = list(store.accepted_samples(project))
     unlabeled = [t for t in store.unlabeled_tasks(project) if t.image]
     return samples, unlabeled, seq
 
 
-def mark_trained(store: Any, seq: int | None, project: int | None, version: str, metrics: dict) -> None:
-    """Record the run in the store (what it saw up to ``seq``), when the store keeps such records."""
-    if hasattr(store, "mark_trained"):
-        store.mark_trained(seq=seq, project=project, model_version=version, metrics=metrics)
+def mark_trained(store: TrainingStore, seq: int | None, project: int | None, version: str, metrics: dict) -> None:
+    """Record the run in the store: what it saw up to ``seq``, the version it promoted, its metrics."""
+    store.mark_trained(seq=seq, project=project, model_version=version, metrics=metrics)
 
 
 def default_classes(samples: Iterable[Any]) -> list[tuple[str, ...]]:

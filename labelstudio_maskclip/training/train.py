@@ -38,10 +38,10 @@ import torch
 from ..settings import Settings
 from .checkpoints import promote as promote_checkpoint
 from .curves import plot_curves
-from .data import ImageLoader, Prepared, default_classes, label_index, mark_trained, prepare, read_store
+from .data import ImageLoader, Prepared, TrainingStore, default_classes, label_index, mark_trained, prepare, read_store
 from .job import TrainJob, classes_from_json, parse_classes
 from .loop import Dist, Loop, RunState, TrainError, save_resume
-from .student import StudentModel, class_key
+from .student import StudentModel, StudentNet, class_key
 from .teacher import CLIPTeacher, Teacher
 from .validation import MIN_VAL_MASKS, Scores, decide, evaluate, student_predictor, validate
 
@@ -65,7 +65,7 @@ class Run:
     """What one run works on, fixed before the first step."""
 
     settings: Settings
-    store: Any
+    store: TrainingStore
     project: int | None
     seq: int | None  # the store's change counter when the data was read
     run_id: str
@@ -78,13 +78,13 @@ class Run:
     device: torch.device
     eval_opts: Any  # SegmentOptions for validation
 
-    def candidate(self, net: torch.nn.Module) -> StudentModel:
+    def candidate(self, net: StudentNet) -> StudentModel:
         return StudentModel(net, self.classes, self.background)
 
 
 def train(
     settings: Settings,
-    store: Any,
+    store: TrainingStore,
     *,
     load_image: ImageLoader | None = None,
     teacher: Teacher | None = None,
@@ -145,7 +145,7 @@ def _placed(s: Settings, dist: Dist) -> tuple[Settings, torch.device]:
 
 def _start(
     s: Settings,
-    store: Any,
+    store: TrainingStore,
     job: TrainJob,
     dist: Dist,
     device: torch.device,
