@@ -243,30 +243,25 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import os
+    from .training.job import TrainJob, parse_classes
 
-    from .settings import ENV
-
-    overrides = _env_overrides(args)
-    for key in ("promote", "student", "student_pretrained"):
-        if getattr(args, key, None) is not None:
-            overrides[ENV[key]] = getattr(args, key)
-    s = Settings.from_env({**os.environ, **{k: str(v) for k, v in overrides.items()}})  # validate first
-    if args.detach:
+    flags = {k: getattr(args, k, None) for k in (*_OVERRIDES, "promote", "student", "student_pretrained")}
+    s = Settings.from_env(**flags, train_steps=args.steps)
+    job = TrainJob(
+        classes=parse_classes(args.labels) or None,
+        background=parse_classes(args.background),
+        project=args.project,
+        resume=args.resume,
+    )
+    if args.detach:  # a separate process: it gets these settings through its environment
         from .learning.trigger import request_training
 
-        classes = [tuple(c.split("|")) for c in args.labels.split(",")] if args.labels else None
-        started = request_training(s, "cli", classes=classes, project=args.project)
+        started = request_training(s, "cli", classes=job.classes, background=job.background, project=job.project)
         print("training started in the background" if started else "a training is already running")
         return 0 if started else 3
-    os.environ.update({k: str(v) for k, v in overrides.items()})
-    from .training.train import train_main
+    from .training.train import run_job
 
-    argv = ["--reason", "cli"]
-    for flag in ("labels", "background", "project", "steps", "resume"):
-        if getattr(args, flag, None) is not None:
-            argv += [f"--{flag}", str(getattr(args, flag))]
-    return train_main(argv)
+    return run_job(s, job, reason="cli")
 
 
 def _cmd_history(args: argparse.Namespace) -> int:

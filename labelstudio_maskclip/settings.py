@@ -15,15 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Settings", "ENV", "SettingsError"]
+__all__ = ["Settings", "ENV", "SECRET_FIELDS", "SettingsError", "redact"]
 
 
 class SettingsError(ValueError):
     """A setting has a value that cannot be used; the message names the variable."""
 
 
-def _env(name: str) -> dict[str, str]:
-    return {"env": name}
+def _env(name: str) -> dict[str, Any]:
+    return {"env": name, "secret": False}
+
+
+def _secret(name: str) -> Any:
+    """A secret setting (a credential): left out of ``repr``, :meth:`Settings.public`, checkpoints and
+    ``/metrics``. Marking a field here is the one place that makes it secret (see :data:`SECRET_FIELDS`)."""
+    return field(default="", repr=False, metadata={"env": name, "secret": True})
 
 
 @dataclass(frozen=True)
@@ -67,10 +73,10 @@ class Settings:
 
     # --- Label Studio and serving ------------------------------------------------------------------
     label_studio_url: str = field(default="", metadata=_env("LABEL_STUDIO_URL"))
-    label_studio_api_key: str = field(default="", metadata=_env("LABEL_STUDIO_API_KEY"))
+    label_studio_api_key: str = _secret("LABEL_STUDIO_API_KEY")
     model_dir: str = field(default="./model_dir", metadata=_env("MODEL_DIR"))
     basic_auth_user: str = field(default="", metadata=_env("BASIC_AUTH_USER"))
-    basic_auth_pass: str = field(default="", metadata=_env("BASIC_AUTH_PASS"))
+    basic_auth_pass: str = _secret("BASIC_AUTH_PASS")
     log_level: str = field(default="INFO", metadata=_env("LOG_LEVEL"))
     workers: int = field(default=1, metadata=_env("WORKERS"))
     threads: int = field(default=4, metadata=_env("THREADS"))
@@ -152,6 +158,10 @@ class Settings:
             raise SettingsError("MASKCLIP_DOWNLOAD_TIMEOUT and MASKCLIP_TEMPERATURE must be positive")
         return self
 
+    def public(self) -> dict[str, Any]:
+        """Every setting but the secrets, by field name: what may be written to disk, logged or served."""
+        return redact(dataclasses.asdict(self))
+
     @property
     def model_path(self) -> Path:
         return Path(self.model_dir)
@@ -161,6 +171,17 @@ DENSE_MODES = ("maskclip", "sclip", "clearclip", "naclip")
 
 #: field name -> environment variable
 ENV: dict[str, str] = {f.name: f.metadata["env"] for f in dataclasses.fields(Settings)}
+
+
+#: names of the secret settings (credentials), from the fields declared with ``_secret``
+SECRET_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Settings) if f.metadata["secret"])
+
+
+def redact(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` (settings by field name or environment variable, e.g. read back from an older checkpoint)
+    without the secret ones."""
+    hidden = set(SECRET_FIELDS) | {ENV[name] for name in SECRET_FIELDS}
+    return {k: v for k, v in values.items() if k not in hidden}
 
 
 def _parse(f: dataclasses.Field, raw: str) -> Any:

@@ -224,7 +224,7 @@ def test_start_training_serves_a_new_model_version_to_label_studio(label_studio,
     region = {
         "id": "t1", "from_name": "tag", "to_name": "image", "type": "brushlabels",
         "original_width": width, "original_height": height, "image_rotation": 0,
-        "value": {"format": "rle", "rle": mask_to_brush_rle(mask), "brushlabels": ["Plant"]},
+        "value": {"format": "rle", "rle": mask_to_brush_rle(mask), "brushlabels": ["Animal"]},  # predicted_values
     }  # fmt: skip
     api.create_annotation(task["id"], [region])
     store = Store(backend["model_dir"])
@@ -248,6 +248,8 @@ def test_start_training_serves_a_new_model_version_to_label_studio(label_studio,
         _check_regions(preds[0]["result"], width, height)
     runs = list((backend["model_dir"] / "runs").glob("*/metrics.json"))
     assert runs and "decision" in json.loads(runs[0].read_text())
+    data = json.loads(runs[0].read_text())["data"]
+    assert data["unknown_label_masks"] == 0 and data["annotated"] + data["validation"] >= 1  # people's masks used
 
 
 def test_backfill_and_export_straight_from_the_project(label_studio, project, backend, tmp_path):

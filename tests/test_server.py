@@ -240,3 +240,82 @@ def test_a_damaged_student_checkpoint_falls_back_to_maskclip(settings, tmp_path)
     tasks = [{"id": 1, "data": {"image": "/data/upload/photo.jpg"}}]
     body = client.post("/predict", json={"tasks": tasks, "label_config": BRUSH}).get_json()
     assert body["results"][0]["result"] and body["model_version"].startswith("maskclip-")
+
+
+def _promote_tiny_student(model_dir, classes, settings=None) -> str:
+    """Register a random tiny student trained (so its checkpoint says) for ``classes``; returns its version."""
+    import torch
+
+    from labelstudio_maskclip.training import checkpoints as ck
+    from labelstudio_maskclip.training.student import build_student
+
+    emb = torch.nn.functional.normalize(
+        torch.randn(len(classes), 16, generator=torch.Generator().manual_seed(0)), dim=1
+    )
+    net = build_student("tiny", emb, "none")
+    payload = {"student": "tiny", "state_dict": net.state_dict(), "embeddings": emb,
+               "classes": [list(c) for c in classes], "background": [], "settings": settings or {}}  # fmt: skip
+    return ck.promote(model_dir, payload)
+
+
+#: BRUSH's labels as the model sees them: Animal via predicted_values, Food and Sky by their own text
+BRUSH_CLASSES = [("cat", "dog", "animal"), ("Food",), ("Sky",)]
+
+
+@pytest.mark.parametrize(
+    "trained_for",
+    [
+        [("cat", "dog", "animal"), ("Food",)],  # a label fewer
+        [("cat", "dog", "animal"), ("Food",), ("Sky",), ("Tree",)],  # a label more
+        [("cat", "dog"), ("Food",), ("Sky",)],  # same values, other model-side names
+        [("Animal",), ("Food",), ("Sky",)],  # label values instead of predicted_values
+    ],
+)
+def test_a_student_trained_for_other_labels_is_not_served(settings, tmp_path, trained_for):
+    """The promoted student answers only projects whose labels are the ones it was trained for (any order);
+    for any other project MaskCLIP is served, and /predict still gives every task a prediction."""
+    other = settings.replace(model_dir=str(tmp_path))
+    version = _promote_tiny_student(tmp_path, trained_for)
+    client = create_app(other, warm=False).test_client()
+    assert client.post("/setup", json={"schema": BRUSH}).get_json()["model_version"].startswith("maskclip-")
+    tasks = [{"id": 1, "data": {"image": "/photo.jpg"}}]
+    body = client.post("/predict", json={"tasks": tasks, "label_config": BRUSH}).get_json()
+    assert body["model_version"].startswith("maskclip-") and body["model_version"] != version
+    assert body["results"][0]["result"] and body["errors"] == []
+
+
+def test_a_student_trained_for_the_projects_labels_is_served(settings, tmp_path):
+    other = settings.replace(model_dir=str(tmp_path))
+    version = _promote_tiny_student(tmp_path, list(reversed(BRUSH_CLASSES)))  # order does not matter
+    client = create_app(other, warm=False).test_client()
+    assert client.post("/setup", json={"schema": BRUSH}).get_json()["model_version"] == version
+    tasks = [{"id": 1, "data": {"image": "/photo.jpg"}}]
+    body = client.post("/predict", json={"tasks": tasks, "label_config": BRUSH}).get_json()
+    assert body["model_version"] == version and body["results"][0]["model_version"] == version
+    labels = {r["value"]["brushlabels"][0] for r in body["results"][0]["result"]}
+    assert labels and labels <= {"Animal", "Food", "Sky"}
+
+
+def test_metrics_never_serve_secrets(settings, tmp_path):
+    """/metrics lists the students with their training settings: never the credentials, neither for a
+    checkpoint promoted now nor for one whose metadata was written with them by an older version."""
+    import dataclasses
+    import json
+
+    from labelstudio_maskclip.training import checkpoints as ck
+
+    secret = settings.replace(model_dir=str(tmp_path), label_studio_api_key="lsk-0123456789-secret",
+                              basic_auth_user="ls", basic_auth_pass="pw-9876543210-secret")  # fmt: skip
+    everything = dataclasses.asdict(secret)  # what the trainer used to store
+    _promote_tiny_student(tmp_path, BRUSH_CLASSES, everything)
+    legacy = ck.models_dir(tmp_path) / "maskclip+-2.json"
+    ck.write_atomic(ck.checkpoint_path(tmp_path, "maskclip+-2"), b"weights")
+    legacy.write_text(json.dumps({"version": "maskclip+-2", "settings": everything}))
+    on_disk = b"".join(p.read_bytes() for p in ck.models_dir(tmp_path).glob("maskclip+-1.*"))
+    assert b"-secret" not in on_disk and b"train_steps" in on_disk
+    client = create_app(secret, warm=False).test_client()
+    reply = client.get("/metrics", headers={"Authorization": basic_auth_header("ls", secret.basic_auth_pass)})
+    students = reply.get_json()["students"]
+    assert [s["version"] for s in students] == ["maskclip+-1", "maskclip+-2"]
+    assert all(s["settings"]["basic_auth_user"] == "ls" for s in students)
+    assert b"-secret" not in reply.data

@@ -37,3 +37,16 @@ def test_every_field_has_its_own_variable():
     assert len(set(ENV.values())) == len(ENV)
     assert {"LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "MODEL_DIR", "BASIC_AUTH_USER", "BASIC_AUTH_PASS",
             "LOG_LEVEL", "MASKCLIP_MODEL", "MASKCLIP_PRETRAINED", "MASKCLIP_DEVICE"} <= set(ENV.values())  # fmt: skip
+
+
+def test_secrets_are_declared_once_and_kept_out_of_public_views():
+    from labelstudio_maskclip.settings import SECRET_FIELDS, redact
+
+    assert set(SECRET_FIELDS) == {"label_studio_api_key", "basic_auth_pass"}
+    s = Settings(label_studio_api_key="key-123-secret", basic_auth_pass="pass-456-secret", basic_auth_user="ls")
+    public = s.public()
+    assert not set(SECRET_FIELDS) & public.keys() and public["basic_auth_user"] == "ls"
+    assert set(public) | set(SECRET_FIELDS) == set(ENV)  # everything else is there
+    assert "secret" not in repr(s) and "secret" not in str(public)
+    legacy = {"model": "RN50", "label_studio_api_key": "k", "BASIC_AUTH_PASS": "p", "basic_auth_user": "ls"}
+    assert redact(legacy) == {"model": "RN50", "basic_auth_user": "ls"}

@@ -12,10 +12,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from labelstudio_maskclip.evaluation import evaluate as ev
+from labelstudio_maskclip.evaluation import metrics
+from labelstudio_maskclip.evaluation.metrics import IGNORE
 from labelstudio_maskclip.learning.store import AnnotationWrite, Store, TaskRecord
+from labelstudio_maskclip.learning.trigger import training_running
 from labelstudio_maskclip.settings import Settings
 from labelstudio_maskclip.training import checkpoints as ck
+from labelstudio_maskclip.training import data as td
+from labelstudio_maskclip.training import loop as tl
 from labelstudio_maskclip.training import train as tr
+from labelstudio_maskclip.training import validation as tv
 from labelstudio_maskclip.training.student import load_student
 from tests.tiny import TINY_VIT, save_random_state
 
@@ -125,11 +132,11 @@ def _fill(store: Store, ids, *, annotated=(), seed0: int = 0) -> dict[str, np.nd
 
 
 def _miou(pred_fn, seeds) -> float:
-    total = np.zeros((4, 4), np.int64)
+    total = np.zeros((3, 4), np.int64)
     for sd in seeds:
         img, gt = synthetic(sd)
-        total += tr.confusion(pred_fn(img), gt, 3)
-    return tr.miou(total)
+        total += metrics.confusion_matrix(gt, pred_fn(img), 3)
+    return metrics.mean_iou(total)
 
 
 # --- pure parts --------------------------------------------------------------------------------------------
@@ -138,39 +145,77 @@ def _miou(pred_fn, seeds) -> float:
 def test_peoples_masks_take_precedence_over_pseudo_labels():
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25], [0.1, 0.1, 0.8]]).T.reshape(1, 3, 1, 3)
     human = torch.tensor([[[255, 255, 0]]], dtype=torch.uint8)
-    got = tr.build_targets(probs, human, threshold=0.5)
+    got = td.build_targets(probs, human, threshold=0.5)
     assert got.tolist() == [[[0, 255, 0]]]  # confident pseudo label; unsure -> ignored; person wins over 0.8
-    assert tr.build_targets(probs, human, threshold=0.0).tolist() == [[[0, 0, 0]]]
+    assert td.build_targets(probs, human, threshold=0.0).tolist() == [[[0, 0, 0]]]
 
 
 def test_poly_schedule_and_validation_split():
-    assert tr.poly_lr(0, 100, 0.01) == pytest.approx(0.01)
-    assert tr.poly_lr(100, 100, 0.01) == pytest.approx(1e-4)
-    assert tr.poly_lr(50, 100, 0.01) == pytest.approx((0.01 - 1e-4) * 0.5**0.9 + 1e-4)
-    picks = [tr.is_validation(t, 0.2) for t in range(2000)]
-    assert picks == [tr.is_validation(t, 0.2) for t in range(2000)]  # deterministic by task id
+    assert tl.poly_lr(0, 100, 0.01) == pytest.approx(0.01)
+    assert tl.poly_lr(100, 100, 0.01) == pytest.approx(1e-4)
+    assert tl.poly_lr(50, 100, 0.01) == pytest.approx((0.01 - 1e-4) * 0.5**0.9 + 1e-4)
+    picks = [td.is_validation(t, 0.2) for t in range(2000)]
+    assert picks == [td.is_validation(t, 0.2) for t in range(2000)]  # deterministic by task id
     assert 0.17 < np.mean(picks) < 0.23
-    assert not any(tr.is_validation(t, 0.0) for t in range(100)) and all(tr.is_validation(t, 1.0) for t in range(100))
+    assert not any(td.is_validation(t, 0.0) for t in range(100)) and all(td.is_validation(t, 1.0) for t in range(100))
 
 
-def test_confusion_and_miou_count_only_labelled_pixels():
+def _items(tmp_path, gts) -> list:
+    """Validation items on disk: a blank image and each (H, W) uint8 ground truth (255 = nobody labelled)."""
+    items = []
+    for i, gt in enumerate(gts):
+        np.save(image := tmp_path / f"img{i}.npy", np.zeros((*gt.shape, 3), np.uint8))
+        np.save(labels := tmp_path / f"lab{i}.npy", gt.astype(np.uint8))
+        items.append(td.Item(i, image, labels))
+    return items
+
+
+def test_validation_counts_only_labelled_pixels(tmp_path):
     gt = np.array([[0, 0, 1, 255]], np.uint8)
-    pred = np.array([[0, 1, 1, 0]])
-    conf = tr.confusion(pred, gt, 2)
-    assert conf.sum() == 3  # the 255 pixel is not counted
-    assert tr.miou(conf) == pytest.approx((1 / 2 + 1 / 2) / 2)
-    assert tr.miou(tr.confusion(np.array([[-1, -1]]), np.array([[0, 1]], np.uint8), 2)) == 0.0  # no label = miss
-    assert tr.miou(tr.confusion(pred, np.full((1, 4), 255, np.uint8), 2)) is None
+    items = _items(tmp_path, [gt])
+    assert tv.evaluate(lambda img: np.array([[0, 1, 1, 0]]), items, 2) == pytest.approx((1 / 2 + 1 / 2) / 2)
+    assert tv.evaluate(lambda img: np.array([[-1, -1, -1, 0]]), items, 2) == 0.0  # no label = miss
+    assert tv.evaluate(lambda img: np.array([[0, 0, 1, 7]]), items, 2) == 1.0  # the 255 pixel is not counted
+    assert tv.evaluate(lambda img: np.zeros((1, 4)), _items(tmp_path, [np.full((1, 4), 255)]), 2) is None
+    assert tv.evaluate(lambda img: np.zeros((1, 4)), [], 2) is None
+
+
+def test_validation_penalises_labels_absent_from_the_image(tmp_path):
+    """People labelled only "disc" (0): a candidate that paints "box" (1) on a tenth of it must lose to a
+    teacher that leaves a fifth unlabelled (mmsegmentation's mIoU: box's IoU 0 counts), not win as it did
+    when the mean ran over ground-truth labels only."""
+    gt = np.full((10, 10), IGNORE, np.uint8)
+    gt[:, :5] = 0
+    items = _items(tmp_path, [gt])
+    painter = np.zeros((10, 10), np.int64)
+    painter[:5, 0] = 1  # 5 of the 50 labelled pixels
+    shy = np.zeros((10, 10), np.int64)
+    shy[:, 0] = -1  # 10 of 50 without a label
+    candidate = tv.evaluate(lambda img: painter, items, 3)
+    teacher = tv.evaluate(lambda img: shy, items, 3)
+    assert candidate == pytest.approx((0.9 + 0.0) / 2) and teacher == pytest.approx(0.8)
+    assert not tv.decide("better", candidate, teacher, None, tv.MIN_VAL_MASKS)[0]
+
+
+def test_validation_and_eval_agree(tmp_path):
+    """Training validation and `eval` compute one mIoU (the same confusion matrix and mean)."""
+    rng = np.random.default_rng(0)
+    gts = [rng.choice([0, 1, 2, 3, 255], (12, 9)).astype(np.uint8) for _ in range(3)]
+    preds = [rng.integers(-1, 4, (12, 9)) for _ in range(3)]
+    by_image = iter(preds)
+    got = tv.evaluate(lambda img: next(by_image), _items(tmp_path, gts), 4)
+    conf = sum(ev.confusion_matrix(g, p, 4) for g, p in zip(gts, preds))
+    assert got == pytest.approx(ev.scores(conf)["mIoU"])
 
 
 def test_promotion_rule():
-    assert tr.decide("always", None, None, None, 0)[0]
-    ok, why = tr.decide("better", 0.6, 0.5, None, 2)
+    assert tv.decide("always", None, None, None, 0)[0]
+    ok, why = tv.decide("better", 0.6, 0.5, None, 2)
     assert not ok and "only 2 held-out" in why and "MASKCLIP_PROMOTE=always" in why
-    assert tr.decide("better", 0.6, 0.5, 0.55, 4)[0]
-    ok, why = tr.decide("better", 0.6, 0.5, 0.7, 4)
+    assert tv.decide("better", 0.6, 0.5, 0.55, 4)[0]
+    ok, why = tv.decide("better", 0.6, 0.5, 0.7, 4)
     assert not ok and "current student" in why
-    assert not tr.decide("better", 0.5, 0.5, None, 10)[0]  # a tie is not better
+    assert not tv.decide("better", 0.5, 0.5, None, 10)[0]  # a tie is not better
 
 
 # --- runs --------------------------------------------------------------------------------------------------
@@ -226,7 +271,7 @@ def test_student_beats_its_noisy_teacher(tmp_path):
     student = load_student(ck.checkpoint_path(tmp_path, result.version), "cpu")
     held_out = range(500, 516)
     student_miou = _miou(lambda img: student.segment([img], CLASSES)[0].labels, held_out)
-    teacher_miou = _miou(lambda img: tr._teacher_labels(teacher, img, 0, 0.0), held_out)
+    teacher_miou = _miou(lambda img: tv.teacher_labels(teacher, img, 0, 0.0), held_out)
     print(f"student {student_miou:.3f} teacher {teacher_miou:.3f}")
     assert student_miou > teacher_miou + 0.03
 
@@ -278,8 +323,8 @@ def test_checkpoint_resume_continues_the_schedule(tmp_path):
     )
     # a run that checkpointed at step 2 of 4 and was killed: recreate its last.pt from the first run's state
     net = load_student(ck.checkpoint_path(tmp_path, first.version), "cpu").net
-    opt = tr._optimizer(net, s)
-    tr._save_resume(first.run_dir, net, opt, {"step": 2, "losses": [1.0, 0.9], "evals": []})
+    opt = tl.optimizer(net, s)
+    tl.save_resume(first.run_dir, net, opt, tl.RunState(2, [1.0, 0.9], []))
     resumed = tr.train(
         s, store, load_image=load, teacher=NoisyOracle(), classes=CLASSES, progress=False, resume=first.run_id
     )
@@ -325,8 +370,83 @@ def test_two_process_distributed_run_on_cpu(tmp_path, clip_file):
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,  # a generous bound: about 15 s on an idle machine
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("step 3/3") == 2 and "(world 2)" in proc.stderr
     assert [h["version"] for h in ck.history(tmp_path / "md")] == ["maskclip+-1"]
+
+
+def test_cli_train_hands_the_trainer_a_settings_object_and_leaves_the_environment_alone(tmp_path, monkeypatch):
+    """`labelstudio-maskclip train` runs in-process: CLI flags reach the trainer in the Settings it is
+    given (not by rewriting os.environ and re-parsing), and the lock is released afterwards."""
+    import os
+
+    from labelstudio_maskclip import cli
+
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("MASKCLIP_TRAIN_LR", "0.03")
+    seen = {}
+
+    def fake_train(settings, store, **kw):
+        seen.update(settings=settings, **kw)
+        return tr.TrainResult("r1", tmp_path / "runs" / "r1", False, None, "not promoted: test", {"miou": {}})
+
+    monkeypatch.setattr(tr, "train", fake_train)
+    before = dict(os.environ)
+    argv = ["train", "--steps", "7", "--promote", "always", "--student", "tiny", "--device", "cpu",
+            "--labels", "car | automobile, dog", "--background", "sky", "--project", "3"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert dict(os.environ) == before
+    s = seen["settings"]
+    assert isinstance(s, Settings)
+    assert (s.train_steps, s.promote, s.student, s.device, s.train_lr) == (7, "always", "tiny", "cpu", 0.03)
+    assert s.model_dir == str(tmp_path)
+    assert seen["classes"] == (("car", "automobile"), ("dog",)) and seen["background"] == (("sky",),)
+    assert seen["project"] == 3 and seen["resume"] is None
+    assert not training_running(tmp_path)
+
+
+SECRETS = {"label_studio_api_key": "lsk-0123456789-secret", "basic_auth_pass": "pw-9876543210-secret"}
+
+
+def test_secrets_never_reach_the_disk(tmp_path):
+    """The promoted checkpoint records the training settings, but not the credentials among them; no file
+    a run leaves behind holds them."""
+    s = _settings(tmp_path, basic_auth_user="ls", **SECRETS)
+    store = Store(tmp_path)
+    images = _fill(store, range(2), annotated={0})
+    result = tr.train(s, store, load_image=lambda ref, tid: images[ref], teacher=NoisyOracle(), classes=CLASSES,
+                      progress=False)  # fmt: skip
+    assert result.promoted
+    saved = torch.load(ck.checkpoint_path(tmp_path, result.version), weights_only=True)["settings"]
+    assert saved["train_steps"] == 2 and saved["basic_auth_user"] == "ls" and "basic_auth_pass" not in saved
+    leaks = [
+        p for p in tmp_path.rglob("*") if p.is_file() and any(v.encode() in p.read_bytes() for v in SECRETS.values())
+    ]
+    assert leaks == []
+
+
+def test_masks_of_labels_with_predicted_values_are_trained_on(tmp_path):
+    """People's masks are keyed by label value ("Disc"); the model knows the label by its predicted_values
+    ("red disc", "disc"). Every mask must reach the label maps: none dropped as unknown, and a perfect
+    teacher scores 1.0 on the held-out masks."""
+    s = _settings(tmp_path, promote="better", train_val_fraction=1.0)
+    values = ("Disc", "Box", "Ground")
+    names = (("red disc", "disc"), ("blue box",), ("ground", "floor"))
+    store = Store(tmp_path)
+    images = {}
+    for tid in range(4):
+        img, gt = synthetic(tid)
+        images[ref := f"img-{tid}"] = img
+        masks = {values[k]: gt == k for k in range(3) if (gt == k).any()}
+        store.put_annotation(AnnotationWrite(id=tid + 1, task=TaskRecord(tid, image=ref), masks=masks, height=64,
+                                             width=64))  # fmt: skip
+    images.update(_fill(store, range(10, 12)))  # unlabeled tasks to train on: the annotated ones are held out
+    perfect = NoisyOracle(blobs=0, block=1)
+    result = tr.train(s, store, load_image=lambda ref, tid: images[ref], teacher=perfect, classes=names,
+                      values=values, progress=False)  # fmt: skip
+    assert result.metrics["data"]["unknown_label_masks"] == 0 and result.metrics["data"]["validation"] == 4
+    assert result.metrics["miou"]["teacher"] == pytest.approx(1.0)
+    with pytest.raises(tr.TrainError, match="2 label values for 3 classes"):
+        tr.train(s, store, load_image=lambda ref, tid: images[ref], teacher=perfect, classes=names, values=values[:2])

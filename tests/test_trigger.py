@@ -178,3 +178,40 @@ def test_interval_rule(setup):
 def test_settings_travel_to_the_trainer_environment(setup):
     s = setup[0].replace(train_lr=0.02, key_smoothing=False)
     assert Settings.from_env(trigger._settings_env(s)) == s
+
+
+def test_a_projects_label_values_travel_with_its_classes_to_the_trainer(tmp_path, monkeypatch):
+    """START_TRAINING for a project whose labels have predicted_values: the trainer process is told each
+    class's model-side names AND its label value (people's masks are keyed by the value)."""
+    from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend
+    from labelstudio_maskclip.training import train as tr
+
+    config = """<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">
+      <Label value="Car" predicted_values="car, automobile"/><Label value="Sky, clear"/>
+      <Label value="Road" predicted_values="road|street"/></BrushLabels></View>"""
+    commands = []
+
+    class Started:
+        pid = 1
+
+        def __init__(self, cmd, **kwargs):
+            commands.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(trigger.subprocess, "Popen", Started)
+    s = Settings(model_dir=str(tmp_path))
+    reply = MaskCLIPBackend(s).fit(
+        "START_TRAINING", {"action": "START_TRAINING", "project": {"id": 7, "label_config": config}}
+    )
+    assert reply["training"] == "started" and len(commands) == 1
+    args = commands[0][commands[0].index("labelstudio_maskclip.training.train") + 1 :]
+    at = args.index("--lock-fd")
+    args = args[:at] + args[at + 2 :]
+    seen = {}
+    monkeypatch.setattr(tr, "train", lambda settings, store, **kw: seen.update(kw))
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
+    assert tr.train_main(args) == 0
+    assert seen["classes"] == (("car", "automobile"), ("Sky, clear",), ("road|street",))
+    assert seen["values"] == ("Car", "Sky, clear", "Road") and seen["project"] == 7

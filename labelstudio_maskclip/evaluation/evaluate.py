@@ -30,9 +30,10 @@ S / short side) for a scale (L, S), i.e. short side S unless the long side would
 Refinements (key smoothing, prompt denoising) are off unless ``refinements=True`` (the paper's plain
 configs); then the settings' switches decide.
 
-Metrics as mmsegmentation computes them: a confusion matrix over all images (ignore index 255); IoU of
-a class = TP / (TP + FP + FN), NaN where that union is 0; mIoU = nanmean; aAcc = correct / labelled
-pixels; per-class Acc = TP / ground-truth pixels. Values in metrics.json are percentages.
+Metrics as mmsegmentation computes them (:mod:`labelstudio_maskclip.evaluation.metrics`, the package's one
+mIoU): a confusion matrix over all images (ignore index 255); IoU of a class = TP / (TP + FP + FN), NaN
+where that union is 0; mIoU = nanmean; aAcc = correct / labelled pixels; per-class Acc = TP / ground-truth
+pixels. Values in metrics.json are percentages.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from PIL import Image
 
 from ..settings import Settings
 from . import class_names as cn
+from .metrics import IGNORE, confusion_matrix, scores
 
 __all__ = [
     "IGNORE",
@@ -67,7 +69,6 @@ __all__ = [
     "run_eval",
 ]
 
-IGNORE = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_BG_THRESHOLD = 0.1  # SCLIP / ClearCLIP / NACLIP's value for VOC21 and Context60
 
@@ -323,48 +324,6 @@ def rescaled_short_side(height: int, width: int, scale: tuple[int, int]) -> int:
     """Short side after mmcv's keep-ratio rescale to ``scale`` = (long limit, short limit)."""
     factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
     return max(1, int(min(height, width) * factor + 0.5))
-
-
-# --- metrics -----------------------------------------------------------------------------------------
-
-
-def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_classes: int, ignore_index: int = IGNORE) -> np.ndarray:
-    """(K, K + 1) int64 counts: row = ground-truth class, column = predicted class; the last column counts
-    labelled pixels with no prediction (a prediction outside 0..K-1). Pixels whose ground truth is
-    ``ignore_index`` or outside 0..K-1 are not counted. gt, pred: (H, W) integer arrays of one shape."""
-    if gt.shape != pred.shape:
-        raise ValueError(f"ground truth {gt.shape} and prediction {pred.shape} differ in shape")
-    k = num_classes
-    gt = gt.astype(np.int64).ravel()
-    pred = pred.astype(np.int64).ravel()
-    valid = (gt != ignore_index) & (gt >= 0) & (gt < k)
-    pred = np.where((pred >= 0) & (pred < k), pred, k)
-    return np.bincount(gt[valid] * (k + 1) + pred[valid], minlength=k * (k + 1)).reshape(k, k + 1)
-
-
-def scores(conf: np.ndarray) -> dict[str, np.ndarray | float]:
-    """Fractions from a (K, K + 1) confusion matrix: ``IoU`` and ``Acc`` (K,) with NaN where undefined,
-    ``mIoU``, ``mAcc`` (nanmean), ``aAcc``."""
-    k = conf.shape[0]
-    tp = np.diag(conf[:, :k]).astype(np.float64)
-    gt_area = conf.sum(1).astype(np.float64)
-    pred_area = conf[:, :k].sum(0).astype(np.float64)
-    union = gt_area + pred_area - tp
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, tp / union, np.nan)
-        acc = np.where(gt_area > 0, tp / gt_area, np.nan)
-    total = gt_area.sum()
-    return {
-        "IoU": iou,
-        "Acc": acc,
-        "mIoU": _nanmean(iou),
-        "mAcc": _nanmean(acc),
-        "aAcc": float(tp.sum() / total) if total else math.nan,
-    }
-
-
-def _nanmean(x: np.ndarray) -> float:
-    return float(np.nanmean(x)) if np.isfinite(x).any() else math.nan
 
 
 def _pct(x: float) -> float | None:

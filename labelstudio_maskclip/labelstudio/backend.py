@@ -758,7 +758,7 @@ class MaskCLIPBackend:
         config = project.get("label_config")
         if config:
             try:
-                kwargs["classes"] = self.classes(parse_label_config(config))[1]
+                kwargs["values"], kwargs["classes"] = self.classes(parse_label_config(config))
             except ValueError as e:
                 log.warning("webhook: labeling config unusable for training (%s)", e)
         started = None

@@ -29,6 +29,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
 
+from ..evaluation.metrics import IGNORE
 from ..files import write_atomic
 from ..masks.coco_rle import mask_to_coco_rle
 
@@ -49,8 +50,8 @@ __all__ = [
 ]
 
 Mode = Literal["instance", "semantic"]
-#: Pixel value of unlabelled pixels in :func:`export_semantic_pngs`.
-IGNORE_INDEX = 255
+#: Pixel value of unlabelled pixels in :func:`export_semantic_pngs`: the ignore value of ``eval`` and training.
+IGNORE_INDEX = IGNORE
 
 
 class CocoError(ValueError):

@@ -88,13 +88,15 @@ def request_training(
     reason: str,
     *,
     classes: Sequence[Any] | None = None,
+    values: Sequence[str] | None = None,
     background: Sequence[Any] = (),
     project: int | None = None,
 ) -> bool:
     """Start a detached trainer unless one is running. Returns True if started. Takes milliseconds.
 
     The trainer's output goes to ``MODEL_DIR/runs/train-<timestamp>.log``. ``classes``/``background``: the
-    project's labels (default: the labels found in the store).
+    project's labels as the model names them (default: the labels found in the store); ``values``: each
+    class's label value, which people's masks carry (they differ where a label has ``predicted_values``).
     """
     lock = acquire_training_lock(settings.model_dir)
     if lock is None:
@@ -107,7 +109,9 @@ def request_training(
         cmd = [sys.executable, "-m", "labelstudio_maskclip.training.train", "--service", "--reason", reason,
                "--lock-fd", str(lock.fileno())]  # fmt: skip
         if classes:
-            cmd += ["--labels", _class_arg(classes)]
+            from ..training.job import classes_json
+
+            cmd += ["--classes-json", classes_json(classes, values)]
         if background:
             cmd += ["--background", _class_arg(background)]
         if project is not None:

@@ -8,7 +8,8 @@ Layout::
 
 A checkpoint dict holds: ``format``, ``version``, ``student`` (architecture), ``state_dict``,
 ``embeddings`` (C, D), ``classes`` and ``background`` (lists of name lists), ``clip`` (text model name,
-pretrained tag, templates), ``settings`` (the training settings), ``metrics``, ``data`` (counts), ``created``
+pretrained tag, templates), ``settings`` (the training settings without the secrets:
+:func:`labelstudio_maskclip.settings.redact`), ``metrics``, ``data`` (counts), ``created``
 (ISO 8601 UTC). Every file is written atomically (temporary file in the same directory, fsync,
 ``os.replace``, fsync of the directory), so a reader sees the old file or the new one, never a torn one, and a
 trainer killed at any moment leaves the served model as it was. No pointer means: serve MaskCLIP.
@@ -29,6 +30,7 @@ from typing import Any
 
 from ..files import fsync_dir as _fsync_dir
 from ..files import write_atomic
+from ..settings import redact
 
 __all__ = [
     "FORMAT",
@@ -100,11 +102,18 @@ def read_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, An
         raise CheckpointError(f"cannot read student checkpoint {path}: {e}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a labelstudio-maskclip student checkpoint (format {FORMAT})")
-    return ckpt
+    return _without_secrets(ckpt)
 
 
 def _metadata(payload: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in payload.items() if k not in ("state_dict", "embeddings")}
+
+
+def _without_secrets(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` with secret settings removed (a checkpoint never stores them; older ones might have)."""
+    if isinstance(meta.get("settings"), dict):
+        return {**meta, "settings": redact(meta["settings"])}
+    return meta
 
 
 @contextmanager
@@ -136,7 +145,7 @@ def promote(model_dir: str | Path, payload: dict[str, Any]) -> str:
         numbers = _versions(model_dir)
         version = f"{VERSION_PREFIX}{(numbers[-1] + 1) if numbers else 1}"
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        full = {**payload, "format": FORMAT, "version": version, "created": created}
+        full = _without_secrets({**payload, "format": FORMAT, "version": version, "created": created})
         save_checkpoint(checkpoint_path(model_dir, version), full)
         meta = json.dumps(_metadata(full), indent=2, default=str).encode()
         write_atomic(models_dir(model_dir) / f"{version}.json", meta)
@@ -152,7 +161,7 @@ def history(model_dir: str | Path) -> list[dict[str, Any]]:
         version = f"{VERSION_PREFIX}{n}"
         side = models_dir(model_dir) / f"{version}.json"
         try:
-            meta = json.loads(side.read_text(encoding="utf-8"))
+            meta = _without_secrets(json.loads(side.read_text(encoding="utf-8")))
         except (OSError, ValueError):
             meta = {"version": version, "note": "metadata file missing; the checkpoint itself describes it"}
         meta["current"] = version == served

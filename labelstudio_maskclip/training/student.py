@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .job import class_key
+
 __all__ = [
     "STUDENTS",
     "IMAGENET_MEAN",
@@ -58,11 +60,6 @@ class StudentWeightsError(StudentError):
 
 class LabelMismatchError(StudentError):
     """The request's labels are not the classes the student checkpoint was trained for."""
-
-
-def class_key(classes: Sequence[Any]) -> tuple[tuple[str, ...], ...]:
-    """Classes (names or synonym tuples) -> a comparable tuple of name tuples."""
-    return tuple((c,) if isinstance(c, str) else tuple(c) for c in classes)
 
 
 # --- trunks and heads ------------------------------------------------------------------------------------
