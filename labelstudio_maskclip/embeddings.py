@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -110,7 +111,7 @@ class EmbeddingStore:
                 return _done(stored)
             if key not in self._jobs:
                 job = self._worker.submit(self._make, labels, key)
-                job.add_done_callback(lambda f, key=key: self._finished(key, f))
+                job.add_done_callback(functools.partial(self._finished, key))
                 self._jobs[key] = job
             return self._jobs[key]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ class WeightsError(RuntimeError):
 @dataclass(frozen=True)
 class LoadedCLIP:
     model: torch.nn.Module  # open_clip CLIP, eval mode, on `device` in `dtype`
-    tokenizer: object  # open_clip tokenizer: list[str] -> LongTensor (N, context_length)
+    tokenizer: Callable[[list[str]], torch.Tensor]  # open_clip tokenizer: list[str] -> LongTensor (N, context_length)
     mean: tuple[float, float, float]  # pixel normalisation of the pretrained weights (RGB, 0..1 scale)
     std: tuple[float, float, float]
     name: str  # architecture name as open_clip knows it

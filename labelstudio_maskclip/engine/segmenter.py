@@ -239,7 +239,7 @@ class MaskCLIP:
         classes: Sequence[ClassNames],
         background: Sequence[ClassNames] = (),
         opts: SegmentOptions = SegmentOptions(),
-        progress=None,
+        progress: Callable[[int], None] | None = None,
         text: torch.Tensor | None = None,
     ) -> list[Segmentation]:
         """Segment (H, W, 3) uint8 RGB images of any sizes into ``classes`` (+ ``background`` classes,

@@ -6,8 +6,9 @@ L2-normalised ``encode_text`` outputs, L2-normalised again (METHOD.md section 1,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -88,8 +89,8 @@ def normalize_classes(classes: Sequence[ClassNames]) -> tuple[tuple[str, ...], .
 
 @torch.no_grad()
 def encode_classes(
-    model: torch.nn.Module,
-    tokenizer,
+    model: Any,
+    tokenizer: Callable[[list[str]], torch.Tensor],
     classes: tuple[tuple[str, ...], ...],
     templates: tuple[str, ...],
     device: torch.device,
@@ -103,12 +104,12 @@ def encode_classes(
     pairs = [(k, n) for k, names in enumerate(classes) for n in names]  # one entry per (class, name)
     prompts = [t.format(n) for _, n in pairs for t in templates]
     owner = torch.arange(len(pairs), device=device).repeat_interleave(len(templates))  # (P,) name of prompt
-    feats = []
+    parts: list[torch.Tensor] = []
     for i in range(0, len(prompts), chunk):
         tokens = tokenizer(prompts[i : i + chunk]).to(device)
-        f = model.encode_text(tokens).float()  # (p, D)
-        feats.append(f / f.norm(dim=-1, keepdim=True))
-    feats = torch.cat(feats)  # (P, D)
+        f = model.encode_text(tokens).float()  # (p, D); model: an open_clip CLIP
+        parts.append(f / f.norm(dim=-1, keepdim=True))
+    feats = torch.cat(parts)  # (P, D)
     per_name = torch.zeros(len(pairs), feats.shape[1], device=device).index_add_(0, owner, feats)
     per_name = per_name / per_name.norm(dim=-1, keepdim=True)  # (N, D): mean over templates, renormalised
     cls_of_name = torch.tensor([k for k, _ in pairs], device=device)

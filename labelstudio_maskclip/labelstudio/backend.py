@@ -227,7 +227,7 @@ class Runtime:
         (``load=False``: the teacher is not loaded and None is returned in its place, for /setup)."""
         version = self.student_version()
         student = self._load_student(version) if version is not None else None
-        if student is not None:
+        if version is not None and student is not None:
             if student.serves(classes):
                 return version, student
             log.info("student %s was trained for other labels (%s): serving MaskCLIP", version, student.labels)
@@ -241,7 +241,10 @@ class Runtime:
                 from ..training.student import load_student
 
                 try:
-                    model = load_student(current_checkpoint(Path(self.settings.model_dir)), self.settings.device)
+                    path = current_checkpoint(Path(self.settings.model_dir))
+                    if path is None:
+                        raise FileNotFoundError("the promoted checkpoint is gone")
+                    model = load_student(path, self.settings.device)
                     log.info("serving student %s for labels %s", version, model.labels)
                 except Exception as e:  # a damaged file must not take serving down
                     log.error("student %s cannot be loaded (%s): serving MaskCLIP; `labelstudio-maskclip "
@@ -352,6 +355,11 @@ class TaskFailure:
     reason: str
 
 
+def _mapping(value: Any) -> Mapping[str, Any]:
+    """``value`` when it is a JSON object, else an empty one."""
+    return value if isinstance(value, Mapping) else {}
+
+
 def _task_id(task: Any) -> Any:
     return task.get("id") if isinstance(task, Mapping) else None
 
@@ -397,7 +405,9 @@ def _size_key(model: Any, opts: Any) -> Callable[[int, int], tuple[int, int]]:
     from ..engine.segmenter import resized_size
 
     stride = getattr(model, "stride", None) or getattr(getattr(model, "net", None), "stride", 32)
-    return lambda h, w: resized_size(h, w, opts.short_side, int(stride), opts.size_multiple)
+    return lambda h, w: resized_size(
+        h, w, opts.short_side, int(stride or 32), opts.size_multiple, opts.max_input_pixels
+    )
 
 
 def _batches(images: list[tuple[int, np.ndarray]], size_of: Callable, batch_size: int) -> list[list]:
@@ -729,7 +739,7 @@ class MaskCLIPBackend:
             or (isinstance(seen, Mapping) and isinstance(seen.get("result"), list))
         ):
             return None
-        project = data.get("project") if isinstance(data.get("project"), Mapping) else {}
+        project = _mapping(data.get("project"))
         config = project.get("label_config")
         return ParentPredictionCheck(
             annotation_id=annotation_id,
@@ -753,7 +763,7 @@ class MaskCLIPBackend:
             self.rt.followups.submit(check.annotation_id, check, f"annotation {check.annotation_id} vs its prediction")
         if result.rejected:
             reply["rejected"] = result.rejected
-        project = data.get("project") if isinstance(data.get("project"), Mapping) else {}
+        project = _mapping(data.get("project"))
         kwargs: dict[str, Any] = {"project": project.get("id")}
         config = project.get("label_config")
         if config:

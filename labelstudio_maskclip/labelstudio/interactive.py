@@ -226,6 +226,11 @@ def phrase_label(phrase: str, spec: LabelingSpec, labels: Sequence[str], similar
     return labels[int(np.argmax(similarity()))]
 
 
+def _cosines(seg: Any, phrase: str, label_emb: Any) -> Callable[[], np.ndarray]:
+    """A deferred (L,) cosine of the phrase's text embedding to each label's (L, D) embedding."""
+    return lambda: (seg.text_embeddings([phrase]) @ label_emb.T)[0].cpu().numpy()
+
+
 def predict_interactive(
     seg: Any,
     image: np.ndarray,
@@ -254,13 +259,8 @@ def predict_interactive(
     notes: list[str] = []
     for prompt in prompts:
         if isinstance(prompt, TextPrompt):
-            named = {
-                phrase: phrase_label(
-                    phrase, spec, labels,
-                    lambda p=phrase: (seg.text_embeddings([p]) @ label_emb[: len(labels)].T)[0].cpu().numpy(),
-                )
-                for phrase in prompt.phrases
-            }  # fmt: skip
+            named = {phrase: phrase_label(phrase, spec, labels, _cosines(seg, phrase, label_emb[: len(labels)]))
+                     for phrase in prompt.phrases}  # fmt: skip
             others = [spec.names(v) for v in labels if v not in named.values()]
             emb = seg.text_embeddings([(p,) for p in prompt.phrases] + others + [(w,) for w in BACKGROUND_WORDS])
             for phrase, (mask, score) in zip(

@@ -95,10 +95,10 @@ def banned_subnets_except(allowed: Iterable[str], banned: Iterable[str] = DEFAUL
             for piece in pieces:
                 if piece.version != hole.version or not piece.overlaps(hole):
                     next_pieces.append(piece)
-                elif hole.supernet_of(piece):  # the whole range is allowed
+                elif hole.supernet_of(piece):  # type: ignore[arg-type]  # same version: checked above
                     continue
                 else:
-                    next_pieces.extend(sorted(piece.address_exclude(hole)))
+                    next_pieces.extend(sorted(piece.address_exclude(hole)))  # type: ignore[arg-type]
             pieces = next_pieces
         out.extend(pieces)
     return tuple(str(n) for n in out)
@@ -128,7 +128,7 @@ def resolve(url: str) -> tuple[str, list[str]]:
         raise ValueError(f"{url!r} is not an http(s) URL with a host")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     infos = socket.getaddrinfo(parts.hostname, port, 0, socket.SOCK_STREAM)
-    return parts.hostname, list(dict.fromkeys(info[4][0] for info in infos))
+    return parts.hostname, list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 # --- the documented setups -----------------------------------------------------------------------------

@@ -166,7 +166,7 @@ def resolve(target: Target) -> list[str]:
         infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         raise ImageFetchError(
-            f"{target.display}: cannot resolve host {target.host!r} ({exc.strerror or _safe_reason(exc)})",
+            f"{target.display}: cannot resolve host {target.host!r} ({getattr(exc, 'strerror', None) or _safe_reason(exc)})",
             url=target.display,
         ) from None
     return sorted({str(info[4][0]) for info in infos})

@@ -528,6 +528,7 @@ class Store:
                 "INSERT INTO training_runs(project, seq, model_version, metrics, finished_at) VALUES (?, ?, ?, ?, ?)",
                 (project, seq, model_version, json.dumps(dict(metrics or {})), time.time()),
             )
+            assert cursor.lastrowid is not None  # an INSERT just ran
             return int(cursor.lastrowid)
 
     # --- reads -------------------------------------------------------------------------------------

@@ -486,16 +486,16 @@ def _deleted_event(payload: Mapping[str, Any], store: Store, action: str) -> Eve
         raise _Rejected("payload has no 'annotations' list")
     ids = [_int_or_none(entry) for entry in entries]
     bad = [entry for entry, i in zip(entries, ids) if i is None]
-    ids = list(dict.fromkeys(i for i in ids if i is not None))
-    if ids:
-        live = store.delete_annotations(ids)
-        if live < len(ids):
+    valid = list(dict.fromkeys(i for i in ids if i is not None))
+    if valid:
+        live = store.delete_annotations(valid)
+        if live < len(valid):
             log.info("%s: %d of %d annotation ids were not stored here (nothing to delete)", action,
-                     len(ids) - live, len(ids))  # fmt: skip
+                     len(valid) - live, len(valid))  # fmt: skip
     return EventResult(
         action,
-        "deleted" if ids else "rejected",
-        annotation_ids=ids,
+        "deleted" if valid else "rejected",
+        annotation_ids=valid,
         rejected=[f"annotation entry without a valid id (an integer 1..2**63-1): {entry!r:.80}" for entry in bad],
     )
 

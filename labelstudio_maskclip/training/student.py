@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -92,8 +92,8 @@ class _TorchvisionTrunk(nn.Module):
 
     def __init__(self, model: nn.Module, kind: str):
         super().__init__()
-        self.backbone = model.backbone
-        self.classifier = model.classifier
+        self.backbone = cast(nn.Module, model.backbone)  # torchvision's segmentation models
+        self.classifier = cast(nn.Module, model.classifier)
         self.kind = kind
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
