@@ -141,7 +141,7 @@ def _two_region_dense() -> DenseImage:
     feats = torch.zeros(4, 8, 8)
     feats[0, :, :4] = 1.0
     feats[1, :, 4:] = 1.0
-    return DenseImage(features=feats, keys=torch.zeros(64, 2), size=(64, 64))
+    return DenseImage(features=feats, affinity=torch.eye(64), size=(64, 64))
 
 
 def test_click_selects_the_similar_connected_region_and_contains_the_click():
@@ -215,6 +215,18 @@ def tiny(tmp_path_factory):
     weights = save_random_state(TINY_VIT, tmp_path_factory.mktemp("w") / "tiny_vit.pt")
     seg = MaskCLIP.load(TINY_VIT, str(weights), "cpu", "fp32", templates="simple")
     return seg, weights
+
+
+@pytest.mark.parametrize("mode", ["maskclip", "naclip"])
+def test_cached_features_give_the_engines_probabilities(tiny, mode):
+    """A prompt's grid probabilities (kept features and key-smoothing weights) equal the engine's own."""
+    seg, _ = tiny
+    image = np.asarray(Image.open(COCO128_PHOTOS / "000000000009.jpg").convert("RGB"))
+    opts = SegmentOptions(mode=mode, short_side=64, size_multiple=0)
+    emb = seg.text_embeddings(["car", "road", "background"])
+    size = seg.input_size(*image.shape[:2], opts.short_side, opts.size_multiple, opts.max_input_pixels)
+    expected = seg.grid_probs(seg.preprocess([image], size), emb, opts)[0]
+    torch.testing.assert_close(engine.grid_probs(engine.encode_image(seg, image, opts), emb, opts), expected)
 
 
 def test_box_mask_lies_inside_the_box_and_is_computed_on_the_crop(tiny):

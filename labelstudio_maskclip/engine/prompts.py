@@ -1,7 +1,7 @@
 """Interactive prompts on one image: a typed phrase, clicks, a box -> one (H, W) bool mask.
 
 The expensive part of MaskCLIP, the image tower, runs once per image and is kept as a :class:`DenseImage`
-(patch features and keys on the encoder grid); every further prompt on that image costs a few small
+(patch features and key smoothing's weights on the encoder grid); every further prompt on that image costs a few small
 tensor operations on the grid plus one upsampling. Boxes are the exception: they run the tower again on
 the box's own crop, at the model's input size, which is what makes their masks finer than the
 whole-image mask.
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .dense import dense_features
-from .refine import key_smoothing, prompt_denoising
+from .refine import key_affinity, prompt_denoising, smooth
 from .segmenter import MaskCLIP, SegmentOptions
 
 __all__ = ["DenseImage", "encode_image", "grid_probs", "phrase_masks", "click_mask", "box_mask", "CLICK_WEIGHT"]
@@ -38,17 +38,17 @@ class DenseImage:
     """One image's dense state: what every prompt on it reuses.
 
     features: (D, h, w) float32, L2-normalised along D, on the model's device.
-    keys: (h*w, C) float32 last-layer keys (key smoothing).
+    affinity: (h*w, h*w) key smoothing's weights (:func:`..refine.key_affinity` of the last-layer keys).
     size: the image's (H, W) in pixels.
     """
 
     features: torch.Tensor
-    keys: torch.Tensor
+    affinity: torch.Tensor
     size: tuple[int, int]
 
     @property
     def nbytes(self) -> int:
-        return self.features.element_size() * self.features.nelement() + self.keys.element_size() * self.keys.nelement()
+        return sum(t.element_size() * t.nelement() for t in (self.features, self.affinity))
 
 
 @torch.inference_mode()
@@ -58,7 +58,7 @@ def encode_image(seg: MaskCLIP, image: np.ndarray, opts: SegmentOptions) -> Dens
     size = seg.input_size(height, width, opts.short_side, opts.size_multiple, opts.max_input_pixels)
     pixels = seg.preprocess([image], size)  # (1, 3, H', W')
     out = dense_features(seg.clip.model.visual, pixels.to(seg.device, seg.clip.dtype), opts.mode)
-    return DenseImage(features=out.features[0], keys=out.keys[0], size=(height, width))
+    return DenseImage(features=out.features[0], affinity=key_affinity(out.keys)[0], size=(height, width))
 
 
 @torch.inference_mode()
@@ -68,7 +68,7 @@ def grid_probs(dense: DenseImage, emb: torch.Tensor, opts: SegmentOptions) -> to
     logits = torch.einsum("dhw,kd->khw", dense.features, emb.to(dense.features.device, torch.float32))
     probs = (opts.temperature * logits).softmax(0)[None]  # (1, K, h, w)
     if opts.key_smoothing:
-        probs = key_smoothing(probs, dense.keys[None])
+        probs = smooth(probs, dense.affinity[None])
     if opts.prompt_denoising:
         probs = prompt_denoising(probs)
     return probs[0]

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "key_smoothing", "prompt_denoising", "pamr", "pamr_weights", "pamr_average", "DENOISE_THRESHOLD", "REFINEMENTS",
+    "key_smoothing", "key_affinity", "smooth", "prompt_denoising", "pamr", "pamr_weights", "pamr_average", "DENOISE_THRESHOLD", "REFINEMENTS",
     "PAMR_ITERATIONS", "PAMR_DILATIONS",
 ]  # fmt: skip
 
@@ -25,12 +25,22 @@ def key_smoothing(probs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     axis here (the authors' code normalises along the token axis instead). Negative similarities are
     clipped to zero and each row of weights sums to one, so the result stays a distribution.
     """
-    b, k, h, w = probs.shape
+    return smooth(probs, key_affinity(keys))
+
+
+def key_affinity(keys: torch.Tensor) -> torch.Tensor:
+    """(B, h*w, C) last-layer keys -> (B, h*w, h*w) key smoothing's weights: cosine similarities clipped at
+    zero, each row summing to one. Depends on the image only, so it can be kept for further prompts."""
     kn = F.normalize(keys.float(), dim=-1)  # (B, hw, C)
     sim = (kn @ kn.transpose(1, 2)).clamp_min(0)  # (B, hw, hw)
-    sim = sim / sim.sum(-1, keepdim=True)
+    return sim / sim.sum(-1, keepdim=True)
+
+
+def smooth(probs: torch.Tensor, affinity: torch.Tensor) -> torch.Tensor:
+    """(B, K, h, w) probabilities averaged with (B, h*w, h*w) row-stochastic weights -> (B, K, h, w)."""
+    b, k, h, w = probs.shape
     flat = probs.flatten(2).transpose(1, 2)  # (B, hw, K)
-    return (sim @ flat).transpose(1, 2).reshape(b, k, h, w)
+    return (affinity @ flat).transpose(1, 2).reshape(b, k, h, w)
 
 
 def prompt_denoising(probs: torch.Tensor, threshold: float = DENOISE_THRESHOLD) -> torch.Tensor:
