@@ -55,6 +55,9 @@ class Settings:
     # Regions smaller than this fraction of the image are dropped from pre-annotations.
     min_area: float = field(default=0.0005, metadata=_env("MASKCLIP_MIN_AREA"))
     batch_size: int = field(default=16, metadata=_env("MASKCLIP_BATCH_SIZE"))
+    # The task score Label Studio sorts by (lower = less sure, label it next), averaged over labelled
+    # pixels: confidence (winning probability) | margin (best minus second best) | entropy (1 - normalised).
+    score: str = field(default="confidence", metadata=_env("MASKCLIP_SCORE"))
 
     # --- Label Studio and serving ------------------------------------------------------------------
     label_studio_url: str = field(default="", metadata=_env("LABEL_STUDIO_URL"))
@@ -113,6 +116,8 @@ class Settings:
             raise SettingsError(f"MASKCLIP_DENSE_MODE={self.dense_mode!r}: choose one of {', '.join(DENSE_MODES)}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise SettingsError(f"MASKCLIP_PRECISION={self.precision!r}: choose auto, fp32, bf16 or fp16")
+        if self.score not in SCORES:
+            raise SettingsError(f"MASKCLIP_SCORE={self.score!r}: choose one of {', '.join(SCORES)}")
         if self.promote not in ("better", "always"):
             raise SettingsError(f"MASKCLIP_PROMOTE={self.promote!r}: choose better or always")
         if self.window and self.stride <= 0:
@@ -139,6 +144,7 @@ class Settings:
 
 
 DENSE_MODES = ("maskclip", "sclip", "clearclip", "naclip")
+SCORES = ("confidence", "margin", "entropy")  # the engine's image score kinds (engine.segmenter.SCORES)
 
 #: field name -> environment variable
 ENV: dict[str, str] = {f.name: f.metadata["env"] for f in dataclasses.fields(Settings)}

@@ -10,12 +10,16 @@ Rules for the output (also in the README):
   when that probability is below ``min_confidence`` or when the winner is a background class.
 - A label is **absent** when prompt denoising removed it (its peak probability over the image's patches is
   below 0.5) or no pixel ended up with it; absent labels have area 0 and score 0.
-- Score of a label: mean winning probability over its pixels. Score of an image: mean winning probability
-  over all its labelled pixels (0 when none): low scores sort first for active learning.
+- Score of a label: mean winning probability over its pixels. Score of an image (``SegmentOptions.score``,
+  one of :data:`SCORES`), averaged over its labelled pixels (0 when none); every kind is in [0, 1] and
+  lower means less sure, so low scores sort first for active learning:
+  ``confidence``: the winning probability; ``margin``: the winning probability minus the second best;
+  ``entropy``: 1 - the entropy of the pixel's class distribution / log(number of classes).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -31,10 +35,11 @@ from .refine import key_smoothing, prompt_denoising
 from .text import ClassNames, encode_classes, normalize_classes, resolve_templates
 
 __all__ = [
-    "MaskCLIP", "SegmentOptions", "Segmentation", "NO_LABEL", "resized_size", "normalized_batch", "segment_in_batches",
+    "MaskCLIP", "SegmentOptions", "Segmentation", "NO_LABEL", "SCORES", "resized_size", "normalized_batch", "segment_in_batches",
 ]  # fmt: skip
 
 NO_LABEL = -1
+SCORES = ("confidence", "margin", "entropy")  # image score kinds; see the module docstring
 _UPSAMPLE_BUDGET = 2**28  # elements per interpolate call, far below INT_MAX
 
 
@@ -50,6 +55,7 @@ class SegmentOptions:
     temperature: float = 100.0  # softmax(temperature * cosine logits)
     min_confidence: float = 0.0  # winning probability below this -> NO_LABEL
     batch_size: int = 16
+    score: str = "confidence"  # image score, one of SCORES
 
 
 @dataclass
@@ -61,7 +67,7 @@ class Segmentation:
     grid_probs: np.ndarray  # (K + Kb, h, w) float32 on the encoder grid: label classes, then background
     class_scores: np.ndarray  # (K,) float32: mean confidence over the label's pixels, 0 if absent
     class_areas: np.ndarray  # (K,) int64: pixels per label
-    score: float  # mean confidence over labelled pixels
+    score: float  # image score (SegmentOptions.score) averaged over labelled pixels; lower = less sure
 
     @property
     def present(self) -> list[int]:
@@ -227,6 +233,7 @@ class MaskCLIP:
             batch_size=opts.batch_size,
             min_confidence=opts.min_confidence,
             progress=progress,
+            score=opts.score,
         )
 
 
@@ -268,10 +275,14 @@ def segment_in_batches(
     batch_size: int,
     min_confidence: float,
     progress: Callable[[int], None] | None = None,
+    score: str = "confidence",
 ) -> list[Segmentation]:
     """The batching shared by every segmenter: images grouped by resized shape ``size_of(H, W)``, run in
     batches through ``probs_of(images, size) -> (B, K + Kb, h, w)`` probabilities, finalised one by one at
-    their original sizes. ``progress(n)`` is called after each batch."""
+    their original sizes with the image score ``score`` (one of :data:`SCORES`). ``progress(n)`` is called
+    after each batch."""
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}: choose one of {', '.join(SCORES)}")
     groups: dict[tuple[int, int], list[int]] = {}
     for i, img in enumerate(images):
         if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
@@ -283,7 +294,7 @@ def segment_in_batches(
             batch = idx[b : b + max(1, batch_size)]
             probs = probs_of([images[i] for i in batch], size)
             for i, p in zip(batch, probs):
-                results[i] = _finalize(p, images[i].shape[:2], n_labels, min_confidence)
+                results[i] = _finalize(p, images[i].shape[:2], n_labels, min_confidence, score)
             if progress is not None:
                 progress(len(batch))
     return results  # type: ignore[return-value]
@@ -301,19 +312,30 @@ def _windows(height: int, width: int, win: int, stride: int) -> list[tuple[int, 
     return [(y0, min(y0 + win, height), x0, min(x0 + win, width)) for y0 in starts(height) for x0 in starts(width)]
 
 
-def _finalize(probs: torch.Tensor, size: tuple[int, int], n_labels: int, min_conf: float) -> Segmentation:
+def _finalize(
+    probs: torch.Tensor, size: tuple[int, int], n_labels: int, min_conf: float, score: str = "confidence"
+) -> Segmentation:
     """Grid probabilities (K + Kb, h, w) -> Segmentation at ``size`` (H, W).
 
-    Upsamples a chunk of classes at a time and keeps the running maximum, so the full (K, H, W) tensor is
-    never materialised and no interpolate call exceeds INT_MAX elements.
+    Upsamples a chunk of classes at a time and keeps the running maximum (and, for the image score, the
+    runner-up or the running entropy), so the full (K, H, W) tensor is never materialised and no
+    interpolate call exceeds INT_MAX elements.
     """
     height, width = size
     k_all = probs.shape[0]
     chunk = max(1, _UPSAMPLE_BUDGET // (height * width))
     best = torch.full((height, width), -1.0, device=probs.device)
+    second = torch.full((height, width), 0.0, device=probs.device) if score == "margin" else None
+    entropy = torch.zeros((height, width), device=probs.device) if score == "entropy" else None
     label = torch.zeros((height, width), dtype=torch.long, device=probs.device)
     for c0 in range(0, k_all, chunk):
         up = F.interpolate(probs[None, c0 : c0 + chunk], size=size, mode="bilinear", align_corners=False)[0]
+        if second is not None:  # runner-up over all classes: the better of the old and the chunk's
+            top = up.topk(min(2, up.shape[0]), dim=0).values  # (1 or 2, H, W)
+            chunk_second = top[1] if top.shape[0] > 1 else torch.zeros_like(best)
+            second = torch.maximum(torch.minimum(best, top[0]), torch.maximum(second, chunk_second))
+        if entropy is not None:
+            entropy -= torch.special.xlogy(up, up).sum(0)
         value, index = up.max(0)  # (H, W) each
         better = value > best
         best = torch.where(better, value, best)
@@ -324,7 +346,13 @@ def _finalize(probs: torch.Tensor, size: tuple[int, int], n_labels: int, min_con
     areas = torch.bincount(label[valid], minlength=n_labels)[:n_labels]
     conf_sums = torch.bincount(label[valid], weights=best[valid].double(), minlength=n_labels)[:n_labels]
     scores = torch.where(areas > 0, conf_sums / areas.clamp_min(1), torch.zeros_like(conf_sums))
-    image_score = float(best[valid].mean()) if bool(valid.any()) else 0.0
+    if second is not None:
+        certainty = best - second
+    elif entropy is not None:
+        certainty = 1.0 - entropy.clamp_min(0) / math.log(k_all) if k_all > 1 else torch.ones_like(best)
+    else:
+        certainty = best
+    image_score = float(certainty[valid].mean()) if bool(valid.any()) else 0.0
     return Segmentation(
         labels=label.to(torch.int16).cpu().numpy(),
         confidence=best.float().cpu().numpy(),
