@@ -95,6 +95,8 @@ class Settings:
     student: str = field(default="deeplabv3_resnet50", metadata=_env("MASKCLIP_STUDENT"))
     student_pretrained: str = field(default="imagenet", metadata=_env("MASKCLIP_STUDENT_PRETRAINED"))
     promote: str = field(default="better", metadata=_env("MASKCLIP_PROMOTE"))  # better | always
+    # After a promotion or rollback, re-predict the unlabeled tasks in the background (needs LABEL_STUDIO_URL).
+    rescore: bool = field(default=True, metadata=_env("MASKCLIP_RESCORE"))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

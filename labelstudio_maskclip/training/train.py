@@ -811,6 +811,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         progress=not args.service,
         resume=args.resume,
     )
+    if result is not None and result.promoted:
+        from ..labelstudio.rescore import start_rescore
+
+        start_rescore(s, args.project, reason=f"promotion of {result.version}")
     if result is not None:
         print(
             json.dumps(
