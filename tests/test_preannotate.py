@@ -65,16 +65,23 @@ class FakeLabelStudio:
         return sum(1 for t in self.tasks if self._match(t, **filters))
 
     def task_pages(self, project_id, *, include=("id", "data"), without_version=None, unlabeled=False,
-                   page_size=500, after_id=0):  # fmt: skip
+                   page_size=500, after_id=0, full=False):  # fmt: skip
         while True:
             with self.lock:
                 ids = sorted(t for t in self.tasks if self._match(t, after_id, without_version, unlabeled))[:page_size]
-                page = [{**self.tasks[t], "predictions_model_versions": self._versions(t)} for t in ids]
+                page = [dict(self.tasks[t]) for t in ids]
+                if full:  # every field: the predictions inline
+                    for task in page:
+                        task["predictions"] = [{"model_version": v} for v in self._versions(task["id"])]
             if not page:
                 return
             self.max_page = max(self.max_page, len(page))
             yield page
             after_id = page[-1]["id"]
+
+    def set_live_version(self, project_id, version):
+        changed, self.live = getattr(self, "live", None) != version, version
+        return changed
 
     def versions_of(self, project_id, task_ids):
         with self.lock:
@@ -122,6 +129,7 @@ def test_every_task_gets_one_prediction_in_bulk_and_a_rerun_does_nothing(setting
     assert pred["result"] and pred["result"][0]["type"] == "brushlabels" and 0 <= pred["score"] <= 1
     again = preannotate(settings, 1, api=ls, upload_batch=5, progress=False)
     assert again.predicted == 0 and again.skipped == 23 and ls.imports == [5, 5, 5, 5, 3]
+    assert ls.live == first.model_version  # the version Label Studio's score column averages
 
 
 def test_refresh_predicts_only_unlabeled_tasks(settings):
@@ -176,8 +184,9 @@ def test_a_version_that_is_a_substring_of_another_is_matched_exactly(settings):
     """Label Studio's filter would take "v-1" for present in "v-10": the pipeline checks versions itself."""
     probe = preannotate(settings, 1, api=FakeLabelStudio(1), progress=False).model_version
     ls = FakeLabelStudio(6, versions={t: [probe + "0"] for t in range(1, 7)})
+    ls.predictions.append({"task": 2, "model_version": probe, "result": []})
     result = preannotate(settings, 1, api=ls, progress=False)
-    assert result.predicted == 6 and set(ls.per_task(probe).values()) == {1}
+    assert result.predicted == 5 and result.skipped == 1 and set(ls.per_task(probe).values()) == {1}
 
 
 def test_a_failing_stage_stops_the_pipeline_with_its_error(settings):

@@ -24,7 +24,7 @@ from typing import Any
 from ..settings import Settings
 from .images import ImageFetcher
 
-__all__ = ["LabelStudioAPI", "LabelStudioAPIError", "AmbiguousWriteError", "task_filter"]
+__all__ = ["LabelStudioAPI", "LabelStudioAPIError", "AmbiguousWriteError", "task_filter", "model_versions_of"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,13 @@ def task_filter(*, after_id: int = 0, without_version: str | None = None, unlabe
     if unlabeled:
         items.append({"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0})
     return {"filters": {"conjunction": "and", "items": items}, "ordering": ["tasks:id"]}
+
+
+def model_versions_of(task: Mapping[str, Any]) -> list[str]:
+    """Model versions of a task's predictions, from a task listed with ``fields=all`` (its
+    ``predictions`` inline). Light listings do not carry them: Label Studio 1.23 answers
+    ``predictions_model_versions`` with an empty string unless it filters on it."""
+    return [str(p.get("model_version")) for p in task.get("predictions") or [] if isinstance(p, Mapping)]
 
 
 def _never_sent(error: Exception) -> bool:
@@ -173,15 +180,17 @@ class LabelStudioAPI:
         unlabeled: bool = False,
         page_size: int = 500,
         after_id: int = 0,
+        full: bool = False,
     ) -> Iterator[list[dict[str, Any]]]:
         """Pages of the project's tasks in id order with only the ``include`` fields (light: no predictions
-        or annotations inline), filtered as :func:`task_filter` says. Keyset paging (``id > last``) so
-        tasks predicted meanwhile do not shift the pages."""
+        or annotations inline; ``full``: every field, predictions included), filtered as
+        :func:`task_filter` says. Keyset paging (``id > last``) so tasks predicted meanwhile do not shift
+        the pages."""
         fields = ",".join(dict.fromkeys(["id", *include]))
         while True:
             query = task_filter(after_id=after_id, without_version=without_version, unlabeled=unlabeled)
-            params = {"project": project_id, "page": 1, "page_size": page_size, "fields": "task_only",
-                      "include": fields, "query": json.dumps(query)}  # fmt: skip
+            params = {"project": project_id, "page": 1, "page_size": page_size, "query": json.dumps(query)}
+            params.update({"fields": "all"} if full else {"fields": "task_only", "include": fields})
             try:
                 body = self.request("GET", "/api/tasks", params=params)
             except LabelStudioAPIError as e:
@@ -240,18 +249,29 @@ class LabelStudioAPI:
         return list(body.get("tasks", []) if isinstance(body, Mapping) else body)
 
     def versions_of(self, project_id: int, task_ids: Sequence[int]) -> dict[int, list[str]]:
-        """Model versions of the predictions each of ``task_ids`` has (tasks that no longer exist are absent)."""
+        """Model versions of the predictions each of ``task_ids`` has (tasks that no longer exist are
+        absent). Reads the tasks with every field: for checks after a failed write, not for listing."""
         out: dict[int, list[str]] = {}
         ids = [int(t) for t in task_ids]
-        for i in range(0, len(ids), 500):
-            chunk = ids[i : i + 500]
+        for i in range(0, len(ids), 100):
+            chunk = ids[i : i + 100]
             query = {"selectedItems": {"all": False, "included": chunk}}
-            params = {"project": project_id, "page": 1, "page_size": len(chunk), "fields": "task_only",
-                      "include": "id,predictions_model_versions", "query": json.dumps(query)}  # fmt: skip
+            params = {"project": project_id, "page": 1, "page_size": len(chunk), "fields": "all",
+                      "query": json.dumps(query)}  # fmt: skip
             body = self.request("GET", "/api/tasks", params=params)
             for t in body.get("tasks", []):
-                out[int(t["id"])] = list(t.get("predictions_model_versions") or [])
+                out[int(t["id"])] = model_versions_of(t)
         return out
+
+    def set_live_version(self, project_id: int, version: str) -> bool:
+        """Make ``version`` the project's live model version (*Settings -> Model*), which Label Studio's
+        *Prediction score* column averages, unless the project has chosen another model: only an empty
+        setting or one of this backend's versions (``maskclip...``) is replaced. True if it changed."""
+        current = self.project(project_id).get("model_version") or ""
+        if current == version or (current and not current.startswith("maskclip")):
+            return False
+        self.request("PATCH", f"/api/projects/{project_id}", json={"model_version": version})
+        return True
 
     # -- writes --------------------------------------------------------------------------------------
     def create_prediction(self, task_id: int, prediction: dict[str, Any]) -> dict[str, Any]:

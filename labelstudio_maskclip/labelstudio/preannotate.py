@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..settings import Settings
-from .api import AmbiguousWriteError, LabelStudioAPI, LabelStudioAPIError
+from .api import AmbiguousWriteError, LabelStudioAPI, LabelStudioAPIError, model_versions_of
 
 __all__ = ["preannotate", "PreannotateResult", "Shard", "shard_from_env"]
 
@@ -159,17 +159,19 @@ def preannotate(
         return run
 
     def lister() -> None:
-        include = ("id", "data") if exact else ("id", "data", "predictions_model_versions")
         t0 = time.monotonic()
-        for page in api.task_pages(project_id, include=include, without_version=version if exact else None,
-                                   unlabeled=refresh, page_size=page_size):  # fmt: skip
+        # not exact: every task with its predictions inline (heavy; only when another version contains ours)
+        for page in api.task_pages(project_id, without_version=version if exact else None, unlabeled=refresh,
+                                   page_size=page_size if exact else 100, full=not exact):  # fmt: skip
             busy.add("list", time.monotonic() - t0)
             for task in page:
                 if not shard.owns(task["id"]):
                     continue
-                if not exact and version in (task.get("predictions_model_versions") or []):
+                if not exact and version in model_versions_of(task):
                     continue
                 result.listed += 1
+                if not exact:
+                    task = {"id": task["id"], "data": task.get("data")}
                 if not _put(tasks_q, task, stop):
                     return
             t0 = time.monotonic()
@@ -246,6 +248,12 @@ def preannotate(
     result.skipped = max(0, total_all - todo_all) if shard.world == 1 else 0
     if not exact and shard.world == 1:
         result.skipped = max(0, total_all - result.listed)
+    if shard.rank == 0 and (result.predicted or result.skipped):
+        try:  # the Data Manager's "Prediction score" column averages the project's live version
+            if api.set_live_version(project_id, version):
+                log.info("project %s: live model version set to %s", project_id, version)
+        except LabelStudioAPIError as e:
+            log.warning("project %s: could not make %s its live model version (%s)", project_id, version, e)
     result.seconds = time.monotonic() - started
     result.busy = dict(busy.seconds)
     log.info(
