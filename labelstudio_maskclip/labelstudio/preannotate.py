@@ -100,6 +100,16 @@ def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
     return False
 
 
+def _get(q: queue.Queue, stop: threading.Event) -> Any:
+    """The next item, or the end of the stream once the pipeline is stopping."""
+    while not stop.is_set():
+        try:
+            return q.get(timeout=0.2)
+        except queue.Empty:
+            continue
+    return _END
+
+
 def preannotate(
     settings: Settings,
     project_id: int,
@@ -186,7 +196,7 @@ def preannotate(
 
     def loader() -> None:
         while not stop.is_set():
-            task = tasks_q.get()
+            task = _get(tasks_q, stop)
             if task is _END:
                 _put(loaded_q, _END, stop)
                 return
@@ -204,7 +214,7 @@ def preannotate(
     def uploader() -> None:
         pending: list[dict[str, Any]] = []
         while True:
-            item = encoded_q.get()
+            item = _get(encoded_q, stop)
             if item is not _END:
                 task, fut = item
                 try:
@@ -282,7 +292,7 @@ def _infer(model, classes, settings, batch, loaded_q, encoded_q, encode_pool, en
     while not done and not stop.is_set():
         items: list[tuple[dict[str, Any], Any]] = []
         while len(items) < batch:
-            got = loaded_q.get()
+            got = _get(loaded_q, stop)
             if got is _END:
                 done = True
                 break
