@@ -3,7 +3,7 @@
     python benchmarks/bench_preannotate.py --before-ref 680ffb7 --sizes 100 500 2000 --out BENCHMARKS.md
 
 Starts Label Studio (``LABEL_STUDIO_VENV``, see tests/labelstudio.py) on loopback and a loopback file host
-serving coco128 photos (640x480-ish); for each size a fresh project of that many tasks (the photos
+serving coco128 photos (downscaled, `--image-side`); for each size a fresh project of that many tasks (the photos
 repeated) is pre-annotated with the tiny random-weight test model (short side 64) by
 
 - **before**: the package as of ``--before-ref`` (``git archive`` into a temporary folder), its CLI;
