@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -146,14 +147,84 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_preannotate(args: argparse.Namespace) -> int:
-    from .labelstudio.preannotate import preannotate
+    """One process, or one rank of ``torchrun -m labelstudio_maskclip preannotate``: each rank predicts its
+    shard (task id modulo the world size) on its own device; rank 0 prints the totals."""
+    from .labelstudio.preannotate import preannotate, shard_from_env
 
-    r = preannotate(_settings(args), args.project, batch_size=args.batch)
-    print(json.dumps({"model_version": r.model_version, "predicted": r.predicted, "skipped": r.skipped,
-                      "failed": len(r.failed)}))  # fmt: skip
+    s = _settings(args)
+    shard = shard_from_env()
+    group = _init_distributed(s) if shard.world > 1 else None
+    if group is not None and s.device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            s = s.replace(device=f"cuda:{int(os.environ.get('LOCAL_RANK', shard.rank)) % torch.cuda.device_count()}")
+    r = preannotate(s, args.project, batch_size=args.batch, upload_batch=args.upload_batch, refresh=args.refresh,
+                    shard=shard, progress=shard.rank == 0)  # fmt: skip
+    summary = r.summary()
+    if group is not None:
+        summary = _reduce_summary(summary, shard.world)
+    if shard.rank == 0:
+        print(json.dumps(summary))
     for f in r.failed[:20]:
         log.warning("task %s: %s", f.get("task"), f.get("error"))
-    return 1 if r.failed else 0
+    return 1 if summary["failed"] else 0
+
+
+def _init_distributed(s: Settings):
+    """torch.distributed for torchrun ranks (gloo on CPU, nccl on GPUs), used for the final totals only."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        use_nccl = torch.cuda.is_available() and s.device != "cpu"
+        dist.init_process_group("nccl" if use_nccl else "gloo")
+    return dist.group.WORLD
+
+
+def _reduce_summary(summary: dict, world: int) -> dict:
+    """Totals over the ranks (counts summed, time the slowest rank's)."""
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, summary)
+    dist.destroy_process_group()
+    total = dict(parts[0])
+    for key in ("predicted", "failed"):
+        total[key] = sum(p[key] for p in parts)
+    total["skipped"] = parts[0]["skipped"]
+    total["seconds"] = max(p["seconds"] for p in parts)
+    total["tasks_per_s"] = round(total["predicted"] / total["seconds"], 2) if total["seconds"] else None
+    total["ranks"] = world
+    return total
+
+
+def _cmd_next(args: argparse.Namespace) -> int:
+    """The unlabeled tasks to label next: lowest score of the served model first."""
+    from .labelstudio.api import LabelStudioAPI
+    from .labelstudio.backend import MaskCLIPBackend
+
+    s = _settings(args)
+    api = LabelStudioAPI.from_settings(s)
+    config = api.project(args.project)["label_config"]
+    backend = MaskCLIPBackend(s, str(args.project), config)
+    version, _ = backend.rt.model_for(backend.classes(backend.spec())[1], load=False)
+    tasks = api.next_tasks(args.project, args.n, version=None if args.any_version else version)
+    if args.json:
+        print(json.dumps([{"id": t["id"], "score": t.get("predictions_score"), "data": t.get("data")} for t in tasks]))
+        return 0
+    if not tasks:
+        print(f"no unlabeled task has a prediction of {version}: run `labelstudio-maskclip preannotate "
+              f"--project {args.project}`")  # fmt: skip
+        return 0
+    key = backend.spec().image_keys[0]
+    base = s.label_studio_url.rstrip("/")
+    for t in tasks:
+        score = t.get("predictions_score")
+        shown = f"{score:.4f}" if isinstance(score, (int, float)) else "n/a"
+        image = (t.get("data") or {}).get(key, "")
+        print(f"{t['id']}\t{shown}\t{base}/projects/{args.project}/data?task={t['id']}\t{image}")
+    return 0
 
 
 def _categories(args: argparse.Namespace, s: Settings, store) -> list[str]:
@@ -283,11 +354,16 @@ def _cmd_history(args: argparse.Namespace) -> int:
 def _cmd_rollback(args: argparse.Namespace) -> int:
     from .training.checkpoints import CheckpointError, rollback
 
+    s = _settings(args)
     try:
-        print(f"now serving {rollback(Path(_settings(args).model_dir), args.version)}")
+        version = rollback(Path(s.model_dir), args.version)
     except CheckpointError as e:
         log.error("%s", e)
         return 2
+    print(f"now serving {version}")
+    from .labelstudio.rescore import start_rescore
+
+    start_rescore(s, reason=f"rollback to {version}")
     return 0
 
 
@@ -341,11 +417,22 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(p)
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("preannotate", help="predict every task of a project through the API (resumable)")
+    p = sub.add_parser("preannotate", help="predict every task of a project through the API (resumable; torchrun)")
     p.add_argument("--project", type=int, required=True, help="Label Studio project id")
-    p.add_argument("--batch", type=int, default=64, help="tasks per batch (default 64)")
+    p.add_argument("--batch", type=int, help="images per forward pass (default MASKCLIP_BATCH_SIZE)")
+    p.add_argument("--upload-batch", type=int, default=250, help="predictions per bulk write (default 250)")
+    p.add_argument("--refresh", action="store_true",
+                   help="only unlabeled tasks: re-score them with the model served now (after a promotion)")  # fmt: skip
     _model_flags(p)
     p.set_defaults(func=_cmd_preannotate)
+
+    p = sub.add_parser("next", help="the unlabeled tasks to label next (least sure first)")
+    p.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    p.add_argument("-n", type=int, default=20, help="how many (default 20)")
+    p.add_argument("--any-version", action="store_true", help="also tasks predicted by other model versions")
+    p.add_argument("--json", action="store_true")
+    _model_flags(p)
+    p.set_defaults(func=_cmd_next)
 
     p = sub.add_parser("backfill", help="store a project's existing annotations (API or JSON export file)")
     g = p.add_mutually_exclusive_group(required=True)

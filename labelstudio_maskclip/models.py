@@ -36,6 +36,7 @@ def segment_options(s: Settings) -> SegmentOptions:
         temperature=s.temperature,
         min_confidence=s.min_confidence,
         batch_size=s.batch_size,
+        score=s.score,
     )
 
 

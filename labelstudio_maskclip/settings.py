@@ -70,6 +70,9 @@ class Settings:
     # Regions smaller than this fraction of the image are dropped from pre-annotations.
     min_area: float = field(default=0.0005, metadata=_env("MASKCLIP_MIN_AREA"))
     batch_size: int = field(default=16, metadata=_env("MASKCLIP_BATCH_SIZE"))
+    # The task score Label Studio sorts by (lower = less sure, label it next), averaged over labelled
+    # pixels: confidence (winning probability) | margin (best minus second best) | entropy (1 - normalised).
+    score: str = field(default="confidence", metadata=_env("MASKCLIP_SCORE"))
 
     # --- Label Studio and serving ------------------------------------------------------------------
     label_studio_url: str = field(default="", metadata=_env("LABEL_STUDIO_URL"))
@@ -112,6 +115,8 @@ class Settings:
     student: str = field(default="deeplabv3_resnet50", metadata=_env("MASKCLIP_STUDENT"))
     student_pretrained: str = field(default="imagenet", metadata=_env("MASKCLIP_STUDENT_PRETRAINED"))
     promote: str = field(default="better", metadata=_env("MASKCLIP_PROMOTE"))  # better | always
+    # After a promotion or rollback, re-predict the unlabeled tasks in the background (needs LABEL_STUDIO_URL).
+    rescore: bool = field(default=True, metadata=_env("MASKCLIP_RESCORE"))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -135,6 +140,8 @@ class Settings:
             raise SettingsError(f"MASKCLIP_REFINE={self.refine!r}: choose none or pamr")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise SettingsError(f"MASKCLIP_PRECISION={self.precision!r}: choose auto, fp32, bf16 or fp16")
+        if self.score not in SCORES:
+            raise SettingsError(f"MASKCLIP_SCORE={self.score!r}: choose one of {', '.join(SCORES)}")
         if self.promote not in ("better", "always"):
             raise SettingsError(f"MASKCLIP_PROMOTE={self.promote!r}: choose better or always")
         if self.window and self.stride <= 0:
@@ -168,6 +175,7 @@ class Settings:
 
 
 DENSE_MODES = ("maskclip", "sclip", "clearclip", "naclip")
+SCORES = ("confidence", "margin", "entropy")  # the engine's image score kinds (engine.segmenter.SCORES)
 
 #: field name -> environment variable
 ENV: dict[str, str] = {f.name: f.metadata["env"] for f in dataclasses.fields(Settings)}

@@ -11,8 +11,11 @@ Rules for the output (also in the README):
   when that probability is below ``min_confidence`` or when the winner is a background class.
 - A label is **absent** when prompt denoising removed it (its peak probability over the image's patches is
   below 0.5) or no pixel ended up with it; absent labels have area 0 and score 0.
-- Score of a label: mean winning probability over its pixels. Score of an image: mean winning probability
-  over all its labelled pixels (0 when none): low scores sort first for active learning.
+- Score of a label: mean winning probability over its pixels. Score of an image (``SegmentOptions.score``,
+  one of :data:`SCORES`), averaged over its labelled pixels (0 when none); every kind is in [0, 1] and
+  lower means less sure, so low scores sort first for active learning:
+  ``confidence``: the winning probability; ``margin``: the winning probability minus the second best;
+  ``entropy``: 1 - the entropy of the pixel's class distribution / log(number of classes).
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ from .refine import REFINEMENTS, key_smoothing, pamr, prompt_denoising
 from .text import ClassNames, encode_classes, normalize_classes, resolve_templates
 
 __all__ = [
-    "MaskCLIP", "SegmentOptions", "Segmentation", "NO_LABEL", "resized_size", "normalized_batch", "segment_in_batches",
+    "MaskCLIP", "SegmentOptions", "Segmentation", "NO_LABEL", "SCORES", "resized_size", "normalized_batch", "segment_in_batches",
 ]  # fmt: skip
 
 NO_LABEL = -1
+SCORES = ("confidence", "margin", "entropy")  # image score kinds; see the module docstring
 _UPSAMPLE_BUDGET = 2**22  # probabilities upsampled at once in _finalize (16 MiB of float32)
 REFINE_MAX_SIDE = 896  # PAMR runs at the resized image's resolution, its long side capped at this
 
@@ -57,6 +61,7 @@ class SegmentOptions:
     temperature: float = 100.0  # softmax(temperature * cosine logits)
     min_confidence: float = 0.0  # winning probability below this -> NO_LABEL
     batch_size: int = 16
+    score: str = "confidence"  # image score, one of SCORES
 
 
 @dataclass
@@ -68,7 +73,7 @@ class Segmentation:
     grid_probs: np.ndarray  # (K + Kb, h, w) float32 on the encoder grid (with PAMR: the refined resolution)
     class_scores: np.ndarray  # (K,) float32: mean confidence over the label's pixels, 0 if absent
     class_areas: np.ndarray  # (K,) int64: pixels per label
-    score: float  # mean confidence over labelled pixels
+    score: float  # image score (SegmentOptions.score) averaged over labelled pixels; lower = less sure
 
     @property
     def present(self) -> list[int]:
@@ -259,6 +264,7 @@ class MaskCLIP:
             batch_size=opts.batch_size,
             min_confidence=opts.min_confidence,
             progress=progress,
+            score=opts.score,
         )
 
 
@@ -348,10 +354,14 @@ def segment_in_batches(
     batch_size: int,
     min_confidence: float,
     progress: Callable[[int], None] | None = None,
+    score: str = "confidence",
 ) -> list[Segmentation]:
     """The batching shared by every segmenter: images grouped by resized shape ``size_of(H, W)``, run in
     batches through ``probs_of(images, size) -> (B, K + Kb, h, w)`` probabilities, finalised one by one at
-    their original sizes. ``progress(n)`` is called after each batch."""
+    their original sizes with the image score ``score`` (one of :data:`SCORES`). ``progress(n)`` is called
+    after each batch."""
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}: choose one of {', '.join(SCORES)}")
     groups: dict[tuple[int, int], list[int]] = {}
     for i, img in enumerate(images):
         uint8 = img.dtype == (torch.uint8 if isinstance(img, torch.Tensor) else np.uint8)
@@ -365,7 +375,7 @@ def segment_in_batches(
             probs = probs_of([images[i] for i in batch], size)
             for i, p in zip(batch, probs):
                 size = (int(images[i].shape[0]), int(images[i].shape[1]))
-                results[i] = _finalize(p, size, n_labels, min_confidence)
+                results[i] = _finalize(p, size, n_labels, min_confidence, score)
             if progress is not None:
                 progress(len(batch))
     return results  # type: ignore[return-value]
@@ -405,10 +415,14 @@ def _candidates(probs: torch.Tensor) -> torch.Tensor:
     return torch.nonzero((hi >= floor).flatten(1).any(1)).flatten()
 
 
-def _finalize(probs: torch.Tensor, size: tuple[int, int], n_labels: int, min_conf: float) -> Segmentation:
-    """Grid probabilities (K + Kb, h, w) -> Segmentation at ``size`` (H, W).
+def _finalize(
+    probs: torch.Tensor, size: tuple[int, int], n_labels: int, min_conf: float, score: str = "confidence"
+) -> Segmentation:
+    """Grid probabilities (K + Kb, h, w) -> Segmentation at ``size`` (H, W), with the image score ``score``.
 
-    Only the k' classes that can win a pixel are upsampled (:func:`_candidates`: usually a handful of the K).
+    With the ``confidence`` score only the k' classes that can win a pixel are upsampled (:func:`_candidates`:
+    usually a handful of the K); ``margin`` (needs the runner-up) and ``entropy`` (needs every class) upsample
+    all K.
     Bilinear upsampling (``align_corners=False``, as ``F.interpolate``) is done separably: along the width for
     the whole grid ((k', h, W): small), then along the height one band of output rows at a time, keeping each
     band's winning class and its probability. Beyond the outputs ((H, W) int16 labels and float32
@@ -416,7 +430,7 @@ def _finalize(probs: torch.Tensor, size: tuple[int, int], n_labels: int, min_con
     size, so a 64-megapixel image costs its label map, not gigabytes of (K, H, W) floats.
     """
     height, width = size
-    keep = _candidates(probs)  # (k',) ascending class indices
+    keep = _candidates(probs) if score == "confidence" else torch.arange(probs.shape[0], device=probs.device)
     kept = probs.index_select(0, keep).float()  # (k', h, w)
     k_kept, grid_h, _ = kept.shape
     device = probs.device
@@ -432,12 +446,23 @@ def _finalize(probs: torch.Tensor, size: tuple[int, int], n_labels: int, min_con
     confidence = torch.empty((height, width), dtype=torch.float32)
     areas = torch.zeros(n_labels, dtype=torch.float64)
     sums = torch.zeros(n_labels, dtype=torch.float64)
-    total, count = 0.0, 0
+    total, count = 0.0, 0  # the image score's sum and the labelled pixels
+    k_all = probs.shape[0]
     band = max(1, _UPSAMPLE_BUDGET // (k_kept * width))
     for y0 in range(0, height, band):
         y1 = min(height, y0 + band)
         up = rows[:, top[y0:y1]] * upper[None, y0:y1, None] + rows[:, bottom[y0:y1]] * lower[None, y0:y1, None]
         value, index = up.max(0)  # (n, W) each; ties go to the first class
+        if score == "margin":  # the winning probability minus the runner-up's
+            certainty = value - up.topk(2, dim=0).values[1] if k_kept > 1 else value
+        elif score == "entropy":  # 1 - normalised entropy of the pixel's distribution
+            certainty = (
+                1.0 - (-torch.special.xlogy(up, up).sum(0)).clamp_min(0) / math.log(k_all)
+                if k_all > 1
+                else torch.ones_like(value)
+            )
+        else:
+            certainty = value
         del up
         klass = keep[index]  # (n, W) class indices among all K
         no_label = (klass >= n_labels) | (value < min_conf)
@@ -446,7 +471,7 @@ def _finalize(probs: torch.Tensor, size: tuple[int, int], n_labels: int, min_con
         won, weights = klass[valid], value[valid].double()
         areas += torch.bincount(won, minlength=n_labels)[:n_labels].double().cpu()
         sums += torch.bincount(won, weights=weights, minlength=n_labels)[:n_labels].cpu()
-        total += float(weights.sum())
+        total += float(certainty[valid].double().sum())
         count += int(won.numel())
         labels[y0:y1] = klass.to(torch.int16).cpu()
         confidence[y0:y1] = value.cpu()

@@ -1,18 +1,34 @@
-"""A small Label Studio REST client for the bulk commands (pre-annotation, backfill, export).
+"""The Label Studio REST calls of the bulk commands (pre-annotation, re-scoring, backfill, export).
 
 Authentication is the image fetcher's (legacy token or personal access token, see :mod:`.images`), so
-there is one implementation of it.
+there is one implementation of it. Why plain HTTP and not ``label-studio-sdk``'s client: its JSON encoder
+walks every integer of a brush RLE (bulk import of brush predictions several times slower), it retries
+POSTs on 5xx and connection errors (which duplicates a bulk import that was applied), and its task pager
+pages by offset (which skips tasks when the filtered set shrinks while predictions are written). The
+README's "Active learning" section has the figures.
+
+Retries: reads (GET) are retried on connection errors and 5xx with exponential backoff. Writes are
+retried only when the request surely never reached Label Studio (the connection was refused or could not
+be opened); any other failure of a write raises :class:`AmbiguousWriteError` so the caller can check what
+was applied before sending anything again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from ..settings import Settings
 from .images import ImageFetcher
 
-__all__ = ["LabelStudioAPI", "LabelStudioAPIError"]
+__all__ = ["LabelStudioAPI", "LabelStudioAPIError", "AmbiguousWriteError", "task_filter", "model_versions_of"]
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUS = frozenset({500, 502, 503, 504})
 
 
 class LabelStudioAPIError(RuntimeError):
@@ -23,42 +39,115 @@ class LabelStudioAPIError(RuntimeError):
         self.status = status
 
 
+class AmbiguousWriteError(LabelStudioAPIError):
+    """A write failed in a way that does not say whether Label Studio applied it (a 5xx, a timeout or a
+    connection lost after sending): never resend it blindly."""
+
+
+def task_filter(*, after_id: int = 0, without_version: str | None = None, unlabeled: bool = False) -> dict[str, Any]:
+    """A Data Manager ``query`` for ``GET /api/tasks``: tasks with ``id > after_id``, ordered by id
+    (keyset paging, which stays right while the set shrinks), optionally only those without a prediction
+    of ``without_version`` (a substring match on Label Studio's side) and only those without annotations."""
+    items: list[dict[str, Any]] = [
+        {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": int(after_id)}
+    ]
+    if without_version:
+        items.append({"filter": "filter:tasks:predictions_model_versions", "operator": "not_contains",
+                      "type": "List", "value": [without_version]})  # fmt: skip
+    if unlabeled:
+        items.append({"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0})
+    return {"filters": {"conjunction": "and", "items": items}, "ordering": ["tasks:id"]}
+
+
+def model_versions_of(task: Mapping[str, Any]) -> list[str]:
+    """Model versions of a task's predictions, from a task listed with ``fields=all`` (its
+    ``predictions`` inline). Light listings do not carry them: Label Studio 1.23 answers
+    ``predictions_model_versions`` with an empty string unless it filters on it."""
+    return [str(p.get("model_version")) for p in task.get("predictions") or [] if isinstance(p, Mapping)]
+
+
+def _never_sent(error: Exception) -> bool:
+    """True when a requests exception happened before the request could reach the server."""
+    import requests
+
+    if isinstance(error, requests.exceptions.ConnectTimeout):
+        return True
+    if isinstance(error, requests.exceptions.ConnectionError):
+        text = repr(error)
+        return "NewConnectionError" in text or "Connection refused" in text or "Failed to resolve" in text
+    return False
+
+
 class LabelStudioAPI:
-    def __init__(self, fetcher: ImageFetcher, timeout: float = 60.0):
+    def __init__(self, fetcher: ImageFetcher, timeout: float = 120.0, retries: int = 5, backoff: float = 0.5):
         if not fetcher.label_studio_url:
             raise LabelStudioAPIError("set LABEL_STUDIO_URL (and LABEL_STUDIO_API_KEY) to talk to Label Studio")
         self.fetcher = fetcher
         self.url = fetcher.label_studio_url
         self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
         import requests
+        from requests.adapters import HTTPAdapter
 
         self.session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=16)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LabelStudioAPI:
         return cls(ImageFetcher.from_settings(settings))
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """JSON of ``method path``; one retry after refreshing a personal access token on 401."""
+        """JSON of ``method path``. Retries as the module docstring says; one more try after refreshing a
+        personal access token on 401."""
         import requests
 
         url = self.url + path
-        for attempt in (0, 1):
+        extra_headers = kwargs.pop("headers", None) or {}
+        write = method.upper() not in ("GET", "HEAD", "OPTIONS")
+        refreshed = False
+        attempt = 0
+        while True:
             try:
                 r = self.session.request(
-                    method, url, headers=self.fetcher.auth_headers(url), timeout=self.timeout, **kwargs
+                    method,
+                    url,
+                    headers={**extra_headers, **self.fetcher.auth_headers(url)},
+                    timeout=self.timeout,
+                    **kwargs,
                 )
             except requests.RequestException as e:
-                raise LabelStudioAPIError(f"{method} {url}: {type(e).__name__}: is LABEL_STUDIO_URL right?") from e
-            if r.status_code == 401 and attempt == 0:
+                if attempt < self.retries and (not write or _never_sent(e)):
+                    attempt += 1
+                    self._wait(attempt, f"{method} {path}: {type(e).__name__}")
+                    continue
+                cls = AmbiguousWriteError if write and not _never_sent(e) else LabelStudioAPIError
+                raise cls(f"{method} {url}: {type(e).__name__}: is LABEL_STUDIO_URL right? ({e})") from e
+            if r.status_code == 401 and not refreshed:
+                refreshed = True
                 self.fetcher.refresh_auth()
                 continue
+            if r.status_code in RETRY_STATUS:
+                if not write and attempt < self.retries:
+                    attempt += 1
+                    self._wait(attempt, f"{method} {path} -> {r.status_code}")
+                    continue
+                if write:
+                    raise AmbiguousWriteError(f"{method} {path} -> {r.status_code}: {r.text[:300]}", r.status_code)
             break
         if r.status_code >= 400:
             hint = " (check LABEL_STUDIO_API_KEY)" if r.status_code in (401, 403) else ""
             raise LabelStudioAPIError(f"{method} {path} -> {r.status_code}{hint}: {r.text[:300]}", r.status_code)
         return r.json() if r.content else None
 
+    def _wait(self, attempt: int, what: str) -> None:
+        delay = self.backoff * 2 ** (attempt - 1)
+        log.warning("%s; retry %d/%d in %.1f s", what, attempt, self.retries, delay)
+        time.sleep(delay)
+
+    # -- reads ---------------------------------------------------------------------------------------
     def project(self, project_id: int) -> dict[str, Any]:
         return self.request("GET", f"/api/projects/{project_id}")
 
@@ -82,5 +171,122 @@ class LabelStudioAPI:
                 return
             page += 1
 
+    def task_pages(
+        self,
+        project_id: int,
+        *,
+        include: Sequence[str] = ("id", "data"),
+        without_version: str | None = None,
+        unlabeled: bool = False,
+        page_size: int = 500,
+        after_id: int = 0,
+        full: bool = False,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Pages of the project's tasks in id order with only the ``include`` fields (light: no predictions
+        or annotations inline; ``full``: every field, predictions included), filtered as
+        :func:`task_filter` says. Keyset paging (``id > last``) so tasks predicted meanwhile do not shift
+        the pages."""
+        fields = ",".join(dict.fromkeys(["id", *include]))
+        while True:
+            query = task_filter(after_id=after_id, without_version=without_version, unlabeled=unlabeled)
+            params = {"project": project_id, "page": 1, "page_size": page_size, "query": json.dumps(query)}
+            params.update({"fields": "all"} if full else {"fields": "task_only", "include": fields})
+            try:
+                body = self.request("GET", "/api/tasks", params=params)
+            except LabelStudioAPIError as e:
+                if e.status == 404:  # an empty result set answers 404 for page 1 on some versions
+                    return
+                raise
+            tasks = body.get("tasks", []) if isinstance(body, dict) else body
+            if not tasks:
+                return
+            yield tasks
+            after_id = max(int(t["id"]) for t in tasks)
+            if len(tasks) < page_size:
+                return
+
+    def count_tasks(self, project_id: int, **filters: Any) -> int:
+        """How many tasks match :func:`task_filter`'s ``filters`` (one light request)."""
+        query = task_filter(**filters)
+        params = {"project": project_id, "page": 1, "page_size": 1, "fields": "task_only", "include": "id",
+                  "query": json.dumps(query)}  # fmt: skip
+        try:
+            body = self.request("GET", "/api/tasks", params=params)
+        except LabelStudioAPIError as e:
+            if e.status == 404:
+                return 0
+            raise
+        return int(body.get("total", len(body.get("tasks", [])))) if isinstance(body, dict) else len(body)
+
+    def model_versions(self, project_id: int) -> list[str]:
+        """Model versions of the project's predictions (``GET /api/projects/{id}/model-versions``)."""
+        body = self.request("GET", f"/api/projects/{project_id}/model-versions")
+        if isinstance(body, Mapping):  # {version: count} (1.x), or {"static": [...], "live": [...]}
+            if all(isinstance(v, int) for v in body.values()):
+                return [str(k) for k in body]
+            return [str(x) for v in body.values() if isinstance(v, list) for x in v]
+        return [str(v) for v in body or []]
+
+    def next_tasks(self, project_id: int, n: int, version: str | None = None) -> list[dict[str, Any]]:
+        """The ``n`` unlabeled tasks to label next: lowest prediction score first (``version``: only
+        tasks predicted by it count; Label Studio's score column averages the project's live version)."""
+        items: list[dict[str, Any]] = [
+            {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
+            {"filter": "filter:tasks:total_predictions", "operator": "greater", "type": "Number", "value": 0},
+        ]
+        if version:
+            items.append({"filter": "filter:tasks:predictions_model_versions", "operator": "contains",
+                          "type": "List", "value": [version]})  # fmt: skip
+        query = {"filters": {"conjunction": "and", "items": items}, "ordering": ["tasks:predictions_score"]}
+        params = {"project": project_id, "page": 1, "page_size": n, "fields": "task_only",
+                  "include": "id,data,predictions_score,predictions_model_versions", "query": json.dumps(query)}  # fmt: skip
+        try:
+            body = self.request("GET", "/api/tasks", params=params)
+        except LabelStudioAPIError as e:
+            if e.status == 404:
+                return []
+            raise
+        return list(body.get("tasks", []) if isinstance(body, Mapping) else body)
+
+    def versions_of(self, project_id: int, task_ids: Sequence[int]) -> dict[int, list[str]]:
+        """Model versions of the predictions each of ``task_ids`` has (tasks that no longer exist are
+        absent). Reads the tasks with every field: for checks after a failed write, not for listing."""
+        out: dict[int, list[str]] = {}
+        ids = [int(t) for t in task_ids]
+        for i in range(0, len(ids), 100):
+            chunk = ids[i : i + 100]
+            query = {"selectedItems": {"all": False, "included": chunk}}
+            params = {"project": project_id, "page": 1, "page_size": len(chunk), "fields": "all",
+                      "query": json.dumps(query)}  # fmt: skip
+            body = self.request("GET", "/api/tasks", params=params)
+            for t in body.get("tasks", []):
+                out[int(t["id"])] = model_versions_of(t)
+        return out
+
+    def set_live_version(self, project_id: int, version: str) -> bool:
+        """Make ``version`` the project's live model version (*Settings -> Model*), which Label Studio's
+        *Prediction score* column averages, unless the project has chosen another model: only an empty
+        setting or one of this backend's versions (``maskclip...``) is replaced. True if it changed."""
+        current = self.project(project_id).get("model_version") or ""
+        if current == version or (current and not current.startswith("maskclip")):
+            return False
+        self.request("PATCH", f"/api/projects/{project_id}", json={"model_version": version})
+        return True
+
+    # -- writes --------------------------------------------------------------------------------------
     def create_prediction(self, task_id: int, prediction: dict[str, Any]) -> dict[str, Any]:
+        """One prediction (``POST /api/predictions``, about 90 ms of Label Studio's time per call)."""
         return self.request("POST", "/api/predictions", json={"task": task_id, **prediction})
+
+    def import_predictions(self, project_id: int, predictions: Sequence[dict[str, Any]]) -> int:
+        """Bulk write (``POST /api/projects/{id}/import/predictions``): each item ``{"task", "result",
+        "score", "model_version"}``. Returns how many Label Studio created (it drops invalid ones without
+        saying which). One unknown task id fails the whole request (400, nothing written); a 5xx or a
+        lost connection raises :class:`AmbiguousWriteError`."""
+        body = self.request(
+            "POST",
+            f"/api/projects/{project_id}/import/predictions",
+            data=json.dumps(list(predictions), separators=(",", ":")),
+            headers={"Content-Type": "application/json"},
+        )
+        return int((body or {}).get("created", 0))

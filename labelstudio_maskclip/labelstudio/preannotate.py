@@ -1,79 +1,388 @@
 """Bulk pre-annotation of a whole project through Label Studio's API, outside its 100 s /predict limit.
 
-Pulls the project's tasks, predicts in batches with the served model, and pushes each prediction with
-``POST /api/predictions``. Resumable: tasks that already carry a prediction of the current model version
-are skipped, so an interrupted run picks up where it stopped.
+A pipeline of four stages joined by bounded queues, so memory stays flat whatever the project's size:
+
+1. **list** (one thread): light pages of the tasks that still need a prediction of the served model
+   version (``fields=task_only``, ids and data only, keyset-paged; see :meth:`LabelStudioAPI.task_pages`);
+2. **fetch** (``MASKCLIP_FETCH_THREADS`` threads): image downloads;
+3. **infer** (the calling thread): the served model (promoted student or MaskCLIP) on batches;
+4. **encode + upload** (a thread pool for brush RLE / polygons, one upload thread): predictions written
+   in bulk with ``POST /api/projects/{id}/import/predictions``, ``upload_batch`` per request.
+
+Resumable: tasks that already carry a prediction of the current model version are not listed, so an
+interrupted run picks up where it stopped. Uploads are never resent blindly: when a bulk write fails in a
+way that does not say whether it was applied, the tasks are looked up and only those still without this
+version are sent again. Under torchrun (``RANK``/``WORLD_SIZE``) each rank takes the tasks whose
+``id % WORLD_SIZE == RANK``: disjoint shards, each predicted once.
+
+``refresh=True`` restricts the run to unlabeled tasks (no annotation): re-scoring after a new model was
+promoted, so Label Studio's Data Manager sorts by the current model's scores.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..settings import Settings
-from .api import LabelStudioAPI
-from .backend import MaskCLIPBackend
+from .api import AmbiguousWriteError, LabelStudioAPI, LabelStudioAPIError, model_versions_of
 
-__all__ = ["preannotate", "PreannotateResult"]
+__all__ = ["preannotate", "PreannotateResult", "Shard", "shard_from_env"]
 
 log = logging.getLogger(__name__)
+
+_END = object()  # end of a queue's stream
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of the tasks: those with ``id % world == rank``."""
+
+    rank: int = 0
+    world: int = 1
+
+    def owns(self, task_id: int) -> bool:
+        return self.world <= 1 or int(task_id) % self.world == self.rank
+
+
+def shard_from_env(environ: Mapping[str, str] | None = None) -> Shard:
+    """torchrun's ``RANK`` and ``WORLD_SIZE`` (1 process when unset)."""
+    env = os.environ if environ is None else environ
+    return Shard(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")))
 
 
 @dataclass
 class PreannotateResult:
     model_version: str
     predicted: int = 0
-    skipped: int = 0  # already had a prediction of this model version
-    failed: list[dict[str, Any]] = field(default_factory=list)
+    skipped: int = 0  # tasks that already had a prediction of this version (refresh: or were labeled)
+    failed: list[dict[str, Any]] = field(default_factory=list)  # {"task", "error"}
+    listed: int = 0  # tasks this shard found to predict
+    seconds: float = 0.0
+    busy: dict[str, float] = field(default_factory=dict)  # seconds each stage worked (threads summed)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "model_version": self.model_version, "predicted": self.predicted, "skipped": self.skipped,
+            "failed": len(self.failed), "seconds": round(self.seconds, 2),
+            "tasks_per_s": round(self.predicted / self.seconds, 2) if self.seconds else None,
+            "busy_s": {k: round(v, 2) for k, v in self.busy.items()},
+        }  # fmt: skip
 
 
-def _has_version(task: Mapping[str, Any], version: str) -> bool:
-    return any(isinstance(p, Mapping) and p.get("model_version") == version for p in task.get("predictions") or [])
+class _Busy:
+    """Seconds spent per stage, summed over threads (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    """Put unless the pipeline is stopping (then False)."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.2)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _get(q: queue.Queue, stop: threading.Event) -> Any:
+    """The next item, or the end of the stream once the pipeline is stopping."""
+    while not stop.is_set():
+        try:
+            return q.get(timeout=0.2)
+        except queue.Empty:
+            continue
+    return _END
 
 
 def preannotate(
     settings: Settings,
     project_id: int,
     *,
-    batch_size: int = 64,
+    batch_size: int | None = None,
+    upload_batch: int = 250,
+    refresh: bool = False,
     progress: bool = True,
     api: LabelStudioAPI | None = None,
+    shard: Shard | None = None,
+    page_size: int = 500,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> PreannotateResult:
+    """Predict every task of ``project_id`` (of this shard) that lacks a prediction of the served model's
+    version and write the predictions to Label Studio; see the module docstring. ``batch_size``: images
+    per forward pass (default ``MASKCLIP_BATCH_SIZE``); ``upload_batch``: predictions per bulk request;
+    ``on_progress(done, total)`` after each upload (``total``: an estimate for the shard)."""
     from tqdm import tqdm
 
+    from .backend import MaskCLIPBackend
+
+    started = time.monotonic()
     api = api or LabelStudioAPI.from_settings(settings)
+    shard = shard or Shard()
     config = api.project(project_id)["label_config"]
     backend = MaskCLIPBackend(settings.replace(predict_time_budget=float("inf")), str(project_id), config)
-    version, _ = backend.rt.model_for(backend.classes(backend.spec())[1], load=False)
+    spec = backend.spec()
+    vocab, classes = backend.classes(spec)
+    version, model = backend.rt.model_for(classes)
     result = PreannotateResult(model_version=version)
-    bar = tqdm(desc=f"preannotate project {project_id}", unit="task", disable=not progress)
-    pending: list[dict[str, Any]] = []
+    busy = _Busy()
+    exact = _server_filter_is_exact(api, project_id, version)
+    total_all = api.count_tasks(project_id, unlabeled=refresh)
+    todo_all = api.count_tasks(project_id, without_version=version, unlabeled=refresh) if exact else total_all
+    estimate = todo_all // shard.world + (1 if shard.rank < todo_all % shard.world else 0)
+    bar = tqdm(total=estimate, desc=f"preannotate project {project_id}", unit="task", disable=not progress)
 
-    def flush() -> None:
-        reply = backend.predict(pending)
-        for task, pred in zip(pending, reply["results"]):
-            if pred:
-                api.create_prediction(task["id"], pred)
-                result.predicted += 1
-        result.failed.extend(e for e in reply["errors"])
-        bar.update(len(pending))
-        pending.clear()
+    batch = max(1, batch_size or settings.batch_size)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    tasks_q: queue.Queue = queue.Queue(maxsize=max(2 * batch, page_size))
+    loaded_q: queue.Queue = queue.Queue(maxsize=2 * batch)  # decoded images waiting for the model
+    encoded_q: queue.Queue = queue.Queue(maxsize=2 * upload_batch)  # predictions waiting for upload
+    image_key = spec.image_keys[0]
+    targets = backend._targets(spec)
+    fetch_pool = ThreadPoolExecutor(max(1, settings.fetch_threads), thread_name_prefix="preannotate-fetch")
+    encode_pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="preannotate-encode")
 
-    for task in api.tasks(project_id):
-        if _has_version(task, version):
-            result.skipped += 1
-            bar.update(1)
-            continue
-        pending.append(task)
-        if len(pending) >= batch_size:
-            flush()
-    if pending:
-        flush()
-    bar.close()
+    def guarded(fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as e:  # stop the pipeline; the caller re-raises
+                errors.append(e)
+                stop.set()
+
+        return run
+
+    def lister() -> None:
+        t0 = time.monotonic()
+        # not exact: every task with its predictions inline (heavy; only when another version contains ours)
+        for page in api.task_pages(project_id, without_version=version if exact else None, unlabeled=refresh,
+                                   page_size=page_size if exact else 100, full=not exact):  # fmt: skip
+            busy.add("list", time.monotonic() - t0)
+            for task in page:
+                if not shard.owns(task["id"]):
+                    continue
+                if not exact and version in model_versions_of(task):
+                    continue
+                result.listed += 1
+                if not exact:
+                    task = {"id": task["id"], "data": task.get("data")}
+                if not _put(tasks_q, task, stop):
+                    return
+            t0 = time.monotonic()
+        _put(tasks_q, _END, stop)
+
+    def load(task: dict[str, Any]) -> Any:
+        t0 = time.monotonic()
+        try:
+            return _load_image(backend, task, image_key, settings.max_image_pixels)
+        finally:
+            busy.add("fetch", time.monotonic() - t0)
+
+    def loader() -> None:
+        while not stop.is_set():
+            task = _get(tasks_q, stop)
+            if task is _END:
+                _put(loaded_q, _END, stop)
+                return
+            if not _put(loaded_q, (task, fetch_pool.submit(load, task)), stop):
+                return
+
+    def encode(task: dict[str, Any], seg: Any) -> dict[str, Any]:
+        from .regions import prediction
+
+        t0 = time.monotonic()
+        pred = prediction(seg, targets, vocab, version, min_area=settings.min_area, polygons=settings.polygons)
+        busy.add("encode", time.monotonic() - t0)
+        return {"task": int(task["id"]), **pred}
+
+    def uploader() -> None:
+        pending: list[dict[str, Any]] = []
+        while True:
+            item = _get(encoded_q, stop)
+            if item is not _END:
+                task, fut = item
+                try:
+                    pending.append(fut.result())
+                except Exception as e:  # an encoding failure is that task's
+                    result.failed.append({"task": task["id"], "error": f"encoding: {e}"})
+            if pending and (item is _END or len(pending) >= upload_batch):
+                t0 = time.monotonic()
+                created = _upload(api, project_id, version, pending, result)
+                busy.add("upload", time.monotonic() - t0)
+                result.predicted += created
+                bar.update(len(pending))
+                if on_progress is not None:
+                    on_progress(result.predicted + len(result.failed), estimate)
+                pending = []
+            if item is _END:
+                return
+
+    threads = [threading.Thread(target=guarded(f), name=f"preannotate-{f.__name__}", daemon=True)
+               for f in (lister, loader, uploader)]  # fmt: skip
+    for t in threads:
+        t.start()
+    try:
+        _infer(model, classes, settings, batch, loaded_q, encoded_q, encode_pool, encode, result, busy, stop)
+    except BaseException as e:
+        errors.append(e)
+        stop.set()
+    finally:
+        if not stop.is_set():
+            _put(encoded_q, _END, stop)
+        for t in threads:
+            while t.is_alive():
+                t.join(0.5)
+                if stop.is_set():
+                    _drain(tasks_q, loaded_q, encoded_q)
+        fetch_pool.shutdown(wait=True, cancel_futures=True)
+        encode_pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    if errors:
+        raise errors[0]
+    result.skipped = max(0, total_all - todo_all) if shard.world == 1 else 0
+    if not exact and shard.world == 1:
+        result.skipped = max(0, total_all - result.listed)
+    if shard.rank == 0 and (result.predicted or result.skipped):
+        try:  # the Data Manager's "Prediction score" column averages the project's live version
+            if api.set_live_version(project_id, version):
+                log.info("project %s: live model version set to %s", project_id, version)
+        except LabelStudioAPIError as e:
+            log.warning("project %s: could not make %s its live model version (%s)", project_id, version, e)
+    result.seconds = time.monotonic() - started
+    result.busy = dict(busy.seconds)
     log.info(
-        "preannotate project %s with %s: %d predicted, %d already had this version, %d failed",
-        project_id, version, result.predicted, result.skipped, len(result.failed),
+        "preannotate project %s (shard %d/%d) with %s: %d predicted, %d already had it, %d failed in %.1f s; "
+        "busy seconds %s", project_id, shard.rank, shard.world, version, result.predicted, result.skipped,
+        len(result.failed), result.seconds, {k: round(v, 1) for k, v in result.busy.items()},
     )  # fmt: skip
     return result
+
+
+def _drain(*queues: queue.Queue) -> None:
+    for q in queues:
+        try:
+            while True:
+                q.get_nowait()
+        except queue.Empty:
+            pass
+
+
+def _infer(model, classes, settings, batch, loaded_q, encoded_q, encode_pool, encode, result, busy, stop) -> None:
+    """The model stage, in the calling thread: batches of decoded images -> segmentations -> encode jobs."""
+    from ..models import segment_options
+
+    opts = segment_options(settings)
+    done = False
+    while not done and not stop.is_set():
+        items: list[tuple[dict[str, Any], Any]] = []
+        while len(items) < batch:
+            got = _get(loaded_q, stop)
+            if got is _END:
+                done = True
+                break
+            task, fut = got
+            image = fut.result()
+            if isinstance(image, str):
+                result.failed.append({"task": task["id"], "error": image})
+            else:
+                items.append((task, image))
+        if not items:
+            continue
+        t0 = time.monotonic()
+        segs = model.segment([img for _, img in items], classes, opts=opts)
+        busy.add("infer", time.monotonic() - t0)
+        for (task, _), seg in zip(items, segs):
+            if not _put(encoded_q, (task, encode_pool.submit(encode, task, seg)), stop):
+                return
+
+
+def _load_image(backend: Any, task: Mapping[str, Any], key: str, max_pixels: int, tries: int = 3) -> Any:
+    """(H, W, 3) uint8, or a string saying why not. Download failures are retried with backoff."""
+    from .images import ImageError, ImageFetchError
+
+    data = task.get("data")
+    url = data.get(key) if isinstance(data, Mapping) else None
+    if not isinstance(url, str) or not url:
+        keys = sorted(data)[:10] if isinstance(data, Mapping) else []
+        return f"task data has no image under '{key}' (keys: {keys})"
+    for attempt in range(tries):
+        try:
+            return backend.rt.fetcher.load(url, task.get("id"), max_pixels=max_pixels)
+        except ImageFetchError as e:
+            if attempt + 1 == tries:
+                return str(e)
+            time.sleep(0.5 * 2**attempt)
+        except ImageError as e:
+            return str(e)
+    return "unreachable"
+
+
+def _upload(api: LabelStudioAPI, project: int, version: str, preds: list[dict[str, Any]], result) -> int:
+    """Write ``preds`` in one bulk request; returns how many Label Studio created. Never resends a request
+    that may have been applied: on an ambiguous failure the tasks are looked up and only those still
+    without ``version`` are sent again (once). A 400 (nothing written: e.g. a task deleted meanwhile) is
+    retried without the tasks that no longer exist."""
+    try:
+        created = api.import_predictions(project, preds)
+    except AmbiguousWriteError as e:
+        log.warning("bulk write of %d predictions failed (%s): checking what Label Studio kept", len(preds), e)
+        time.sleep(2.0)
+        versions = api.versions_of(project, [p["task"] for p in preds])
+        missing = [p for p in preds if p["task"] in versions and version not in versions[p["task"]]]
+        kept = sum(1 for p in preds if version in versions.get(p["task"], []))
+        gone = [p["task"] for p in preds if p["task"] not in versions]
+        result.failed.extend({"task": t, "error": "task no longer exists"} for t in gone)
+        if not missing:
+            return kept
+        try:
+            return kept + _checked_created(api.import_predictions(project, missing), missing, result)
+        except LabelStudioAPIError as e2:
+            result.failed.extend({"task": p["task"], "error": f"upload: {e2}"} for p in missing)
+            return kept
+    except LabelStudioAPIError as e:
+        if e.status != 400:
+            raise
+        versions = api.versions_of(project, [p["task"] for p in preds])
+        alive = [p for p in preds if p["task"] in versions]
+        result.failed.extend({"task": p["task"], "error": "task no longer exists"} for p in preds
+                             if p["task"] not in versions)  # fmt: skip
+        if len(alive) == len(preds) or not alive:
+            result.failed.extend({"task": p["task"], "error": f"upload: {e}"} for p in alive)
+            return 0
+        return _checked_created(api.import_predictions(project, alive), alive, result)
+    return _checked_created(created, preds, result)
+
+
+def _checked_created(created: int, sent: list[dict[str, Any]], result) -> int:
+    """Label Studio drops invalid predictions silently: say so when it created fewer than were sent."""
+    if created < len(sent):
+        log.warning("Label Studio created %d of %d predictions (it drops invalid ones without saying which)",
+                    created, len(sent))  # fmt: skip
+        result.failed.append({"task": None, "error": f"{len(sent) - created} predictions dropped by Label Studio"})
+    return created
+
+
+def _server_filter_is_exact(api: LabelStudioAPI, project: int, version: str) -> bool:
+    """Label Studio's "has no prediction of version V" filter matches substrings: it is exact unless
+    another version of the project contains V (``maskclip+-1`` in ``maskclip+-10``)."""
+    try:
+        versions = api.model_versions(project)
+    except LabelStudioAPIError:
+        return False
+    return not any(version in v and v != version for v in versions)

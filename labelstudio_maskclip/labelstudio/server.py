@@ -173,6 +173,7 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
     @app.get("/metrics")
     def metrics():
         from ..training.checkpoints import history
+        from .rescore import read_status as read_rescore_status
 
         rt = runtime(settings)
         return jsonify(
@@ -182,6 +183,7 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
                 "annotations_since_training": rt.store.count_since_last_training(),
                 "training_runs": rt.store.training_runs()[-10:],
                 "students": history(Path(settings.model_dir))[-10:],
+                "rescore": read_rescore_status(settings.model_dir),
             }
         )
 

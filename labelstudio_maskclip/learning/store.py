@@ -631,6 +631,12 @@ class Store:
         for row in rows:
             yield TaskRecord(*row)
 
+    def projects(self) -> list[int]:
+        """Ids of the Label Studio projects whose tasks the store has seen, ascending."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT DISTINCT project FROM tasks WHERE project IS NOT NULL ORDER BY project")
+            return [int(row[0]) for row in rows.fetchall()]
+
     def labels(self, project: int | None = None) -> list[str]:
         """Labels of the live accepted masks, sorted (read from the index, no mask is decoded)."""
         with self._read() as conn:

@@ -304,6 +304,7 @@ class StudentModel:
             batch_size=int(getattr(opts, "batch_size", 8)),
             min_confidence=opts.min_confidence,
             progress=progress,
+            score=getattr(opts, "score", "confidence"),
         )
 
 

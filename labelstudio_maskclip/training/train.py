@@ -341,6 +341,10 @@ def run_job(settings: Settings, job: TrainJob, *, reason: str = "manual", lock_f
     finally:
         if lock is not None:
             lock.close()
+    if result is not None and result.promoted:  # the Data Manager's scores follow the new model
+        from ..labelstudio.rescore import start_rescore
+
+        start_rescore(s, job.project, reason=f"promotion of {result.version}")
     if result is not None:
         summary = {k: getattr(result, k) for k in ("run_id", "promoted", "version", "decision")}
         print(json.dumps({**summary, "miou": result.metrics["miou"]}))

@@ -1,0 +1,140 @@
+"""Re-scoring after the served model changes (a student promoted, or a rollback).
+
+Label Studio sorts the Data Manager by the predictions' scores; after a promotion those are the old
+model's until each task is predicted again. :func:`start_rescore` (one call from the trainer's promote step
+and from ``rollback``) starts a detached job, ``python -m labelstudio_maskclip.labelstudio.rescore``, that
+re-predicts the unlabeled tasks of every project the backend has seen (the store's projects, plus the one
+trained for) with the model now served, through the bulk path of :mod:`.preannotate`. Never in a web
+worker. Off with ``MASKCLIP_RESCORE=false``; needs ``LABEL_STUDIO_URL``.
+
+Progress and outcome: the job's log (``MODEL_DIR/runs/rescore-*.log``) and ``MODEL_DIR/rescore.json``
+(served at ``/metrics`` under ``rescore``): ``{"state": "running" | "done" | "failed", "version",
+"projects": {id: {"done", "total", "predicted", "failed", "seconds"}}, "started", "finished", "error"}``.
+Jobs run one at a time (``MODEL_DIR/rescore.lock``); one started while another runs waits for it, and
+the waiting one then only predicts what the newest model still lacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..settings import Settings
+
+__all__ = ["start_rescore", "rescore", "read_status", "STATUS_FILE"]
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "rescore.json"
+LOCK_FILE = "rescore.lock"
+
+
+def read_status(model_dir: str | Path) -> dict[str, Any] | None:
+    """The last re-scoring's status (see the module docstring), None if none ran."""
+    try:
+        return json.loads((Path(model_dir) / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_status(model_dir: str | Path, status: dict[str, Any]) -> None:
+    path = Path(model_dir) / STATUS_FILE
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(status, indent=1))
+    os.replace(tmp, path)
+
+
+def start_rescore(settings: Settings, project: int | None = None, reason: str = "new model") -> int | None:
+    """Start the re-scoring job in the background (a detached process); returns its pid, or None when
+    re-scoring is off or Label Studio is not configured. Takes milliseconds."""
+    if not settings.rescore:
+        log.info("re-scoring after %s is off (MASKCLIP_RESCORE=false)", reason)
+        return None
+    if not settings.label_studio_url:
+        log.info("no re-scoring after %s: LABEL_STUDIO_URL is not set", reason)
+        return None
+    from ..learning.trigger import _settings_env
+
+    runs = Path(settings.model_dir) / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    log_path = runs / f"rescore-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    cmd = [sys.executable, "-m", "labelstudio_maskclip.labelstudio.rescore", "--reason", reason]
+    if project is not None:
+        cmd += ["--project", str(project)]
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env=_settings_env(settings), cwd=os.getcwd(),
+        )  # fmt: skip
+    log.info("re-scoring unlabeled tasks after %s: pid %d, log %s", reason, proc.pid, log_path)
+    return proc.pid
+
+
+def projects_to_rescore(settings: Settings, project: int | None = None) -> list[int]:
+    """The project trained for, then every project the store has seen tasks of."""
+    from ..learning.store import Store
+
+    seen = Store(Path(settings.model_dir)).projects()
+    return list(dict.fromkeys(([project] if project is not None else []) + seen))
+
+
+def rescore(settings: Settings, projects: Sequence[int], reason: str = "") -> dict[str, Any]:
+    """Re-predict the unlabeled tasks of ``projects`` that lack the served version, in this process;
+    writes the status file as it goes and returns the final status."""
+    from .preannotate import preannotate
+
+    status: dict[str, Any] = {"state": "running", "reason": reason, "version": None, "started": time.time(),
+                              "finished": None, "projects": {}, "error": None}  # fmt: skip
+    _write_status(settings.model_dir, status)
+    try:
+        for project in projects:
+            entry: dict[str, Any] = {"done": 0, "total": None, "predicted": 0, "failed": 0, "seconds": None}
+            status["projects"][str(project)] = entry
+
+            def progress(done: int, total: int, entry: dict[str, Any] = entry) -> None:
+                entry["done"], entry["total"] = done, total
+                _write_status(settings.model_dir, status)
+
+            result = preannotate(settings, project, refresh=True, progress=False, on_progress=progress)
+            status["version"] = result.model_version
+            entry.update(predicted=result.predicted, failed=len(result.failed), seconds=round(result.seconds, 1),
+                         done=result.predicted + len(result.failed))  # fmt: skip
+            entry["total"] = entry["total"] if entry["total"] is not None else entry["done"]
+            log.info("re-scored project %s with %s: %d unlabeled tasks predicted, %d failed, %.1f s", project,
+                     result.model_version, result.predicted, len(result.failed), result.seconds)  # fmt: skip
+        status["state"] = "done"
+    except Exception as e:
+        status["state"], status["error"] = "failed", f"{type(e).__name__}: {e}"
+        log.exception("re-scoring failed")
+    status["finished"] = time.time()
+    _write_status(settings.model_dir, status)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m labelstudio_maskclip.labelstudio.rescore")
+    parser.add_argument("--project", type=int, help="re-score this project first (then the store's projects)")
+    parser.add_argument("--reason", default="by hand")
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    Path(settings.model_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(settings.model_dir) / LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one job at a time; a later one waits, then predicts what is left
+        projects = projects_to_rescore(settings, args.project)
+        log.info("re-scoring after %s: projects %s", args.reason, projects)
+        status = rescore(settings, projects, args.reason)
+    return 0 if status["state"] == "done" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The active-learning loop end to end against a real Label Studio 1.23.2 (and torchrun sharding).
+
+Pre-annotate a project in bulk; ask `next` for the least sure tasks and annotate them through the API;
+the annotations train a student (every 3 new annotations, random weights, promoted always); the
+remaining unlabeled tasks then get predictions of the new version without anyone asking.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from labelstudio_maskclip.masks.brush import mask_to_brush_rle
+from tests.labelstudio import LabelStudioServer, LabelStudioUnavailable
+from tests.photos import COCO128_PHOTOS
+from tests.served import BRUSH, start_backend, wait_for
+from tests.tiny import TINY_VIT, save_random_state
+
+pytestmark = pytest.mark.e2e
+
+NAMES = sorted(p.name for p in COCO128_PHOTOS.glob("*.jpg"))[:8]
+
+
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory):
+    """A Label Studio of this module's own, with a generous start timeout: its first start migrates the
+    database, which takes minutes on a loaded machine."""
+    server = LabelStudioServer(tmp_path_factory.mktemp("al-label-studio"), start_timeout=900)
+    try:
+        server.start()
+    except LabelStudioUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def backend(label_studio, tmp_path_factory):
+    work = tmp_path_factory.mktemp("al-backend")
+    weights = save_random_state(TINY_VIT, work / "tiny_vit.pt")
+    extra = {
+        "LABEL_STUDIO_API_KEY": label_studio.token, "LOG_LEVEL": "INFO", "MASKCLIP_SCORE": "margin",
+        "MASKCLIP_STUDENT": "tiny", "MASKCLIP_STUDENT_PRETRAINED": "none", "MASKCLIP_TRAIN_STEPS": "3",
+        "MASKCLIP_TRAIN_CROP": "64", "MASKCLIP_TRAIN_BATCH_SIZE": "2", "MASKCLIP_PROMOTE": "always",
+        "MASKCLIP_TRAIN_EVERY_N": "3",
+    }  # fmt: skip
+    served = start_backend(work, TINY_VIT, str(weights), label_studio.url, workers=1, extra_env=extra)
+    yield served
+    served.stop()
+
+
+def _project(api, title: str, names: list[str]) -> tuple[int, list[int]]:
+    # LS must not predict on its own when tasks are listed: what predicts here is ours to check.
+    proj = api.create_project(title, BRUSH, evaluate_predictions_automatically=False)
+    api.import_files(proj["id"], [COCO128_PHOTOS / n for n in names])
+    return proj["id"], sorted(t["id"] for t in api.list_tasks(proj["id"], fields_all=False))
+
+
+def _versions(api, task_id: int) -> list[str]:
+    return [p["model_version"] for p in api.list_predictions(task_id)]
+
+
+def _cli(env, *args, timeout=300) -> subprocess.CompletedProcess:
+    run = subprocess.run([sys.executable, "-m", "labelstudio_maskclip", *args], env=env, capture_output=True,
+                         text=True, timeout=timeout)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def test_torchrun_ranks_predict_disjoint_shards_once(label_studio, backend):
+    api = label_studio.api()
+    project, ids = _project(api, "torchrun", NAMES[:5])
+    env = {**backend.env, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "labelstudio_maskclip", "preannotate", "--project", str(project)]  # fmt: skip
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert summary["ranks"] == 2 and summary["predicted"] == 5 and summary["failed"] == 0
+    for task in ids:
+        assert _versions(api, task) == [summary["model_version"]]
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1])["predicted"] == 0
+
+
+def test_the_loop_rescored_unlabeled_tasks_after_a_promotion(label_studio, backend):
+    api = label_studio.api()
+    project, ids = _project(api, "active learning", NAMES)
+    api.connect_ml_backend(project, backend.url, title="maskclip")
+    env = backend.env
+    first = json.loads(_cli(env, "preannotate", "--project", str(project)).stdout.strip().splitlines()[-1])
+    teacher = first["model_version"]
+    assert first["predicted"] == len(ids)
+    scores = {t: api.list_predictions(t)[0]["score"] for t in ids}
+
+    chosen = json.loads(_cli(env, "next", "--project", str(project), "-n", "3", "--json").stdout)
+    assert [t["id"] for t in chosen] == sorted(ids, key=lambda t: (scores[t], t))[:3]  # least sure first
+    assert [t["score"] for t in chosen] == pytest.approx(sorted(scores.values())[:3], abs=1e-4)
+
+    for task in chosen:  # annotate them; the third annotation triggers training (MASKCLIP_TRAIN_EVERY_N=3)
+        width, height = Image.open(COCO128_PHOTOS / task["data"]["image"].rsplit("-", 1)[-1]).size
+        mask = np.zeros((height, width), bool)
+        mask[: height // 2] = True
+        region = {
+            "id": f"r{task['id']}", "from_name": "tag", "to_name": "image", "type": "brushlabels",
+            "original_width": width, "original_height": height, "image_rotation": 0,
+            "value": {"format": "rle", "rle": mask_to_brush_rle(mask), "brushlabels": ["Food"]},
+        }  # fmt: skip
+        api.create_annotation(task["id"], [region])
+
+    from labelstudio_maskclip.training.checkpoints import current_version
+
+    student = wait_for(lambda: current_version(backend.model_dir), 300, "a promoted student", every=1)
+    assert student != teacher
+    labeled = {t["id"] for t in chosen}
+    for task in sorted(set(ids) - labeled):  # nobody asked: the rescoring job did it
+        wait_for(lambda task=task: student in _versions(api, task), 300, f"a {student} prediction of {task}", every=1)
+    status = wait_for(
+        lambda: (requests.get(backend.url + "/metrics", timeout=10).json().get("rescore") or {}).get("state")
+        in ("done", "failed") and requests.get(backend.url + "/metrics", timeout=10).json()["rescore"],
+        120, "the rescore status",
+    )  # fmt: skip
+    assert status["state"] == "done" and status["version"] == student
+    assert status["projects"][str(project)]["predicted"] == len(ids) - len(labeled)
+    for task in labeled:  # labeled tasks are left alone
+        assert student not in _versions(api, task)
+    after = json.loads(_cli(env, "next", "--project", str(project), "-n", "20", "--json").stdout)
+    assert {t["id"] for t in after} == set(ids) - labeled

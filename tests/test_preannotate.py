@@ -1,0 +1,202 @@
+"""The bulk pre-annotation pipeline against an in-memory Label Studio (the real one: tests/test_e2e.py).
+
+The fake keeps Label Studio's observable rules for the calls the pipeline makes: keyset-paged light
+listing with the "no prediction of version V" filter as a substring match, a bulk import that fails as a
+whole on an unknown task id, and a write that can be applied and still answer an error.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from labelstudio_maskclip.labelstudio.api import AmbiguousWriteError, LabelStudioAPIError
+from labelstudio_maskclip.labelstudio.preannotate import Shard, preannotate, shard_from_env
+from labelstudio_maskclip.settings import Settings
+from tests.tiny import TINY_VIT, save_random_state
+
+CONFIG = """<View><Image name="image" value="$image"/>
+<BrushLabels name="tag" toName="image"><Label value="cat"/><Label value="dog"/></BrushLabels></View>"""
+
+
+def _png(seed: int) -> str:
+    rgb = np.random.default_rng(seed).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+class FakeLabelStudio:
+    """The subset of :class:`LabelStudioAPI` that preannotate calls, over an in-memory project."""
+
+    def __init__(self, n_tasks: int, *, labeled: set[int] = frozenset(), versions: dict[int, list[str]] | None = None):
+        images = [_png(i) for i in range(4)]
+        self.tasks = {i: {"id": i, "data": {"image": images[i % 4]}} for i in range(1, n_tasks + 1)}
+        self.predictions: list[dict] = []
+        self.labeled = set(labeled)
+        for task, vs in (versions or {}).items():
+            self.predictions += [{"task": task, "model_version": v, "result": []} for v in vs]
+        self.imports: list[int] = []  # size of each bulk request that was applied
+        self.fail_next: list[str] = []  # "ambiguous-applied", "ambiguous-lost", "bad-request"
+        self.max_page = 0
+        self.lock = threading.Lock()
+
+    def _versions(self, task_id: int) -> list[str]:
+        return [p["model_version"] for p in self.predictions if p["task"] == task_id]
+
+    def project(self, project_id):
+        return {"id": project_id, "label_config": CONFIG}
+
+    def model_versions(self, project_id):
+        return sorted({p["model_version"] for p in self.predictions})
+
+    def _match(self, tid, after_id=0, without_version=None, unlabeled=False):
+        if tid <= after_id or (unlabeled and tid in self.labeled):
+            return False
+        # Label Studio's not_contains is a substring test on the joined versions
+        return not (without_version and without_version in ",".join(self._versions(tid)))
+
+    def count_tasks(self, project_id, **filters):
+        return sum(1 for t in self.tasks if self._match(t, **filters))
+
+    def task_pages(self, project_id, *, include=("id", "data"), without_version=None, unlabeled=False,
+                   page_size=500, after_id=0, full=False):  # fmt: skip
+        while True:
+            with self.lock:
+                ids = sorted(t for t in self.tasks if self._match(t, after_id, without_version, unlabeled))[:page_size]
+                page = [dict(self.tasks[t]) for t in ids]
+                if full:  # every field: the predictions inline
+                    for task in page:
+                        task["predictions"] = [{"model_version": v} for v in self._versions(task["id"])]
+            if not page:
+                return
+            self.max_page = max(self.max_page, len(page))
+            yield page
+            after_id = page[-1]["id"]
+
+    def set_live_version(self, project_id, version):
+        changed, self.live = getattr(self, "live", None) != version, version
+        return changed
+
+    def versions_of(self, project_id, task_ids):
+        with self.lock:
+            return {t: self._versions(t) for t in task_ids if t in self.tasks}
+
+    def import_predictions(self, project_id, predictions):
+        with self.lock:
+            mode = self.fail_next.pop(0) if self.fail_next else None
+            if mode == "bad-request" or any(p["task"] not in self.tasks for p in predictions):
+                raise LabelStudioAPIError("POST import/predictions -> 400: task not found", 400)
+            if mode == "ambiguous-lost":
+                raise AmbiguousWriteError("POST import/predictions -> 502", 502)
+            self.predictions += [dict(p) for p in predictions]
+            self.imports.append(len(predictions))
+            if mode == "ambiguous-applied":
+                raise AmbiguousWriteError("POST import/predictions: ReadTimeout")
+            return len(predictions)
+
+    def per_task(self, version):
+        counts = {t: 0 for t in self.tasks}
+        for p in self.predictions:
+            if p["model_version"] == version:
+                counts[p["task"]] += 1
+        return counts
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory):
+    weights = save_random_state(TINY_VIT, tmp_path_factory.mktemp("w") / "tiny.pt")
+    return Settings(
+        model=TINY_VIT, pretrained=str(weights), device="cpu", short_side=32, templates="simple", min_area=0.0,
+        model_dir=str(tmp_path_factory.mktemp("model_dir")), label_studio_url="http://ls.invalid", batch_size=4,
+        fetch_threads=2,
+    )  # fmt: skip
+
+
+def test_every_task_gets_one_prediction_in_bulk_and_a_rerun_does_nothing(settings):
+    ls = FakeLabelStudio(23)
+    first = preannotate(settings, 1, api=ls, upload_batch=5, page_size=7, progress=False)
+    assert first.predicted == 23 and not first.failed
+    assert set(ls.per_task(first.model_version).values()) == {1}
+    assert ls.imports == [5, 5, 5, 5, 3]  # bulk requests of upload_batch, the rest at the end
+    assert ls.max_page <= 7
+    pred = next(p for p in ls.predictions if p["task"] == 1)
+    assert pred["result"] and pred["result"][0]["type"] == "brushlabels" and 0 <= pred["score"] <= 1
+    again = preannotate(settings, 1, api=ls, upload_batch=5, progress=False)
+    assert again.predicted == 0 and again.skipped == 23 and ls.imports == [5, 5, 5, 5, 3]
+    assert ls.live == first.model_version  # the version Label Studio's score column averages
+
+
+def test_refresh_predicts_only_unlabeled_tasks(settings):
+    ls = FakeLabelStudio(10, labeled={2, 5, 9})
+    result = preannotate(settings, 1, api=ls, refresh=True, progress=False)
+    counts = ls.per_task(result.model_version)
+    assert {t for t, n in counts.items() if n} == set(range(1, 11)) - {2, 5, 9}
+    assert result.predicted == 7
+
+
+def test_shards_are_disjoint_and_cover_the_project(settings):
+    ls = FakeLabelStudio(17)
+    results = [preannotate(settings, 1, api=ls, shard=Shard(r, 3), progress=False) for r in range(3)]
+    assert sum(r.predicted for r in results) == 17
+    assert set(ls.per_task(results[0].model_version).values()) == {1}
+    assert [r.predicted for r in results] == [len([t for t in range(1, 18) if t % 3 == r]) for r in range(3)]
+    assert shard_from_env({"RANK": "2", "WORLD_SIZE": "4"}) == Shard(2, 4)
+    assert shard_from_env({}) == Shard(0, 1)
+
+
+def test_a_write_applied_but_answered_with_an_error_is_not_sent_again(settings):
+    ls = FakeLabelStudio(12)
+    ls.fail_next = ["ambiguous-applied"]
+    result = preannotate(settings, 1, api=ls, upload_batch=5, progress=False)
+    assert set(ls.per_task(result.model_version).values()) == {1}  # no duplicates
+    assert result.predicted == 12 and not result.failed
+
+
+def test_a_write_lost_on_the_way_is_sent_again_once_checked(settings):
+    ls = FakeLabelStudio(12)
+    ls.fail_next = ["ambiguous-lost"]
+    result = preannotate(settings, 1, api=ls, upload_batch=5, progress=False)
+    assert set(ls.per_task(result.model_version).values()) == {1}
+    assert result.predicted == 12 and not result.failed
+
+
+def test_a_task_deleted_meanwhile_fails_alone(settings):
+    ls = FakeLabelStudio(8)
+    original = ls.import_predictions
+
+    def delete_then_import(project_id, predictions):  # task 3 disappears between listing and upload
+        ls.tasks.pop(3, None)
+        return original(project_id, predictions)
+
+    ls.import_predictions = delete_then_import
+    result = preannotate(settings, 1, api=ls, upload_batch=8, progress=False)
+    assert result.predicted == 7 and [f["task"] for f in result.failed] == [3]
+    assert all(n == 1 for t, n in ls.per_task(result.model_version).items())
+
+
+def test_a_version_that_is_a_substring_of_another_is_matched_exactly(settings):
+    """Label Studio's filter would take "v-1" for present in "v-10": the pipeline checks versions itself."""
+    probe = preannotate(settings, 1, api=FakeLabelStudio(1), progress=False).model_version
+    ls = FakeLabelStudio(6, versions={t: [probe + "0"] for t in range(1, 7)})
+    ls.predictions.append({"task": 2, "model_version": probe, "result": []})
+    result = preannotate(settings, 1, api=ls, progress=False)
+    assert result.predicted == 5 and result.skipped == 1 and set(ls.per_task(probe).values()) == {1}
+
+
+def test_a_failing_stage_stops_the_pipeline_with_its_error(settings):
+    ls = FakeLabelStudio(30)
+    ls.fail_next = ["bad-request"] * 10  # every write refused: not a transient failure
+
+    with pytest.raises(LabelStudioAPIError):
+        ls_api = ls
+        original = ls_api.versions_of
+        ls_api.versions_of = lambda p, ids: (_ for _ in ()).throw(LabelStudioAPIError("GET -> 500", 500))
+        preannotate(settings, 1, api=ls_api, upload_batch=5, progress=False)
+    ls.versions_of = original
+    assert threading.active_count() < 20  # the pipeline's threads ended

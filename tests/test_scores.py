@@ -1,0 +1,97 @@
+"""The image score Label Studio sorts by (MASKCLIP_SCORE): confidence, margin, normalised entropy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from labelstudio_maskclip.engine import segmenter as seg_mod
+from labelstudio_maskclip.engine.segmenter import SCORES
+from labelstudio_maskclip.settings import SCORES as SETTINGS_SCORES
+from labelstudio_maskclip.settings import Settings, SettingsError
+
+
+def _uniform_grid(pixel: list[float], h: int = 2, w: int = 2) -> torch.Tensor:
+    """(K, h, w) probabilities, the same distribution ``pixel`` at every grid cell (so upsampling keeps it)."""
+    return torch.tensor(pixel, dtype=torch.float32)[:, None, None].expand(len(pixel), h, w).contiguous()
+
+
+@pytest.mark.parametrize(
+    "pixel",
+    [[0.6, 0.3, 0.1], [0.5, 0.25, 0.25], [0.2, 0.7, 0.1], [0.9, 0.05, 0.05]],
+)
+def test_each_score_is_its_hand_computed_value(pixel):
+    probs = _uniform_grid(pixel)
+    p = np.asarray(pixel)
+    top = np.sort(p)[::-1]
+    expected = {
+        "confidence": top[0],
+        "margin": top[0] - top[1],
+        "entropy": 1 + float((p * np.log(p)).sum()) / math.log(len(p)),
+    }
+    for kind in SCORES:
+        seg = seg_mod._finalize(probs, (5, 7), 3, 0.0, kind)
+        assert seg.score == pytest.approx(expected[kind], abs=1e-5), kind
+        # per-region scores stay the mean winning probability whatever the image score
+        k = int(np.argmax(p))
+        assert seg.class_scores[k] == pytest.approx(top[0], abs=1e-5)
+
+
+def test_scores_average_over_labelled_pixels_only():
+    """Background pixels (class index >= n_labels) are no label and do not count."""
+    probs = torch.zeros(3, 1, 2)
+    probs[:, 0, 0] = torch.tensor([0.5, 0.3, 0.2])  # label 0 wins, margin 0.2
+    probs[:, 0, 1] = torch.tensor([0.1, 0.1, 0.8])  # background (index 2 with 2 labels) wins
+    seg = seg_mod._finalize(probs, (1, 2), 2, 0.0, "margin")  # (1, 2) = the grid size: no interpolation
+    assert seg.labels.tolist() == [[0, -1]]
+    assert seg.score == pytest.approx(0.2, abs=1e-6)
+    assert seg_mod._finalize(probs, (1, 2), 2, 0.0, "confidence").score == pytest.approx(0.5, abs=1e-6)
+
+
+def test_a_sure_image_scores_above_an_unsure_one_for_every_kind():
+    sure, unsure = _uniform_grid([0.9, 0.06, 0.04]), _uniform_grid([0.4, 0.35, 0.25])
+    for kind in SCORES:
+        assert (
+            seg_mod._finalize(sure, (8, 8), 3, 0.0, kind).score > seg_mod._finalize(unsure, (8, 8), 3, 0.0, kind).score
+        )
+
+
+def test_confidence_and_margin_can_order_images_differently():
+    """Why the choice matters: a two-way tie with a clear winner over the rest vs a flat distribution."""
+    tie = _uniform_grid([0.48, 0.47, 0.05])  # confident-looking max, but a coin flip between two labels
+    flat = _uniform_grid([0.40, 0.30, 0.30])
+    conf = [seg_mod._finalize(x, (4, 4), 3, 0.0, "confidence").score for x in (tie, flat)]
+    margin = [seg_mod._finalize(x, (4, 4), 3, 0.0, "margin").score for x in (tie, flat)]
+    assert conf[0] > conf[1] and margin[0] < margin[1]
+
+
+@pytest.mark.parametrize("kind", SCORES)
+def test_chunked_upsampling_gives_the_same_score(kind, monkeypatch):
+    torch.manual_seed(0)
+    probs = torch.rand(7, 5, 6).softmax(0)
+    one = seg_mod._finalize(probs, (50, 61), 5, 0.0, kind)
+    monkeypatch.setattr(seg_mod, "_UPSAMPLE_BUDGET", 50 * 61 * 2)  # 2 classes per interpolate call
+    chunked = seg_mod._finalize(probs, (50, 61), 5, 0.0, kind)
+    np.testing.assert_array_equal(one.labels, chunked.labels)
+    assert chunked.score == pytest.approx(one.score, abs=1e-5)
+
+
+def test_unknown_score_is_refused_by_engine_and_settings():
+    assert SCORES == SETTINGS_SCORES
+    with pytest.raises(ValueError, match="unknown score"):
+        seg_mod.segment_in_batches(
+            [], lambda h, w: (h, w), lambda b, s: torch.zeros(0), n_labels=1, batch_size=1, min_confidence=0.0,
+            score="variance",
+        )  # fmt: skip
+    with pytest.raises(SettingsError, match="MASKCLIP_SCORE"):
+        Settings.from_env({"MASKCLIP_SCORE": "variance"})
+    assert Settings.from_env({"MASKCLIP_SCORE": "entropy"}).score == "entropy"
+
+
+def test_segment_options_carry_the_score():
+    from labelstudio_maskclip.models import segment_options
+
+    assert segment_options(Settings(score="margin")).score == "margin"
