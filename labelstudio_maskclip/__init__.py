@@ -11,13 +11,13 @@ __all__ = ["MaskCLIP", "Segmentation", "SegmentOptions", "Settings", "NO_LABEL",
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .segmenter import NO_LABEL, MaskCLIP, Segmentation, SegmentOptions
+    from .engine.segmenter import NO_LABEL, MaskCLIP, Segmentation, SegmentOptions
     from .settings import Settings
 
 
 def __getattr__(name: str) -> Any:
     if name in ("MaskCLIP", "Segmentation", "SegmentOptions", "NO_LABEL"):
-        from . import segmenter
+        from .engine import segmenter
 
         return getattr(segmenter, name)
     if name == "Settings":

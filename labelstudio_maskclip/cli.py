@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .engine.modes import DENSE_MODES
+from .engine.names import parse_label_spec
 from .settings import Settings, SettingsError
 
 __all__ = ["main", "build_parser"]
@@ -26,7 +28,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N (MASKCLIP_DEVICE)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="MASKCLIP_PRECISION")
     g.add_argument("--allow-random", action="store_true", default=None, help="allow random weights (tests)")
-    g.add_argument("--dense-mode", choices=["maskclip", "sclip", "clearclip", "naclip"], help="MASKCLIP_DENSE_MODE")
+    g.add_argument("--dense-mode", choices=DENSE_MODES, help="MASKCLIP_DENSE_MODE")
     g.add_argument("--templates", help="maskclip85, imagenet80, simple, or a file (MASKCLIP_TEMPLATES)")
     g.add_argument("--short-side", type=int, help="resize short side to this (MASKCLIP_SHORT_SIDE)")
     g.add_argument("--window", type=int, help="sliding-window size, 0 = whole image (MASKCLIP_WINDOW)")
@@ -54,11 +56,10 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from .models import segment_options, shared_maskclip
 
     s = _settings(args)
-    labels = [x.strip() for x in args.labels.split(",") if x.strip()]
-    background = [x.strip() for x in (args.background or "").split(",") if x.strip()]
-    if not labels:
+    classes = parse_label_spec(args.labels)  # "car|automobile,dog": synonyms with |
+    background = parse_label_spec(args.background)
+    if not classes:
         raise SystemExit("--labels needs at least one name, e.g. --labels 'cat,dog,grass'")
-    classes = [tuple(n.strip() for n in lab.split("|")) for lab in labels]  # "car|automobile": synonyms
     names = [c[0] for c in classes]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -252,7 +253,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.detach:
         from .learning.trigger import request_training
 
-        classes = [tuple(c.split("|")) for c in args.labels.split(",")] if args.labels else None
+        classes = parse_label_spec(args.labels) or None
         started = request_training(s, "cli", classes=classes, project=args.project)
         print("training started in the background" if started else "a training is already running")
         return 0 if started else 3

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .engine.modes import DENSE_MODES
+
 __all__ = ["Settings", "ENV", "SettingsError"]
 
 
@@ -137,8 +139,6 @@ class Settings:
     def model_path(self) -> Path:
         return Path(self.model_dir)
 
-
-DENSE_MODES = ("maskclip", "sclip", "clearclip", "naclip")
 
 #: field name -> environment variable
 ENV: dict[str, str] = {f.name: f.metadata["env"] for f in dataclasses.fields(Settings)}

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .modes import DENSE_MODES
+
 __all__ = ["DenseOutput", "dense_features", "resize_pos_embed", "output_stride", "DENSE_MODES"]
 
-DENSE_MODES = ("maskclip", "sclip", "clearclip", "naclip")
 NACLIP_SIGMA = 5.0  # std of NACLIP's Gaussian neighbourhood, in patches
 
 

@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..engine.names import normalize_names
 from ..settings import Settings
 from . import class_names as cn
 
@@ -248,7 +249,7 @@ def read_classes_file(path: Path) -> tuple[tuple[tuple[str, ...], ...], int | No
         lines.pop()
     classes, background = [], None
     for k, line in enumerate(lines):
-        names = tuple(n.strip() for n in line.split(",") if n.strip())
+        names = normalize_names(line.split(","))
         if not names:
             raise DatasetError(f"{path}: line {k + 1} is empty; every line up to the last names class k = line - 1")
         if names[0].lower() == "background":

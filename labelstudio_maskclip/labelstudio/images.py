@@ -26,6 +26,8 @@ from urllib.parse import quote, unquote_to_bytes, urljoin, urlsplit
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .uris import CLOUD_SCHEMES
+
 if TYPE_CHECKING:  # requests is imported lazily: decoding does not need it
     import requests
     import urllib3
@@ -210,8 +212,6 @@ def is_public_address(ip: str) -> bool:
 # Fetching
 # ---------------------------------------------------------------------------------------------------------
 
-#: URI schemes of Label Studio's cloud storages, resolved by Label Studio's presign endpoint.
-CLOUD_SCHEMES = ("s3", "gs", "gcs", "azure-blob")
 
 _MAX_REDIRECTS = 5
 _REDIRECTS = (301, 302, 303, 307, 308)

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from ..engine.names import ClassNames, format_label_spec
 from ..settings import ENV, Settings
 
 __all__ = [
@@ -79,16 +80,12 @@ def _settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def _class_arg(classes: Sequence[Any]) -> str:
-    return ",".join(c if isinstance(c, str) else "|".join(c) for c in classes)
-
-
 def request_training(
     settings: Settings,
     reason: str,
     *,
-    classes: Sequence[Any] | None = None,
-    background: Sequence[Any] = (),
+    classes: Sequence[ClassNames] | None = None,
+    background: Sequence[ClassNames] = (),
     project: int | None = None,
 ) -> bool:
     """Start a detached trainer unless one is running. Returns True if started. Takes milliseconds.
@@ -107,9 +104,9 @@ def request_training(
         cmd = [sys.executable, "-m", "labelstudio_maskclip.training.train", "--service", "--reason", reason,
                "--lock-fd", str(lock.fileno())]  # fmt: skip
         if classes:
-            cmd += ["--labels", _class_arg(classes)]
+            cmd += ["--labels", format_label_spec(classes)]
         if background:
-            cmd += ["--background", _class_arg(background)]
+            cmd += ["--background", format_label_spec(background)]
         if project is not None:
             cmd += ["--project", str(project)]
         with open(log_path, "ab") as out:

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..labelstudio.labeling import LabelConfigError, parse_label_config
+from ..labelstudio.uris import IMAGE_URI_PREFIXES
 from .store import AnnotationWrite, Store, TaskRecord
 
 __all__ = [
@@ -59,7 +60,6 @@ MASK_TYPES = {"brushlabels": ("brushlabels", "brush"), "polygonlabels": ("polygo
 MAX_PIXELS = 256_000_000
 _MAX_PERCENT_OFFSET = 1000.0  # polygon points further than this from the image centre (in %) are refused
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-_IMAGE_PREFIXES = ("http://", "https://", "s3://", "gs://", "azure-blob://", "/data/", "data:image/")
 
 
 class CollectError(ValueError):
@@ -146,7 +146,7 @@ def _author(value: Any) -> str | None:
 
 def _looks_like_image(value: str) -> bool:
     lowered = value.lower().split("?", 1)[0]
-    return value.startswith(_IMAGE_PREFIXES) or lowered.endswith(_IMAGE_SUFFIXES) or "/data/local-files/" in value
+    return value.startswith(IMAGE_URI_PREFIXES) or lowered.endswith(_IMAGE_SUFFIXES) or "/data/local-files/" in value
 
 
 def image_reference(data: Mapping[str, Any], key: str | None = None) -> str | None:
