@@ -12,7 +12,6 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .engine.modes import DENSE_MODES
@@ -134,10 +133,6 @@ class Settings:
         if self.download_timeout <= 0 or self.temperature <= 0:
             raise SettingsError("MASKCLIP_DOWNLOAD_TIMEOUT and MASKCLIP_TEMPERATURE must be positive")
         return self
-
-    @property
-    def model_path(self) -> Path:
-        return Path(self.model_dir)
 
 
 #: field name -> environment variable

@@ -6,6 +6,7 @@ ports chosen by the OS (or by :func:`tests.labelstudio.free_port`).
 
 from __future__ import annotations
 
+import base64
 import http.server
 import os
 import signal
@@ -223,3 +224,8 @@ def brush_webhook(annotation_id: int, task_id: int, height: int = 480, width: in
         "task": {"id": task_id, "data": {"image": "/000000000009.jpg"}, "project": 1},
         "project": {"id": 1, "label_config": BRUSH},
     }  # fmt: skip
+
+
+def basic_auth_header(user: str, password: str) -> str:
+    """``Authorization`` header value for HTTP basic auth."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()

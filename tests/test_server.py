@@ -12,10 +12,11 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
-from labelstudio_maskclip.labelstudio.server import basic_auth_header, create_app
+from labelstudio_maskclip.labelstudio.server import create_app
 from labelstudio_maskclip.masks.polygons import percent_to_points
 from labelstudio_maskclip.settings import Settings
 from tests.photos import COCO128_PHOTOS
+from tests.served import basic_auth_header
 from tests.tiny import TINY_VIT, save_random_state
 
 PHOTOS = COCO128_PHOTOS
@@ -229,8 +230,8 @@ def test_time_budget_leaves_the_rest_for_later_with_a_reason(settings):
 
 
 def test_a_damaged_student_checkpoint_falls_back_to_maskclip(settings, tmp_path):
-    from labelstudio_maskclip import checkpoints as ck
     from labelstudio_maskclip.files import write_atomic
+    from labelstudio_maskclip.training import checkpoints as ck
 
     damaged = settings.replace(model_dir=str(tmp_path))
     write_atomic(ck.checkpoint_path(tmp_path, "maskclip+-1"), b"not a checkpoint")

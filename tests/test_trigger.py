@@ -56,6 +56,15 @@ def _wait(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _training_running(model_dir: Path) -> bool:
+    """True while someone (the trainer process) holds the training lock."""
+    lock = trigger.acquire_training_lock(model_dir)
+    if lock is None:
+        return True
+    lock.close()
+    return False
+
+
 def _log_text(model_dir: Path) -> str:
     return "".join(p.read_text(errors="replace") for p in sorted((model_dir / "runs").glob("train-*.log")))
 
@@ -114,16 +123,16 @@ def test_killed_trainer_leaves_served_model_intact_and_single_flight_holds(setup
     assert other.stdout.strip() == "False", other.stderr
     _wait(lambda: "step 1/100000" in _log_text(model_dir), 90, "the trainer's first step")
     pid = int(re.search(r"training starts \(reason: test long run, pid (\d+)\)", _log_text(model_dir)).group(1))
-    assert trigger.training_running(model_dir)
+    assert _training_running(model_dir)
 
     os.kill(pid, signal.SIGKILL)
-    _wait(lambda: not trigger.training_running(model_dir), 30, "the lock to be released")
+    _wait(lambda: not _training_running(model_dir), 30, "the lock to be released")
     assert (_digest(served_file), ck.current_version(model_dir)) == before
     assert [h["version"] for h in ck.history(model_dir)] == [served]
 
     assert trigger.request_training(s.replace(train_steps=2), "after the crash")
     _wait(lambda: ck.current_version(model_dir) == "maskclip+-2", 90, "the next run's promotion")
-    _wait(lambda: not trigger.training_running(model_dir), 30, "the trainer to exit")
+    _wait(lambda: not _training_running(model_dir), 30, "the trainer to exit")
     assert "promoted maskclip+-2" in _log_text(model_dir)
     assert _digest(served_file) == before[0]  # older versions are never rewritten
 
@@ -144,7 +153,7 @@ def test_trainer_cli_refuses_to_run_beside_another(setup):
         assert not trigger.request_training(s, "while held")
     finally:
         held.close()
-    assert not trigger.training_running(model_dir)
+    assert not _training_running(model_dir)
 
 
 def test_every_n_rule(setup):

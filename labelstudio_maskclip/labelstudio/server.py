@@ -7,7 +7,6 @@ the server keeps serving. gunicorn entry point: ``labelstudio_maskclip.labelstud
 
 from __future__ import annotations
 
-import base64
 import hmac
 import logging
 import threading
@@ -206,8 +205,3 @@ def _share_cpu_threads(workers: int) -> None:
     import torch
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
-
-
-def basic_auth_header(user: str, password: str) -> str:
-    """``Authorization`` header value for HTTP basic auth (used by tests and the CLI)."""
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()

@@ -32,10 +32,8 @@ from ..settings import ENV, Settings
 __all__ = [
     "LOCK_FILE",
     "acquire_training_lock",
-    "training_running",
     "request_training",
     "should_train",
-    "maybe_train",
     "maybe_interval",
 ]
 
@@ -60,15 +58,6 @@ def acquire_training_lock(model_dir: str | Path) -> IO[str] | None:
         f.close()
         return None
     return f
-
-
-def training_running(model_dir: str | Path) -> bool:
-    """True while a trainer process holds the lock."""
-    f = acquire_training_lock(model_dir)
-    if f is None:
-        return True
-    f.close()
-    return False
 
 
 def _settings_env(settings: Settings) -> dict[str, str]:
@@ -126,11 +115,6 @@ def should_train(settings: Settings, store: Any, project: int | None = None) -> 
     """The every-N rule: ``train_every_n`` > 0 and at least that many annotations since the last training."""
     n = settings.train_every_n
     return n > 0 and store.count_since_last_training(project) >= n
-
-
-def maybe_train(settings: Settings, store: Any, reason: str = "new annotations", **kwargs: Any) -> bool:
-    """For the webhook: :func:`request_training` when :func:`should_train`. Returns True if started."""
-    return should_train(settings, store, kwargs.get("project")) and request_training(settings, reason, **kwargs)
 
 
 def maybe_interval(settings: Settings, store: Any, *, now: float | None = None, **kwargs: Any) -> bool:
