@@ -16,18 +16,39 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from ..engine.names import ClassNames
 from ..settings import Settings
 from .labeling import LabelingSpec, parse_label_config
 
-__all__ = ["MaskCLIPBackend", "Runtime", "runtime", "PredictError"]
+if TYPE_CHECKING:
+    from ..engine.segmenter import Segmentation, SegmentOptions
+    from ..learning.store import Store
+    from ..training.student import StudentModel
+    from .images import ImageFetcher
+
+__all__ = ["MaskCLIPBackend", "Runtime", "runtime", "PredictError", "Segmenter"]
 
 log = logging.getLogger(__name__)
 
 PREDICT_CHUNK = 64  # tasks fetched and segmented together; bounds memory for project-sized requests
+
+
+class Segmenter(Protocol):
+    """A model that answers /predict: the MaskCLIP teacher (:class:`~labelstudio_maskclip.engine.segmenter.MaskCLIP`)
+    or a promoted student (:class:`~labelstudio_maskclip.training.student.StudentModel`)."""
+
+    def segment(
+        self,
+        images: Sequence[np.ndarray],
+        classes: Sequence[ClassNames],
+        background: Sequence[ClassNames] = (),
+        opts: SegmentOptions = ...,
+        progress: Any = None,
+    ) -> list[Segmentation]: ...
 
 
 class PredictError(ValueError):
@@ -40,10 +61,10 @@ class Runtime:
 
     settings: Settings
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _fetcher: Any = None
-    _store: Any = None
-    _student: tuple[str, Any] | None = None  # (version, model)
-    _background: Any = None  # one thread for webhook follow-ups (Label Studio API calls)
+    _fetcher: ImageFetcher | None = None
+    _store: Store | None = None
+    _student: tuple[str, StudentModel | None] | None = None  # (version, model or None if it cannot load)
+    _background: ThreadPoolExecutor | None = None  # one thread for webhook follow-ups (Label Studio API calls)
 
     def background(self, fn, *args) -> None:
         """Run ``fn(*args)`` after the webhook has been answered (one worker thread, errors logged)."""
@@ -60,7 +81,7 @@ class Runtime:
         self._background.submit(run)
 
     @property
-    def fetcher(self):
+    def fetcher(self) -> ImageFetcher:
         with self._lock:
             if self._fetcher is None:
                 from .images import ImageFetcher
@@ -69,7 +90,7 @@ class Runtime:
             return self._fetcher
 
     @property
-    def store(self):
+    def store(self) -> Store:
         with self._lock:
             if self._store is None:
                 from ..learning.store import Store
@@ -78,7 +99,7 @@ class Runtime:
             return self._store
 
     @property
-    def teacher(self):
+    def teacher(self) -> Segmenter:
         from ..models import shared_maskclip
 
         return shared_maskclip(self.settings)
@@ -96,7 +117,7 @@ class Runtime:
 
         return current_version(Path(self.settings.model_dir))
 
-    def model_for(self, classes: Sequence[Sequence[str]], *, load: bool = True) -> tuple[str, Any]:
+    def model_for(self, classes: Sequence[Sequence[str]], *, load: bool = True) -> tuple[str, Segmenter | None]:
         """(model_version, model) to serve for these classes (names per label, in order): the promoted
         student when one exists and was trained for exactly these labels, else the MaskCLIP teacher
         (``load=False``: the teacher is not loaded and None is returned in its place, for /setup)."""
@@ -108,7 +129,7 @@ class Runtime:
             log.info("student %s was trained for other labels (%s): serving MaskCLIP", version, student.labels)
         return self.teacher_version(), (self.teacher if load else None)
 
-    def _load_student(self, version: str):
+    def _load_student(self, version: str) -> StudentModel | None:
         """The promoted student, loaded once per version; None (MaskCLIP is served) if it cannot load."""
         with self._lock:
             if self._student is None or self._student[0] != version:
@@ -175,6 +196,7 @@ class MaskCLIPBackend:
         targets = self._targets(spec)
         vocab, classes = self.classes(spec)
         version, model = self.rt.model_for(classes)
+        assert model is not None  # load=True: the student or the teacher
         opts = segment_options(self.settings)
         results: list[Any] = [[] for _ in tasks]
         failures: list[TaskFailure] = []

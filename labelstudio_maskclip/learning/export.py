@@ -23,7 +23,7 @@ import io
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
@@ -38,6 +38,7 @@ __all__ = [
     "CocoError",
     "image_file_name",
     "export_coco",
+    "SampleSource",
     "write_coco",
     "export_semantic_pngs",
     "run_export",
@@ -130,13 +131,19 @@ def _coco_annotations(
     return out
 
 
-def _samples(source: Store | Iterable[Sample]) -> Iterable[Sample]:
-    accepted = getattr(source, "accepted_samples", None)
-    return accepted() if callable(accepted) else source
+@runtime_checkable
+class SampleSource(Protocol):
+    """Where accepted masks come from: the :class:`~labelstudio_maskclip.learning.store.Store`."""
+
+    def accepted_samples(self, project: int | None = None) -> Iterator[Sample]: ...
+
+
+def _samples(source: SampleSource | Iterable[Sample]) -> Iterable[Sample]:
+    return source.accepted_samples() if isinstance(source, SampleSource) else source
 
 
 def export_coco(
-    source: Store | Iterable[Sample],
+    source: SampleSource | Iterable[Sample],
     categories: Sequence[str],
     *,
     mode: Mode = "instance",
@@ -194,7 +201,7 @@ def write_coco(coco: Mapping[str, Any], path: str | Path) -> Path:
 
 
 def export_semantic_pngs(
-    source: Store | Iterable[Sample],
+    source: SampleSource | Iterable[Sample],
     categories: Sequence[str],
     out_dir: str | Path,
 ) -> list[Path]:

@@ -24,12 +24,13 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Protocol
 
 from ..engine.names import ClassNames, format_label_spec
 from ..settings import ENV, Settings
 
 __all__ = [
+    "AnnotationCounter",
     "LOCK_FILE",
     "acquire_training_lock",
     "request_training",
@@ -38,6 +39,15 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+class AnnotationCounter(Protocol):
+    """What the training rules read from the store (:class:`~labelstudio_maskclip.learning.store.Store`)."""
+
+    def count_since_last_training(self, project: int | None = None) -> int:
+        """Annotations stored or changed since the last finished training (of ``project``, or any)."""
+        ...
+
 
 LOCK_FILE = "train.lock"
 _STAMP = "train.last"  # mtime = when the last training was started by a trigger
@@ -111,13 +121,21 @@ def request_training(
     return True
 
 
-def should_train(settings: Settings, store: Any, project: int | None = None) -> bool:
+def should_train(settings: Settings, store: AnnotationCounter, project: int | None = None) -> bool:
     """The every-N rule: ``train_every_n`` > 0 and at least that many annotations since the last training."""
     n = settings.train_every_n
     return n > 0 and store.count_since_last_training(project) >= n
 
 
-def maybe_interval(settings: Settings, store: Any, *, now: float | None = None, **kwargs: Any) -> bool:
+def maybe_interval(
+    settings: Settings,
+    store: AnnotationCounter,
+    *,
+    now: float | None = None,
+    classes: Sequence[ClassNames] | None = None,
+    background: Sequence[ClassNames] = (),
+    project: int | None = None,
+) -> bool:
     """The interval rule: ``train_interval_minutes`` > 0, that long since a trigger last started training
     (or never), and at least one annotation since the last training. Returns True if started."""
     minutes = settings.train_interval_minutes
@@ -128,6 +146,7 @@ def maybe_interval(settings: Settings, store: Any, *, now: float | None = None, 
     now = time.time() if now is None else now
     if last is not None and now - last < minutes * 60:
         return False
-    if store.count_since_last_training(kwargs.get("project")) == 0:
+    if store.count_since_last_training(project) == 0:
         return False
-    return request_training(settings, f"interval {minutes:g} min", **kwargs)
+    reason = f"interval {minutes:g} min"
+    return request_training(settings, reason, classes=classes, background=background, project=project)

@@ -32,7 +32,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -48,6 +48,7 @@ __all__ = [
     "image_reference",
     "backfill_from_export",
     "backfill_from_api",
+    "ProjectReader",
     "MASK_TYPES",
     "MAX_PIXELS",
 ]
@@ -541,7 +542,18 @@ def backfill_from_export(
     return _backfill_tasks(tasks, store, label_config, project_id, image_key)
 
 
-def backfill_from_api(client: Any, project_id: int, store: Store, *, image_key: str | None = None) -> BackfillResult:
+class ProjectReader(Protocol):
+    """The two Label Studio reads a backfill needs (:class:`~labelstudio_maskclip.labelstudio.api.LabelStudioAPI`
+    is one): ``GET /api/projects/{id}`` and every task of the project with its annotations and predictions."""
+
+    def project(self, project_id: int) -> Mapping[str, Any]: ...
+
+    def tasks(self, project_id: int) -> Iterable[Mapping[str, Any]]: ...
+
+
+def backfill_from_api(
+    client: ProjectReader, project_id: int, store: Store, *, image_key: str | None = None
+) -> BackfillResult:
     """Backfill from a running Label Studio: the project's labeling config, then every task with its
     annotations and predictions, each through :func:`handle_event` (see :func:`backfill_from_export`).
 
