@@ -1,4 +1,4 @@
-"""Dense CLIP features: MaskCLIP and its training-free successors (METHOD.md sections 1 and 3).
+"""Dense CLIP features: MaskCLIP and its training-free successors (docs/method.md, sections 1.1, 1.2 and 2).
 
 This is the one place that reaches into open_clip's image towers. It relies only on parameter names that
 open_clip keeps across versions (tests/test_engine.py passed with open_clip 2.24.0, 2.26.1, 2.32.0, 3.0.0 and

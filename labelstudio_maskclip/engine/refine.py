@@ -1,4 +1,4 @@
-"""MaskCLIP's test-time refinements (METHOD.md section 1, "Refinements"), on grid-level probabilities."""
+"""MaskCLIP's test-time refinements (docs/method.md, section 1.4), on grid-level probabilities."""
 
 from __future__ import annotations
 

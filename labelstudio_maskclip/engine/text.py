@@ -1,7 +1,7 @@
 """Text side: class embeddings from label names and prompt templates.
 
 A class is a tuple of names (synonyms). Its embedding is the mean, over names and templates, of the
-L2-normalised ``encode_text`` outputs, L2-normalised again (METHOD.md section 1, "Text side").
+L2-normalised ``encode_text`` outputs, L2-normalised again (docs/method.md, section 1.3).
 """
 
 from __future__ import annotations

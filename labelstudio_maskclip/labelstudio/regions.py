@@ -1,7 +1,7 @@
 """Segmentations -> Label Studio prediction regions (brush RLE and polygons).
 
 A prediction for one task is ``{"result": [...regions], "score": float, "model_version": str}``; each region
-has the shape Label Studio stores (see LABEL_STUDIO.md): ``from_name``, ``to_name``, ``type``,
+has the shape Label Studio stores (docs/label-studio.md, "Payloads"): ``from_name``, ``to_name``, ``type``,
 ``original_width/height``, ``image_rotation``, ``value``, ``score``.
 """
 

@@ -1,6 +1,6 @@
 """Label Studio webhook events -> store operations (pure of HTTP).
 
-:func:`handle_event` takes a webhook body (see ``LABEL_STUDIO.md``) and a :class:`~.store.Store`:
+:func:`handle_event` takes a webhook body (docs/label-studio.md, "Webhooks") and a :class:`~.store.Store`:
 
 - ``ANNOTATION_CREATED`` / ``ANNOTATION_UPDATED``: every ``brushlabels`` region (``value.rle``, Label
   Studio's brush RLE at ``original_height`` x ``original_width``) is decoded and every ``polygonlabels``

@@ -1,6 +1,6 @@
 """The MaskCLIP+ student: a segmentation network whose classifier is CLIP's class text embeddings.
 
-Inference side only (never imports the trainer). Architecture (METHOD.md section 2):
+Inference side only (never imports the trainer). Architecture (docs/method.md, section 3):
 
     pixels (B, 3, H, W), ImageNet-normalised
       -> trunk + head (DeepLabv3 ASPP on a dilated ResNet, output stride 8; LR-ASPP on MobileNetV3; or a
