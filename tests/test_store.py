@@ -287,3 +287,15 @@ def test_concurrent_writers_all_succeed(tmp_path: Path) -> None:
 
 def test_public_surface() -> None:
     assert all(hasattr(store_module, name) for name in store_module.__all__)
+
+
+def test_check_reports_mask_rows_that_disagree_with_their_annotation(store: Store) -> None:
+    store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4), "dog": disc(20, 30, 5, 20, 3)}))
+    store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)}))
+    assert store.check() == []
+    with sqlite3.connect(store.path) as conn:  # damage it behind the store's back
+        conn.execute("DELETE FROM masks WHERE annotation_id = 1 AND label = 'dog'")
+        conn.execute(
+            "INSERT INTO masks SELECT 99, label, source, height, width, area, counts FROM masks WHERE annotation_id = 2"
+        )
+    assert store.check() == ["annotation 1: mask_count 2 but 1 masks rows", "masks of unknown annotation 99"]

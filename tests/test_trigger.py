@@ -187,3 +187,77 @@ def test_interval_rule(setup):
 def test_settings_travel_to_the_trainer_environment(setup):
     s = setup[0].replace(train_lr=0.02, key_smoothing=False)
     assert Settings.from_env(trigger._settings_env(s)) == s
+
+
+def test_interval_rule_fires_when_due_and_something_is_new(setup, monkeypatch):
+    s, store, model_dir, _ = setup
+    started = []
+    monkeypatch.setattr(
+        trigger, "request_training", lambda settings, reason, **kw: started.append((reason, kw)) or True
+    )
+    s2 = s.replace(train_interval_minutes=10)
+    stamp = model_dir / "train.last"
+    assert not stamp.exists()  # no trigger ever started a training: due as soon as something is new
+    assert trigger.maybe_interval(s2, store, classes=[("cat",)], project=None)
+    assert started == [("interval 10 min", {"classes": [("cat",)], "background": (), "project": None})]
+    stamp.touch()
+    last = stamp.stat().st_mtime
+    assert not trigger.maybe_interval(s2, store, now=last + 9 * 60)  # 9 min < 10 min
+    assert trigger.maybe_interval(s2, store, now=last + 10 * 60)  # exactly due
+    assert len(started) == 2
+    store.mark_trained()
+    assert not trigger.maybe_interval(s2, store, now=last + 60 * 60)  # due, but nothing new since
+    _annotate(store, 103, 1)
+    s3 = s2.replace(train_interval_minutes=0.5)
+    assert not trigger.maybe_interval(s3, store, now=last + 31, project=7)  # nothing new in project 7
+    assert trigger.maybe_interval(s3, store, now=last + 31, background=["sky"])
+    assert started[-1] == ("interval 0.5 min", {"classes": None, "background": ["sky"], "project": None})
+
+
+class _FakeTrainer:
+    """Stands in for the trainer process: records how it was started, exits at once."""
+
+    calls: list = []
+
+    def __init__(self, cmd, **kwargs):
+        self.pid = 4242
+        _FakeTrainer.calls.append((cmd, kwargs))
+
+    def wait(self):
+        return 0
+
+
+def test_request_training_starts_one_detached_trainer_with_the_labels(setup, monkeypatch):
+    s, _, model_dir, _ = setup
+    _FakeTrainer.calls = []
+    monkeypatch.setattr(trigger.subprocess, "Popen", _FakeTrainer)
+    assert trigger.request_training(s, "why", classes=[("car", "automobile"), "dog"], background=["sky"], project=3)
+    ((cmd, kwargs),) = _FakeTrainer.calls
+    assert cmd[1:3] == ["-m", "labelstudio_maskclip.training.train"]
+    assert cmd[cmd.index("--reason") + 1] == "why"
+    assert cmd[cmd.index("--labels") + 1] == "car|automobile,dog"
+    assert cmd[cmd.index("--background") + 1] == "sky"
+    assert cmd[cmd.index("--project") + 1] == "3"
+    lock_fd = int(cmd[cmd.index("--lock-fd") + 1])
+    assert kwargs["pass_fds"] == (lock_fd,) and kwargs["start_new_session"] is True
+    assert Settings.from_env(kwargs["env"]) == s  # the trainer reads the same settings
+    assert (model_dir / "train.last").exists()  # the interval rule counts from now
+    assert list((model_dir / "runs").glob("train-*.log"))  # the trainer's output goes to a run log
+    assert not _training_running(model_dir)  # this process kept no copy of the lock (the fake child has none)
+    _FakeTrainer.calls = []
+    assert trigger.request_training(s, "again")  # no trainer holds the lock: a new one starts
+    ((cmd, _),) = _FakeTrainer.calls
+    assert "--labels" not in cmd and "--background" not in cmd and "--project" not in cmd
+
+
+def test_request_training_refuses_while_the_lock_is_held(setup, monkeypatch):
+    s, _, model_dir, _ = setup
+    _FakeTrainer.calls = []
+    monkeypatch.setattr(trigger.subprocess, "Popen", _FakeTrainer)
+    held = trigger.acquire_training_lock(model_dir)
+    assert held is not None and trigger.acquire_training_lock(model_dir) is None
+    try:
+        assert not trigger.request_training(s, "while held")
+        assert _FakeTrainer.calls == [] and not (model_dir / "train.last").exists()
+    finally:
+        held.close()
