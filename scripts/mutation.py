@@ -11,7 +11,8 @@ tests fail (or run past the timeout), *survived* when they pass. The score is ki
 
 To save time the tests are first run once with a line tracer on the module: a mutant is then tested only by
 the tests that execute its line, plus every test that starts a subprocess (the tracer cannot see inside
-those, so they are always run), fastest first. A mutant on a line no test executes survives without a run.
+those, so they are always run), fastest first; a line run at import time (a default value, a constant)
+selects every test. A mutant on a line no test executes survives without a run.
 Mutants run in a fixed shuffled order, so a run cut short by ``--budget`` has tested a fair sample.
 
 Mutations (one per mutant, each applied to one AST node):
@@ -217,8 +218,8 @@ def _trace(frame, event, arg):
     if os.path.realpath(frame.f_code.co_filename) != _TARGET:
         return None
     def local(frame, event, arg):
-        if event == "line" and _current[0]:
-            _lines.setdefault(frame.f_lineno, set()).add(_current[0])
+        if event == "line":  # outside a test (import time: defaults, constants) it counts for every test
+            _lines.setdefault(frame.f_lineno, set()).add(_current[0] or "*")
         return local
     return local(frame, event, arg)
 
@@ -327,16 +328,18 @@ def run(module: str, tests: list[str], deselect: list[str], budget: float | None
         spawners = traced["spawn"]
         seconds = traced["seconds"]
         _preload(traced["modules"])
-        timeout = 3 * baseline + 30
-        rc, _ = _forked_pytest(work, [*tests, *extra], timeout)
+        rc, clean = _forked_pytest(work, [*tests, *extra], 3 * baseline + 30)
         if rc != 0:  # the forked runner must pass on the unmutated module, or every mutant would look killed
             raise SystemExit(f"the forked test run fails without any mutation (exit {rc})")
+        timeout = 3 * clean + 30  # a mutant running this long is stuck (an endless loop): counted as killed
         started = time.monotonic()
         for m in found:
             if budget is not None and time.monotonic() - started > budget:
                 break
             tree_lines = _node_lines(source, m.index)
             selected = {t for ln in tree_lines for t in lines.get(ln, ())} | set(spawners)
+            if "*" in selected:  # run at import time: any test may depend on it
+                selected = (selected - {"*"}) | set(seconds)
             selected = sorted(selected, key=lambda t: (seconds.get(t, 0.0), t))  # fastest first: -x stops early
             if not selected:
                 m.status = "uncovered"
