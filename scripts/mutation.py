@@ -214,8 +214,14 @@ def _popen_init(self, *a, **k):
 
 subprocess.Popen.__init__ = _popen_init
 
+_is_target = {}
+
 def _trace(frame, event, arg):
-    if os.path.realpath(frame.f_code.co_filename) != _TARGET:
+    name = frame.f_code.co_filename
+    hit = _is_target.get(name)
+    if hit is None:
+        hit = _is_target[name] = os.path.realpath(name) == _TARGET
+    if not hit:
         return None
     def local(frame, event, arg):
         if event == "line":  # outside a test (import time: defaults, constants) it counts for every test
