@@ -257,7 +257,18 @@ def test_request_training_refuses_while_the_lock_is_held(setup, monkeypatch):
     held = trigger.acquire_training_lock(model_dir)
     assert held is not None and trigger.acquire_training_lock(model_dir) is None
     try:
-        assert not trigger.request_training(s, "while held")
+        assert trigger.request_training(s, "while held") is False
         assert _FakeTrainer.calls == [] and not (model_dir / "train.last").exists()
     finally:
         held.close()
+
+
+def test_the_lock_lives_in_a_model_dir_created_on_demand(tmp_path):
+    model_dir = tmp_path / "not" / "yet"
+    lock = trigger.acquire_training_lock(model_dir)
+    try:
+        assert lock is not None and (model_dir / trigger.LOCK_FILE).is_file()
+        assert _training_running(model_dir)
+    finally:
+        lock.close()
+    assert not _training_running(model_dir)
