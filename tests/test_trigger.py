@@ -202,7 +202,7 @@ def test_interval_rule_fires_when_due_and_something_is_new(setup, monkeypatch):
     assert started == [("interval 10 min", {"classes": [("cat",)], "background": (), "project": None})]
     stamp.touch()
     last = stamp.stat().st_mtime
-    assert not trigger.maybe_interval(s2, store, now=last + 9 * 60)  # 9 min < 10 min
+    assert trigger.maybe_interval(s2, store, now=last + 9 * 60) is False  # 9 min < 10 min
     assert trigger.maybe_interval(s2, store, now=last + 10 * 60)  # exactly due
     assert len(started) == 2
     store.mark_trained()
