@@ -304,7 +304,9 @@ def test_check_reports_mask_rows_that_disagree_with_their_annotation(store: Stor
 def test_put_tasks_and_delete_annotations_report_their_counts(store: Store) -> None:
     assert store.put_tasks([TaskRecord(7, 1, "/a.png"), TaskRecord(8, 1, "/b.png")]) == 2
     store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
-    assert store.delete_annotations([1, 999]) == 1  # 999 was never stored: not counted
+    store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)}))
+    assert store.delete_annotations([998]) == 0  # never stored: not counted (a tombstone keeps it deleted)
+    assert store.delete_annotations([1, 2, 999]) == 2
     assert store.delete_annotations([1]) == 0  # already deleted
     assert store.annotation(1)["deleted"] == 1 and store.annotation(1)["labels"] == []  # a tombstone
 
