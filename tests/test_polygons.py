@@ -115,6 +115,9 @@ def test_empty_mask_and_tiny_components() -> None:
     assert len(kept) == 1 and kept[0][:, 0].min() == 20
     assert len(mask_to_polygons(mask, min_area=1)) == 2
     assert len(mask_to_polygons(mask, min_area=26)) == 0
+    square = np.zeros((30, 40), bool)
+    square[2:6, 2:6] = True  # exactly 16 pixels: the default min_area keeps it
+    assert len(mask_to_polygons(square)) == 1
 
 
 def test_one_pixel_wide_lines_and_diagonals_keep_a_polygon() -> None:
