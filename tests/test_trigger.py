@@ -165,14 +165,16 @@ def test_every_n_rule(setup):
     assert trigger.should_train(s2, store)
     store.mark_trained()
     assert not trigger.should_train(s2, store)
+    _annotate(store, 104, 2)
+    assert trigger.should_train(s.replace(train_every_n=1), store)  # every single annotation
 
 
 def test_interval_rule(setup):
     s, store, model_dir, _ = setup
-    assert not trigger.maybe_interval(s, store)  # interval 0: off
+    assert trigger.maybe_interval(s, store) is False  # interval 0: off
     s2 = s.replace(train_interval_minutes=10)
     store.mark_trained()
-    assert not trigger.maybe_interval(s2, store)  # nothing new since the last training
+    assert trigger.maybe_interval(s2, store) is False  # nothing new since the last training
     held = trigger.acquire_training_lock(model_dir)  # stand-in for a running trainer: nothing starts
     try:
         _annotate(store, 102, 2)
