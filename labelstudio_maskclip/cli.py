@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .engine.modes import DENSE_MODES
+from .engine.names import parse_label_spec
 from .settings import Settings, SettingsError
 
 __all__ = ["main", "build_parser"]
@@ -27,7 +29,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N (MASKCLIP_DEVICE)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="MASKCLIP_PRECISION")
     g.add_argument("--allow-random", action="store_true", default=None, help="allow random weights (tests)")
-    g.add_argument("--dense-mode", choices=["maskclip", "sclip", "clearclip", "naclip"], help="MASKCLIP_DENSE_MODE")
+    g.add_argument("--dense-mode", choices=DENSE_MODES, help="MASKCLIP_DENSE_MODE")
     g.add_argument("--templates", help="maskclip85, imagenet80, simple, or a file (MASKCLIP_TEMPLATES)")
     g.add_argument("--short-side", type=int, help="resize short side to this (MASKCLIP_SHORT_SIDE)")
     g.add_argument("--window", type=int, help="sliding-window size, 0 = whole image (MASKCLIP_WINDOW)")
@@ -55,11 +57,10 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from .models import segment_options, shared_maskclip
 
     s = _settings(args)
-    labels = [x.strip() for x in args.labels.split(",") if x.strip()]
-    background = [x.strip() for x in (args.background or "").split(",") if x.strip()]
-    if not labels:
+    classes = parse_label_spec(args.labels)  # "car|automobile,dog": synonyms with |
+    background = parse_label_spec(args.background)
+    if not classes:
         raise SystemExit("--labels needs at least one name, e.g. --labels 'cat,dog,grass'")
-    classes = [tuple(n.strip() for n in lab.split("|")) for lab in labels]  # "car|automobile": synonyms
     names = [c[0] for c in classes]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -314,13 +315,13 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .training.job import TrainJob, parse_classes
+    from .training.job import TrainJob
 
     flags = {k: getattr(args, k, None) for k in (*_OVERRIDES, "promote", "student", "student_pretrained")}
     s = Settings.from_env(**flags, train_steps=args.steps)
     job = TrainJob(
-        classes=parse_classes(args.labels) or None,
-        background=parse_classes(args.background),
+        classes=parse_label_spec(args.labels) or None,
+        background=parse_label_spec(args.background),
         project=args.project,
         resume=args.resume,
     )

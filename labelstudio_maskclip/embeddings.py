@@ -197,6 +197,6 @@ def _done(value: torch.Tensor) -> Future:
 
 def label_set(classes: Sequence[Sequence[str] | str]) -> LabelSet:
     """Names per label as the store keys them (strings become one-name labels, names stripped)."""
-    from .engine.text import normalize_classes
+    from .engine.names import normalize_classes
 
     return normalize_classes(classes)

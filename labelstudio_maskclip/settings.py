@@ -12,8 +12,9 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from .engine.modes import DENSE_MODES
 
 __all__ = ["Settings", "ENV", "SECRET_FIELDS", "SettingsError", "redact"]
 
@@ -169,12 +170,7 @@ class Settings:
         """Every setting but the secrets, by field name: what may be written to disk, logged or served."""
         return redact(dataclasses.asdict(self))
 
-    @property
-    def model_path(self) -> Path:
-        return Path(self.model_dir)
 
-
-DENSE_MODES = ("maskclip", "sclip", "clearclip", "naclip")
 SCORES = ("confidence", "margin", "entropy")  # the engine's image score kinds (engine.segmenter.SCORES)
 
 #: field name -> environment variable

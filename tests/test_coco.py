@@ -14,12 +14,9 @@ from pycocotools.coco import COCO
 from labelstudio_maskclip.learning import export as coco
 from labelstudio_maskclip.learning.export import (
     CocoError,
-    PredictedMask,
-    evaluate_segmentation,
     export_coco,
     export_semantic_pngs,
     image_file_name,
-    predictions_to_coco_results,
     write_coco,
 )
 from labelstudio_maskclip.learning.store import Sample, Store
@@ -199,25 +196,6 @@ def test_semantic_pngs(tmp_path: Path) -> None:
     np.testing.assert_array_equal(pixels, expected)
     assert (np.asarray(Image.open(paths[1])) == 255).all()
     assert (tmp_path / "classes.txt").read_text() == "cat\ndog\n"
-
-
-def test_predictions_equal_to_ground_truth_score_ap_1(ground_truth: list) -> None:
-    labels = sorted({label for *_, masks in ground_truth for label in masks}, key=CLASSES.index)
-    samples = [
-        Sample(task_id=t, annotation_id=t, project=1, image=n, height=h, width=w, masks=m)
-        for t, n, h, w, m in ground_truth
-    ]
-    gt = export_coco(samples, labels, mode="semantic")
-    perfect = [PredictedMask(s.task_id, label, mask, 0.9) for s in samples for label, mask in s.masks.items()]
-    results = predictions_to_coco_results(perfect, labels, mode="semantic")
-    assert {"image_id", "category_id", "segmentation", "score"} <= set(results[0])
-    stats = evaluate_segmentation(gt, results)
-    assert stats["AP"] == pytest.approx(1.0) and stats["AP50"] == pytest.approx(1.0)
-    # Shifted masks must score lower: the evaluation can fail.
-    shifted = [PredictedMask(p.image_id, p.label, np.roll(p.mask, 25, axis=1), p.score) for p in perfect]
-    assert evaluate_segmentation(gt, predictions_to_coco_results(shifted, labels, mode="semantic"))["AP"] < 0.9
-    with pytest.raises(CocoError, match="empty"):
-        evaluate_segmentation(gt, [])
 
 
 def test_run_export_writes_json_and_pngs(tmp_path: Path, ground_truth: list) -> None:

@@ -8,9 +8,9 @@ through its API; the backend's store and COCO export must follow.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -309,15 +309,17 @@ def test_basic_auth_backend_with_label_studio(label_studio, backend, tmp_path):
         }  # fmt: skip
         store = Store(secured.model_dir)
         first = api.create_annotation(task["id"], [region])
-        time.sleep(3)
-        assert store.annotation(first["id"]) is None  # the webhook was refused: 401
+        # The webhook must arrive and be refused: the backend's access log shows it answered 401.
+        wait_for(lambda: re.search(r'"POST /webhook[^"]*" 401 ', secured.log_text()), 60, "the refused webhook (401)")
+        assert store.annotation(first["id"]) is None
         hooks = [h for h in api.request("GET", "/api/webhooks/", params={"project": proj["id"]})
                  if h["url"].startswith(secured.url)]  # fmt: skip
         assert len(hooks) == 1
         api.request("PATCH", f"/api/webhooks/{hooks[0]['id']}/",
                     json={"headers": {"Authorization": basic_auth_header("ls", "s3cret")}})  # fmt: skip
         second = api.create_annotation(task["id"], [region])
-        wait_for(lambda: store.annotation(second["id"]), 30, "the authorised webhook")
+        wait_for(lambda: store.annotation(second["id"]), 60, "the authorised webhook")
+        assert re.search(r'"POST /webhook[^"]*" 201 ', secured.log_text())
     finally:
         secured.stop()
 

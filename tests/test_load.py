@@ -25,7 +25,7 @@ pytestmark = pytest.mark.e2e
 NAMES = ["000000000009.jpg", "000000000025.jpg", "000000000030.jpg", "000000000034.jpg", "000000000036.jpg",
          "000000000042.jpg"]  # fmt: skip
 CLIENTS, REQUESTS, TASKS, WEBHOOKS = 8, 10, 4, 40
-TIME_CAP = 45.0  # seconds for the whole load; the test fails rather than hang
+TIME_CAP = 300.0  # seconds for the whole load: a generous bound, so the test fails rather than hangs
 RSS_BOUND_KIB = int(1.5 * 2**20)  # 1.5 GiB per worker
 
 

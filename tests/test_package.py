@@ -44,6 +44,7 @@ def test_engine_and_masks_import_nothing_of_the_rest():
 
 
 def test_every_module_declares_its_public_names_and_they_exist():
+    assert {"engine.segmenter", "masks.brush", "learning.store", "settings"} <= set(MODULES)
     for name in MODULES:
         module = importlib.import_module(f"labelstudio_maskclip.{name}")
         assert hasattr(module, "__all__"), name

@@ -123,6 +123,9 @@ def test_empty_mask_and_tiny_components() -> None:
     assert len(kept) == 1 and kept[0][:, 0].min() == 20
     assert len(mask_to_polygons(mask, min_area=1)) == 2
     assert len(mask_to_polygons(mask, min_area=26)) == 0
+    square = np.zeros((30, 40), bool)
+    square[2:6, 2:6] = True  # exactly 16 pixels: the default min_area keeps it
+    assert len(mask_to_polygons(square)) == 1
 
 
 def test_one_pixel_wide_lines_and_diagonals_keep_a_polygon() -> None:
@@ -162,7 +165,12 @@ def test_percent_round_trip_and_values() -> None:
         (lambda: points_to_percent([[1, 2, 3]], 10, 10), r"\(N, 2\)"),
         (lambda: percent_to_points([[1, float("nan")]], 10, 10), "non-finite"),
         (lambda: points_to_percent([[1, 2]], 0, 10), "positive"),
+        (lambda: points_to_percent([[1, 2]], 10, 0), "positive"),
+        (lambda: percent_to_points([[1, 2]], 0, 10), "positive"),
+        (lambda: percent_to_points([[1, 2]], 10, 0), "positive"),
         (lambda: polygons_to_mask([[[0, 0], [1, 0], [1, 1]]], 10, -1), "positive"),
+        (lambda: polygons_to_mask([[[0, 0], [1, 0], [1, 1]]], 0, 10), "positive"),
+        (lambda: polygons_to_mask([[[0, 0], [1, 0], [1, 1]]], 10, 0), "positive"),
         (lambda: polygons_to_mask([[0, 0, 1, 0, 1, 1]], 10, 10), r"polygons\[0\]"),
         (lambda: mask_to_polygons(np.zeros((3, 3, 3), bool)), "shape"),
         (lambda: mask_to_polygons(np.zeros((3, 3), float)), "bool or integer"),
@@ -172,3 +180,25 @@ def test_percent_round_trip_and_values() -> None:
 def test_bad_inputs_raise(call, message: str) -> None:
     with pytest.raises(PolygonError, match=message):
         call()
+
+
+def test_one_pixel_images_are_valid() -> None:
+    np.testing.assert_allclose(points_to_percent([[1, 1]], 1, 1), [[100, 100]])
+    np.testing.assert_allclose(percent_to_points([[100, 100]], 1, 1), [[1, 1]])
+    assert polygons_to_mask([[[0, 0], [1, 0], [1, 1], [0, 1]]], 1, 1).tolist() == [[True]]
+
+
+def test_a_triangle_is_a_polygon_not_a_degenerate_one() -> None:
+    mask = polygons_to_mask([[[0, 0], [10, 0], [0, 10]]], 12, 12)  # 3 points: the fewest a polygon has
+    assert 40 <= mask.sum() <= 60 and mask[1, 1] and not mask[9, 9]
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_components_come_largest_first_wherever_they_are(flip: bool) -> None:
+    mask = np.zeros((60, 60), bool)
+    mask[2:6, 2:6] = True  # 16 px
+    mask[20:40, 20:40] = True  # 400 px
+    mask[50:58, 45:58] = True  # 104 px
+    mask = mask[::-1, ::-1] if flip else mask  # the same shapes found in the opposite scan order
+    areas = [polygons_to_mask([p], 60, 60).sum() for p in mask_to_polygons(mask, min_area=1)]
+    assert areas == [400, 104, 16]

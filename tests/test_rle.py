@@ -173,6 +173,7 @@ def rgba(mask: np.ndarray, color: tuple[int, int, int, int]) -> list[int]:
     [
         (8, (3, 4, 8, 16), (255, 0, 0, 255)),
         (8, (3, 4, 8, 16), (12, 200, 7, 128)),
+        (8, (3, 4, 8, 16), (3, 3, 0, 255)),  # literal blocks [0, 255]: one alpha each, not their first word
         (8, (1, 2, 5, 7), (255, 255, 255, 1)),
         (12, (2, 6, 9, 16), (4095, 3, 3, 4000)),
     ],

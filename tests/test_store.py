@@ -289,3 +289,36 @@ def test_concurrent_writers_all_succeed(tmp_path: Path) -> None:
 
 def test_public_surface() -> None:
     assert all(hasattr(store_module, name) for name in store_module.__all__)
+
+
+def test_check_reports_mask_rows_that_disagree_with_their_annotation(store: Store) -> None:
+    store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4), "dog": disc(20, 30, 5, 20, 3)}))
+    store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)}))
+    assert store.check() == []
+    with sqlite3.connect(store.path) as conn:  # damage it behind the store's back
+        conn.execute("DELETE FROM masks WHERE annotation_id = 1 AND label = 'dog'")
+        conn.execute(
+            "INSERT INTO masks SELECT 99, label, source, height, width, area, counts FROM masks WHERE annotation_id = 2"
+        )
+    assert store.check() == ["annotation 1: mask_count 2 but 1 masks rows", "masks of unknown annotation 99"]
+
+
+def test_put_tasks_and_delete_annotations_report_their_counts(store: Store) -> None:
+    assert store.put_tasks([TaskRecord(7, 1, "/a.png"), TaskRecord(8, 1, "/b.png")]) == 2
+    store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
+    store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)}))
+    assert store.delete_annotations([998]) == 0  # never stored: not counted (a tombstone keeps it deleted)
+    assert store.delete_annotations([1, 2, 999]) == 2
+    assert store.delete_annotations([1]) == 0  # already deleted
+    assert store.annotation(1)["deleted"] == 1 and store.annotation(1)["labels"] == []  # a tombstone
+
+
+def test_an_update_replaces_the_outcomes_of_its_regions(store: Store) -> None:
+    mask = {"cat": disc(20, 20, 10, 10, 5)}
+    first = [("r1", "cat", "unchanged"), ("r2", "dog", "unchanged")]
+    store.put_annotation(write(1, 1, mask, parent_prediction=5, outcomes=first))
+    later = "2026-11-02T11:00:00Z"
+    store.put_annotation(write(1, 1, mask, parent_prediction=5, outcomes=[("r3", "cat", "edited")], updated_at=later))
+    stats = store.acceptance_stats()
+    assert stats["cat"] == {"unchanged": 0, "edited": 1, "deleted": 0, "added": 0}
+    assert "dog" not in stats

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import os
 import re
 import signal
@@ -54,6 +55,15 @@ def _wait(predicate, timeout: float, what: str) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def _training_running(model_dir: Path) -> bool:
+    """True while someone (the trainer process) holds the training lock."""
+    lock = trigger.acquire_training_lock(model_dir)
+    if lock is None:
+        return True
+    lock.close()
+    return False
 
 
 def _log_text(model_dir: Path) -> str:
@@ -114,16 +124,16 @@ def test_killed_trainer_leaves_served_model_intact_and_single_flight_holds(setup
     assert other.stdout.strip() == "False", other.stderr
     _wait(lambda: "step 1/100000" in _log_text(model_dir), 90, "the trainer's first step")
     pid = int(re.search(r"training starts \(reason: test long run, pid (\d+)\)", _log_text(model_dir)).group(1))
-    assert trigger.training_running(model_dir)
+    assert _training_running(model_dir)
 
     os.kill(pid, signal.SIGKILL)
-    _wait(lambda: not trigger.training_running(model_dir), 30, "the lock to be released")
+    _wait(lambda: not _training_running(model_dir), 30, "the lock to be released")
     assert (_digest(served_file), ck.current_version(model_dir)) == before
     assert [h["version"] for h in ck.history(model_dir)] == [served]
 
     assert trigger.request_training(s.replace(train_steps=2), "after the crash")
     _wait(lambda: ck.current_version(model_dir) == "maskclip+-2", 90, "the next run's promotion")
-    _wait(lambda: not trigger.training_running(model_dir), 30, "the trainer to exit")
+    _wait(lambda: not _training_running(model_dir), 30, "the trainer to exit")
     assert "promoted maskclip+-2" in _log_text(model_dir)
     assert _digest(served_file) == before[0]  # older versions are never rewritten
 
@@ -144,7 +154,7 @@ def test_trainer_cli_refuses_to_run_beside_another(setup):
         assert not trigger.request_training(s, "while held")
     finally:
         held.close()
-    assert not trigger.training_running(model_dir)
+    assert not _training_running(model_dir)
 
 
 def test_every_n_rule(setup):
@@ -156,14 +166,16 @@ def test_every_n_rule(setup):
     assert trigger.should_train(s2, store)
     store.mark_trained()
     assert not trigger.should_train(s2, store)
+    _annotate(store, 104, 2)
+    assert trigger.should_train(s.replace(train_every_n=1), store)  # every single annotation
 
 
 def test_interval_rule(setup):
     s, store, model_dir, _ = setup
-    assert not trigger.maybe_interval(s, store)  # interval 0: off
+    assert trigger.maybe_interval(s, store) is False  # interval 0: off
     s2 = s.replace(train_interval_minutes=10)
     store.mark_trained()
-    assert not trigger.maybe_interval(s2, store)  # nothing new since the last training
+    assert trigger.maybe_interval(s2, store) is False  # nothing new since the last training
     held = trigger.acquire_training_lock(model_dir)  # stand-in for a running trainer: nothing starts
     try:
         _annotate(store, 102, 2)
@@ -215,3 +227,88 @@ def test_a_projects_label_values_travel_with_its_classes_to_the_trainer(tmp_path
     assert tr.train_main(args) == 0
     assert seen["classes"] == (("car", "automobile"), ("Sky, clear",), ("road|street",))
     assert seen["values"] == ("Car", "Sky, clear", "Road") and seen["project"] == 7
+
+
+def test_interval_rule_fires_when_due_and_something_is_new(setup, monkeypatch):
+    s, store, model_dir, _ = setup
+    started = []
+    monkeypatch.setattr(
+        trigger, "request_training", lambda settings, reason, **kw: started.append((reason, kw)) or True
+    )
+    s2 = s.replace(train_interval_minutes=10)
+    stamp = model_dir / "train.last"
+    assert not stamp.exists()  # no trigger ever started a training: due as soon as something is new
+    assert trigger.maybe_interval(s2, store, classes=[("cat",)], project=None)
+    assert started == [("interval 10 min", {"classes": [("cat",)], "background": (), "project": None})]
+    stamp.touch()
+    last = stamp.stat().st_mtime
+    assert trigger.maybe_interval(s2, store, now=last + 9 * 60) is False  # 9 min < 10 min
+    assert trigger.maybe_interval(s2, store, now=last + 10 * 60)  # exactly due
+    assert len(started) == 2
+    store.mark_trained()
+    assert not trigger.maybe_interval(s2, store, now=last + 60 * 60)  # due, but nothing new since
+    _annotate(store, 103, 1)
+    s3 = s2.replace(train_interval_minutes=0.5)
+    assert not trigger.maybe_interval(s3, store, now=last + 31, project=7)  # nothing new in project 7
+    assert trigger.maybe_interval(s3, store, now=last + 31, background=["sky"])
+    assert started[-1] == ("interval 0.5 min", {"classes": None, "background": ["sky"], "project": None})
+
+
+class _FakeTrainer:
+    """Stands in for the trainer process: records how it was started, exits at once."""
+
+    calls: list = []
+
+    def __init__(self, cmd, **kwargs):
+        self.pid = 4242
+        _FakeTrainer.calls.append((cmd, kwargs))
+
+    def wait(self):
+        return 0
+
+
+def test_request_training_starts_one_detached_trainer_with_the_labels(setup, monkeypatch):
+    s, _, model_dir, _ = setup
+    _FakeTrainer.calls = []
+    monkeypatch.setattr(trigger.subprocess, "Popen", _FakeTrainer)
+    assert trigger.request_training(s, "why", classes=[("car", "automobile"), "dog"], background=["sky"], project=3)
+    ((cmd, kwargs),) = _FakeTrainer.calls
+    assert cmd[1:3] == ["-m", "labelstudio_maskclip.training.train"]
+    assert cmd[cmd.index("--reason") + 1] == "why"
+    assert json.loads(cmd[cmd.index("--classes-json") + 1]) == [{"names": ["car", "automobile"]}, {"names": ["dog"]}]
+    assert cmd[cmd.index("--background") + 1] == "sky"
+    assert cmd[cmd.index("--project") + 1] == "3"
+    lock_fd = int(cmd[cmd.index("--lock-fd") + 1])
+    assert kwargs["pass_fds"] == (lock_fd,) and kwargs["start_new_session"] is True
+    assert Settings.from_env(kwargs["env"]) == s  # the trainer reads the same settings
+    assert (model_dir / "train.last").exists()  # the interval rule counts from now
+    assert list((model_dir / "runs").glob("train-*.log"))  # the trainer's output goes to a run log
+    assert not _training_running(model_dir)  # this process kept no copy of the lock (the fake child has none)
+    _FakeTrainer.calls = []
+    assert trigger.request_training(s, "again")  # no trainer holds the lock: a new one starts
+    ((cmd, _),) = _FakeTrainer.calls
+    assert "--classes-json" not in cmd and "--background" not in cmd and "--project" not in cmd
+
+
+def test_request_training_refuses_while_the_lock_is_held(setup, monkeypatch):
+    s, _, model_dir, _ = setup
+    _FakeTrainer.calls = []
+    monkeypatch.setattr(trigger.subprocess, "Popen", _FakeTrainer)
+    held = trigger.acquire_training_lock(model_dir)
+    assert held is not None and trigger.acquire_training_lock(model_dir) is None
+    try:
+        assert trigger.request_training(s, "while held") is False
+        assert _FakeTrainer.calls == [] and not (model_dir / "train.last").exists()
+    finally:
+        held.close()
+
+
+def test_the_lock_lives_in_a_model_dir_created_on_demand(tmp_path):
+    model_dir = tmp_path / "not" / "yet"
+    lock = trigger.acquire_training_lock(model_dir)
+    try:
+        assert lock is not None and (model_dir / trigger.LOCK_FILE).is_file()
+        assert _training_running(model_dir)
+    finally:
+        lock.close()
+    assert not _training_running(model_dir)

@@ -1,4 +1,4 @@
-"""Dense CLIP features: MaskCLIP and its training-free successors (METHOD.md sections 1 and 3).
+"""Dense CLIP features: MaskCLIP and its training-free successors (docs/method.md, sections 1.1, 1.2 and 2).
 
 This is the one place that reaches into open_clip's image towers. It relies only on parameter names that
 open_clip keeps across versions (tests/test_engine.py passed with open_clip 2.24.0, 2.26.1, 2.32.0, 3.0.0 and
@@ -19,9 +19,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .modes import DENSE_MODES
+
 __all__ = ["DenseOutput", "dense_features", "resize_pos_embed", "output_stride", "DENSE_MODES", "POS_RESIZE"]
 
-DENSE_MODES = ("maskclip", "sclip", "clearclip", "naclip")
 NACLIP_SIGMA = 5.0  # std of NACLIP's Gaussian neighbourhood, in patches
 # How each mode's authors resize the positional embedding to another grid (see resize_pos_embed):
 # MaskCLIP (mmsegmentation) to the target size; SCLIP, ClearCLIP and NACLIP by the factor (n + 0.1) / g.

@@ -1,5 +1,5 @@
-"""Test-time refinements: MaskCLIP's key smoothing and prompt denoising (METHOD.md section 1, "Refinements"),
-on grid-level probabilities; and PAMR, the pixel-adaptive mask refinement NACLIP and SCLIP apply last."""
+"""Test-time refinements: MaskCLIP's key smoothing and prompt denoising (docs/method.md, section 1.4), on
+grid-level probabilities; and PAMR, the pixel-adaptive mask refinement NACLIP and SCLIP apply last."""
 
 from __future__ import annotations
 

@@ -30,10 +30,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .dense import DENSE_MODES, dense_features, output_stride
+from .dense import dense_features, output_stride
 from .loading import LoadedCLIP, load_clip
+from .modes import DENSE_MODES
+from .names import ClassNames, normalize_classes
 from .refine import REFINEMENTS, key_smoothing, pamr, prompt_denoising
-from .text import ClassNames, encode_classes, normalize_classes, resolve_templates
+from .text import encode_classes, resolve_templates
 
 __all__ = [
     "MaskCLIP", "SegmentOptions", "Segmentation", "NO_LABEL", "SCORES", "resized_size", "normalized_batch", "segment_in_batches",

@@ -1,7 +1,7 @@
 """Text side: class embeddings from label names and prompt templates.
 
 A class is a tuple of names (synonyms). Its embedding is the mean, over names and templates, of the
-L2-normalised ``encode_text`` outputs, L2-normalised again (METHOD.md section 1, "Text side").
+L2-normalised ``encode_text`` outputs, L2-normalised again (docs/method.md, section 1.3).
 """
 
 from __future__ import annotations
@@ -15,14 +15,9 @@ import torch
 __all__ = [
     "MASKCLIP_TEMPLATES",
     "SCENE_TEMPLATES",
-    "ClassNames",
     "resolve_templates",
-    "normalize_classes",
     "encode_classes",
 ]
-
-#: One class: a name, or several names (synonyms) whose embeddings are averaged.
-ClassNames = str | Sequence[str]
 
 # The 5 scene templates MaskCLIP adds to CLIP's 80 ImageNet templates.
 SCENE_TEMPLATES: tuple[str, ...] = (
@@ -71,20 +66,6 @@ def resolve_templates(spec: str | Sequence[str] | None) -> tuple[str, ...]:
     if not templates or bad:
         raise ValueError(f"prompt templates must be non-empty and each contain '{{}}'; bad: {bad[:3]}")
     return templates
-
-
-def normalize_classes(classes: Sequence[ClassNames]) -> tuple[tuple[str, ...], ...]:
-    """``["cat", ("car", "automobile")]`` -> ``(("cat",), ("car", "automobile"))``, names stripped."""
-    out = []
-    for c in classes:
-        names = (c,) if isinstance(c, str) else tuple(c)
-        names = tuple(n.strip() for n in names if n and n.strip())
-        if not names:
-            raise ValueError(f"a class has no usable name: {c!r}")
-        out.append(names)
-    if not out:
-        raise ValueError("no class names given")
-    return tuple(out)
 
 
 @torch.no_grad()

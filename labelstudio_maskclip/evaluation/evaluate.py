@@ -24,7 +24,7 @@ so they stay aligned with their masks.
 
 Protocols (the image is rescaled keeping its aspect ratio as mmcv does: factor = min(L / long side,
 S / short side) for a scale (L, S), i.e. short side S unless the long side would exceed L):
-- ``whole512``: the paper's (METHOD.md). Scale (2048, 512), i.e. short side 512 - PASCAL Context short
+- ``whole512``: the paper's (docs/method.md, section 1.6). Scale (2048, 512), i.e. short side 512 - PASCAL Context short
   side 520, scale (2048, 520) - whole image, no sliding window.
 - ``slide448``: the common re-evaluation protocol. Scale (2048, 448), windows of 448 with stride 224.
 Refinements (key smoothing, prompt denoising) are off unless ``refinements=True`` (the paper's plain
@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..engine.names import normalize_names
 from ..settings import Settings
 from . import class_names as cn
 from .metrics import IGNORE, confusion_matrix, scores
@@ -184,7 +185,7 @@ def _context(root: Path, with_background: bool) -> EvalSet:
     split = "ImageSets/SegmentationContext/val.txt"
     samples = _split_samples(base, split, "JPEGImages", "SegmentationClassContext", name, layout)
     classes = tuple((c,) for c in cn.CONTEXT59)
-    scale = (2048, 520)  # short side 520 (METHOD.md)
+    scale = (2048, 520)  # short side 520 (docs/method.md, section 1.6)
     if with_background:
         return EvalSet(name, (("background",),) + classes, tuple(samples), 0, cn.CONTEXT60_BACKGROUND, False, scale)
     return EvalSet(name, classes, tuple(samples), reduce_zero_label=True, whole_scale=scale)
@@ -249,7 +250,7 @@ def read_classes_file(path: Path) -> tuple[tuple[tuple[str, ...], ...], int | No
         lines.pop()
     classes, background = [], None
     for k, line in enumerate(lines):
-        names = tuple(n.strip() for n in line.split(",") if n.strip())
+        names = normalize_names(line.split(","))
         if not names:
             raise DatasetError(f"{path}: line {k + 1} is empty; every line up to the last names class k = line - 1")
         if names[0].lower() == "background":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import inspect
 import logging
 import math
 import threading
@@ -19,19 +18,40 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from ..engine.names import ClassNames
 from ..settings import Settings
 from .labeling import LabelingSpec, parse_label_config
 
-__all__ = ["MaskCLIPBackend", "Runtime", "runtime", "PredictError"]
+if TYPE_CHECKING:
+    from ..engine.segmenter import MaskCLIP, Segmentation, SegmentOptions
+    from ..learning.store import Store
+    from ..training.student import StudentModel
+    from .images import ImageFetcher
+
+__all__ = ["MaskCLIPBackend", "Runtime", "runtime", "PredictError", "Segmenter"]
 
 log = logging.getLogger(__name__)
 
 PREDICT_CHUNK = 64  # tasks fetched ahead of inference; bounds memory for project-sized requests
 WARMUP_LABELS = 21  # labels of the warm-up batch (embeddings made up: the text tower is not needed)
+
+
+class Segmenter(Protocol):
+    """A model that answers /predict: the MaskCLIP teacher (:class:`~labelstudio_maskclip.engine.segmenter.MaskCLIP`)
+    or a promoted student (:class:`~labelstudio_maskclip.training.student.StudentModel`)."""
+
+    def segment(
+        self,
+        images: Sequence[np.ndarray],
+        classes: Sequence[ClassNames],
+        background: Sequence[ClassNames] = (),
+        opts: SegmentOptions = ...,
+        progress: Any = None,
+    ) -> list[Segmentation]: ...
 
 
 class PredictError(ValueError):
@@ -44,9 +64,9 @@ class Runtime:
 
     settings: Settings
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _fetcher: Any = None
-    _store: Any = None
-    _student: tuple[str, Any] | None = None  # (version, model)
+    _fetcher: ImageFetcher | None = None
+    _store: Store | None = None
+    _student: tuple[str, StudentModel | None] | None = None  # (version, model or None if it cannot load)
     _followups: Any = None  # webhook follow-ups (Label Studio API calls): a bounded queue, one thread
     _features: Any = None  # interactive prompting: per-image pixels and dense features (FeatureCache)
     _embeddings: Any = None  # EmbeddingStore of the teacher
@@ -67,7 +87,7 @@ class Runtime:
             return self._followups
 
     @property
-    def fetcher(self):
+    def fetcher(self) -> ImageFetcher:
         with self._lock:
             if self._fetcher is None:
                 from .images import ImageFetcher
@@ -85,7 +105,7 @@ class Runtime:
             return self._features
 
     @property
-    def store(self):
+    def store(self) -> Store:
         with self._lock:
             if self._store is None:
                 from ..learning.store import Store
@@ -100,7 +120,7 @@ class Runtime:
         return store.damage_message() if store is not None else ""
 
     @property
-    def teacher(self):
+    def teacher(self) -> MaskCLIP:
         """The MaskCLIP teacher, loaded here if needed (blocking; see :meth:`teacher_within`)."""
         from ..models import shared_maskclip
 
@@ -221,7 +241,7 @@ class Runtime:
 
         return current_version(Path(self.settings.model_dir))
 
-    def model_for(self, classes: Sequence[Sequence[str]], *, load: bool = True) -> tuple[str, Any]:
+    def model_for(self, classes: Sequence[Sequence[str]], *, load: bool = True) -> tuple[str, Segmenter | None]:
         """(model_version, model) to serve for these classes (names per label, in order): the promoted
         student when one exists and was trained for exactly these labels, else the MaskCLIP teacher
         (``load=False``: the teacher is not loaded and None is returned in its place, for /setup)."""
@@ -233,7 +253,7 @@ class Runtime:
             log.info("student %s was trained for other labels (%s): serving MaskCLIP", version, student.labels)
         return self.teacher_version(), (self.teacher if load else None)
 
-    def _load_student(self, version: str):
+    def _load_student(self, version: str) -> StudentModel | None:
         """The promoted student, loaded once per version; None (MaskCLIP is served) if it cannot load."""
         with self._lock:
             if self._student is None or self._student[0] != version:
@@ -372,14 +392,6 @@ def _short(task: Any) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _takes_deadline_of(function: Callable) -> bool:
-    return "deadline" in inspect.signature(function).parameters
-
-
-def _takes_deadline(method: Callable) -> bool:
-    return _takes_deadline_of(getattr(method, "__func__", method))
-
-
 def _images_that_fit(deadline: float, per_image: float, wanted: int) -> int:
     """How many of ``wanted`` images the time left until ``deadline`` holds at ``per_image`` seconds each
     (all of them before the first measurement, or without a deadline)."""
@@ -710,16 +722,15 @@ class MaskCLIPBackend:
         from .jpeg import is_jpeg
 
         fetcher = self.rt.fetcher
-        call = fetcher.fetch if raw else fetcher.load
-        kwargs: dict[str, Any] = {} if raw else {"max_pixels": self.settings.max_image_pixels}
-        if _takes_deadline(call) and not math.isinf(deadline):
-            kwargs["deadline"] = deadline
-        got = call(url, task_id, **kwargs)
-        if raw and not is_jpeg(got):
-            from .images import decode_image
+        limit = None if math.isinf(deadline) else deadline
+        if not raw:
+            return fetcher.load(url, task_id, max_pixels=self.settings.max_image_pixels, deadline=limit)
+        data = fetcher.fetch(url, task_id, deadline=limit)
+        if is_jpeg(data):
+            return data
+        from .images import decode_image
 
-            return decode_image(got, max_pixels=self.settings.max_image_pixels)
-        return got
+        return decode_image(data, max_pixels=self.settings.max_image_pixels)
 
     # -- fit (webhooks) ------------------------------------------------------------------------------
     def _parent_prediction_check(self, data: Mapping[str, Any]) -> ParentPredictionCheck | None:

@@ -20,6 +20,8 @@ import functools
 from dataclasses import dataclass
 from typing import Literal
 
+from ..engine.names import normalize_names
+
 __all__ = ["LabelConfigError", "LabelSpec", "LabelingSpec", "Target", "parse_label_config"]
 
 Kind = Literal["brush", "polygon"]
@@ -161,6 +163,5 @@ def _labels(control) -> tuple[LabelSpec, ...]:
 
 def _names(attr: dict, value: str) -> tuple[str, ...]:
     """``predicted_values="a, b"`` -> ``("a", "b")``; else the label's own text."""
-    synonyms = [s.strip() for s in str(attr.get("predicted_values") or "").split(",")]
-    synonyms = [s for s in synonyms if s]
-    return tuple(dict.fromkeys(synonyms)) if synonyms else (attr.get("value") or value,)
+    synonyms = normalize_names(str(attr.get("predicted_values") or "").split(","))
+    return synonyms or (attr.get("value") or value,)

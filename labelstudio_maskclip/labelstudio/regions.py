@@ -1,7 +1,7 @@
 """Segmentations -> Label Studio prediction regions (brush RLE and polygons).
 
 A prediction for one task is ``{"result": [...regions], "score": float, "model_version": str}``; each region
-has the shape Label Studio stores (see LABEL_STUDIO.md): ``from_name``, ``to_name``, ``type``,
+has the shape Label Studio stores (docs/label-studio.md, "Payloads"): ``from_name``, ``to_name``, ``type``,
 ``original_width/height``, ``image_rotation``, ``value``, ``score``.
 """
 
@@ -41,8 +41,8 @@ def _base(target: Target, height: int, width: int, kind: str, score: float) -> d
 
 def brush_region(target: Target, label: str, mask: np.ndarray, score: float) -> dict[str, Any]:
     """One ``brushlabels`` region for a (H, W) bool mask."""
-    region = _base(target, mask.shape[0], mask.shape[1], "brushlabels", score)
-    region["value"] = {"format": "rle", "rle": mask_to_brush_rle(mask), "brushlabels": [label]}
+    region = _base(target, mask.shape[0], mask.shape[1], target.result_type, score)
+    region["value"] = {"format": "rle", "rle": mask_to_brush_rle(mask), target.result_type: [label]}
     return region
 
 
@@ -51,9 +51,9 @@ def polygon_regions(target: Target, label: str, mask: np.ndarray, score: float) 
     height, width = mask.shape
     regions = []
     for poly in mask_to_polygons(mask):
-        region = _base(target, height, width, "polygonlabels", score)
+        region = _base(target, height, width, target.result_type, score)
         points = points_to_percent(poly, height, width)
-        region["value"] = {"points": np.round(points, 3).tolist(), "closed": True, "polygonlabels": [label]}
+        region["value"] = {"points": np.round(points, 3).tolist(), "closed": True, target.result_type: [label]}
         regions.append(region)
     return regions
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from .errors import ImageFetchError
+from .uris import CLOUD_SCHEMES
 
 __all__ = [
     "CLOUD_SCHEMES",
@@ -32,8 +33,6 @@ __all__ = [
     "display",
 ]
 
-#: URI schemes of Label Studio's cloud storages, resolved by Label Studio's presign endpoint.
-CLOUD_SCHEMES = ("s3", "gs", "gcs", "azure-blob")
 
 #: Label Studio's routes that serve task media, the only paths fetched from Label Studio (with its
 #: credentials): uploads, Local Storage files, and the per-task presign endpoint of cloud storages.

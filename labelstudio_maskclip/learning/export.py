@@ -22,9 +22,8 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
@@ -38,13 +37,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "CocoError",
-    "PredictedMask",
     "image_file_name",
     "export_coco",
+    "SampleSource",
     "write_coco",
     "export_semantic_pngs",
-    "predictions_to_coco_results",
-    "evaluate_segmentation",
     "run_export",
     "IGNORE_INDEX",
 ]
@@ -56,16 +53,6 @@ IGNORE_INDEX = IGNORE
 
 class CocoError(ValueError):
     """An input cannot be exported to COCO; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class PredictedMask:
-    """One model prediction to score: ``mask`` is ``(H, W)`` bool, ``score`` in 0..1."""
-
-    image_id: int
-    label: str
-    mask: np.ndarray
-    score: float
 
 
 # --- export ----------------------------------------------------------------------------------------------
@@ -145,14 +132,19 @@ def _coco_annotations(
     return out
 
 
-def _samples(source: Store | Iterable[Sample]) -> Iterable[Sample]:
-    from .store import Store
+@runtime_checkable
+class SampleSource(Protocol):
+    """Where accepted masks come from: the :class:`~labelstudio_maskclip.learning.store.Store`."""
 
-    return source.accepted_samples() if isinstance(source, Store) else source
+    def accepted_samples(self, project: int | None = None) -> Iterator[Sample]: ...
+
+
+def _samples(source: SampleSource | Iterable[Sample]) -> Iterable[Sample]:
+    return source.accepted_samples() if isinstance(source, SampleSource) else source
 
 
 def export_coco(
-    source: Store | Iterable[Sample],
+    source: SampleSource | Iterable[Sample],
     categories: Sequence[str],
     *,
     mode: Mode = "instance",
@@ -210,7 +202,7 @@ def write_coco(coco: Mapping[str, Any], path: str | Path) -> Path:
 
 
 def export_semantic_pngs(
-    source: Store | Iterable[Sample],
+    source: SampleSource | Iterable[Sample],
     categories: Sequence[str],
     out_dir: str | Path,
 ) -> list[Path]:
@@ -267,63 +259,3 @@ def run_export(
     if png_dir is not None:
         summary["pngs"] = len(export_semantic_pngs(store.accepted_samples(project), categories, png_dir))
     return summary
-
-
-# --- evaluation --------------------------------------------------------------------------------------
-
-
-def predictions_to_coco_results(
-    predictions: Iterable[PredictedMask],
-    categories: Sequence[str],
-    *,
-    mode: Mode = "instance",
-) -> list[dict[str, Any]]:
-    """Model masks -> a COCO results list (``image_id``, ``category_id``, ``segmentation`` RLE, ``score``).
-
-    ``image_id`` must be the ground truth's image id (the task id in :func:`export_coco`); use the same
-    ``mode`` as the ground truth export. In instance mode every region inherits its mask's score. Labels
-    not in ``categories`` and empty masks are left out.
-    """
-    category_ids = {name: index + 1 for index, name in enumerate(categories)}
-    results: list[dict[str, Any]] = []
-    for prediction in predictions:
-        annotations = _coco_annotations(
-            int(prediction.image_id), {prediction.label: prediction.mask}, category_ids, mode, False, first_id=1
-        )
-        for annotation in annotations:
-            results.append(
-                {
-                    "image_id": annotation["image_id"],
-                    "category_id": annotation["category_id"],
-                    "segmentation": annotation["segmentation"],
-                    "score": float(prediction.score),
-                }
-            )
-    return results
-
-
-_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-
-
-def evaluate_segmentation(ground_truth: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Score COCO results against a COCO ground-truth dict with ``COCOeval(iouType="segm")``.
-
-    Returns the 12 standard figures by name (``AP``, ``AP50``, ... ``ARl``); -1 means "no such objects".
-    """
-    import contextlib
-
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    if not results:
-        raise CocoError("no predictions to evaluate: COCO results list is empty")
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        gt = COCO()
-        gt.dataset = json.loads(json.dumps(ground_truth))
-        gt.createIndex()
-        dt = gt.loadRes(json.loads(json.dumps(list(results))))
-        evaluator = COCOeval(gt, dt, iouType="segm")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return {name: float(value) for name, value in zip(_STAT_NAMES, evaluator.stats)}

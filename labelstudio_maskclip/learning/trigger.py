@@ -24,21 +24,30 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Protocol
 
+from ..engine.names import ClassNames, format_label_spec
 from ..settings import ENV, Settings
 
 __all__ = [
+    "AnnotationCounter",
     "LOCK_FILE",
     "acquire_training_lock",
-    "training_running",
     "request_training",
     "should_train",
-    "maybe_train",
     "maybe_interval",
 ]
 
 log = logging.getLogger(__name__)
+
+
+class AnnotationCounter(Protocol):
+    """What the training rules read from the store (:class:`~labelstudio_maskclip.learning.store.Store`)."""
+
+    def count_since_last_training(self, project: int | None = None) -> int:
+        """Annotations stored or changed since the last finished training (of ``project``, or any)."""
+        ...
+
 
 LOCK_FILE = "train.lock"
 _STAMP = "train.last"  # mtime = when the last training was started by a trigger
@@ -61,15 +70,6 @@ def acquire_training_lock(model_dir: str | Path) -> IO[str] | None:
     return f
 
 
-def training_running(model_dir: str | Path) -> bool:
-    """True while a trainer process holds the lock."""
-    f = acquire_training_lock(model_dir)
-    if f is None:
-        return True
-    f.close()
-    return False
-
-
 def _settings_env(settings: Settings) -> dict[str, str]:
     """The environment that makes ``Settings.from_env()`` in the child equal ``settings``."""
     env = dict(os.environ)
@@ -79,17 +79,13 @@ def _settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def _class_arg(classes: Sequence[Any]) -> str:
-    return ",".join(c if isinstance(c, str) else "|".join(c) for c in classes)
-
-
 def request_training(
     settings: Settings,
     reason: str,
     *,
-    classes: Sequence[Any] | None = None,
+    classes: Sequence[ClassNames] | None = None,
     values: Sequence[str] | None = None,
-    background: Sequence[Any] = (),
+    background: Sequence[ClassNames] = (),
     project: int | None = None,
 ) -> bool:
     """Start a detached trainer unless one is running. Returns True if started. Takes milliseconds.
@@ -113,7 +109,7 @@ def request_training(
 
             cmd += ["--classes-json", classes_json(classes, values)]
         if background:
-            cmd += ["--background", _class_arg(background)]
+            cmd += ["--background", format_label_spec(background)]
         if project is not None:
             cmd += ["--project", str(project)]
         with open(log_path, "ab") as out:
@@ -129,18 +125,21 @@ def request_training(
     return True
 
 
-def should_train(settings: Settings, store: Any, project: int | None = None) -> bool:
+def should_train(settings: Settings, store: AnnotationCounter, project: int | None = None) -> bool:
     """The every-N rule: ``train_every_n`` > 0 and at least that many annotations since the last training."""
     n = settings.train_every_n
     return n > 0 and store.count_since_last_training(project) >= n
 
 
-def maybe_train(settings: Settings, store: Any, reason: str = "new annotations", **kwargs: Any) -> bool:
-    """For the webhook: :func:`request_training` when :func:`should_train`. Returns True if started."""
-    return should_train(settings, store, kwargs.get("project")) and request_training(settings, reason, **kwargs)
-
-
-def maybe_interval(settings: Settings, store: Any, *, now: float | None = None, **kwargs: Any) -> bool:
+def maybe_interval(
+    settings: Settings,
+    store: AnnotationCounter,
+    *,
+    now: float | None = None,
+    classes: Sequence[ClassNames] | None = None,
+    background: Sequence[ClassNames] = (),
+    project: int | None = None,
+) -> bool:
     """The interval rule: ``train_interval_minutes`` > 0, that long since a trigger last started training
     (or never), and at least one annotation since the last training. Returns True if started."""
     minutes = settings.train_interval_minutes
@@ -151,6 +150,7 @@ def maybe_interval(settings: Settings, store: Any, *, now: float | None = None, 
     now = time.time() if now is None else now
     if last is not None and now - last < minutes * 60:
         return False
-    if store.count_since_last_training(kwargs.get("project")) == 0:
+    if store.count_since_last_training(project) == 0:
         return False
-    return request_training(settings, f"interval {minutes:g} min", **kwargs)
+    reason = f"interval {minutes:g} min"
+    return request_training(settings, reason, classes=classes, background=background, project=project)

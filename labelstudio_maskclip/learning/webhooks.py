@@ -1,6 +1,6 @@
 """Label Studio webhook events -> store operations (pure of HTTP).
 
-:func:`handle_event` takes a webhook body (see ``LABEL_STUDIO.md``) and a :class:`~.store.Store`:
+:func:`handle_event` takes a webhook body (docs/label-studio.md, "Webhooks") and a :class:`~.store.Store`:
 
 - ``ANNOTATION_CREATED`` / ``ANNOTATION_UPDATED``: every ``brushlabels`` region (``value.rle``, Label
   Studio's brush RLE at ``original_height`` x ``original_width``) is decoded and every ``polygonlabels``
@@ -34,11 +34,12 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from ..labelstudio.labeling import LabelConfigError, parse_label_config
+from ..labelstudio.uris import IMAGE_URI_PREFIXES
 from ..masks import polygons as _polygons
 from .store import AnnotationWrite, Store, TaskRecord
 
@@ -50,6 +51,7 @@ __all__ = [
     "image_reference",
     "backfill_from_export",
     "backfill_from_api",
+    "ProjectReader",
     "MASK_TYPES",
     "MAX_PIXELS",
     "MAX_REGIONS",
@@ -83,7 +85,6 @@ DECODE_SLOTS = 2
 _decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
 _MAX_PERCENT_OFFSET = 1000.0  # polygon points further than this from the image centre (in %) are refused
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-_IMAGE_PREFIXES = ("http://", "https://", "s3://", "gs://", "azure-blob://", "/data/", "data:image/")
 
 
 class CollectError(ValueError):
@@ -179,7 +180,7 @@ def _author(value: Any) -> str | None:
 
 def _looks_like_image(value: str) -> bool:
     lowered = value.lower().split("?", 1)[0]
-    return value.startswith(_IMAGE_PREFIXES) or lowered.endswith(_IMAGE_SUFFIXES) or "/data/local-files/" in value
+    return value.startswith(IMAGE_URI_PREFIXES) or lowered.endswith(_IMAGE_SUFFIXES) or "/data/local-files/" in value
 
 
 def image_reference(data: Mapping[str, Any], key: str | None = None) -> str | None:
@@ -631,7 +632,18 @@ def backfill_from_export(
     return _backfill_tasks(tasks, store, label_config, project_id, image_key)
 
 
-def backfill_from_api(client: Any, project_id: int, store: Store, *, image_key: str | None = None) -> BackfillResult:
+class ProjectReader(Protocol):
+    """The two Label Studio reads a backfill needs (:class:`~labelstudio_maskclip.labelstudio.api.LabelStudioAPI`
+    is one): ``GET /api/projects/{id}`` and every task of the project with its annotations and predictions."""
+
+    def project(self, project_id: int) -> Mapping[str, Any]: ...
+
+    def tasks(self, project_id: int) -> Iterable[Mapping[str, Any]]: ...
+
+
+def backfill_from_api(
+    client: ProjectReader, project_id: int, store: Store, *, image_key: str | None = None
+) -> BackfillResult:
     """Backfill from a running Label Studio: the project's labeling config, then every task with its
     annotations and predictions, each through :func:`handle_event` (see :func:`backfill_from_export`).
 

@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TrainJob", "parse_classes", "classes_json", "classes_from_json"]
+from ..engine.names import normalize_classes
+
+__all__ = ["TrainJob", "class_key", "classes_json", "classes_from_json"]
 
 
 @dataclass(frozen=True)
@@ -30,14 +32,10 @@ class TrainJob:
 
 
 def class_key(classes: Sequence[Any]) -> tuple[tuple[str, ...], ...]:
-    """Classes (names or synonym tuples) -> a comparable tuple of name tuples."""
-    return tuple((c,) if isinstance(c, str) else tuple(c) for c in classes)
-
-
-def parse_classes(text: str | None) -> tuple[tuple[str, ...], ...]:
-    """``"car|automobile,person"`` -> (("car", "automobile"), ("person",))."""
-    parts = (text or "").split(",")
-    return tuple(tuple(n.strip() for n in part.split("|") if n.strip()) for part in parts if part.strip())
+    """Classes (names or synonym tuples) -> a comparable tuple of name tuples, names normalised the one way
+    the engine normalises them (:func:`~labelstudio_maskclip.engine.names.normalize_classes`); ``()`` stays
+    ``()``."""
+    return normalize_classes(classes) if len(classes) else ()
 
 
 def classes_json(classes: Sequence[Any], values: Sequence[str] | None = None) -> str:

@@ -1,6 +1,6 @@
 """The MaskCLIP+ student: a segmentation network whose classifier is CLIP's class text embeddings.
 
-Inference side only (never imports the trainer). Architecture (METHOD.md section 2):
+Inference side only (never imports the trainer). Architecture (docs/method.md, section 3):
 
     pixels (B, 3, H, W), ImageNet-normalised
       -> trunk + head (DeepLabv3 ASPP on a dilated ResNet, output stride 8; LR-ASPP on MobileNetV3; or a
@@ -19,16 +19,20 @@ answer a request for given labels, and :meth:`StudentModel.segment` returns the 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.names import ClassNames
 from .job import class_key
+
+if TYPE_CHECKING:
+    from ..engine.segmenter import Segmentation, SegmentOptions
 
 __all__ = [
     "STUDENTS",
@@ -215,8 +219,8 @@ class StudentModel:
     def __init__(
         self,
         net: StudentNet,
-        classes: Sequence[Any],
-        background: Sequence[Any] = (),
+        classes: Sequence[ClassNames],
+        background: Sequence[ClassNames] = (),
         *,
         version: str = "",
         meta: dict[str, Any] | None = None,
@@ -240,14 +244,14 @@ class StudentModel:
         """The label names (first name of each class), in class order."""
         return [c[0] for c in self.classes]
 
-    def serves(self, classes: Sequence[Any], background: Sequence[Any] = ()) -> bool:
+    def serves(self, classes: Sequence[ClassNames], background: Sequence[ClassNames] = ()) -> bool:
         """True when a request for ``classes`` (+ ``background``) can be answered by this student: the same
         classes and background classes, in any order."""
         return sorted(class_key(classes)) == sorted(self.classes) and sorted(class_key(background)) == sorted(
             self.background
         )
 
-    def _order(self, classes: Sequence[Any], background: Sequence[Any]) -> list[int]:
+    def _order(self, classes: Sequence[ClassNames], background: Sequence[ClassNames]) -> list[int]:
         """Channel indices putting the student's outputs in the request's class order."""
         mine = self.classes + self.background
         return [mine.index(c) for c in class_key(classes) + class_key(background)]
@@ -264,17 +268,17 @@ class StudentModel:
     def segment(
         self,
         images: Sequence[np.ndarray],
-        classes: Sequence[Any] | None = None,
-        background: Sequence[Any] | None = None,
-        opts: Any = None,
-        progress=None,
-    ) -> list:
+        classes: Sequence[ClassNames] | None = None,
+        background: Sequence[ClassNames] | None = None,
+        opts: SegmentOptions | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Segmentation]:
         """Segment (H, W, 3) uint8 RGB images like :meth:`MaskCLIP.segment` does.
 
         ``classes``/``background``: the request's labels, in its order; they must be the checkpoint's up to
-        order (else :class:`LabelMismatchError`); None means the checkpoint's. ``opts``: a
-        :class:`~labelstudio_maskclip.engine.segmenter.SegmentOptions` (or anything with ``short_side``,
-        ``min_confidence`` and ``batch_size``); dense mode, windows, refinements and temperature are CLIP
+        order (else :class:`LabelMismatchError`); None means the checkpoint's. ``opts``: the
+        :class:`~labelstudio_maskclip.engine.segmenter.SegmentOptions` whose ``short_side``, ``size_multiple``,
+        ``min_confidence`` and ``batch_size`` apply; dense mode, windows, refinements and temperature are CLIP
         options and do not apply. Returns ``list[Segmentation]``.
         """
         from ..engine.segmenter import SegmentOptions, normalized_batch, resized_size, segment_in_batches
@@ -292,16 +296,11 @@ class StudentModel:
         return segment_in_batches(
             images,
             lambda h, w: resized_size(
-                h,
-                w,
-                opts.short_side,
-                self.net.stride,
-                getattr(opts, "size_multiple", 0),
-                getattr(opts, "max_input_pixels", 0),
-            ),  # fmt: skip
+                h, w, opts.short_side, self.net.stride, opts.size_multiple, opts.max_input_pixels
+            ),
             lambda batch, size: self.grid_probs(normalized_batch(batch, size, self._mean, self._std))[:, order],
             n_labels=len(self.classes),
-            batch_size=int(getattr(opts, "batch_size", 8)),
+            batch_size=opts.batch_size,
             min_confidence=opts.min_confidence,
             progress=progress,
             score=getattr(opts, "score", "confidence"),

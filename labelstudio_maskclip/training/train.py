@@ -35,11 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..engine.names import parse_label_spec
 from ..settings import Settings
 from .checkpoints import promote as promote_checkpoint
 from .curves import plot_curves
 from .data import ImageLoader, Prepared, TrainingStore, default_classes, label_index, mark_trained, prepare, read_store
-from .job import TrainJob, classes_from_json, parse_classes
+from .job import TrainJob, classes_from_json
 from .loop import Dist, Loop, RunState, TrainError, save_resume
 from .student import StudentModel, StudentNet, class_key
 from .teacher import CLIPTeacher, Teacher
@@ -303,7 +304,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     s = Settings.from_env(train_steps=args.steps or None)
     logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    classes, values = parse_classes(args.labels) or None, None
+    classes, values = parse_label_spec(args.labels) or None, None
     if args.classes_json:
         try:
             classes, values = classes_from_json(args.classes_json)
@@ -312,7 +313,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     job = TrainJob(
         classes=classes,
         values=values,
-        background=parse_classes(args.background),
+        background=parse_label_spec(args.background),
         project=args.project,
         resume=args.resume,
         progress=not args.service,
