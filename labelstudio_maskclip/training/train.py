@@ -1,6 +1,6 @@
 """MaskCLIP+ training: distil the MaskCLIP teacher (plus people's masks) into a student, validate, promote.
 
-One run (METHOD.md section 2), each stage in its module:
+One run (docs/method.md, section 3), each stage in its module:
 
 1. Data (:mod:`.data`): accepted samples (image + per-label masks) and the unlabeled pool from the store,
    images fetched once and cached under ``MODEL_DIR/cache/``, a fixed share of the people's masks held out
