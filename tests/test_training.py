@@ -16,7 +16,7 @@ from labelstudio_maskclip.evaluation import evaluate as ev
 from labelstudio_maskclip.evaluation import metrics
 from labelstudio_maskclip.evaluation.metrics import IGNORE
 from labelstudio_maskclip.learning.store import AnnotationWrite, Store, TaskRecord
-from labelstudio_maskclip.learning.trigger import training_running
+from labelstudio_maskclip.learning.trigger import acquire_training_lock
 from labelstudio_maskclip.settings import Settings
 from labelstudio_maskclip.training import checkpoints as ck
 from labelstudio_maskclip.training import data as td
@@ -404,7 +404,9 @@ def test_cli_train_hands_the_trainer_a_settings_object_and_leaves_the_environmen
     assert s.model_dir == str(tmp_path)
     assert seen["classes"] == (("car", "automobile"), ("dog",)) and seen["background"] == (("sky",),)
     assert seen["project"] == 3 and seen["resume"] is None
-    assert not training_running(tmp_path)
+    lock = acquire_training_lock(tmp_path)  # the in-process run released the training lock
+    assert lock is not None
+    lock.close()
 
 
 SECRETS = {"label_studio_api_key": "lsk-0123456789-secret", "basic_auth_pass": "pw-9876543210-secret"}
