@@ -77,14 +77,14 @@ def test_label_config_synonyms_use_the_same_normaliser():
 def test_cli_train_detach_passes_parsed_classes(monkeypatch, tmp_path):
     seen = {}
 
-    def fake_request(settings, reason, *, classes=None, project=None):
-        seen.update(classes=classes, project=project)
+    def fake_request(settings, reason, *, classes=None, background=(), project=None):
+        seen.update(classes=classes, background=background, project=project)
         return True
 
     monkeypatch.setattr("labelstudio_maskclip.learning.trigger.request_training", fake_request)
     monkeypatch.setenv("MODEL_DIR", str(tmp_path))
     assert cli.main(["train", "--detach", "--labels", " car | automobile, dog ", "--project", "4"]) == 0
-    assert seen == {"classes": (("car", "automobile"), ("dog",)), "project": 4}
+    assert seen == {"classes": (("car", "automobile"), ("dog",)), "background": (), "project": 4}
 
 
 def test_dense_modes_have_one_list():

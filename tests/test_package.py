@@ -12,7 +12,10 @@ from pathlib import Path
 import labelstudio_maskclip
 
 PACKAGE = Path(labelstudio_maskclip.__file__).parent
-MODULES = sorted(m.name for m in pkgutil.walk_packages(labelstudio_maskclip.__path__) if not m.ispkg)
+_PREFIX = "labelstudio_maskclip."
+MODULES = sorted(  # every module of every subpackage, e.g. "engine.segmenter"
+    m.name.removeprefix(_PREFIX) for m in pkgutil.walk_packages(labelstudio_maskclip.__path__, _PREFIX) if not m.ispkg
+)
 SUBPACKAGES = sorted(m.name for m in pkgutil.iter_modules(labelstudio_maskclip.__path__) if m.ispkg)
 
 

@@ -278,7 +278,7 @@ def test_a_student_trained_for_other_labels_is_not_served(settings, tmp_path, tr
     version = _promote_tiny_student(tmp_path, trained_for)
     client = create_app(other, warm=False).test_client()
     assert client.post("/setup", json={"schema": BRUSH}).get_json()["model_version"].startswith("maskclip-")
-    tasks = [{"id": 1, "data": {"image": "/photo.jpg"}}]
+    tasks = [{"id": 1, "data": {"image": "/data/upload/photo.jpg"}}]
     body = client.post("/predict", json={"tasks": tasks, "label_config": BRUSH}).get_json()
     assert body["model_version"].startswith("maskclip-") and body["model_version"] != version
     assert body["results"][0]["result"] and body["errors"] == []
@@ -289,7 +289,7 @@ def test_a_student_trained_for_the_projects_labels_is_served(settings, tmp_path)
     version = _promote_tiny_student(tmp_path, list(reversed(BRUSH_CLASSES)))  # order does not matter
     client = create_app(other, warm=False).test_client()
     assert client.post("/setup", json={"schema": BRUSH}).get_json()["model_version"] == version
-    tasks = [{"id": 1, "data": {"image": "/photo.jpg"}}]
+    tasks = [{"id": 1, "data": {"image": "/data/upload/photo.jpg"}}]
     body = client.post("/predict", json={"tasks": tasks, "label_config": BRUSH}).get_json()
     assert body["model_version"] == version and body["results"][0]["model_version"] == version
     labels = {r["value"]["brushlabels"][0] for r in body["results"][0]["result"]}

@@ -239,7 +239,7 @@ def test_interval_rule_fires_when_due_and_something_is_new(setup, monkeypatch):
     stamp = model_dir / "train.last"
     assert not stamp.exists()  # no trigger ever started a training: due as soon as something is new
     assert trigger.maybe_interval(s2, store, classes=[("cat",)], project=None)
-    assert started == [("interval 10 min", {"classes": [("cat",)], "background": (), "project": None})]
+    assert started == [("interval 10 min", {"classes": [("cat",)], "values": None, "background": (), "project": None})]
     stamp.touch()
     last = stamp.stat().st_mtime
     assert trigger.maybe_interval(s2, store, now=last + 9 * 60) is False  # 9 min < 10 min
@@ -251,7 +251,7 @@ def test_interval_rule_fires_when_due_and_something_is_new(setup, monkeypatch):
     s3 = s2.replace(train_interval_minutes=0.5)
     assert not trigger.maybe_interval(s3, store, now=last + 31, project=7)  # nothing new in project 7
     assert trigger.maybe_interval(s3, store, now=last + 31, background=["sky"])
-    assert started[-1] == ("interval 0.5 min", {"classes": None, "background": ["sky"], "project": None})
+    assert started[-1] == ("interval 0.5 min", {"classes": None, "values": None, "background": ["sky"], "project": None})
 
 
 class _FakeTrainer:

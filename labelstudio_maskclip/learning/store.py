@@ -464,19 +464,23 @@ class Store:
     def _record_outcomes(conn: sqlite3.Connection, write: AnnotationWrite) -> str:
         """For a write whose content is already stored: ``duplicate``, or ``outcomes`` after replacing the
         stored outcomes with the write's when it knows them and they differ."""
-        if write.accepted_unchanged is None or write.cancelled:
+        if write.cancelled or (write.accepted_unchanged is None and not write.outcomes):
             return "duplicate"  # prediction unknown here: whatever was learnt about it stays
         stored = conn.execute("SELECT accepted_unchanged FROM annotations WHERE id = ?", (write.id,)).fetchone()[0]
         known = conn.execute(
             "SELECT region_id, label, outcome FROM outcomes WHERE annotation_id = ?", (write.id,)
         ).fetchall()
         new = sorted({tuple(o) for o in write.outcomes})
-        if stored is not None and bool(stored) == bool(write.accepted_unchanged) and sorted(known) == new:
-            return "duplicate"
-        conn.execute(
-            "UPDATE annotations SET accepted_unchanged = ? WHERE id = ?",
-            (int(bool(write.accepted_unchanged)), write.id),
+        same_flag = write.accepted_unchanged is None or (
+            stored is not None and bool(stored) == bool(write.accepted_unchanged)
         )
+        if same_flag and sorted(known) == new:
+            return "duplicate"
+        if write.accepted_unchanged is not None:
+            conn.execute(
+                "UPDATE annotations SET accepted_unchanged = ? WHERE id = ?",
+                (int(bool(write.accepted_unchanged)), write.id),
+            )
         conn.execute("DELETE FROM outcomes WHERE annotation_id = ?", (write.id,))
         conn.executemany(
             "INSERT INTO outcomes(annotation_id, region_id, label, outcome) VALUES (?, ?, ?, ?)",

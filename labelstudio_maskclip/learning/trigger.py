@@ -137,6 +137,7 @@ def maybe_interval(
     *,
     now: float | None = None,
     classes: Sequence[ClassNames] | None = None,
+    values: Sequence[str] | None = None,
     background: Sequence[ClassNames] = (),
     project: int | None = None,
 ) -> bool:
@@ -153,4 +154,4 @@ def maybe_interval(
     if store.count_since_last_training(project) == 0:
         return False
     reason = f"interval {minutes:g} min"
-    return request_training(settings, reason, classes=classes, background=background, project=project)
+    return request_training(settings, reason, classes=classes, values=values, background=background, project=project)
