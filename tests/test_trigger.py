@@ -251,7 +251,10 @@ def test_interval_rule_fires_when_due_and_something_is_new(setup, monkeypatch):
     s3 = s2.replace(train_interval_minutes=0.5)
     assert not trigger.maybe_interval(s3, store, now=last + 31, project=7)  # nothing new in project 7
     assert trigger.maybe_interval(s3, store, now=last + 31, background=["sky"])
-    assert started[-1] == ("interval 0.5 min", {"classes": None, "values": None, "background": ["sky"], "project": None})
+    assert started[-1] == (
+        "interval 0.5 min",
+        {"classes": None, "values": None, "background": ["sky"], "project": None},
+    )
 
 
 class _FakeTrainer:
