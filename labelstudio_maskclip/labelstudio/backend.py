@@ -391,7 +391,6 @@ def _short(task: Any) -> str:
     return url if len(url) <= 80 else url[:77] + "..."
 
 
-@functools.lru_cache(maxsize=8)
 def _images_that_fit(deadline: float, per_image: float, wanted: int) -> int:
     """How many of ``wanted`` images the time left until ``deadline`` holds at ``per_image`` seconds each
     (all of them before the first measurement, or without a deadline)."""
