@@ -15,7 +15,7 @@
 #   3. /predict end to end through gunicorn (ViT-B/16, 4 workers, photos from a loopback file host):
 #      single-task p50 and tasks/s with concurrent clients;
 #   4. the host side per image per core (model replaced by a stand-in), to see whether the CPUs keep up.
-# Targets (issue 11): segment path >= 1,500 images/s (bf16, batch 64, 21 labels), end to end >= 800 tasks/s,
+# Targets: segment path >= 1,500 images/s (bf16, batch 64, 21 labels), end to end >= 800 tasks/s,
 # single task p50 < 30 ms. The log goes to OUTPUT_DIR/gpu_check.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
