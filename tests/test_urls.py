@@ -110,7 +110,7 @@ def test_credentials_go_only_to_label_studio_exact_origin(two, template):
 
 
 def test_the_reported_bypass_sends_nothing_anywhere(two):
-    """Issue 10 item 1, as reported: with LABEL_STUDIO_URL on one port, a URL whose urllib.parse host is
+    """The reported bypass: with LABEL_STUDIO_URL on one port, a URL whose urllib.parse host is
     Label Studio but whose connection goes to another port."""
     ls_port, evil_port, state, evil = two
     base = f"http://127.0.0.1:{ls_port}"
