@@ -19,10 +19,14 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable, Hashable
-from typing import Any
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["FollowUps", "MAX_PENDING"]
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+__all__ = ["FollowUps", "MAX_PENDING", "ParentPredictionCheck", "record_parent_prediction"]
 
 log = logging.getLogger(__name__)
 
@@ -110,3 +114,60 @@ class FollowUps:
             except Exception:
                 log.exception("follow-up %s failed", key)
             self.done += 1
+
+
+_MAX_KEPT_CONFIG = 65_536  # a longer labeling config is fetched again by the follow-up
+_KEPT_FIELDS = ("id", "task", "project", "completed_by", "ground_truth", "was_cancelled", "parent_prediction",
+                "created_at", "updated_at")  # fmt: skip
+
+
+def _small(value: Any, depth: int = 0) -> bool:
+    """A scalar, a short string, or a small object of those (the author): kept in a queued follow-up."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return True
+    if isinstance(value, str):
+        return len(value) <= 256
+    return isinstance(value, Mapping) and depth == 0 and len(value) <= 16 and all(_small(v, 1) for v in value.values())
+
+
+@dataclass(frozen=True)
+class ParentPredictionCheck:
+    """A queued follow-up (small: no masks): fetch the annotation's current result and its parent
+    prediction from Label Studio, and store them together, which records per-label outcomes."""
+
+    annotation_id: int
+    prediction_id: int
+    task: int | None
+    project: int | None
+    label_config: str | None
+    fields: Mapping[str, Any]  # the webhook's annotation fields but the result (author, flags, timestamps)
+
+
+def record_parent_prediction(rt: Runtime, check: ParentPredictionCheck) -> None:
+    """Follow-up: GET the annotation and its parent prediction, then store them through the webhook rules:
+    the same content only gains its outcomes (the change counter does not move, see
+    :meth:`~..learning.store.Store.put_annotation`); an update that arrived meanwhile wins (stale)."""
+    from ..learning.webhooks import handle_event
+    from .api import LabelStudioAPI
+
+    api = LabelStudioAPI(rt.fetcher, timeout=rt.settings.download_timeout)
+    annotation = api.request("GET", f"/api/annotations/{check.annotation_id}")
+    prediction = api.request("GET", f"/api/predictions/{check.prediction_id}")
+    if not isinstance(annotation, Mapping) or not isinstance(prediction, Mapping):
+        log.warning("annotation %s: Label Studio gave no annotation or prediction object", check.annotation_id)
+        return
+    config = check.label_config
+    if config is None and check.project is not None:
+        project = api.request("GET", f"/api/projects/{check.project}")
+        config = project.get("label_config") if isinstance(project, Mapping) else None
+    fields = dict(check.fields)
+    fields.update({k: annotation[k] for k in ("result", "updated_at", "was_cancelled") if k in annotation})
+    event = {
+        "action": "ANNOTATION_UPDATED",
+        "annotation": {**fields, "prediction": prediction},
+        "task": {"id": check.task if check.task is not None else annotation.get("task")},
+        "project": {"id": check.project, "label_config": config},
+    }
+    result = handle_event(event, rt.store)
+    log.info("annotation %s compared with its prediction %s: %s", check.annotation_id, check.prediction_id,
+             result.status)  # fmt: skip

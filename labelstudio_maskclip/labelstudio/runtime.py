@@ -1,0 +1,308 @@
+"""The process-wide runtime of the backend: heavy objects built once per process and settings.
+
+Label Studio's convention builds a backend object per request (:mod:`.backend`); what is heavy lives here,
+created lazily: the CLIP teacher (loaded in the background, waited for within a request's deadline), its
+text embeddings (prepared in the background, kept under ``MODEL_DIR``), the promoted student, the image
+fetcher, the annotation store, the webhook follow-up queue and the interactive feature cache; and the
+measured time per image that the request deadline plans with.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from ..engine.names import ClassNames
+from ..settings import Settings
+
+if TYPE_CHECKING:
+    from ..engine.segmenter import MaskCLIP, Segmentation, SegmentOptions
+    from ..learning.store import Store
+    from ..training.student import StudentModel
+    from .images import ImageFetcher
+
+__all__ = ["Runtime", "runtime", "Segmenter", "remaining", "resolved_device", "embedding_identity", "WARMUP_LABELS"]
+
+log = logging.getLogger(__name__)
+
+WARMUP_LABELS = 21  # labels of the warm-up batch (embeddings made up: the text tower is not needed)
+
+
+class Segmenter(Protocol):
+    """A model that answers /predict: the MaskCLIP teacher (:class:`~labelstudio_maskclip.engine.segmenter.MaskCLIP`)
+    or a promoted student (:class:`~labelstudio_maskclip.training.student.StudentModel`)."""
+
+    def segment(
+        self,
+        images: Sequence[np.ndarray],
+        classes: Sequence[ClassNames],
+        background: Sequence[ClassNames] = (),
+        opts: SegmentOptions = ...,
+        progress: Any = None,
+    ) -> list[Segmentation]: ...
+
+
+@dataclass
+class Runtime:
+    """Process-wide heavy objects, created lazily on first use."""
+
+    settings: Settings
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _fetcher: ImageFetcher | None = None
+    _store: Store | None = None
+    _student: tuple[str, StudentModel | None] | None = None  # (version, model or None if it cannot load)
+    _followups: Any = None  # webhook follow-ups (Label Studio API calls): a bounded queue, one thread
+    _features: Any = None  # interactive prompting: per-image pixels and dense features (FeatureCache)
+    _embeddings: Any = None  # EmbeddingStore of the teacher
+    _preparer: Any = None  # one thread that hands label sets to the store (off the /setup thread)
+    _teacher_ready: threading.Event = field(default_factory=threading.Event)
+    _teacher_loader: threading.Thread | None = None
+    _teacher_error: BaseException | None = None
+    _per_image: dict[str, float] = field(default_factory=dict)  # seconds per image by model version
+
+    @property
+    def followups(self):
+        """The process's :class:`~.followups.FollowUps` (bounded; drops with a logged reason when full)."""
+        with self._lock:
+            if self._followups is None:
+                from .followups import FollowUps, record_parent_prediction
+
+                self._followups = FollowUps(functools.partial(record_parent_prediction, self))
+            return self._followups
+
+    @property
+    def fetcher(self) -> ImageFetcher:
+        with self._lock:
+            if self._fetcher is None:
+                from .images import ImageFetcher
+
+                self._fetcher = ImageFetcher.from_settings(self.settings)
+            return self._fetcher
+
+    @property
+    def features(self):
+        with self._lock:
+            if self._features is None:
+                from .interactive import FeatureCache
+
+                self._features = FeatureCache(self.settings.interactive_cache_mb * 2**20)
+            return self._features
+
+    @property
+    def store(self) -> Store:
+        with self._lock:
+            if self._store is None:
+                from ..learning.store import Store
+
+                self._store = Store(Path(self.settings.model_dir))
+            return self._store
+
+    def store_damage(self) -> str:
+        """What is wrong with the store and how to recover; "" when intact or not opened yet (not opened
+        here: opening checks the whole file)."""
+        store = self._store
+        return store.damage_message() if store is not None else ""
+
+    @property
+    def teacher(self) -> MaskCLIP:
+        """The MaskCLIP teacher, loaded here if needed (blocking; see :meth:`teacher_within`)."""
+        from ..models import shared_maskclip
+
+        return shared_maskclip(self.settings)
+
+    # -- the teacher within a deadline ---------------------------------------------------------------
+    def start_teacher(self) -> None:
+        """Start loading the teacher in a background thread (once per process)."""
+        with self._lock:
+            if self._teacher_loader is None:
+                self._teacher_loader = threading.Thread(target=self._load_teacher, name="model-load", daemon=True)
+                self._teacher_loader.start()
+
+    def _load_teacher(self) -> None:
+        try:
+            _ = self.teacher
+        except BaseException as e:  # kept for /predict and /health
+            self._teacher_error = e
+        finally:
+            self._teacher_ready.set()
+
+    def teacher_within(self, deadline: float):
+        """The teacher if it is loaded by ``deadline`` (``time.monotonic()`` seconds; inf: wait as long as it
+        takes), else None. Raises what loading raised."""
+        self.start_teacher()
+        if not self._teacher_ready.wait(remaining(deadline)):
+            return None
+        if self._teacher_error is not None:
+            raise self._teacher_error
+        return self.teacher
+
+    # -- text embeddings, prepared in the background -------------------------------------------------
+    @property
+    def embeddings(self):
+        """The teacher's :class:`~labelstudio_maskclip.embeddings.EmbeddingStore` (under MODEL_DIR)."""
+        with self._lock:
+            if self._embeddings is None:
+                from ..embeddings import EmbeddingStore
+
+                s = self.settings
+                self._embeddings = EmbeddingStore(
+                    Path(s.model_dir) / "text_embeddings", embedding_identity(s), self._encode_labels,
+                    persist=s.pretrained.strip().lower() not in ("random", "none", ""), device=resolved_device(s.device),
+                )  # fmt: skip
+            return self._embeddings
+
+    def _encode_labels(self, labels) -> Any:
+        return self.teacher.text_embeddings(labels)
+
+    def prepare_labels(self, classes: Sequence[Sequence[str]]) -> None:
+        """Start making the text embeddings of ``classes`` (names per label) ready, without waiting for anything:
+        even building the store (it imports open_clip, which may be busy loading the model) happens in the
+        background, since Label Studio gives /setup only 3 s."""
+        with self._lock:
+            if self._preparer is None:
+                self._preparer = ThreadPoolExecutor(1, thread_name_prefix="prepare-labels")
+        self._preparer.submit(self._prepare, [tuple(names) for names in classes])
+
+    def _prepare(self, classes: list[tuple[str, ...]]) -> None:
+        from ..embeddings import label_set
+
+        try:
+            self.embeddings.prepare(label_set(classes))
+        except Exception:
+            log.exception("preparing the text embeddings of %d labels failed", len(classes))
+
+    def labels_within(self, classes: Sequence[Sequence[str]], deadline: float):
+        """(K, D) text embeddings of ``classes`` if ready by ``deadline``, else None (still computing)."""
+        from ..embeddings import label_set
+
+        return self.embeddings.wait(label_set(classes), remaining(deadline))
+
+    # -- time per image ------------------------------------------------------------------------------
+    def seconds_per_image(self, version: str) -> float:
+        """Recent seconds per image of ``version`` (0 before the first measurement)."""
+        with self._lock:
+            return self._per_image.get(version, 0.0)
+
+    def observe(self, version: str, images: int, seconds: float) -> None:
+        """Record a batch of ``images`` that took ``seconds`` (smoothed over recent batches)."""
+        per = seconds / max(1, images)
+        with self._lock:
+            old = self._per_image.get(version)
+            self._per_image[version] = per if old is None else 0.5 * old + 0.5 * per
+
+    def warm_up(self) -> None:
+        """Load the teacher and run a batch through it (kernels, allocator, compiled graphs), so that the first
+        annotator does not pay for it; the time it takes is the first estimate of the time per image."""
+        import torch
+
+        from ..models import segment_options
+
+        teacher = self.teacher_within(math.inf)
+        opts = segment_options(self.settings)
+        side = opts.short_side or 224
+        image = np.full((side, side * 4 // 3, 3), 127, np.uint8)  # a 4:3 photo at the served size
+        dim = int(teacher.clip.model.visual.output_dim)
+        text = torch.nn.functional.normalize(torch.randn(WARMUP_LABELS, dim), dim=-1).to(teacher.device)
+        names = [f"label {k}" for k in range(WARMUP_LABELS)]
+        batches = [1, 1] + ([opts.batch_size] if teacher.device.type == "cuda" and opts.batch_size > 1 else [])
+        for n in batches:
+            start = time.monotonic()
+            teacher.segment([image] * n, names, opts=opts, text=text)
+            seconds = time.monotonic() - start
+        self.observe(self.teacher_version(), 1, seconds / n if n > 1 else seconds)
+        log.info("model warmed up: %.3f s per image", self.seconds_per_image(self.teacher_version()))
+
+    def teacher_version(self) -> str:
+        s = self.settings
+        tag = Path(s.pretrained).name if s.pretrained else "random"
+        arch = Path(s.model).stem if s.model.endswith(".json") else s.model
+        return f"maskclip-{arch}.{tag}-{s.dense_mode}"
+
+    def student_version(self) -> str | None:
+        """Version of the promoted student, read from MODEL_DIR on every call (cheap), so every worker
+        switches to a newly promoted model without a restart."""
+        from ..training.checkpoints import current_version
+
+        return current_version(Path(self.settings.model_dir))
+
+    def model_for(self, classes: Sequence[Sequence[str]], *, load: bool = True) -> tuple[str, Segmenter | None]:
+        """(model_version, model) to serve for these classes (names per label, in order): the promoted
+        student when one exists and was trained for exactly these labels, else the MaskCLIP teacher
+        (``load=False``: the teacher is not loaded and None is returned in its place, for /setup)."""
+        version = self.student_version()
+        student = self._load_student(version) if version is not None else None
+        if version is not None and student is not None:
+            if student.serves(classes):
+                return version, student
+            log.info("student %s was trained for other labels (%s): serving MaskCLIP", version, student.labels)
+        return self.teacher_version(), (self.teacher if load else None)
+
+    def _load_student(self, version: str) -> StudentModel | None:
+        """The promoted student, loaded once per version; None (MaskCLIP is served) if it cannot load."""
+        with self._lock:
+            if self._student is None or self._student[0] != version:
+                from ..training.checkpoints import current_checkpoint
+                from ..training.student import load_student
+
+                try:
+                    path = current_checkpoint(Path(self.settings.model_dir))
+                    if path is None:
+                        raise FileNotFoundError("the promoted checkpoint is gone")
+                    model = load_student(path, self.settings.device)
+                    log.info("serving student %s for labels %s", version, model.labels)
+                except Exception as e:  # a damaged file must not take serving down
+                    log.error("student %s cannot be loaded (%s): serving MaskCLIP; `labelstudio-maskclip "
+                              "rollback` picks another version", version, e)  # fmt: skip
+                    model = None
+                self._student = (version, model)
+            return self._student[1]
+
+
+@functools.lru_cache(maxsize=4)
+def runtime(settings: Settings) -> Runtime:
+    return Runtime(settings)
+
+
+def remaining(deadline: float) -> float | None:
+    """Seconds left until ``deadline`` (``time.monotonic()`` time), at least 0; None for no deadline."""
+    return None if math.isinf(deadline) else max(0.0, deadline - time.monotonic())
+
+
+def resolved_device(device: str) -> Any:
+    """The torch device a ``MASKCLIP_DEVICE`` value names (``auto``: CUDA when present)."""
+    from ..engine.loading import resolve_device
+
+    return resolve_device(device)
+
+
+def embedding_identity(s: Settings) -> dict[str, str]:
+    """What the teacher's text embeddings depend on besides the label names: architecture (a config file
+    by its content), weights, precision, prompt templates, open_clip's version (its tokenizer)."""
+    import open_clip
+
+    from ..embeddings import weights_identity
+    from ..engine.loading import resolve_dtype
+    from ..engine.text import resolve_templates
+
+    arch = s.model
+    if s.model.endswith(".json") and Path(s.model).is_file():
+        arch = f"{Path(s.model).stem}:{hashlib.sha256(Path(s.model).read_bytes()).hexdigest()[:16]}"
+    templates = "\n".join(resolve_templates(s.templates))
+    return {
+        "architecture": arch,
+        "weights": weights_identity(s.pretrained),
+        "precision": str(resolve_dtype(s.precision, resolved_device(s.device))),
+        "templates": hashlib.sha256(templates.encode()).hexdigest()[:16],
+        "open_clip": open_clip.__version__,
+    }
