@@ -164,14 +164,21 @@ def start_backend(
 
     auth = (env["BASIC_AUTH_USER"], env.get("BASIC_AUTH_PASS", "")) if env.get("BASIC_AUTH_USER") else None
 
+    streak = [0]  # consecutive /health answers saying the model is warmed up
+
     def ready():
+        """Every worker up with its model loaded and warmed up: /health answers from whichever worker takes
+        the connection, so several "ready" answers in a row are asked for. A worker still warming up competes
+        with Label Studio's 3 s /setup on a 2-core machine."""
         if proc.poll() is not None:
             raise AssertionError(f"the backend exited with {proc.returncode}:\n{backend.log_text()[-3000:]}")
         try:
-            up = requests.get(backend.url + "/health", timeout=2, auth=auth).status_code == 200
-        except requests.RequestException:
-            return False
-        return up and len(backend.workers()) == workers
+            r = requests.get(backend.url + "/health", timeout=2, auth=auth)
+            warm = r.status_code == 200 and r.json().get("model") == "ready"
+        except (requests.RequestException, ValueError):
+            warm = False
+        streak[0] = streak[0] + 1 if warm else 0
+        return streak[0] >= 4 * workers and len(backend.workers()) == workers
 
     try:
         wait_for(ready, timeout, "the backend's /health and its workers", every=0.2)
