@@ -105,15 +105,17 @@ class EmbeddingStore:
             if key in self._jobs:
                 return self._jobs[key]
         stored = self._read(labels) if self.persist else None
+        started = None
         with self._lock:
             if stored is not None:
                 self._memory[key] = stored
                 return _done(stored)
             if key not in self._jobs:
-                job = self._worker.submit(self._make, labels, key)
-                job.add_done_callback(functools.partial(self._finished, key))
-                self._jobs[key] = job
-            return self._jobs[key]
+                started = self._jobs[key] = self._worker.submit(self._make, labels, key)
+            job = self._jobs[key]
+        if started is not None:  # outside the lock: a job already done runs its callback in this thread
+            started.add_done_callback(functools.partial(self._finished, key))
+        return job
 
     def wait(self, labels: LabelSet, timeout: float | None) -> torch.Tensor | None:
         """The embeddings, waiting at most ``timeout`` seconds (None: as long as it takes) for them to be
