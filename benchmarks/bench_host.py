@@ -194,7 +194,7 @@ def main() -> None:
     for i, f in enumerate(files):
         (root / f"{i}.jpg").write_bytes(f.read_bytes())
     host = FileHost(root)
-    urls = [f"/{i}.jpg" for i in range(len(files))]
+    urls = [f"/data/upload/{i}.jpg" for i in range(len(files))]
     settings = Settings(
         label_studio_url=host.url, model_dir=str(root / "model_dir"), polygons=args.polygons, fetch_threads=1,
         min_area=0.0005, short_side=448,
