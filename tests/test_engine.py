@@ -15,6 +15,7 @@ from labelstudio_maskclip.engine import dense as dense_mod
 from labelstudio_maskclip.engine import segmenter as seg_mod
 from labelstudio_maskclip.engine.loading import WeightsError
 from labelstudio_maskclip.engine.refine import key_smoothing, prompt_denoising
+from labelstudio_maskclip.engine.text import resolve_templates
 from tests.tiny import TINY_RN, TINY_VIT, save_random_state
 
 
@@ -131,7 +132,7 @@ def test_text_embeddings_are_normalised_template_means_and_cached(vit):
 
 
 def test_synonyms_are_averaged_like_templates(vit):
-    t = ["a photo of a {}."]
+    t = ["a photo of a {}.", "a drawing of the {}."]  # two: each name's template mean is renormalised first
     car, auto = vit.text_embeddings(["car", "automobile"], templates=t)
     both = vit.text_embeddings([("car", "automobile")], templates=t)[0]
     torch.testing.assert_close(both, F.normalize(car + auto, dim=0))
@@ -140,6 +141,40 @@ def test_synonyms_are_averaged_like_templates(vit):
 def test_default_templates_are_the_authors_85(vit):
     assert len(vit.templates) == 85
     assert "this is one {} in the scene." in vit.templates and "a photo of a {}." in vit.templates
+
+
+def test_template_settings_name_sets_files_or_lists(tmp_path):
+    assert len(resolve_templates(None)) == len(resolve_templates("maskclip85")) == 85
+    imagenet = resolve_templates("imagenet80")
+    assert len(imagenet) == 80 and "a photo of a {}." in imagenet and "there is a {} in the scene." not in imagenet
+    assert resolve_templates("simple") == ("a photo of a {}.",)
+    path = tmp_path / "templates.txt"
+    path.write_text("  a {} here.\n\nthe {} there.  \n")
+    assert resolve_templates(str(path)) == ("a {} here.", "the {} there.")
+    assert resolve_templates(["x {}"]) == ("x {}",)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no-such-templates.txt", "not 'maskclip85'"),
+    ([], "non-empty"),
+    (["a photo of", "x {}", "b", "c", "d"], "a photo of"),
+])  # fmt: skip
+def test_bad_template_settings_are_refused(spec, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        resolve_templates(spec)
+
+
+def test_a_template_file_of_blank_lines_is_refused(tmp_path):
+    path = tmp_path / "blank.txt"
+    path.write_text("\n  \n")
+    with pytest.raises(ValueError, match="non-empty"):
+        resolve_templates(str(path))
+
+
+def test_the_refusal_names_at_most_three_bad_templates():
+    with pytest.raises(ValueError) as info:
+        resolve_templates(["a", "b", "c", "d"])
+    assert "'c'" in str(info.value) and "'d'" not in str(info.value)
 
 
 # --- sizes, windows, modes -------------------------------------------------------------------------

@@ -8,7 +8,12 @@ from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from PIL import Image
 
 from labelstudio_maskclip.masks import brush as rle
-from labelstudio_maskclip.masks.brush import BrushRLEError, brush_rle_to_mask, mask_to_brush_rle
+from labelstudio_maskclip.masks.brush import (
+    BrushRLEError,
+    brush_rle_to_mask,
+    label_map_to_brush_rles,
+    mask_to_brush_rle,
+)
 from labelstudio_maskclip.masks.polygons import polygons_to_mask
 from tests.photos import COCO128
 
@@ -81,7 +86,7 @@ def real_masks() -> list[np.ndarray]:
 
 
 def test_public_api() -> None:
-    assert sorted(rle.__all__) == ["BrushRLEError", "brush_rle_to_mask", "mask_to_brush_rle"]
+    assert sorted(rle.__all__) == ["BrushRLEError", "brush_rle_to_mask", "label_map_to_brush_rles", "mask_to_brush_rle"]
     assert issubclass(BrushRLEError, ValueError)
 
 
@@ -261,3 +266,44 @@ def test_decoder_rejects_a_last_block_longer_than_the_image() -> None:
 def test_encoder_rejects_bad_masks(mask: np.ndarray, message: str) -> None:
     with pytest.raises(BrushRLEError, match=message):
         mask_to_brush_rle(mask)
+
+
+def label_maps() -> list[np.ndarray]:
+    """Label maps with NO_LABEL (-1), absent classes, runs across rows and runs past 65536 values."""
+    rng = np.random.default_rng(1)
+    maps = [rng.integers(-1, 4, size=shape).astype(np.int16) for shape in [(1, 1), (1, 7), (9, 1), (31, 17), (64, 65)]]
+    rows = np.zeros((300, 300), np.int16)
+    rows[40:200] = 2  # 48000 pixels = 192000 values: blocks of 65536 in the middle of the stream
+    rows[250:, 100:] = -1
+    maps.append(rows)
+    blobs = np.full((101, 77), -1, np.int16)
+    blobs[disc(101, 77, 50, 38, 30)] = 0
+    blobs[disc(101, 77, 10, 10, 25)] = 3
+    maps.append(blobs)
+    return maps
+
+
+@pytest.mark.parametrize("index", range(len(label_maps())))
+def test_label_map_encoder_equals_the_sdk_on_each_class_mask(index: int) -> None:
+    labels = label_maps()[index]
+    classes = [3, -1, 0, 2, 7]  # 7 is absent: an empty mask; order is the caller's
+    assert label_map_to_brush_rles(labels, classes) == [sdk_encode(labels == k) for k in classes]
+
+
+def test_label_map_encoder_on_real_masks_painted_into_one_map(real_masks: list[np.ndarray]) -> None:
+    same_size = [m for m in real_masks if m.shape == real_masks[0].shape][:6]
+    labels = np.full(same_size[0].shape, -1, np.int32)
+    for k, mask in enumerate(same_size):
+        labels[mask] = k  # later ones cover earlier ones
+    classes = list(range(len(same_size)))
+    assert label_map_to_brush_rles(labels, classes) == [sdk_encode(labels == k) for k in classes]
+
+
+def test_label_map_encoder_edge_cases() -> None:
+    assert label_map_to_brush_rles(np.zeros((2, 2), np.int16), []) == []
+    (one,) = label_map_to_brush_rles(np.zeros((2, 2), np.uint8), [0])
+    assert one == sdk_encode(np.ones((2, 2), bool)) and all(type(v) is int for v in one)
+    with pytest.raises(BrushRLEError, match="integer"):
+        label_map_to_brush_rles(np.zeros((2, 2), np.float32), [0])
+    with pytest.raises(BrushRLEError, match="shape"):
+        label_map_to_brush_rles(np.zeros((2, 2, 2), np.int16), [0])

@@ -468,14 +468,13 @@ def _finalize(
         del up
         klass = keep[index]  # (n, W) class indices among all K
         no_label = (klass >= n_labels) | (value < min_conf)
-        klass = klass.masked_fill(no_label, NO_LABEL)
-        valid = ~no_label
-        won, weights = klass[valid], value[valid].double()
-        areas += torch.bincount(won, minlength=n_labels)[:n_labels].double().cpu()
-        sums += torch.bincount(won, weights=weights, minlength=n_labels)[:n_labels].cpu()
-        total += float(certainty[valid].double().sum())
-        count += int(won.numel())
-        labels[y0:y1] = klass.to(torch.int16).cpu()
+        # Counted without boolean indexing (a device sync on a GPU): unlabelled pixels go to bin n_labels.
+        binned = klass.masked_fill(no_label, n_labels).flatten()
+        areas += torch.bincount(binned, minlength=n_labels + 1)[:n_labels].double().cpu()
+        sums += torch.bincount(binned, weights=value.flatten().double(), minlength=n_labels + 1)[:n_labels].cpu()
+        total += float(certainty.double().masked_fill(no_label, 0.0).sum())
+        count += int(no_label.numel() - int(no_label.sum()))
+        labels[y0:y1] = klass.masked_fill(no_label, NO_LABEL).to(torch.int16).cpu()
         confidence[y0:y1] = value.cpu()
     scores = torch.where(areas > 0, sums / areas.clamp_min(1), torch.zeros_like(sums))
     return Segmentation(

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..settings import Settings
 from .images import ImageFetcher
+from .wire import json_bytes
 
 __all__ = ["LabelStudioAPI", "LabelStudioAPIError", "AmbiguousWriteError", "task_filter", "model_versions_of"]
 
@@ -286,7 +287,7 @@ class LabelStudioAPI:
         body = self.request(
             "POST",
             f"/api/projects/{project_id}/import/predictions",
-            data=json.dumps(list(predictions), separators=(",", ":")),
+            data=json_bytes(list(predictions)),
             headers={"Content-Type": "application/json"},
         )
         return int((body or {}).get("created", 0))

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..engine.segmenter import Segmentation
-from ..masks.brush import mask_to_brush_rle
+from ..masks.brush import label_map_to_brush_rles, mask_to_brush_rle
 from ..masks.polygons import mask_to_polygons, points_to_percent
 from .labeling import Target
 
@@ -41,8 +41,12 @@ def _base(target: Target, height: int, width: int, kind: str, score: float) -> d
 
 def brush_region(target: Target, label: str, mask: np.ndarray, score: float) -> dict[str, Any]:
     """One ``brushlabels`` region for a (H, W) bool mask."""
-    region = _base(target, mask.shape[0], mask.shape[1], target.result_type, score)
-    region["value"] = {"format": "rle", "rle": mask_to_brush_rle(mask), target.result_type: [label]}
+    return _brush(target, label, mask_to_brush_rle(mask), mask.shape[0], mask.shape[1], score)
+
+
+def _brush(target: Target, label: str, rle: list[int], height: int, width: int, score: float) -> dict[str, Any]:
+    region = _base(target, height, width, target.result_type, score)
+    region["value"] = {"format": "rle", "rle": rle, target.result_type: [label]}
     return region
 
 
@@ -76,17 +80,21 @@ def prediction(
     height, width = seg.labels.shape
     index = {label: k for k, label in enumerate(vocabulary)}
     min_pixels = min_area * height * width
+    wanted = [
+        (target, spec.value, index[spec.value])
+        for target in targets
+        if target.kind == "brush" or polygons
+        for spec in target.labels
+        if seg.class_areas[index[spec.value]] > 0 and seg.class_areas[index[spec.value]] >= min_pixels
+    ]
+    # Every brush mask from one pass over the label map (see label_map_to_brush_rles).
+    brush_classes = sorted({k for target, _, k in wanted if target.kind == "brush"})
+    rles = dict(zip(brush_classes, label_map_to_brush_rles(seg.labels, brush_classes)))
     result: list[dict[str, Any]] = []
-    for target in targets:
-        if target.kind == "polygon" and not polygons:
-            continue
-        for spec in target.labels:
-            k = index[spec.value]
-            if seg.class_areas[k] == 0 or seg.class_areas[k] < min_pixels:
-                continue
-            mask, score = seg.mask(k), float(seg.class_scores[k])
-            if target.kind == "brush":
-                result.append(brush_region(target, spec.value, mask, score))
-            else:
-                result.extend(polygon_regions(target, spec.value, mask, score))
+    for target, value, k in wanted:
+        score = float(seg.class_scores[k])
+        if target.kind == "brush":
+            result.append(_brush(target, value, rles[k], height, width, score))
+        else:
+            result.extend(polygon_regions(target, value, seg.mask(k), score))
     return {"result": result, "score": round(float(seg.score), 4), "model_version": model_version}

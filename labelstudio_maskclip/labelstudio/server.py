@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 
 from ..settings import Settings
 from .backend import MaskCLIPBackend, PredictError, runtime
+from .wire import json_bytes
 
 __all__ = ["create_app", "wsgi", "credentials_match", "basic_auth_header"]
 
@@ -32,6 +34,17 @@ _WARMUP_CONFIG = (
 
 class _BadRequest(ValueError):
     pass
+
+
+class _WireJSON(DefaultJSONProvider):
+    """Responses written by :func:`.wire.json_bytes` (a ``/predict`` answer is mostly RLE integers);
+    request bodies are read by Flask's default."""
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        return json_bytes(obj).decode()
+
+    def response(self, *args: Any, **kwargs: Any) -> Response:
+        return Response(json_bytes(self._prepare_response_obj(args, kwargs)), mimetype=self.mimetype)
 
 
 def _json_body() -> dict[str, Any]:
@@ -55,6 +68,7 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
     from ..learning.store import StoreError
 
     app = Flask("labelstudio_maskclip")
+    app.json = _WireJSON(app)
     app.config["MAX_CONTENT_LENGTH"] = 256 * 1024 * 1024
     state: dict[str, Any] = {"model_error": None, "model": "not loaded"}
 

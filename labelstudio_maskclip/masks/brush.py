@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["BrushRLEError", "mask_to_brush_rle", "brush_rle_to_mask"]
+__all__ = ["BrushRLEError", "mask_to_brush_rle", "label_map_to_brush_rles", "brush_rle_to_mask"]
 
 _CHANNELS = 4  # RGBA
 _WORD_BITS = 8  # the SDK's word size
@@ -58,21 +58,41 @@ def _split_long_runs(lengths: np.ndarray, *per_run: np.ndarray) -> tuple[np.ndar
     return (pieces_lengths, *(np.repeat(array, pieces) for array in per_run))
 
 
-def _repeat_blocks(lengths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Encode value runs as the SDK's repeat blocks: (codes (B,) int64, bit widths (B,) int64).
+def _streams(
+    num: int, lengths: np.ndarray, values: np.ndarray, stream: np.ndarray, count: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Whole encoded streams of ``count`` masks of ``num`` values each, as codes to pack.
 
-    A run of ``n`` values (``n`` >= 4 here, a multiple of 4) takes the smallest size class that holds it:
-    up to 8, 16, 256 values, else the 16-bit class, cut into pieces of at most 65536 values (all pieces,
-    the remainder too, stay in the 16-bit class). Each block's code is ``1 | index (2) | n - 1 | word (8)``,
-    right-aligned in ``width`` bits.
+    Input: pixel runs (R,) each: ``lengths`` in pixels, 0/1 ``values``, and the ``stream`` (mask) each run
+    belongs to, nondecreasing in 0..count-1. Each stream is its header, its runs as the SDK's repeat blocks,
+    then the SDK's 1..8 zero bits up to a whole byte. Returns (codes (B,) int64, widths (B,) int64) in stream
+    order, and each stream's length in bytes (count,).
+
+    A run of ``n`` values (``n`` = 4 x pixels, RGBA) takes the smallest size class that holds it: up to 8,
+    16, 256 values, else the 16-bit class, cut into pieces of at most 65536 values (all pieces, the remainder
+    too, stay in the 16-bit class). Each block's code is ``1 | index (2) | n - 1 | word (8)``, right-aligned
+    in ``width`` bits.
     """
+    lengths = lengths * _CHANNELS
     index = np.searchsorted(np.array([1 << s for s in _RLE_SIZES[:3]]), lengths)  # (R,) size class 0..3
     if lengths.max() > _MAX_REPEAT:
-        lengths, values, index = _split_long_runs(lengths, values, index)  # (B,) each
+        lengths, values, index, stream = _split_long_runs(lengths, values, index, stream)  # (B,) each
     size_bits = np.array(_RLE_SIZES, dtype=np.int64)[index]  # (B,)
     word = values.astype(np.int64) * 255  # (B,) the 0/255 mask value
     codes = (((4 | index) << size_bits | (lengths - 1)) << _WORD_BITS) | word
-    return codes, 3 + size_bits + _WORD_BITS
+    widths = 3 + size_bits + _WORD_BITS
+    bits = _HEADER_BITS + np.bincount(stream, weights=widths, minlength=count).astype(np.int64)  # (count,)
+    padding = 8 - bits % 8
+    header_codes, header_widths = _header_codes(num)
+    streams = np.arange(count)
+    order = np.argsort(  # stable: (header, blocks, padding) of stream 0, then of stream 1, ...
+        np.concatenate((np.repeat(3 * streams, len(header_codes)), 3 * stream + 1, 3 * streams + 2)), kind="stable"
+    )
+    return (
+        np.concatenate((np.tile(header_codes, count), codes, np.zeros(count, np.int64)))[order],
+        np.concatenate((np.tile(header_widths, count), widths, padding))[order],
+        (bits + padding) // 8,
+    )
 
 
 def _header_codes(num: int) -> tuple[np.ndarray, np.ndarray]:
@@ -82,8 +102,8 @@ def _header_codes(num: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _pack(codes: np.ndarray, widths: np.ndarray) -> np.ndarray:
-    """Concatenate the codes' low ``width`` bits (1..32 each), most significant first, then add 1..8 zero
-    bits up to a whole byte as the SDK does: (L,) uint8.
+    """Concatenate the codes' low ``width`` bits (1..32 each), most significant first; the widths add up to
+    a whole number of bytes: (L,) uint8.
 
     Works per code, not per bit: each code is shifted into the big-endian 64-bit word where it starts, and
     the part that spills past that word's end into the next word; codes never overlap, so each word is the
@@ -99,10 +119,20 @@ def _pack(codes: np.ndarray, widths: np.ndarray) -> np.ndarray:
     index = np.stack((word, word + spills), axis=1).reshape(-1)  # (2B,) (head, tail) per code: nondecreasing
     parts = np.stack((head, tail), axis=1).reshape(-1)  # (2B,) uint64
     first = np.flatnonzero(np.diff(index, prepend=-1))  # first part of each distinct word
-    nbytes = int(offsets[-1] + widths[-1]) // 8 + 1  # 1..8 zero bits of padding
+    nbytes = int(offsets[-1] + widths[-1]) // 8
     words = np.zeros((nbytes + 7) // 8, dtype=">u8")  # big-endian: bit 63 is the stream's first
     words[index[first]] = np.bitwise_or.reduceat(parts, first)
     return words.view(np.uint8)[:nbytes]
+
+
+def _check_size(shape: tuple[int, ...], size: int) -> int:
+    """H * W * 4 of a (H, W) array, checked to fit the header's 32 bits."""
+    if len(shape) != 2 or size == 0:
+        raise BrushRLEError(f"mask must be a non-empty (H, W) array, got shape {shape}")
+    num = size * _CHANNELS
+    if num >= 1 << 32:
+        raise BrushRLEError(f"mask of shape {shape} is too large for brush RLE (H * W * 4 >= 2**32)")
+    return num
 
 
 def mask_to_brush_rle(mask: np.ndarray) -> list[int]:
@@ -112,17 +142,40 @@ def mask_to_brush_rle(mask: np.ndarray) -> list[int]:
     ``label_studio_sdk.converter.brush.mask2rle(mask.astype(bool).astype(np.uint8) * 255)`` for every mask.
     """
     mask = np.asarray(mask)
-    if mask.ndim != 2 or mask.size == 0:
-        raise BrushRLEError(f"mask must be a non-empty (H, W) array, got shape {mask.shape}")
+    num = _check_size(mask.shape, mask.size)
     if mask.dtype != bool and not np.issubdtype(mask.dtype, np.integer):
         raise BrushRLEError(f"mask must be bool or integer (nonzero = in mask), got {mask.dtype}; threshold it")
-    num = mask.size * _CHANNELS
-    if num >= 1 << 32:
-        raise BrushRLEError(f"mask of shape {mask.shape} is too large for brush RLE (H * W * 4 >= 2**32)")
     lengths, values = _pixel_runs(mask if mask.dtype == bool else mask != 0)
-    codes, widths = _repeat_blocks(lengths * _CHANNELS, values)  # (B,), (B,)
-    header_codes, header_widths = _header_codes(num)
-    return _pack(np.concatenate((header_codes, codes)), np.concatenate((header_widths, widths))).tolist()
+    codes, widths, _ = _streams(num, lengths, values, np.zeros(len(lengths), np.int64), 1)
+    return _pack(codes, widths).tolist()
+
+
+def label_map_to_brush_rles(labels: np.ndarray, classes: Sequence[int]) -> list[list[int]]:
+    """The brush RLE of ``labels == k`` for each ``k`` in ``classes``, equal to
+    ``[mask_to_brush_rle(labels == k) for k in classes]``, from one pass over the label map.
+
+    ``labels``: (H, W) integer. Faster than one mask at a time: the pixels are read once (into runs of
+    equal labels), each class's runs are merged from those, and all streams are packed together (each
+    stream ends on a whole byte, so they are cut apart afterwards).
+    """
+    labels = np.asarray(labels)
+    num = _check_size(labels.shape, labels.size)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise BrushRLEError(f"a label map must be integer, got {labels.dtype}")
+    if not len(classes):
+        return []
+    flat = labels.reshape(-1)
+    starts = np.concatenate(([0], np.flatnonzero(flat[1:] != flat[:-1]) + 1))  # (R,) runs of one label
+    inside = flat[starts][None, :] == np.asarray(classes)[:, None]  # (C, R): run r is in mask c
+    # A mask's runs start where "inside" changes along its row, and at the image's first pixel.
+    change = np.concatenate((np.ones((len(classes), 1), bool), inside[:, 1:] != inside[:, :-1]), axis=1)
+    stream, run = np.nonzero(change)  # (M,) each, in stream order
+    run_starts = starts[run]
+    last = np.append(stream[1:] != stream[:-1], True)  # (M,) the last run of its mask
+    lengths = np.where(last, flat.size, np.roll(run_starts, -1)) - run_starts
+    codes, widths, nbytes = _streams(num, lengths, inside[stream, run].view(np.uint8), stream, len(classes))
+    data = _pack(codes, widths)
+    return [chunk.tolist() for chunk in np.split(data, np.cumsum(nbytes)[:-1])]
 
 
 # ----------------------------------------------------------------------------------------------- decoding
