@@ -1,18 +1,13 @@
 import pytest
 
-from tests.labelstudio import LabelStudioServer, LabelStudioUnavailable
+from tests.labelstudio import LabelStudioServer, started
 
 
 @pytest.fixture(scope="session")
 def label_studio(tmp_path_factory) -> LabelStudioServer:
     """A real Label Studio on a loopback port for the whole session (about 30 s to start)."""
-    server = LabelStudioServer(tmp_path_factory.mktemp("label-studio"))
-    try:
-        server.start()
-    except LabelStudioUnavailable as exc:
-        pytest.fail(str(exc), pytrace=False)
-    yield server
-    server.stop()
+    with started(tmp_path_factory.mktemp("label-studio")) as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)

@@ -11,21 +11,23 @@ with its defaults (loopback and private networks blocked).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 
 from labelstudio_maskclip.labelstudio.network import LABEL_STUDIO_SETTINGS, SWITCHES
 
-__all__ = ["LabelStudioAPI", "LabelStudioServer", "LabelStudioUnavailable", "free_port"]
+__all__ = ["LabelStudioAPI", "LabelStudioServer", "LabelStudioUnavailable", "free_port", "started"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VERSION = "1.23.2"
@@ -46,6 +48,21 @@ def free_port() -> int:
 def label_studio_venv() -> Path:
     """``$LABEL_STUDIO_VENV`` (relative paths from the repository root), default ``.ls-venv``."""
     return REPO_ROOT / os.environ.get("LABEL_STUDIO_VENV", ".ls-venv")
+
+
+@contextlib.contextmanager
+def started(workdir: Path, **options: Any) -> Iterator[LabelStudioServer]:
+    """A running Label Studio for a fixture (``options``: :class:`LabelStudioServer`'s), stopped afterwards.
+    A start that fails fails the test with Label Studio's log tail: never a skip."""
+    server = LabelStudioServer(workdir, **options)
+    try:
+        server.start()
+    except LabelStudioUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 class LabelStudioServer:

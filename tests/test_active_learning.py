@@ -17,7 +17,7 @@ import requests
 from PIL import Image
 
 from labelstudio_maskclip.masks.brush import mask_to_brush_rle
-from tests.labelstudio import LabelStudioServer, LabelStudioUnavailable
+from tests.labelstudio import started
 from tests.photos import COCO128_PHOTOS
 from tests.served import BRUSH, start_backend, wait_for
 from tests.tiny import TINY_VIT, save_random_state
@@ -31,13 +31,8 @@ NAMES = sorted(p.name for p in COCO128_PHOTOS.glob("*.jpg"))[:8]
 def label_studio(tmp_path_factory):
     """A Label Studio of this module's own, with a generous start timeout: its first start migrates the
     database, which takes minutes on a loaded machine."""
-    server = LabelStudioServer(tmp_path_factory.mktemp("al-label-studio"), start_timeout=900)
-    try:
-        server.start()
-    except LabelStudioUnavailable as exc:
-        pytest.fail(str(exc), pytrace=False)
-    yield server
-    server.stop()
+    with started(tmp_path_factory.mktemp("al-label-studio"), start_timeout=900) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import requests
 
 from labelstudio_maskclip.labelstudio.network import BLOCK_MESSAGE, LABEL_STUDIO_SETTINGS
 from labelstudio_maskclip.labelstudio.server import basic_auth_header
-from tests.labelstudio import LabelStudioServer, LabelStudioUnavailable
+from tests.labelstudio import started
 from tests.photos import COCO128_PHOTOS
 from tests.served import start_backend, wait_for
 from tests.tiny import TINY_VIT, save_random_state
@@ -45,13 +45,8 @@ def weights(tmp_path_factory):
 def stock_label_studio(tmp_path_factory):
     """Label Studio with its default settings: ML_BLOCK_LOCAL_IP, SSRF_PROTECTION_ENABLED and
     USE_DEFAULT_BANNED_SUBNETS on, nothing added."""
-    server = LabelStudioServer(tmp_path_factory.mktemp("stock-label-studio"), address_settings={})
-    try:
-        server.start()
-    except LabelStudioUnavailable as exc:
-        pytest.fail(str(exc), pytrace=False)
-    yield server
-    server.stop()
+    with started(tmp_path_factory.mktemp("stock-label-studio"), address_settings={}) as server:
+        yield server
 
 
 def _doctor(env, *args: str) -> tuple[int, str]:

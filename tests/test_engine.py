@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from labelstudio_maskclip import NO_LABEL, MaskCLIP, SegmentOptions
 from labelstudio_maskclip.engine import dense as dense_mod
+from labelstudio_maskclip.engine import loading as loading_mod
 from labelstudio_maskclip.engine import segmenter as seg_mod
-from labelstudio_maskclip.engine.loading import WeightsError
+from labelstudio_maskclip.engine.loading import WeightsError, load_clip, resolve_device, resolve_dtype
 from labelstudio_maskclip.engine.refine import key_smoothing, prompt_denoising
 from labelstudio_maskclip.engine.text import resolve_templates
 from tests.tiny import TINY_RN, TINY_VIT, save_random_state
@@ -437,3 +438,47 @@ def test_bf16_path_agrees_with_fp32(vit_file):
     opts = SegmentOptions(short_side=48)
     r32, r16 = fp32.segment([img], classes, opts=opts)[0], bf16.segment([img], classes, opts=opts)[0]
     assert (r32.labels == r16.labels).mean() > 0.9
+
+
+def test_load_clip_directly_refuses_random_weights_by_default_and_records_what_it_loaded(vit_file):
+    with pytest.raises(WeightsError, match="MASKCLIP_ALLOW_RANDOM"):
+        load_clip(TINY_VIT, "random", "cpu")
+    clip = load_clip(TINY_VIT, f"  {vit_file}  ", "cpu")  # space around a setting is ignored
+    assert clip.name == "MaskCLIP-Tiny-ViT" and clip.pretrained == str(vit_file)
+    assert clip.device == torch.device("cpu") and clip.dtype == torch.float32
+    assert not clip.model.training and not any(p.requires_grad for p in clip.model.parameters())
+    # open_clip's default normalisation (OpenAI's statistics), each channel its own value
+    assert clip.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    assert clip.std == pytest.approx((0.26862954, 0.26130258, 0.27577711))
+    assert clip.tokenizer(["a cat"]).shape[0] == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        clip.name = "other"  # type: ignore[misc]
+    with pytest.warns(UserWarning):
+        rand = load_clip(TINY_VIT, "none", "cpu", allow_random=True)
+    assert rand.pretrained == "random"
+
+
+def test_devices_and_precisions_resolve_as_documented():
+    assert resolve_device(None) == resolve_device("auto") == torch.device("cpu")  # no CUDA on this machine
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device(torch.device("cpu")).type == "cpu"
+    assert resolve_dtype(None, torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype(None, torch.device("cuda")) in (torch.bfloat16, torch.float16)  # bf16 where supported
+    assert (resolve_dtype("fp32", torch.device("cpu")), resolve_dtype("bf16", torch.device("cpu")),
+            resolve_dtype("fp16", torch.device("cpu"))) == (torch.float32, torch.bfloat16, torch.float16)  # fmt: skip
+
+
+def test_a_model_config_is_a_json_file_else_a_name(tmp_path):
+    not_json = tmp_path / "config.txt"
+    not_json.write_text("{}")
+    assert loading_mod._register_config_file(str(not_json)) == str(not_json)
+    assert loading_mod._register_config_file(str(tmp_path / "missing.json")) == str(tmp_path / "missing.json")
+    assert loading_mod._register_config_file("ViT-B-16") == "ViT-B-16"
+    assert loading_mod._register_config_file(TINY_VIT) == "MaskCLIP-Tiny-ViT"
+
+
+def test_an_unknown_file_lists_the_architectures_tags(tmp_path):
+    with pytest.raises(WeightsError, match=r"Known tags: \[.*'openai'"):
+        load_clip("ViT-B-16", str(tmp_path / "nope.pt"), "cpu")
+    with pytest.raises(WeightsError, match="Known tags: none"):
+        load_clip(TINY_VIT, str(tmp_path / "nope.pt"), "cpu")
