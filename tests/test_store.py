@@ -322,3 +322,73 @@ def test_an_update_replaces_the_outcomes_of_its_regions(store: Store) -> None:
     stats = store.acceptance_stats()
     assert stats["cat"] == {"unchanged": 0, "edited": 1, "deleted": 0, "added": 0}
     assert "dog" not in stats
+
+
+def test_a_sample_needs_both_sides_of_its_image_size(store: Store) -> None:
+    # no masks, so the size can only come from the task: height known without width, and the reverse
+    store.put_tasks([TaskRecord(21, 1, "/a.png", width=None, height=40), TaskRecord(22, 1, "/b.png", width=30)])
+    store.put_tasks([TaskRecord(23, 1, "/c.png", width=30, height=40)])
+    for annotation_id, task_id in [(21, 21), (22, 22), (23, 23)]:
+        store.put_annotation(AnnotationWrite(id=annotation_id, task=TaskRecord(task_id, 1), masks={},
+                                             updated_at="2026-11-02T10:00:00Z"))  # fmt: skip
+    assert [(s.task_id, s.height, s.width, dict(s.masks)) for s in store.accepted_samples()] == [(23, 40, 30, {})]
+
+
+def test_projects_and_training_runs_read_back_what_was_written(store: Store) -> None:
+    store.put_tasks([TaskRecord(1, 4), TaskRecord(2, 2), TaskRecord(3, None), TaskRecord(5, 4)])
+    assert store.projects() == [2, 4]
+    first = store.mark_trained(seq=3, project=4, model_version="student-a", metrics={"miou": 0.5})
+    store.mark_trained(seq=5, project=2, model_version="student-b")
+    runs = store.training_runs()
+    assert [(r["id"], r["project"], r["seq"], r["model_version"], r["metrics"]) for r in runs] == [
+        (first, 4, 3, "student-a", {"miou": 0.5}),
+        (first + 1, 2, 5, "student-b", {}),
+    ]
+    assert isinstance(runs[0]["finished_at"], float)
+    assert [r["model_version"] for r in store.training_runs(project=2)] == ["student-b"]
+
+
+def test_a_resent_cancelled_annotation_is_a_duplicate_whatever_its_outcomes_say(store: Store) -> None:
+    cancelled = write(40, 40, {}, cancelled=True)
+    assert store.put_annotation(cancelled).status == "stored"
+    again = write(40, 40, {}, cancelled=True, accepted_unchanged=False, outcomes=[("r1", "cat", "deleted")])
+    assert store.put_annotation(again).status == "duplicate"
+
+
+def test_a_changed_acceptance_flag_alone_is_recorded(store: Store) -> None:
+    mask = {"cat": disc(20, 20, 10, 10, 5)}
+    assert store.put_annotation(write(41, 41, mask, accepted_unchanged=True)).status == "stored"
+    assert store.put_annotation(write(41, 41, mask, accepted_unchanged=True)).status == "duplicate"
+    assert store.put_annotation(write(41, 41, mask, accepted_unchanged=False)).status == "outcomes"
+    assert store.annotation(41)["accepted_unchanged"] == 0
+
+
+@pytest.mark.parametrize("code, corrupt", [(11, True), (26, True), (11 | 1 << 8, True), (5, False), (13, False)])
+def test_corruption_is_told_by_the_primary_result_code(code: int, corrupt: bool) -> None:
+    exc = sqlite3.DatabaseError("x")
+    exc.sqlite_errorcode = code  # type: ignore[attr-defined]
+    assert store_module._is_corruption(exc) is corrupt
+
+
+def test_without_a_result_code_only_a_plain_database_error_means_corruption() -> None:
+    assert store_module._is_corruption(sqlite3.DatabaseError("database disk image is malformed"))
+    assert not store_module._is_corruption(sqlite3.OperationalError("database is locked"))
+
+
+def test_the_durability_setting_reaches_every_connection(tmp_path: Path) -> None:
+    normal = Store(tmp_path / "normal", synchronous="normal")
+    conn = normal._conn()
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+
+
+def test_close_closes_this_threads_connection_and_the_next_use_reopens(store: Store) -> None:
+    conn = store._conn()
+    store.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        conn.execute("SELECT 1")
+    assert store.put_annotation(write(50, 50, {"cat": disc(8, 8, 4, 4, 2)})).status == "stored"
+
+
+def test_task_records_are_values(store: Store) -> None:
+    assert {TaskRecord(1, 2, "x"), TaskRecord(1, 2, "x")} == {TaskRecord(1, 2, "x")}
