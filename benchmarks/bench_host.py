@@ -144,7 +144,7 @@ def stages(photos: list[bytes], urls: list[str], fetcher: ImageFetcher, polygons
         t = {}
         t["download (loopback HTTP)"] = cpu_per_image(lambda: [fetcher.fetch(u) for u in urls], n)
         arrays = []
-        t["decode + EXIF (PIL)"] = cpu_per_image(
+        t["decode + EXIF (CPU)"] = cpu_per_image(
             lambda: arrays.extend(decode_image(b, max_pixels=10**8) for b in photos), n
         )
         sizes = [resized_size(a.shape[0], a.shape[1], 448, STRIDE, 64) for a in arrays]

@@ -9,7 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from labelstudio_maskclip.labelstudio.decode import decode_image
 from labelstudio_maskclip.labelstudio.errors import ImageDecodeError, ImageTooLargeError
@@ -160,6 +160,32 @@ def test_exif_rotation_applied():
     array = decode_image(jpeg_with_orientation(1), max_pixels=MAX_PIXELS)
     check_rgb(array, 20, 40)
     assert array[10, 5, 0] > 200
+
+
+def pillow_reference(data: bytes) -> np.ndarray:
+    """What Pillow alone makes of a file: EXIF orientation applied, RGB."""
+    return np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_jpegs_decode_to_pillows_pixels_in_every_orientation(orientation: int):
+    data = jpeg_with_orientation(orientation)
+    np.testing.assert_array_equal(decode_image(data, max_pixels=MAX_PIXELS), pillow_reference(data))
+
+
+def test_photos_and_grayscale_jpegs_decode_to_pillows_exact_pixels():
+    photos = sorted(COCO128_PHOTOS.glob("*.jpg"))[:12]
+    gray = encode(Image.open(photos[0]).convert("L"), "JPEG", quality=90)
+    progressive = encode(Image.open(photos[1]), "JPEG", quality=80, progressive=True)
+    for data in [p.read_bytes() for p in photos] + [gray, progressive]:
+        array = decode_image(data, max_pixels=MAX_PIXELS)
+        assert array.dtype == np.uint8 and array.flags.c_contiguous
+        np.testing.assert_array_equal(array, pillow_reference(data))
+
+
+def test_a_cmyk_jpeg_still_decodes():
+    data = encode(Image.new("CMYK", (8, 6), (0, 255, 255, 0)), "JPEG")
+    np.testing.assert_array_equal(decode_image(data, max_pixels=MAX_PIXELS), pillow_reference(data))
 
 
 def test_not_an_image_and_empty():

@@ -392,3 +392,49 @@ def test_close_closes_this_threads_connection_and_the_next_use_reopens(store: St
 
 def test_task_records_are_values(store: Store) -> None:
     assert {TaskRecord(1, 2, "x"), TaskRecord(1, 2, "x")} == {TaskRecord(1, 2, "x")}
+
+
+def test_a_one_pixel_mask_is_kept_and_an_empty_one_dropped(store: Store) -> None:
+    dot = np.zeros((6, 7), bool)
+    dot[2, 3] = True
+    store.put_annotation(write(60, 60, {"dot": dot, "none": np.zeros((6, 7), bool)}))
+    (sample,) = store.accepted_samples()
+    assert sorted(sample.masks) == ["dot"] and sample.masks["dot"].sum() == 1
+
+
+def test_samples_carry_their_flags_and_do_not_print_their_masks(store: Store) -> None:
+    store.put_annotation(write(61, 61, {"cat": disc(9, 9, 4, 4, 2)}, author="ann@example.com"))
+    (sample,) = store.accepted_samples()
+    assert sample.ground_truth is False and sample.author == "ann@example.com"
+    assert "masks" not in repr(sample) and "array" not in repr(sample)
+
+
+def test_records_are_immutable(store: Store) -> None:
+    import dataclasses
+
+    store.put_annotation(write(62, 62, {"cat": disc(9, 9, 4, 4, 2)}))
+    (sample,) = store.accepted_samples()
+    result = store.put_annotation(write(63, 63, {"cat": disc(9, 9, 4, 4, 2)}))
+    for record, name in [(sample, "image"), (write(1, 1, {}), "author"), (result, "status"), (TaskRecord(1), "id")]:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(record, name, None)
+
+
+def test_the_store_creates_its_folder_with_parents(tmp_path: Path) -> None:
+    store = Store(tmp_path / "a" / "b" / "model_dir")
+    assert store.path.parent.is_dir() and store.put_tasks([TaskRecord(1, 1)]) == 1
+
+
+def test_a_store_found_damaged_refuses_reads_and_writes_and_says_how_to_recover(store: Store) -> None:
+    store.put_annotation(write(64, 64, {"cat": disc(9, 9, 4, 4, 2)}))
+    assert store.damage_message() == ""
+    store.damage = ["line one\nline two", "2", "3", "4", "5", "sixth"]
+    message = store.damage_message()
+    assert "line one line two" in message and "; 5" in message and "sixth" not in message
+    assert "backfill" in message
+    with pytest.raises(store_module.StoreDamaged):
+        store.put_annotation(write(65, 65, {"cat": disc(9, 9, 4, 4, 2)}))
+    with pytest.raises(store_module.StoreDamaged):
+        store.labels()
+    with pytest.raises(store_module.StoreDamaged):
+        list(store.accepted_samples())

@@ -33,3 +33,10 @@ def test_numpy_values_keys_and_non_finite_numbers_become_plain_json():
 def test_what_is_not_json_is_an_error_not_a_silent_string():
     with pytest.raises(TypeError, match="object"):
         json_bytes({"x": object()})
+
+
+def test_integers_past_64_bits_are_written_exactly():
+    big = 2**64
+    assert json.loads(json_bytes({"id": big, "rle": np.array([1, 2], np.uint8), "scores": [np.float32(0.5)]})) == {
+        "id": big, "rle": [1, 2], "scores": [0.5]
+    }  # fmt: skip

@@ -45,6 +45,12 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
     when within it, else min-max stretched). Multi-frame files give their first frame.
     """
     image = _open(data, max_pixels)
+    if image.format == "JPEG" and image.mode in ("RGB", "L"):  # most task images: the faster decoder
+        from .jpeg import decode_jpeg_on_cpu
+
+        pixels = decode_jpeg_on_cpu(data)
+        if pixels is not None:
+            return pixels
     try:
         image.load()
         image = _apply_orientation(image)
