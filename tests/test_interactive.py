@@ -176,6 +176,65 @@ def test_click_needs_a_positive_point():
         engine.click_mask(_two_region_dense(), torch.zeros(8, 8), [])
 
 
+def test_a_pixel_maps_to_the_grid_cell_under_it_and_points_off_the_image_clamp():
+    # a 100 x 200 image (H, W) over a 5 x 10 grid: cells of 20 x 20 pixels
+    assert engine._grid_cell((0.0, 0.0), (100, 200), (5, 10)) == (0, 0)
+    assert engine._grid_cell((25.0, 45.0), (100, 200), (5, 10)) == (2, 1)  # x 25 -> column 1, y 45 -> row 2
+    assert engine._grid_cell((199.9, 99.9), (100, 200), (5, 10)) == (4, 9)
+    assert engine._grid_cell((-5.0, -5.0), (100, 200), (5, 10)) == (0, 0)
+    assert engine._grid_cell((500.0, 500.0), (100, 200), (5, 10)) == (4, 9)
+
+
+def test_similarity_to_no_point_is_minus_one_and_to_several_the_best():
+    dense = _two_region_dense()
+    assert (engine._similarity(dense, []) == -1.0).all()
+    both = engine._similarity(dense, [(8.0, 8.0), (56.0, 8.0)])  # one click in each half
+    assert both.shape == (8, 8) and (both == 1.0).all()
+
+
+def test_clicks_on_and_past_the_image_edge_are_clamped_to_it():
+    dense = _two_region_dense()
+    flat = torch.full((8, 8), 0.5)
+    mask, _ = engine.click_mask(dense, flat, [(-3.0, -3.0)])
+    assert mask[0, 0] and mask[:, :28].all() and not mask[:, 36:].any()
+    mask, _ = engine.click_mask(dense, flat, [(64.0, 64.0)])  # one past the last pixel: the right half
+    assert mask[63, 63] and mask[:, 36:].all() and not mask[:, :28].any()
+    # a negative click past the corner takes the corner pixel out, and nothing else
+    cut, _ = engine.click_mask(dense, flat, [(10.0, 30.0)], [(-3.0, -3.0)])
+    assert not cut[0, 0] and cut[0, 1] and cut[1, 0] and cut[30, 10]
+
+
+def test_a_negative_click_as_similar_as_the_positive_one_does_not_blank_the_region():
+    dense = _two_region_dense()  # the whole left half has one feature: both clicks' patches are alike
+    flat = torch.full((8, 8), 0.5)
+    mask, _ = engine.click_mask(dense, flat, [(8.0, 8.0)], [(8.0, 56.0)])
+    assert mask[8, 8] and not mask[56, 8] and mask[:, :28].sum() == 64 * 28 - 1 and not mask[:, 36:].any()
+
+
+def test_a_neighbouring_region_the_label_covers_joins_a_click_the_label_does_not_cover():
+    """Score = half similarity, half label probability: the clicked half (similarity 1, probability 0)
+    scores 0.5; the other half (similarity 0, probability 1) scores 0.5 too, above 60 % of the click's."""
+    dense = _two_region_dense()
+    probs = torch.zeros(8, 8)
+    probs[:, 4:] = 1.0
+    mask, score = engine.click_mask(dense, probs, [(8.0, 8.0)])
+    assert mask.all()
+    assert score == pytest.approx(0.5, abs=0.01)  # the label's mean probability over the mask
+
+
+def test_phrase_masks_give_each_phrase_its_winning_pixels_and_their_mean_probability():
+    dense = _two_region_dense()  # left half feature e0, right half e1
+    emb = torch.eye(4)[:3]  # phrase 0 = e0, phrase 1 = e1, phrase 2 = e2 (nowhere), no background class
+    opts = SegmentOptions(key_smoothing=False, prompt_denoising=False, temperature=1.0)
+    (left, s0), (right, s1), (none, s2) = engine.phrase_masks(dense, emb, 3, opts)
+    winning = math.e / (math.e + 2)  # softmax of cosines (1, 0, 0) at temperature 1
+    assert left[:, :28].all() and not left[:, 36:].any() and right[:, 36:].all() and not right[:, :28].any()
+    # the mean winning probability: the full value inside a half, a little less on the blended middle columns
+    assert 0.95 * winning < s0 < winning and s1 == pytest.approx(s0, rel=1e-5)
+    assert not none.any() and s2 == 0.0
+    assert len(engine.phrase_masks(dense, emb, 1, opts)) == 1
+
+
 # --- phrases -> labels ----------------------------------------------------------------------------------
 
 
@@ -250,6 +309,18 @@ def test_box_mask_lies_inside_the_box_and_is_computed_on_the_crop(tiny):
     full = box_corners(BoxPrompt("Car", 0, 0, 100, 100), (height, width))
     whole = engine.box_mask(seg, image, full, k, emb, plain)[0]
     assert (whole == expected).mean() > 0.99
+    # An axis-aligned box inside the image: the mask is the crop's own segmentation, exactly.
+    y0, y1, x0, x1 = 40, 200, 60, 300
+    corners = np.array([[x0, y0], [x1 - 1, y0], [x1 - 1, y1 - 1], [x0, y1 - 1]], float)
+    crop = np.ascontiguousarray(image[y0:y1, x0:x1])
+    crop_dense = engine.encode_image(seg, crop, plain)
+    crop_probs = engine._upsample(engine.grid_probs(crop_dense, emb, plain), crop.shape[:2])
+    mask, score = engine.box_mask(seg, image, corners, k, emb, SegmentOptions(short_side=64, size_multiple=128))
+    expected_crop = (crop_probs.argmax(0) == k).numpy()
+    assert expected_crop.any()
+    np.testing.assert_array_equal(mask[y0:y1, x0:x1], expected_crop)
+    assert not mask[:y0].any() and not mask[y1:].any() and not mask[:, :x0].any() and not mask[:, x1:].any()
+    assert score == pytest.approx(float(crop_probs[k].numpy()[expected_crop].mean()), rel=1e-5)
 
 
 @pytest.fixture(scope="module")
