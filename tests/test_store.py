@@ -397,7 +397,7 @@ def test_task_records_are_values(store: Store) -> None:
 def test_a_one_pixel_mask_is_kept_and_an_empty_one_dropped(store: Store) -> None:
     dot = np.zeros((6, 7), bool)
     dot[2, 3] = True
-    store.put_annotation(write(60, 60, {"dot": dot, "none": np.zeros((6, 7), bool)}))
+    store.put_annotation(write(60, 60, {"a-none": np.zeros((6, 7), bool), "dot": dot}))  # the empty one first
     (sample,) = store.accepted_samples()
     assert sorted(sample.masks) == ["dot"] and sample.masks["dot"].sum() == 1
 
