@@ -235,6 +235,26 @@ def test_phrase_masks_give_each_phrase_its_winning_pixels_and_their_mean_probabi
     assert len(engine.phrase_masks(dense, emb, 1, opts)) == 1
 
 
+def test_a_negative_click_past_the_far_corner_takes_out_the_corner_pixel_only():
+    dense = _two_region_dense()
+    flat = torch.full((8, 8), 0.5)
+    cut, _ = engine.click_mask(dense, flat, [(50.0, 30.0)], [(70.0, 70.0)])
+    assert not cut[63, 63] and cut[62, 62] and cut[63, 62] and cut[62, 63] and cut[30, 50]
+
+
+def test_upsampling_is_bilinear_with_pixel_centres_as_the_model_sees_them():
+    grid = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    row = engine._upsample(grid, (2, 4))[0]
+    torch.testing.assert_close(row, torch.tensor([0.0, 0.25, 0.75, 1.0]))  # align_corners=False
+    stacked = engine._upsample(torch.stack([grid, 1 - grid]), (2, 4))
+    assert stacked.shape == (2, 2, 4)
+
+
+def test_a_dense_image_counts_its_bytes():
+    dense = _two_region_dense()  # features (4, 8, 8) and affinity (64, 64), float32
+    assert dense.nbytes == 4 * (4 * 8 * 8 + 64 * 64)
+
+
 # --- phrases -> labels ----------------------------------------------------------------------------------
 
 
@@ -321,6 +341,11 @@ def test_box_mask_lies_inside_the_box_and_is_computed_on_the_crop(tiny):
     np.testing.assert_array_equal(mask[y0:y1, x0:x1], expected_crop)
     assert not mask[:y0].any() and not mask[y1:].any() and not mask[:, :x0].any() and not mask[:, x1:].any()
     assert score == pytest.approx(float(crop_probs[k].numpy()[expected_crop].mean()), rel=1e-5)
+    # A box off the image covers nothing; a one-pixel box is a box.
+    with pytest.raises(ValueError, match="covers no pixel"):
+        engine.box_mask(seg, image, np.array([[-50, -50], [-10, -50], [-10, -10], [-50, -10]], float), k, emb, plain)
+    dot, _ = engine.box_mask(seg, image, np.array([[5, 5], [5, 5], [5, 5], [5, 5]], float), k, emb, plain)
+    assert dot.sum() <= 1 and not dot[:5].any() and not dot[6:].any()
 
 
 @pytest.fixture(scope="module")
