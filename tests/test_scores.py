@@ -95,3 +95,28 @@ def test_segment_options_carry_the_score():
     from labelstudio_maskclip.models import segment_options
 
     assert segment_options(Settings(score="margin")).score == "margin"
+
+
+def test_a_label_won_by_one_pixel_scores_that_pixels_probability():
+    probs = torch.zeros(3, 1, 3)  # the grid's own size: no interpolation
+    probs[:, 0, 0] = torch.tensor([0.7, 0.2, 0.1])
+    probs[:, 0, 1] = torch.tensor([0.2, 0.6, 0.2])  # label 1 wins this one pixel only
+    probs[:, 0, 2] = torch.tensor([0.8, 0.1, 0.1])
+    seg = seg_mod._finalize(probs, (1, 3), 3, 0.0)
+    assert seg.class_areas.tolist() == [2, 1, 0]
+    assert seg.class_scores.tolist() == pytest.approx([0.75, 0.6, 0.0], abs=1e-6)
+
+
+def test_an_image_with_no_labelled_pixel_scores_zero_for_every_kind():
+    probs = _uniform_grid([0.5, 0.3, 0.2])
+    for kind in SCORES:
+        seg = seg_mod._finalize(probs, (4, 4), 3, 0.9, kind)  # nothing reaches min_confidence 0.9
+        assert (seg.labels == seg_mod.NO_LABEL).all() and seg.score == 0.0, kind
+
+
+def test_margin_with_two_labels_and_entropy_with_one():
+    two = seg_mod._finalize(_uniform_grid([0.7, 0.3]), (3, 3), 2, 0.0, "margin")
+    assert two.score == pytest.approx(0.4, abs=1e-6)
+    one = seg_mod._finalize(_uniform_grid([1.0]), (3, 3), 1, 0.0, "entropy")
+    assert one.score == 1.0 and (one.labels == 0).all()
+    assert seg_mod._finalize(_uniform_grid([1.0]), (3, 3), 1, 0.0, "margin").score == 1.0
