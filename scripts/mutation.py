@@ -308,10 +308,12 @@ def _pytest(work: Path, args: list[str], timeout: float, env_extra: dict[str, st
 
 def _scratch_copy() -> Path:
     work = Path(tempfile.mkdtemp(prefix="mutation-"))
-    for name in ("labelstudio_maskclip", "tests"):
-        shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "setup.cfg"):
-        shutil.copy(ROOT / name, work / name)
+    for name in ("labelstudio_maskclip", "tests", "docker", "docs", "benchmarks", "scripts"):  # what tests read
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "setup.cfg", "README.md", "BENCHMARKS.md", "Makefile"):
+        if (ROOT / name).is_file():
+            shutil.copy(ROOT / name, work / name)
     return work
 
 

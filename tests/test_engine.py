@@ -217,6 +217,37 @@ def test_sliding_window_averages_overlaps(vit):
     ]
 
 
+def test_sliding_windows_in_two_directions_average_every_window_covering_a_cell(vit):
+    emb = vit.text_embeddings(["a", "b", "c"], templates=["{}"])
+    px = _pixels(6, 48, 48)  # stride 8: a 6 x 6 grid; windows of 32 at y, x in (0, 16): 4 windows
+    opts = SegmentOptions(window=32, stride=16, key_smoothing=True, prompt_denoising=False)
+    got = vit.grid_probs(px, emb, opts)
+    q = {(y, x): vit.grid_probs(px[..., y : y + 32, x : x + 32], emb, opts) for y in (0, 16) for x in (0, 16)}
+    torch.testing.assert_close(got[..., 0, 0], q[0, 0][..., 0, 0])  # one window
+    torch.testing.assert_close(got[..., 5, 5], q[16, 16][..., 3, 3])
+    torch.testing.assert_close(got[..., 0, 5], q[0, 16][..., 0, 3])
+    torch.testing.assert_close(got[..., 5, 0], q[16, 0][..., 3, 0])
+    torch.testing.assert_close(got[..., 2, 0], (q[0, 0][..., 2, 0] + q[16, 0][..., 0, 0]) / 2)  # two windows
+    four = (q[0, 0][..., 2, 2] + q[0, 16][..., 2, 0] + q[16, 0][..., 0, 2] + q[16, 16][..., 0, 0]) / 4
+    torch.testing.assert_close(got[..., 2, 2], four)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        vit.grid_probs(px, emb, SegmentOptions(window=20, stride=16))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        vit.grid_probs(px, emb, SegmentOptions(window=32, stride=12))
+
+
+def test_text_embeddings_keep_the_64_most_recent_vocabularies(vit):
+    seg = MaskCLIP(vit.clip, templates="simple")
+    assert seg.compiled is False  # eager unless asked
+    first = seg.text_embeddings(["word0"])
+    for i in range(1, 64):
+        seg.text_embeddings([f"word{i}"])
+    assert seg.text_embeddings(["word0"]) is first  # 64 kept; reading word0 makes it the newest
+    seg.text_embeddings(["word64"])  # 65th: the oldest (word1) goes, word0 stays
+    assert seg.text_embeddings(["word0"]) is first
+    assert len(seg._text_cache) == 64 and ("word1",) not in {k[0][0] for k in seg._text_cache}
+
+
 def test_clearclip_is_q_q_attention_without_residual_or_mlp(vit):
     visual = vit.clip.model.visual
     blk = visual.transformer.resblocks[-1]
