@@ -513,3 +513,51 @@ def test_an_unknown_file_lists_the_architectures_tags(tmp_path):
         load_clip("ViT-B-16", str(tmp_path / "nope.pt"), "cpu")
     with pytest.raises(WeightsError, match="Known tags: none"):
         load_clip(TINY_VIT, str(tmp_path / "nope.pt"), "cpu")
+
+
+def test_documented_defaults():
+    opts = SegmentOptions()
+    assert (opts.short_side, opts.size_multiple, opts.max_input_pixels, opts.window, opts.stride) == (448, 0, 0, 0, 224)
+    assert opts.key_smoothing and opts.prompt_denoising and opts.refine == "none"
+    assert (opts.temperature, opts.min_confidence, opts.batch_size, opts.score) == (100.0, 0.0, 16, "confidence")
+    assert seg_mod.REFINE_MAX_SIDE == 896  # PAMR's resolution cap (README, docs/method.md)
+
+
+def test_segmentation_lists_present_labels_their_masks_and_full_size_probabilities():
+    probs = torch.zeros(3, 2, 2)
+    probs[0, :, 0] = 1.0  # label 0 on the left, label 2 on the right, label 1 nowhere
+    probs[2, :, 1] = 1.0
+    seg = seg_mod._finalize(probs, (4, 6), 3, 0.0)
+    assert seg.present == [0, 2]
+    masks = seg.masks()
+    assert sorted(masks) == [0, 2] and masks[0][:, :2].all() and not masks[0][:, 4:].any()
+    full = seg.probabilities()
+    assert full.shape == (3, 4, 6) and full.dtype == np.float32
+    np.testing.assert_allclose(full[0, :, 0], 1.0) and np.testing.assert_allclose(full[2, :, 5], 1.0)
+
+
+def test_a_long_strip_is_capped_to_the_pixel_budget_and_exactly_four_to_one_is_not():
+    assert seg_mod.resized_size(100, 400, 448, 16) == (448, 1792)  # 4:1 at short side 448: untouched
+    h, w = seg_mod.resized_size(100, 500, 448, 16)  # 5:1 would be 448 x 2240, over 4 x 448^2
+    assert (h, w) == (400, 2000) and h * w <= 4 * 448 * 448
+    assert seg_mod.resized_size(500, 500, 400, 16, 64) == (400, 384)  # a square's width gets the coarse step
+
+
+def test_images_are_scaled_to_one_resized_antialiased_and_normalised():
+    mean = torch.tensor([0.5, 0.25, 0.0]).view(1, 3, 1, 1)
+    std = torch.tensor([0.25, 0.5, 1.0]).view(1, 3, 1, 1)
+    white = np.full((8, 8, 3), 255, np.uint8)
+    out = seg_mod.normalized_batch([white], (4, 4), mean, std)
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([2.0, 1.5, 1.0]))  # (1 - mean) / std
+    checker = ((np.indices((16, 16)).sum(0) % 2) * 255).astype(np.uint8)[:, :, None].repeat(3, 2)
+    grey = seg_mod.normalized_batch([checker], (4, 4), torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
+    torch.testing.assert_close(grey, torch.full((1, 3, 4, 4), 0.5), atol=0.01, rtol=0)  # averaged, not sampled
+    ramp = np.tile(np.arange(0, 256, 32, dtype=np.uint8)[None, :, None], (2, 1, 3))  # (2, 8, 3)
+    up = seg_mod.normalized_batch([ramp], (2, 16), torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(ramp).permute(2, 0, 1)[None].float() / 255, size=(2, 16), mode="bilinear",
+        antialias=True, align_corners=False,
+    )  # fmt: skip
+    torch.testing.assert_close(up, expected)
+    # pixel centres (align_corners=False): output 0 clamps to input 0, output 1 is a quarter of the way to input 1
+    assert up[0, 0, 0, 0] == 0.0 and float(up[0, 0, 0, 1]) == pytest.approx(0.25 * 32 / 255, abs=1e-6)
