@@ -399,3 +399,29 @@ def test_predict_with_device_decoding_gives_the_same_answers_and_reasons(weights
     assert {x["value"]["brushlabels"][0] for x in a["results"][0]["result"]} == {
         x["value"]["brushlabels"][0] for x in b["results"][0]["result"]
     }
+
+
+def test_messages_name_a_task_by_its_image_shortened_to_80_characters():
+    short = {"data": {"image": "/data/upload/1/cat.jpg", "n": 3}}
+    assert backend_module._short(short) == "/data/upload/1/cat.jpg"
+    exact = {"data": {"image": "x" * 80}}
+    assert backend_module._short(exact) == "x" * 80
+    long = {"data": {"image": "https://example.com/" + "a" * 100}}
+    shortened = backend_module._short(long)
+    assert len(shortened) == 80 and shortened.endswith("...") and shortened.startswith("https://example.com/aaa")
+    assert backend_module._short({"data": "not a mapping"}) == "" and backend_module._short(None) == ""
+
+
+def test_batches_are_keyed_by_the_models_own_stride_else_32():
+    opts = SegmentOptions(short_side=100)
+
+    class Strided:
+        stride = 10
+
+    class Student:
+        class net:  # noqa: N801 - a student model exposes its network as .net
+            stride = 20
+
+    assert backend_module._size_key(Strided(), opts)(100, 150) == (100, 150)
+    assert backend_module._size_key(Student(), opts)(100, 150) == (100, 160)
+    assert backend_module._size_key(object(), opts)(100, 150) == (96, 160)
