@@ -561,3 +561,34 @@ def test_images_are_scaled_to_one_resized_antialiased_and_normalised():
     torch.testing.assert_close(up, expected)
     # pixel centres (align_corners=False): output 0 clamps to input 0, output 1 is a quarter of the way to input 1
     assert up[0, 0, 0, 0] == 0.0 and float(up[0, 0, 0, 1]) == pytest.approx(0.25 * 32 / 255, abs=1e-6)
+
+
+@pytest.mark.parametrize("grid", [(9, 1), (1, 9), (1, 1)])
+def test_one_cell_wide_grids_finish_like_the_plain_upsampling(grid):
+    gen = torch.Generator().manual_seed(sum(grid))
+    probs = (torch.randn(5, *grid, generator=gen) * 3).softmax(0)  # 5 classes: the candidate shortcut runs
+    seg = seg_mod._finalize(probs, (18, 11), 5, 0.0)
+    best, label = torch.nn.functional.interpolate(probs[None], size=(18, 11), mode="bilinear")[0].max(0)
+    assert (seg.labels == label.numpy()).mean() > 0.999
+    np.testing.assert_allclose(seg.confidence, best.numpy(), atol=1e-6)
+
+
+def test_the_model_normalises_pixels_with_its_own_statistics(vit):
+    x = torch.rand(2, 3, 4, 5)
+    mean = torch.tensor(vit.clip.mean).view(1, 3, 1, 1)
+    std = torch.tensor(vit.clip.std).view(1, 3, 1, 1)
+    torch.testing.assert_close(vit.normalize(x), (x - mean) / std)
+
+
+def test_batching_refuses_what_is_not_rgb_and_reports_progress_per_batch():
+    probs_of = lambda batch, size: torch.full((len(batch), 2, 2, 2), 0.5)  # noqa: E731
+    size_of = lambda h, w: (16, 16)  # noqa: E731
+    for bad in (np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4), np.uint8), np.zeros((4, 4, 3), np.float32)):
+        with pytest.raises(ValueError, match=r"expected \(H, W, 3\) uint8 RGB"):
+            seg_mod.segment_in_batches([bad], size_of, probs_of, n_labels=2, batch_size=2, min_confidence=0.0)
+    done = []
+    images = [np.zeros((4, 4, 3), np.uint8)] * 5
+    out = seg_mod.segment_in_batches(
+        images, size_of, probs_of, n_labels=2, batch_size=2, min_confidence=0.0, progress=done.append
+    )
+    assert len(out) == 5 and done == [2, 2, 1]
