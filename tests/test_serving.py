@@ -406,6 +406,7 @@ def test_messages_name_a_task_by_its_image_shortened_to_80_characters():
     assert backend_module._short(short) == "/data/upload/1/cat.jpg"
     exact = {"data": {"image": "x" * 80}}
     assert backend_module._short(exact) == "x" * 80
+    assert backend_module._short({"data": {"image": "y" * 81}}) == "y" * 77 + "..."  # one over: shortened
     long = {"data": {"image": "https://example.com/" + "a" * 100}}
     shortened = backend_module._short(long)
     assert len(shortened) == 80 and shortened.endswith("...") and shortened.startswith("https://example.com/aaa")
