@@ -426,3 +426,20 @@ def test_batches_are_keyed_by_the_models_own_stride_else_32():
     assert backend_module._size_key(Strided(), opts)(100, 150) == (100, 150)
     assert backend_module._size_key(Student(), opts)(100, 150) == (100, 160)
     assert backend_module._size_key(object(), opts)(100, 150) == (96, 160)
+
+
+def test_tasks_without_a_usable_image_reference_get_their_own_reason(weights, tmp_path):
+    uri = _uri(np.full((40, 60, 3), 120, np.uint8))
+    tasks = [
+        {"id": 1, "data": {"image": uri}},
+        {"id": 2},  # no data at all
+        {"id": 3, "data": {"image": ""}},
+        {"id": 4, "data": {"image": 5, **{f"k{i:02d}": i for i in range(12)}}},
+    ]
+    body = MaskCLIPBackend(_settings(weights, tmp_path), "1", BRUSH).predict(tasks)
+    assert body["results"][0] and not any(body["results"][1:])
+    reasons = {e["task"]: e["error"] for e in body["errors"]}
+    assert reasons[2] == "task has no 'data' object"
+    assert reasons[3].startswith("task data has no image under 'image'")
+    listed = reasons[4].split("keys: ")[1]
+    assert listed.count("'") == 2 * 10  # the first 10 keys, sorted
