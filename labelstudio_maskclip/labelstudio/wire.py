@@ -24,7 +24,7 @@ def json_bytes(obj: Any) -> bytes:
     :mod:`json`'s ``NaN``). Anything else that is not JSON raises :class:`TypeError`.
 
     orjson stops at 64-bit integers; a payload with a larger one (a task id of a malformed request, echoed
-    in an error) is written by :mod:`json` instead, which has no such limit.
+    in an error) is written by :mod:`json` instead, which has no such limit (and writes NaN as ``NaN``).
     """
     try:
         return orjson.dumps(obj, default=_plain, option=_OPTIONS)
