@@ -81,11 +81,11 @@ def prediction(
     index = {label: k for k, label in enumerate(vocabulary)}
     min_pixels = min_area * height * width
     wanted = [
-        (target, spec.value, index[spec.value])
+        (target, spec.value, k)
         for target in targets
         if target.kind == "brush" or polygons
         for spec in target.labels
-        if seg.class_areas[index[spec.value]] > 0 and seg.class_areas[index[spec.value]] >= min_pixels
+        if 0 < seg.class_areas[k := index[spec.value]] >= min_pixels
     ]
     # Every brush mask from one pass over the label map (see label_map_to_brush_rles).
     brush_classes = sorted({k for target, _, k in wanted if target.kind == "brush"})
