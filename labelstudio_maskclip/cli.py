@@ -150,54 +150,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_preannotate(args: argparse.Namespace) -> int:
     """One process, or one rank of ``torchrun -m labelstudio_maskclip preannotate``: each rank predicts its
     shard (task id modulo the world size) on its own device; rank 0 prints the totals."""
-    from .labelstudio.preannotate import preannotate, shard_from_env
+    from .labelstudio.preannotate import RankTotals, preannotate, shard_from_env
 
     s = _settings(args)
     shard = shard_from_env()
-    group = _init_distributed(s) if shard.world > 1 else None
-    if group is not None and s.device in ("auto", "cuda"):
+    totals = RankTotals(shard) if shard.world > 1 else None
+    if totals is not None and s.device in ("auto", "cuda"):
         import torch
 
         if torch.cuda.is_available():
             s = s.replace(device=f"cuda:{int(os.environ.get('LOCAL_RANK', shard.rank)) % torch.cuda.device_count()}")
     r = preannotate(s, args.project, batch_size=args.batch, upload_batch=args.upload_batch, refresh=args.refresh,
                     shard=shard, progress=shard.rank == 0)  # fmt: skip
-    summary = r.summary()
-    if group is not None:
-        summary = _reduce_summary(summary, shard.world)
-    if shard.rank == 0:
+    mine = r.summary()
+    summary = totals.combine(mine) if totals is not None else mine  # None on ranks other than 0
+    if summary is not None:
         print(json.dumps(summary))
     for f in r.failed[:20]:
         log.warning("task %s: %s", f.get("task"), f.get("error"))
-    return 1 if summary["failed"] else 0
-
-
-def _init_distributed(s: Settings):
-    """torch.distributed for torchrun ranks (gloo on CPU, nccl on GPUs), used for the final totals only."""
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        use_nccl = torch.cuda.is_available() and s.device != "cpu"
-        dist.init_process_group("nccl" if use_nccl else "gloo")
-    return dist.group.WORLD
-
-
-def _reduce_summary(summary: dict, world: int) -> dict:
-    """Totals over the ranks (counts summed, time the slowest rank's)."""
-    import torch.distributed as dist
-
-    parts: list = [None] * world
-    dist.all_gather_object(parts, summary)
-    dist.destroy_process_group()
-    total = dict(parts[0])
-    for key in ("predicted", "failed"):
-        total[key] = sum(p[key] for p in parts)
-    total["skipped"] = parts[0]["skipped"]
-    total["seconds"] = max(p["seconds"] for p in parts)
-    total["tasks_per_s"] = round(total["predicted"] / total["seconds"], 2) if total["seconds"] else None
-    total["ranks"] = world
-    return total
+    return 1 if (summary or mine)["failed"] else 0
 
 
 def _cmd_next(args: argparse.Namespace) -> int:

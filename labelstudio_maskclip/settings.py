@@ -162,8 +162,9 @@ class Settings:
             raise SettingsError(
                 "MASKCLIP_SHORT_SIDE, MASKCLIP_MAX_INPUT_PIXELS, MASKCLIP_WINDOW and MASKCLIP_SIZE_MULTIPLE must be >= 0"
             )
-        if self.download_timeout <= 0 or self.temperature <= 0:
-            raise SettingsError("MASKCLIP_DOWNLOAD_TIMEOUT and MASKCLIP_TEMPERATURE must be positive")
+        for name in ("download_timeout", "temperature", "predict_time_budget"):
+            if not getattr(self, name) > 0:  # NaN too
+                raise SettingsError(f"{ENV[name]}={getattr(self, name)!r} must be positive")
         return self
 
     def public(self) -> dict[str, Any]:

@@ -470,3 +470,31 @@ def test_backfill_from_api_with_the_package_client(store: Store, label_studio_li
 
 def test_public_surface() -> None:
     assert all(hasattr(collect, name) for name in collect.__all__)
+
+
+def test_an_annotation_started_from_a_prediction_queues_a_small_follow_up(tmp_path):
+    """Label Studio's webhook names the parent prediction without its result: the backend queues a follow-up
+    that fetches it, carrying the annotation's small fields and the config, not its masks."""
+    from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend
+    from labelstudio_maskclip.labelstudio.followups import ParentPredictionCheck
+    from labelstudio_maskclip.settings import Settings
+
+    backend = MaskCLIPBackend(Settings(model_dir=str(tmp_path), label_studio_url="http://127.0.0.1:9"))
+    body = event(5, 3, [brush("r1", "cat", disc(20, 30, 10))], parent_prediction=9, lead_time=4.0,
+                 completed_by={"id": 1, "email": "a@example.org"}, draft_id=0)  # fmt: skip
+    check = backend._parent_prediction_check(body)
+    assert check == ParentPredictionCheck(
+        annotation_id=5, prediction_id=9, task=3, project=1, label_config=CONFIG,
+        fields={"id": 5, "task": 3, "project": 1, "completed_by": {"id": 1, "email": "a@example.org"},
+                "ground_truth": False, "was_cancelled": False, "parent_prediction": 9,
+                "updated_at": "2026-11-02T10:00:00.000000Z"},
+    )  # fmt: skip
+    big = copy.deepcopy(body)
+    big["project"]["label_config"] = CONFIG + " " * 70_000
+    big["annotation"]["completed_by"] = {"id": 1, "bio": "x" * 100_000}
+    check = backend._parent_prediction_check(big)
+    assert check is not None and check.label_config is None and "completed_by" not in check.fields
+    for change in ({"id": None}, {"parent_prediction": None}, {"prediction": {"id": 9, "result": []}}):
+        assert backend._parent_prediction_check({**body, "annotation": {**body["annotation"], **change}}) is None
+    no_label_studio = MaskCLIPBackend(Settings(model_dir=str(tmp_path)))
+    assert no_label_studio._parent_prediction_check(body) is None

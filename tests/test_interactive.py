@@ -358,12 +358,17 @@ def backend(tiny, tmp_path_factory):
     return MaskCLIPBackend(settings, "1", CONFIG), "data:image/jpeg;base64," + photo
 
 
-def test_backend_answers_each_kind_of_prompt_with_brush_and_polygons(backend):
+def test_backend_answers_each_kind_of_prompt_with_brush_and_polygons(backend, caplog):
     be, url = backend
     task = {"id": 7, "data": {"image": url}}
     height, width = 480, 640
+    caplog.set_level("INFO", logger="labelstudio_maskclip.labelstudio.backend")
     reply = be.predict([task], {"result": [text("car, road"), click(20, 30), box(40, 40, 30, 30)]})
     (pred,) = reply["results"]
+    assert pred["score"] == round(float(np.mean([r["score"] for r in pred["result"]])), 4) > 0
+    (logged,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("interactive: ")]
+    assert logged.startswith(f"interactive: task 7, 3 prompts -> {len(pred['result'])} regions in ")
+    assert 0 <= float(logged.rsplit(" in ", 1)[1].removesuffix(" ms")) < 600_000
     kinds = {(r["type"], r["from_name"]) for r in pred["result"]}
     assert ("brushlabels", "tag") in kinds and ("polygonlabels", "outline") in kinds
     notes = [r["meta"]["text"][0] for r in pred["result"]]
@@ -398,7 +403,19 @@ def test_backend_refuses_unusable_interactive_requests(backend):
         be.predict([{"id": 1, "data": {"image": url}}] * 2, {"result": [click(1, 1)]})
     with pytest.raises(PredictError, match="not a label"):
         be.predict([{"id": 1, "data": {"image": url}}], {"result": [click(1, 1, "Bus")]})
-    with pytest.raises(PredictError, match="no image"):
-        be.predict([{"id": 1, "data": {}}], {"result": [click(1, 1)]})
+    for data in ({}, {"image": ""}, {"image": 7}):
+        with pytest.raises(PredictError, match=r"^the task has no image under data\.image$"):
+            be.predict([{"id": 1, "data": data}], {"result": [click(1, 1)]})
     with pytest.raises(PredictError, match="task 1"):
         be.predict([{"id": 1, "data": {"image": "data:image/png;base64,AAAA"}}], {"result": [click(1, 1)]})
+
+
+def test_an_interactive_image_that_cannot_start_downloading_in_time_is_a_clear_error(backend, monkeypatch):
+    """The request's budget is spent before the download starts (a clock that jumps 100 s a reading)."""
+    from labelstudio_maskclip.labelstudio import backend as backend_module
+
+    be, url = backend
+    now = iter(range(0, 10**6, 100))
+    monkeypatch.setattr(backend_module.time, "monotonic", lambda: float(next(now)))
+    with pytest.raises(PredictError, match=r"^task 41: the image did not arrive within the time budget$"):
+        be.predict([{"id": 41, "data": {"image": url + "#other"}}], {"result": [click(1, 1)]})

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -16,8 +20,9 @@ import pytest
 from PIL import Image
 
 from labelstudio_maskclip.labelstudio.api import AmbiguousWriteError, LabelStudioAPIError
-from labelstudio_maskclip.labelstudio.preannotate import Shard, preannotate, shard_from_env
+from labelstudio_maskclip.labelstudio.preannotate import Shard, combine_summaries, preannotate, shard_from_env
 from labelstudio_maskclip.settings import Settings
+from tests.labelstudio import free_port
 from tests.tiny import TINY_VIT, save_random_state
 
 CONFIG = """<View><Image name="image" value="$image"/>
@@ -200,3 +205,40 @@ def test_a_failing_stage_stops_the_pipeline_with_its_error(settings):
         preannotate(settings, 1, api=ls_api, upload_batch=5, progress=False)
     ls.versions_of = original
     assert threading.active_count() < 20  # the pipeline's threads ended
+
+
+def test_the_ranks_summaries_add_up_to_the_jobs():
+    parts = [
+        {"model_version": "v", "predicted": 4, "skipped": 3, "failed": 1, "seconds": 2.0, "tasks_per_s": 2.0},
+        {"model_version": "v", "predicted": 6, "skipped": 0, "failed": 0, "seconds": 4.0, "tasks_per_s": 1.5},
+    ]
+    total = combine_summaries(parts)
+    assert total == {"model_version": "v", "predicted": 10, "skipped": 3, "failed": 1, "seconds": 4.0,
+                     "tasks_per_s": 2.5, "ranks": 2}  # fmt: skip
+    assert parts[0]["predicted"] == 4  # the parts are left as they were
+    assert combine_summaries([{**parts[0], "predicted": 0, "seconds": 0.0}])["tasks_per_s"] is None
+
+
+_RANK = """
+import json, sys
+from labelstudio_maskclip.labelstudio.preannotate import RankTotals, shard_from_env
+shard = shard_from_env()
+total = RankTotals(shard).combine({"model_version": "v", "predicted": shard.rank + 1, "skipped": 0,
+                                   "failed": 0, "seconds": 1.0 + shard.rank, "tasks_per_s": 1.0})
+print(json.dumps(total))
+"""
+
+
+def test_ranks_meet_through_the_store_that_rank_0_hosts_without_torchrun():
+    """Launched by hand (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; no torchrun agent): rank 0 hosts the store,
+    waits for every rank's summary and prints the totals; the others print nothing but None, and all exit 0."""
+    port = str(free_port())
+    env = {**os.environ, "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    procs = [subprocess.Popen([sys.executable, "-c", _RANK], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (2, 1, 0)]  # fmt: skip
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
+    assert [json.loads(out) for out, _ in outs[:2]] == [None, None]
+    assert json.loads(outs[2][0]) == {"model_version": "v", "predicted": 6, "skipped": 0, "failed": 0,
+                                      "seconds": 3.0, "tasks_per_s": 2.0, "ranks": 3}  # fmt: skip

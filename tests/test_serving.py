@@ -443,3 +443,129 @@ def test_tasks_without_a_usable_image_reference_get_their_own_reason(weights, tm
     assert reasons[3].startswith("task data has no image under 'image'")
     listed = reasons[4].split("keys: ")[1]
     assert listed.count("'") == 2 * 10  # the first 10 keys, sorted
+
+
+# --- one request: chunks of downloads, a model failure, the log ------------------------------------------------
+
+
+def _sized_tasks(sizes: list[tuple[int, int]], first_id: int = 1) -> list[dict]:
+    return [{"id": first_id + k, "data": {"image": _uri(np.full((h, w, 3), 40 + k, np.uint8))}}
+            for k, (h, w) in enumerate(sizes)]  # fmt: skip
+
+
+def _sizes(body: dict) -> list[tuple[int, int] | None]:
+    """(height, width) each task's prediction was made for (None: no prediction)."""
+    out = []
+    for r in body["results"]:
+        region = r["result"][0] if r and r["result"] else None
+        out.append((region["original_height"], region["original_width"]) if region else None)
+    return out
+
+
+def test_a_project_sized_request_goes_in_chunks_and_logs_its_progress(weights, tmp_path, monkeypatch, caplog):
+    """Five tasks in chunks of three: the next chunk downloads while one is segmented; every task gets the
+    prediction of its own image, and the log says how far the request has got."""
+    monkeypatch.setattr(backend_module, "PREDICT_CHUNK", 3)
+    settings = _settings(weights, tmp_path, batch_size=8)
+    runtime(settings).embeddings.prepare(LABELS).result(60)
+    sizes = [(24, 32), (40, 24), (32, 32), (24, 48), (56, 24)]
+    caplog.set_level("INFO", logger=backend_module.log.name)
+    body = MaskCLIPBackend(settings, "1", BRUSH).predict(_sized_tasks(sizes))
+    assert body["errors"] == [] and _sizes(body) == sizes
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("predict: ") and
+                "tasks in" in r.getMessage()]  # fmt: skip
+    assert [m.split(" tasks in")[0] for m in progress] == ["predict: 3/5", "predict: 5/5"]
+    seconds = [float(m.split(" tasks in ")[1].rstrip(" s")) for m in progress]
+    assert seconds == sorted(seconds) and 0 <= seconds[0] and seconds[-1] < 600
+    (summary,) = [r.getMessage() for r in caplog.records if "tasks predicted with" in r.getMessage()]
+    assert summary.startswith(f"predict: 5/5 tasks predicted with {runtime(settings).teacher_version()} in ")
+    assert float(summary.rsplit(" in ", 1)[1].rstrip(" s")) < 600
+
+
+def test_one_request_logs_twenty_failures_and_counts_the_rest(weights, tmp_path, caplog):
+    settings = _settings(weights, tmp_path)
+    runtime(settings).embeddings.prepare(LABELS).result(60)
+    tasks = _sized_tasks([(24, 32)]) + [{"id": 100 + k, "data": {}} for k in range(23)]
+    caplog.set_level("INFO", logger=backend_module.log.name)
+    body = MaskCLIPBackend(settings, "1", BRUSH).predict(tasks)
+    assert [e["task"] for e in body["errors"]] == list(range(100, 123))  # every reason is in the answer
+    messages = [r.getMessage() for r in caplog.records]
+    logged = [m for m in messages if m.startswith("predict: task ")]
+    assert logged == [f"predict: task {100 + k}: task data has no image under 'image' (keys: [])" for k in range(20)]
+    assert "predict: ... and 3 more tasks without a prediction" in messages
+    assert any(m.startswith("predict: 1/24 tasks predicted") for m in messages)
+
+
+def test_exactly_twenty_failures_are_all_logged_without_a_remainder_line(weights, tmp_path, caplog):
+    settings = _settings(weights, tmp_path)
+    caplog.set_level("INFO", logger=backend_module.log.name)
+    MaskCLIPBackend(settings, "1", BRUSH).predict([{"id": k, "data": {}} for k in range(20)])
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith("predict: task ") for m in messages) == 20
+    assert not any("more tasks without a prediction" in m for m in messages)
+
+
+class _FailingModel:
+    """The real model, but a batch holding an image whose first pixel is 13 fails (as out of memory would)."""
+
+    stride = 8
+
+    def __init__(self, teacher):
+        self.teacher, self.calls = teacher, []
+
+    def segment(self, images, classes, opts, text=None):
+        self.calls.append(len(images))
+        if any(int(img[0, 0, 0]) == 13 for img in images):
+            raise RuntimeError("CUDA out of memory (stand-in)")
+        return self.teacher.segment(images, classes, opts=opts, text=text)
+
+
+def test_a_batch_the_model_fails_on_is_retried_image_by_image(weights, tmp_path, monkeypatch):
+    settings = _settings(weights, tmp_path, batch_size=8)
+    rt = runtime(settings)
+    model = _FailingModel(rt.teacher_within(float("inf")))
+    rt.embeddings.prepare(LABELS).result(60)
+    monkeypatch.setattr(rt, "teacher_within", lambda deadline: model)
+    tasks = _sized_tasks([(24, 32), (24, 32), (24, 32), (24, 32)])
+    tasks[1]["data"]["image"] = _uri(np.full((24, 32, 3), 13, np.uint8))
+    body = MaskCLIPBackend(settings, "1", BRUSH).predict(tasks)
+    assert model.calls == [4, 1, 1, 1, 1]  # the batch, then each image alone
+    assert _sizes(body) == [(24, 32), None, (24, 32), (24, 32)]
+    assert body["errors"] == [{"task": 2, "error": "the model failed on this image (RuntimeError)"}]
+
+
+def test_a_request_out_of_time_does_not_go_on_to_its_next_chunk(weights, tmp_path, monkeypatch, caplog):
+    """Chunks of two, batches of two, 1 s per image, budget 3 s: the first chunk takes 2 s, the second has
+    time for one image; the third chunk is not segmented (its downloads had started, pipelined)."""
+    monkeypatch.setattr(backend_module, "PREDICT_CHUNK", 2)
+    settings = _settings(weights, tmp_path, predict_time_budget=3.0, batch_size=2)
+    rt = runtime(settings)
+    rt.embeddings.prepare(LABELS).result(60)
+    clock = _FakeClock()
+    model = _SlowModel(rt.teacher_within(float("inf")), clock)
+    monkeypatch.setattr(backend_module.time, "monotonic", clock)
+    monkeypatch.setattr(rt, "teacher_within", lambda deadline: model)
+    caplog.set_level("INFO", logger=backend_module.log.name)
+    body = MaskCLIPBackend(settings, "1", BRUSH).predict(_sized_tasks([(24, 32)] * 6))
+    assert model.batches == [2, 1]
+    assert [r != [] for r in body["results"]] == [True, True, True, False, False, False]
+    assert {e["task"] for e in body["errors"]} == {4, 5, 6}
+    progress = [r.getMessage().split(" tasks in")[0] for r in caplog.records if " tasks in " in r.getMessage()]
+    assert progress == ["predict: 2/6", "predict: 4/6"]
+
+
+def test_images_that_fit_the_time_left():
+    now = time.monotonic()
+    fit = backend_module._images_that_fit
+    assert fit(now + 100, 0.0, 7) == 7  # nothing measured yet: all of them
+    assert fit(float("inf"), 2.0, 7) == 7  # no deadline
+    assert fit(now + 100, 30.0, 7) == 3
+    assert fit(now + 100, 1.0, 7) == 7
+    assert fit(now - 5, 1.0, 7) == 0  # past the deadline: none
+
+
+def test_batches_group_images_by_their_resized_size_in_order_of_first_appearance():
+    images = [(k, np.zeros((h, 8, 3), np.uint8)) for k, h in enumerate([4, 6, 4, 4, 6])]
+    by_height = lambda h, w: (h, w)  # noqa: E731
+    assert [[i for i, _ in b] for b in backend_module._batches(images, by_height, 2)] == [[0, 2], [3], [1, 4]]
+    assert [[i for i, _ in b] for b in backend_module._batches(images, by_height, 1)] == [[0], [2], [3], [1], [4]]

@@ -26,6 +26,9 @@ def test_environment_is_parsed_by_type_and_flags_override_it():
         ({"MASKCLIP_BATCH_SIZE": "0"}, "MASKCLIP_BATCH_SIZE=0 must be positive"),
         ({"MASKCLIP_MIN_AREA": "5"}, "MASKCLIP_MIN_AREA=5.0 must be between 0 and 1"),
         ({"MASKCLIP_WINDOW": "-448"}, "MASKCLIP_WINDOW and MASKCLIP_SIZE_MULTIPLE must be >= 0"),
+        ({"MASKCLIP_PREDICT_TIME_BUDGET": "0"}, "MASKCLIP_PREDICT_TIME_BUDGET=0.0 must be positive"),
+        ({"MASKCLIP_DOWNLOAD_TIMEOUT": "nan"}, "MASKCLIP_DOWNLOAD_TIMEOUT=nan must be positive"),
+        ({"MASKCLIP_TEMPERATURE": "-1"}, "MASKCLIP_TEMPERATURE=-1.0 must be positive"),
     ],
 )
 def test_bad_values_name_the_variable(env, message):

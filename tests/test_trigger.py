@@ -315,3 +315,70 @@ def test_the_lock_lives_in_a_model_dir_created_on_demand(tmp_path):
     finally:
         lock.close()
     assert not _training_running(model_dir)
+
+
+def _webhook(annotation_id: int, task_id: int, action: str = "ANNOTATION_CREATED") -> dict:
+    from tests.test_collect import brush, disc, event
+
+    return event(annotation_id, task_id, [brush("r1", "cat", disc(20, 30, 10))], action=action)
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [({"train_every_n": 2}, "2 new annotations"), ({"train_interval_minutes": 10}, "interval 10 min"), ({}, None)],
+)
+def test_a_stored_annotation_starts_training_by_the_rule_that_is_on(setup, monkeypatch, changes, reason):
+    """Two annotations of project 1 arrive: the every-2 rule fires on the second, the interval rule on the
+    first (never trained, something new), and with both rules off nothing starts."""
+    from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend
+
+    s, _, _, _ = setup
+    _FakeTrainer.calls = []
+    monkeypatch.setattr(trigger.subprocess, "Popen", _FakeTrainer)
+    backend = MaskCLIPBackend(s.replace(**changes))
+    first = backend.fit("ANNOTATION_CREATED", _webhook(200, 1))
+    if "train_every_n" in changes:
+        assert first["status"] == "stored" and "training" not in first and _FakeTrainer.calls == []
+        reply = backend.fit("ANNOTATION_CREATED", _webhook(201, 2))
+    else:
+        reply = first
+    assert reply["status"] == "stored"
+    if reason is None:
+        assert "training" not in reply and _FakeTrainer.calls == []
+        return
+    assert reply["training"] == "started"
+    ((cmd, _),) = _FakeTrainer.calls
+    assert cmd[cmd.index("--reason") + 1] == reason
+    assert json.loads(cmd[cmd.index("--classes-json") + 1]) == [
+        {"names": ["cat"], "value": "cat"},
+        {"names": ["dog"], "value": "dog"},
+    ]
+    assert cmd[cmd.index("--project") + 1] == "1"
+
+
+@pytest.mark.parametrize("changes", [{"train_every_n": 1}, {"train_interval_minutes": 10}])
+def test_a_webhook_that_stores_nothing_starts_no_training(setup, monkeypatch, changes):
+    from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend
+
+    s, _, _, _ = setup
+    _FakeTrainer.calls = []
+    monkeypatch.setattr(trigger.subprocess, "Popen", _FakeTrainer)
+    backend = MaskCLIPBackend(s.replace(**changes))
+    for action in ("PROJECT_UPDATED", "ANNOTATIONS_DELETED"):
+        reply = backend.fit(action, _webhook(300, 2, action))
+        assert reply["status"] != "stored" and "training" not in reply
+    assert _FakeTrainer.calls == []
+
+
+def test_a_rule_that_fires_while_a_trainer_runs_says_so(setup, monkeypatch):
+    from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend
+
+    s, _, model_dir, _ = setup
+    _FakeTrainer.calls = []
+    monkeypatch.setattr(trigger.subprocess, "Popen", _FakeTrainer)
+    held = trigger.acquire_training_lock(model_dir)
+    try:
+        reply = MaskCLIPBackend(s.replace(train_every_n=1)).fit("ANNOTATION_CREATED", _webhook(201, 1))
+    finally:
+        held.close()
+    assert reply["training"] == "already running" and _FakeTrainer.calls == []

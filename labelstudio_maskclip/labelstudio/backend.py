@@ -190,16 +190,14 @@ class MaskCLIPBackend:
                 out_of_time = False
                 for batch in _batches(images, size_of, opts.batch_size):
                     fit = _images_that_fit(deadline, self.rt.seconds_per_image(version), len(batch))
-                    if fit < len(batch):  # the time left holds only part of the batch (or none of it)
-                        out_of_time, batch = True, batch[:fit]
-                    if not batch:
-                        break
-                    began = time.monotonic()
-                    batch, segs = self._segment(model, batch, classes, opts, extra, tasks, failures)
-                    self.rt.observe(version, len(batch), time.monotonic() - began)
-                    # RLE and polygon encoding run in the pool, beside the next batch's inference.
-                    encoded += [(i, pool.submit(encode, seg)) for (i, _), seg in zip(batch, segs)]
-                    if out_of_time:
+                    if fit:
+                        began = time.monotonic()
+                        ok, segs = self._segment(model, batch[:fit], classes, opts, extra, tasks, failures)
+                        self.rt.observe(version, len(ok), time.monotonic() - began)
+                        # RLE and polygon encoding run in the pool, beside the next batch's inference.
+                        encoded += [(i, pool.submit(encode, seg)) for (i, _), seg in zip(ok, segs)]
+                    if fit < len(batch):  # the time left held only part of this batch (or none of it)
+                        out_of_time = True
                         break
                 if len(chunks) > 1:  # progress of a project-sized request, for whoever watches the log
                     done = (n + 1) * PREDICT_CHUNK

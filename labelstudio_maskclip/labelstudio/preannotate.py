@@ -13,7 +13,9 @@ Resumable: tasks that already carry a prediction of the current model version ar
 interrupted run picks up where it stopped. Uploads are never resent blindly: when a bulk write fails in a
 way that does not say whether it was applied, the tasks are looked up and only those still without this
 version are sent again. Under torchrun (``RANK``/``WORLD_SIZE``) each rank takes the tasks whose
-``id % WORLD_SIZE == RANK``: disjoint shards, each predicted once.
+``id % WORLD_SIZE == RANK``: disjoint shards, each predicted once. The ranks meet only at the end, through
+torchrun's key-value store, where each leaves its summary for rank 0 to add up (no process group: there is
+nothing to exchange but the totals, and nothing collective to tear down).
 
 ``refresh=True`` restricts the run to unlabeled tasks (no annotation): re-scoring after a new model was
 promoted, so Label Studio's Data Manager sorts by the current model's scores.
@@ -21,6 +23,7 @@ promoted, so Label Studio's Data Manager sorts by the current model's scores.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -29,12 +32,13 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from ..settings import Settings
 from .api import AmbiguousWriteError, LabelStudioAPI, LabelStudioAPIError, model_versions_of
 
-__all__ = ["preannotate", "PreannotateResult", "Shard", "shard_from_env"]
+__all__ = ["preannotate", "PreannotateResult", "Shard", "shard_from_env", "RankTotals", "combine_summaries"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,42 @@ def shard_from_env(environ: Mapping[str, str] | None = None) -> Shard:
     """torchrun's ``RANK`` and ``WORLD_SIZE`` (1 process when unset)."""
     env = os.environ if environ is None else environ
     return Shard(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")))
+
+
+class RankTotals:
+    """Where the ranks of one torchrun job leave their summaries: its rendezvous store (``MASTER_ADDR``/
+    ``MASTER_PORT``; torchrun's agent hosts it, else rank 0 does), under a prefix of this job and restart.
+    Connected when the job starts, so that a wrong address fails before any work is done."""
+
+    def __init__(self, shard: Shard, timeout: timedelta = timedelta(hours=24)):
+        import torch.distributed as dist
+
+        store, _, _ = next(dist.rendezvous("env://", rank=shard.rank, world_size=shard.world, timeout=timeout))
+        run = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        self.store = dist.PrefixStore(f"labelstudio-maskclip/preannotate/{run}/", store)
+        self.shard, self.timeout = shard, timeout
+
+    def combine(self, summary: dict[str, Any]) -> dict[str, Any] | None:
+        """Leave this rank's ``summary``; rank 0 waits for every rank's and returns their totals (the other
+        ranks: None, at once)."""
+        self.store.set(f"summary/{self.shard.rank}", json.dumps(summary))
+        if self.shard.rank != 0:
+            return None
+        keys = [f"summary/{r}" for r in range(self.shard.world)]
+        self.store.wait(keys, self.timeout)
+        return combine_summaries([json.loads(self.store.get(k)) for k in keys])
+
+
+def combine_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary of the ranks' (rank 0's first): counts summed, the time the slowest rank's, ``skipped``
+    rank 0's (every rank sees the same listing), ``ranks`` added."""
+    total = dict(parts[0])
+    for key in ("predicted", "failed"):
+        total[key] = sum(p[key] for p in parts)
+    total["seconds"] = max(p["seconds"] for p in parts)
+    total["tasks_per_s"] = round(total["predicted"] / total["seconds"], 2) if total["seconds"] else None
+    total["ranks"] = len(parts)
+    return total
 
 
 @dataclass
