@@ -494,6 +494,10 @@ def test_an_annotation_started_from_a_prediction_queues_a_small_follow_up(tmp_pa
     big["annotation"]["completed_by"] = {"id": 1, "bio": "x" * 100_000}
     check = backend._parent_prediction_check(big)
     assert check is not None and check.label_config is None and "completed_by" not in check.fields
+    only_annotation_names_it = {k: v for k, v in body.items() if k != "task"}
+    assert backend._parent_prediction_check(only_annotation_names_it).task == 3
+    only_body_names_it = {**body, "annotation": {k: v for k, v in body["annotation"].items() if k != "task"}}
+    assert backend._parent_prediction_check(only_body_names_it).task == 3
     for change in ({"id": None}, {"parent_prediction": None}, {"prediction": {"id": 9, "result": []}}):
         assert backend._parent_prediction_check({**body, "annotation": {**body["annotation"], **change}}) is None
     no_label_studio = MaskCLIPBackend(Settings(model_dir=str(tmp_path)))

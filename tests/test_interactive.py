@@ -395,6 +395,12 @@ def test_second_prompt_on_the_same_image_reuses_its_features(backend):
     misses, hits = cache.misses, cache.hits
     be.predict([task], {"result": [click(60, 60, "Road")]})
     assert cache.misses == misses and cache.hits == hits + 1
+    from labelstudio_maskclip.models import segment_options
+
+    key = (url, be.rt.teacher_version(), segment_options(be.settings))
+    image, dense = cache.get(key, lambda: pytest.fail("the image's state was not cached"))
+    assert image.shape == (480, 640, 3)
+    assert len(cache) == 1 and cache.nbytes == image.nbytes + dense.nbytes  # pixels and features, counted
 
 
 def test_backend_refuses_unusable_interactive_requests(backend):

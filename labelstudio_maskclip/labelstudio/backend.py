@@ -85,9 +85,7 @@ def _size_key(model: Any, opts: Any) -> Callable[[int, int], tuple[int, int]]:
     from ..engine.segmenter import resized_size
 
     stride = getattr(model, "stride", None) or getattr(getattr(model, "net", None), "stride", 32)
-    return lambda h, w: resized_size(
-        h, w, opts.short_side, int(stride or 32), opts.size_multiple, opts.max_input_pixels
-    )
+    return lambda h, w: resized_size(h, w, opts.short_side, int(stride), opts.size_multiple, opts.max_input_pixels)
 
 
 def _batches(images: list[tuple[int, np.ndarray]], size_of: Callable, batch_size: int) -> list[list]:

@@ -211,6 +211,12 @@ class FeatureCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes the cached entries hold, as their makers counted them."""
+        with self._lock:
+            return sum(n for _, n in self._items.values())
+
 
 def _normalise(text: str) -> str:
     return " ".join(text.lower().split())
