@@ -84,8 +84,8 @@ def _size_key(model: Any, opts: Any) -> Callable[[int, int], tuple[int, int]]:
     """(H, W) -> the size the model resizes an image to, which groups images into batches."""
     from ..engine.segmenter import resized_size
 
-    stride = getattr(model, "stride", None) or getattr(getattr(model, "net", None), "stride", 32)
-    return lambda h, w: resized_size(h, w, opts.short_side, int(stride), opts.size_multiple, opts.max_input_pixels)
+    stride = int(getattr(model, "stride", None) or getattr(getattr(model, "net", None), "stride", None) or 32)
+    return lambda h, w: resized_size(h, w, opts.short_side, stride, opts.size_multiple, opts.max_input_pixels)
 
 
 def _batches(images: list[tuple[int, np.ndarray]], size_of: Callable, batch_size: int) -> list[list]:
