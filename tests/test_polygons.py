@@ -202,3 +202,48 @@ def test_components_come_largest_first_wherever_they_are(flip: bool) -> None:
     mask = mask[::-1, ::-1] if flip else mask  # the same shapes found in the opposite scan order
     areas = [polygons_to_mask([p], 60, 60).sum() for p in mask_to_polygons(mask, min_area=1)]
     assert areas == [400, 104, 16]
+
+
+def test_edge_pixels_count_each_closed_edge_as_pycocotools_walks_it() -> None:
+    quad = [[0, 0], [8, 0], [8, 3], [0, 5]]  # edges 8, 3, 8 (dx), 5 (closing): 24 + one per point
+    assert polygons_module.edge_pixels([quad]) == 28
+    assert polygons_module.edge_pixels([[[0, 0], [3.5, 0], [0, 2]]]) == 12  # 3.5 + 3.5 + 2 + 3
+    assert polygons_module.edge_pixels([[[0, 0], [5, 5]], quad, [[1, 1]], quad]) == 56  # short ones count 0
+    assert polygons_module.edge_pixels([]) == 0
+    assert polygons_module.edge_pixels([[[0, 0], [1e300, 0], [0, 1e300]]]) == 2**62  # capped, still an int
+
+
+def test_polygons_past_the_edge_bound_are_refused_before_rasterising() -> None:
+    quad = [[0, 0], [8, 0], [8, 3], [0, 5]]  # 28 pixels of edges
+    assert polygons_to_mask([quad], 6, 9, max_edge_pixels=28).sum() > 0  # exactly the bound: accepted
+    with pytest.raises(PolygonError, match="28 pixels of edges to rasterise, more than the bound of 27"):
+        polygons_to_mask([quad], 6, 9, max_edge_pixels=27)
+    assert polygons_to_mask([quad], 6, 9, max_edge_pixels=None).sum() > 0
+    # The default bound, 4,000,000: a triangle of 1,333,333 + 1,333,333 + 1,333,332 + 3 = 4,000,001 is refused.
+    with pytest.raises(PolygonError, match="4000001 pixels of edges to rasterise, more than the bound of 4000000"):
+        polygons_to_mask([[[0, 0], [1_333_333, 0], [0, 1_333_332]]], 10, 10)
+
+
+def _distance_to_outline(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
+    """(N,) distance of each (x, y) point to the closed polygon's nearest edge."""
+    a, b = polygon, np.roll(polygon, -1, axis=0)  # (M, 2) edge ends
+    ab = b - a
+    t = np.clip(((points[:, None] - a) * ab).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-12), 0, 1)  # (N, M)
+    nearest = a + t[..., None] * ab
+    return np.linalg.norm(points[:, None] - nearest, axis=-1).min(1)
+
+
+def test_simplification_stays_within_its_tolerance_of_the_pixel_outline() -> None:
+    mask = disc(170, 170, 84.5, 84.5, 80)
+    (exact,) = mask_to_polygons(mask, tolerance=0)
+    (simple,) = mask_to_polygons(mask, tolerance=1.0)
+    off = _distance_to_outline(exact, simple)
+    assert len(simple) < len(exact) / 3
+    assert 0.5 < off.max() <= 1.0  # the tolerance is in pixels (1.5 would put corners 1.47 px off here)
+
+
+def test_an_outline_that_simplifies_to_three_corners_is_a_triangle() -> None:
+    mask = polygons_to_mask([[[0, 0], [60, 0], [0, 60]]], 61, 61)  # a staircase hypotenuse
+    (outline,) = mask_to_polygons(mask, tolerance=2.0)
+    assert len(outline) == 3
+    assert iou(polygons_to_mask([outline], 61, 61), mask) > 0.95
