@@ -496,13 +496,17 @@ def test_one_request_logs_twenty_failures_and_counts_the_rest(weights, tmp_path,
     assert any(m.startswith("predict: 1/24 tasks predicted") for m in messages)
 
 
-def test_exactly_twenty_failures_are_all_logged_without_a_remainder_line(weights, tmp_path, caplog):
+@pytest.mark.parametrize("n", [20, 21])
+def test_the_remainder_line_counts_what_the_twenty_lines_left_out(weights, tmp_path, caplog, n):
     settings = _settings(weights, tmp_path)
     caplog.set_level("INFO", logger=backend_module.log.name)
-    MaskCLIPBackend(settings, "1", BRUSH).predict([{"id": k, "data": {}} for k in range(20)])
+    MaskCLIPBackend(settings, "1", BRUSH).predict([{"id": k, "data": {}} for k in range(n)])
     messages = [r.getMessage() for r in caplog.records]
     assert sum(m.startswith("predict: task ") for m in messages) == 20
-    assert not any("more tasks without a prediction" in m for m in messages)
+    assert [m for m in messages if "more tasks without a prediction" in m] == (
+        [] if n == 20 else ["predict: ... and 1 more tasks without a prediction"]
+    )
+    assert not any(" tasks in " in m for m in messages)  # one chunk: no progress lines
 
 
 class _FailingModel:
@@ -569,3 +573,52 @@ def test_batches_group_images_by_their_resized_size_in_order_of_first_appearance
     by_height = lambda h, w: (h, w)  # noqa: E731
     assert [[i for i, _ in b] for b in backend_module._batches(images, by_height, 2)] == [[0, 2], [3], [1, 4]]
     assert [[i for i, _ in b] for b in backend_module._batches(images, by_height, 1)] == [[0], [2], [3], [1], [4]]
+
+
+def test_nothing_starts_after_a_batch_the_time_left_had_to_cut(weights, tmp_path, monkeypatch):
+    """Estimated 2 s per image, really 1 s, budget 3 s: the first batch of two is cut to one image; the
+    estimate drops to 1.5 s and 2 s are left, but the cut ended the request's inference."""
+    settings = _settings(weights, tmp_path, predict_time_budget=3.0, batch_size=2)
+    rt = runtime(settings)
+    rt.embeddings.prepare(LABELS).result(60)
+    rt.observe(rt.teacher_version(), 1, 2.0)
+    clock = _FakeClock()
+    model = _SlowModel(rt.teacher_within(float("inf")), clock)
+    monkeypatch.setattr(backend_module.time, "monotonic", clock)
+    monkeypatch.setattr(rt, "teacher_within", lambda deadline: model)
+    body = MaskCLIPBackend(settings, "1", BRUSH).predict(_sized_tasks([(24, 32)] * 4))
+    assert model.batches == [1]
+    assert [r != [] for r in body["results"]] == [True, False, False, False]
+    assert rt.seconds_per_image(rt.teacher_version()) == pytest.approx(1.5)
+
+
+def test_a_request_out_of_time_does_not_wait_for_downloads_still_in_flight(weights, tmp_path, monkeypatch):
+    """The second chunk's downloads hang until the test lets them go (a timer does after 60 s): the request
+    answers when its time is up, without them."""
+    monkeypatch.setattr(backend_module, "PREDICT_CHUNK", 2)
+    settings = _settings(weights, tmp_path, predict_time_budget=2.5, batch_size=2)
+    rt = runtime(settings)
+    rt.embeddings.prepare(LABELS).result(60)
+    clock = _FakeClock()
+    model = _SlowModel(rt.teacher_within(float("inf")), clock)
+    release = threading.Event()
+    timer = threading.Timer(60, release.set)
+    real_load = rt.fetcher.load
+
+    def load(url, task_id, **kwargs):
+        if task_id > 2:
+            release.wait()
+        return real_load(url, task_id, **kwargs)
+
+    monkeypatch.setattr(backend_module.time, "monotonic", clock)
+    monkeypatch.setattr(rt, "teacher_within", lambda deadline: model)
+    monkeypatch.setattr(rt.fetcher, "load", load)
+    timer.start()
+    try:
+        body = MaskCLIPBackend(settings, "1", BRUSH).predict(_sized_tasks([(24, 32)] * 4))
+        assert not release.is_set()  # answered while the downloads still hung
+    finally:
+        release.set()
+        timer.cancel()
+    assert [r != [] for r in body["results"]] == [True, True, False, False]
+    assert {e["task"] for e in body["errors"]} == {3, 4}
