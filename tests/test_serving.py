@@ -622,3 +622,27 @@ def test_a_request_out_of_time_does_not_wait_for_downloads_still_in_flight(weigh
         timer.cancel()
     assert [r != [] for r in body["results"]] == [True, True, False, False]
     assert {e["task"] for e in body["errors"]} == {3, 4}
+
+
+def test_a_hung_download_does_not_cost_the_images_that_arrived_their_predictions(weights, tmp_path, monkeypatch):
+    """Task 1's download hangs past the deadline, task 2's arrived: task 2 is still segmented (no time per
+    image measured yet, so the model is given the chance) and task 1 gets the budget's reason."""
+    settings = _settings(weights, tmp_path, predict_time_budget=2.0)
+    rt = runtime(settings)
+    rt.teacher_within(float("inf"))
+    rt.embeddings.prepare(LABELS).result(60)
+    release = threading.Event()
+    real_load = rt.fetcher.load
+
+    def load(url, task_id, **kwargs):
+        if task_id == 1:
+            release.wait(60)
+        return real_load(url, task_id, **kwargs)
+
+    monkeypatch.setattr(rt.fetcher, "load", load)
+    try:
+        body = MaskCLIPBackend(settings, "1", BRUSH).predict(_sized_tasks([(24, 32), (40, 24)]))
+    finally:
+        release.set()
+    assert _sizes(body) == [None, (40, 24)]
+    assert [e["task"] for e in body["errors"]] == [1] and "time budget of 2 s" in body["errors"][0]["error"]
