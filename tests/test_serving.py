@@ -205,7 +205,9 @@ def test_a_failed_computation_is_reported_and_tried_again(tmp_path):
 def test_setup_prepares_the_labels_in_the_background_and_predict_finds_them(weights, tmp_path):
     settings = _settings(weights, tmp_path)
     client = create_app(settings, warm=False).test_client()
-    assert client.post("/setup", json={"schema": BRUSH}).status_code == 200
+    assert client.post("/setup", json={}).get_json() == {"model_version": runtime(settings).teacher_version()}
+    reply = client.post("/setup", json={"schema": BRUSH})
+    assert reply.status_code == 200 and reply.get_json()["model_version"] == runtime(settings).teacher_version()
     store = runtime(settings).embeddings
     deadline = time.monotonic() + 120
     while store.get(LABELS) is None and time.monotonic() < deadline:  # computed in the background

@@ -379,7 +379,7 @@ class MaskCLIPBackend:
         except ImageError as e:
             return TaskFailure(task_id, str(e))
 
-    def _fetch(self, url: str, task_id: Any, deadline: float, raw: bool = False) -> np.ndarray | bytes:
+    def _fetch(self, url: str, task_id: Any, deadline: float, raw: bool) -> np.ndarray | bytes:
         """Download and decode (``raw``: a JPEG's bytes, undecoded); the request's deadline goes down to a
         fetcher that takes one (``deadline=``, ``time.monotonic()`` seconds), so that a slow download ends with
         the request."""
