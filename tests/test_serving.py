@@ -284,6 +284,8 @@ def test_predict_stops_starting_batches_that_the_time_left_cannot_hold(weights, 
     tasks = [{"id": 10 + i, "data": {"image": uri}} for i in range(7)]
     tasks.insert(3, {"id": 99, "data": {}})  # a bad task keeps its own reason
     tasks[0]["predictions"] = [{"model_version": rt.teacher_version(), "result": []}]  # has one: comes last
+    tasks[1]["predictions"] = [{"model_version": "another", "result": []}]  # these have none of this version
+    tasks[2]["predictions"] = []
     body = MaskCLIPBackend(settings, "1", BRUSH).predict(tasks)
     assert model.batches == [2, 2, 1]
     done = [t["id"] for t, r in zip(tasks, body["results"]) if r]
