@@ -489,8 +489,11 @@ def test_an_annotation_started_from_a_prediction_queues_a_small_follow_up(tmp_pa
                 "ground_truth": False, "was_cancelled": False, "parent_prediction": 9,
                 "updated_at": "2026-11-02T10:00:00.000000Z"},
     )  # fmt: skip
+    at_limit = copy.deepcopy(body)
+    at_limit["project"]["label_config"] = CONFIG.ljust(65_536)  # the longest config a follow-up carries
+    assert backend._parent_prediction_check(at_limit).label_config == at_limit["project"]["label_config"]
     big = copy.deepcopy(body)
-    big["project"]["label_config"] = CONFIG + " " * 70_000
+    big["project"]["label_config"] = CONFIG.ljust(65_537)
     big["annotation"]["completed_by"] = {"id": 1, "bio": "x" * 100_000}
     check = backend._parent_prediction_check(big)
     assert check is not None and check.label_config is None and "completed_by" not in check.fields

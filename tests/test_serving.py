@@ -439,12 +439,14 @@ def test_tasks_without_a_usable_image_reference_get_their_own_reason(weights, tm
         {"id": 2},  # no data at all
         {"id": 3, "data": {"image": ""}},
         {"id": 4, "data": {"image": 5, **{f"k{i:02d}": i for i in range(12)}}},
+        {"id": 5, "data": {"image": "data:image/png;base64,AAAA"}},  # not an image
     ]
     body = MaskCLIPBackend(_settings(weights, tmp_path), "1", BRUSH).predict(tasks)
     assert body["results"][0] and not any(body["results"][1:])
     reasons = {e["task"]: e["error"] for e in body["errors"]}
     assert reasons[2] == "task has no 'data' object"
     assert reasons[3].startswith("task data has no image under 'image'")
+    assert reasons[5].endswith("not an image: 3 bytes in no image format this backend reads")
     listed = reasons[4].split("keys: ")[1]
     assert listed.count("'") == 2 * 10  # the first 10 keys, sorted
 

@@ -178,7 +178,7 @@ class MaskCLIPBackend:
         encoded: list[tuple[int, Any]] = []
         order = _unpredicted_first(tasks, version)
         chunks = [order[i : i + PREDICT_CHUNK] for i in range(0, len(order), PREDICT_CHUNK)]
-        pool = ThreadPoolExecutor(max(1, self.settings.fetch_threads), thread_name_prefix="predict")
+        pool = ThreadPoolExecutor(self.settings.fetch_threads, thread_name_prefix="predict")
         try:
             pending = self._fetch_chunk(pool, tasks, chunks[0], spec, deadline) if chunks else []
             for n in range(len(chunks)):
