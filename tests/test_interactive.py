@@ -395,12 +395,23 @@ def test_second_prompt_on_the_same_image_reuses_its_features(backend):
     misses, hits = cache.misses, cache.hits
     be.predict([task], {"result": [click(60, 60, "Road")]})
     assert cache.misses == misses and cache.hits == hits + 1
+
+
+def test_the_interactive_cache_counts_an_images_pixels_and_features(tiny, tmp_path):
     from labelstudio_maskclip.models import segment_options
 
-    key = (url, be.rt.teacher_version(), segment_options(be.settings))
-    image, dense = cache.get(key, lambda: pytest.fail("the image's state was not cached"))
-    assert image.shape == (480, 640, 3)
-    assert len(cache) == 1 and cache.nbytes == image.nbytes + dense.nbytes  # pixels and features, counted
+    _, weights = tiny
+    settings = Settings(model=TINY_VIT, pretrained=str(weights), device="cpu", short_side=64, templates="simple",
+                        model_dir=str(tmp_path))  # fmt: skip
+    be = MaskCLIPBackend(settings, "1", CONFIG)  # a runtime of its own: an empty cache
+    buf = io.BytesIO()
+    Image.fromarray(np.full((30, 40, 3), 80, np.uint8)).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    be.predict([{"id": 9, "data": {"image": url}}], {"result": [click(50, 50)]})
+    cache = be.rt.features
+    image, dense = cache.get((url, be.rt.teacher_version(), segment_options(settings)), lambda: pytest.fail("missed"))
+    assert image.shape == (30, 40, 3)
+    assert len(cache) == 1 and cache.nbytes == image.nbytes + dense.nbytes > image.nbytes
 
 
 def test_backend_refuses_unusable_interactive_requests(backend):
