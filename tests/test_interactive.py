@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import time
 
 import cv2
 import numpy as np
@@ -363,12 +364,14 @@ def test_backend_answers_each_kind_of_prompt_with_brush_and_polygons(backend, ca
     task = {"id": 7, "data": {"image": url}}
     height, width = 480, 640
     caplog.set_level("INFO", logger="labelstudio_maskclip.labelstudio.backend")
+    began = time.monotonic()
     reply = be.predict([task], {"result": [text("car, road"), click(20, 30), box(40, 40, 30, 30)]})
+    wall_ms = 1000 * (time.monotonic() - began)
     (pred,) = reply["results"]
     assert pred["score"] == round(float(np.mean([r["score"] for r in pred["result"]])), 4) > 0
     (logged,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("interactive: ")]
     assert logged.startswith(f"interactive: task 7, 3 prompts -> {len(pred['result'])} regions in ")
-    assert 0 <= float(logged.rsplit(" in ", 1)[1].removesuffix(" ms")) < 600_000
+    assert 1 <= float(logged.rsplit(" in ", 1)[1].removesuffix(" ms")) <= wall_ms + 1  # milliseconds of this call
     kinds = {(r["type"], r["from_name"]) for r in pred["result"]}
     assert ("brushlabels", "tag") in kinds and ("polygonlabels", "outline") in kinds
     notes = [r["meta"]["text"][0] for r in pred["result"]]
