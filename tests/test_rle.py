@@ -211,12 +211,25 @@ def test_decoder_treats_any_nonzero_alpha_as_in_mask() -> None:
     np.testing.assert_array_equal(brush_rle_to_mask(code, 2, 3), alpha != 0)
 
 
+def test_decoder_reads_each_pixels_own_alpha_in_literal_blocks() -> None:
+    """Colour and alpha vary independently pixel by pixel (every value in literal blocks): only the alpha
+    (value 3 of each pixel) decides."""
+    rng = np.random.default_rng(5)
+    values = rng.integers(1, 256, (23, 29, 4))
+    values[:, :, 3] = np.where(rng.random((23, 29)) < 0.5, 0, rng.integers(1, 256, (23, 29)))
+    code = pack(values.reshape(-1).tolist())
+    expected = values[:, :, 3] != 0
+    np.testing.assert_array_equal(brush_rle_to_mask(code, 23, 29), expected)
+    np.testing.assert_array_equal(sdk_decode(code, 23, 29), expected)
+
+
 # --- errors ---
 
 
 def test_decoder_rejects_a_size_that_does_not_match_the_header() -> None:
     code = mask_to_brush_rle(disc(10, 12, 5, 6, 3))
-    with pytest.raises(BrushRLEError, match="original_height and original_width"):
+    with pytest.raises(BrushRLEError, match=r"^brush RLE holds 480 values, but the image needs 528 \(height \* width \* 4\); "
+                       "pass the result's original_height and original_width"):  # fmt: skip
         brush_rle_to_mask(code, 12, 10 + 1)
     with pytest.raises(BrushRLEError, match="positive"):
         brush_rle_to_mask(code, 0, 12)
@@ -230,7 +243,7 @@ def test_decoder_rejects_a_size_that_does_not_match_the_header() -> None:
         ([0.5, 1.0], "ints"),
         ([0, 0, 300, 0, 0, 0, 0, 0], "bytes, 0..255"),
         ([-1] * 10, "bytes, 0..255"),
-        ([0, 0, 0, 4, 3], "header"),
+        ([0, 0, 0, 4, 3], "^brush RLE of 5 bytes is shorter than its 7-byte header$"),
     ],
 )
 def test_decoder_rejects_malformed_input(code: list, message: str) -> None:
@@ -307,3 +320,9 @@ def test_label_map_encoder_edge_cases() -> None:
         label_map_to_brush_rles(np.zeros((2, 2), np.float32), [0])
     with pytest.raises(BrushRLEError, match="shape"):
         label_map_to_brush_rles(np.zeros((2, 2, 2), np.int16), [0])
+
+
+def test_the_header_holds_fewer_than_2_to_the_32_values() -> None:
+    assert rle._check_size((65536, 16383), 65536 * 16383) == 4 * 65536 * 16383  # the largest that fits
+    with pytest.raises(BrushRLEError, match=r"too large for brush RLE \(H \* W \* 4 >= 2\*\*32\)"):
+        rle._check_size((65536, 16384), 65536 * 16384)
