@@ -442,7 +442,8 @@ def test_random_weights_need_explicit_permission():
     with pytest.raises(WeightsError, match="MASKCLIP_ALLOW_RANDOM"):
         MaskCLIP.load(model=TINY_VIT, pretrained="random", device="cpu")
     with pytest.warns(UserWarning, match="RANDOM WEIGHTS"):
-        MaskCLIP.load(model=TINY_VIT, pretrained="random", device="cpu", allow_random=True)
+        random = MaskCLIP.load(model=TINY_VIT, pretrained="random", device="cpu", allow_random=True)
+    assert random.version == "MaskCLIP-Tiny-ViT.random"  # a tag without a path: the tag itself
 
 
 def test_missing_checkpoint_names_the_setting(tmp_path):

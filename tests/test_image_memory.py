@@ -51,6 +51,12 @@ def test_box_shrink_averages_blocks_and_leaves_small_images_alone():
     assert np.abs(out - exact).max() <= 1.0  # Pillow rounds in fixed point
     small = rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)
     assert seg_mod._box_shrink(small, (100, 200)) is small  # under 4x: unchanged
+    tall = rng.integers(0, 256, (1003, 301, 3), dtype=np.uint8)
+    out = seg_mod._box_shrink(tall, (100, 100))  # factors 5 down, 1 across (301 < 4 x 100)
+    exact = tall[:1000].reshape(200, 5, 301, 3).astype(np.float64).mean(1)
+    assert out.shape == (200, 301, 3) and np.abs(out - exact).max() <= 1.0
+    wide = np.ascontiguousarray(tall.transpose(1, 0, 2))
+    assert seg_mod._box_shrink(wide, (100, 100)).shape == (301, 200, 3)
 
 
 def test_large_image_normalised_close_to_the_direct_resize():

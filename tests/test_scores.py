@@ -120,3 +120,11 @@ def test_margin_with_two_labels_and_entropy_with_one():
     one = seg_mod._finalize(_uniform_grid([1.0]), (3, 3), 1, 0.0, "entropy")
     assert one.score == 1.0 and (one.labels == 0).all()
     assert seg_mod._finalize(_uniform_grid([1.0]), (3, 3), 1, 0.0, "margin").score == 1.0
+
+
+def test_entropy_of_two_labels_and_a_pixel_exactly_at_the_confidence_threshold():
+    even = seg_mod._finalize(_uniform_grid([0.5, 0.5]), (3, 3), 2, 0.5, "entropy")
+    assert (even.labels == 0).all()  # 0.5 is not below min_confidence 0.5: labelled (ties go to the first)
+    assert even.score == pytest.approx(0.0, abs=1e-6)  # two equal labels: entropy log 2, normalised 1
+    sure = seg_mod._finalize(_uniform_grid([0.75, 0.25]), (3, 3), 2, 0.0, "entropy")
+    assert sure.score == pytest.approx(1 + (0.75 * math.log(0.75) + 0.25 * math.log(0.25)) / math.log(2), abs=1e-5)
