@@ -57,6 +57,8 @@ def test_box_shrink_averages_blocks_and_leaves_small_images_alone():
     assert out.shape == (200, 301, 3) and np.abs(out - exact).max() <= 1.0
     wide = np.ascontiguousarray(tall.transpose(1, 0, 2))
     assert seg_mod._box_shrink(wide, (100, 100)).shape == (301, 200, 3)
+    assert seg_mod._box_shrink(tall, (250, 100)).shape == (501, 301, 3)  # 4x the size: halved
+    assert seg_mod._box_shrink(wide, (100, 250)).shape == (301, 501, 3)
 
 
 def test_large_image_normalised_close_to_the_direct_resize():
