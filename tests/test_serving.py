@@ -268,18 +268,24 @@ class _SlowModel:
         return self.teacher.segment(images, classes, opts=opts, text=text)
 
 
+def _slow_model_on_a_fake_clock(settings: Settings, monkeypatch) -> tuple:
+    """The runtime of ``settings`` with its labels ready, serving a :class:`_SlowModel` on a fake clock that
+    the backend reads: (runtime, model)."""
+    rt = runtime(settings)
+    rt.embeddings.prepare(LABELS).result(60)
+    clock = _FakeClock()
+    model = _SlowModel(rt.teacher_within(float("inf")), clock)
+    monkeypatch.setattr(backend_module.time, "monotonic", clock)
+    monkeypatch.setattr(rt, "teacher_within", lambda deadline: model)
+    return rt, model
+
+
 def test_predict_stops_starting_batches_that_the_time_left_cannot_hold(weights, tmp_path, monkeypatch):
     """Budget 5 s, 1 s per image, batches of 2: batches at t=0 (2 s, the first measurement) and t=2 (ends at
     4 s) fit; the 1 s left holds one image of the third batch, then nothing more starts. The rest get the
     budget's reason."""
     settings = _settings(weights, tmp_path, predict_time_budget=5.0, batch_size=2)
-    rt = runtime(settings)
-    teacher = rt.teacher_within(float("inf"))
-    rt.embeddings.prepare(LABELS).result(60)
-    clock = _FakeClock()
-    model = _SlowModel(teacher, clock)
-    monkeypatch.setattr(backend_module.time, "monotonic", clock)
-    monkeypatch.setattr(rt, "teacher_within", lambda deadline: model)
+    rt, model = _slow_model_on_a_fake_clock(settings, monkeypatch)
     uri = _uri(np.full((24, 32, 3), 90, np.uint8))
     tasks = [{"id": 10 + i, "data": {"image": uri}} for i in range(7)]
     tasks.insert(3, {"id": 99, "data": {}})  # a bad task keeps its own reason
@@ -549,12 +555,7 @@ def test_a_request_out_of_time_does_not_go_on_to_its_next_chunk(weights, tmp_pat
     time for one image; the third chunk is not segmented (its downloads had started, pipelined)."""
     monkeypatch.setattr(backend_module, "PREDICT_CHUNK", 2)
     settings = _settings(weights, tmp_path, predict_time_budget=3.0, batch_size=2)
-    rt = runtime(settings)
-    rt.embeddings.prepare(LABELS).result(60)
-    clock = _FakeClock()
-    model = _SlowModel(rt.teacher_within(float("inf")), clock)
-    monkeypatch.setattr(backend_module.time, "monotonic", clock)
-    monkeypatch.setattr(rt, "teacher_within", lambda deadline: model)
+    rt, model = _slow_model_on_a_fake_clock(settings, monkeypatch)
     caplog.set_level("INFO", logger=backend_module.log.name)
     body = MaskCLIPBackend(settings, "1", BRUSH).predict(_sized_tasks([(24, 32)] * 6))
     assert model.batches == [2, 1]
@@ -585,13 +586,8 @@ def test_nothing_starts_after_a_batch_the_time_left_had_to_cut(weights, tmp_path
     """Estimated 2 s per image, really 1 s, budget 3 s: the first batch of two is cut to one image; the
     estimate drops to 1.5 s and 2 s are left, but the cut ended the request's inference."""
     settings = _settings(weights, tmp_path, predict_time_budget=3.0, batch_size=2)
-    rt = runtime(settings)
-    rt.embeddings.prepare(LABELS).result(60)
+    rt, model = _slow_model_on_a_fake_clock(settings, monkeypatch)
     rt.observe(rt.teacher_version(), 1, 2.0)
-    clock = _FakeClock()
-    model = _SlowModel(rt.teacher_within(float("inf")), clock)
-    monkeypatch.setattr(backend_module.time, "monotonic", clock)
-    monkeypatch.setattr(rt, "teacher_within", lambda deadline: model)
     body = MaskCLIPBackend(settings, "1", BRUSH).predict(_sized_tasks([(24, 32)] * 4))
     assert model.batches == [1]
     assert [r != [] for r in body["results"]] == [True, False, False, False]
@@ -603,10 +599,7 @@ def test_a_request_out_of_time_does_not_wait_for_downloads_still_in_flight(weigh
     answers when its time is up, without them."""
     monkeypatch.setattr(backend_module, "PREDICT_CHUNK", 2)
     settings = _settings(weights, tmp_path, predict_time_budget=2.5, batch_size=2)
-    rt = runtime(settings)
-    rt.embeddings.prepare(LABELS).result(60)
-    clock = _FakeClock()
-    model = _SlowModel(rt.teacher_within(float("inf")), clock)
+    rt, _ = _slow_model_on_a_fake_clock(settings, monkeypatch)
     release = threading.Event()
     timer = threading.Timer(60, release.set)
     real_load = rt.fetcher.load
@@ -616,8 +609,6 @@ def test_a_request_out_of_time_does_not_wait_for_downloads_still_in_flight(weigh
             release.wait()
         return real_load(url, task_id, **kwargs)
 
-    monkeypatch.setattr(backend_module.time, "monotonic", clock)
-    monkeypatch.setattr(rt, "teacher_within", lambda deadline: model)
     monkeypatch.setattr(rt.fetcher, "load", load)
     timer.start()
     try:
