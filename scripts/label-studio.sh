@@ -12,8 +12,8 @@ PORT="${LABEL_STUDIO_PORT:-8080}"
 
 settings="$("$PKG_VENV/bin/python" -c '
 import shlex
-from labelstudio_maskclip.labelstudio.network import label_studio_environment
-for key, value in label_studio_environment(["127.0.0.0/8", "::1/128"]).items():
+from labelstudio_maskclip.labelstudio.network import LABEL_STUDIO_SETTINGS
+for key, value in LABEL_STUDIO_SETTINGS["same machine"].items():
     print(f"export {key}={shlex.quote(value)}")
 ')"
 if [ "${1:-}" = "--print-env" ]; then
