@@ -663,3 +663,45 @@ def test_a_request_is_complete_when_its_head_and_small_body_arrived():
     assert complete(big)  # too big to buffer: the thread reads it
     assert complete(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")  # unknown length: the thread
     assert complete(b"GET / HTTP/1.1\r\nX: " + b"a" * (MAX_HEAD + 1))  # gunicorn's header limits refuse it
+
+
+# --- log lines cannot be forged (issue #22, item 10) ----------------------------------------------------
+
+
+def test_a_newline_in_a_task_cannot_forge_a_log_line(tmp_path):
+    """The served backend logs each task's failure with its URL and id: newlines (and other line breaks) sent
+    in them come out escaped, inside the one record, never as a line of their own."""
+    import requests
+
+    from tests.served import BRUSH, start_backend
+    from tests.tiny import TINY_VIT, save_random_state
+
+    weights = save_random_state(TINY_VIT, tmp_path / "tiny.pt")
+    backend = start_backend(tmp_path / "b", TINY_VIT, str(weights), "http://127.0.0.1:1", workers=1)
+    forged = "2026-01-01 00:00:00,000 WARNING labelstudio_maskclip: FORGED"
+    try:
+        tasks = [
+            {"id": 1, "data": {"image": f"http://127.0.0.1:1/a.jpg\n{forged} by url"}},
+            {"id": f"2\r\n{forged} by id", "data": {"text": "no image"}},
+            {"id": f"3\u2028{forged} by separator", "data": {"image": ["not a URL"]}},
+        ]
+        reply = requests.post(backend.url + "/predict", json={"tasks": tasks, "label_config": BRUSH}, timeout=60)
+        assert reply.status_code == 200 and len(reply.json()["errors"]) == 3
+    finally:
+        backend.stop()
+    text = backend.log_text()
+    lines = text.replace("\u2028", "\n").splitlines()
+    assert not [line for line in lines if "FORGED" in line and not line.startswith("20") or line.startswith(forged)]
+    for how in ("by url", "by id", "by separator"):
+        assert sum(f"FORGED {how}" in line for line in lines) >= 1, text[-3000:]
+    assert f"\\n{forged} by url" in text and f"\\r\\n{forged} by id" in text and f"\\u2028{forged}" in text
+
+
+def test_one_line_escapes_every_line_break():
+    from labelstudio_maskclip.logs import one_line
+
+    assert one_line("a\nb\rc\x0bd\x0ce\x1cf\x85g\u2028h\u2029i\x00j\tk") == (
+        "a\\nb\\rc\\x0bd\\x0ce\\x1cf\\x85g\\u2028h\\u2029i\\x00j\\tk"
+    )
+    assert len(one_line("".join(map(chr, range(0x110000))).encode("utf-16", "surrogatepass").decode("utf-16",
+               "surrogatepass")).splitlines()) == 1  # fmt: skip

@@ -53,6 +53,20 @@ def _task_id(task: Any) -> Any:
     return task.get("id") if isinstance(task, Mapping) else None
 
 
+def _image_url(task: Any, key: str) -> str | TaskFailure:
+    """The task's image reference under ``data[key]``, or a TaskFailure saying what is missing: ``task`` and its
+    ``data`` come from the request body and may be any JSON value."""
+    task_id = _task_id(task)
+    data = task.get("data") if isinstance(task, Mapping) else None
+    if not isinstance(data, Mapping):
+        return TaskFailure(task_id, f"task has no 'data' object (got {type(data).__name__})")
+    url = data.get(key)
+    if not isinstance(url, str) or not url:
+        keys = sorted(str(k) for k in data)[:10]
+        return TaskFailure(task_id, f"task data has no image under '{key}' (keys: {keys})")
+    return url
+
+
 def _short(task: Any) -> str:
     """The task's first image reference, shortened, for messages."""
     data = task.get("data") if isinstance(task, Mapping) else None
@@ -254,9 +268,9 @@ class MaskCLIPBackend:
         except ContextError as e:
             raise PredictError(str(e)) from e
         key = spec.image_keys[0]
-        url = tasks[0].get("data", {}).get(key) if isinstance(tasks[0], Mapping) else None
-        if not isinstance(url, str) or not url:
-            raise PredictError(f"the task has no image under data.{key}")
+        url = _image_url(tasks[0], key)
+        if isinstance(url, TaskFailure):
+            raise PredictError(url.reason)
         seg, opts, version = self.rt.teacher, segment_options(self.settings), self.rt.teacher_version()
 
         def load() -> tuple[Any, int]:
@@ -264,7 +278,7 @@ class MaskCLIPBackend:
             if isinstance(got, TaskFailure):
                 raise PredictError(f"task {got.task_id}: {got.reason}")
             if not isinstance(got, np.ndarray):
-                raise PredictError(f"task {tasks[0].get('id')}: the image did not arrive within the time budget")
+                raise PredictError(f"task {_task_id(tasks[0])}: the image did not arrive within the time budget")
             dense = encode_image(seg, got, opts)
             return (got, dense), got.nbytes + dense.nbytes
 
@@ -273,14 +287,14 @@ class MaskCLIPBackend:
         regions, notes = predict_interactive(
             seg, image, dense, prompts, spec, key, opts, polygons=self.settings.polygons
         )
-        log.info("interactive: task %s, %d prompts -> %d regions in %.0f ms", tasks[0].get("id"), len(prompts),
+        log.info("interactive: task %s, %d prompts -> %d regions in %.0f ms", _task_id(tasks[0]), len(prompts),
                  len(regions), 1000 * (time.monotonic() - start))  # fmt: skip
         score = float(np.mean([r["score"] for r in regions])) if regions else 0.0
         result = {"result": regions, "score": round(score, 4), "model_version": version}
         return {
             "results": [result],
             "model_version": version,
-            "errors": [{"task": tasks[0].get("id"), "error": n} for n in notes],
+            "errors": [{"task": _task_id(tasks[0]), "error": n} for n in notes],
         }
 
     @staticmethod
@@ -366,12 +380,9 @@ class MaskCLIPBackend:
         from .images import ImageError
 
         task_id = _task_id(task)
-        if not isinstance(task, Mapping) or not isinstance(task.get("data"), Mapping):
-            return TaskFailure(task_id, "task has no 'data' object")
-        key = spec.image_keys[0]
-        url = task["data"].get(key)
-        if not isinstance(url, str) or not url:
-            return TaskFailure(task_id, f"task data has no image under '{key}' (keys: {sorted(task['data'])[:10]})")
+        url = _image_url(task, spec.image_keys[0])
+        if isinstance(url, TaskFailure):
+            return url
         if time.monotonic() >= deadline:
             return None
         try:

@@ -18,6 +18,7 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 
+from ..logs import configure as configure_logging
 from ..settings import Settings
 from .backend import MaskCLIPBackend, PredictError, runtime
 from .wire import json_bytes
@@ -221,7 +222,7 @@ def _interval_trigger(settings: Settings) -> None:
 def wsgi() -> Flask:
     """gunicorn factory: settings from the environment, read once per worker."""
     settings = Settings.from_env()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     _share_cpu_threads(settings.workers)
     return create_app(settings)
 
