@@ -705,3 +705,79 @@ def test_one_line_escapes_every_line_break():
     )
     assert len(one_line("".join(map(chr, range(0x110000))).encode("utf-16", "surrogatepass").decode("utf-16",
                "surrogatepass")).splitlines()) == 1  # fmt: skip
+
+
+# --- memory a request body can take (issue #22, item 6) ------------------------------------------------
+
+_N = 20_000
+JSON_FORMS = {
+    "objects": "[" + ",".join(["{}"] * _N) + "]",
+    "arrays": "[" + ",".join(["[]"] * _N) + "]",
+    "one-key objects": "[" + ",".join(['{"a":0}'] * _N) + "]",
+    "keys": "{" + ",".join(f'"{i}":{i}' for i in range(_N)) + "}",
+    "empty strings": "[" + ",".join(['""'] * _N) + "]",
+    "astral strings": "[" + ",".join([f'"\\ud83d\\ude00{i}"' for i in range(_N)]) + "]",
+    "short strings": "[" + ",".join(f'"{i}"' for i in range(_N)) + "]",
+    "floats": "[" + ",".join(["1.5"] * _N) + "]",
+    "big numbers": "[" + ",".join(str(10**12 + i) for i in range(_N)) + "]",
+    "rle": "[" + ",".join(str(i % 256) for i in range(_N)) + "]",
+    "literals": "[" + ",".join(["true", "null"] * (_N // 2)) + "]",
+}
+
+
+@pytest.mark.parametrize("form", JSON_FORMS, ids=str)
+def test_the_parsed_size_bound_holds_for_every_kind_of_json(form):
+    import json
+    import tracemalloc
+
+    from labelstudio_maskclip.labelstudio.server import parsed_size_bound
+
+    body = JSON_FORMS[form].encode()
+    tracemalloc.start()
+    try:
+        parsed = json.loads(body)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert parsed and peak <= parsed_size_bound(body)
+
+
+def test_bodies_that_would_parse_past_the_memory_budget_get_413_and_the_server_keeps_serving(tmp_path):
+    import json
+
+    from labelstudio_maskclip.labelstudio import server
+
+    app = create_app(Settings(model_dir=str(tmp_path)), warm=False)
+    client = app.test_client()
+    # 26 MB of empty objects: 13 M Python dicts (about 650 MB parsed), under the 256 MB body limit.
+    bomb = b'{"tasks": [' + b",".join([b"{}"] * (13 * 1024 * 1024)) + b'], "label_config": "<View/>"}'
+    assert len(bomb) < app.config["MAX_CONTENT_LENGTH"] and server.parsed_size_bound(bomb) > server.JSON_MEMORY_BUDGET
+    for path in ("/predict", "/webhook", "/setup"):
+        reply = client.post(path, data=bomb, content_type="application/json")
+        assert reply.status_code == 413 and "MiB of memory parsed" in reply.get_json()["error"], path
+    reply = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"label_config": BRUSH_CONFIG}})
+    assert reply.status_code == 201 and json.loads(reply.data)["status"]
+    assert client.get("/health").status_code == 200
+
+
+def test_requests_in_flight_share_one_memory_budget(tmp_path):
+    from labelstudio_maskclip.labelstudio import server
+
+    app = create_app(Settings(model_dir=str(tmp_path)), warm=False)
+    budget = server._MemoryBudget(1000)
+    with app.test_request_context("/predict"):
+        budget.reserve(600)
+        with app.test_request_context("/webhook"):
+            with pytest.raises(server._Busy):
+                budget.reserve(600)  # another request while the first holds its share: 503, retry later
+            budget.reserve(400)
+            budget.release()
+        assert budget.used == 600
+        budget.release()
+    assert budget.used == 0
+
+
+BRUSH_CONFIG = (
+    '<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image"><Label value="Cat"/>'
+    "</BrushLabels></View>"
+)
