@@ -161,6 +161,7 @@ class Runtime:
                 self._embeddings = EmbeddingStore(
                     Path(s.model_dir) / "text_embeddings", embedding_identity(s), self._encode_labels,
                     persist=s.pretrained.strip().lower() not in ("random", "none", ""), device=resolved_device(s.device),
+                    width=text_width(s),
                 )  # fmt: skip
             return self._embeddings
 
@@ -183,6 +184,7 @@ class Runtime:
                     Path(s.model_dir) / "text_embeddings" / "phrases", identity,
                     lambda names: self.teacher.text_embeddings(names, templates=PHRASE_TEMPLATES),
                     persist=s.pretrained.strip().lower() not in ("random", "none", ""), device=resolved_device(s.device),
+                    width=text_width(s),
                 )  # fmt: skip
             return self._phrases
 
@@ -316,6 +318,22 @@ def resolved_device(device: str) -> Any:
     from ..engine.loading import resolve_device
 
     return resolve_device(device)
+
+
+def text_width(s: Settings) -> int | None:
+    """The width D of the model's text embeddings, from its open_clip config (None when unknown)."""
+    import json
+
+    import open_clip
+
+    try:
+        if s.model.endswith(".json") and Path(s.model).is_file():
+            config = json.loads(Path(s.model).read_text())
+        else:
+            config = open_clip.get_model_config(s.model) or {}
+        return int(config["embed_dim"])
+    except (KeyError, TypeError, ValueError, OSError):
+        return None
 
 
 def embedding_identity(s: Settings) -> dict[str, str]:
