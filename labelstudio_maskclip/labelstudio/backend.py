@@ -112,6 +112,17 @@ def _batches(images: list[tuple[int, np.ndarray]], size_of: Callable, batch_size
     return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
 
 
+def _note_kind(note: str, kind: str) -> str:
+    """The ``/metrics`` counter of an interactive note."""
+    if "still being encoded" in note:
+        return "phrase still encoding"
+    if note.startswith("phrase"):
+        return "phrase found nothing"
+    if note.startswith("box"):
+        return "box found nothing"
+    return kind
+
+
 class MaskCLIPBackend:
     """One request's view of the backend (label-studio-ml's ``LabelStudioMLBase`` surface)."""
 
@@ -133,16 +144,20 @@ class MaskCLIPBackend:
         return vocab, [spec.names(v) for v in vocab]
 
     def setup(self) -> dict[str, Any]:
-        """Validate the project's labeling config and report the model version served for it. When MaskCLIP
-        serves these labels, their text embeddings start being prepared in the background (Label Studio calls
-        /setup when the backend is connected and before it asks for predictions), so that /predict finds
-        them ready."""
+        """Validate the project's labeling config and report the model version served for it. The teacher's
+        text embeddings of these labels (and of the background words interactive phrases compete with) start
+        being prepared in the background (Label Studio calls /setup when the backend is connected and before
+        it asks for predictions), so that /predict and interactive prompts find them ready."""
+        from .interactive import BACKGROUND_WORDS
+
         if not self.label_config:
             return {"model_version": self.rt.student_version() or self.rt.teacher_version()}
         classes = self.classes(self.spec())[1]  # LabelConfigError: what to add
-        version, student = self.rt.model_for(classes, load=False)
-        if student is None:
-            self.rt.prepare_labels(classes)
+        version = self.rt.model_for(classes, load=False)[0]
+        # Interactive prompts always use the teacher: its text for these labels is prepared even when a
+        # student serves /predict, with the background words phrases compete with.
+        self.rt.prepare_labels([(w,) for w in BACKGROUND_WORDS])
+        self.rt.prepare_labels(classes)
         return {"model_version": version}
 
     # -- predict -------------------------------------------------------------------------------------
@@ -255,11 +270,25 @@ class MaskCLIPBackend:
         """One prediction for the one task of an interactive request: the masks of the editor's phrases,
         clicks and boxes (:mod:`.interactive`). Always the MaskCLIP teacher: prompts need its dense
         features and text side. An unusable context or image raises :class:`PredictError` (a 400; Label Studio
-        shows the editor its status, the reason is in the body and the log)."""
+        shows the editor its status, the reason is in the body and the log).
+
+        One deadline, ``MASKCLIP_PREDICT_TIME_BUDGET`` seconds from now, bounds the waits for the model, the
+        labels' text embeddings (prepared at ``/setup``), a new phrase's text pass and the image download;
+        past it the answer is a 200 without masks whose note says why (:meth:`_interactive_answer`).
+        """
         from ..engine.prompts import encode_image
         from ..models import segment_options
-        from .interactive import ContextError, parse_context, predict_interactive
+        from .interactive import (
+            BACKGROUND_WORDS,
+            ContextError,
+            PromptText,
+            TextPrompt,
+            parse_context,
+            predict_interactive,
+        )
 
+        start = time.monotonic()
+        deadline = start + self.settings.predict_time_budget
         if len(tasks) != 1:
             raise PredictError(f"an interactive request carries one task, got {len(tasks)}")
         spec = self.spec()
@@ -271,10 +300,23 @@ class MaskCLIPBackend:
         url = _image_url(tasks[0], key)
         if isinstance(url, TaskFailure):
             raise PredictError(url.reason)
-        seg, opts, version = self.rt.teacher, segment_options(self.settings), self.rt.teacher_version()
+        version = self.rt.teacher_version()
+        vocab, classes = self.classes(spec)
+        seg = self.rt.teacher_within(deadline)
+        labels = self.rt.labels_within(classes, deadline) if seg is not None else None
+        background = self.rt.labels_within([(w,) for w in BACKGROUND_WORDS], deadline) if labels is not None else None
+        if seg is None or labels is None or background is None:
+            why = ("the model is still loading" if seg is None else
+                   f"still preparing the text of the project's {len(classes)} labels (started when the model "
+                   "was connected; once per label set, kept under MODEL_DIR)")  # fmt: skip
+            return self._interactive_answer(tasks[0], version, [], [f"no mask yet: {why}; try again in a moment"],
+                                            start, "labels preparing", len(prompts))  # fmt: skip
+        phrases = [p for prompt in prompts if isinstance(prompt, TextPrompt) for p in prompt.phrases]
+        embedded = {p: emb[0] for p in phrases if (emb := self.rt.phrase_within(p, deadline)) is not None}
+        opts = segment_options(self.settings)
 
         def load() -> tuple[Any, int]:
-            got = self._load_image(tasks[0], spec, time.monotonic() + self.settings.predict_time_budget)
+            got = self._load_image(tasks[0], spec, deadline)
             if isinstance(got, TaskFailure):
                 raise PredictError(f"task {got.task_id}: {got.reason}")
             if not isinstance(got, np.ndarray):
@@ -282,19 +324,42 @@ class MaskCLIPBackend:
             dense = encode_image(seg, got, opts)
             return (got, dense), got.nbytes + dense.nbytes
 
-        start = time.monotonic()
-        image, dense = self.rt.features.get((url, version, opts), load)
-        regions, notes = predict_interactive(
-            seg, image, dense, prompts, spec, key, opts, polygons=self.settings.polygons
-        )
-        log.info("interactive: task %s, %d prompts -> %d regions in %.0f ms", _task_id(tasks[0]), len(prompts),
-                 len(regions), 1000 * (time.monotonic() - start))  # fmt: skip
+        # Per project: another project's task with the same URI passes Label Studio's own access check first.
+        image, dense = self.rt.features.get((self.project, url, version, opts), load)
+        text = PromptText(vocab, labels, background, embedded)
+        try:
+            regions, notes = predict_interactive(
+                seg, image, dense, prompts, spec, key, opts, text, polygons=self.settings.polygons
+            )
+        except ContextError as e:
+            raise PredictError(str(e)) from e
+        return self._interactive_answer(tasks[0], version, regions, notes, start, "nothing found", len(prompts))
+
+    def _interactive_answer(
+        self,
+        task: Mapping[str, Any],
+        version: str,
+        regions: list,
+        notes: list[str],
+        start: float,
+        kind: str,
+        prompts: int,
+    ) -> dict[str, Any]:
+        """The reply to an interactive request. Notes (why a prompt has no mask) go where people look: on the
+        prediction the editor receives (``notes``), in ``errors``, in the log, and counted in ``/metrics``."""
+        log.info("interactive: task %s, %d prompts -> %d regions in %.0f ms", task.get("id"), prompts, len(regions),
+                 1000 * (time.monotonic() - start))  # fmt: skip
+        for note in notes:
+            log.warning("interactive note: task %s: %s", task.get("id"), note)
+            self.rt.note_interactive(_note_kind(note, kind))
         score = float(np.mean([r["score"] for r in regions])) if regions else 0.0
-        result = {"result": regions, "score": round(score, 4), "model_version": version}
+        result: dict[str, Any] = {"result": regions, "score": round(score, 4), "model_version": version}
+        if notes:
+            result["notes"] = notes
         return {
             "results": [result],
             "model_version": version,
-            "errors": [{"task": _task_id(tasks[0]), "error": n} for n in notes],
+            "errors": [{"task": task.get("id"), "error": n} for n in notes],
         }
 
     @staticmethod

@@ -272,6 +272,7 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
                 "training_runs": rt.store.training_runs()[-10:],
                 "students": history(Path(settings.model_dir))[-10:],
                 "rescore": read_rescore_status(settings.model_dir),
+                "interactive_notes": dict(rt.interactive_notes),  # this worker's answers without a mask, by why
             }
         )
 
