@@ -299,7 +299,8 @@ class MaskCLIPBackend:
         key = spec.image_keys[0]
         url = _image_url(tasks[0], key)
         if isinstance(url, TaskFailure):
-            raise PredictError(url.reason)
+            has_data = isinstance(_mapping(tasks[0]).get("data"), Mapping)
+            raise PredictError(f"the task has no image under data.{key}" if has_data else url.reason)
         version = self.rt.teacher_version()
         vocab, classes = self.classes(spec)
         seg = self.rt.teacher_within(deadline)
