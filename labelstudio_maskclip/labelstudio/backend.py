@@ -53,6 +53,20 @@ def _task_id(task: Any) -> Any:
     return task.get("id") if isinstance(task, Mapping) else None
 
 
+def _image_url(task: Any, key: str) -> str | TaskFailure:
+    """The task's image reference under ``data[key]``, or a TaskFailure saying what is missing: ``task`` and its
+    ``data`` come from the request body and may be any JSON value."""
+    task_id = _task_id(task)
+    data = task.get("data") if isinstance(task, Mapping) else None
+    if not isinstance(data, Mapping):
+        return TaskFailure(task_id, f"task has no 'data' object (got {type(data).__name__})")
+    url = data.get(key)
+    if not isinstance(url, str) or not url:
+        keys = sorted(str(k) for k in data)[:10]
+        return TaskFailure(task_id, f"task data has no image under '{key}' (keys: {keys})")
+    return url
+
+
 def _short(task: Any) -> str:
     """The task's first image reference, shortened, for messages."""
     data = task.get("data") if isinstance(task, Mapping) else None
@@ -283,9 +297,10 @@ class MaskCLIPBackend:
         except ContextError as e:
             raise PredictError(str(e)) from e
         key = spec.image_keys[0]
-        url = tasks[0].get("data", {}).get(key) if isinstance(tasks[0], Mapping) else None
-        if not isinstance(url, str) or not url:
-            raise PredictError(f"the task has no image under data.{key}")
+        url = _image_url(tasks[0], key)
+        if isinstance(url, TaskFailure):
+            has_data = isinstance(_mapping(tasks[0]).get("data"), Mapping)
+            raise PredictError(f"the task has no image under data.{key}" if has_data else url.reason)
         version = self.rt.teacher_version()
         vocab, classes = self.classes(spec)
         seg = self.rt.teacher_within(deadline)
@@ -306,7 +321,7 @@ class MaskCLIPBackend:
             if isinstance(got, TaskFailure):
                 raise PredictError(f"task {got.task_id}: {got.reason}")
             if not isinstance(got, np.ndarray):
-                raise PredictError(f"task {tasks[0].get('id')}: the image did not arrive within the time budget")
+                raise PredictError(f"task {_task_id(tasks[0])}: the image did not arrive within the time budget")
             dense = encode_image(seg, got, opts)
             return (got, dense), got.nbytes + dense.nbytes
 
@@ -431,12 +446,9 @@ class MaskCLIPBackend:
         from .images import ImageError
 
         task_id = _task_id(task)
-        if not isinstance(task, Mapping) or not isinstance(task.get("data"), Mapping):
-            return TaskFailure(task_id, "task has no 'data' object")
-        key = spec.image_keys[0]
-        url = task["data"].get(key)
-        if not isinstance(url, str) or not url:
-            return TaskFailure(task_id, f"task data has no image under '{key}' (keys: {sorted(task['data'])[:10]})")
+        url = _image_url(task, spec.image_keys[0])
+        if isinstance(url, TaskFailure):
+            return url
         if time.monotonic() >= deadline:
             return None
         try:
