@@ -171,3 +171,41 @@ def record_parent_prediction(rt: Runtime, check: ParentPredictionCheck) -> None:
     result = handle_event(event, rt.store)
     log.info("annotation %s compared with its prediction %s: %s", check.annotation_id, check.prediction_id,
              result.status)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LiveVersion:
+    """A queued follow-up: make ``version`` the project's live model version (see
+    :meth:`~.api.LabelStudioAPI.set_live_version`), so that the Data Manager's prediction scores and
+    ``next`` count the predictions this backend serves."""
+
+    project: int
+    version: str
+
+
+def keep_live_version(rt: Runtime, item: LiveVersion) -> None:
+    """Follow-up: set the project's live model version if it is empty, ours or a connected backend's title
+    (what *Connect Model* writes); a version the project chose otherwise is left. Remembered per project, so
+    the next /setup for the same version costs nothing."""
+    from .api import LabelStudioAPI, LabelStudioAPIError
+
+    api = LabelStudioAPI(rt.fetcher, timeout=rt.settings.download_timeout)
+    try:
+        if api.set_live_version(item.project, item.version):
+            log.info("project %s: live model version set to %s", item.project, item.version)
+    except LabelStudioAPIError as e:
+        if e.status != 400:
+            raise
+        # during Connect Model the backend is not registered yet, and Label Studio refuses a version that no
+        # backend reports and no prediction carries: the next /setup or /predict tries again
+        log.info("project %s: %s cannot be made live yet (%s)", item.project, item.version, e)
+        return
+    rt.live_versions[item.project] = item.version
+
+
+def run_followup(rt: Runtime, item: Any) -> None:
+    """The follow-up queue's one runner: each kind of item to its function."""
+    if isinstance(item, LiveVersion):
+        keep_live_version(rt, item)
+    else:
+        record_parent_prediction(rt, item)
