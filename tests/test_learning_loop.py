@@ -305,3 +305,42 @@ def test_after_connect_model_the_live_version_is_ours_so_scores_and_next_work(la
         assert len(rows) == 2 and all(0 <= float(r[1]) <= 1 for r in rows), run.stdout
     finally:
         backend.stop()
+
+
+# --- the trainer reuses the server's text embeddings ---------------------------------------------------------
+
+
+def test_a_run_waits_for_the_servers_text_embeddings_and_reuses_them(tmp_path):
+    """While a server process computes a label set's text embeddings (slowly, here), a training run for the
+    same labels waits for them and trains on exactly those numbers instead of computing its own; the next
+    run reads the stored file."""
+    import threading
+    import time
+
+    from labelstudio_maskclip.embeddings import label_set
+    from labelstudio_maskclip.labelstudio.runtime import text_embedding_store
+    from labelstudio_maskclip.models import shared_maskclip
+
+    weights = save_random_state(TINY_VIT, tmp_path / "tiny.pt")
+    s = _settings(tmp_path / "md", model=TINY_VIT, pretrained=str(weights), templates="simple")
+    classes = [(c,) for c in CLASSES]
+    own = shared_maskclip(s).text_embeddings(classes).float().cpu()
+    served = F.normalize(own + torch.randn(own.shape, generator=torch.Generator().manual_seed(3)), dim=1)
+    started = threading.Event()
+
+    def slow(labels):  # the server's computation, still running when the run starts
+        started.set()
+        time.sleep(3)
+        return served
+
+    server = text_embedding_store(s, slow).prepare(label_set(classes))
+    assert started.wait(30)
+    store = Store(tmp_path / "md")
+    images = _fill(store, range(3))
+    load = lambda ref, tid: images[ref]  # noqa: E731
+    first = tr.train(s, store, load_image=load, classes=CLASSES, progress=False)
+    assert server.done()
+    for result in (first, tr.train(s, store, load_image=load, classes=CLASSES, progress=False)):
+        ckpt = ck.read_checkpoint(ck.checkpoint_path(tmp_path / "md", result.version))
+        torch.testing.assert_close(ckpt["embeddings"], served)
+        assert not torch.allclose(ckpt["embeddings"], own)
