@@ -265,48 +265,6 @@ def test_an_image_and_its_peoples_labels_stay_aligned_through_augmentation(tmp_p
         assert agree > 0.9, float(agree)
 
 
-# --- the project's live model version after the README's Connect -------------------------------------------
-
-CONNECT_CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <BrushLabels name="tag" toName="image"><Label value="Animal"/><Label value="Food"/></BrushLabels>
-</View>"""
-
-
-@pytest.mark.e2e
-def test_after_connect_model_the_live_version_is_ours_so_scores_and_next_work(label_studio, tmp_path):
-    """The README's flow against Label Studio 1.23.2: *Connect Model* (titled "MaskCLIP", which Label Studio
-    writes into the project's live model version), then *Retrieve predictions*. The backend makes its own
-    version live, so the Data Manager's score column and `next` show every task's score, not `n/a`."""
-    from tests.photos import COCO128_PHOTOS
-    from tests.served import start_backend, wait_for
-
-    weights = save_random_state(TINY_VIT, tmp_path / "tiny.pt")
-    backend = start_backend(tmp_path / "backend", TINY_VIT, str(weights), label_studio.url, workers=1,
-                            extra_env={"LABEL_STUDIO_API_KEY": label_studio.token})  # fmt: skip
-    try:
-        api = label_studio.api()
-        pid = api.create_project("connect flow", CONNECT_CONFIG)["id"]
-        api.import_files(pid, [COCO128_PHOTOS / n for n in ("000000000009.jpg", "000000000025.jpg")])
-        api.connect_ml_backend(pid, backend.url, title="MaskCLIP")
-        api.retrieve_predictions(pid)
-        for task in api.list_tasks(pid, fields_all=False):
-            preds = wait_for(  # asked again while the labels' text embeddings are being prepared
-                lambda task=task: api.list_predictions(task["id"]) or api.retrieve_predictions(pid, [task["id"]]) and [],
-                120, f"a prediction of task {task['id']}", every=2,
-            )  # fmt: skip
-            assert len(preds) == 1 and preds[0]["model_version"].startswith("maskclip-")
-        version = preds[0]["model_version"]
-        wait_for(lambda: api.get_project(pid)["model_version"] == version, 60, f"{version} to become live")
-        run = subprocess.run([sys.executable, "-m", "labelstudio_maskclip.cli", "next", "--project", str(pid)],
-                             env=backend.env, capture_output=True, text=True, timeout=300)  # fmt: skip
-        assert run.returncode == 0, run.stderr[-2000:]
-        rows = [line.split("\t") for line in run.stdout.splitlines() if line.strip()]
-        assert len(rows) == 2 and all(0 <= float(r[1]) <= 1 for r in rows), run.stdout
-    finally:
-        backend.stop()
-
-
 # --- the trainer reuses the server's text embeddings ---------------------------------------------------------
 
 

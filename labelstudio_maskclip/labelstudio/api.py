@@ -266,23 +266,13 @@ class LabelStudioAPI:
 
     def set_live_version(self, project_id: int, version: str) -> bool:
         """Make ``version`` the project's live model version (*Settings -> Model*), which Label Studio's
-        *Prediction score* column averages and ``next`` sorts by, unless the project has chosen another model:
-        only an empty setting, one of this backend's versions (``maskclip...``) or the title of an ML backend
-        connected to the project (Label Studio 1.23 writes the title there on *Connect Model*) is replaced.
-        True if it changed."""
+        *Prediction score* column averages, unless the project has chosen another model: only an empty
+        setting or one of this backend's versions (``maskclip...``) is replaced. True if it changed."""
         current = self.project(project_id).get("model_version") or ""
-        if current == version:
-            return False
-        if current and not current.startswith("maskclip") and current not in self.backend_titles(project_id):
+        if current == version or (current and not current.startswith("maskclip")):
             return False
         self.request("PATCH", f"/api/projects/{project_id}", json={"model_version": version})
         return True
-
-    def backend_titles(self, project_id: int) -> set[str]:
-        """Titles of the ML backends connected to the project (``GET /api/ml?project=``)."""
-        body = self.request("GET", "/api/ml", params={"project": project_id})
-        backends = body if isinstance(body, list) else []
-        return {str(b["title"]) for b in backends if isinstance(b, Mapping) and b.get("title")}
 
     # -- writes --------------------------------------------------------------------------------------
     def create_prediction(self, task_id: int, prediction: dict[str, Any]) -> dict[str, Any]:

@@ -158,22 +158,7 @@ class MaskCLIPBackend:
         # student serves /predict, with the background words phrases compete with.
         self.rt.prepare_labels([(w,) for w in BACKGROUND_WORDS])
         self.rt.prepare_labels(classes)
-        self._keep_live_version(version)
         return {"model_version": version}
-
-    def _keep_live_version(self, version: str) -> None:
-        """Queue setting the project's live model version to ``version`` (Label Studio writes the backend's
-        title there on *Connect Model*, and counts only predictions of the live version in its scores), when
-        the backend can call Label Studio and has not done it for this version yet."""
-        from .followups import LiveVersion
-
-        project = project_id(self.project)
-        s = self.settings
-        if project is None or not (s.label_studio_url and s.label_studio_api_key):
-            return
-        if self.rt.live_versions.get(project) != version:
-            self.rt.followups.submit(("live-version", project), LiveVersion(project, version),
-                                     f"project {project}'s live model version")  # fmt: skip
 
     # -- predict -------------------------------------------------------------------------------------
     def predict(self, tasks: Sequence[Mapping[str, Any]], context: Any = None) -> dict[str, Any]:
@@ -197,7 +182,6 @@ class MaskCLIPBackend:
         targets = self._targets(spec)
         vocab, classes = self.classes(spec)
         version, model = self.rt.model_for(classes, load=False)
-        self._keep_live_version(version)
         extra: dict[str, Any] = {}
         if model is None:  # MaskCLIP: the model and these labels' text embeddings must be ready in time
             model = self.rt.teacher_within(deadline)
@@ -549,10 +533,3 @@ class MaskCLIPBackend:
         if started is not None:
             reply["training"] = "started" if started else "already running"
         return reply
-
-
-def project_id(project: str | None) -> int | None:
-    """The project id of a request's ``project`` field (Label Studio sends ``"<id>.<timestamp>"``); None when
-    it names none."""
-    head = (project or "").partition(".")[0].strip()
-    return int(head) if head.isdigit() else None

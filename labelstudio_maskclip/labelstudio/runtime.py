@@ -75,16 +75,15 @@ class Runtime:
     _teacher_loader: threading.Thread | None = None
     _teacher_error: BaseException | None = None
     _per_image: dict[str, float] = field(default_factory=dict)  # seconds per image by model version
-    live_versions: dict[int, str] = field(default_factory=dict)  # project -> live model version last checked
 
     @property
     def followups(self):
         """The process's :class:`~.followups.FollowUps` (bounded; drops with a logged reason when full)."""
         with self._lock:
             if self._followups is None:
-                from .followups import FollowUps, run_followup
+                from .followups import FollowUps, record_parent_prediction
 
-                self._followups = FollowUps(functools.partial(run_followup, self))
+                self._followups = FollowUps(functools.partial(record_parent_prediction, self))
             return self._followups
 
     @property
