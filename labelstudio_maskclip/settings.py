@@ -154,7 +154,7 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes``; settings taken from the preset follow a new preset."""
-        unset = {name: None for name in GOVERNED if name not in self.overrides and name not in changes}
+        unset: dict[str, Any] = {name: None for name in GOVERNED if name not in self.overrides and name not in changes}
         return dataclasses.replace(self, **unset, **changes).validated()
 
     def validated(self) -> Settings:

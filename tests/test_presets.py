@@ -13,6 +13,7 @@ are not multiples of the patch, and windows overlap).
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +116,60 @@ def test_the_references_disagree_with_each_other(photos, references):
     for a, b in itertools.combinations(METHODS, 2):
         for (_, labelled), (x, _), (y, _) in zip(photos, references[a], references[b]):
             assert _agreement(x, y, labelled) < 0.9, (a, b)
+
+
+# --- settings and the command line ----------------------------------------------------------------------
+
+
+def test_settings_resolve_the_preset_and_explicit_settings_override_it():
+    from labelstudio_maskclip.settings import SettingsError
+
+    s = Settings()
+    assert s.preset == "naclip" and (s.dense_mode, s.short_side, s.window, s.temperature) == ("naclip", 336, 0, 40.0)
+    assert s.refine == "pamr" and s.templates == "imagenet80" and s.overrides == {}
+    assert not s.key_smoothing and not s.prompt_denoising
+    m = Settings(preset="maskclip")
+    assert (m.dense_mode, m.short_side, m.temperature, m.templates) == ("maskclip", 512, 1.0, "maskclip85")
+    e = Settings.from_env({"MASKCLIP_PRESET": "sclip", "MASKCLIP_WINDOW": "0"})
+    assert (e.window, e.stride, e.short_side) == (0, 112, 336) and e.overrides == {"window": 0}
+    c = e.replace(preset="clearclip")  # the override stays, the rest follows the new preset
+    assert (c.window, c.stride, c.short_side, c.temperature) == (0, 224, 448, 50.0) and c.overrides == {"window": 0}
+    with pytest.raises(SettingsError, match="MASKCLIP_PRESET"):
+        Settings.from_env({"MASKCLIP_PRESET": "maskclip+"})
+    for name, preset in PRESETS.items():  # what every segmenter is built from carries the whole preset
+        o = segment_options(Settings(preset=name))
+        assert (o.mode, o.pipeline, o.pad, o.synonyms, o.window, o.temperature, o.refine) == (
+            preset.mode, preset.pipeline, preset.pad, preset.synonyms, preset.window, preset.temperature,
+            preset.refine,
+        )  # fmt: skip
+
+
+def test_eval_preset_writes_label_maps_at_the_original_size(tmp_path, photos):
+    """``eval --dataset folder --preset NAME``: predictions/<stem>.png, 0-based class indices, original size,
+    the same labels as the engine gives with that preset."""
+    from labelstudio_maskclip.cli import main
+    from tests.tiny import save_random_state
+
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("\n".join(", ".join(c) for c in CLASSES) + "\n")
+    for i, (img, labelled) in enumerate(photos[:2]):
+        Image.fromarray(img).save(root / "images" / f"photo{i}.png")
+        Image.fromarray(np.where(labelled, i, 255).astype(np.uint8)).save(root / "masks" / f"photo{i}.png")
+    weights = save_random_state(TINY_VIT, tmp_path / "tiny.pt")
+    out = tmp_path / "out"
+    code = main(["eval", "--dataset", "folder", "--root", str(root), "--out", str(out), "--preset", "sclip",
+                 "--model", TINY_VIT, "--pretrained", str(weights), "--device", "cpu", "--no-progress"])  # fmt: skip
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["preset"] == "sclip" and metrics["short_side"] == 336 and metrics["window"] == 224
+    s = Settings(preset="sclip", model=TINY_VIT, pretrained=str(weights), device="cpu")
+    from labelstudio_maskclip.models import shared_maskclip
+
+    seg = shared_maskclip(s)
+    for i, (img, _) in enumerate(photos[:2]):
+        pred = np.asarray(Image.open(out / "predictions" / f"photo{i}.png"))
+        assert pred.shape == img.shape[:2] and pred.max() < len(CLASSES)
+        engine = seg.segment([img], [tuple(c) for c in CLASSES], opts=segment_options(s))[0].labels
+        assert np.array_equal(pred, engine)

@@ -26,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -297,7 +298,6 @@ class MaskCLIP:
             score=opts.score,
         )
 
-
     # -- the authors' pipeline (engine/protocol.py) ---------------------------------------------------
     def _segment_authors(
         self,
@@ -332,7 +332,9 @@ class MaskCLIP:
         )
 
     @torch.inference_mode()
-    def authors_logits(self, image: np.ndarray, emb: torch.Tensor, opts: SegmentOptions) -> torch.Tensor:
+    def authors_logits(
+        self, image: np.ndarray, emb: torch.Tensor, opts: SegmentOptions
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(H, W, 3) uint8 RGB -> (1, N, H', W') cosine logits at the resized image's pixels and the
         normalised resized image (1, 3, H', W') (engine/protocol.py, steps 1 and 2); emb: (N, D)."""
         size = mmcv_size(image.shape[0], image.shape[1], opts.short_side, opts.max_long_side, self.stride)
@@ -341,7 +343,7 @@ class MaskCLIP:
         weights = emb.to(self.device, torch.float32)
 
         def grid_logits(x: torch.Tensor) -> torch.Tensor:
-            with layer_norm_eps(self.clip.model.visual, self.layer_norm_eps):
+            with layer_norm_eps(cast(torch.nn.Module, self.clip.model.visual), self.layer_norm_eps):
                 out = self._dense(self.clip.model.visual, x.to(self.clip.dtype), opts.mode)
             return torch.einsum("bdhw,kd->bkhw", out.features, weights)
 
