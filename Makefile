@@ -3,9 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 LABEL_STUDIO_VENV ?= .ls-venv
 PORT ?= 9090
+LABEL_STUDIO_PORT ?= 8080
+export LABEL_STUDIO_PORT
 export LABEL_STUDIO_VENV
 
-.PHONY: serve test lint install install-label-studio bench clean
+.PHONY: serve test lint install install-label-studio label-studio bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +18,11 @@ install: $(VENV)/.installed
 
 install-label-studio:
 	bash scripts/install-label-studio.sh
+
+# Label Studio on http://127.0.0.1:$(LABEL_STUDIO_PORT), set up to call a backend on this machine
+# (its built-in address block less loopback; see README, "Label Studio's address block").
+label-studio: install install-label-studio
+	VENV=$(VENV) bash scripts/label-studio.sh
 
 # The backend server with the default model (ViT-B/16, OpenAI weights) on port $(PORT).
 serve: install

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -61,10 +65,22 @@ def test_compose_gives_label_studio_the_documented_settings_that_the_end_to_end_
     assert "Connect Model -> http://maskclip:9090" in (ROOT / "docker" / "docker-compose.yml").read_text()
 
 
-def test_readme_same_machine_settings_are_the_tested_ones():
+def test_documented_same_machine_settings_are_the_tested_ones():
+    """docs/connecting.md's lines and ``make label-studio`` (scripts/label-studio.sh) give Label Studio the
+    settings the e2e harness runs with; the README names the refusal they cure and the target."""
     from labelstudio_maskclip.labelstudio.network import LABEL_STUDIO_SETTINGS
 
+    same_machine = LABEL_STUDIO_SETTINGS["same machine"]
+    connecting = (ROOT / "docs" / "connecting.md").read_text()
+    for name, value in same_machine.items():
+        assert f"export {name}={value}\n" in connecting, name
     readme = (ROOT / "README.md").read_text()
-    for name, value in LABEL_STUDIO_SETTINGS["same machine"].items():
-        assert f"export {name}={value}\n" in readme, name
     assert "403 URL resolves to a reserved network address (block: 127.0.0.0/8)" in readme
+    assert "make label-studio" in readme and "http://127.0.0.1:9090" in readme
+    printed = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "label-studio.sh"), "--print-env"],
+        env={**os.environ, "VENV": str(Path(sys.executable).parents[1])},
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    exported = dict(shlex.split(line)[1].split("=", 1) for line in printed.splitlines())
+    assert exported == dict(same_machine)
