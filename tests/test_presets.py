@@ -44,6 +44,7 @@ def clip():
 
     from labelstudio_maskclip.engine.loading import load_clip
 
+    torch.manual_seed(0)  # open_clip draws the random weights from the global generator
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = load_clip(TINY_VIT, "random", "cpu", "fp32", allow_random=True)
