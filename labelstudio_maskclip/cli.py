@@ -16,6 +16,7 @@ from pathlib import Path
 from .engine.modes import DENSE_MODES
 from .engine.names import parse_label_spec
 from .engine.presets import PRESETS
+from .logs import configure as configure_logging
 from .settings import Settings, SettingsError
 
 __all__ = ["main", "build_parser"]
@@ -478,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = args.log_level or Settings.from_env().log_level
-    logging.basicConfig(level=str(level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

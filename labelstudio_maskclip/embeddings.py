@@ -59,7 +59,8 @@ class EmbeddingStore:
 
     ``identity``: what, besides the label names, the embeddings depend on (architecture, weights, templates,
     precision; see :func:`weights_identity`). ``persist=False`` keeps them in memory only (random weights,
-    which differ per process). Thread-safe.
+    which differ per process). ``width``: the model's embedding width D, when known; a stored file of
+    another width, or with rows that are not unit vectors (all zeros, say), is computed again. Thread-safe.
     """
 
     def __init__(
@@ -70,11 +71,13 @@ class EmbeddingStore:
         *,
         persist: bool = True,
         device: torch.device | str = "cpu",
+        width: int | None = None,
     ):
         self.root = Path(root)
         self.identity = dict(identity)
         self.persist = persist
         self.device = torch.device(device)
+        self.width = width
         self._compute = compute
         self._memory: dict[str, torch.Tensor] = {}
         self._jobs: dict[str, Future] = {}
@@ -169,7 +172,9 @@ class EmbeddingStore:
                 and [tuple(n) for n in payload.get("labels", ())] == list(labels)
                 and emb.ndim == 2
                 and emb.shape[0] == len(labels)
+                and (self.width is None or emb.shape[1] == self.width)
                 and bool(torch.isfinite(emb).all())
+                and bool(((emb.double().norm(dim=1) - 1).abs() < 1e-3).all())  # rows are L2-normalised
             )
         except Exception as e:  # a damaged file is recomputed, never served
             log.warning("text embeddings file %s is unreadable (%s): computing them again", path, e)

@@ -20,6 +20,9 @@ from labelstudio_maskclip.engine.segmenter import MaskCLIP, SegmentOptions
 from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend, PredictError
 from labelstudio_maskclip.labelstudio.images import decode_image
 from labelstudio_maskclip.labelstudio.interactive import (
+    BACKGROUND_WORDS,
+    MAX_PHRASES,
+    PHRASE_TEMPLATES,
     BoxPrompt,
     ClickPrompt,
     ContextError,
@@ -412,7 +415,9 @@ def test_the_interactive_cache_counts_an_images_pixels_and_features(tiny, tmp_pa
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     be.predict([{"id": 9, "data": {"image": url}}], {"result": [click(50, 50)]})
     cache = be.rt.features
-    image, dense = cache.get((url, be.rt.teacher_version(), segment_options(settings)), lambda: pytest.fail("missed"))
+    image, dense = cache.get(
+        (be.project, url, be.rt.teacher_version(), segment_options(settings)), lambda: pytest.fail("missed")
+    )
     assert image.shape == (30, 40, 3)
     assert len(cache) == 1 and cache.nbytes == image.nbytes + dense.nbytes > image.nbytes
 
@@ -439,3 +444,98 @@ def test_an_interactive_image_that_cannot_start_downloading_in_time_is_a_clear_e
     monkeypatch.setattr(backend_module.time, "monotonic", lambda: float(next(now)))
     with pytest.raises(PredictError, match=r"^task 41: the image did not arrive within the time budget$"):
         be.predict([{"id": 41, "data": {"image": url + "#other"}}], {"result": [click(1, 1)]})
+
+
+# --- text prepared at /setup, one deadline, notes where annotators look, bounds (issues 21 and 22) -----------
+
+
+def _fresh(tiny, tmp_path, **kw) -> MaskCLIPBackend:
+    _, weights = tiny
+    settings = Settings(model=TINY_VIT, pretrained=str(weights), device="cpu", short_side=64, templates="simple",
+                        model_dir=str(tmp_path), **kw)  # fmt: skip
+    return MaskCLIPBackend(settings, "1", CONFIG)
+
+
+def _photo_url() -> str:
+    return "data:image/jpeg;base64," + base64.b64encode((COCO128_PHOTOS / "000000000009.jpg").read_bytes()).decode()
+
+
+def test_setup_prepares_and_stores_every_text_an_interactive_click_needs(tiny, tmp_path):
+    from labelstudio_maskclip.embeddings import label_set
+
+    be = _fresh(tiny, tmp_path)
+    be.setup()
+    labels = label_set(be.classes(be.spec())[1])
+    background = label_set([(w,) for w in BACKGROUND_WORDS])
+    for names in (labels, background):
+        assert be.rt.embeddings.wait(names, 60) is not None and be.rt.embeddings.path(names).is_file()
+    be.rt.teacher._text_cache.clear()  # whatever a request encodes from here on shows in this cache
+    reply = be.predict([{"id": 1, "data": {"image": _photo_url()}}], {"result": [click(50, 50), text("red car")]})
+    assert reply["results"][0]["result"]
+    encoded = list(be.rt.teacher._text_cache)
+    assert encoded == [(label_set(["red car"]), PHRASE_TEMPLATES)]  # one short pass, for the phrase only
+    assert be.rt.phrases.path(label_set(["red car"])).is_file()  # kept on disk per phrase and model
+
+
+def test_interactive_answers_200_with_a_note_while_labels_are_still_preparing(tiny, tmp_path):
+    be = _fresh(tiny, tmp_path, predict_time_budget=1e-6)
+    reply = be.predict([{"id": 2, "data": {"image": _photo_url()}}], {"result": [click(50, 50)]})
+    (pred,) = reply["results"]
+    assert pred["result"] == [] and pred["notes"][0].startswith("no mask yet: ")
+    assert reply["errors"] == [{"task": 2, "error": pred["notes"][0]}]
+    assert sum(be.rt.interactive_notes.values()) == 1
+
+
+def test_a_phrase_that_finds_nothing_says_so_on_the_prediction_and_in_metrics(tiny, tmp_path):
+    be = _fresh(tiny, tmp_path)
+    plain = np.full((48, 64, 3), 127, np.uint8)  # one colour: one class wins every pixel
+    buf = io.BytesIO()
+    Image.fromarray(plain).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    reply = be.predict([{"id": 3, "data": {"image": url}}], {"result": [text("zebra, giraffe, umbrella")]})
+    (pred,) = reply["results"]
+    nothing = [n for n in pred.get("notes", []) if "found nowhere" in n]
+    assert len(nothing) >= 2  # at most one of three phrases takes the whole uniform image
+    assert be.rt.interactive_notes["phrase found nothing"] == len(nothing)
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        (click(1e308, 50), "within 0-100"),
+        (click(50, -0.5), "within 0-100"),
+        (box(10, 10, 1e9, 10), "within 0-100"),
+        (box(100, 100, 50, 50), "covers no pixel"),  # entirely outside the image
+        (text(", ".join(f"w{i}" for i in range(MAX_PHRASES + 1))), f"at most {MAX_PHRASES}"),
+        (text("x" * 201), "longer than 200"),
+    ],
+)
+def test_out_of_bounds_prompts_are_refused_with_a_reason(backend, item, message):
+    be, url = backend
+    with pytest.raises(PredictError, match=message):
+        be.predict([{"id": 4, "data": {"image": url}}], {"result": [item]})
+    assert be.predict([{"id": 4, "data": {"image": url}}], {"result": [click(50, 50)]})["results"][0]["result"]
+
+
+def test_the_feature_cache_is_per_project(tiny, tmp_path):
+    first = _fresh(tiny, tmp_path)
+    other = MaskCLIPBackend(first.settings, "2", CONFIG)
+    task = {"id": 5, "data": {"image": _photo_url()}}
+    first.predict([task], {"result": [click(50, 50)]})
+    misses = first.rt.features.misses
+    other.predict([task], {"result": [click(50, 50)]})
+    assert first.rt.features.misses == misses + 1
+
+
+def test_phrase_masks_match_the_argmax_over_all_classes_upsampled_at_once():
+    torch.manual_seed(0)
+    features = torch.nn.functional.normalize(torch.randn(16, 5, 7), dim=0)
+    dense = DenseImage(features=features, affinity=torch.eye(35).reshape(1, 35, 35), size=(37, 51))
+    emb = torch.nn.functional.normalize(torch.randn(6, 16), dim=1)
+    opts = SegmentOptions(key_smoothing=False, prompt_denoising=False)
+    got = engine.phrase_masks(dense, emb, 3, opts)
+    probs = engine._upsample(engine.grid_probs(dense, emb, opts), (37, 51))
+    best, winner = probs.max(0)
+    for j, (mask, score) in enumerate(got):
+        assert np.array_equal(mask, (winner == j).numpy())
+        assert score == pytest.approx(float(best[winner == j].mean()) if mask.any() else 0.0, rel=1e-5)

@@ -663,3 +663,121 @@ def test_a_request_is_complete_when_its_head_and_small_body_arrived():
     assert complete(big)  # too big to buffer: the thread reads it
     assert complete(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")  # unknown length: the thread
     assert complete(b"GET / HTTP/1.1\r\nX: " + b"a" * (MAX_HEAD + 1))  # gunicorn's header limits refuse it
+
+
+# --- log lines cannot be forged (issue #22, item 10) ----------------------------------------------------
+
+
+def test_a_newline_in_a_task_cannot_forge_a_log_line(tmp_path):
+    """The served backend logs each task's failure with its URL and id: newlines (and other line breaks) sent
+    in them come out escaped, inside the one record, never as a line of their own."""
+    import requests
+
+    from tests.served import BRUSH, start_backend
+    from tests.tiny import TINY_VIT, save_random_state
+
+    weights = save_random_state(TINY_VIT, tmp_path / "tiny.pt")
+    backend = start_backend(tmp_path / "b", TINY_VIT, str(weights), "http://127.0.0.1:1", workers=1)
+    forged = "2026-01-01 00:00:00,000 WARNING labelstudio_maskclip: FORGED"
+    try:
+        tasks = [
+            {"id": 1, "data": {"image": f"http://127.0.0.1:1/a.jpg\n{forged} by url"}},
+            {"id": f"2\r\n{forged} by id", "data": {"text": "no image"}},
+            {"id": f"3\u2028{forged} by separator", "data": {"image": ["not a URL"]}},
+        ]
+        reply = requests.post(backend.url + "/predict", json={"tasks": tasks, "label_config": BRUSH}, timeout=60)
+        assert reply.status_code == 200 and len(reply.json()["errors"]) == 3
+    finally:
+        backend.stop()
+    text = backend.log_text()
+    lines = text.replace("\u2028", "\n").splitlines()
+    assert not [line for line in lines if "FORGED" in line and not line.startswith("20") or line.startswith(forged)]
+    for how in ("by url", "by id", "by separator"):
+        assert sum(f"FORGED {how}" in line for line in lines) >= 1, text[-3000:]
+    assert f"\\n{forged} by url" in text and f"\\r\\n{forged} by id" in text and f"\\u2028{forged}" in text
+
+
+def test_one_line_escapes_every_line_break():
+    from labelstudio_maskclip.logs import one_line
+
+    assert one_line("a\nb\rc\x0bd\x0ce\x1cf\x85g\u2028h\u2029i\x00j\tk") == (
+        "a\\nb\\rc\\x0bd\\x0ce\\x1cf\\x85g\\u2028h\\u2029i\\x00j\\tk"
+    )
+    assert len(one_line("".join(map(chr, range(0x110000))).encode("utf-16", "surrogatepass").decode("utf-16",
+               "surrogatepass")).splitlines()) == 1  # fmt: skip
+
+
+# --- memory a request body can take (issue #22, item 6) ------------------------------------------------
+
+_N = 20_000
+JSON_FORMS = {
+    "objects": "[" + ",".join(["{}"] * _N) + "]",
+    "arrays": "[" + ",".join(["[]"] * _N) + "]",
+    "one-key objects": "[" + ",".join(['{"a":0}'] * _N) + "]",
+    "keys": "{" + ",".join(f'"{i}":{i}' for i in range(_N)) + "}",
+    "empty strings": "[" + ",".join(['""'] * _N) + "]",
+    "astral strings": "[" + ",".join([f'"\\ud83d\\ude00{i}"' for i in range(_N)]) + "]",
+    "short strings": "[" + ",".join(f'"{i}"' for i in range(_N)) + "]",
+    "floats": "[" + ",".join(["1.5"] * _N) + "]",
+    "big numbers": "[" + ",".join(str(10**12 + i) for i in range(_N)) + "]",
+    "rle": "[" + ",".join(str(i % 256) for i in range(_N)) + "]",
+    "literals": "[" + ",".join(["true", "null"] * (_N // 2)) + "]",
+}
+
+
+@pytest.mark.parametrize("form", JSON_FORMS, ids=str)
+def test_the_parsed_size_bound_holds_for_every_kind_of_json(form):
+    import json
+    import tracemalloc
+
+    from labelstudio_maskclip.labelstudio.server import parsed_size_bound
+
+    body = JSON_FORMS[form].encode()
+    tracemalloc.start()
+    try:
+        parsed = json.loads(body)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert parsed and peak <= parsed_size_bound(body)
+
+
+def test_bodies_that_would_parse_past_the_memory_budget_get_413_and_the_server_keeps_serving(tmp_path):
+    import json
+
+    from labelstudio_maskclip.labelstudio import server
+
+    app = create_app(Settings(model_dir=str(tmp_path)), warm=False)
+    client = app.test_client()
+    # 26 MB of empty objects: 13 M Python dicts (about 650 MB parsed), under the 256 MB body limit.
+    bomb = b'{"tasks": [' + b",".join([b"{}"] * (13 * 1024 * 1024)) + b'], "label_config": "<View/>"}'
+    assert len(bomb) < app.config["MAX_CONTENT_LENGTH"] and server.parsed_size_bound(bomb) > server.JSON_MEMORY_BUDGET
+    for path in ("/predict", "/webhook", "/setup"):
+        reply = client.post(path, data=bomb, content_type="application/json")
+        assert reply.status_code == 413 and "MiB of memory parsed" in reply.get_json()["error"], path
+    reply = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"label_config": BRUSH_CONFIG}})
+    assert reply.status_code == 201 and json.loads(reply.data)["status"]
+    assert client.get("/health").status_code == 200
+
+
+def test_requests_in_flight_share_one_memory_budget(tmp_path):
+    from labelstudio_maskclip.labelstudio import server
+
+    app = create_app(Settings(model_dir=str(tmp_path)), warm=False)
+    budget = server._MemoryBudget(1000)
+    with app.test_request_context("/predict"):
+        budget.reserve(600)
+        with app.test_request_context("/webhook"):
+            with pytest.raises(server._Busy):
+                budget.reserve(600)  # another request while the first holds its share: 503, retry later
+            budget.reserve(400)
+            budget.release()
+        assert budget.used == 600
+        budget.release()
+    assert budget.used == 0
+
+
+BRUSH_CONFIG = (
+    '<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image"><Label value="Cat"/>'
+    "</BrushLabels></View>"
+)

@@ -324,3 +324,28 @@ def test_metrics_never_serve_secrets(settings, tmp_path):
     assert [s["version"] for s in students] == ["maskclip+-1", "maskclip+-2"]
     assert all(s["settings"]["basic_auth_user"] == "ls" for s in students)
     assert b"-secret" not in reply.data
+
+
+INTERACTIVE = BRUSH.replace(
+    "</View>",
+    '<KeyPointLabels name="click" toName="image" smart="true"><Label value="Animal"/></KeyPointLabels></View>',
+)
+CLICK = {"type": "keypointlabels", "from_name": "click", "to_name": "image", "is_positive": True,
+         "original_width": 640, "original_height": 480,
+         "value": {"x": 10, "y": 10, "width": 0.3, "keypointlabels": ["Animal"]}}  # fmt: skip
+
+
+@pytest.mark.parametrize("data", ["/data/upload/photo.jpg", ["/data/upload/photo.jpg"], 7, None], ids=repr)
+def test_task_data_that_is_not_an_object_is_that_tasks_clear_error(client, data):
+    """``task.data`` is whatever JSON the client sent: a batch answers with that task's reason, an interactive
+    request (one task) with a 400 naming it; never a 500."""
+    tasks = [{"id": 1, "data": data}, {"id": 2, "data": {"image": "/data/upload/photo.jpg"}}]
+    reply = client.post("/predict", json={"tasks": tasks, "label_config": BRUSH})
+    assert reply.status_code == 200
+    body = reply.get_json()
+    assert body["results"][0] == [] and body["results"][1]["result"]
+    assert body["errors"] == [{"task": 1, "error": f"task has no 'data' object (got {type(data).__name__})"}]
+    context = {"params": {"context": {"result": [CLICK]}}}
+    reply = client.post("/predict", json={"tasks": tasks[:1], "label_config": INTERACTIVE, **context})
+    assert reply.status_code == 400 and "task has no 'data' object" in reply.get_json()["error"]
+    assert client.post("/predict", json={"tasks": tasks[1:], "label_config": INTERACTIVE, **context}).status_code == 200

@@ -643,3 +643,16 @@ def test_a_hung_download_does_not_cost_the_images_that_arrived_their_predictions
         release.set()
     assert _sizes(body) == [None, (40, 24)]
     assert [e["task"] for e in body["errors"]] == [1] and "time budget of 2 s" in body["errors"][0]["error"]
+
+
+@pytest.mark.parametrize("damage", ["width", "zeros"])
+def test_a_stored_file_of_another_width_or_all_zeros_is_computed_again(tmp_path, damage):
+    first = EmbeddingStore(tmp_path, IDENTITY, _Counting(), width=4)
+    emb = first.prepare(LABELS).result(30)
+    path = first.path(LABELS)
+    payload = torch.load(path, weights_only=True)
+    payload["embeddings"] = torch.zeros(3, 4) if damage == "zeros" else F.normalize(torch.ones(3, 6), dim=-1)
+    torch.save(payload, path)
+    compute = _Counting()
+    again = EmbeddingStore(tmp_path, IDENTITY, compute, width=4).prepare(LABELS).result(30)
+    assert compute.calls == 1 and torch.equal(again, emb)

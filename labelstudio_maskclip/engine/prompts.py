@@ -88,8 +88,14 @@ def phrase_masks(
     """(mask, score) of the first ``n_phrases`` classes of ``emb`` (phrases first, then background classes:
     the project's other labels and background words), each pixel to its most probable class; the score is
     the mean winning probability over the mask (0 for an empty mask)."""
-    probs = _upsample(grid_probs(dense, emb, opts), dense.size)  # (K, H, W)
-    best, winner = probs.max(0)
+    grid = grid_probs(dense, emb, opts)  # (K, h, w)
+    best = _upsample(grid[0], dense.size)  # (H, W): one class at a time, so memory does not grow with K
+    winner = torch.zeros(dense.size, dtype=torch.int16, device=best.device)
+    for k in range(1, grid.shape[0]):
+        up = _upsample(grid[k], dense.size)
+        better = up > best  # ties stay with the first class, as max(0) keeps them
+        best = torch.where(better, up, best)
+        winner[better] = k
     out = []
     for j in range(n_phrases):
         mine = winner == j

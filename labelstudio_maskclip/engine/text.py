@@ -17,6 +17,7 @@ __all__ = [
     "SCENE_TEMPLATES",
     "resolve_templates",
     "encode_classes",
+    "encode_prompts",
 ]
 
 # The 5 scene templates MaskCLIP adds to CLIP's 80 ImageNet templates.
@@ -68,6 +69,63 @@ def resolve_templates(spec: str | Sequence[str] | None) -> tuple[str, ...]:
     return templates
 
 
+def _trimmable(model: Any) -> bool:
+    """Whether ``model``'s text tower is CLIP's: a causal mask and pooling at the EOT token (the highest id),
+    so that tokens after a prompt's EOT never reach its embedding."""
+    return (
+        getattr(model, "text_pool_type", None) == "argmax"
+        and isinstance(getattr(model, "attn_mask", None), torch.Tensor)
+        and isinstance(getattr(model, "positional_embedding", None), torch.Tensor)
+        and all(hasattr(model, a) for a in ("token_embedding", "transformer", "ln_final", "text_projection"))
+    )
+
+
+def encode_text_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text(tokens)`` computed on the context cut after the batch's last EOT token.
+
+    tokens: (B, 77) ids -> (B, D). With a causal mask, position i only attends to positions <= i, and the
+    output is read at each prompt's EOT, so the padding after the longest prompt changes nothing: the same
+    numbers (up to float rounding) for about (L / 77) of the work, L the longest prompt. Falls back to
+    ``encode_text`` for towers that pool elsewhere.
+    """
+    if not _trimmable(model):
+        return model.encode_text(tokens)
+    length = int(tokens.argmax(dim=-1).max()) + 1
+    tokens = tokens[:, :length]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # (B, width) at each EOT
+    if model.text_projection is None:
+        return x
+    if isinstance(model.text_projection, torch.nn.Linear):
+        return model.text_projection(x)
+    return x @ model.text_projection
+
+
+@torch.no_grad()
+def encode_prompts(
+    model: Any,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    prompts: list[str],
+    device: torch.device,
+    chunk: int = 512,
+) -> torch.Tensor:
+    """(P, D) float32 L2-normalised text features of ``prompts``, batched ``chunk`` at a time; prompts are
+    sorted by length so that each batch is cut to its own longest prompt (:func:`encode_text_trimmed`)."""
+    tokens = tokenizer(prompts)  # (P, 77)
+    order = torch.argsort(tokens.argmax(dim=-1))  # by EOT position
+    parts: list[torch.Tensor] = []
+    for i in range(0, len(prompts), chunk):
+        f = encode_text_trimmed(model, tokens[order[i : i + chunk]].to(device)).float()  # model: open_clip CLIP
+        parts.append(f / f.norm(dim=-1, keepdim=True))
+    feats = torch.cat(parts)
+    out = torch.empty_like(feats)
+    out[order.to(feats.device)] = feats
+    return out
+
+
 @torch.no_grad()
 def encode_classes(
     model: Any,
@@ -85,12 +143,7 @@ def encode_classes(
     pairs = [(k, n) for k, names in enumerate(classes) for n in names]  # one entry per (class, name)
     prompts = [t.format(n) for _, n in pairs for t in templates]
     owner = torch.arange(len(pairs), device=device).repeat_interleave(len(templates))  # (P,) name of prompt
-    parts: list[torch.Tensor] = []
-    for i in range(0, len(prompts), chunk):
-        tokens = tokenizer(prompts[i : i + chunk]).to(device)
-        f = model.encode_text(tokens).float()  # (p, D); model: an open_clip CLIP
-        parts.append(f / f.norm(dim=-1, keepdim=True))
-    feats = torch.cat(parts)  # (P, D)
+    feats = encode_prompts(model, tokenizer, prompts, device, chunk)  # (P, D)
     per_name = torch.zeros(len(pairs), feats.shape[1], device=device).index_add_(0, owner, feats)
     per_name = per_name / per_name.norm(dim=-1, keepdim=True)  # (N, D): mean over templates, renormalised
     cls_of_name = torch.tensor([k for k, _ in pairs], device=device)

@@ -53,6 +53,20 @@ def _task_id(task: Any) -> Any:
     return task.get("id") if isinstance(task, Mapping) else None
 
 
+def _image_url(task: Any, key: str) -> str | TaskFailure:
+    """The task's image reference under ``data[key]``, or a TaskFailure saying what is missing: ``task`` and its
+    ``data`` come from the request body and may be any JSON value."""
+    task_id = _task_id(task)
+    data = task.get("data") if isinstance(task, Mapping) else None
+    if not isinstance(data, Mapping):
+        return TaskFailure(task_id, f"task has no 'data' object (got {type(data).__name__})")
+    url = data.get(key)
+    if not isinstance(url, str) or not url:
+        keys = sorted(str(k) for k in data)[:10]
+        return TaskFailure(task_id, f"task data has no image under '{key}' (keys: {keys})")
+    return url
+
+
 def _short(task: Any) -> str:
     """The task's first image reference, shortened, for messages."""
     data = task.get("data") if isinstance(task, Mapping) else None
@@ -98,6 +112,17 @@ def _batches(images: list[tuple[int, np.ndarray]], size_of: Callable, batch_size
     return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
 
 
+def _note_kind(note: str, kind: str) -> str:
+    """The ``/metrics`` counter of an interactive note."""
+    if "still being encoded" in note:
+        return "phrase still encoding"
+    if note.startswith("phrase"):
+        return "phrase found nothing"
+    if note.startswith("box"):
+        return "box found nothing"
+    return kind
+
+
 class MaskCLIPBackend:
     """One request's view of the backend (label-studio-ml's ``LabelStudioMLBase`` surface)."""
 
@@ -119,16 +144,20 @@ class MaskCLIPBackend:
         return vocab, [spec.names(v) for v in vocab]
 
     def setup(self) -> dict[str, Any]:
-        """Validate the project's labeling config and report the model version served for it. When MaskCLIP
-        serves these labels, their text embeddings start being prepared in the background (Label Studio calls
-        /setup when the backend is connected and before it asks for predictions), so that /predict finds
-        them ready."""
+        """Validate the project's labeling config and report the model version served for it. The teacher's
+        text embeddings of these labels (and of the background words interactive phrases compete with) start
+        being prepared in the background (Label Studio calls /setup when the backend is connected and before
+        it asks for predictions), so that /predict and interactive prompts find them ready."""
+        from .interactive import BACKGROUND_WORDS
+
         if not self.label_config:
             return {"model_version": self.rt.student_version() or self.rt.teacher_version()}
         classes = self.classes(self.spec())[1]  # LabelConfigError: what to add
-        version, student = self.rt.model_for(classes, load=False)
-        if student is None:
-            self.rt.prepare_labels(classes)
+        version = self.rt.model_for(classes, load=False)[0]
+        # Interactive prompts always use the teacher: its text for these labels is prepared even when a
+        # student serves /predict, with the background words phrases compete with.
+        self.rt.prepare_labels([(w,) for w in BACKGROUND_WORDS])
+        self.rt.prepare_labels(classes)
         return {"model_version": version}
 
     # -- predict -------------------------------------------------------------------------------------
@@ -241,11 +270,25 @@ class MaskCLIPBackend:
         """One prediction for the one task of an interactive request: the masks of the editor's phrases,
         clicks and boxes (:mod:`.interactive`). Always the MaskCLIP teacher: prompts need its dense
         features and text side. An unusable context or image raises :class:`PredictError` (a 400; Label Studio
-        shows the editor its status, the reason is in the body and the log)."""
+        shows the editor its status, the reason is in the body and the log).
+
+        One deadline, ``MASKCLIP_PREDICT_TIME_BUDGET`` seconds from now, bounds the waits for the model, the
+        labels' text embeddings (prepared at ``/setup``), a new phrase's text pass and the image download;
+        past it the answer is a 200 without masks whose note says why (:meth:`_interactive_answer`).
+        """
         from ..engine.prompts import encode_image
         from ..models import segment_options
-        from .interactive import ContextError, parse_context, predict_interactive
+        from .interactive import (
+            BACKGROUND_WORDS,
+            ContextError,
+            PromptText,
+            TextPrompt,
+            parse_context,
+            predict_interactive,
+        )
 
+        start = time.monotonic()
+        deadline = start + self.settings.predict_time_budget
         if len(tasks) != 1:
             raise PredictError(f"an interactive request carries one task, got {len(tasks)}")
         spec = self.spec()
@@ -254,33 +297,70 @@ class MaskCLIPBackend:
         except ContextError as e:
             raise PredictError(str(e)) from e
         key = spec.image_keys[0]
-        url = tasks[0].get("data", {}).get(key) if isinstance(tasks[0], Mapping) else None
-        if not isinstance(url, str) or not url:
-            raise PredictError(f"the task has no image under data.{key}")
-        seg, opts, version = self.rt.teacher, segment_options(self.settings), self.rt.teacher_version()
+        url = _image_url(tasks[0], key)
+        if isinstance(url, TaskFailure):
+            has_data = isinstance(_mapping(tasks[0]).get("data"), Mapping)
+            raise PredictError(f"the task has no image under data.{key}" if has_data else url.reason)
+        version = self.rt.teacher_version()
+        vocab, classes = self.classes(spec)
+        seg = self.rt.teacher_within(deadline)
+        labels = self.rt.labels_within(classes, deadline) if seg is not None else None
+        background = self.rt.labels_within([(w,) for w in BACKGROUND_WORDS], deadline) if labels is not None else None
+        if seg is None or labels is None or background is None:
+            why = ("the model is still loading" if seg is None else
+                   f"still preparing the text of the project's {len(classes)} labels (started when the model "
+                   "was connected; once per label set, kept under MODEL_DIR)")  # fmt: skip
+            return self._interactive_answer(tasks[0], version, [], [f"no mask yet: {why}; try again in a moment"],
+                                            start, "labels preparing", len(prompts))  # fmt: skip
+        phrases = [p for prompt in prompts if isinstance(prompt, TextPrompt) for p in prompt.phrases]
+        embedded = {p: emb[0] for p in phrases if (emb := self.rt.phrase_within(p, deadline)) is not None}
+        opts = segment_options(self.settings)
 
         def load() -> tuple[Any, int]:
-            got = self._load_image(tasks[0], spec, time.monotonic() + self.settings.predict_time_budget)
+            got = self._load_image(tasks[0], spec, deadline)
             if isinstance(got, TaskFailure):
                 raise PredictError(f"task {got.task_id}: {got.reason}")
             if not isinstance(got, np.ndarray):
-                raise PredictError(f"task {tasks[0].get('id')}: the image did not arrive within the time budget")
+                raise PredictError(f"task {_task_id(tasks[0])}: the image did not arrive within the time budget")
             dense = encode_image(seg, got, opts)
             return (got, dense), got.nbytes + dense.nbytes
 
-        start = time.monotonic()
-        image, dense = self.rt.features.get((url, version, opts), load)
-        regions, notes = predict_interactive(
-            seg, image, dense, prompts, spec, key, opts, polygons=self.settings.polygons
-        )
-        log.info("interactive: task %s, %d prompts -> %d regions in %.0f ms", tasks[0].get("id"), len(prompts),
-                 len(regions), 1000 * (time.monotonic() - start))  # fmt: skip
+        # Per project: another project's task with the same URI passes Label Studio's own access check first.
+        image, dense = self.rt.features.get((self.project, url, version, opts), load)
+        text = PromptText(vocab, labels, background, embedded)
+        try:
+            regions, notes = predict_interactive(
+                seg, image, dense, prompts, spec, key, opts, text, polygons=self.settings.polygons
+            )
+        except ContextError as e:
+            raise PredictError(str(e)) from e
+        return self._interactive_answer(tasks[0], version, regions, notes, start, "nothing found", len(prompts))
+
+    def _interactive_answer(
+        self,
+        task: Mapping[str, Any],
+        version: str,
+        regions: list,
+        notes: list[str],
+        start: float,
+        kind: str,
+        prompts: int,
+    ) -> dict[str, Any]:
+        """The reply to an interactive request. Notes (why a prompt has no mask) go where people look: on the
+        prediction the editor receives (``notes``), in ``errors``, in the log, and counted in ``/metrics``."""
+        log.info("interactive: task %s, %d prompts -> %d regions in %.0f ms", task.get("id"), prompts, len(regions),
+                 1000 * (time.monotonic() - start))  # fmt: skip
+        for note in notes:
+            log.warning("interactive note: task %s: %s", task.get("id"), note)
+            self.rt.note_interactive(_note_kind(note, kind))
         score = float(np.mean([r["score"] for r in regions])) if regions else 0.0
-        result = {"result": regions, "score": round(score, 4), "model_version": version}
+        result: dict[str, Any] = {"result": regions, "score": round(score, 4), "model_version": version}
+        if notes:
+            result["notes"] = notes
         return {
             "results": [result],
             "model_version": version,
-            "errors": [{"task": tasks[0].get("id"), "error": n} for n in notes],
+            "errors": [{"task": task.get("id"), "error": n} for n in notes],
         }
 
     @staticmethod
@@ -366,12 +446,9 @@ class MaskCLIPBackend:
         from .images import ImageError
 
         task_id = _task_id(task)
-        if not isinstance(task, Mapping) or not isinstance(task.get("data"), Mapping):
-            return TaskFailure(task_id, "task has no 'data' object")
-        key = spec.image_keys[0]
-        url = task["data"].get(key)
-        if not isinstance(url, str) or not url:
-            return TaskFailure(task_id, f"task data has no image under '{key}' (keys: {sorted(task['data'])[:10]})")
+        url = _image_url(task, spec.image_keys[0])
+        if isinstance(url, TaskFailure):
+            return url
         if time.monotonic() >= deadline:
             return None
         try:

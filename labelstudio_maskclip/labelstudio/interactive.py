@@ -16,6 +16,7 @@ a second click on the same task costs only the grid-sized part (:mod:`..engine.p
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections import OrderedDict
@@ -38,10 +39,27 @@ __all__ = [
     "box_corners",
     "FeatureCache",
     "BACKGROUND_WORDS",
+    "PHRASE_TEMPLATES",
+    "MAX_PHRASES",
+    "PromptText",
 ]
 
 #: Extra classes a phrase competes with, beside the project's labels: pixels that are none of them.
 BACKGROUND_WORDS = ("background",)
+
+#: The short template set of a typed phrase: one text pass of a few prompts (the project's labels use the
+#: full set, prepared at ``/setup``).
+PHRASE_TEMPLATES = (
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "there is a {} in the scene.",
+    "this is a {} in the scene.",
+)
+
+#: Phrases per request: each costs a text pass (when new) and a full-size pass over the image.
+MAX_PHRASES = 16
+#: Longest phrase, in characters (CLIP reads 77 tokens at most).
+MAX_PHRASE_CHARS = 200
 
 
 class ContextError(ValueError):
@@ -101,6 +119,14 @@ def _number(value: Any, what: str) -> float:
     return float(value)
 
 
+def _percent(value: Any, what: str) -> float:
+    """A coordinate or size in percent of the image: a number in [0, 100]."""
+    number = _number(value, what)
+    if not 0.0 <= number <= 100.0:
+        raise ContextError(f"{what} must be within 0-100 (percent of the image), got {number:.6g}")
+    return number
+
+
 def _label_of(item: Mapping[str, Any], key: str, spec: LabelingSpec) -> str:
     labels = item["value"].get(key)
     if not isinstance(labels, list) or not labels or not isinstance(labels[0], str):
@@ -136,16 +162,19 @@ def parse_context(context: Any, spec: LabelingSpec) -> list[Prompt]:
             phrases = tuple(dict.fromkeys(p.strip() for t in texts for p in t.split(",") if p.strip()))
             if not phrases:
                 raise ContextError(f"context item {n}: the text prompt is empty")
+            long = [p for p in phrases if len(p) > MAX_PHRASE_CHARS]
+            if long:
+                raise ContextError(f"context item {n}: a phrase is longer than {MAX_PHRASE_CHARS} characters")
             prompts.append(TextPrompt(phrases))
         elif kind == "keypointlabels":
             label = _label_of(item, "keypointlabels", spec)
-            point = (_number(value.get("x"), "a click's x"), _number(value.get("y"), "a click's y"))
+            point = (_percent(value.get("x"), "a click's x"), _percent(value.get("y"), "a click's y"))
             click = clicks.setdefault(label, ClickPrompt(label))
             (click.positive if item.get("is_positive", True) is not False else click.negative).append(point)
         elif kind == "rectanglelabels":
             label = _label_of(item, "rectanglelabels", spec)
-            nums = [_number(value.get(k, 0.0 if k == "rotation" else None), f"a box's {k}") for k in
-                    ("x", "y", "width", "height", "rotation")]  # fmt: skip
+            nums = [_percent(value.get(k), f"a box's {k}") for k in ("x", "y", "width", "height")]
+            nums.append(_number(value.get("rotation", 0.0), "a box's rotation") % 360.0)
             if nums[2] <= 0 or nums[3] <= 0:
                 raise ContextError(f"context item {n}: the box has no area ({nums[2]} x {nums[3]} %)")
             prompts.append(BoxPrompt(label, *nums))
@@ -154,6 +183,9 @@ def parse_context(context: Any, spec: LabelingSpec) -> list[Prompt]:
                 f"context item {n} has type {kind!r}; interactive prompts are textarea (phrases), "
                 "keypointlabels (clicks) and rectanglelabels (boxes)"
             )
+    n_phrases = sum(len(p.phrases) for p in prompts if isinstance(p, TextPrompt))
+    if n_phrases > MAX_PHRASES:
+        raise ContextError(f"{n_phrases} phrases in one request; at most {MAX_PHRASES} (each is a pass over the image)")
     for click in clicks.values():
         if not click.positive:
             raise ContextError(f"the clicks on {click.label!r} are all negative: add a positive click")
@@ -232,9 +264,20 @@ def phrase_label(phrase: str, spec: LabelingSpec, labels: Sequence[str], similar
     return labels[int(np.argmax(similarity()))]
 
 
-def _cosines(seg: Any, phrase: str, label_emb: Any) -> Callable[[], np.ndarray]:
-    """A deferred (L,) cosine of the phrase's text embedding to each label's (L, D) embedding."""
-    return lambda: (seg.text_embeddings([phrase]) @ label_emb.T)[0].cpu().numpy()
+@dataclass(frozen=True)
+class PromptText:
+    """The text embeddings one interactive request uses, all ready before it starts.
+
+    vocabulary: the labels of the image's segmentation controls; labels: (L, D) their embeddings in that
+    order (prepared at ``/setup``); background: (Kb, D) of :data:`BACKGROUND_WORDS` (prepared at ``/setup``
+    too); phrases: (D,) per typed phrase (short template set, :data:`PHRASE_TEMPLATES`); a phrase missing
+    here was not ready in time and gets a note.
+    """
+
+    vocabulary: Sequence[str]
+    labels: Any
+    background: Any
+    phrases: Mapping[str, Any] = field(default_factory=dict)
 
 
 def predict_interactive(
@@ -245,35 +288,46 @@ def predict_interactive(
     spec: LabelingSpec,
     image_key: str,
     opts: Any,
+    text: PromptText,
     *,
     polygons: bool,
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """(regions, notes) for the prompts on one image.
+    """(regions, notes) for the prompts on one image; no text is encoded here.
 
     seg: the MaskCLIP teacher; image: (H, W, 3) uint8 RGB; dense: its cached ``DenseImage``; opts: the
-    engine's ``SegmentOptions``. Notes say which prompts found nothing.
+    engine's ``SegmentOptions``. Notes say which prompts found nothing and why. Raises :class:`ContextError`
+    for a box that covers no pixel of the image.
     """
     from dataclasses import replace
 
+    import torch
+
     from ..engine import prompts as engine
 
-    labels = [v for v in spec.vocabulary if targets_for(spec, v, image_key)]
-    label_classes = [spec.names(v) for v in labels] + [(w,) for w in BACKGROUND_WORDS]
-    label_emb = seg.text_embeddings(label_classes)  # (L + Kb, D)
+    rows = {v: i for i, v in enumerate(text.vocabulary)}
+    labels = [v for v in text.vocabulary if targets_for(spec, v, image_key)]
+    label_rows = text.labels[[rows[v] for v in labels]]  # (L, D)
+    label_emb = torch.cat([label_rows, text.background])  # (L + Kb, D)
     size = image.shape[:2]
     regions: list[dict[str, Any]] = []
     notes: list[str] = []
     for prompt in prompts:
         if isinstance(prompt, TextPrompt):
-            named = {phrase: phrase_label(phrase, spec, labels, _cosines(seg, phrase, label_emb[: len(labels)]))
-                     for phrase in prompt.phrases}  # fmt: skip
-            others = [spec.names(v) for v in labels if v not in named.values()]
-            emb = seg.text_embeddings([(p,) for p in prompt.phrases] + others + [(w,) for w in BACKGROUND_WORDS])
-            for phrase, (mask, score) in zip(
-                prompt.phrases, engine.phrase_masks(dense, emb, len(prompt.phrases), opts)
-            ):
+            ready = [p for p in prompt.phrases if p in text.phrases]
+            notes += [f"phrase {p!r}: its text is still being encoded; try again in a moment"
+                      for p in prompt.phrases if p not in text.phrases]  # fmt: skip
+            if not ready:
+                continue
+            phrase_rows = torch.stack([text.phrases[p] for p in ready])  # (P, D)
+            cosines = (phrase_rows @ label_rows.T).cpu().numpy()  # (P, L)
+            named = {p: phrase_label(p, spec, labels, functools.partial(cosines.__getitem__, j))
+                     for j, p in enumerate(ready)}  # fmt: skip
+            others = label_rows[[j for j, v in enumerate(labels) if v not in named.values()]]
+            emb = torch.cat([phrase_rows, others, text.background])
+            for phrase, (mask, score) in zip(ready, engine.phrase_masks(dense, emb, len(ready), opts)):
                 if not mask.any():
-                    notes.append(f"phrase {phrase!r}: found nowhere in the image")
+                    notes.append(f"phrase {phrase!r}: found nowhere in the image (every pixel is nearer to "
+                                 "another label or to the background)")  # fmt: skip
                     continue
                 regions += regions_for(targets_for(spec, named[phrase], image_key), named[phrase], mask, score,
                                        polygons=polygons, note=f"prompt: {phrase}")  # fmt: skip
@@ -288,7 +342,10 @@ def predict_interactive(
                                    polygons=polygons, note=note)  # fmt: skip
         else:
             k = labels.index(prompt.label)
-            mask, score = engine.box_mask(seg, image, box_corners(prompt, size), k, label_emb, opts)
+            try:
+                mask, score = engine.box_mask(seg, image, box_corners(prompt, size), k, label_emb, opts)
+            except ValueError as e:  # the box lies outside the image
+                raise ContextError(f"box on {prompt.label!r}: {e}") from e
             if not mask.any():
                 notes.append(f"box on {prompt.label!r}: no pixel of the label inside")
                 continue

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..logs import configure as configure_logging
 from ..settings import Settings
 
 __all__ = ["start_rescore", "rescore", "read_status", "STATUS_FILE"]
@@ -126,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reason", default="by hand")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     Path(settings.model_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(settings.model_dir) / LOCK_FILE, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one job at a time; a later one waits, then predicts what is left

@@ -65,6 +65,8 @@ class Runtime:
     _followups: Any = None  # webhook follow-ups (Label Studio API calls): a bounded queue, one thread
     _features: Any = None  # interactive prompting: per-image pixels and dense features (FeatureCache)
     _embeddings: Any = None  # EmbeddingStore of the teacher
+    _phrases: Any = None  # EmbeddingStore of typed phrases (interactive), a short template set
+    interactive_notes: dict[str, int] = field(default_factory=dict)  # why interactive answers had no mask
     _preparer: Any = None  # one thread that hands label sets to the store (off the /setup thread)
     _teacher_ready: threading.Event = field(default_factory=threading.Event)
     _teacher_loader: threading.Thread | None = None
@@ -159,11 +161,43 @@ class Runtime:
                 self._embeddings = EmbeddingStore(
                     Path(s.model_dir) / "text_embeddings", embedding_identity(s), self._encode_labels,
                     persist=s.pretrained.strip().lower() not in ("random", "none", ""), device=resolved_device(s.device),
+                    width=text_width(s),
                 )  # fmt: skip
             return self._embeddings
 
     def _encode_labels(self, labels) -> Any:
         return self.teacher.text_embeddings(labels)
+
+    @property
+    def phrases(self):
+        """The :class:`~labelstudio_maskclip.embeddings.EmbeddingStore` of typed phrases: one short text pass
+        per phrase (:data:`~.interactive.PHRASE_TEMPLATES`), kept on disk per phrase and model, computed in a
+        thread of its own so that a phrase never queues behind a project's label set."""
+        with self._lock:
+            if self._phrases is None:
+                from ..embeddings import EmbeddingStore
+                from .interactive import PHRASE_TEMPLATES
+
+                s = self.settings
+                identity = dict(embedding_identity(s), templates="phrases:" + "|".join(PHRASE_TEMPLATES))
+                self._phrases = EmbeddingStore(
+                    Path(s.model_dir) / "text_embeddings" / "phrases", identity,
+                    lambda names: self.teacher.text_embeddings(names, templates=PHRASE_TEMPLATES),
+                    persist=s.pretrained.strip().lower() not in ("random", "none", ""), device=resolved_device(s.device),
+                    width=text_width(s),
+                )  # fmt: skip
+            return self._phrases
+
+    def phrase_within(self, phrase: str, deadline: float):
+        """(1, D) text embedding of a typed phrase if ready by ``deadline``, else None (still computing)."""
+        from ..embeddings import label_set
+
+        return self.phrases.wait(label_set([phrase]), remaining(deadline))
+
+    def note_interactive(self, reason: str) -> None:
+        """Count an interactive answer without a mask by its reason (``/metrics``)."""
+        with self._lock:
+            self.interactive_notes[reason] = self.interactive_notes.get(reason, 0) + 1
 
     def prepare_labels(self, classes: Sequence[Sequence[str]]) -> None:
         """Start making the text embeddings of ``classes`` (names per label) ready, without waiting for anything:
@@ -286,6 +320,22 @@ def resolved_device(device: str) -> Any:
     from ..engine.loading import resolve_device
 
     return resolve_device(device)
+
+
+def text_width(s: Settings) -> int | None:
+    """The width D of the model's text embeddings, from its open_clip config (None when unknown)."""
+    import json
+
+    import open_clip
+
+    try:
+        if s.model.endswith(".json") and Path(s.model).is_file():
+            config = json.loads(Path(s.model).read_text())
+        else:
+            config = open_clip.get_model_config(s.model) or {}
+        return int(config["embed_dim"])
+    except (KeyError, TypeError, ValueError, OSError):
+        return None
 
 
 def embedding_identity(s: Settings) -> dict[str, str]:

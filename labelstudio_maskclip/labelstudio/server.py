@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import json
 import logging
 import threading
 import time
@@ -18,6 +19,7 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 
+from ..logs import configure as configure_logging
 from ..settings import Settings
 from .backend import MaskCLIPBackend, PredictError, runtime
 from .wire import json_bytes
@@ -47,11 +49,71 @@ class _WireJSON(DefaultJSONProvider):
         return Response(json_bytes(self._prepare_response_obj(args, kwargs)), mimetype=self.mimetype)
 
 
-def _json_body() -> dict[str, Any]:
+#: Bytes a worker process may hold for request bodies, raw and parsed, all requests in flight together.
+JSON_MEMORY_BUDGET = 2 << 30
+#: Upper bounds of what parsing costs in CPython (64-bit; measured in tests/test_security.py): per body byte
+#: (string contents, up to four bytes a character), per object, per array, per element or key separator
+#: (the element's pointer and a number's object) and per quote (a string object).
+_COST_PER_BYTE, _COST_PER_OBJECT, _COST_PER_ARRAY, _COST_PER_ITEM, _COST_PER_QUOTE = 4, 200, 72, 48, 48
+
+
+class _TooLarge(ValueError):
+    pass
+
+
+class _Busy(RuntimeError):
+    pass
+
+
+def parsed_size_bound(body: bytes) -> int:
+    """An upper bound of the memory ``json.loads(body)`` takes (bytes), from counts of its structural
+    characters: ``[{}, {}, ...]`` costs about 25 times its length parsed, a list of small numbers 3 times."""
+    return (
+        _COST_PER_BYTE * len(body) + _COST_PER_OBJECT * body.count(b"{") + _COST_PER_ARRAY * body.count(b"[")
+        + _COST_PER_ITEM * (body.count(b",") + body.count(b":")) + _COST_PER_QUOTE * body.count(b'"')
+    )  # fmt: skip
+
+
+class _MemoryBudget:
+    """Bytes reserved by the requests in flight in this process; a reservation past the budget is refused
+    at once (a retry later finds it free), so bodies cannot add up past it whatever their number."""
+
+    def __init__(self, budget: int):
+        self.budget, self.used, self.lock = budget, 0, threading.Lock()
+
+    def reserve(self, n: int) -> None:
+        if n > self.budget:
+            raise _TooLarge(
+                f"request body would take about {n >> 20} MiB of memory parsed, more than the "
+                f"{self.budget >> 20} MiB a request may use; send fewer tasks per request"
+            )
+        with self.lock:
+            if self.used + n > self.budget:
+                raise _Busy("other large requests are being processed; retry shortly")
+            self.used += n
+        reserved = getattr(request, "_reserved", 0)
+        request._reserved = reserved + n  # type: ignore[attr-defined]  # released at the request's end
+
+    def release(self) -> None:
+        n = getattr(request, "_reserved", 0)
+        if n:
+            with self.lock:
+                self.used -= n
+            request._reserved = 0  # type: ignore[attr-defined]
+
+
+def _json_body(budget: _MemoryBudget) -> dict[str, Any]:
+    """The request's JSON object, its raw bytes and its parsed size counted against ``budget`` first."""
+    budget.reserve(request.content_length or 0)  # the raw body, before reading it (chunked: counted below)
+    data = request.get_data(cache=False)
+    budget.reserve(parsed_size_bound(data) + (0 if request.content_length else len(data)))
     try:
-        body = request.get_json(silent=True, force=True)
+        body = json.loads(data)
     except RecursionError:  # nesting deeper than the parser's recursion limit
         raise _BadRequest("request body must be a JSON object (nested too deeply to parse)") from None
+    except ValueError:  # not JSON, or not UTF-8
+        body = None
+    del data
     if not isinstance(body, dict):
         raise _BadRequest("request body must be a JSON object")
     return body
@@ -71,6 +133,8 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
     app.json = _WireJSON(app)
     app.config["MAX_CONTENT_LENGTH"] = 256 * 1024 * 1024
     state: dict[str, Any] = {"model_error": None, "model": "not loaded"}
+    budget = _MemoryBudget(JSON_MEMORY_BUDGET)
+    app.teardown_request(lambda _exc: budget.release())
 
     def load_model() -> None:
         state["model"] = "loading"
@@ -120,6 +184,16 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
     def _predict_error(e):
         return _error(400, str(e))
 
+    @app.errorhandler(_TooLarge)
+    def _too_much_work(e):
+        return _error(413, str(e))
+
+    @app.errorhandler(_Busy)
+    def _busy(e):
+        reply, status = _error(503, str(e))
+        reply.headers["Retry-After"] = "5"
+        return reply, status
+
     @app.errorhandler(413)
     def _too_large(e):
         return _error(413, f"request body larger than {app.config['MAX_CONTENT_LENGTH']} bytes")
@@ -153,7 +227,7 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
 
     @app.post("/setup")
     def setup():
-        body = _json_body()
+        body = _json_body(budget)
         backend = MaskCLIPBackend(settings, str(body.get("project", "")), body.get("schema"))
         return jsonify(backend.setup())
 
@@ -161,7 +235,7 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
     def predict():
         if state["model_error"]:
             return _error(503, f"model not available: {state['model_error']}")
-        body = _json_body()
+        body = _json_body(budget)
         tasks = body.get("tasks")
         if not isinstance(tasks, list):
             raise _BadRequest("'tasks' must be a list of task objects")
@@ -177,7 +251,7 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
     def webhook():
         from ..learning.webhooks import CollectError
 
-        body = _json_body()
+        body = _json_body(budget)
         try:
             reply = MaskCLIPBackend(settings).fit(str(body.get("action")), body)
         except CollectError as e:
@@ -199,6 +273,7 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
                 "training_runs": rt.store.training_runs()[-10:],
                 "students": history(Path(settings.model_dir))[-10:],
                 "rescore": read_rescore_status(settings.model_dir),
+                "interactive_notes": dict(rt.interactive_notes),  # this worker's answers without a mask, by why
             }
         )
 
@@ -222,7 +297,7 @@ def _interval_trigger(settings: Settings) -> None:
 def wsgi() -> Flask:
     """gunicorn factory: settings from the environment, read once per worker."""
     settings = Settings.from_env()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     _share_cpu_threads(settings.workers)
     return create_app(settings)
 
