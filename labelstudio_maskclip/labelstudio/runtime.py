@@ -257,7 +257,9 @@ class Runtime:
         s = self.settings
         tag = Path(s.pretrained).name if s.pretrained else "random"
         arch = Path(s.model).stem if s.model.endswith(".json") else s.model
-        return f"maskclip-{arch}.{tag}-{s.dense_mode}"
+        from ..models import pipeline_description
+
+        return f"maskclip-{arch}.{tag}-{pipeline_description(s)}"
 
     def student_version(self) -> str | None:
         """Version of the promoted student, read from MODEL_DIR on every call (cheap), so every worker
