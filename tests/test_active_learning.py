@@ -84,6 +84,31 @@ def test_torchrun_ranks_predict_disjoint_shards_once(label_studio, backend):
     assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1])["predicted"] == 0
 
 
+def test_next_ranks_by_the_served_versions_scores_after_connect_model(label_studio, backend):
+    """The README's Connect flow: Label Studio writes the backend's title into the project's model_version
+    (which keeps live predictions on, so it stays), and no prediction carries it; `next` still ranks the
+    unlabeled tasks by the scores of the served version's predictions, ignoring other models' ones."""
+    api = label_studio.api()
+    project, ids = _project(api, "connect then next", NAMES[:4])
+    api.connect_ml_backend(project, backend.url, title="MaskCLIP")
+    assert api.get_project(project)["model_version"] == "MaskCLIP"
+    version = json.loads(_cli(backend.env, "preannotate", "--project", str(project)).stdout.strip().splitlines()[-1])[
+        "model_version"
+    ]
+    assert api.get_project(project)["model_version"] == "MaskCLIP"  # the title stays: live predictions stay on
+    scores = {t: next(p["score"] for p in api.list_predictions(t) if p["model_version"] == version) for t in ids}
+    most_sure = max(ids, key=lambda t: (scores[t], t))
+    api.request("POST", "/api/predictions/", json={"task": most_sure, "model_version": "other-model", "score": 0.0,
+                                                    "result": []})  # fmt: skip
+
+    chosen = json.loads(_cli(backend.env, "next", "--project", str(project), "-n", "3", "--json").stdout)
+    assert [t["id"] for t in chosen] == sorted(ids, key=lambda t: (scores[t], t))[:3]
+    assert [t["score"] for t in chosen] == pytest.approx(sorted(scores.values())[:3], abs=1e-6)
+    lines = _cli(backend.env, "next", "--project", str(project), "-n", "10").stdout.strip().splitlines()
+    assert [int(line.split("\t")[0]) for line in lines] == sorted(ids, key=lambda t: (scores[t], t))
+    assert [float(line.split("\t")[1]) for line in lines] == pytest.approx(sorted(scores.values()), abs=1e-4)
+
+
 def test_the_loop_rescored_unlabeled_tasks_after_a_promotion(label_studio, backend):
     api = label_studio.api()
     project, ids = _project(api, "active learning", NAMES)

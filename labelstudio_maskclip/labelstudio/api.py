@@ -45,19 +45,35 @@ class AmbiguousWriteError(LabelStudioAPIError):
     connection lost after sending): never resend it blindly."""
 
 
-def task_filter(*, after_id: int = 0, without_version: str | None = None, unlabeled: bool = False) -> dict[str, Any]:
+def task_filter(
+    *, after_id: int = 0, without_version: str | None = None, with_version: str | None = None, unlabeled: bool = False
+) -> dict[str, Any]:
     """A Data Manager ``query`` for ``GET /api/tasks``: tasks with ``id > after_id``, ordered by id
-    (keyset paging, which stays right while the set shrinks), optionally only those without a prediction
-    of ``without_version`` (a substring match on Label Studio's side) and only those without annotations."""
+    (keyset paging, which stays right while the set shrinks), optionally only those without (or with) a
+    prediction of ``without_version`` (``with_version``; substring matches on Label Studio's side) and only
+    those without annotations."""
     items: list[dict[str, Any]] = [
         {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": int(after_id)}
     ]
-    if without_version:
-        items.append({"filter": "filter:tasks:predictions_model_versions", "operator": "not_contains",
-                      "type": "List", "value": [without_version]})  # fmt: skip
+    for operator, version in (("not_contains", without_version), ("contains", with_version)):
+        if version:
+            items.append({"filter": "filter:tasks:predictions_model_versions", "operator": operator,
+                          "type": "List", "value": [version]})  # fmt: skip
     if unlabeled:
         items.append({"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0})
     return {"filters": {"conjunction": "and", "items": items}, "ordering": ["tasks:id"]}
+
+
+def prediction_score(task: Mapping[str, Any], version: str | None) -> float | None:
+    """The score of a task's prediction of ``version`` (``None``: of its newest prediction with a score),
+    from a task listed with ``fields=all``; ``None`` when it has no such prediction."""
+    preds = [p for p in task.get("predictions") or [] if isinstance(p, Mapping)]
+    scored = [p for p in preds if isinstance(p.get("score"), (int, float)) and not isinstance(p.get("score"), bool)]
+    if version is not None:
+        scored = [p for p in scored if str(p.get("model_version")) == version]
+    if not scored:
+        return None
+    return float(max(scored, key=lambda p: int(p.get("id") or 0))["score"])
 
 
 def model_versions_of(task: Mapping[str, Any]) -> list[str]:
@@ -229,25 +245,33 @@ class LabelStudioAPI:
         return [str(v) for v in body or []]
 
     def next_tasks(self, project_id: int, n: int, version: str | None = None) -> list[dict[str, Any]]:
-        """The ``n`` unlabeled tasks to label next: lowest prediction score first (``version``: only
-        tasks predicted by it count; Label Studio's score column averages the project's live version)."""
-        items: list[dict[str, Any]] = [
-            {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
-            {"filter": "filter:tasks:total_predictions", "operator": "greater", "type": "Number", "value": 0},
-        ]
-        if version:
-            items.append({"filter": "filter:tasks:predictions_model_versions", "operator": "contains",
-                          "type": "List", "value": [version]})  # fmt: skip
-        query = {"filters": {"conjunction": "and", "items": items}, "ordering": ["tasks:predictions_score"]}
-        params = {"project": project_id, "page": 1, "page_size": n, "fields": "task_only",
-                  "include": "id,data,predictions_score,predictions_model_versions", "query": json.dumps(query)}  # fmt: skip
-        try:
-            body = self.request("GET", "/api/tasks", params=params)
-        except LabelStudioAPIError as e:
-            if e.status == 404:
-                return []
-            raise
-        return list(body.get("tasks", []) if isinstance(body, Mapping) else body)
+        """The ``n`` unlabeled tasks to label next, lowest score first (ties by id), each as ``{"id", "data",
+        "predictions_score"}``. The score is that of the task's prediction of ``version`` (``None``: of its
+        newest scored prediction, whatever its version); tasks without one are left out. Ranked here, not by
+        Label Studio's ``predictions_score``, which averages only the project's ``model_version``: after
+        *Connect Model* that holds the backend's title, which no prediction carries. Reads the unlabeled
+        tasks' predictions in pages of 100."""
+        ranked: list[dict[str, Any]] = []
+        after_id = 0
+        while True:
+            query = task_filter(after_id=after_id, with_version=version, unlabeled=True)
+            params = {"project": project_id, "page": 1, "page_size": 100, "fields": "all", "query": json.dumps(query)}
+            try:
+                body = self.request("GET", "/api/tasks", params=params)
+            except LabelStudioAPIError as e:
+                if e.status == 404:  # an empty result set answers 404 for page 1 on some versions
+                    break
+                raise
+            tasks = list(body.get("tasks", []) if isinstance(body, Mapping) else body)
+            for t in tasks:
+                score = prediction_score(t, version)
+                if score is not None:
+                    ranked.append({"id": int(t["id"]), "data": t.get("data"), "predictions_score": score})
+            if len(tasks) < 100:
+                break
+            after_id = max(int(t["id"]) for t in tasks)
+        ranked.sort(key=lambda t: (t["predictions_score"], t["id"]))
+        return ranked[:n]
 
     def versions_of(self, project_id: int, task_ids: Sequence[int]) -> dict[int, list[str]]:
         """Model versions of the predictions each of ``task_ids`` has (tasks that no longer exist are
