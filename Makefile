@@ -7,7 +7,7 @@ LABEL_STUDIO_PORT ?= 8080
 export LABEL_STUDIO_PORT
 export LABEL_STUDIO_VENV
 
-.PHONY: serve test lint install install-label-studio label-studio bench clean
+.PHONY: serve test lint install install-label-studio install-browser label-studio bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(VENV)/.installed
 
 install-label-studio:
 	bash scripts/install-label-studio.sh
+
+# Headless Chromium (Debian packages) for the browser test of Label Studio's UI.
+install-browser:
+	bash scripts/install-browser.sh
 
 # Label Studio on http://127.0.0.1:$(LABEL_STUDIO_PORT), set up to call a backend on this machine
 # (its built-in address block less loopback; see README, "Label Studio's address block").
@@ -30,7 +34,7 @@ serve: install
 
 # Lint, format check and type check (configured in pyproject.toml), then unit tests and end-to-end tests
 # against a real Label Studio started on loopback by the tests.
-test: install install-label-studio lint
+test: install install-label-studio install-browser lint
 	$(VENV)/bin/python -m pytest -q
 
 lint: install

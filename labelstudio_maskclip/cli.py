@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .engine.modes import DENSE_MODES
 from .engine.names import parse_label_spec
+from .engine.presets import PRESETS
 from .logs import configure as configure_logging
 from .settings import Settings, SettingsError
 
@@ -30,6 +31,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N (MASKCLIP_DEVICE)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="MASKCLIP_PRECISION")
     g.add_argument("--allow-random", action="store_true", default=None, help="allow random weights (tests)")
+    g.add_argument("--preset", choices=list(PRESETS), help="a method's published inference (MASKCLIP_PRESET)")
     g.add_argument("--dense-mode", choices=DENSE_MODES, help="MASKCLIP_DENSE_MODE")
     g.add_argument("--templates", help="maskclip85, imagenet80, simple, or a file (MASKCLIP_TEMPLATES)")
     g.add_argument("--short-side", type=int, help="resize short side to this (MASKCLIP_SHORT_SIDE)")
@@ -42,7 +44,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 
 _OVERRIDES = (
-    "model", "pretrained", "device", "precision", "allow_random", "dense_mode", "templates", "short_side",
+    "model", "pretrained", "device", "precision", "allow_random", "preset", "dense_mode", "templates", "short_side",
     "window", "stride", "key_smoothing", "prompt_denoising", "min_confidence", "batch_size",
 )  # fmt: skip
 
@@ -139,7 +141,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         metrics = run_eval(
             _settings(args), args.dataset, Path(args.root), Path(args.out), protocol=args.protocol,
             limit=args.limit, overlays=args.overlays, progress=not args.no_progress,
-            bg_threshold=args.bg_threshold, refinements=args.refinements,
+            bg_threshold=args.bg_threshold, refinements=args.refinements, preset=args.preset,
         )  # fmt: skip
     except DatasetError as e:
         log.error("%s", e)
@@ -381,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder: metrics.json, predictions/, overlays/")
     p.add_argument("--protocol", default="whole512", choices=list(PROTOCOLS),
                    help="whole512: short side 512 (Context 520), whole image; slide448: sliding window 448/224. "
-                        "Overrides --short-side/--window/--stride/--min-confidence")  # fmt: skip
+                        "Overrides --short-side/--window/--stride/--min-confidence; "
+                        "ignored with --preset, which runs that method's own protocol")  # fmt: skip
     p.add_argument("--bg-threshold", type=float, help="voc21/context60: below this probability -> background")
     p.add_argument("--limit", type=int, help="evaluate the first N images only")
     p.add_argument("--overlays", type=int, default=8, help="overlay pictures to write (default 8)")

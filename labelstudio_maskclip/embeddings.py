@@ -2,7 +2,7 @@
 
 Text embeddings cost about 85 forward passes of CLIP's text tower per label name (90 s for 20 labels on two
 CPU cores): far too much for a ``/predict`` that Label Studio abandons after 100 s. An
-:class:`EmbeddingStore` computes them in one background thread as soon as the labels are known (``/setup``),
+:class:`EmbeddingStore` computes them in background threads as soon as the labels are known (``/setup``),
 writes them to ``<MODEL_DIR>/text_embeddings/<key>.pt`` and serves them from memory afterwards. The key is a
 digest of everything the numbers depend on (architecture, weights, precision, templates, the names of each
 label in order), so every worker process and every restart reuses the same file, and a change of any of them
@@ -35,6 +35,35 @@ log = logging.getLogger(__name__)
 #: names per label, in label order: ``(("cat",), ("car", "automobile"))``
 LabelSet = tuple[tuple[str, ...], ...]
 _FORMAT = 1
+#: Labels computed in one turn: a big label set is computed in turns of this many labels, and label sets
+#: waiting at the same time take turns with it, so one project with thousands of labels delays another
+#: project's new labels (and a typed phrase: the model's text side is one at a time) by one turn, seconds
+#: on a CPU, not by hours.
+TURN_LABELS = 4
+#: Label sets computed at the same time (taking turns).
+JOBS = 8
+
+
+class _Turns:
+    """A first-come, first-served lock: threads get it in the order they asked for it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next = 0
+        self._serving = 0
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            self._cond.wait_for(lambda: self._serving == ticket)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._serving += 1
+                self._cond.notify_all()
 
 
 def weights_identity(pretrained: str) -> str:
@@ -55,7 +84,9 @@ def weights_identity(pretrained: str) -> str:
 
 class EmbeddingStore:
     """Text embeddings per label set for one model, in memory, on disk under ``root``, computed in the
-    background by ``compute(label_set) -> (K, D) tensor``.
+    background by ``compute(label_set) -> (K, D) tensor`` (row k from label k's names alone): up to
+    :data:`JOBS` label sets at once, taking turns of :data:`TURN_LABELS` labels on the one computing thread
+    at a time.
 
     ``identity``: what, besides the label names, the embeddings depend on (architecture, weights, templates,
     precision; see :func:`weights_identity`). ``persist=False`` keeps them in memory only (random weights,
@@ -82,7 +113,8 @@ class EmbeddingStore:
         self._memory: dict[str, torch.Tensor] = {}
         self._jobs: dict[str, Future] = {}
         self._lock = threading.Lock()
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="text-embeddings")
+        self._worker = ThreadPoolExecutor(JOBS, thread_name_prefix="text-embeddings")
+        self._turns = _Turns()
 
     def key(self, labels: LabelSet) -> str:
         """Hex digest naming the file of ``labels``' embeddings."""
@@ -153,7 +185,11 @@ class EmbeddingStore:
 
     def _computed(self, labels: LabelSet) -> torch.Tensor:
         start = time.monotonic()
-        emb = self._compute(labels).detach().float().to(self.device)
+        parts = []
+        for i in range(0, len(labels), TURN_LABELS):  # rows are independent: a label's row is its names' alone
+            with self._turns.turn():
+                parts.append(self._compute(labels[i : i + TURN_LABELS]).detach().float().to(self.device))
+        emb = torch.cat(parts)
         log.info("computed text embeddings of %d labels in %.1f s", len(labels), time.monotonic() - start)
         return emb
 

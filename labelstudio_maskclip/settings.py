@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .engine.modes import DENSE_MODES
+from .engine.presets import DEFAULT_PRESET, GOVERNED, PRESETS
 
 __all__ = ["Settings", "ENV", "SECRET_FIELDS", "SettingsError", "redact"]
 
@@ -48,24 +49,28 @@ class Settings:
     compile: bool = field(default=False, metadata=_env("MASKCLIP_COMPILE"))
 
     # --- dense prediction --------------------------------------------------------------------------
-    # NACLIP: the best published of the modes proven equal to their authors' code (README, "Dense modes");
-    # "maskclip" for MaskCLIP itself (and for ResNet encoders, which support only it).
-    dense_mode: str = field(default="naclip", metadata=_env("MASKCLIP_DENSE_MODE"))
-    templates: str = field(default="maskclip85", metadata=_env("MASKCLIP_TEMPLATES"))  # name or file path
-    short_side: int = field(default=448, metadata=_env("MASKCLIP_SHORT_SIDE"))  # resize before the encoder
+    # A method's published inference as a whole (engine/presets.py, docs/method.md): maskclip | sclip |
+    # clearclip | naclip (the default: the best published, with PAMR) | legacy (this project's earlier
+    # pipeline). The settings below marked "preset" default to None, which means "as the preset says"; one
+    # set explicitly overrides the preset (`Settings.overrides` lists them; /metrics and the model version
+    # name them).
+    preset: str = field(default=DEFAULT_PRESET, metadata=_env("MASKCLIP_PRESET"))
+    dense_mode: str | None = field(default=None, metadata=_env("MASKCLIP_DENSE_MODE"))  # preset
+    templates: str | None = field(default=None, metadata=_env("MASKCLIP_TEMPLATES"))  # preset; name or file path
+    short_side: int | None = field(default=None, metadata=_env("MASKCLIP_SHORT_SIDE"))  # preset; resize
     # Resized sides are rounded to about this many pixels (a multiple of the encoder stride), so images of
-    # similar shapes share a batch; 0 rounds to the stride only (exact aspect, smaller batches).
+    # similar shapes share a batch; 0 rounds to the stride only (exact aspect, smaller batches). Legacy only.
     size_multiple: int = field(default=64, metadata=_env("MASKCLIP_SIZE_MULTIPLE"))
     # At most this many pixels enter the encoder per image (0: 4 x short_side^2); extreme aspect ratios are
-    # squeezed to fit instead of costing gigabytes.
+    # squeezed to fit instead of costing gigabytes. Legacy only (the presets cap the long side at 2048).
     max_input_pixels: int = field(default=0, metadata=_env("MASKCLIP_MAX_INPUT_PIXELS"))
-    window: int = field(default=0, metadata=_env("MASKCLIP_WINDOW"))  # 0: whole image; else sliding window
-    stride: int = field(default=224, metadata=_env("MASKCLIP_STRIDE"))
-    key_smoothing: bool = field(default=True, metadata=_env("MASKCLIP_KEY_SMOOTHING"))
-    prompt_denoising: bool = field(default=True, metadata=_env("MASKCLIP_PROMPT_DENOISING"))
-    # "pamr": pixel-adaptive mask refinement (as NACLIP reports it) after the other refinements; "none": off.
-    refine: str = field(default="none", metadata=_env("MASKCLIP_REFINE"))
-    temperature: float = field(default=100.0, metadata=_env("MASKCLIP_TEMPERATURE"))
+    window: int | None = field(default=None, metadata=_env("MASKCLIP_WINDOW"))  # preset; 0: whole image
+    stride: int | None = field(default=None, metadata=_env("MASKCLIP_STRIDE"))  # preset
+    key_smoothing: bool | None = field(default=None, metadata=_env("MASKCLIP_KEY_SMOOTHING"))  # preset
+    prompt_denoising: bool | None = field(default=None, metadata=_env("MASKCLIP_PROMPT_DENOISING"))  # preset
+    # preset; "pamr": pixel-adaptive mask refinement (at the original size with the authors' presets); "none".
+    refine: str | None = field(default=None, metadata=_env("MASKCLIP_REFINE"))
+    temperature: float | None = field(default=None, metadata=_env("MASKCLIP_TEMPERATURE"))  # preset
     # A pixel whose best class probability is below this belongs to no label.
     min_confidence: float = field(default=0.0, metadata=_env("MASKCLIP_MIN_CONFIDENCE"))
     # Regions smaller than this fraction of the image are dropped from pre-annotations.
@@ -119,6 +124,22 @@ class Settings:
     # After a promotion or rollback, re-predict the unlabeled tasks in the background (needs LABEL_STUDIO_URL).
     rescore: bool = field(default=True, metadata=_env("MASKCLIP_RESCORE"))
 
+    def __post_init__(self) -> None:
+        """Fill the settings left None from the preset; remember which ones were set (the overrides)."""
+        if self.preset not in PRESETS:
+            raise SettingsError(f"MASKCLIP_PRESET={self.preset!r}: choose one of {', '.join(PRESETS)}")
+        preset = PRESETS[self.preset]
+        explicit = tuple(name for name in GOVERNED if getattr(self, name) is not None)
+        object.__setattr__(self, "_overrides", explicit)
+        for name, attr in GOVERNED.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, getattr(preset, attr))
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        """The settings that a preset governs but were set explicitly, by field name, with their values."""
+        return {name: getattr(self, name) for name in getattr(self, "_overrides", ())}
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read every field from ``environ`` (default ``os.environ``); ``overrides`` (CLI flags) win."""
@@ -132,7 +153,9 @@ class Settings:
         return cls(**values).validated()
 
     def replace(self, **changes: Any) -> Settings:
-        return dataclasses.replace(self, **changes).validated()
+        """A copy with ``changes``; settings taken from the preset follow a new preset."""
+        unset: dict[str, Any] = {name: None for name in GOVERNED if name not in self.overrides and name not in changes}
+        return dataclasses.replace(self, **unset, **changes).validated()
 
     def validated(self) -> Settings:
         if self.dense_mode not in DENSE_MODES:
@@ -145,7 +168,7 @@ class Settings:
             raise SettingsError(f"MASKCLIP_SCORE={self.score!r}: choose one of {', '.join(SCORES)}")
         if self.promote not in ("better", "always"):
             raise SettingsError(f"MASKCLIP_PROMOTE={self.promote!r}: choose better or always")
-        if self.window and self.stride <= 0:
+        if self.window and (self.stride or 0) <= 0:
             raise SettingsError("MASKCLIP_STRIDE must be positive when MASKCLIP_WINDOW is set")
         positive = ("batch_size", "train_steps", "train_batch_size", "train_crop", "max_image_pixels",
                     "max_pixels_in_flight", "max_download_bytes", "fetch_threads", "workers", "threads",
@@ -158,12 +181,12 @@ class Settings:
         for name in fractions:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise SettingsError(f"{ENV[name]}={getattr(self, name)!r} must be between 0 and 1")
-        if min(self.short_side, self.window, self.size_multiple, self.max_input_pixels) < 0:
+        if min(self.short_side or 0, self.window or 0, self.size_multiple, self.max_input_pixels) < 0:
             raise SettingsError(
                 "MASKCLIP_SHORT_SIDE, MASKCLIP_MAX_INPUT_PIXELS, MASKCLIP_WINDOW and MASKCLIP_SIZE_MULTIPLE must be >= 0"
             )
         for name in ("download_timeout", "temperature", "predict_time_budget"):
-            if not getattr(self, name) > 0:  # NaN too
+            if not (getattr(self, name) or 0) > 0:  # NaN too
                 raise SettingsError(f"{ENV[name]}={getattr(self, name)!r} must be positive")
         return self
 
@@ -191,6 +214,7 @@ def redact(values: Mapping[str, Any]) -> dict[str, Any]:
 
 def _parse(f: dataclasses.Field, raw: str) -> Any:
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    kind = kind.removesuffix(" | None")
     try:
         if kind == "bool":
             lowered = raw.strip().lower()

@@ -85,6 +85,8 @@ class LabelStudioServer:
         self.venv = label_studio_venv() if venv is None else Path(venv)
         self.start_timeout = start_timeout
         self.token = secrets.token_hex(20)  # 40 hex chars, the legacy token format
+        self.username = "admin@example.com"
+        self.password = secrets.token_hex(8)  # the browser test logs in with it
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.files_root = self.workdir / "files"
@@ -101,8 +103,8 @@ class LabelStudioServer:
             **self.address_settings,
             "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
             "DJANGO_DB": "sqlite",
-            "LABEL_STUDIO_USERNAME": "admin@example.com",
-            "LABEL_STUDIO_PASSWORD": secrets.token_hex(8),
+            "LABEL_STUDIO_USERNAME": self.username,
+            "LABEL_STUDIO_PASSWORD": self.password,
             "LABEL_STUDIO_USER_TOKEN": self.token,
             "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
             "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",

@@ -34,6 +34,11 @@ CONFIG = """<View>
     <Label value="Food"/>
   </BrushLabels>
 </View>"""
+SMART_CONFIG = CONFIG.replace(
+    "  <BrushLabels",
+    '  <KeyPointLabels name="click" toName="image" smart="true"><Label value="Animal"/></KeyPointLabels>\n'
+    "  <BrushLabels",
+)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +85,16 @@ def test_stock_label_studio_refuses_a_loopback_backend_and_doctor_names_the_bloc
         assert "[FAIL] ML backend: no ML backend is connected" in out
         assert "[ok  ] token: legacy token accepted" in out and "Label Studio 1.23.2 reachable" in out
         assert "[ok  ] labeling config:" in out and "Animal (prompted as zebra, giraffe, animal)" in out
+
+        # no backend connected and no --backend-url: the block for this backend's default address, the
+        # Label Studio settings that hold the range by name, and the lines that lift it for loopback only
+        code, out = _doctor(backend.env, "--project", str(project["id"]), "--no-weights")
+        assert code == 1, out
+        assert "[FAIL] address block: Label Studio refuses http://127.0.0.1:9090: Connect Model: 403" in out
+        assert "Label Studio blocks 127.0.0.0/8: the range is in its built-in list, on while " \
+               "USE_DEFAULT_BANNED_SUBNETS is true (the default), or USER_ADDITIONAL_BANNED_SUBNETS" in out  # fmt: skip
+        for name, value in LABEL_STUDIO_SETTINGS["same machine"].items():
+            assert f"{name}={value}" in out
     finally:
         backend.stop()
     assert not [line for line in backend.log_text().splitlines() if "POST /webhook" in line]
@@ -121,6 +136,28 @@ def test_with_the_documented_settings_connect_webhook_predictions_and_doctor(lab
         assert f"[ok  ] webhook: webhook {hooks[0]['id']} to {backend.url}/webhook is active, with basic-auth" in out
         assert "[ok  ] predictions: 2 of 2 tasks have a prediction of the current model version maskclip-" in out
         assert "WARN" not in out and "FAIL" not in out
+
+        # interactive mode, judged against the config's smart tools (this backend answers them)
+        # (1.23.2 answers 500 to a PATCH without project or url, 400 without the auth: send what the UI sends)
+        edit = {"project": pid, "url": backend.url, "auth_method": "BASIC_AUTH", "basic_auth_user": "ls",
+                "basic_auth_pass": "pw", "is_interactive": True}  # fmt: skip
+        api.request("PATCH", f"/api/ml/{ml['id']}", json=edit)
+        code, out = _doctor(backend.env, "--project", str(pid), "--no-weights")
+        assert "[note] interactive: interactive pre-annotation is on, but the labeling config has no smart" in out
+        api.request("PATCH", f"/api/projects/{pid}/", json={"label_config": SMART_CONFIG})
+        code, out = _doctor(backend.env, "--project", str(pid), "--no-weights")
+        assert "[ok  ] interactive: interactive pre-annotation is on: <KeyPointLabels name='click'> send" in out
+        assert "ignores" not in out
+
+        # a live model version that is another model's (Label Studio accepts a version some prediction has)
+        task_id = api.list_tasks(pid, fields_all=False)[0]["id"]
+        api.request("POST", "/api/predictions/", json={"task": task_id, "model_version": "other-model",
+                                                        "score": 0.5, "result": []})  # fmt: skip
+        api.request("PATCH", f"/api/projects/{pid}/", json={"model_version": "other-model"})
+        code, out = _doctor(backend.env, "--project", str(pid), "--no-weights")
+        assert code == 0, out  # a warning, not a block
+        assert "[WARN] predictions: the project's live model version is 'other-model', which is not this " \
+               "backend's" in out and "Settings -> Annotation -> Prelabeling: pick 'Models: maskclip'" in out  # fmt: skip
     finally:
         backend.stop()
 

@@ -151,3 +151,55 @@ def test_address_verdict_comes_from_label_studio_and_names_the_fix(ml, hook, sta
     if status != "ok" and ml[0] != 500:
         for name, value in LABEL_STUDIO_SETTINGS["same machine"].items():
             assert f"{name}={value}" in finding.fix
+
+
+def test_a_refusal_names_the_label_studio_setting_that_holds_the_range():
+    from labelstudio_maskclip.labelstudio.doctor import check_address
+
+    ls = _FakeLabelStudio({"/api/ml": BLOCKED, "/api/webhooks/": BLOCKED})
+    [finding] = check_address(Settings(), ls, "http://127.0.0.1:9090", given=False)
+    assert "Label Studio blocks 127.0.0.0/8: the range is in its built-in list, on while " in finding.message
+    assert "USE_DEFAULT_BANNED_SUBNETS is true (the default), or USER_ADDITIONAL_BANNED_SUBNETS" in finding.message
+    own = (403, "URL resolves to a reserved network address (block: 93.184.216.0/24)")  # an operator's range
+    ls = _FakeLabelStudio({"/api/ml": own, "/api/webhooks/": own})
+    [finding] = check_address(Settings(), ls, "http://93.184.216.34:9090", given=True)
+    assert "Label Studio blocks 93.184.216.0/24: the range is in USER_ADDITIONAL_BANNED_SUBNETS" in finding.message
+    assert "USE_DEFAULT" not in finding.message
+
+
+SMART = """<View>
+  <Image name="image" value="$image"/>
+  <KeyPointLabels name="click" toName="image" smart="true"><Label value="Car"/></KeyPointLabels>
+  <RectangleLabels name="box" toName="image"><Label value="Car"/></RectangleLabels>
+  <TextArea name="prompt" toName="image"/>
+  <BrushLabels name="tag" toName="image"><Label value="Car"/></BrushLabels>
+</View>"""
+
+
+def test_interactive_mode_is_judged_against_the_configs_smart_tools():
+    from labelstudio_maskclip.labelstudio.doctor import check_interactive, prompt_tools
+
+    tools = prompt_tools(SMART)
+    assert tools == ["<KeyPointLabels name='click'>", "<TextArea name='prompt'>"]  # the box is not smart
+    assert prompt_tools("<View><Image name='i' value='$i'/></View>") == [] and prompt_tools("not xml") == []
+    on = check_interactive(True, tools)
+    assert on.status == "ok" and "send clicks, boxes and phrases to this backend" in on.message
+    assert "ignores" not in on.message and "Auto-Annotation in the bottom bar" in on.fix
+    off = check_interactive(False, tools)
+    assert off.status == "warn" and "they send nothing" in off.message and "Interactive preannotations" in off.fix
+    assert check_interactive(True, []).status == "note"
+    assert check_interactive(False, []).message.startswith("interactive pre-annotation is off")
+
+
+def test_a_live_model_version_that_is_not_ours_is_reported_with_where_to_change_it():
+    from labelstudio_maskclip.labelstudio.doctor import check_live_version
+
+    served = "maskclip-ViT-B-16.openai-naclip"
+    for following in ("", None, served, "MaskCLIP"):  # the backend's title: the dropdown's "Models: MaskCLIP"
+        assert check_live_version(following, served, ["MaskCLIP"]) == []
+    [old] = check_live_version("maskclip-ViT-B-16.openai-maskclip", served, ["MaskCLIP"])
+    assert old.status == "note" and "while " + served + " is served now" in old.message
+    [other] = check_live_version("yolo-v8", served, ["MaskCLIP"])
+    assert other.status == "warn" and "'yolo-v8', which is not this backend's" in other.message
+    assert "Settings -> Annotation -> Prelabeling: pick 'Models: MaskCLIP'" in other.fix
+    assert f"'Predictions: {served}'" in other.fix

@@ -356,8 +356,10 @@ def test_refine_setting_reaches_the_engine():
     from labelstudio_maskclip.models import segment_options
     from labelstudio_maskclip.settings import Settings, SettingsError
 
-    assert segment_options(Settings()).refine == "none"
-    assert segment_options(Settings.from_env({"MASKCLIP_REFINE": "pamr"})).refine == "pamr"
+    assert segment_options(Settings()).refine == "pamr"  # the default preset, naclip, is published with PAMR
+    assert segment_options(Settings(preset="sclip")).refine == "none"
+    assert segment_options(Settings.from_env({"MASKCLIP_REFINE": "none"})).refine == "none"  # overrides naclip
+    assert segment_options(Settings.from_env({"MASKCLIP_PRESET": "sclip", "MASKCLIP_REFINE": "pamr"})).refine == "pamr"
     with pytest.raises(SettingsError, match="MASKCLIP_REFINE"):
         Settings.from_env({"MASKCLIP_REFINE": "crf"})
 

@@ -75,7 +75,10 @@ def test_health_and_setup_report_the_model_version(client):
     assert client.get("/health").get_json()["status"] == "UP"
     reply = client.post("/setup", json={"project": "1.17", "schema": BRUSH})
     assert reply.status_code == 200
-    assert reply.get_json()["model_version"] == "maskclip-MaskCLIP-Tiny-ViT.tiny.pt-naclip"  # the default mode
+    # the default preset, naclip, and the settings that override it
+    assert (
+        reply.get_json()["model_version"] == "maskclip-MaskCLIP-Tiny-ViT.tiny.pt-naclip+short_side=64,templates=simple"
+    )
 
 
 def test_setup_refuses_a_config_without_a_usable_control(client):
@@ -190,6 +193,7 @@ def test_webhook_stores_annotations_and_ignores_other_actions(client, settings):
     metrics = client.get("/metrics").get_json()
     assert metrics["annotations_since_training"] >= 1 and metrics["students"] == []
     assert metrics["model_version"].startswith("maskclip-")
+    assert metrics["pipeline"] == {"preset": "naclip", "overrides": {"short_side": 64, "templates": "simple"}}
 
 
 def test_basic_auth_when_configured(settings):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from labelstudio_maskclip.embeddings import EmbeddingStore
+from labelstudio_maskclip.embeddings import TURN_LABELS, EmbeddingStore
 from labelstudio_maskclip.engine import segmenter
 from labelstudio_maskclip.engine.refine import prompt_denoising
 from labelstudio_maskclip.engine.segmenter import MaskCLIP, SegmentOptions
@@ -656,3 +656,21 @@ def test_a_stored_file_of_another_width_or_all_zeros_is_computed_again(tmp_path,
     compute = _Counting()
     again = EmbeddingStore(tmp_path, IDENTITY, compute, width=4).prepare(LABELS).result(30)
     assert compute.calls == 1 and torch.equal(again, emb)
+
+
+def test_a_big_label_set_takes_turns_with_a_small_one_that_comes_later(tmp_path):
+    order: list[int] = []
+    started = threading.Event()
+
+    def compute(labels):
+        order.append(len(labels))
+        started.set()
+        time.sleep(0.2)
+        return F.normalize(torch.ones(len(labels), 4), dim=-1)
+
+    store = EmbeddingStore(tmp_path, IDENTITY, compute)
+    big = store.prepare(tuple((f"label{i}",) for i in range(4 * TURN_LABELS)))
+    assert started.wait(30)
+    small = store.prepare((("cat",), ("dog",)))
+    assert small.result(30).shape == (2, 4) and not big.done()  # one turn of the big set, not all four
+    assert big.result(30).shape == (4 * TURN_LABELS, 4) and order == [TURN_LABELS, 2] + [TURN_LABELS] * 3

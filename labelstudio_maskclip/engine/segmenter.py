@@ -23,8 +23,10 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -34,7 +36,8 @@ from .dense import dense_features, output_stride
 from .loading import LoadedCLIP, load_clip
 from .modes import DENSE_MODES
 from .names import ClassNames, normalize_classes
-from .refine import REFINEMENTS, key_smoothing, pamr, prompt_denoising
+from .protocol import merged_logits, mmcv_resize, mmcv_size
+from .refine import REFINEMENTS, key_smoothing, pamr, pamr_average, pamr_weights, prompt_denoising
 from .text import encode_classes, resolve_templates
 
 __all__ = [
@@ -64,6 +67,12 @@ class SegmentOptions:
     min_confidence: float = 0.0  # winning probability below this -> NO_LABEL
     batch_size: int = 16
     score: str = "confidence"  # image score, one of SCORES
+    # "grid": the pipeline above; "authors": the methods' own inference (engine/protocol.py): mmcv resize,
+    # logits merged per pixel, softmax (and PAMR) at the original size; key smoothing and denoising unused.
+    pipeline: str = "grid"
+    pad: str = "truncate"  # "authors": sides not a multiple of the patch (engine.protocol.window_logits)
+    synonyms: str = "mean"  # "max": a class's probability is the max over its names' (authors' pipeline)
+    max_long_side: int = 2048  # "authors": mmcv's scale (max_long_side, short_side)
 
 
 @dataclass
@@ -97,12 +106,26 @@ class Segmentation:
 class MaskCLIP:
     """A frozen CLIP turned into a dense classifier. Build with :meth:`load` (or ``models.shared_maskclip``)."""
 
-    def __init__(self, clip: LoadedCLIP, templates: Sequence[str] | str | None = None, *, compile: bool = False):
+    def __init__(
+        self,
+        clip: LoadedCLIP,
+        templates: Sequence[str] | str | None = None,
+        *,
+        compile: bool = False,
+        normalize: str = "model",
+        layer_norm_eps: float | None = None,
+    ):
+        """``normalize``: pixel mean/std, ``"model"`` (the weights') or ``"imagenet"`` (MaskCLIP's configs);
+        ``layer_norm_eps``: the image tower's LayerNorm epsilon while this segmenter runs it (None: as built)."""
         self.clip = clip
         self.stride = output_stride(clip.model.visual)
         self.templates = resolve_templates(templates)
-        self._mean = torch.tensor(clip.mean, device=clip.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(clip.std, device=clip.device).view(1, 3, 1, 1)
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalisation {normalize!r}: choose one of {', '.join(NORMALIZATIONS)}")
+        mean, std = (clip.mean, clip.std) if normalize == "model" else NORMALIZATIONS[normalize]
+        self.normalization, self.layer_norm_eps = normalize, layer_norm_eps
+        self._mean = torch.tensor(mean, device=clip.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(std, device=clip.device).view(1, 3, 1, 1)
         self._text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
         # The image tower, optionally compiled (one graph per input shape: size buckets keep them few).
@@ -122,11 +145,13 @@ class MaskCLIP:
         cache_dir: str | None = None,
         templates: Sequence[str] | str | None = None,
         compile: bool = False,
+        normalize: str = "model",
+        layer_norm_eps: float | None = None,
     ) -> MaskCLIP:
         """Load an open_clip model (see :func:`labelstudio_maskclip.engine.loading.load_clip`); ``compile``
         runs the image tower through ``torch.compile``."""
         clip = load_clip(model, pretrained, device, precision, allow_random=allow_random, cache_dir=cache_dir)
-        return cls(clip, templates, compile=compile)
+        return cls(clip, templates, compile=compile, normalize=normalize, layer_norm_eps=layer_norm_eps)
 
     @property
     def device(self) -> torch.device:
@@ -257,6 +282,10 @@ class MaskCLIP:
             raise ValueError(f"unknown dense mode {opts.mode!r}")
         if opts.refine not in REFINEMENTS:
             raise ValueError(f"unknown refinement {opts.refine!r}; choose one of {', '.join(REFINEMENTS)}")
+        if opts.pipeline == "authors":
+            return self._segment_authors(images, classes, background, opts, progress, text)
+        if opts.pipeline != "grid":
+            raise ValueError(f"unknown pipeline {opts.pipeline!r}: choose grid or authors")
         emb = text if text is not None else self.text_embeddings(list(classes) + list(background))  # (K + Kb, D)
         return segment_in_batches(
             images,
@@ -268,6 +297,114 @@ class MaskCLIP:
             progress=progress,
             score=opts.score,
         )
+
+    # -- the authors' pipeline (engine/protocol.py) ---------------------------------------------------
+    def _segment_authors(
+        self,
+        images: Sequence[np.ndarray],
+        classes: Sequence[ClassNames],
+        background: Sequence[ClassNames],
+        opts: SegmentOptions,
+        progress: Callable[[int], None] | None,
+        text: torch.Tensor | None,
+    ) -> list[Segmentation]:
+        everything = normalize_classes(list(classes) + list(background))
+        if text is not None:  # one embedding per class, given
+            emb, owner = text, torch.arange(len(everything))
+        elif opts.synonyms == "max":  # one embedding per name; a class takes its best name's probability
+            emb = self.text_embeddings([(n,) for names in everything for n in names])
+            owner = torch.tensor([k for k, names in enumerate(everything) for _ in names])
+        else:
+            emb, owner = self.text_embeddings(everything), torch.arange(len(everything))
+
+        def probs_of(batch: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
+            return torch.stack([self.authors_probs(img, emb, owner.to(self.device), opts, size) for img in batch])
+
+        return segment_in_batches(
+            images,
+            lambda h, w: working_size(h, w),
+            probs_of,
+            n_labels=len(classes),
+            batch_size=opts.batch_size,
+            min_confidence=opts.min_confidence,
+            progress=progress,
+            score=opts.score,
+        )
+
+    @torch.inference_mode()
+    def authors_logits(
+        self, image: np.ndarray, emb: torch.Tensor, opts: SegmentOptions
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(H, W, 3) uint8 RGB -> (1, N, H', W') cosine logits at the resized image's pixels and the
+        normalised resized image (1, 3, H', W') (engine/protocol.py, steps 1 and 2); emb: (N, D)."""
+        size = mmcv_size(image.shape[0], image.shape[1], opts.short_side, opts.max_long_side, self.stride)
+        resized = torch.from_numpy(np.ascontiguousarray(mmcv_resize(np.asarray(image), size)))
+        pixels = self.normalize(resized.to(self.device).permute(2, 0, 1)[None].float() / 255.0)
+        weights = emb.to(self.device, torch.float32)
+
+        def grid_logits(x: torch.Tensor) -> torch.Tensor:
+            with layer_norm_eps(cast(torch.nn.Module, self.clip.model.visual), self.layer_norm_eps):
+                out = self._dense(self.clip.model.visual, x.to(self.clip.dtype), opts.mode)
+            return torch.einsum("bdhw,kd->bkhw", out.features, weights)
+
+        step = opts.stride if opts.window else 0
+        return merged_logits(pixels, grid_logits, self.stride, opts.pad, opts.window, step), pixels
+
+    @torch.inference_mode()
+    def authors_probs(
+        self, image: np.ndarray, emb: torch.Tensor, owner: torch.Tensor, opts: SegmentOptions, size: tuple[int, int]
+    ) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB -> (K, *size) class probabilities at ``size`` (the original size, or smaller
+        for a very large image: :func:`working_size`): logits upsampled there, PAMR with
+        ``opts.refine == "pamr"``, ``softmax(opts.temperature * logits)`` over the N names, and each class
+        (``owner``: (N,) class of each name) its names' highest probability."""
+        logits, pixels = self.authors_logits(image, emb, opts)
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)  # (1, N, H, W)
+        if opts.refine == "pamr":
+            guide = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
+            logits = pamr_average(logits, pamr_weights(guide))
+        probs = (opts.temperature * logits[0]).softmax(0)  # (N, H, W)
+        if len(owner) == int(owner.max()) + 1:  # one name per class
+            return probs
+        return torch.stack([probs[owner == k].amax(0) for k in range(int(owner.max()) + 1)])
+
+
+#: pixel statistics (mean, std on the 0..1 scale) by name; "model": the loaded weights' own
+NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "model": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # placeholder: replaced by the weights' statistics
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+#: the authors' pipeline works at the original size up to this many pixels, beyond it at a smaller size
+AUTHORS_MAX_PIXELS = 2048 * 2048
+_eps_lock = threading.Lock()
+
+
+def working_size(height: int, width: int, max_pixels: int = AUTHORS_MAX_PIXELS) -> tuple[int, int]:
+    """Where the authors' pipeline computes probabilities: the original (H, W), or scaled down to about
+    ``max_pixels`` (aspect kept); the label map is then upsampled to (H, W) as usual."""
+    if height * width <= max_pixels:
+        return height, width
+    f = math.sqrt(max_pixels / (height * width))
+    return max(1, int(height * f)), max(1, int(width * f))
+
+
+@contextmanager
+def layer_norm_eps(visual: torch.nn.Module, eps: float | None) -> Iterator[None]:
+    """Run the tower's LayerNorms with epsilon ``eps`` inside the block (nothing changes for None); one
+    thread at a time, since the tower may be shared."""
+    if eps is None:
+        yield
+        return
+    norms = [m for m in visual.modules() if isinstance(m, torch.nn.LayerNorm)]
+    with _eps_lock:
+        saved = [m.eps for m in norms]
+        for m in norms:
+            m.eps = eps
+        try:
+            yield
+        finally:
+            for m, e in zip(norms, saved):
+                m.eps = e
 
 
 def resized_size(

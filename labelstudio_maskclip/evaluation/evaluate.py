@@ -440,6 +440,7 @@ def run_eval(
     progress: bool = True,
     bg_threshold: float | None = None,
     refinements: bool = False,
+    preset: str | None = None,
 ) -> dict:
     """Evaluate MaskCLIP (``shared_maskclip(settings)``) on ``dataset`` under ``root`` like the papers;
     writes ``out/metrics.json``, ``out/predictions/``, ``out/overlays/`` and returns the metrics.
@@ -447,9 +448,17 @@ def run_eval(
     ``protocol``: ``whole512`` (the paper's) or ``slide448``. ``bg_threshold``: for datasets with a
     background class, pixels whose best probability is below it become background (default 0.1);
     ignored otherwise. ``refinements``: False forces key smoothing and prompt denoising off (the
-    paper's plain configs); True leaves them to the settings."""
+    paper's plain configs); True leaves them to the settings.
+
+    ``preset``: run that method's published inference instead (engine/presets.py: its resize, windows,
+    temperature, templates, PAMR...; settings set explicitly still override it); ``protocol`` and
+    ``refinements`` are then unused. Without it the ``protocol`` runs on the ``legacy`` pipeline."""
     from ..models import segment_options, shared_maskclip
 
+    if preset is not None:
+        return _run_preset_eval(settings.replace(preset=preset), dataset, root, out, limit=limit,
+                                overlays=overlays, progress=progress, bg_threshold=bg_threshold)  # fmt: skip
+    settings = settings.replace(preset="legacy")
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
     ds = load_dataset(dataset, root)
@@ -462,8 +471,8 @@ def run_eval(
         segment_options(settings),
         window=proto.window,
         stride=proto.stride,
-        key_smoothing=settings.key_smoothing and refinements,
-        prompt_denoising=settings.prompt_denoising and refinements,
+        key_smoothing=bool(settings.key_smoothing) and refinements,
+        prompt_denoising=bool(settings.prompt_denoising) and refinements,
         min_confidence=threshold,
         size_multiple=0,  # the protocol's sizes, rounded to the encoder stride only
     )
@@ -481,4 +490,46 @@ def run_eval(
         "settings": {k: getattr(settings, k) for k in _RECORDED},
     }
     predict = maskclip_predictor(seg, ds, opts, scale)
+    return evaluate(ds, predict, out, limit=limit, overlays=overlays, progress=progress, meta=meta)
+
+
+def _run_preset_eval(
+    settings: Settings,
+    dataset: str,
+    root: Path | str,
+    out: Path | str,
+    *,
+    limit: int | None,
+    overlays: int,
+    progress: bool,
+    bg_threshold: float | None,
+) -> dict:
+    """:func:`run_eval` with ``settings.preset``'s own protocol; predictions at the original size."""
+    from ..models import pipeline_description, segment_options, shared_maskclip
+
+    ds = load_dataset(dataset, root)
+    threshold = 0.0
+    if ds.background is not None:
+        threshold = DEFAULT_BG_THRESHOLD if bg_threshold is None else float(bg_threshold)
+    opts = dataclasses.replace(segment_options(settings), min_confidence=threshold)
+    seg = shared_maskclip(settings)
+    queries, to_gt = ds.queries()
+    no_label = ds.background if ds.background is not None else IGNORE
+
+    def predict(image: np.ndarray) -> np.ndarray:
+        labels = seg.segment([image], queries, ds.background_queries, opts)[0].labels.astype(np.int64)  # (H, W)
+        return np.where(labels >= 0, to_gt[np.clip(labels, 0, None)], no_label)
+
+    meta = {
+        "preset": pipeline_description(settings),
+        "model": seg.version,
+        "short_side": opts.short_side,
+        "window": opts.window,
+        "stride": opts.stride,
+        "refine": opts.refine,
+        "temperature": opts.temperature,
+        "bg_threshold": threshold if ds.background is not None else None,
+        "limit": limit,
+        "settings": {k: getattr(settings, k) for k in _RECORDED},
+    }
     return evaluate(ds, predict, out, limit=limit, overlays=overlays, progress=progress, meta=meta)

@@ -9,8 +9,11 @@ healthy; Label Studio answers at ``LABEL_STUDIO_URL``, its version, the token (l
 token, and that the latter refreshes). With a project: its labeling config (controls, labels, the names the
 model is prompted with), the connected ML backend and its URL, whether Label Studio refuses that URL's
 address (it blocks loopback and private networks by default: see :mod:`.network`), the webhook Label Studio
-created for the backend (and its credentials when basic auth is on), interactive mode, and how many tasks
-carry a prediction of the model version served now.
+created for the backend (and its credentials when basic auth is on), interactive mode against the config's
+smart tools, the project's live model version (another model's is reported), and how many tasks carry a
+prediction of the model version served now. With no backend connected, the address checked is
+``--backend-url`` or this backend's default (``DEFAULT_BACKEND_URL``), and a refusal names the Label Studio
+setting that holds the blocked range (``USE_DEFAULT_BANNED_SUBNETS`` / ``USER_ADDITIONAL_BANNED_SUBNETS``).
 
 Label Studio's own verdict on an address is asked without changing anything: a ``POST /api/ml`` and a
 ``POST /api/webhooks/`` naming no project are refused either for the address (403, the block) or for the
@@ -263,8 +266,8 @@ def check_project(settings: Settings, api, project_id: int, backend_url: str | N
         spec = parse_label_config(project.get("label_config") or "")
     except LabelConfigError as e:
         found.append(Finding("labeling config", "fail", f"project {project_id} ({title}): {e}",
-                             "Project -> Settings -> Labeling Interface (README, 'Connect it to Label Studio', "
-                             "step 2, has an example)"))  # fmt: skip
+                             "Project -> Settings -> Labeling Interface (the README's user path, step 4, has an "
+                             "example)"))  # fmt: skip
         spec = None
     if spec is not None:
         controls = "; ".join(
@@ -276,7 +279,7 @@ def check_project(settings: Settings, api, project_id: int, backend_url: str | N
             for t in spec.targets
         )  # fmt: skip
         found.append(Finding("labeling config", "ok", f"project {project_id} ({title}): {controls}"))
-    found += check_ml_backend(settings, api, project_id, backend_url)
+    found += check_ml_backend(settings, api, project_id, backend_url, label_config=project.get("label_config") or "")
     if spec is not None:
         found += check_predictions(settings, api, project, spec)
     return found
@@ -290,8 +293,12 @@ def _ml_backends(api, project_id: int) -> list[dict[str, Any]]:
 _STATES = {"CO": "connected", "DI": "disconnected", "ER": "error", "TR": "training", "PR": "predicting"}
 
 
-def check_ml_backend(settings: Settings, api, project_id: int, backend_url: str | None = None) -> list[Finding]:
-    """The project's ML backend(s), the address block for their URL (or ``backend_url``), the webhook."""
+def check_ml_backend(
+    settings: Settings, api, project_id: int, backend_url: str | None = None, *, label_config: str = ""
+) -> list[Finding]:
+    """The project's ML backend(s), the address block for their URL (or, with none connected, for
+    ``backend_url`` or this backend's default address), interactive mode against ``label_config``'s smart
+    tools, the webhook."""
     backends = _ml_backends(api, project_id)
     found: list[Finding] = []
     if not backends:
@@ -321,13 +328,51 @@ def check_ml_backend(settings: Settings, api, project_id: int, backend_url: str 
                                  "BASIC_AUTH_USER / BASIC_AUTH_PASS"))  # fmt: skip
         found += check_address(settings, api, url, given=True)
         found += check_backend_answers(settings, url)
-        found.append(Finding("interactive", "note" if ml.get("is_interactive") else "ok",
-                             "interactive pre-annotation is ON: Label Studio calls the backend on every change "
-                             "in the editor (this backend predicts whole images, it ignores the extra context)"
-                             if ml.get("is_interactive") else
-                             "interactive pre-annotation is off (this backend predicts whole images)"))  # fmt: skip
+        found.append(check_interactive(bool(ml.get("is_interactive")), prompt_tools(label_config)))
         found += check_webhook(settings, api, project_id, url)
     return found
+
+
+def prompt_tools(label_config: str) -> list[str]:
+    """The config's controls that send interactive prompts: ``<KeyPointLabels smart="true">``,
+    ``<RectangleLabels smart="true">`` (clicks, boxes) and ``<TextArea>`` (phrases), as ``<Tag name='x'>``."""
+    from .labeling import LabelConfigError, _interface
+
+    try:
+        controls = _interface(label_config).controls or ()
+    except LabelConfigError:
+        return []
+    tools = []
+    for c in controls:
+        smart = str((c.attr or {}).get("smart", "")).lower() == "true"
+        if c.tag.lower() == "textarea" or (smart and c.tag.lower() in ("keypointlabels", "rectanglelabels")):
+            tools.append(f"<{c.tag} name={c.name!r}>")
+    return tools
+
+
+def check_interactive(is_interactive: bool, tools: Sequence[str]) -> Finding:
+    """Interactive mode (the model's *Interactive preannotations* switch) against the config's smart tools."""
+    how = ("in the editor, switch on Auto-Annotation in the bottom bar and pick the smart tool from the "
+           "Auto-Detect fly-out after choosing a label (a label chip can switch back to the plain tool, which "
+           "sends nothing)")  # fmt: skip
+    listed = ", ".join(tools)
+    if is_interactive and tools:
+        return Finding("interactive", "ok", f"interactive pre-annotation is on: {listed} send clicks, boxes and "
+                       "phrases to this backend, which answers each with masks", how)  # fmt: skip
+    if is_interactive:
+        return Finding("interactive", "note", "interactive pre-annotation is on, but the labeling config has no "
+                       "smart tool, so the editor sends no prompts", "add <KeyPointLabels smart=\"true\">, "
+                       "<RectangleLabels smart=\"true\"> or a <TextArea> with the brush control's labels (README, "
+                       "'Interactive')")  # fmt: skip
+    if tools:
+        return Finding("interactive", "warn", f"the labeling config has smart tools ({listed}) but interactive "
+                       "pre-annotation is off: they send nothing to this backend",
+                       "Project -> Settings -> Model: edit the model and switch on Interactive preannotations "
+                       "(or PATCH /api/ml/{id} with is_interactive true, its project, url and auth fields: "
+                       "Label Studio 1.23.2 answers 500 without project or url, 400 without the auth); then "
+                       + how)  # fmt: skip
+    return Finding("interactive", "ok", "interactive pre-annotation is off and the config has no smart tool "
+                   "(pre-annotation only; the README's 'Interactive' section adds clicks, boxes and phrases)")  # fmt: skip
 
 
 def _probe(api, path: str, url: str) -> tuple[int, str]:
@@ -373,9 +418,9 @@ def check_address(settings: Settings, api, url: str, *, given: bool) -> list[Fin
             ("start Label Studio with (keeps its checks on, lets it call only " + ", ".join(allow) + "):\n"
              + "\n".join(lines) + "\n" if lines else "")
             + "or, broader (every address, ML backends and webhooks): ML_BLOCK_LOCAL_IP=false and "
-            "SSRF_PROTECTION_ENABLED=false. README, 'Connect it to Label Studio', says what each gives up"
+            "SSRF_PROTECTION_ENABLED=false. docs/connecting.md says what each gives up"
         )  # fmt: skip
-        said = "; ".join(f"{what}: 403 {detail}" for what, detail in refused)
+        said = "; ".join(f"{what}: 403 {detail}" for what, detail in refused) + _blocking_settings(refused)
         if ml_status == 403:
             found.append(Finding("address block", "fail", f"Label Studio refuses {where}: {said}", fix))
         else:  # ML_BLOCK_LOCAL_IP=false alone: predictions work, the webhook does not (Connect Model said 403)
@@ -397,6 +442,23 @@ def check_address(settings: Settings, api, url: str, *, given: bool) -> list[Fin
         found.append(Finding("address block", "ok", f"{where} is not in a range Label Studio blocks"
                              + ("" if given else "; pass --backend-url with the URL you will connect")))  # fmt: skip
     return found
+
+
+def _blocking_settings(refused: Sequence[tuple[str, str]]) -> str:
+    """Which of Label Studio's settings hold the ranges named in its refusals ("(block: 127.0.0.0/8)")."""
+    import re
+
+    ranges = sorted({m for _, detail in refused for m in re.findall(r"\(block: ([^)]+)\)", detail)})
+    if not ranges:
+        return ""
+    builtin = [r for r in ranges if r in network.DEFAULT_BANNED_SUBNETS]
+    where = (
+        "its built-in list, on while USE_DEFAULT_BANNED_SUBNETS is true (the default), or "
+        "USER_ADDITIONAL_BANNED_SUBNETS"
+        if builtin
+        else "USER_ADDITIONAL_BANNED_SUBNETS"
+    )
+    return f". Label Studio blocks {', '.join(ranges)}: the range is in {where}"
 
 
 def _allowed_ranges(addresses: Sequence[str]) -> list[str]:
@@ -487,12 +549,26 @@ def check_predictions(settings: Settings, api, project: Mapping[str, Any], spec)
         found.append(Finding("predictions", "warn", "'Use predictions to prelabel tasks' is off: annotators do not "
                              "see the masks", "Project -> Settings -> Annotation (or Model): turn on 'Use "
                              "predictions to prelabel tasks'"))  # fmt: skip
-    elif project.get("model_version") not in ("", None, version, *_backend_titles(api, project["id"])):
-        found.append(Finding("predictions", "note", f"the project shows predictions of model version "
-                             f"{project.get('model_version')!r} as prelabels, while {version} is served now",
-                             "Project -> Settings -> Annotation: choose the current model version, or leave it; "
-                             "Label Studio asks the backend for the current version when it needs predictions"))  # fmt: skip
+    else:
+        found += check_live_version(project.get("model_version"), version, _backend_titles(api, project["id"]))
     return found
+
+
+def check_live_version(live: str | None, served: str, titles: Sequence[str]) -> list[Finding]:
+    """The project's live model version (Settings -> Annotation -> Prelabeling) against what we serve:
+    empty or a connected backend's title (the dropdown's "Models: <title>") follow the backend; one of our
+    versions (``maskclip...``) is a fixed set of stored predictions; anything else is another model's."""
+    pick = ("Project -> Settings -> Annotation -> Prelabeling: pick 'Models: " + (titles[0] if titles else
+            "<the model's title>") + "' (asks this backend, follows a newly trained student) or 'Predictions: "
+            + served + "' (the stored predictions of the version served now)")  # fmt: skip
+    if live in ("", None, served, *titles):
+        return []
+    if str(live).startswith("maskclip"):
+        return [Finding("predictions", "note", f"the project shows the stored predictions of model version "
+                        f"{live!r} as prelabels, while {served} is served now", pick)]  # fmt: skip
+    return [Finding("predictions", "warn", f"the project's live model version is {live!r}, which is not this "
+                    "backend's (its versions are maskclip-...): annotators see that model's predictions, or none, "
+                    "instead of MaskCLIP's masks", pick)]  # fmt: skip
 
 
 def _backend_titles(api, project_id: int) -> list[str]:

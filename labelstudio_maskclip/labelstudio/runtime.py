@@ -32,7 +32,10 @@ if TYPE_CHECKING:
     from ..training.student import StudentModel
     from .images import ImageFetcher
 
-__all__ = ["Runtime", "runtime", "Segmenter", "remaining", "resolved_device", "embedding_identity", "WARMUP_LABELS"]
+__all__ = [
+    "Runtime", "runtime", "Segmenter", "remaining", "resolved_device", "embedding_identity", "text_embedding_store",
+    "WARMUP_LABELS",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -155,14 +158,7 @@ class Runtime:
         """The teacher's :class:`~labelstudio_maskclip.embeddings.EmbeddingStore` (under MODEL_DIR)."""
         with self._lock:
             if self._embeddings is None:
-                from ..embeddings import EmbeddingStore
-
-                s = self.settings
-                self._embeddings = EmbeddingStore(
-                    Path(s.model_dir) / "text_embeddings", embedding_identity(s), self._encode_labels,
-                    persist=s.pretrained.strip().lower() not in ("random", "none", ""), device=resolved_device(s.device),
-                    width=text_width(s),
-                )  # fmt: skip
+                self._embeddings = text_embedding_store(self.settings, self._encode_labels)
             return self._embeddings
 
     def _encode_labels(self, labels) -> Any:
@@ -261,7 +257,9 @@ class Runtime:
         s = self.settings
         tag = Path(s.pretrained).name if s.pretrained else "random"
         arch = Path(s.model).stem if s.model.endswith(".json") else s.model
-        return f"maskclip-{arch}.{tag}-{s.dense_mode}"
+        from ..models import pipeline_description
+
+        return f"maskclip-{arch}.{tag}-{pipeline_description(s)}"
 
     def student_version(self) -> str | None:
         """Version of the promoted student, read from MODEL_DIR on every call (cheap), so every worker
@@ -318,6 +316,19 @@ def resolved_device(device: str) -> Any:
     from ..engine.loading import resolve_device
 
     return resolve_device(device)
+
+
+def text_embedding_store(s: Settings, compute: Any) -> Any:
+    """The :class:`~labelstudio_maskclip.embeddings.EmbeddingStore` of the teacher's text embeddings under
+    ``MODEL_DIR/text_embeddings``, ``compute(label_set) -> (K, D)`` making missing ones: the one store of every
+    worker and of the trainer, which read each other's files and wait for each other's computations."""
+    from ..embeddings import EmbeddingStore
+
+    return EmbeddingStore(
+        Path(s.model_dir) / "text_embeddings", embedding_identity(s), compute,
+        persist=s.pretrained.strip().lower() not in ("random", "none", ""), device=resolved_device(s.device),
+        width=text_width(s),
+    )  # fmt: skip
 
 
 def text_width(s: Settings) -> int | None:

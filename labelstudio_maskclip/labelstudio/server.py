@@ -267,6 +267,7 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
         return jsonify(
             {
                 "model_version": rt.student_version() or rt.teacher_version(),
+                "pipeline": {"preset": settings.preset, "overrides": settings.overrides},
                 "acceptance": rt.store.acceptance_stats(),
                 "annotations_since_training": rt.store.count_since_last_training(),
                 "training_runs": rt.store.training_runs()[-10:],

@@ -28,10 +28,22 @@ class Teacher(Protocol):
 class CLIPTeacher:
     """The frozen MaskCLIP teacher over fixed classes: :meth:`MaskCLIP.grid_probs` on the training crop."""
 
-    def __init__(self, maskclip: Any, classes: Sequence[Any], background: Sequence[Any], opts: Any):
+    def __init__(
+        self,
+        maskclip: Any,
+        classes: Sequence[Any],
+        background: Sequence[Any],
+        opts: Any,
+        embeddings: torch.Tensor | None = None,
+    ):
+        """``embeddings``: the (C, D) text embeddings of ``classes`` + ``background`` when already made (the
+        server's stored ones, :func:`~labelstudio_maskclip.training.train.stored_text_embeddings`); else
+        computed here."""
         self.maskclip = maskclip
         self.opts = opts
-        self.embeddings = maskclip.text_embeddings(list(classes) + list(background)).float()  # (C, D)
+        if embeddings is None:
+            embeddings = maskclip.text_embeddings(list(classes) + list(background))
+        self.embeddings = embeddings.float().to(maskclip.device)  # (C, D)
 
     def probs(self, images: torch.Tensor) -> torch.Tensor:
         h, w = self.maskclip.input_size(images.shape[2], images.shape[3], 0)  # rounded to the encoder stride

@@ -166,7 +166,9 @@ def _start(
     index = label_index(classes, job.values if job.classes else None)
     data = _prepare(s, dist, samples, unlabeled, index, run_dir, load_image or _fetcher(s))
     if teacher is None:
-        teacher = CLIPTeacher(shared_maskclip(s), classes, job.background, segment_options(s))
+        maskclip = shared_maskclip(s)
+        text = stored_text_embeddings(s, maskclip, list(classes) + list(job.background))
+        teacher = CLIPTeacher(maskclip, classes, job.background, segment_options(s), text)
     log.info("run %s: %d labels, data %s, %d steps x %d images (world %d)",
              run_id, len(classes), data.counts, s.train_steps, s.train_batch_size, dist.world)  # fmt: skip
     values = job.values if job.classes else tuple(c[0] for c in classes)
@@ -197,6 +199,17 @@ def _prepare(
     if not data.train:
         raise TrainError(f"no training images: {data.counts}; add tasks to the project or fix image access")
     return data
+
+
+def stored_text_embeddings(s: Settings, maskclip: Any, classes: Sequence[Any]) -> torch.Tensor:
+    """(C, D) text embeddings of ``classes`` from the server's store under ``MODEL_DIR/text_embeddings``:
+    read when stored, waited for when a server process is computing them (the store's file lock), computed
+    and stored otherwise, so a run never repeats the server's 85-template text passes."""
+    from ..embeddings import label_set
+    from ..labelstudio.runtime import text_embedding_store
+
+    store = text_embedding_store(s, maskclip.text_embeddings)
+    return store.wait(label_set(classes), None)
 
 
 def _new_run_id() -> str:

@@ -127,7 +127,7 @@ def validate(
     classes, background = candidate.classes, candidate.background
     n = len(classes)
     cand = evaluate(student_predictor(candidate, opts, classes, background), items, n)
-    teach = evaluate(lambda img: teacher_labels(teacher, img, s.short_side, s.min_confidence), items, n)
+    teach = evaluate(lambda img: teacher_labels(teacher, img, s.short_side or 0, s.min_confidence), items, n)
     current = current_student(s, classes, background, device)
     served = None if current is None else evaluate(student_predictor(current, opts, classes, background), items, n)
     return Scores(cand, teach, served, None if current is None else current.version)

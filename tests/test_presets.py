@@ -1,0 +1,176 @@
+"""Each preset, image in and label map out, against a transcription of its authors' whole pipeline.
+
+tests/reference_protocols.py re-implements SCLIP, NACLIP (with PAMR), ClearCLIP and MaskCLIP from their
+authors' code, independent of the package; here the package runs the same images through the preset as
+the settings resolve it (``Settings(preset=...)`` -> ``segment_options``) and the label maps must agree on
+at least 99.5 % of the labelled pixels of every image (float32 arithmetic in another order moves a few
+pixels at near-ties). The model is a tiny random CLIP ViT (patch 8) whose weights are made distinct
+(LayerNorm affines perturbed, sharper attention) so the four methods disagree with each other; the images
+are crops of VOC photos in VOC's shapes (500 x 375, 375 x 500, 500 x 333, 332 x 500: some resized sides
+are not multiples of the patch, and windows overlap).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from labelstudio_maskclip.engine.presets import PRESETS
+from labelstudio_maskclip.engine.segmenter import MaskCLIP
+from labelstudio_maskclip.models import segment_options
+from labelstudio_maskclip.settings import Settings
+from tests import reference_protocols as ref
+from tests.tiny import TINY_VIT
+
+VOC = Path(__file__).parent / "data" / "voc-samples"
+SHAPES = [(375, 500), (500, 375), (333, 500), (500, 332)]  # (H, W) crops
+CLASSES = [["aeroplane"], ["person", "person in shirt", "person in jeans"], ["cat"], ["dog"], ["car"],
+           ["chair"], ["bottle"]]  # fmt: skip
+METHODS = ("maskclip", "sclip", "clearclip", "naclip")
+AGREEMENT = 0.995
+
+
+@pytest.fixture(scope="module")
+def clip():
+    """A tiny random CLIP whose image tower is made distinct: perturbed LayerNorms, sharper attention,
+    small input tokens."""
+    import warnings
+
+    from labelstudio_maskclip.engine.loading import load_clip
+
+    torch.manual_seed(0)  # open_clip draws the random weights from the global generator
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = load_clip(TINY_VIT, "random", "cpu", "fp32", allow_random=True)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in loaded.model.visual.named_parameters():
+            if "ln" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+            if name.endswith("in_proj_weight"):
+                p.mul_(4.0)  # queries and keys (and values) larger: attention far from uniform
+        loaded.model.visual.proj.mul_(3.0)
+        # Tokens entering ln_pre with a variance near LayerNorm's epsilon: MaskCLIP's 1e-6 against the
+        # model's 1e-5 then changes the result, as it can with real weights on flat image regions.
+        for t in (loaded.model.visual.conv1.weight, loaded.model.visual.positional_embedding,
+                  loaded.model.visual.class_embedding):  # fmt: skip
+            t.mul_(0.01)
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[tuple[np.ndarray, np.ndarray]]:
+    """(image, labelled-pixel mask) crops of VOC photos in VOC's shapes."""
+    names = sorted(p.name for p in (VOC / "images").iterdir())
+    out = []
+    for (h, w), name in zip(SHAPES, itertools.cycle(names)):
+        image = np.asarray(Image.open(VOC / "images" / name).convert("RGB"))[:h, :w]
+        gt = np.asarray(Image.open(VOC / "masks" / name))[:h, :w]
+        out.append((np.ascontiguousarray(image), gt != 255))
+    return out
+
+
+@pytest.fixture(scope="module")
+def references(clip, photos) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    return {m: [ref.predict(clip.model, clip.tokenizer, img, _classes(m), m) for img, _ in photos] for m in METHODS}
+
+
+def _ours(clip, name: str, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    s = Settings(preset=name)
+    preset = PRESETS[name]
+    seg = MaskCLIP(clip, s.templates, normalize=preset.normalize, layer_norm_eps=preset.layer_norm_eps)
+    classes = [tuple(c) for c in _classes(name)]
+    return [(r.labels.astype(np.int64), r.confidence) for r in seg.segment(images, classes, opts=segment_options(s))]
+
+
+def _classes(name: str) -> list[list[str]]:
+    """MaskCLIP's text embeddings are one name per class (its prompt script); the successors' name files
+    may list synonyms, of which a class takes the most probable."""
+    return [c[:1] for c in CLASSES] if name == "maskclip" else CLASSES
+
+
+def _agreement(a: np.ndarray, b: np.ndarray, labelled: np.ndarray) -> float:
+    return float((a == b)[labelled].mean())
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_preset_reproduces_the_authors_pipeline(clip, photos, references, name):
+    """Label maps agree on >= 99.5 % of labelled pixels; where they agree, so does the winning probability
+    (which the temperature sets: the label map alone would not see it)."""
+    ours = _ours(clip, name, [img for img, _ in photos])
+    for (img, labelled), (mine, conf), (theirs, their_conf) in zip(photos, ours, references[name]):
+        assert mine.shape == img.shape[:2]
+        agree = _agreement(mine, theirs, labelled)
+        assert agree >= AGREEMENT, f"{name} {img.shape[:2]}: {agree:.4f} of labelled pixels agree"
+        same = mine == theirs
+        np.testing.assert_allclose(conf[same], their_conf[same], atol=2e-3)
+
+
+def test_the_references_disagree_with_each_other(photos, references):
+    """Otherwise the parity above would prove little: the methods must give different label maps."""
+    for a, b in itertools.combinations(METHODS, 2):
+        for (_, labelled), (x, _), (y, _) in zip(photos, references[a], references[b]):
+            assert _agreement(x, y, labelled) < 0.9, (a, b)
+
+
+# --- settings and the command line ----------------------------------------------------------------------
+
+
+def test_settings_resolve_the_preset_and_explicit_settings_override_it():
+    from labelstudio_maskclip.settings import SettingsError
+
+    s = Settings()
+    assert s.preset == "naclip" and (s.dense_mode, s.short_side, s.window, s.temperature) == ("naclip", 336, 0, 40.0)
+    assert s.refine == "pamr" and s.templates == "imagenet80" and s.overrides == {}
+    assert not s.key_smoothing and not s.prompt_denoising
+    m = Settings(preset="maskclip")
+    assert (m.dense_mode, m.short_side, m.temperature, m.templates) == ("maskclip", 512, 1.0, "maskclip85")
+    e = Settings.from_env({"MASKCLIP_PRESET": "sclip", "MASKCLIP_WINDOW": "0"})
+    assert (e.window, e.stride, e.short_side) == (0, 112, 336) and e.overrides == {"window": 0}
+    c = e.replace(preset="clearclip")  # the override stays, the rest follows the new preset
+    assert (c.window, c.stride, c.short_side, c.temperature) == (0, 224, 448, 50.0) and c.overrides == {"window": 0}
+    with pytest.raises(SettingsError, match="MASKCLIP_PRESET"):
+        Settings.from_env({"MASKCLIP_PRESET": "maskclip+"})
+    for name, preset in PRESETS.items():  # what every segmenter is built from carries the whole preset
+        o = segment_options(Settings(preset=name))
+        assert (o.mode, o.pipeline, o.pad, o.synonyms, o.window, o.temperature, o.refine) == (
+            preset.mode, preset.pipeline, preset.pad, preset.synonyms, preset.window, preset.temperature,
+            preset.refine,
+        )  # fmt: skip
+
+
+def test_eval_preset_writes_label_maps_at_the_original_size(tmp_path, photos):
+    """``eval --dataset folder --preset NAME``: predictions/<stem>.png, 0-based class indices, original size,
+    the same labels as the engine gives with that preset."""
+    from labelstudio_maskclip.cli import main
+    from tests.tiny import save_random_state
+
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("\n".join(", ".join(c) for c in CLASSES) + "\n")
+    for i, (img, labelled) in enumerate(photos[:2]):
+        Image.fromarray(img).save(root / "images" / f"photo{i}.png")
+        Image.fromarray(np.where(labelled, i, 255).astype(np.uint8)).save(root / "masks" / f"photo{i}.png")
+    weights = save_random_state(TINY_VIT, tmp_path / "tiny.pt")
+    out = tmp_path / "out"
+    code = main(["eval", "--dataset", "folder", "--root", str(root), "--out", str(out), "--preset", "sclip",
+                 "--model", TINY_VIT, "--pretrained", str(weights), "--device", "cpu", "--no-progress"])  # fmt: skip
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["preset"] == "sclip" and metrics["short_side"] == 336 and metrics["window"] == 224
+    s = Settings(preset="sclip", model=TINY_VIT, pretrained=str(weights), device="cpu")
+    from labelstudio_maskclip.models import shared_maskclip
+
+    seg = shared_maskclip(s)
+    for i, (img, _) in enumerate(photos[:2]):
+        pred = np.asarray(Image.open(out / "predictions" / f"photo{i}.png"))
+        assert pred.shape == img.shape[:2] and pred.max() < len(CLASSES)
+        engine = seg.segment([img], [tuple(c) for c in CLASSES], opts=segment_options(s))[0].labels
+        assert np.array_equal(pred, engine)
