@@ -101,7 +101,8 @@ class FakeLabelStudio:
             if mode == "ambiguous-lost":
                 raise AmbiguousWriteError("POST import/predictions -> 502", 502)
             if mode == "ambiguous-late":  # a proxy's 504 while Label Studio is still writing (for 3 s)
-                threading.Timer(3.0, self._apply, (predictions,)).start()
+                self.late = threading.Timer(3.0, self._apply, (predictions,))
+                self.late.start()
                 raise AmbiguousWriteError("POST import/predictions -> 504", 504)
             self._apply(predictions)
             if mode == "ambiguous-applied":
@@ -196,6 +197,7 @@ def test_a_write_answered_504_while_label_studio_still_writes_is_not_sent_again(
     ls = FakeLabelStudio(12)
     ls.fail_next = ["ambiguous-late"]
     result = preannotate(settings, 1, api=ls, upload_batch=5, progress=False, settle=10)
+    ls.late.join()  # the late write has landed
     assert set(ls.per_task(result.model_version).values()) == {1}
     assert ls.imports == [5, 5, 2] and result.predicted == 12 and not result.failed
 
