@@ -45,11 +45,12 @@ class FakeLabelStudio:
         self.predictions: list[dict] = []
         self.labeled = set(labeled)
         for task, vs in (versions or {}).items():
-            self.predictions += [{"task": task, "model_version": v, "result": []} for v in vs]
+            self.predictions += [{"task": task, "model_version": v, "result": [], "id": -len(self.predictions) - k - 1}
+                                 for k, v in enumerate(vs)]  # fmt: skip
         self.imports: list[int] = []  # size of each bulk request that was applied
         self.fail_next: list[str] = []  # "ambiguous-applied", "ambiguous-lost", "bad-request"
         self.max_page = 0
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
 
     def _versions(self, task_id: int) -> list[str]:
         return [p["model_version"] for p in self.predictions if p["task"] == task_id]
@@ -99,11 +100,32 @@ class FakeLabelStudio:
                 raise LabelStudioAPIError("POST import/predictions -> 400: task not found", 400)
             if mode == "ambiguous-lost":
                 raise AmbiguousWriteError("POST import/predictions -> 502", 502)
-            self.predictions += [dict(p) for p in predictions]
-            self.imports.append(len(predictions))
+            if mode == "ambiguous-late":  # a proxy's 504 while Label Studio is still writing (for 3 s)
+                self.late = threading.Timer(3.0, self._apply, (predictions,))
+                self.late.start()
+                raise AmbiguousWriteError("POST import/predictions -> 504", 504)
+            self._apply(predictions)
             if mode == "ambiguous-applied":
                 raise AmbiguousWriteError("POST import/predictions: ReadTimeout")
             return len(predictions)
+
+    def _apply(self, predictions):
+        with self.lock:
+            start = len(self.predictions) + 1000
+            self.predictions += [{**p, "id": start + k} for k, p in enumerate(predictions)]
+            self.imports.append(len(predictions))
+
+    def duplicated_predictions(self, project_id, version):
+        with self.lock:
+            ids: dict[int, list[int]] = {}
+            for p in self.predictions:
+                if p["model_version"] == version:
+                    ids.setdefault(p["task"], []).append(p["id"])
+            return {t: sorted(i) for t, i in ids.items() if len(i) > 1}
+
+    def delete_prediction(self, prediction_id):
+        with self.lock:
+            self.predictions = [p for p in self.predictions if p.get("id") != prediction_id]
 
     def per_task(self, version):
         counts = {t: 0 for t in self.tasks}
@@ -166,9 +188,48 @@ def test_a_write_applied_but_answered_with_an_error_is_not_sent_again(settings):
 def test_a_write_lost_on_the_way_is_sent_again_once_checked(settings):
     ls = FakeLabelStudio(12)
     ls.fail_next = ["ambiguous-lost"]
-    result = preannotate(settings, 1, api=ls, upload_batch=5, progress=False)
+    result = preannotate(settings, 1, api=ls, upload_batch=5, progress=False, settle=0.5)
     assert set(ls.per_task(result.model_version).values()) == {1}
     assert result.predicted == 12 and not result.failed
+
+
+def test_a_write_answered_504_while_label_studio_still_writes_is_not_sent_again(settings):
+    ls = FakeLabelStudio(12)
+    ls.fail_next = ["ambiguous-late"]
+    result = preannotate(settings, 1, api=ls, upload_batch=5, progress=False, settle=10)
+    ls.late.join()  # the late write has landed
+    assert set(ls.per_task(result.model_version).values()) == {1}
+    assert ls.imports == [5, 5, 2] and result.predicted == 12 and not result.failed
+
+
+def test_duplicates_left_by_a_writer_without_the_lock_are_removed_oldest_kept(settings):
+    ls = FakeLabelStudio(6)
+    first = preannotate(settings, 1, api=ls, upload_batch=5, progress=False)
+    version = first.model_version
+    ls._apply([{"task": t, "model_version": version, "result": []} for t in (2, 5)])  # another machine's run
+    oldest = {p["task"]: p["id"] for p in reversed(ls.predictions) if p["model_version"] == version}
+    ls.tasks[7] = {"id": 7, "data": dict(ls.tasks[1]["data"])}  # something new to predict: a run that writes
+    preannotate(settings, 1, api=ls, upload_batch=5, progress=False)
+    assert set(ls.per_task(version).values()) == {1}
+    assert {p["task"]: p["id"] for p in ls.predictions if p["task"] <= 6} == oldest
+
+
+def test_a_second_run_waits_for_the_first_and_finds_nothing_left(settings):
+    from labelstudio_maskclip.labelstudio.preannotate import writer_lock
+
+    ls = FakeLabelStudio(8)
+    results = []
+    with writer_lock(settings.model_dir, 1, Shard()):  # a run (or the re-scoring job) holds the project
+        runs = [threading.Thread(target=lambda: results.append(
+            preannotate(settings, 1, api=ls, upload_batch=5, progress=False))) for _ in range(2)]  # fmt: skip
+        for run in runs:
+            run.start()
+        runs[0].join(1.0)
+        assert not ls.imports and all(run.is_alive() for run in runs)  # both wait; nothing written
+    for run in runs:
+        run.join(120)
+    assert sorted(r.predicted for r in results) == [0, 8]  # one wrote every task, the other found none left
+    assert set(ls.per_task(results[0].model_version).values()) == {1}
 
 
 def test_a_task_deleted_meanwhile_fails_alone(settings):
@@ -189,7 +250,7 @@ def test_a_version_that_is_a_substring_of_another_is_matched_exactly(settings):
     """Label Studio's filter would take "v-1" for present in "v-10": the pipeline checks versions itself."""
     probe = preannotate(settings, 1, api=FakeLabelStudio(1), progress=False).model_version
     ls = FakeLabelStudio(6, versions={t: [probe + "0"] for t in range(1, 7)})
-    ls.predictions.append({"task": 2, "model_version": probe, "result": []})
+    ls.predictions.append({"task": 2, "model_version": probe, "result": [], "id": -100})
     result = preannotate(settings, 1, api=ls, progress=False)
     assert result.predicted == 5 and result.skipped == 1 and set(ls.per_task(probe).values()) == {1}
 

@@ -288,6 +288,52 @@ class LabelStudioAPI:
                 out[int(t["id"])] = model_versions_of(t)
         return out
 
+    def duplicated_predictions(self, project_id: int, version: str) -> dict[int, list[int]]:
+        """Tasks with more than one prediction of ``version``: task id -> those predictions' ids, oldest
+        first. One light query for the tasks with several predictions that contain ``version``, then those
+        tasks read in full."""
+        items = [
+            {"filter": "filter:tasks:total_predictions", "operator": "greater", "type": "Number", "value": 1},
+            {"filter": "filter:tasks:predictions_model_versions", "operator": "contains", "type": "List",
+             "value": [version]},
+        ]  # fmt: skip
+        query = {"filters": {"conjunction": "and", "items": items}, "ordering": ["tasks:id"]}
+        out: dict[int, list[int]] = {}
+        for page in self._pages(project_id, query):
+            for t in page:
+                ids = sorted(int(p["id"]) for p in t.get("predictions") or []
+                             if isinstance(p, Mapping) and p.get("model_version") == version)  # fmt: skip
+                if len(ids) > 1:
+                    out[int(t["id"])] = ids
+        return out
+
+    def _pages(self, project_id: int, query: dict[str, Any], page_size: int = 100) -> Iterator[list[dict[str, Any]]]:
+        page = 1
+        while True:
+            params = {"project": project_id, "page": page, "page_size": page_size, "fields": "all",
+                      "query": json.dumps(query)}  # fmt: skip
+            try:
+                body = self.request("GET", "/api/tasks", params=params)
+            except LabelStudioAPIError as e:
+                if e.status == 404:
+                    return
+                raise
+            tasks = body.get("tasks", []) if isinstance(body, dict) else body
+            if not tasks:
+                return
+            yield tasks
+            if len(tasks) < page_size:
+                return
+            page += 1
+
+    def delete_prediction(self, prediction_id: int) -> None:
+        """``DELETE /api/predictions/{id}``; one already gone counts as deleted."""
+        try:
+            self.request("DELETE", f"/api/predictions/{int(prediction_id)}")
+        except LabelStudioAPIError as e:
+            if e.status != 404:
+                raise
+
     def set_live_version(self, project_id: int, version: str) -> bool:
         """Make ``version`` the project's live model version (*Settings -> Model*), which Label Studio's
         *Prediction score* column averages, unless the project has chosen another model: only an empty

@@ -10,9 +10,13 @@ A pipeline of four stages joined by bounded queues, so memory stays flat whateve
    in bulk with ``POST /api/projects/{id}/import/predictions``, ``upload_batch`` per request.
 
 Resumable: tasks that already carry a prediction of the current model version are not listed, so an
-interrupted run picks up where it stopped. Uploads are never resent blindly: when a bulk write fails in a
-way that does not say whether it was applied, the tasks are looked up and only those still without this
-version are sent again. Under torchrun (``RANK``/``WORLD_SIZE``) each rank takes the tasks whose
+interrupted run picks up where it stopped. One writer per project: a run (and the re-scoring job, which runs
+this) holds ``MODEL_DIR/preannotate-<project>.lock`` from listing to the last upload, so a second run waits and
+then finds nothing left. Uploads are never resent blindly: when a bulk write fails in a way that does not say
+whether it was applied (a proxy's 504 while Label Studio is still writing), the tasks are watched for up to
+``settle`` seconds and only those still without this version are sent again. Whatever still slipped through
+(writers on machines that share no MODEL_DIR, a write landing later than that) is undone at the end: every
+task left with more than one prediction of this version keeps its oldest. Under torchrun (``RANK``/``WORLD_SIZE``) each rank takes the tasks whose
 ``id % WORLD_SIZE == RANK``: disjoint shards, each predicted once. The ranks meet only at the end, through
 torchrun's key-value store, where each leaves its summary for rank 0 to add up (no process group: there is
 nothing to exchange but the totals, and nothing collective to tear down).
@@ -23,16 +27,19 @@ promoted, so Label Studio's Data Manager sorts by the current model's scores.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from ..settings import Settings
@@ -162,18 +169,49 @@ def preannotate(
     shard: Shard | None = None,
     page_size: int = 500,
     on_progress: Callable[[int, int], None] | None = None,
+    settle: float = 60.0,
 ) -> PreannotateResult:
     """Predict every task of ``project_id`` (of this shard) that lacks a prediction of the served model's
     version and write the predictions to Label Studio; see the module docstring. ``batch_size``: images
     per forward pass (default ``MASKCLIP_BATCH_SIZE``); ``upload_batch``: predictions per bulk request;
-    ``on_progress(done, total)`` after each upload (``total``: an estimate for the shard)."""
+    ``on_progress(done, total)`` after each upload (``total``: an estimate for the shard); ``settle``:
+    seconds a write answered ambiguously is watched for before what it lacks is sent again."""
+    shard = shard or Shard()
+    with writer_lock(settings.model_dir, project_id, shard):
+        return _preannotate(settings, project_id, batch_size, upload_batch, refresh, progress, api, shard,
+                            page_size, on_progress, settle)  # fmt: skip
+
+
+@contextmanager
+def writer_lock(model_dir: str, project_id: int, shard: Shard) -> Iterator[None]:
+    """Hold ``MODEL_DIR/preannotate-<project>.lock`` (one per rank under torchrun: ranks are disjoint),
+    waiting for another holder to finish."""
+    suffix = f".{shard.rank}-of-{shard.world}" if shard.world > 1 else ""
+    path = Path(model_dir) / f"preannotate-{int(project_id)}{suffix}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("project %s: another preannotate or re-scoring run is writing; waiting for it", project_id)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _preannotate(
+    settings: Settings, project_id: int, batch_size: int | None, upload_batch: int, refresh: bool, progress: bool,
+    api: LabelStudioAPI | None, shard: Shard, page_size: int, on_progress: Callable[[int, int], None] | None,
+    settle: float,
+) -> PreannotateResult:  # fmt: skip
     from tqdm import tqdm
 
     from .backend import MaskCLIPBackend
 
     started = time.monotonic()
     api = api or LabelStudioAPI.from_settings(settings)
-    shard = shard or Shard()
     config = api.project(project_id)["label_config"]
     backend = MaskCLIPBackend(settings.replace(predict_time_budget=float("inf")), str(project_id), config)
     spec = backend.spec()
@@ -263,7 +301,7 @@ def preannotate(
                     result.failed.append({"task": task["id"], "error": f"encoding: {e}"})
             if pending and (item is _END or len(pending) >= upload_batch):
                 t0 = time.monotonic()
-                created = _upload(api, project_id, version, pending, result)
+                created = _upload(api, project_id, version, pending, result, settle)
                 busy.add("upload", time.monotonic() - t0)
                 result.predicted += created
                 bar.update(len(pending))
@@ -295,6 +333,8 @@ def preannotate(
         bar.close()
     if errors:
         raise errors[0]
+    if result.predicted:
+        _remove_duplicates(api, project_id, version)
     result.skipped = max(0, total_all - todo_all) if shard.world == 1 else 0
     if not exact and shard.world == 1:
         result.skipped = max(0, total_all - result.listed)
@@ -373,17 +413,18 @@ def _load_image(backend: Any, task: Mapping[str, Any], key: str, max_pixels: int
     return "unreachable"
 
 
-def _upload(api: LabelStudioAPI, project: int, version: str, preds: list[dict[str, Any]], result) -> int:
+def _upload(
+    api: LabelStudioAPI, project: int, version: str, preds: list[dict[str, Any]], result, settle: float = 60.0
+) -> int:
     """Write ``preds`` in one bulk request; returns how many Label Studio created. Never resends a request
-    that may have been applied: on an ambiguous failure the tasks are looked up and only those still
-    without ``version`` are sent again (once). A 400 (nothing written: e.g. a task deleted meanwhile) is
-    retried without the tasks that no longer exist."""
+    that may have been applied: on an ambiguous failure the tasks are watched (:func:`_settled`) and only
+    those still without ``version`` are sent again (once). A 400 (nothing written: e.g. a task deleted
+    meanwhile) is retried without the tasks that no longer exist."""
     try:
         created = api.import_predictions(project, preds)
     except AmbiguousWriteError as e:
         log.warning("bulk write of %d predictions failed (%s): checking what Label Studio kept", len(preds), e)
-        time.sleep(2.0)
-        versions = api.versions_of(project, [p["task"] for p in preds])
+        versions = _settled(api, project, version, [p["task"] for p in preds], settle)
         missing = [p for p in preds if p["task"] in versions and version not in versions[p["task"]]]
         kept = sum(1 for p in preds if version in versions.get(p["task"], []))
         gone = [p["task"] for p in preds if p["task"] not in versions]
@@ -407,6 +448,34 @@ def _upload(api: LabelStudioAPI, project: int, version: str, preds: list[dict[st
             return 0
         return _checked_created(api.import_predictions(project, alive), alive, result)
     return _checked_created(created, preds, result)
+
+
+def _settled(api: LabelStudioAPI, project: int, version: str, tasks: list[int], settle: float) -> dict[int, list[str]]:
+    """The tasks' model versions once a bulk write answered ambiguously has shown up, or ``settle`` seconds
+    after the answer: Label Studio writes a bulk import in one transaction, so its tasks show ``version``
+    all at once (a proxy may have answered 504 while Label Studio was still writing)."""
+    deadline = time.monotonic() + settle
+    while True:
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+        versions = api.versions_of(project, tasks)
+        if all(version in versions.get(t, [version]) for t in tasks) or time.monotonic() >= deadline:
+            return versions
+
+
+def _remove_duplicates(api: LabelStudioAPI, project: int, version: str) -> None:
+    """Every task of ``project`` with several predictions of ``version`` keeps its oldest (a second writer
+    without the lock, or an ambiguous write that landed after it was sent again)."""
+    try:
+        duplicated = api.duplicated_predictions(project, version)
+        for ids in duplicated.values():
+            for prediction in ids[1:]:
+                api.delete_prediction(prediction)
+    except LabelStudioAPIError as e:
+        log.warning("project %s: could not check for duplicate predictions of %s (%s)", project, version, e)
+        return
+    if duplicated:
+        log.warning("project %s: removed %d duplicate predictions of %s on %d tasks", project,
+                    sum(len(i) - 1 for i in duplicated.values()), version, len(duplicated))  # fmt: skip
 
 
 def _checked_created(created: int, sent: list[dict[str, Any]], result) -> int:
