@@ -303,3 +303,15 @@ def test_ranks_meet_through_the_store_that_rank_0_hosts_without_torchrun():
     assert [json.loads(out) for out, _ in outs[:2]] == [None, None]
     assert json.loads(outs[2][0]) == {"model_version": "v", "predicted": 6, "skipped": 0, "failed": 0,
                                       "seconds": 3.0, "tasks_per_s": 2.0, "ranks": 3}  # fmt: skip
+
+
+def test_progress_advances_one_task_at_a_time_failures_included(settings):
+    ls = FakeLabelStudio(12)
+    ls.tasks[4]["data"] = {"image": "data:image/png;base64,AAAA"}  # not an image: fails, and still counts
+    seen: list[tuple[int, int]] = []
+    result = preannotate(
+        settings, 1, api=ls, upload_batch=5, progress=False, on_progress=lambda d, t: seen.append((d, t))
+    )
+    assert [d for d, _ in seen] == list(range(1, 13))
+    assert {t for _, t in seen} == {12}
+    assert result.predicted == 11 and [f["task"] for f in result.failed] == [4]

@@ -174,7 +174,8 @@ def preannotate(
     """Predict every task of ``project_id`` (of this shard) that lacks a prediction of the served model's
     version and write the predictions to Label Studio; see the module docstring. ``batch_size``: images
     per forward pass (default ``MASKCLIP_BATCH_SIZE``); ``upload_batch``: predictions per bulk request;
-    ``on_progress(done, total)`` after each upload (``total``: an estimate for the shard); ``settle``:
+    ``on_progress(done, total)`` after each task's prediction is made or has failed (``done`` counts them,
+    uploaded or waiting for their bulk request; ``total``: an estimate for the shard); ``settle``:
     seconds a write answered ambiguously is watched for before what it lacks is sent again."""
     shard = shard or Shard()
     with writer_lock(settings.model_dir, project_id, shard):
@@ -289,24 +290,32 @@ def _preannotate(
         busy.add("encode", time.monotonic() - t0)
         return {"task": int(task["id"]), **pred}
 
+    done = 0  # tasks whose prediction was made or failed: the bar and on_progress advance per task
+
     def uploader() -> None:
+        nonlocal done
         pending: list[dict[str, Any]] = []
         while True:
             item = _get(encoded_q, stop)
             if item is not _END:
                 task, fut = item
-                try:
-                    pending.append(fut.result())
-                except Exception as e:  # an encoding failure is that task's
-                    result.failed.append({"task": task["id"], "error": f"encoding: {e}"})
+                if isinstance(fut, str):  # no image (see _infer)
+                    result.failed.append({"task": task["id"], "error": fut})
+                else:
+                    try:
+                        pending.append(fut.result())
+                    except Exception as e:  # an encoding failure is that task's
+                        result.failed.append({"task": task["id"], "error": f"encoding: {e}"})
+                done += 1
+                bar.update(1)
+                if on_progress is not None:
+                    on_progress(done, estimate)
             if pending and (item is _END or len(pending) >= upload_batch):
                 t0 = time.monotonic()
                 created = _upload(api, project_id, version, pending, result, settle)
                 busy.add("upload", time.monotonic() - t0)
                 result.predicted += created
-                bar.update(len(pending))
-                if on_progress is not None:
-                    on_progress(result.predicted + len(result.failed), estimate)
+                bar.set_postfix(uploaded=result.predicted, refresh=False)
                 pending = []
             if item is _END:
                 return
@@ -364,7 +373,8 @@ def _drain(*queues: queue.Queue) -> None:
 
 
 def _infer(model, classes, settings, batch, loaded_q, encoded_q, encode_pool, encode, result, busy, stop) -> None:
-    """The model stage, in the calling thread: batches of decoded images -> segmentations -> encode jobs."""
+    """The model stage, in the calling thread: batches of decoded images -> segmentations -> encode jobs
+    (an image that did not load goes on as its reason, a string)."""
     from ..models import segment_options
 
     opts = segment_options(settings)
@@ -378,8 +388,9 @@ def _infer(model, classes, settings, batch, loaded_q, encoded_q, encode_pool, en
                 break
             task, fut = got
             image = fut.result()
-            if isinstance(image, str):
-                result.failed.append({"task": task["id"], "error": image})
+            if isinstance(image, str):  # the image's failure: the uploader records it, in the task's turn
+                if not _put(encoded_q, (task, image), stop):
+                    return
             else:
                 items.append((task, image))
         if not items:
