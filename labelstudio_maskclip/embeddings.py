@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout  # the builtin only from Python 3.11
 from pathlib import Path
 
 import torch
@@ -158,7 +159,7 @@ class EmbeddingStore:
         future = self.prepare(labels)
         try:
             return future.result(timeout=None if timeout is None else max(0.0, timeout))
-        except TimeoutError:
+        except FutureTimeout:
             return None
 
     # --- internals ----------------------------------------------------------------------------------

@@ -760,6 +760,20 @@ def test_bodies_that_would_parse_past_the_memory_budget_get_413_and_the_server_k
     assert client.get("/health").status_code == 200
 
 
+def test_a_small_webhook_is_admitted_whatever_the_memory_budget_holds(tmp_path, monkeypatch):
+    """Label Studio does not retry webhooks: a small annotation must not meet a 413 or 503 for memory."""
+    import json
+
+    from labelstudio_maskclip.labelstudio import server
+
+    monkeypatch.setattr(server, "JSON_MEMORY_BUDGET", 16)  # less than any body's parsed size
+    client = create_app(Settings(model_dir=str(tmp_path)), warm=False).test_client()
+    reply = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"label_config": BRUSH_CONFIG}})
+    assert reply.status_code == 201 and json.loads(reply.data)["status"]
+    large = b'{"action": "PROJECT_UPDATED", "pad": "' + b"x" * (server.SMALL_BODY + 1) + b'"}'
+    assert client.post("/webhook", data=large, content_type="application/json").status_code == 413
+
+
 def test_requests_in_flight_share_one_memory_budget(tmp_path):
     from labelstudio_maskclip.labelstudio import server
 

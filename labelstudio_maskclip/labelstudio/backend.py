@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout  # the builtin only from Python 3.11
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -310,8 +311,9 @@ class MaskCLIPBackend:
             why = ("the model is still loading" if seg is None else
                    f"still preparing the text of the project's {len(classes)} labels (started when the model "
                    "was connected; once per label set, kept under MODEL_DIR)")  # fmt: skip
+            kind = "model loading" if seg is None else "labels preparing"
             return self._interactive_answer(tasks[0], version, [], [f"no mask yet: {why}; try again in a moment"],
-                                            start, "labels preparing", len(prompts))  # fmt: skip
+                                            start, kind, len(prompts))  # fmt: skip
         phrases = [p for prompt in prompts if isinstance(prompt, TextPrompt) for p in prompt.phrases]
         embedded = {p: emb[0] for p in phrases if (emb := self.rt.phrase_within(p, deadline)) is not None}
         opts = segment_options(self.settings)
@@ -429,7 +431,7 @@ class MaskCLIPBackend:
         for i, future in pending:
             try:
                 got = future.result(timeout=remaining(deadline))
-            except TimeoutError:
+            except FutureTimeout:
                 continue
             if isinstance(got, TaskFailure):
                 failures[i] = got

@@ -57,6 +57,10 @@ JSON_MEMORY_BUDGET = 2 << 30
 _COST_PER_BYTE, _COST_PER_OBJECT, _COST_PER_ARRAY, _COST_PER_ITEM, _COST_PER_QUOTE = 4, 200, 72, 48, 48
 
 
+#: bodies up to this many bytes (with a Content-Length) are admitted whatever the memory budget holds
+SMALL_BODY = 1 << 20
+
+
 class _TooLarge(ValueError):
     pass
 
@@ -103,10 +107,17 @@ class _MemoryBudget:
 
 
 def _json_body(budget: _MemoryBudget) -> dict[str, Any]:
-    """The request's JSON object, its raw bytes and its parsed size counted against ``budget`` first."""
-    budget.reserve(request.content_length or 0)  # the raw body, before reading it (chunked: counted below)
-    data = request.get_data(cache=False)
-    budget.reserve(parsed_size_bound(data) + (0 if request.content_length else len(data)))
+    """The request's JSON object, its raw bytes and its parsed size counted against ``budget`` first.
+
+    A body of at most :data:`SMALL_BODY` bytes with a declared length is never refused for the budget: Label
+    Studio does not retry a webhook, so a refused annotation would be lost, and such bodies take at most
+    threads x 25 MiB parsed."""
+    if request.content_length is not None and request.content_length <= SMALL_BODY:
+        data = request.get_data(cache=False)
+    else:
+        budget.reserve(request.content_length or 0)  # the raw body, before reading it (chunked: counted below)
+        data = request.get_data(cache=False)
+        budget.reserve(parsed_size_bound(data) + (0 if request.content_length else len(data)))
     try:
         body = json.loads(data)
     except RecursionError:  # nesting deeper than the parser's recursion limit
