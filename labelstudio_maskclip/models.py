@@ -51,9 +51,9 @@ def segment_options(s: Settings) -> SegmentOptions:
 
 def pipeline_description(s: Settings) -> str:
     """The preset and its overrides in a few words, for model versions and /metrics: ``"naclip"``,
-    ``"naclip+short_side=448,refine=none"``."""
-    extra = ",".join(f"{k}={v}" for k, v in s.overrides.items())
-    return f"{s.preset}+{extra}" if extra else s.preset
+    ``"naclip+short_side=448+refine=none"``. Never a comma: Label Studio lists a task's model versions
+    joined by commas (``predictions_model_versions``), so a comma would split ours in two."""
+    return "+".join([s.preset, *(f"{k}={v}".replace(",", ";") for k, v in s.overrides.items())])
 
 
 def shared_maskclip(s: Settings) -> MaskCLIP:

@@ -77,7 +77,7 @@ def test_health_and_setup_report_the_model_version(client):
     assert reply.status_code == 200
     # the default preset, naclip, and the settings that override it
     assert (
-        reply.get_json()["model_version"] == "maskclip-MaskCLIP-Tiny-ViT.tiny.pt-naclip+short_side=64,templates=simple"
+        reply.get_json()["model_version"] == "maskclip-MaskCLIP-Tiny-ViT.tiny.pt-naclip+short_side=64+templates=simple"
     )
 
 

@@ -53,3 +53,12 @@ def test_secrets_are_declared_once_and_kept_out_of_public_views():
     assert "secret" not in repr(s) and "secret" not in str(public)
     legacy = {"model": "RN50", "label_studio_api_key": "k", "BASIC_AUTH_PASS": "p", "basic_auth_user": "ls"}
     assert redact(legacy) == {"model": "RN50", "basic_auth_user": "ls"}
+
+
+def test_the_pipeline_in_a_model_version_never_holds_a_comma():
+    """Label Studio lists a task's model versions joined by commas: a comma would split ours in two."""
+    from labelstudio_maskclip.models import pipeline_description
+
+    assert pipeline_description(Settings()) == "naclip"
+    described = pipeline_description(Settings(short_side=448, templates="a,b.txt"))
+    assert described == "naclip+short_side=448+templates=a;b.txt"
