@@ -344,7 +344,8 @@ def test_task_data_that_is_not_an_object_is_that_tasks_clear_error(client, data)
     assert reply.status_code == 200
     body = reply.get_json()
     assert body["results"][0] == [] and body["results"][1]["result"]
-    assert body["errors"] == [{"task": 1, "error": f"task has no 'data' object (got {type(data).__name__})"}]
+    got = {str: " (got a JSON string)", list: " (got a JSON array)", int: " (got a JSON number)"}.get(type(data), "")
+    assert body["errors"] == [{"task": 1, "error": f"task has no 'data' object{got}"}]
     context = {"params": {"context": {"result": [CLICK]}}}
     reply = client.post("/predict", json={"tasks": tasks[:1], "label_config": INTERACTIVE, **context})
     assert reply.status_code == 400 and "task has no 'data' object" in reply.get_json()["error"]

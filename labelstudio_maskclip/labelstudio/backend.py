@@ -54,13 +54,17 @@ def _task_id(task: Any) -> Any:
     return task.get("id") if isinstance(task, Mapping) else None
 
 
+_JSON_TYPES = {str: "string", list: "array", int: "number", float: "number", bool: "boolean"}
+
+
 def _image_url(task: Any, key: str) -> str | TaskFailure:
     """The task's image reference under ``data[key]``, or a TaskFailure saying what is missing: ``task`` and its
     ``data`` come from the request body and may be any JSON value."""
     task_id = _task_id(task)
     data = task.get("data") if isinstance(task, Mapping) else None
     if not isinstance(data, Mapping):
-        return TaskFailure(task_id, f"task has no 'data' object (got {type(data).__name__})")
+        got = "" if data is None else f" (got a JSON {_JSON_TYPES.get(type(data), type(data).__name__)})"
+        return TaskFailure(task_id, f"task has no 'data' object{got}")
     url = data.get(key)
     if not isinstance(url, str) or not url:
         keys = sorted(str(k) for k in data)[:10]
