@@ -660,17 +660,25 @@ def test_a_stored_file_of_another_width_or_all_zeros_is_computed_again(tmp_path,
 
 def test_a_big_label_set_takes_turns_with_a_small_one_that_comes_later(tmp_path):
     order: list[int] = []
-    started = threading.Event()
+    started, submitted, checked = threading.Event(), threading.Event(), threading.Event()
 
     def compute(labels):
         order.append(len(labels))
         started.set()
-        time.sleep(0.2)
+        if len(order) == 1:  # the big set's first turn lasts until the small set waits for a turn (any load)
+            assert submitted.wait(30)
+        if len(order) == 3:  # its second turn, until the small set's answer has been looked at
+            assert checked.wait(30)
         return F.normalize(torch.ones(len(labels), 4), dim=-1)
 
     store = EmbeddingStore(tmp_path, IDENTITY, compute)
     big = store.prepare(tuple((f"label{i}",) for i in range(4 * TURN_LABELS)))
     assert started.wait(30)
     small = store.prepare((("cat",), ("dog",)))
+    deadline = time.monotonic() + 30
+    while store._turns._next < 2 and time.monotonic() < deadline:  # the small set has asked for its turn
+        time.sleep(0.01)
+    submitted.set()
     assert small.result(30).shape == (2, 4) and not big.done()  # one turn of the big set, not all four
+    checked.set()
     assert big.result(30).shape == (4 * TURN_LABELS, 4) and order == [TURN_LABELS, 2] + [TURN_LABELS] * 3
