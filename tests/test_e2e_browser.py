@@ -49,7 +49,7 @@ def _browser(playwright, user_data: Path):
 
 
 def _coloured_canvas_pixels(page) -> int:
-    """Pixels with some opacity on the editor's canvases other than the photo's own (the region layers)."""
+    """Pixels with some opacity on the page's canvases (sampled every 16th pixel); the photo's may be one."""
     return page.evaluate(
         """() => {
           let n = 0;
@@ -93,10 +93,13 @@ def test_predicted_masks_are_drawn_and_a_smart_click_brings_a_suggestion(label_s
                 time.sleep(5)  # the editor mounts the annotation twice as it opens (tab=1)
                 page.locator(REGIONS).first.wait_for(timeout=60_000)
                 assert page.locator(REGIONS).count() >= 1
-                assert _coloured_canvas_pixels(page) > 0  # the masks are painted, not only listed
+                painted = _coloured_canvas_pixels(page)
 
                 page.locator("[data-testid=bottombar-auto-annotation-toggle]").click()
                 page.locator("[aria-label='Hide all regions']").click()  # a click on a region selects it
+                time.sleep(1)  # a frame to redraw
+                # the masks are painted, not only listed: hiding the regions takes their pixels off the canvases
+                assert painted > _coloured_canvas_pixels(page)
                 page.keyboard.press("Escape")
                 page.get_by_text("Car", exact=True).first.click()  # the KeyPointLabels chip, then the tool
                 page.locator("button.lsf-tool_smart:not([aria-label])").click()  # the Auto-Detect fly-out
