@@ -194,6 +194,7 @@ class LabelStudioAPI:
         *,
         include: Sequence[str] = ("id", "data"),
         without_version: str | None = None,
+        with_version: str | None = None,
         unlabeled: bool = False,
         page_size: int = 500,
         after_id: int = 0,
@@ -205,7 +206,8 @@ class LabelStudioAPI:
         the pages."""
         fields = ",".join(dict.fromkeys(["id", *include]))
         while True:
-            query = task_filter(after_id=after_id, without_version=without_version, unlabeled=unlabeled)
+            query = task_filter(after_id=after_id, without_version=without_version, with_version=with_version,
+                                unlabeled=unlabeled)  # fmt: skip
             params = {"project": project_id, "page": 1, "page_size": page_size, "query": json.dumps(query)}
             params.update({"fields": "all"} if full else {"fields": "task_only", "include": fields})
             try:
@@ -252,24 +254,11 @@ class LabelStudioAPI:
         *Connect Model* that holds the backend's title, which no prediction carries. Reads the unlabeled
         tasks' predictions in pages of 100."""
         ranked: list[dict[str, Any]] = []
-        after_id = 0
-        while True:
-            query = task_filter(after_id=after_id, with_version=version, unlabeled=True)
-            params = {"project": project_id, "page": 1, "page_size": 100, "fields": "all", "query": json.dumps(query)}
-            try:
-                body = self.request("GET", "/api/tasks", params=params)
-            except LabelStudioAPIError as e:
-                if e.status == 404:  # an empty result set answers 404 for page 1 on some versions
-                    break
-                raise
-            tasks = list(body.get("tasks", []) if isinstance(body, Mapping) else body)
+        for tasks in self.task_pages(project_id, with_version=version, unlabeled=True, page_size=100, full=True):
             for t in tasks:
                 score = prediction_score(t, version)
                 if score is not None:
                     ranked.append({"id": int(t["id"]), "data": t.get("data"), "predictions_score": score})
-            if len(tasks) < 100:
-                break
-            after_id = max(int(t["id"]) for t in tasks)
         ranked.sort(key=lambda t: (t["predictions_score"], t["id"]))
         return ranked[:n]
 
