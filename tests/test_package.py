@@ -20,7 +20,17 @@ SUBPACKAGES = sorted(m.name for m in pkgutil.iter_modules(labelstudio_maskclip._
 
 
 def test_the_layout_is_the_pipeline():
-    assert SUBPACKAGES == ["engine", "evaluation", "labelstudio", "learning", "masks", "training"]
+    assert SUBPACKAGES == [
+        "commands",
+        "engine",
+        "evaluation",
+        "fetching",
+        "labelstudio",
+        "learning",
+        "masks",
+        "serving",
+        "training",
+    ]
 
 
 def _package_imports(path: Path) -> set[str]:
@@ -69,7 +79,7 @@ def test_importing_the_package_loads_no_model_code():
 
 def test_serving_never_imports_training_code():
     loaded = _imported_after(
-        "import labelstudio_maskclip.labelstudio.server, labelstudio_maskclip.labelstudio.backend, labelstudio_maskclip.training.student, "
+        "import labelstudio_maskclip.serving.server, labelstudio_maskclip.serving.backend, labelstudio_maskclip.training.student, "
         "labelstudio_maskclip.labelstudio.regions"
     )
     assert "labelstudio_maskclip.training.train" not in loaded

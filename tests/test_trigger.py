@@ -19,10 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
-from labelstudio_maskclip.learning import trigger
 from labelstudio_maskclip.learning.store import AnnotationWrite, Store, TaskRecord
 from labelstudio_maskclip.settings import Settings
 from labelstudio_maskclip.training import checkpoints as ck
+from labelstudio_maskclip.training import trigger
 from labelstudio_maskclip.training.student import build_student
 from tests.tiny import TINY_VIT, save_random_state
 
@@ -118,7 +118,7 @@ def test_killed_trainer_leaves_served_model_intact_and_single_flight_holds(setup
     assert not trigger.request_training(s, "second request")  # the trainer process holds the lock
     other = subprocess.run(
         [sys.executable, "-c", "import sys; from labelstudio_maskclip.settings import Settings; "
-         "from labelstudio_maskclip.learning.trigger import request_training; "
+         "from labelstudio_maskclip.training.trigger import request_training; "
          f"print(request_training(Settings(model_dir={str(model_dir)!r}), 'other process'))"],
         capture_output=True, text=True, timeout=60)  # fmt: skip
     assert other.stdout.strip() == "False", other.stderr
@@ -195,7 +195,7 @@ def test_settings_travel_to_the_trainer_environment(setup):
 def test_a_projects_label_values_travel_with_its_classes_to_the_trainer(tmp_path, monkeypatch):
     """START_TRAINING for a project whose labels have predicted_values: the trainer process is told each
     class's model-side names AND its label value (people's masks are keyed by the value)."""
-    from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend
+    from labelstudio_maskclip.serving.backend import MaskCLIPBackend
     from labelstudio_maskclip.training import train as tr
 
     config = """<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">
@@ -330,7 +330,7 @@ def _webhook(annotation_id: int, task_id: int, action: str = "ANNOTATION_CREATED
 def test_a_stored_annotation_starts_training_by_the_rule_that_is_on(setup, monkeypatch, changes, reason):
     """Two annotations of project 1 arrive: the every-2 rule fires on the second, the interval rule on the
     first (never trained, something new), and with both rules off nothing starts."""
-    from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend
+    from labelstudio_maskclip.serving.backend import MaskCLIPBackend
 
     s, _, _, _ = setup
     _FakeTrainer.calls = []
@@ -358,7 +358,7 @@ def test_a_stored_annotation_starts_training_by_the_rule_that_is_on(setup, monke
 
 @pytest.mark.parametrize("changes", [{"train_every_n": 1}, {"train_interval_minutes": 10}])
 def test_a_webhook_that_stores_nothing_starts_no_training(setup, monkeypatch, changes):
-    from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend
+    from labelstudio_maskclip.serving.backend import MaskCLIPBackend
 
     s, _, _, _ = setup
     _FakeTrainer.calls = []
@@ -371,7 +371,7 @@ def test_a_webhook_that_stores_nothing_starts_no_training(setup, monkeypatch, ch
 
 
 def test_a_rule_that_fires_while_a_trainer_runs_says_so(setup, monkeypatch):
-    from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend
+    from labelstudio_maskclip.serving.backend import MaskCLIPBackend
 
     s, _, model_dir, _ = setup
     _FakeTrainer.calls = []

@@ -28,9 +28,9 @@ from ..settings import Settings
 
 if TYPE_CHECKING:
     from ..engine.segmenter import MaskCLIP, Segmentation, SegmentOptions
+    from ..fetching.images import ImageFetcher
     from ..learning.store import Store
     from ..training.student import StudentModel
-    from .images import ImageFetcher
 
 __all__ = [
     "Runtime", "runtime", "Segmenter", "remaining", "resolved_device", "embedding_identity", "text_embedding_store",
@@ -90,7 +90,7 @@ class Runtime:
     def fetcher(self) -> ImageFetcher:
         with self._lock:
             if self._fetcher is None:
-                from .images import ImageFetcher
+                from ..fetching.images import ImageFetcher
 
                 self._fetcher = ImageFetcher.from_settings(self.settings)
             return self._fetcher

@@ -2,7 +2,7 @@
 
 Label Studio sorts the Data Manager by the predictions' scores; after a promotion those are the old
 model's until each task is predicted again. :func:`start_rescore` (one call from the trainer's promote step
-and from ``rollback``) starts a detached job, ``python -m labelstudio_maskclip.labelstudio.rescore``, that
+and from ``rollback``) starts a detached job, ``python -m labelstudio_maskclip.commands.rescore``, that
 re-predicts the unlabeled tasks of every project the backend has seen (the store's projects, plus the one
 trained for) with the model now served, through the bulk path of :mod:`.preannotate`. Never in a web
 worker. Off with ``MASKCLIP_RESCORE=false``; needs ``LABEL_STUDIO_URL``.
@@ -63,12 +63,12 @@ def start_rescore(settings: Settings, project: int | None = None, reason: str = 
     if not settings.label_studio_url:
         log.info("no re-scoring after %s: LABEL_STUDIO_URL is not set", reason)
         return None
-    from ..learning.trigger import _settings_env
+    from ..training.trigger import _settings_env
 
     runs = Path(settings.model_dir) / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     log_path = runs / f"rescore-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    cmd = [sys.executable, "-m", "labelstudio_maskclip.labelstudio.rescore", "--reason", reason]
+    cmd = [sys.executable, "-m", "labelstudio_maskclip.commands.rescore", "--reason", reason]
     if project is not None:
         cmd += ["--project", str(project)]
     with open(log_path, "ab") as out:
@@ -122,7 +122,7 @@ def rescore(settings: Settings, projects: Sequence[int], reason: str = "") -> di
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m labelstudio_maskclip.labelstudio.rescore")
+    parser = argparse.ArgumentParser(prog="python -m labelstudio_maskclip.commands.rescore")
     parser.add_argument("--project", type=int, help="re-score this project first (then the store's projects)")
     parser.add_argument("--reason", default="by hand")
     args = parser.parse_args(argv)

@@ -105,7 +105,7 @@ def request_training(
         cmd = [sys.executable, "-m", "labelstudio_maskclip.training.train", "--service", "--reason", reason,
                "--lock-fd", str(lock.fileno())]  # fmt: skip
         if classes:
-            from ..training.job import classes_json
+            from .job import classes_json
 
             cmd += ["--classes-json", classes_json(classes, values)]
         if background:
