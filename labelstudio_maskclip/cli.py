@@ -336,7 +336,7 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
         log.error("%s", e)
         return 2
     print(f"now serving {version}")
-    from .commands.rescore import start_rescore
+    from .training.rescoring import start_rescore
 
     start_rescore(s, reason=f"rollback to {version}")
     return 0

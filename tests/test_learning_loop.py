@@ -276,8 +276,7 @@ def test_a_run_waits_for_the_servers_text_embeddings_and_reuses_them(tmp_path):
     import time
 
     from labelstudio_maskclip.embeddings import label_set
-    from labelstudio_maskclip.models import shared_maskclip
-    from labelstudio_maskclip.serving.runtime import text_embedding_store
+    from labelstudio_maskclip.models import shared_maskclip, text_embedding_store
 
     weights = save_random_state(TINY_VIT, tmp_path / "tiny.pt")
     s = _settings(tmp_path / "md", model=TINY_VIT, pretrained=str(weights), templates="simple")

@@ -56,6 +56,56 @@ def test_engine_and_masks_import_nothing_of_the_rest():
             assert _package_imports(path) <= {sub}, f"{path.name} reaches outside {sub}/"
 
 
+#: The package's layers, bottom first: a unit (a subpackage, or a top-level module) imports only itself and
+#: units of lower layers, never a unit of its own layer or above (imports inside functions and under
+#: TYPE_CHECKING count). docs/development.md draws this graph.
+LAYERS: list[tuple[str, ...]] = [
+    ("engine", "masks"),  # the pure core: arrays and tensors in and out
+    ("files", "logs", "settings"),
+    ("embeddings", "jobs"),
+    ("models",),  # settings -> engine: the shared MaskCLIP, options, text embeddings
+    ("evaluation",),
+    ("fetching", "learning"),  # task images; the store of people's masks
+    ("labelstudio", "training"),  # Label Studio's formats and client; the student
+    ("serving",),  # the ML backend's web service
+    ("commands",),  # bulk jobs that drive Label Studio
+    ("cli", "__init__"),  # the command line; the package's public names
+    ("__main__",),
+]
+
+
+def _unit(path: Path) -> str:
+    """The layer unit of a module file: its subpackage, or its own name at the top ("settings")."""
+    rel = path.relative_to(PACKAGE).parts
+    return rel[0] if len(rel) > 1 else path.stem
+
+
+def _unit_graph() -> dict[str, set[str]]:
+    """unit -> the other units it imports."""
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        unit = _unit(path)
+        imported = {name if name else "__init__" for name in _package_imports(path)}
+        graph.setdefault(unit, set()).update(imported - {unit})
+    return graph
+
+
+def test_every_unit_imports_only_layers_below_it():
+    layer_of = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
+    graph = _unit_graph()
+    assert set(graph) == set(layer_of), "every subpackage and top-level module has a layer"
+    upward = sorted(f"{a} -> {b}" for a, deps in graph.items() for b in deps if layer_of[b] >= layer_of[a])
+    assert upward == [], "imports that go sideways or up the layers"
+
+
+def test_no_module_imports_another_modules_private_names():
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(_PREFIX)):
+                private = [a.name for a in node.names if a.name.startswith("_") and a.name != "__version__"]
+                assert not private, f"{path.relative_to(PACKAGE)} imports {private} from {node.module}"
+
+
 def test_every_module_declares_its_public_names_and_they_exist():
     assert {"engine.segmenter", "masks.brush", "learning.store", "settings"} <= set(MODULES)
     for name in MODULES:

@@ -336,10 +336,10 @@ def check_ml_backend(
 def prompt_tools(label_config: str) -> list[str]:
     """The config's controls that send interactive prompts: ``<KeyPointLabels smart="true">``,
     ``<RectangleLabels smart="true">`` (clicks, boxes) and ``<TextArea>`` (phrases), as ``<Tag name='x'>``."""
-    from ..labelstudio.labeling import LabelConfigError, _interface
+    from ..labelstudio.labeling import LabelConfigError, label_interface
 
     try:
-        controls = _interface(label_config).controls or ()
+        controls = label_interface(label_config).controls or ()
     except LabelConfigError:
         return []
     tools = []

@@ -233,7 +233,7 @@ def _preannotate(
     loaded_q: queue.Queue = queue.Queue(maxsize=2 * batch)  # decoded images waiting for the model
     encoded_q: queue.Queue = queue.Queue(maxsize=2 * upload_batch)  # predictions waiting for upload
     image_key = spec.image_keys[0]
-    targets = backend._targets(spec)
+    targets = spec.predicted_targets
     fetch_pool = ThreadPoolExecutor(max(1, settings.fetch_threads), thread_name_prefix="preannotate-fetch")
     encode_pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="preannotate-encode")
 

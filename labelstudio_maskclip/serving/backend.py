@@ -22,7 +22,7 @@ import numpy as np
 
 from ..labelstudio.labeling import LabelingSpec, parse_label_config
 from ..settings import Settings
-from .followups import _KEPT_FIELDS, _MAX_KEPT_CONFIG, ParentPredictionCheck, _small
+from .followups import ParentPredictionCheck, kept_config, kept_fields
 from .runtime import Runtime, Segmenter, remaining, resolved_device, runtime
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ class MaskCLIPBackend:
 
     def classes(self, spec: LabelingSpec) -> tuple[list[str], list[tuple[str, ...]]]:
         """(label values, model-side names per label) of the controls on the task's image."""
-        vocab = list(dict.fromkeys(v for t in self._targets(spec) for v in t.values))
+        vocab = list(dict.fromkeys(v for t in spec.predicted_targets for v in t.values))
         return vocab, [spec.names(v) for v in vocab]
 
     def setup(self) -> dict[str, Any]:
@@ -184,7 +184,7 @@ class MaskCLIPBackend:
         start = time.monotonic()
         deadline = start + self.settings.predict_time_budget
         spec = self.spec()
-        targets = self._targets(spec)
+        targets = spec.predicted_targets
         vocab, classes = self.classes(spec)
         version, model = self.rt.model_for(classes, load=False)
         extra: dict[str, Any] = {}
@@ -391,11 +391,6 @@ class MaskCLIPBackend:
             segs += seg
         return done, segs
 
-    @staticmethod
-    def _targets(spec: LabelingSpec):
-        """Controls on the first image of the config (one image per task is predicted)."""
-        return [t for t in spec.targets if t.image_key == spec.image_keys[0]]
-
     def _fetch_chunk(self, pool, tasks, chunk, spec, deadline: float):
         raw = self._device_decode
         return [(i, pool.submit(self._load_image, tasks[i], spec, deadline, raw)) for i in chunk]
@@ -504,8 +499,8 @@ class MaskCLIPBackend:
             prediction_id=prediction_id,
             task=label_studio_id(data.get("task")) or label_studio_id(ann.get("task")),
             project=label_studio_id(project.get("id")),
-            label_config=config if isinstance(config, str) and len(config) <= _MAX_KEPT_CONFIG else None,
-            fields={k: v for k, v in ann.items() if k in _KEPT_FIELDS and _small(v)},
+            label_config=kept_config(config),
+            fields=kept_fields(ann),
         )
 
     def fit(self, event: str, data: Mapping[str, Any]) -> dict[str, Any]:

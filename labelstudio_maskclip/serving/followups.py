@@ -26,7 +26,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .runtime import Runtime
 
-__all__ = ["FollowUps", "MAX_PENDING", "ParentPredictionCheck", "record_parent_prediction"]
+__all__ = [
+    "FollowUps", "MAX_PENDING", "ParentPredictionCheck", "kept_config", "kept_fields", "record_parent_prediction",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,16 @@ def _small(value: Any, depth: int = 0) -> bool:
     if isinstance(value, str):
         return len(value) <= 256
     return isinstance(value, Mapping) and depth == 0 and len(value) <= 16 and all(_small(v, 1) for v in value.values())
+
+
+def kept_config(config: Any) -> str | None:
+    """The labeling config a queued follow-up keeps: a string up to ``_MAX_KEPT_CONFIG`` characters, else None."""
+    return config if isinstance(config, str) and len(config) <= _MAX_KEPT_CONFIG else None
+
+
+def kept_fields(annotation: Mapping[str, Any]) -> dict[str, Any]:
+    """The webhook annotation's small fields a queued follow-up keeps (author, flags, timestamps; no result)."""
+    return {k: v for k, v in annotation.items() if k in _KEPT_FIELDS and _small(v)}
 
 
 @dataclass(frozen=True)

@@ -271,8 +271,8 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
 
     @app.get("/metrics")
     def metrics():
-        from ..commands.rescore import read_status as read_rescore_status
         from ..training.checkpoints import history
+        from ..training.rescoring import read_status as read_rescore_status
 
         rt = runtime(settings)
         return jsonify(
