@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib
 import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,34 @@ def test_every_unit_imports_only_layers_below_it():
     assert set(graph) == set(layer_of), "every subpackage and top-level module has a layer"
     upward = sorted(f"{a} -> {b}" for a, deps in graph.items() for b in deps if layer_of[b] >= layer_of[a])
     assert upward == [], "imports that go sideways or up the layers"
+
+
+def _reduced_edges(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """The graph's edges that no longer path implies (its transitive reduction: the graph is acyclic)."""
+
+    def reaches(start: str, goal: str, skip: tuple[str, str]) -> bool:
+        todo, seen = [b for b in graph[start] if (start, b) != skip], set()
+        while todo:
+            unit = todo.pop()
+            if unit == goal:
+                return True
+            if unit not in seen:
+                seen.add(unit)
+                todo.extend(graph[unit])
+        return False
+
+    return sorted((a, b) for a in graph for b in graph[a] if not reaches(a, b, (a, b)))
+
+
+def test_the_documented_graph_is_the_codes():
+    text = (PACKAGE.parent / "docs" / "development.md").read_text()
+    documented = re.search(r"```mermaid\n(.*?)\n *```", text, re.S)
+    assert documented, "docs/development.md has a mermaid graph of the package"
+    edges = _reduced_edges(_unit_graph())
+    node = {unit: f'{unit.strip("_")}["{unit}"]' if unit.startswith("_") else unit for unit in _unit_graph()}
+    expected = "\n".join(["  flowchart TD"] + [f"    {node[a]} --> {node[b]}" for a, b in edges])
+    assert documented.group(1) == expected, f"docs/development.md's graph should read:\n{expected}"
+    assert ("engine", "masks") == LAYERS[0] and not any(a in LAYERS[0] for a, _ in edges)
 
 
 def test_no_module_imports_another_modules_private_names():
