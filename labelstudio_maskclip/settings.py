@@ -16,11 +16,12 @@ from typing import Any
 
 from .engine.modes import DENSE_MODES
 from .engine.presets import DEFAULT_PRESET, GOVERNED, PRESETS
+from .errors import BadInput
 
 __all__ = ["Settings", "ENV", "SECRET_FIELDS", "SettingsError", "redact"]
 
 
-class SettingsError(ValueError):
+class SettingsError(BadInput):
     """A setting has a value that cannot be used; the message names the variable."""
 
 

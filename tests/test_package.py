@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import labelstudio_maskclip
+from labelstudio_maskclip import errors
 
 PACKAGE = Path(labelstudio_maskclip.__file__).parent
 _PREFIX = "labelstudio_maskclip."
@@ -51,16 +52,17 @@ def _package_imports(path: Path) -> set[str]:
     return found
 
 
-def test_engine_and_masks_import_nothing_of_the_rest():
+def test_engine_and_masks_import_nothing_of_the_rest():  # but the error classes, which import nothing
     for sub in ("engine", "masks"):
         for path in (PACKAGE / sub).glob("*.py"):
-            assert _package_imports(path) <= {sub}, f"{path.name} reaches outside {sub}/"
+            assert _package_imports(path) <= {sub, "errors"}, f"{path.name} reaches outside {sub}/"
 
 
 #: The package's layers, bottom first: a unit (a subpackage, or a top-level module) imports only itself and
 #: units of lower layers, never a unit of its own layer or above (imports inside functions and under
 #: TYPE_CHECKING count). docs/development.md draws this graph.
 LAYERS: list[tuple[str, ...]] = [
+    ("errors",),  # the root of every error class, and its two branches
     ("engine", "masks"),  # the pure core: arrays and tensors in and out
     ("files", "logs", "settings"),
     ("embeddings", "jobs"),
@@ -124,7 +126,7 @@ def test_the_documented_graph_is_the_codes():
     node = {unit: f'{unit.strip("_")}["{unit}"]' if unit.startswith("_") else unit for unit in _unit_graph()}
     expected = "\n".join(["  flowchart TD"] + [f"    {node[a]} --> {node[b]}" for a, b in edges])
     assert documented.group(1) == expected, f"docs/development.md's graph should read:\n{expected}"
-    assert ("engine", "masks") == LAYERS[0] and not any(a in LAYERS[0] for a, _ in edges)
+    assert ("errors",) == LAYERS[0] and not any(a in LAYERS[0] for a, _ in edges)
 
 
 def test_no_module_imports_another_modules_private_names():
@@ -162,3 +164,18 @@ def test_serving_never_imports_training_code():
         "labelstudio_maskclip.labelstudio.regions"
     )
     assert "labelstudio_maskclip.training.train" not in loaded
+
+
+def test_every_error_class_is_bad_input_or_unavailable():
+    found = []
+    for name in MODULES:
+        module = importlib.import_module(f"labelstudio_maskclip.{name}")
+        for value in vars(module).values():
+            if isinstance(value, type) and issubclass(value, BaseException) and value.__module__ == module.__name__:
+                found.append(value)
+    assert len(found) >= 24 and errors.MaskCLIPError in found
+    for cls in found:
+        if cls is not errors.MaskCLIPError:
+            assert issubclass(cls, (errors.BadInput, errors.Unavailable)), f"{cls.__module__}.{cls.__qualname__}"
+    assert issubclass(errors.BadInput, ValueError) and errors.BadInput.http_status == 400
+    assert issubclass(errors.Unavailable, RuntimeError) and errors.Unavailable.http_status == 503

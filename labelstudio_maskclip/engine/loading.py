@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import Unavailable
+
 __all__ = ["LoadedCLIP", "WeightsError", "load_clip", "resolve_device", "resolve_dtype", "RANDOM"]
 
 log = logging.getLogger(__name__)
@@ -22,7 +24,7 @@ log = logging.getLogger(__name__)
 RANDOM = ("random", "none", "")
 
 
-class WeightsError(RuntimeError):
+class WeightsError(Unavailable):
     """The CLIP weights named by the settings cannot be loaded."""
 
 

@@ -49,6 +49,7 @@ import numpy as np
 from PIL import Image
 
 from ..engine.names import normalize_names
+from ..errors import BadInput
 from ..settings import Settings
 from . import class_names as cn
 from .metrics import IGNORE, confusion_matrix, scores
@@ -74,7 +75,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_BG_THRESHOLD = 0.1  # SCLIP / ClearCLIP / NACLIP's value for VOC21 and Context60
 
 
-class DatasetError(ValueError):
+class DatasetError(BadInput):
     """A dataset is missing files or has an unusable layout; the message names the expected layout."""
 
 

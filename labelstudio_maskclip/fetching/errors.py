@@ -7,10 +7,12 @@ sent back.
 
 from __future__ import annotations
 
+from ..errors import BadInput
+
 __all__ = ["ImageError", "ImageDecodeError", "ImageTooLargeError", "ImageFetchError"]
 
 
-class ImageError(Exception):
+class ImageError(BadInput):
     """Any failure to turn a task's image reference into pixels."""
 
 

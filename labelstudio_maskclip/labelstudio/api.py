@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from ..errors import Unavailable
 from ..fetching.images import ImageFetcher
 from ..settings import Settings
 from .wire import json_bytes
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 RETRY_STATUS = frozenset({500, 502, 503, 504})
 
 
-class LabelStudioAPIError(RuntimeError):
+class LabelStudioAPIError(Unavailable):
     """A Label Studio API call failed; the message names the call and the status (also ``.status``)."""
 
     def __init__(self, message: str, status: int | None = None):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..engine.names import normalize_names
+from ..errors import BadInput
 
 __all__ = ["LabelConfigError", "LabelSpec", "LabelingSpec", "Target", "label_interface", "parse_label_config"]
 
@@ -32,8 +33,10 @@ _KINDS: dict[str, Kind] = {"brushlabels": "brush", "polygonlabels": "polygon"}
 _EXAMPLE = '<BrushLabels name="tag" toName="image"><Label value="cat"/></BrushLabels>'
 
 
-class LabelConfigError(ValueError):
+class LabelConfigError(BadInput):
     """The labeling config cannot drive segmentation; the message says what to add."""
+
+    subject = "labeling config"
 
 
 @dataclass(frozen=True)

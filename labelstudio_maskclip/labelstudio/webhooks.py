@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..errors import BadInput
 from ..fetching.uris import IMAGE_URI_PREFIXES
 from ..learning.store import AnnotationWrite, Store, TaskRecord
 from ..masks import polygons as _polygons
@@ -87,11 +88,11 @@ _MAX_PERCENT_OFFSET = 1000.0  # polygon points further than this from the image 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-class CollectError(ValueError):
+class CollectError(BadInput):
     """A webhook body is unusable as a whole (not a JSON object, no ``action``)."""
 
 
-class _Rejected(ValueError):
+class _Rejected(BadInput):
     """A region or annotation that cannot be stored; the message is the reason reported."""
 
 

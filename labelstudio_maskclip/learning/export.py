@@ -28,6 +28,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
 
+from ..errors import BadInput
 from ..evaluation.metrics import IGNORE
 from ..files import write_atomic
 from ..masks.coco_rle import mask_to_coco_rle
@@ -51,7 +52,7 @@ Mode = Literal["instance", "semantic"]
 IGNORE_INDEX = IGNORE
 
 
-class CocoError(ValueError):
+class CocoError(BadInput):
     """An input cannot be exported to COCO; the message says which and why."""
 
 

@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import Unavailable
 from ..masks.coco_rle import coco_rle_to_mask, mask_to_coco_rle
 
 __all__ = [
@@ -95,8 +96,10 @@ INSERT OR IGNORE INTO meta(key, value) VALUES ('seq', 0);
 """
 
 
-class StoreError(RuntimeError):
+class StoreError(Unavailable):
     """The store cannot be opened or used (newer schema, unwritable directory); the message says why."""
+
+    subject = "annotation store unavailable"
 
 
 class StoreDamaged(StoreError):

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..errors import BadInput
+
 __all__ = ["BrushRLEError", "mask_to_brush_rle", "label_map_to_brush_rles", "brush_rle_to_mask"]
 
 _CHANNELS = 4  # RGBA
@@ -32,7 +34,7 @@ _HEADER_BITS = 32 + 5 + 4 * 4
 _MAX_REPEAT = 1 << _RLE_SIZES[-1]  # longest repeat block (65536 values)
 
 
-class BrushRLEError(ValueError):
+class BrushRLEError(BadInput):
     """A brush RLE is malformed, or does not hold an image of the given size."""
 
 

@@ -12,10 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import BadInput
+
 __all__ = ["CocoRLEError", "mask_to_coco_rle", "coco_rle_to_mask"]
 
 
-class CocoRLEError(ValueError):
+class CocoRLEError(BadInput):
     """A mask or an RLE is malformed; the message says how."""
 
 

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..errors import BadInput
+
 __all__ = [
     "PolygonError",
     "MAX_EDGE_PIXELS",
@@ -33,7 +35,7 @@ __all__ = [
 MAX_EDGE_PIXELS = 4_000_000
 
 
-class PolygonError(ValueError):
+class PolygonError(BadInput):
     """A polygon or mask given to this module has the wrong shape or values."""
 
 

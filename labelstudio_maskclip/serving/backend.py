@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..errors import BadInput
 from ..labelstudio.labeling import LabelingSpec, parse_label_config
 from ..settings import Settings
 from .followups import ParentPredictionCheck, kept_config, kept_fields
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 PREDICT_CHUNK = 64  # tasks fetched ahead of inference; bounds memory for project-sized requests
 
 
-class PredictError(ValueError):
+class PredictError(BadInput):
     """The whole /predict request is unusable (e.g. a labeling config without a usable control)."""
 
 

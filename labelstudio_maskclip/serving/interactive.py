@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import BadInput
 from ..labelstudio.labeling import LabelingSpec, Target
 from ..labelstudio.regions import brush_region, polygon_regions
 
@@ -62,7 +63,7 @@ MAX_PHRASES = 16
 MAX_PHRASE_CHARS = 200
 
 
-class ContextError(ValueError):
+class ContextError(BadInput):
     """The editor's context cannot be used; the message says which item and why."""
 
 

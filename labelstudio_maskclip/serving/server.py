@@ -19,10 +19,11 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 
+from ..errors import BadInput, MaskCLIPError, Unavailable
 from ..labelstudio.wire import json_bytes
 from ..logs import configure as configure_logging
 from ..settings import Settings
-from .backend import MaskCLIPBackend, PredictError, runtime
+from .backend import MaskCLIPBackend, runtime
 
 __all__ = ["create_app", "wsgi", "credentials_match", "basic_auth_header"]
 
@@ -34,7 +35,7 @@ _WARMUP_CONFIG = (
 )
 
 
-class _BadRequest(ValueError):
+class _BadRequest(BadInput):
     pass
 
 
@@ -61,12 +62,12 @@ _COST_PER_BYTE, _COST_PER_OBJECT, _COST_PER_ARRAY, _COST_PER_ITEM, _COST_PER_QUO
 SMALL_BODY = 1 << 20
 
 
-class _TooLarge(ValueError):
-    pass
+class _TooLarge(BadInput):
+    http_status = 413
 
 
-class _Busy(RuntimeError):
-    pass
+class _Busy(Unavailable):
+    retry_after = 5
 
 
 def parsed_size_bound(body: bytes) -> int:
@@ -138,8 +139,6 @@ def _error(status: int, message: str) -> tuple[Response, int]:
 def create_app(settings: Settings, *, warm: bool = True) -> Flask:
     """The WSGI app. ``warm`` starts loading the model in a background thread so the first /predict
     does not pay for it; a model that cannot load makes /health answer 503 with the reason."""
-    from ..learning.store import StoreError
-
     app = Flask("labelstudio_maskclip")
     app.json = _WireJSON(app)
     app.config["MAX_CONTENT_LENGTH"] = 256 * 1024 * 1024
@@ -187,42 +186,20 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
             )  # fmt: skip
         return None
 
-    @app.errorhandler(_BadRequest)
-    def _bad_request(e):
-        return _error(400, str(e))
-
-    @app.errorhandler(PredictError)
-    def _predict_error(e):
-        return _error(400, str(e))
-
-    @app.errorhandler(_TooLarge)
-    def _too_much_work(e):
-        return _error(413, str(e))
-
-    @app.errorhandler(_Busy)
-    def _busy(e):
-        reply, status = _error(503, str(e))
-        reply.headers["Retry-After"] = "5"
-        return reply, status
-
-    @app.errorhandler(413)
-    def _too_large(e):
-        return _error(413, f"request body larger than {app.config['MAX_CONTENT_LENGTH']} bytes")
-
-    @app.errorhandler(StoreError)
-    def _store_error(e):  # a damaged or unusable store: the message says how to recover
-        return _error(503, f"annotation store unavailable: {e}")
-
     @app.errorhandler(Exception)
-    def _unexpected(e):
+    def _answer_error(e):
+        """The one handler: bad input 400 (413 for too much), unavailable 503, anything else 500 and logged."""
         from werkzeug.exceptions import HTTPException
 
-        from ..labelstudio.labeling import LabelConfigError
-
+        if isinstance(e, MaskCLIPError):
+            reply, status = _error(e.http_status, e.describe())
+            if e.retry_after is not None:
+                reply.headers["Retry-After"] = str(e.retry_after)
+            return reply, status
         if isinstance(e, HTTPException):
+            if e.code == 413:
+                return _error(413, f"request body larger than {app.config['MAX_CONTENT_LENGTH']} bytes")
             return _error(e.code or 500, e.description or str(e))
-        if isinstance(e, LabelConfigError):
-            return _error(400, f"labeling config: {e}")
         log.exception("unexpected error in %s %s", request.method, request.path)
         return _error(500, f"internal error: {type(e).__name__}: {e}")
 
@@ -260,13 +237,8 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
 
     @app.post("/webhook")
     def webhook():
-        from ..labelstudio.webhooks import CollectError
-
         body = _json_body(budget)
-        try:
-            reply = MaskCLIPBackend(settings).fit(str(body.get("action")), body)
-        except CollectError as e:
-            raise _BadRequest(str(e)) from e
+        reply = MaskCLIPBackend(settings).fit(str(body.get("action")), body)  # a CollectError answers 400
         return jsonify(reply), 201
 
     @app.get("/metrics")

@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..errors import Unavailable
 from ..files import fsync_dir as _fsync_dir
 from ..files import write_atomic
 from ..settings import redact
@@ -54,7 +55,7 @@ _POINTER = "current"
 _VERSION_RE = re.compile(r"^maskclip\+-(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(Unavailable):
     """A checkpoint or version that does not exist or cannot be read; the message names it."""
 
 

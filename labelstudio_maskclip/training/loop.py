@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import Unavailable
 from ..settings import Settings
 from .checkpoints import save_checkpoint
 from .data import IGNORE, Item, batch, build_targets
@@ -38,7 +39,7 @@ MIN_LR = 1e-4  # poly decay floor
 POLY_POWER = 0.9
 
 
-class TrainError(RuntimeError):
+class TrainError(Unavailable):
     """Training cannot start or continue; the message says what to provide."""
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.names import ClassNames
+from ..errors import BadInput
 from .job import class_key
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INITIAL_SCALE = 10.0  # initial logit scale: softmax(10 * cos) starts soft, the scale is learned
 
 
-class StudentError(ValueError):
+class StudentError(BadInput):
     """A student name, checkpoint or request that cannot be used; the message says what to change."""
 
 
