@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import io
 import struct
-import time
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from labelstudio_maskclip.deadline import Deadline
 from labelstudio_maskclip.fetching.decode import decode_image
 from labelstudio_maskclip.fetching.errors import ImageDecodeError, ImageTooLargeError
 from tests.photos import COCO128_PHOTOS
@@ -245,13 +245,13 @@ def test_pixel_budget_waits_for_a_decoded_array_to_be_freed():
     from labelstudio_maskclip.fetching.decode import PixelBudget
 
     budget = PixelBudget(100)
-    with budget.reserve(60, time.monotonic() + 5) as lease:
+    with budget.reserve(60, Deadline.after(5)) as lease:
         held = lease.attach(np.zeros((6, 10, 3), np.uint8))
     assert budget.in_flight == 60
     got = []
 
     def second() -> None:
-        with budget.reserve(60, time.monotonic() + 60) as lease:
+        with budget.reserve(60, Deadline.after(60)) as lease:
             got.append(lease.attach(np.zeros((6, 10, 3), np.uint8)))
 
     thread = threading.Thread(target=second)
@@ -277,13 +277,13 @@ def test_pixel_budget_alone_over_the_limit_passes_and_waiting_ends_at_the_deadli
     from labelstudio_maskclip.fetching.errors import ImageError
 
     budget = PixelBudget(10)
-    with budget.reserve(50, time.monotonic() + 1):  # nothing else in flight: one large image passes
+    with budget.reserve(50, Deadline.after(1)):  # nothing else in flight: one large image passes
         assert budget.in_flight == 50
         with pytest.raises(ImageError, match="MASKCLIP_MAX_PIXELS_IN_FLIGHT"):
-            with budget.reserve(1, time.monotonic() + 0.2):
+            with budget.reserve(1, Deadline.after(0.2)):
                 pass
     assert budget.in_flight == 0  # not attached: released when the block ends
     with pytest.raises(ValueError):
-        with budget.reserve(5, time.monotonic() + 1):
+        with budget.reserve(5, Deadline.after(1)):
             raise ValueError("decoding failed")
     assert budget.in_flight == 0

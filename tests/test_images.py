@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from labelstudio_maskclip.deadline import Deadline
 from labelstudio_maskclip.fetching import images
 from labelstudio_maskclip.fetching.images import (
     ImageDecodeError,
@@ -483,28 +484,30 @@ def test_deadline_cuts_a_slow_drip_long_before_the_timeout(ls):
     base, _, _ = ls
     started = time.monotonic()
     with pytest.raises(ImageFetchError, match="deadline reached before the download finished"):
-        fetcher(base, timeout=30.0).fetch("/data/upload/_/drip", deadline=started + 0.5)  # 1000 bytes over 50 s
+        fetcher(base, timeout=30.0).fetch(
+            "/data/upload/_/drip", deadline=Deadline(started + 0.5)
+        )  # 1000 bytes over 50 s
     assert time.monotonic() - started < 10  # generous: the timeout alone would allow 30 s
     with pytest.raises(ImageFetchError, match="deadline reached"):  # headers that never come
-        fetcher(base, timeout=30.0).fetch("/data/upload/_/slow?s=5", deadline=time.monotonic() + 0.5)
+        fetcher(base, timeout=30.0).fetch("/data/upload/_/slow?s=5", deadline=Deadline.after(0.5))
     with pytest.raises(ImageFetchError, match="deadline reached"):  # through a redirect
         fetcher(base, timeout=30.0).load(
-            "/data/upload/_/redirect?to=/data/upload/_/slow%3Fs%3D5", deadline=time.monotonic() + 0.5, max_pixels=100
+            "/data/upload/_/redirect?to=/data/upload/_/slow%3Fs%3D5", deadline=Deadline.after(0.5), max_pixels=100
         )
 
 
 def test_timeout_still_applies_and_is_named_when_it_comes_first(ls):
     base, _, _ = ls
     with pytest.raises(ImageFetchError, match="timed out after 0.5 s.*MASKCLIP_DOWNLOAD_TIMEOUT"):
-        fetcher(base, timeout=0.5).fetch("/data/upload/_/drip", deadline=time.monotonic() + 60)
+        fetcher(base, timeout=0.5).fetch("/data/upload/_/drip", deadline=Deadline.after(60))
 
 
 def test_a_fetch_starting_after_the_deadline_sends_nothing(ls):
     base, _, state = ls
     with pytest.raises(ImageFetchError, match="deadline reached before the download started"):
-        fetcher(base).fetch("/data/upload/red.png", deadline=time.monotonic() - 1)
+        fetcher(base).fetch("/data/upload/red.png", deadline=Deadline.after(-1))
     assert state.requests == []
-    assert fetcher(base).fetch("/data/upload/red.png", deadline=time.monotonic() + 60) == state.files["red.png"]
+    assert fetcher(base).fetch("/data/upload/red.png", deadline=Deadline.after(60)) == state.files["red.png"]
 
 
 def test_queued_downloads_past_the_deadline_are_dropped_without_a_request(ls):
@@ -514,7 +517,7 @@ def test_queued_downloads_past_the_deadline_are_dropped_without_a_request(ls):
 
     base, _, state = ls
     images_fetcher = fetcher(base, timeout=30.0)
-    deadline = time.monotonic() + 1.0
+    deadline = Deadline.after(1.0)
     with ThreadPoolExecutor(1) as pool:
         futures = [pool.submit(images_fetcher.fetch, "/data/upload/_/slow?s=0.7", deadline=deadline) for _ in range(8)]
         outcomes = []
@@ -540,11 +543,11 @@ def test_fetcher_with_a_pixel_budget_holds_decoded_pixels_until_freed(ls):
     first = images_fetcher.load("/data/upload/red.png", max_pixels=MAX_PIXELS, hold_pixels=True)
     assert budget.in_flight == 48
     with pytest.raises(ImageError, match="MASKCLIP_MAX_PIXELS_IN_FLIGHT"):
-        images_fetcher.load("/data/upload/red.png", max_pixels=MAX_PIXELS, deadline=time.monotonic() + 0.3)
+        images_fetcher.load("/data/upload/red.png", max_pixels=MAX_PIXELS, deadline=Deadline.after(0.3))
     del first
     gc.collect()
     second = images_fetcher.load(
-        "/data/upload/red.png", max_pixels=MAX_PIXELS, deadline=time.monotonic() + 5, hold_pixels=True
+        "/data/upload/red.png", max_pixels=MAX_PIXELS, deadline=Deadline.after(5), hold_pixels=True
     )
     assert second.shape == (6, 8, 3) and budget.in_flight == 48
     with pytest.raises(ImageDecodeError):  # a failed decode releases its room

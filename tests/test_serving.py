@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from labelstudio_maskclip.deadline import NO_DEADLINE, Deadline
 from labelstudio_maskclip.embeddings import TURN_LABELS, EmbeddingStore
 from labelstudio_maskclip.engine import segmenter
 from labelstudio_maskclip.engine.refine import prompt_denoising
@@ -223,7 +224,7 @@ def test_setup_prepares_the_labels_in_the_background_and_predict_finds_them(weig
 def test_predict_before_the_labels_are_ready_answers_within_its_budget_with_a_clear_error(weights, tmp_path):
     settings = _settings(weights, tmp_path, predict_time_budget=0.5)
     rt = runtime(settings)
-    teacher = rt.teacher_within(float("inf"))
+    teacher = rt.teacher_within()
     blocked = _Counting(block=True, dim=teacher.clip.model.visual.output_dim)
     rt._encode_labels = blocked  # the text tower takes "minutes"
     tasks = [{"id": i, "data": {"image": _uri(np.full((24, 32, 3), 90, np.uint8))}} for i in range(3)]
@@ -274,7 +275,7 @@ def _slow_model_on_a_fake_clock(settings: Settings, monkeypatch) -> tuple:
     rt = runtime(settings)
     rt.embeddings.prepare(LABELS).result(60)
     clock = _FakeClock()
-    model = _SlowModel(rt.teacher_within(float("inf")), clock)
+    model = _SlowModel(rt.teacher_within(), clock)
     monkeypatch.setattr(backend_module.time, "monotonic", clock)
     monkeypatch.setattr(rt, "teacher_within", lambda deadline: model)
     return rt, model
@@ -306,7 +307,7 @@ def test_predict_stops_starting_batches_that_the_time_left_cannot_hold(weights, 
 def test_downloads_are_not_started_once_the_deadline_has_passed(weights, tmp_path, monkeypatch):
     settings = _settings(weights, tmp_path, predict_time_budget=2.0, batch_size=1, fetch_threads=1)
     rt = runtime(settings)
-    teacher = rt.teacher_within(float("inf"))
+    teacher = rt.teacher_within()
     rt.embeddings.prepare(LABELS).result(60)
     clock = _FakeClock()
     fetched = []
@@ -341,7 +342,7 @@ def test_the_deadline_reaches_a_fetcher_that_takes_one(weights, tmp_path, monkey
     start = time.monotonic()
     body = MaskCLIPBackend(settings, "1", BRUSH).predict([{"id": 1, "data": {"image": "/x.png"}}])
     assert body["results"][0] and len(seen) == 1
-    assert start + settings.predict_time_budget - 1 < seen[0] <= time.monotonic() + settings.predict_time_budget
+    assert start + settings.predict_time_budget - 1 < seen[0].at <= time.monotonic() + settings.predict_time_budget
 
 
 def test_warm_up_runs_a_batch_and_measures_the_time_per_image(weights, tmp_path):
@@ -539,7 +540,7 @@ class _FailingModel:
 def test_a_batch_the_model_fails_on_is_retried_image_by_image(weights, tmp_path, monkeypatch):
     settings = _settings(weights, tmp_path, batch_size=8)
     rt = runtime(settings)
-    model = _FailingModel(rt.teacher_within(float("inf")))
+    model = _FailingModel(rt.teacher_within())
     rt.embeddings.prepare(LABELS).result(60)
     monkeypatch.setattr(rt, "teacher_within", lambda deadline: model)
     tasks = _sized_tasks([(24, 32), (24, 32), (24, 32), (24, 32)])
@@ -568,11 +569,11 @@ def test_a_request_out_of_time_does_not_go_on_to_its_next_chunk(weights, tmp_pat
 def test_images_that_fit_the_time_left():
     now = time.monotonic()
     fit = backend_module._images_that_fit
-    assert fit(now + 100, 0.0, 7) == 7  # nothing measured yet: all of them
-    assert fit(float("inf"), 2.0, 7) == 7  # no deadline
-    assert fit(now + 100, 30.0, 7) == 3
-    assert fit(now + 100, 1.0, 7) == 7
-    assert fit(now - 5, 1.0, 7) == 0  # past the deadline: none
+    assert fit(Deadline(now + 100), 0.0, 7) == 7  # nothing measured yet: all of them
+    assert fit(NO_DEADLINE, 2.0, 7) == 7  # no deadline
+    assert fit(Deadline(now + 100), 30.0, 7) == 3
+    assert fit(Deadline(now + 100), 1.0, 7) == 7
+    assert fit(Deadline(now - 5), 1.0, 7) == 0  # past the deadline: none
 
 
 def test_batches_group_images_by_their_resized_size_in_order_of_first_appearance():
@@ -626,7 +627,7 @@ def test_a_hung_download_does_not_cost_the_images_that_arrived_their_predictions
     image measured yet, so the model is given the chance) and task 1 gets the budget's reason."""
     settings = _settings(weights, tmp_path, predict_time_budget=2.0)
     rt = runtime(settings)
-    rt.teacher_within(float("inf"))
+    rt.teacher_within()
     rt.embeddings.prepare(LABELS).result(60)
     release = threading.Event()
     real_load = rt.fetcher.load

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import struct
 import threading
-import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from contextlib import contextmanager
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..deadline import Deadline
 from .errors import ImageDecodeError, ImageError, ImageTooLargeError
 
 __all__ = ["decode_image", "image_pixels", "PixelBudget"]
@@ -87,19 +87,19 @@ class PixelBudget:
         self._free = threading.Condition()
 
     @contextmanager
-    def reserve(self, pixels: int, deadline: float) -> Iterator[PixelBudget._Lease]:
-        """Reserve ``pixels`` until ``deadline`` (:func:`time.monotonic`); ``lease.attach(array)`` hands the
+    def reserve(self, pixels: int, deadline: Deadline) -> Iterator[PixelBudget._Lease]:
+        """Reserve ``pixels``, waiting for room until ``deadline``; ``lease.attach(array)`` hands the
         release to the array's lifetime, else the pixels are released when the block ends."""
         with self._free:
             while self.in_flight and self.in_flight + pixels > self.limit:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                left = deadline.remaining()
+                if left is not None and left <= 0:
                     raise ImageError(
                         f"gave up waiting for {self.in_flight + pixels - self.limit} pixels of decoding room: "
                         f"{self.in_flight} decoded pixels are in flight in this worker, the limit is {self.limit} "
                         "(MASKCLIP_MAX_PIXELS_IN_FLIGHT)"
                     )
-                self._free.wait(min(left, 1.0))
+                self._free.wait(1.0 if left is None else min(left, 1.0))
             self.in_flight += pixels
         lease = PixelBudget._Lease(self, pixels)
         try:

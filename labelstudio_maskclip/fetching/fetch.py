@@ -15,6 +15,7 @@ from urllib.parse import quote, unquote_to_bytes, urljoin
 
 import numpy as np
 
+from ..deadline import NO_DEADLINE, Deadline
 from .auth import LabelStudioAuth
 from .decode import PixelBudget, decode_image, image_pixels
 from .errors import ImageError, ImageFetchError
@@ -61,7 +62,7 @@ class ImageFetcher:
       unless it is Label Studio's host and port or ``allow_private`` is set. A host is checked when the
       request is made; a DNS answer that changes between the check and the connection is not caught.
     - the body is streamed and capped at ``max_bytes``; ``timeout`` bounds each request in total, and an
-      optional absolute ``deadline`` (a :func:`time.monotonic` value, e.g. the end of a ``/predict``'s time
+      optional :class:`~labelstudio_maskclip.deadline.Deadline` (e.g. the end of a ``/predict``'s time
       budget) bounds the whole fetch, redirects included: a fetch that starts after it makes no request,
       one in flight is cut off at it ("deadline reached"). DNS resolution is not bounded by it.
     - error messages say what failed without quoting what the server sent; URLs in them are redacted
@@ -114,7 +115,7 @@ class ImageFetcher:
         task_id: int | None = None,
         *,
         max_pixels: int,
-        deadline: float | None = None,
+        deadline: Deadline = NO_DEADLINE,
         hold_pixels: bool = False,
     ) -> np.ndarray:
         """Fetch and decode: ``(H, W, 3)`` uint8 RGB, EXIF orientation applied (see :func:`decode_image`).
@@ -129,23 +130,20 @@ class ImageFetcher:
             if self.pixel_budget is None:
                 return decode_image(data, max_pixels=max_pixels)
             pixels = image_pixels(data, max_pixels=max_pixels)
-            wait_until = time.monotonic() + self.timeout
-            with self.pixel_budget.reserve(
-                pixels, wait_until if deadline is None else min(deadline, wait_until)
-            ) as lease:
+            with self.pixel_budget.reserve(pixels, deadline.within(self.timeout)) as lease:
                 array = decode_image(data, max_pixels=max_pixels)
                 return lease.attach(array) if hold_pixels else array
         except ImageError as exc:
             raise type(exc)(f"{display(url)}: {exc}") from None
 
-    def fetch(self, url: str, task_id: int | None = None, *, deadline: float | None = None) -> bytes:
+    def fetch(self, url: str, task_id: int | None = None, *, deadline: Deadline = NO_DEADLINE) -> bytes:
         """The bytes behind a task's image URL (see the class docstring for what URLs are accepted).
 
-        ``deadline``: a :func:`time.monotonic` time after which the fetch gives up with an
-        :class:`ImageFetchError` saying "deadline reached" (none: only ``timeout`` per request).
+        ``deadline``: the :class:`~labelstudio_maskclip.deadline.Deadline` after which the fetch gives up with
+        an :class:`ImageFetchError` saying "deadline reached" (none: only ``timeout`` per request).
         """
         url = url.strip()
-        if deadline is not None and time.monotonic() >= deadline:
+        if deadline.expired():
             raise self._deadline_error(display(url), started=False)
         match = _SCHEME.match(url)
         scheme = match.group(1).lower() if match else ""
@@ -208,11 +206,11 @@ class ImageFetcher:
 
     # --- HTTP -----------------------------------------------------------------------------------------
 
-    def _download(self, target: Target, deadline: float | None) -> bytes:
+    def _download(self, target: Target, deadline: Deadline) -> bytes:
         refreshed = False
         for hop in range(_MAX_REDIRECTS + 1):
             self._check(target)
-            if deadline is not None and time.monotonic() >= deadline:
+            if deadline.expired():
                 raise self._deadline_error(target.display, started=hop > 0)
             response = self._get(target, deadline)
             if response.status_code in _REDIRECTS and response.headers.get("Location"):
@@ -233,10 +231,11 @@ class ImageFetcher:
             return self._read_body(target, response, deadline)
         raise ImageFetchError(f"{target.display}: more than {_MAX_REDIRECTS} redirects", url=target.display)
 
-    def _get(self, target: Target, deadline: float | None) -> requests.Response:
+    def _get(self, target: Target, deadline: Deadline) -> requests.Response:
         import requests
 
-        timeout = self.timeout if deadline is None else max(0.001, min(self.timeout, deadline - time.monotonic()))
+        left = deadline.remaining()
+        timeout = self.timeout if left is None else max(0.001, min(self.timeout, left))
         try:
             return self._session.get(
                 target.url,
@@ -246,7 +245,7 @@ class ImageFetcher:
                 timeout=timeout,
             )
         except requests.Timeout:
-            if deadline is not None and time.monotonic() >= deadline:
+            if deadline.expired():
                 raise self._deadline_error(target.display, started=True) from None
             raise self._timeout_error(target) from None
         except requests.RequestException as exc:
@@ -256,7 +255,7 @@ class ImageFetcher:
                 url=target.display,
             ) from None
 
-    def _read_body(self, target: Target, response: requests.Response, deadline: float | None) -> bytes:
+    def _read_body(self, target: Target, response: requests.Response, deadline: Deadline) -> bytes:
         with response:
             if response.status_code >= 400:
                 raise self._status_error(target, response.status_code)
@@ -267,7 +266,7 @@ class ImageFetcher:
                 )
             return self._read_capped(target, response.raw, deadline)
 
-    def _read_capped(self, target: Target, raw: urllib3.response.BaseHTTPResponse, deadline: float | None) -> bytes:
+    def _read_capped(self, target: Target, raw: urllib3.response.BaseHTTPResponse, deadline: Deadline) -> bytes:
         """The decoded body, stopped at ``max_bytes``, after ``timeout`` and at ``deadline``.
 
         ``read1`` returns whatever arrived (a slow sender cannot hold one read for long), so the time is
@@ -277,11 +276,11 @@ class ImageFetcher:
 
         read = raw.read1 if hasattr(raw, "read1") else raw.read  # read1: recent urllib3 2.x
         own = time.monotonic() + self.timeout
-        stop = own if deadline is None else min(own, deadline)
+        stop = min(own, deadline.at)
         body = bytearray()
 
         def late() -> ImageFetchError:
-            if deadline is not None and deadline <= own:
+            if deadline.at <= own:
                 return self._deadline_error(target.display, started=True)
             return self._timeout_error(target)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..deadline import Deadline
 from ..errors import BadInput
 from ..labelstudio.labeling import LabelingSpec, parse_label_config
 from ..settings import Settings
 from .followups import ParentPredictionCheck, kept_config, kept_fields
-from .runtime import Runtime, Segmenter, remaining, resolved_device, runtime
+from .runtime import Runtime, Segmenter, resolved_device, runtime
 
 if TYPE_CHECKING:
     pass
@@ -80,12 +80,13 @@ def _short(task: Any) -> str:
     return url if len(url) <= 80 else url[:77] + "..."
 
 
-def _images_that_fit(deadline: float, per_image: float, wanted: int) -> int:
+def _images_that_fit(deadline: Deadline, per_image: float, wanted: int) -> int:
     """How many of ``wanted`` images the time left until ``deadline`` holds at ``per_image`` seconds each
     (all of them before the first measurement, or without a deadline)."""
-    if per_image <= 0 or math.isinf(deadline):
+    left = deadline.remaining()
+    if per_image <= 0 or left is None:
         return wanted
-    return max(0, min(wanted, int((deadline - time.monotonic()) / per_image)))
+    return max(0, min(wanted, int(left / per_image)))
 
 
 def _unpredicted_first(tasks: Sequence[Any], version: str) -> list[int]:
@@ -183,7 +184,7 @@ class MaskCLIPBackend:
         if isinstance(context, Mapping) and context.get("result"):
             return self.predict_interactive(tasks, context)
         start = time.monotonic()
-        deadline = start + self.settings.predict_time_budget
+        deadline = Deadline(start + self.settings.predict_time_budget)
         spec = self.spec()
         targets = spec.predicted_targets
         vocab, classes = self.classes(spec)
@@ -294,7 +295,7 @@ class MaskCLIPBackend:
         )
 
         start = time.monotonic()
-        deadline = start + self.settings.predict_time_budget
+        deadline = Deadline(start + self.settings.predict_time_budget)
         if len(tasks) != 1:
             raise PredictError(f"an interactive request carries one task, got {len(tasks)}")
         spec = self.spec()
@@ -392,7 +393,7 @@ class MaskCLIPBackend:
             segs += seg
         return done, segs
 
-    def _fetch_chunk(self, pool, tasks, chunk, spec, deadline: float):
+    def _fetch_chunk(self, pool, tasks, chunk, spec, deadline: Deadline):
         raw = self._device_decode
         return [(i, pool.submit(self._load_image, tasks[i], spec, deadline, raw)) for i in chunk]
 
@@ -424,13 +425,13 @@ class MaskCLIPBackend:
         return [item for item in out if item is not None]
 
     @staticmethod
-    def _gather(pending, failures: dict[int, TaskFailure], deadline: float) -> list[tuple[int, np.ndarray]]:
+    def _gather(pending, failures: dict[int, TaskFailure], deadline: Deadline) -> list[tuple[int, np.ndarray]]:
         """The chunk's images that arrived by ``deadline``; failed tasks go to ``failures`` (tasks whose
         download was not started or not finished in time are left out: the deadline's reason covers them)."""
         images = []
         for i, future in pending:
             try:
-                got = future.result(timeout=remaining(deadline))
+                got = future.result(timeout=deadline.remaining())
             except FutureTimeout:
                 continue
             if isinstance(got, TaskFailure):
@@ -440,7 +441,7 @@ class MaskCLIPBackend:
         return images
 
     def _load_image(
-        self, task: Mapping[str, Any], spec: LabelingSpec, deadline: float, raw: bool = False
+        self, task: Mapping[str, Any], spec: LabelingSpec, deadline: Deadline, raw: bool = False
     ) -> np.ndarray | bytes | TaskFailure | None:
         """The task's image; a TaskFailure saying why not; None when the deadline passed before the download
         started (the task is left for Label Studio's next request). ``raw``: JPEG files come back as their
@@ -451,24 +452,22 @@ class MaskCLIPBackend:
         url = _image_url(task, spec.image_keys[0])
         if isinstance(url, TaskFailure):
             return url
-        if time.monotonic() >= deadline:
+        if deadline.expired():
             return None
         try:
             return self._fetch(url, task_id, deadline, raw)
         except ImageError as e:
             return TaskFailure(task_id, str(e))
 
-    def _fetch(self, url: str, task_id: Any, deadline: float, raw: bool) -> np.ndarray | bytes:
-        """Download and decode (``raw``: a JPEG's bytes, undecoded); the request's deadline goes down to a
-        fetcher that takes one (``deadline=``, ``time.monotonic()`` seconds), so that a slow download ends with
-        the request."""
+    def _fetch(self, url: str, task_id: Any, deadline: Deadline, raw: bool) -> np.ndarray | bytes:
+        """Download and decode (``raw``: a JPEG's bytes, undecoded); the request's deadline goes down to the
+        fetcher, so that a slow download ends with the request."""
         from ..fetching.jpeg import is_jpeg
 
         fetcher = self.rt.fetcher
-        limit = None if math.isinf(deadline) else deadline
         if not raw:
-            return fetcher.load(url, task_id, max_pixels=self.settings.max_image_pixels, deadline=limit)
-        data = fetcher.fetch(url, task_id, deadline=limit)
+            return fetcher.load(url, task_id, max_pixels=self.settings.max_image_pixels, deadline=deadline)
+        data = fetcher.fetch(url, task_id, deadline=deadline)
         if is_jpeg(data):
             return data
         from ..fetching.images import decode_image

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import threading
 import time
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from ..deadline import NO_DEADLINE, Deadline
 from ..engine.names import ClassNames
 from ..models import embedding_identity, text_embedding_store, text_width
 from ..settings import Settings
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from ..training.student import StudentModel
 
 __all__ = [
-    "Runtime", "runtime", "Segmenter", "remaining", "resolved_device",
+    "Runtime", "runtime", "Segmenter", "resolved_device",
     "WARMUP_LABELS",
 ]  # fmt: skip
 
@@ -142,11 +142,11 @@ class Runtime:
         finally:
             self._teacher_ready.set()
 
-    def teacher_within(self, deadline: float):
+    def teacher_within(self, deadline: Deadline = NO_DEADLINE):
         """The teacher if it is loaded by ``deadline`` (``time.monotonic()`` seconds; inf: wait as long as it
         takes), else None. Raises what loading raised."""
         self.start_teacher()
-        if not self._teacher_ready.wait(remaining(deadline)):
+        if not self._teacher_ready.wait(deadline.remaining()):
             return None
         if self._teacher_error is not None:
             raise self._teacher_error
@@ -184,11 +184,11 @@ class Runtime:
                 )  # fmt: skip
             return self._phrases
 
-    def phrase_within(self, phrase: str, deadline: float):
+    def phrase_within(self, phrase: str, deadline: Deadline):
         """(1, D) text embedding of a typed phrase if ready by ``deadline``, else None (still computing)."""
         from ..embeddings import label_set
 
-        return self.phrases.wait(label_set([phrase]), remaining(deadline))
+        return self.phrases.wait(label_set([phrase]), deadline.remaining())
 
     def note_interactive(self, reason: str) -> None:
         """Count an interactive answer without a mask by its reason (``/metrics``)."""
@@ -212,11 +212,11 @@ class Runtime:
         except Exception:
             log.exception("preparing the text embeddings of %d labels failed", len(classes))
 
-    def labels_within(self, classes: Sequence[Sequence[str]], deadline: float):
+    def labels_within(self, classes: Sequence[Sequence[str]], deadline: Deadline):
         """(K, D) text embeddings of ``classes`` if ready by ``deadline``, else None (still computing)."""
         from ..embeddings import label_set
 
-        return self.embeddings.wait(label_set(classes), remaining(deadline))
+        return self.embeddings.wait(label_set(classes), deadline.remaining())
 
     # -- time per image ------------------------------------------------------------------------------
     def seconds_per_image(self, version: str) -> float:
@@ -238,7 +238,7 @@ class Runtime:
 
         from ..models import segment_options
 
-        teacher = self.teacher_within(math.inf)
+        teacher = self.teacher_within()
         opts = segment_options(self.settings)
         side = opts.short_side or 224
         image = np.full((side, side * 4 // 3, 3), 127, np.uint8)  # a 4:3 photo at the served size
@@ -304,11 +304,6 @@ class Runtime:
 @functools.lru_cache(maxsize=4)
 def runtime(settings: Settings) -> Runtime:
     return Runtime(settings)
-
-
-def remaining(deadline: float) -> float | None:
-    """Seconds left until ``deadline`` (``time.monotonic()`` time), at least 0; None for no deadline."""
-    return None if math.isinf(deadline) else max(0.0, deadline - time.monotonic())
 
 
 def resolved_device(device: str) -> Any:
