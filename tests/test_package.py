@@ -64,7 +64,7 @@ def test_engine_and_masks_import_nothing_of_the_rest():  # but the error classes
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),  # the root of every error class, and its two branches
     ("engine", "masks"),  # the pure core: arrays and tensors in and out
-    ("files", "logs", "settings"),
+    ("deadline", "files", "logs", "settings"),
     ("embeddings", "jobs"),
     ("models",),  # settings -> engine: the shared MaskCLIP, options, text embeddings
     ("evaluation",),
