@@ -145,6 +145,16 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
     state: dict[str, Any] = {"model_error": None, "model": "not loaded"}
     budget = _MemoryBudget(JSON_MEMORY_BUDGET)
     app.teardown_request(lambda _exc: budget.release())
+    if warm:
+        _warm_up(settings, state)
+    _guard(app, settings)
+    _routes(app, settings, state, budget)
+    return app
+
+
+def _warm_up(settings: Settings, state: dict[str, Any]) -> None:
+    """Before serving: the labeling-config parser; in the background: the model (its state in ``state``),
+    the store's check and the interval trigger."""
 
     def load_model() -> None:
         state["model"] = "loading"
@@ -162,17 +172,20 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
         except Exception as e:  # an unusable MODEL_DIR: webhooks report it
             log.error("the annotation store cannot be opened: %s", e)
 
-    if warm:
-        # The labeling-config parser imports label-studio-sdk lazily (~1 s): pay that before serving, since
-        # Label Studio gives /setup only 3 s. The model loads and warms up in the background; the store is
-        # opened (and checked) in the background too, so the first webhook does not wait for it.
-        from ..labelstudio.labeling import parse_label_config
+    # The labeling-config parser imports label-studio-sdk lazily (~1 s): pay that before serving, since
+    # Label Studio gives /setup only 3 s. The model loads and warms up in the background; the store is
+    # opened (and checked) in the background too, so the first webhook does not wait for it.
+    from ..labelstudio.labeling import parse_label_config
 
-        parse_label_config(_WARMUP_CONFIG)
-        threading.Thread(target=load_model, name="model-warmup", daemon=True).start()
-        threading.Thread(target=open_store, name="store-check", daemon=True).start()
-    if warm and settings.train_interval_minutes > 0:
+    parse_label_config(_WARMUP_CONFIG)
+    threading.Thread(target=load_model, name="model-warmup", daemon=True).start()
+    threading.Thread(target=open_store, name="store-check", daemon=True).start()
+    if settings.train_interval_minutes > 0:
         threading.Thread(target=_interval_trigger, args=(settings,), name="train-interval", daemon=True).start()
+
+
+def _guard(app: Flask, settings: Settings) -> None:
+    """Basic auth before every request (when set), and the one error handler after."""
 
     @app.before_request
     def _auth():
@@ -202,6 +215,10 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
             return _error(e.code or 500, e.description or str(e))
         log.exception("unexpected error in %s %s", request.method, request.path)
         return _error(500, f"internal error: {type(e).__name__}: {e}")
+
+
+def _routes(app: Flask, settings: Settings, state: dict[str, Any], budget: _MemoryBudget) -> None:
+    """The ML backend protocol's routes (``/health``, ``/setup``, ``/predict``, ``/webhook``) and ``/metrics``."""
 
     @app.get("/")
     @app.get("/health")
@@ -243,24 +260,26 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
 
     @app.get("/metrics")
     def metrics():
-        from ..training.checkpoints import history
-        from ..training.rescoring import read_status as read_rescore_status
+        return jsonify(_metrics(settings))
 
-        rt = runtime(settings)
-        return jsonify(
-            {
-                "model_version": rt.student_version() or rt.teacher_version(),
-                "pipeline": {"preset": settings.preset, "overrides": settings.overrides},
-                "acceptance": rt.store.acceptance_stats(),
-                "annotations_since_training": rt.store.count_since_last_training(),
-                "training_runs": rt.store.training_runs()[-10:],
-                "students": history(Path(settings.model_dir))[-10:],
-                "rescore": read_rescore_status(settings.model_dir),
-                "interactive_notes": dict(rt.interactive_notes),  # this worker's answers without a mask, by why
-            }
-        )
 
-    return app
+def _metrics(settings: Settings) -> dict[str, Any]:
+    """What ``/metrics`` answers: the served version and pipeline, acceptance, training runs, students, the
+    last re-scoring and this worker's interactive notes."""
+    from ..training.checkpoints import history
+    from ..training.rescoring import read_status as read_rescore_status
+
+    rt = runtime(settings)
+    return {
+        "model_version": rt.student_version() or rt.teacher_version(),
+        "pipeline": {"preset": settings.preset, "overrides": settings.overrides},
+        "acceptance": rt.store.acceptance_stats(),
+        "annotations_since_training": rt.store.count_since_last_training(),
+        "training_runs": rt.store.training_runs()[-10:],
+        "students": history(Path(settings.model_dir))[-10:],
+        "rescore": read_rescore_status(settings.model_dir),
+        "interactive_notes": dict(rt.interactive_notes),  # this worker's answers without a mask, by why
+    }
 
 
 def _interval_trigger(settings: Settings) -> None:
