@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from .engine.modes import DENSE_MODES
 from .engine.names import parse_label_spec
@@ -366,7 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labelstudio-maskclip", description=__doc__)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", required=True)
+    _predicting_commands(sub)
+    _learning_commands(sub)
+    _service_commands(sub)
+    return parser
 
+
+def _predicting_commands(sub: Any) -> None:
+    """segment, eval, preannotate, next."""
     p = sub.add_parser("segment", help="segment image files into the given labels")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--labels", required=True, help="comma-separated label names; 'car|automobile' for synonyms")
@@ -410,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(p)
     p.set_defaults(func=_cmd_next)
 
+
+def _learning_commands(sub: Any) -> None:
+    """backfill, export-coco, stats, train, history, rollback."""
     p = sub.add_parser("backfill", help="store a project's existing annotations (API or JSON export file)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--project", type=int, help="Label Studio project id (through LABEL_STUDIO_URL)")
@@ -457,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", help="e.g. maskclip+-2, or maskclip")
     p.set_defaults(func=_cmd_rollback)
 
+
+def _service_commands(sub: Any) -> None:
+    """doctor, serve."""
     p = sub.add_parser("doctor", help="check weights, MODEL_DIR, Label Studio, a project's connection; explain fixes")
     p.add_argument("--project", type=int, help="also check this Label Studio project: config, ML backend, webhook")
     p.add_argument("--backend-url", help="the URL Label Studio should use for this backend, checked against its "
@@ -472,7 +486,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="gunicorn worker processes (WORKERS, default 1)")
     _model_flags(p)
     p.set_defaults(func=_cmd_serve)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
