@@ -27,7 +27,7 @@ from .followups import ParentPredictionCheck, kept_config, kept_fields
 from .runtime import Runtime, Segmenter, resolved_device, runtime
 
 if TYPE_CHECKING:
-    pass
+    from ..engine.segmenter import Segmentation, SegmentOptions
 
 __all__ = ["MaskCLIPBackend", "Runtime", "runtime", "PredictError", "Segmenter"]  # the runtime re-exported
 
@@ -186,29 +186,17 @@ class MaskCLIPBackend:
         start = time.monotonic()
         deadline = Deadline(start + self.settings.predict_time_budget)
         spec = self.spec()
-        targets = spec.predicted_targets
         vocab, classes = self.classes(spec)
-        version, model = self.rt.model_for(classes, load=False)
-        extra: dict[str, Any] = {}
-        if model is None:  # MaskCLIP: the model and these labels' text embeddings must be ready in time
-            model = self.rt.teacher_within(deadline)
-            text = self.rt.labels_within(classes, deadline) if model is not None else None
-            if text is None:
-                why = (
-                    "the model is still loading" if model is None else
-                    f"still preparing the labels: the text embeddings of these {len(classes)} labels are being "
-                    "computed in the background (once per label set, kept under MODEL_DIR)"
-                )  # fmt: skip
-                return self._answer(version, [[] for _ in tasks], [
-                    TaskFailure(_task_id(t), f"{why}; Label Studio will ask again") for t in tasks
-                ], start)  # fmt: skip
-            extra["text"] = text
+        version, model, extra, why = self._ready_model(classes, deadline)
+        if why is not None:
+            return self._answer(version, [[] for _ in tasks], [
+                TaskFailure(_task_id(t), f"{why}; Label Studio will ask again") for t in tasks
+            ], start)  # fmt: skip
         opts = segment_options(self.settings)
         encode = functools.partial(
-            prediction, targets=targets, vocabulary=vocab, model_version=version,
+            prediction, targets=spec.predicted_targets, vocabulary=vocab, model_version=version,
             min_area=self.settings.min_area, polygons=self.settings.polygons,
         )  # fmt: skip
-        size_of = _size_key(model, opts)
         results: list[Any] = [[] for _ in tasks]
         failures: dict[int, TaskFailure] = {}
         encoded: list[tuple[int, Any]] = []
@@ -221,18 +209,9 @@ class MaskCLIPBackend:
                 images = self._decoded(self._gather(pending, failures, deadline), failures, model, tasks)
                 if n + 1 < len(chunks):  # the next chunk downloads while this one is segmented
                     pending = self._fetch_chunk(pool, tasks, chunks[n + 1], spec, deadline)
-                out_of_time = False
-                for batch in _batches(images, size_of, opts.batch_size):
-                    fit = _images_that_fit(deadline, self.rt.seconds_per_image(version), len(batch))
-                    if fit:
-                        began = time.monotonic()
-                        ok, segs = self._segment(model, batch[:fit], classes, opts, extra, tasks, failures)
-                        self.rt.observe(version, len(ok), time.monotonic() - began)
-                        # RLE and polygon encoding run in the pool, beside the next batch's inference.
-                        encoded += [(i, pool.submit(encode, seg)) for (i, _), seg in zip(ok, segs)]
-                    if fit < len(batch):  # the time left held only part of this batch (or none of it)
-                        out_of_time = True
-                        break
+                # RLE and polygon encoding run in the pool, beside the next batch's inference.
+                out_of_time = self._segment_in_time(model, images, classes, opts, extra, tasks, failures, version,
+                                                    deadline, lambda i, seg: encoded.append((i, pool.submit(encode, seg))))  # fmt: skip
                 if len(chunks) > 1:  # progress of a project-sized request, for whoever watches the log
                     done = (n + 1) * PREDICT_CHUNK
                     log.info(
@@ -244,6 +223,57 @@ class MaskCLIPBackend:
                 results[i] = future.result()
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
+        self._mark_late(tasks, results, failures)
+        return self._answer(version, results, [failures[i] for i in sorted(failures)], start)
+
+    def _ready_model(
+        self, classes: list[tuple[str, ...]], deadline: Deadline
+    ) -> tuple[str, Any, dict[str, Any], str | None]:
+        """(version, model, extra arguments, None) for the served model, or (version, None, {}, why) when
+        MaskCLIP or these labels' text embeddings are not ready by ``deadline``."""
+        version, model = self.rt.model_for(classes, load=False)
+        if model is not None:  # the student: ready when loaded
+            return version, model, {}, None
+        model = self.rt.teacher_within(deadline)
+        text = self.rt.labels_within(classes, deadline) if model is not None else None
+        if text is None:
+            why = (
+                "the model is still loading" if model is None else
+                f"still preparing the labels: the text embeddings of these {len(classes)} labels are being "
+                "computed in the background (once per label set, kept under MODEL_DIR)"
+            )  # fmt: skip
+            return version, None, {}, why
+        return version, model, {"text": text}, None
+
+    def _segment_in_time(
+        self,
+        model: Any,
+        images: list[tuple[int, Any]],
+        classes: list[tuple[str, ...]],
+        opts: SegmentOptions,
+        extra: dict[str, Any],
+        tasks: Sequence[Any],
+        failures: dict[int, TaskFailure],
+        version: str,
+        deadline: Deadline,
+        done: Callable[[int, Segmentation], None],
+    ) -> bool:
+        """Segment ``images`` (task index, image) in batches of similar sizes, each started only when the time
+        left holds it; ``done(task index, segmentation)`` after each batch. True when the time ran out first."""
+        for batch in _batches(images, _size_key(model, opts), opts.batch_size):
+            fit = _images_that_fit(deadline, self.rt.seconds_per_image(version), len(batch))
+            if fit:
+                began = time.monotonic()
+                ok, segs = self._segment(model, batch[:fit], classes, opts, extra, tasks, failures)
+                self.rt.observe(version, len(ok), time.monotonic() - began)
+                for (i, _), seg in zip(ok, segs):
+                    done(i, seg)
+            if fit < len(batch):  # the time left held only part of this batch (or none of it)
+                return True
+        return False
+
+    def _mark_late(self, tasks: Sequence[Any], results: list[Any], failures: dict[int, TaskFailure]) -> None:
+        """Tasks neither predicted nor failed were not reached in time: a failure each, saying so."""
         budget = self.settings.predict_time_budget
         late = [i for i, r in enumerate(results) if not r and i not in failures]
         if late:
@@ -257,7 +287,6 @@ class MaskCLIPBackend:
                 _task_id(tasks[i]), f"not reached within the time budget of {budget:g} s "
                 "(MASKCLIP_PREDICT_TIME_BUDGET); Label Studio will ask again",
             )  # fmt: skip
-        return self._answer(version, results, [failures[i] for i in sorted(failures)], start)
 
     def _answer(self, version: str, results: list[Any], failures: list[TaskFailure], start: float) -> dict[str, Any]:
         done = sum(1 for r in results if r)
