@@ -207,6 +207,7 @@ def _preannotate(
     api: LabelStudioAPI | None, shard: Shard, page_size: int, on_progress: Callable[[int, int], None] | None,
     settle: float,
 ) -> PreannotateResult:  # fmt: skip
+    """The run, in stages: the model and what to predict, the pipeline (:class:`_Run`), the end (:func:`_finish`)."""
     from tqdm import tqdm
 
     from ..serving.backend import MaskCLIPBackend
@@ -218,134 +219,183 @@ def _preannotate(
     spec = backend.spec()
     vocab, classes = backend.classes(spec)
     version, model = backend.rt.model_for(classes)
-    result = PreannotateResult(model_version=version)
-    busy = _Busy()
     exact = _server_filter_is_exact(api, project_id, version)
     total_all = api.count_tasks(project_id, unlabeled=refresh)
     todo_all = api.count_tasks(project_id, without_version=version, unlabeled=refresh) if exact else total_all
     estimate = todo_all // shard.world + (1 if shard.rank < todo_all % shard.world else 0)
     bar = tqdm(total=estimate, desc=f"preannotate project {project_id}", unit="task", disable=not progress)
+    run = _Run(
+        settings, api, project_id, backend, version, vocab, spec.image_keys[0], shard, exact, refresh, page_size,
+        max(1, batch_size or settings.batch_size), upload_batch, settle, estimate, bar, on_progress,
+        PreannotateResult(model_version=version),
+    )  # fmt: skip
+    run.pipeline(model, classes)
+    return _finish(run, total_all, todo_all, started)
 
-    batch = max(1, batch_size or settings.batch_size)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-    tasks_q: queue.Queue = queue.Queue(maxsize=max(2 * batch, page_size))
-    loaded_q: queue.Queue = queue.Queue(maxsize=2 * batch)  # decoded images waiting for the model
-    encoded_q: queue.Queue = queue.Queue(maxsize=2 * upload_batch)  # predictions waiting for upload
-    image_key = spec.image_keys[0]
-    targets = spec.predicted_targets
-    fetch_pool = ThreadPoolExecutor(max(1, settings.fetch_threads), thread_name_prefix="preannotate-fetch")
-    encode_pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="preannotate-encode")
 
-    def guarded(fn: Callable[[], None]) -> Callable[[], None]:
+@dataclass
+class _Run:
+    """One run's pipeline and what its stages share: ``lister`` pages the tasks to predict into ``tasks_q``,
+    ``loader`` downloads and decodes them in ``fetch_pool`` into ``loaded_q``, the calling thread segments
+    batches of them (:func:`_infer`) and ``encode`` turns each into a prediction in ``encode_pool``, and
+    ``uploader`` writes them in bulk. A stage's failure stops the others (``stop``) and is re-raised."""
+
+    settings: Settings
+    api: LabelStudioAPI
+    project_id: int
+    backend: Any  # the MaskCLIPBackend of the project (its runtime's fetcher and model)
+    version: str
+    vocab: list[str]
+    image_key: str
+    shard: Shard
+    exact: bool  # whether Label Studio's "without this version" filter can be trusted (see _server_filter_is_exact)
+    refresh: bool
+    page_size: int
+    batch: int
+    upload_batch: int
+    settle: float
+    estimate: int
+    bar: Any  # tqdm
+    on_progress: Callable[[int, int], None] | None
+    result: PreannotateResult
+    busy: _Busy = field(default_factory=lambda: _Busy())
+    stop: threading.Event = field(default_factory=threading.Event)
+    errors: list[BaseException] = field(default_factory=list)
+    done: int = 0  # tasks whose prediction was made or failed: the bar and on_progress advance per task
+
+    def __post_init__(self) -> None:
+        self.tasks_q: queue.Queue = queue.Queue(maxsize=max(2 * self.batch, self.page_size))
+        self.loaded_q: queue.Queue = queue.Queue(maxsize=2 * self.batch)  # decoded images waiting for the model
+        self.encoded_q: queue.Queue = queue.Queue(maxsize=2 * self.upload_batch)  # predictions waiting for upload
+        self.targets = self.backend.spec().predicted_targets
+
+    def pipeline(self, model: Any, classes: list[tuple[str, ...]]) -> None:
+        """Run the stages until every task is uploaded or one failed (re-raised here)."""
+        s = self.settings
+        self.fetch_pool = ThreadPoolExecutor(max(1, s.fetch_threads), thread_name_prefix="preannotate-fetch")
+        encode_pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="preannotate-encode")
+        threads = [threading.Thread(target=self._guarded(f), name=f"preannotate-{f.__name__}", daemon=True)
+                   for f in (self.lister, self.loader, self.uploader)]  # fmt: skip
+        for t in threads:
+            t.start()
+        try:
+            _infer(model, classes, s, self.batch, self.loaded_q, self.encoded_q, encode_pool, self.encode,
+                   self.result, self.busy, self.stop)  # fmt: skip
+        except BaseException as e:
+            self.errors.append(e)
+            self.stop.set()
+        finally:
+            if not self.stop.is_set():
+                _put(self.encoded_q, _END, self.stop)
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.5)
+                    if self.stop.is_set():
+                        _drain(self.tasks_q, self.loaded_q, self.encoded_q)
+            self.fetch_pool.shutdown(wait=True, cancel_futures=True)
+            encode_pool.shutdown(wait=True, cancel_futures=True)
+            self.bar.close()
+        if self.errors:
+            raise self.errors[0]
+
+    def _guarded(self, fn: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
             try:
                 fn()
             except BaseException as e:  # stop the pipeline; the caller re-raises
-                errors.append(e)
-                stop.set()
+                self.errors.append(e)
+                self.stop.set()
 
         return run
 
-    def lister() -> None:
-        t0 = time.monotonic()
+    def lister(self) -> None:
+        """Stage 1: the tasks of this shard that lack the version, page by page."""
+        exact, t0 = self.exact, time.monotonic()
         # not exact: every task with its predictions inline (heavy; only when another version contains ours)
-        for page in api.task_pages(project_id, without_version=version if exact else None, unlabeled=refresh,
-                                   page_size=page_size if exact else 100, full=not exact):  # fmt: skip
-            busy.add("list", time.monotonic() - t0)
+        for page in self.api.task_pages(self.project_id, without_version=self.version if exact else None,
+                                        unlabeled=self.refresh, page_size=self.page_size if exact else 100,
+                                        full=not exact):  # fmt: skip
+            self.busy.add("list", time.monotonic() - t0)
             for task in page:
-                if not shard.owns(task["id"]):
+                if not self.shard.owns(task["id"]):
                     continue
-                if not exact and version in model_versions_of(task):
+                if not exact and self.version in model_versions_of(task):
                     continue
-                result.listed += 1
+                self.result.listed += 1
                 if not exact:
                     task = {"id": task["id"], "data": task.get("data")}
-                if not _put(tasks_q, task, stop):
+                if not _put(self.tasks_q, task, self.stop):
                     return
             t0 = time.monotonic()
-        _put(tasks_q, _END, stop)
+        _put(self.tasks_q, _END, self.stop)
 
-    def load(task: dict[str, Any]) -> Any:
+    def load(self, task: dict[str, Any]) -> Any:
         t0 = time.monotonic()
         try:
-            return _load_image(backend, task, image_key, settings.max_image_pixels)
+            return _load_image(self.backend, task, self.image_key, self.settings.max_image_pixels)
         finally:
-            busy.add("fetch", time.monotonic() - t0)
+            self.busy.add("fetch", time.monotonic() - t0)
 
-    def loader() -> None:
-        while not stop.is_set():
-            task = _get(tasks_q, stop)
+    def loader(self) -> None:
+        """Stage 2: each listed task's image, downloading in the fetch pool, in the tasks' order."""
+        while not self.stop.is_set():
+            task = _get(self.tasks_q, self.stop)
             if task is _END:
-                _put(loaded_q, _END, stop)
+                _put(self.loaded_q, _END, self.stop)
                 return
-            if not _put(loaded_q, (task, fetch_pool.submit(load, task)), stop):
+            if not _put(self.loaded_q, (task, self.fetch_pool.submit(self.load, task)), self.stop):
                 return
 
-    def encode(task: dict[str, Any], seg: Any) -> dict[str, Any]:
+    def encode(self, task: dict[str, Any], seg: Any) -> dict[str, Any]:
+        """Stage 4 (in the encode pool): a segmentation -> the task's prediction."""
         from ..labelstudio.regions import prediction
 
-        t0 = time.monotonic()
-        pred = prediction(seg, targets, vocab, version, min_area=settings.min_area, polygons=settings.polygons)
-        busy.add("encode", time.monotonic() - t0)
+        s, t0 = self.settings, time.monotonic()
+        pred = prediction(seg, self.targets, self.vocab, self.version, min_area=s.min_area, polygons=s.polygons)
+        self.busy.add("encode", time.monotonic() - t0)
         return {"task": int(task["id"]), **pred}
 
-    done = 0  # tasks whose prediction was made or failed: the bar and on_progress advance per task
-
-    def uploader() -> None:
-        nonlocal done
+    def uploader(self) -> None:
+        """Stage 5: predictions (or their tasks' failures) in order, written ``upload_batch`` at a time."""
         pending: list[dict[str, Any]] = []
         while True:
-            item = _get(encoded_q, stop)
+            item = _get(self.encoded_q, self.stop)
             if item is not _END:
-                task, fut = item
-                if isinstance(fut, str):  # no image (see _infer)
-                    result.failed.append({"task": task["id"], "error": fut})
-                else:
-                    try:
-                        pending.append(fut.result())
-                    except Exception as e:  # an encoding failure is that task's
-                        result.failed.append({"task": task["id"], "error": f"encoding: {e}"})
-                done += 1
-                bar.update(1)
-                if on_progress is not None:
-                    on_progress(done, estimate)
-            if pending and (item is _END or len(pending) >= upload_batch):
+                self._count(item, pending)
+            if pending and (item is _END or len(pending) >= self.upload_batch):
                 t0 = time.monotonic()
-                created = _upload(api, project_id, version, pending, result, settle)
-                busy.add("upload", time.monotonic() - t0)
-                result.predicted += created
-                bar.set_postfix(uploaded=result.predicted, refresh=False)
+                created = _upload(self.api, self.project_id, self.version, pending, self.result, self.settle)
+                self.busy.add("upload", time.monotonic() - t0)
+                self.result.predicted += created
+                self.bar.set_postfix(uploaded=self.result.predicted, refresh=False)
                 pending = []
             if item is _END:
                 return
 
-    threads = [threading.Thread(target=guarded(f), name=f"preannotate-{f.__name__}", daemon=True)
-               for f in (lister, loader, uploader)]  # fmt: skip
-    for t in threads:
-        t.start()
-    try:
-        _infer(model, classes, settings, batch, loaded_q, encoded_q, encode_pool, encode, result, busy, stop)
-    except BaseException as e:
-        errors.append(e)
-        stop.set()
-    finally:
-        if not stop.is_set():
-            _put(encoded_q, _END, stop)
-        for t in threads:
-            while t.is_alive():
-                t.join(0.5)
-                if stop.is_set():
-                    _drain(tasks_q, loaded_q, encoded_q)
-        fetch_pool.shutdown(wait=True, cancel_futures=True)
-        encode_pool.shutdown(wait=True, cancel_futures=True)
-        bar.close()
-    if errors:
-        raise errors[0]
+    def _count(self, item: tuple[dict[str, Any], Any], pending: list[dict[str, Any]]) -> None:
+        """One task done: its prediction joins ``pending``, or its failure the result; progress advances."""
+        task, fut = item
+        if isinstance(fut, str):  # no image (see _infer)
+            self.result.failed.append({"task": task["id"], "error": fut})
+        else:
+            try:
+                pending.append(fut.result())
+            except Exception as e:  # an encoding failure is that task's
+                self.result.failed.append({"task": task["id"], "error": f"encoding: {e}"})
+        self.done += 1
+        self.bar.update(1)
+        if self.on_progress is not None:
+            self.on_progress(self.done, self.estimate)
+
+
+def _finish(run: _Run, total_all: int, todo_all: int, started: float) -> PreannotateResult:
+    """After the pipeline: duplicates of the version removed, the skipped tasks counted, the version made live
+    (rank 0), the summary logged."""
+    api, project_id, version, shard, result = run.api, run.project_id, run.version, run.shard, run.result
     if result.predicted:
         _remove_duplicates(api, project_id, version)
     result.skipped = max(0, total_all - todo_all) if shard.world == 1 else 0
-    if not exact and shard.world == 1:
+    if not run.exact and shard.world == 1:
         result.skipped = max(0, total_all - result.listed)
     if shard.rank == 0 and (result.predicted or result.skipped):
         try:  # the Data Manager's "Prediction score" column averages the project's live version
@@ -354,7 +404,7 @@ def _preannotate(
         except LabelStudioAPIError as e:
             log.warning("project %s: could not make %s its live model version (%s)", project_id, version, e)
     result.seconds = time.monotonic() - started
-    result.busy = dict(busy.seconds)
+    result.busy = dict(run.busy.seconds)
     log.info(
         "preannotate project %s (shard %d/%d) with %s: %d predicted, %d already had it, %d failed in %.1f s; "
         "busy seconds %s", project_id, shard.rank, shard.world, version, result.predicted, result.skipped,
