@@ -17,10 +17,9 @@ import requests
 from PIL import Image
 
 from labelstudio_maskclip.masks.brush import mask_to_brush_rle
-from tests.labelstudio import started
 from tests.photos import COCO128_PHOTOS
 from tests.served import BRUSH, start_backend, wait_for
-from tests.tiny import TINY_VIT, save_random_state
+from tests.tiny import TINY_VIT
 
 pytestmark = pytest.mark.e2e
 
@@ -28,17 +27,8 @@ NAMES = sorted(p.name for p in COCO128_PHOTOS.glob("*.jpg"))[:8]
 
 
 @pytest.fixture(scope="module")
-def label_studio(tmp_path_factory):
-    """A Label Studio of this module's own, with a generous start timeout: its first start migrates the
-    database, which takes minutes on a loaded machine."""
-    with started(tmp_path_factory.mktemp("al-label-studio"), start_timeout=900) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def backend(label_studio, tmp_path_factory):
+def backend(label_studio, tmp_path_factory, weights):
     work = tmp_path_factory.mktemp("al-backend")
-    weights = save_random_state(TINY_VIT, work / "tiny_vit.pt")
     extra = {
         "LABEL_STUDIO_API_KEY": label_studio.token, "LOG_LEVEL": "INFO", "MASKCLIP_SCORE": "margin",
         "MASKCLIP_STUDENT": "tiny", "MASKCLIP_STUDENT_PRETRAINED": "none", "MASKCLIP_TRAIN_STEPS": "3",

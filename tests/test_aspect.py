@@ -14,7 +14,7 @@ from labelstudio_maskclip.serving import backend as backend_module
 from labelstudio_maskclip.serving.server import create_app
 from labelstudio_maskclip.settings import Settings
 from tests.photos import COCO128_PHOTOS
-from tests.tiny import TINY_VIT, save_random_state
+from tests.tiny import TINY_VIT
 
 STRIPS = [(1, 2000), (1, 20000), (1, 100000), (20000, 1), (3, 100000)]
 BRUSH = """<View><Image name="image" value="$image"/>
@@ -44,11 +44,6 @@ def test_ordinary_shapes_are_untouched_by_the_bound(height, width):
         )
     assert resized_size(480, 640, 448, 16, 64) == (448, 576)
     assert resized_size(4000, 500, 0, 16) == (4000, 496)  # short_side 0 keeps the size: no default bound
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return save_random_state(TINY_VIT, tmp_path_factory.mktemp("w") / "tiny.pt")
 
 
 def test_strips_segment_at_their_own_size(weights):

@@ -5,19 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from labelstudio_maskclip.cli import main
 from tests.photos import COCO128_PHOTOS
-from tests.tiny import TINY_VIT, save_random_state
+from tests.tiny import TINY_VIT
 
 PHOTOS = COCO128_PHOTOS
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return save_random_state(TINY_VIT, tmp_path_factory.mktemp("w") / "tiny.pt")
 
 
 def _model(weights) -> list[str]:

@@ -22,7 +22,7 @@ from labelstudio_maskclip.serving.server import basic_auth_header
 from tests.labelstudio import started
 from tests.photos import COCO128_PHOTOS
 from tests.served import start_backend, wait_for
-from tests.tiny import TINY_VIT, save_random_state
+from tests.tiny import TINY_VIT
 
 pytestmark = pytest.mark.e2e
 
@@ -39,11 +39,6 @@ SMART_CONFIG = CONFIG.replace(
     '  <KeyPointLabels name="click" toName="image" smart="true"><Label value="Animal"/></KeyPointLabels>\n'
     "  <BrushLabels",
 )
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return save_random_state(TINY_VIT, tmp_path_factory.mktemp("weights") / "tiny_vit.pt")
 
 
 @pytest.fixture(scope="module")

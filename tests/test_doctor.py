@@ -22,12 +22,7 @@ from labelstudio_maskclip.commands.doctor import (
 from labelstudio_maskclip.commands.network import LOOPBACK
 from labelstudio_maskclip.settings import Settings
 from tests.labelstudio import free_port
-from tests.tiny import TINY_VIT, save_random_state
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return save_random_state(TINY_VIT, tmp_path_factory.mktemp("w") / "tiny.pt")
+from tests.tiny import TINY_VIT
 
 
 def test_weights_that_load_name_model_device_and_precision(weights):

@@ -23,7 +23,7 @@ from labelstudio_maskclip.learning.store import Store
 from labelstudio_maskclip.masks.brush import mask_to_brush_rle
 from tests.photos import COCO128_PHOTOS
 from tests.served import start_backend, wait_for
-from tests.tiny import TINY_VIT, save_random_state
+from tests.tiny import TINY_VIT
 
 pytestmark = pytest.mark.e2e
 
@@ -44,10 +44,9 @@ LABELS = {"Animal", "Food", "Plant"}
 
 
 @pytest.fixture(scope="module")
-def backend(label_studio, tmp_path_factory):
+def backend(label_studio, tmp_path_factory, weights):
     """`labelstudio-maskclip serve` (gunicorn, 2 workers) with a saved random-weight tiny model."""
     work = tmp_path_factory.mktemp("backend")
-    weights = save_random_state(TINY_VIT, work / "tiny_vit.pt")
     extra = {
         "LABEL_STUDIO_API_KEY": label_studio.token, "LOG_LEVEL": "INFO",
         # MaskCLIP+ at toy scale: a tiny random student, 3 steps, promoted whatever its score.

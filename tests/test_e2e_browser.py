@@ -18,7 +18,7 @@ import pytest
 
 from tests.photos import COCO128_PHOTOS
 from tests.served import start_backend
-from tests.tiny import TINY_VIT, save_random_state
+from tests.tiny import TINY_VIT
 
 pytestmark = pytest.mark.e2e
 
@@ -64,12 +64,11 @@ def _coloured_canvas_pixels(page) -> int:
     )
 
 
-def test_predicted_masks_are_drawn_and_a_smart_click_brings_a_suggestion(label_studio, tmp_path):
+def test_predicted_masks_are_drawn_and_a_smart_click_brings_a_suggestion(label_studio, tmp_path, weights):
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         pytest.fail("Playwright is missing: pip install -e '.[test]' (never `playwright install`)")
-    weights = save_random_state(TINY_VIT, tmp_path / "tiny_vit.pt")
     backend = start_backend(tmp_path / "backend", TINY_VIT, str(weights), label_studio.url, workers=1,
                             extra_env={"LABEL_STUDIO_API_KEY": label_studio.token})  # fmt: skip
     try:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from tests.photos import COCO128_PHOTOS
 from tests.served import start_backend
-from tests.tiny import TINY_VIT, save_random_state
+from tests.tiny import TINY_VIT
 
 pytestmark = pytest.mark.e2e
 
@@ -32,9 +32,8 @@ CONFIG = """<View>
 
 
 @pytest.fixture(scope="module")
-def setup(label_studio, tmp_path_factory):
+def setup(label_studio, tmp_path_factory, weights):
     work = tmp_path_factory.mktemp("interactive")
-    weights = save_random_state(TINY_VIT, work / "tiny_vit.pt")
     served = start_backend(work, TINY_VIT, str(weights), label_studio.url, workers=1,
                            extra_env={"LABEL_STUDIO_API_KEY": label_studio.token})  # fmt: skip
     api = label_studio.api()

@@ -21,18 +21,13 @@ from tests.tiny import TINY_RN, TINY_VIT, save_random_state
 
 
 @pytest.fixture(scope="module")
-def vit_file(tmp_path_factory):
-    return save_random_state(TINY_VIT, tmp_path_factory.mktemp("w") / "tiny_vit.pt")
-
-
-@pytest.fixture(scope="module")
 def rn_file(tmp_path_factory):
     return save_random_state(TINY_RN, tmp_path_factory.mktemp("w") / "tiny_rn.pt")
 
 
 @pytest.fixture(scope="module")
-def vit(vit_file):
-    return MaskCLIP.load(model=TINY_VIT, pretrained=str(vit_file), device="cpu")
+def vit(weights):
+    return MaskCLIP.load(model=TINY_VIT, pretrained=str(weights), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -431,9 +426,9 @@ def test_batches_of_mixed_sizes_equal_one_by_one(vit):
 # --- loading ---------------------------------------------------------------------------------------
 
 
-def test_saved_state_file_loads_identical_weights(vit_file):
-    a = MaskCLIP.load(model=TINY_VIT, pretrained=str(vit_file), device="cpu")
-    b = MaskCLIP.load(model=TINY_VIT, pretrained=str(vit_file), device="cpu")
+def test_saved_state_file_loads_identical_weights(weights):
+    a = MaskCLIP.load(model=TINY_VIT, pretrained=str(weights), device="cpu")
+    b = MaskCLIP.load(model=TINY_VIT, pretrained=str(weights), device="cpu")
     px = _pixels(7, 32, 32)
     emb = a.text_embeddings(["x"], templates=["{}"])
     torch.testing.assert_close(a.dense_logits(px, emb), b.dense_logits(px, emb))
@@ -457,10 +452,10 @@ def test_missing_checkpoint_names_the_setting(tmp_path):
         MaskCLIP.load(model=TINY_VIT, pretrained=str(bad), device="cpu")
 
 
-def test_bf16_path_agrees_with_fp32(vit_file):
+def test_bf16_path_agrees_with_fp32(weights):
     """The GPU's default precision, exercised on the CPU: same shapes and dtypes out, close values."""
-    fp32 = MaskCLIP.load(model=TINY_VIT, pretrained=str(vit_file), device="cpu", precision="fp32")
-    bf16 = MaskCLIP.load(model=TINY_VIT, pretrained=str(vit_file), device="cpu", precision="bf16")
+    fp32 = MaskCLIP.load(model=TINY_VIT, pretrained=str(weights), device="cpu", precision="fp32")
+    bf16 = MaskCLIP.load(model=TINY_VIT, pretrained=str(weights), device="cpu", precision="bf16")
     assert bf16.clip.dtype == torch.bfloat16
     classes = ["cat", "dog", "tree", "sky"]
     emb32, emb16 = fp32.text_embeddings(classes), bf16.text_embeddings(classes)
@@ -474,11 +469,11 @@ def test_bf16_path_agrees_with_fp32(vit_file):
     assert (r32.labels == r16.labels).mean() > 0.9
 
 
-def test_load_clip_directly_refuses_random_weights_by_default_and_records_what_it_loaded(vit_file):
+def test_load_clip_directly_refuses_random_weights_by_default_and_records_what_it_loaded(weights):
     with pytest.raises(WeightsError, match="MASKCLIP_ALLOW_RANDOM"):
         load_clip(TINY_VIT, "random", "cpu")
-    clip = load_clip(TINY_VIT, f"  {vit_file}  ", "cpu")  # space around a setting is ignored
-    assert clip.name == "MaskCLIP-Tiny-ViT" and clip.pretrained == str(vit_file)
+    clip = load_clip(TINY_VIT, f"  {weights}  ", "cpu")  # space around a setting is ignored
+    assert clip.name == "MaskCLIP-Tiny-ViT" and clip.pretrained == str(weights)
     assert clip.device == torch.device("cpu") and clip.dtype == torch.float32
     assert not clip.model.training and not any(p.requires_grad for p in clip.model.parameters())
     # open_clip's default normalisation (OpenAI's statistics), each channel its own value

@@ -14,7 +14,7 @@ from labelstudio_maskclip.evaluation import class_names as cn
 from labelstudio_maskclip.evaluation import evaluate as ev
 from labelstudio_maskclip.settings import Settings
 from tests.photos import COCO128, VOC_SAMPLES
-from tests.tiny import TINY_VIT, save_random_state
+from tests.tiny import TINY_VIT
 
 
 def _png(path: Path, array: np.ndarray, palette: bool = False) -> None:
@@ -219,8 +219,7 @@ def test_folder_image_without_mask_is_an_error(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_settings(tmp_path_factory):
-    weights = save_random_state(TINY_VIT, tmp_path_factory.mktemp("w") / "tiny_vit.pt")
+def tiny_settings(tmp_path_factory, weights):
     return Settings(model=TINY_VIT, pretrained=str(weights), device="cpu")
 
 

@@ -18,7 +18,7 @@ import requests
 
 from labelstudio_maskclip.learning.store import Store
 from tests.served import BRUSH, brush_webhook, photo_host, start_backend, wait_for
-from tests.tiny import TINY_VIT, save_random_state
+from tests.tiny import TINY_VIT
 
 pytestmark = pytest.mark.e2e
 
@@ -27,10 +27,9 @@ NAMES = ["000000000009.jpg", "000000000025.jpg", "000000000030.jpg"]
 
 
 @pytest.fixture(scope="module")
-def system(tmp_path_factory):
+def system(tmp_path_factory, weights):
     host = photo_host(tmp_path_factory.mktemp("files"), NAMES)
     work = tmp_path_factory.mktemp("backend")
-    weights = save_random_state(TINY_VIT, work / "tiny_vit.pt")
     backend = start_backend(work, TINY_VIT, str(weights), host.url, workers=2,
                             extra_env={"MASKCLIP_DOWNLOAD_TIMEOUT": str(DOWNLOAD_TIMEOUT)})  # fmt: skip
     yield backend, host
@@ -134,14 +133,13 @@ def test_label_studio_down_or_hung_gives_per_task_errors_then_recovers(system):
           f"(MASKCLIP_DOWNLOAD_TIMEOUT={DOWNLOAD_TIMEOUT})")  # fmt: skip
 
 
-def test_slow_clients_cannot_hold_the_worker_threads(tmp_path_factory):
+def test_slow_clients_cannot_hold_the_worker_threads(tmp_path_factory, weights):
     """12 connections dripping request headers and 4 dripping a small body, against one worker of 2
     threads: /health keeps answering (the requests are read in the event loop, not in the threads), and the
     drippers are answered 408 and disconnected after the read timeout."""
     from labelstudio_maskclip.serving.worker import READ_TIMEOUT
 
     work = tmp_path_factory.mktemp("slow-clients")
-    weights = save_random_state(TINY_VIT, work / "tiny_vit.pt")
     backend = start_backend(work, TINY_VIT, str(weights), "http://127.0.0.1:9", workers=1,
                             extra_env={"THREADS": "2"})  # fmt: skip
     port = int(backend.url.rsplit(":", 1)[1])
@@ -214,7 +212,7 @@ def _polygon_bomb(annotation_id: int) -> dict:
     return body
 
 
-def test_peak_memory_of_8_concurrent_worst_case_webhooks(tmp_path_factory):
+def test_peak_memory_of_8_concurrent_worst_case_webhooks(tmp_path_factory, weights):
     """One worker with 8 threads gets 8 webhooks at once, twice: annotations at the bounds for a 64-megapixel
     image (3 labels: (3 + 2) x 64 MB of masks each), then 300k-point polygons (rejected before rasterising).
     The worker's peak RSS (VmHWM) stays bounded (2 annotations decoded at once per process) and it lives."""
@@ -233,7 +231,6 @@ def test_peak_memory_of_8_concurrent_worst_case_webhooks(tmp_path_factory):
         mask[500 * k : 500 * k + 4000, 1000 : 1000 + 5000] = True
         rles[label] = mask_to_brush_rle(mask)
     work = tmp_path_factory.mktemp("rss")
-    weights = save_random_state(TINY_VIT, work / "tiny_vit.pt")
     backend = start_backend(work, TINY_VIT, str(weights), "http://127.0.0.1:9", workers=1,
                             extra_env={"THREADS": "8"})  # fmt: skip
     try:

@@ -22,7 +22,7 @@ from labelstudio_maskclip.learning.store import Store
 from labelstudio_maskclip.serving.server import create_app
 from labelstudio_maskclip.settings import Settings
 from tests.served import BRUSH, PHOTOS, FileHost, brush_webhook
-from tests.tiny import TINY_VIT, save_random_state
+from tests.tiny import TINY_VIT
 
 SEED, CASES = 20261128, 300
 KEPT = [10**9 + k for k in range(5)]  # annotations stored before the fuzz; the fuzzer never draws these ids
@@ -60,12 +60,11 @@ ODD_FILES = {
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, weights):
     root = tmp_path_factory.mktemp("files")
     for name, make in ODD_FILES.items():
         (root / name).write_bytes(make())
     host = FileHost(root)
-    weights = save_random_state(TINY_VIT, tmp_path_factory.mktemp("w") / "tiny.pt")
     settings = Settings(
         model=TINY_VIT, pretrained=str(weights), device="cpu", short_side=64, templates="simple",
         model_dir=str(tmp_path_factory.mktemp("model_dir")), label_studio_url=host.url, min_area=0.0,

@@ -36,7 +36,7 @@ from labelstudio_maskclip.serving.interactive import (
 )
 from labelstudio_maskclip.settings import Settings
 from tests.photos import COCO128_PHOTOS
-from tests.tiny import TINY_VIT, save_random_state
+from tests.tiny import TINY_VIT
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -294,8 +294,7 @@ def test_feature_cache_is_bounded_by_bytes_and_keeps_the_newest():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    weights = save_random_state(TINY_VIT, tmp_path_factory.mktemp("w") / "tiny_vit.pt")
+def tiny(tmp_path_factory, weights):
     seg = MaskCLIP.load(TINY_VIT, str(weights), "cpu", "fp32", templates="simple")
     return seg, weights
 

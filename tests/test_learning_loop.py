@@ -30,7 +30,7 @@ from labelstudio_maskclip.training import data as td
 from labelstudio_maskclip.training import train as tr
 from labelstudio_maskclip.training.student import StudentModel, build_student, class_key, load_student
 from tests.test_training import CLASSES, _fill, _settings, synthetic
-from tests.tiny import TINY_VIT, save_random_state
+from tests.tiny import TINY_VIT
 
 DIM = 16
 
@@ -69,13 +69,12 @@ def _data_uri(img: np.ndarray) -> str:
     return _png_data_uri(img)
 
 
-def test_every_promotion_and_rollback_changes_what_one_running_app_serves(tmp_path):
+def test_every_promotion_and_rollback_changes_what_one_running_app_serves(tmp_path, weights):
     """One app (one worker process) answers /predict between two promotions and two rollbacks: each answer
     comes from the model its version names (a student answering one label everywhere), never the one
     loaded before."""
     from labelstudio_maskclip.serving.server import create_app
 
-    weights = save_random_state(TINY_VIT, tmp_path / "tiny.pt")
     s = Settings(model=TINY_VIT, pretrained=str(weights), device="cpu", short_side=32, templates="simple",
                  model_dir=str(tmp_path / "md"), min_area=0.0, min_confidence=0.0)  # fmt: skip
     client = create_app(s, warm=False).test_client()
@@ -268,7 +267,7 @@ def test_an_image_and_its_peoples_labels_stay_aligned_through_augmentation(tmp_p
 # --- the trainer reuses the server's text embeddings ---------------------------------------------------------
 
 
-def test_a_run_waits_for_the_servers_text_embeddings_and_reuses_them(tmp_path):
+def test_a_run_waits_for_the_servers_text_embeddings_and_reuses_them(tmp_path, weights):
     """While a server process computes a label set's text embeddings (slowly, here), a training run for the
     same labels waits for them and trains on exactly those numbers instead of computing its own; the next
     run reads the stored file."""
@@ -278,7 +277,6 @@ def test_a_run_waits_for_the_servers_text_embeddings_and_reuses_them(tmp_path):
     from labelstudio_maskclip.embeddings import label_set
     from labelstudio_maskclip.models import shared_maskclip, text_embedding_store
 
-    weights = save_random_state(TINY_VIT, tmp_path / "tiny.pt")
     s = _settings(tmp_path / "md", model=TINY_VIT, pretrained=str(weights), templates="simple")
     classes = [(c,) for c in CLASSES]
     own = shared_maskclip(s).text_embeddings(classes).float().cpu()

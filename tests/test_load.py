@@ -18,7 +18,7 @@ import requests
 
 from labelstudio_maskclip.learning.store import Store
 from tests.served import BRUSH, brush_webhook, photo_host, start_backend, vm_hwm_kib
-from tests.tiny import TINY_VIT, save_random_state
+from tests.tiny import TINY_VIT
 
 pytestmark = pytest.mark.e2e
 
@@ -30,10 +30,9 @@ RSS_BOUND_KIB = int(1.5 * 2**20)  # 1.5 GiB per worker
 
 
 @pytest.fixture(scope="module")
-def system(tmp_path_factory):
+def system(tmp_path_factory, weights):
     host = photo_host(tmp_path_factory.mktemp("files"), NAMES)
     work = tmp_path_factory.mktemp("backend")
-    weights = save_random_state(TINY_VIT, work / "tiny_vit.pt")
     backend = start_backend(work, TINY_VIT, str(weights), host.url, workers=2)
     yield backend
     backend.stop()

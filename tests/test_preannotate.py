@@ -23,7 +23,7 @@ from labelstudio_maskclip.commands.preannotate import Shard, combine_summaries, 
 from labelstudio_maskclip.labelstudio.api import AmbiguousWriteError, LabelStudioAPIError
 from labelstudio_maskclip.settings import Settings
 from tests.labelstudio import free_port
-from tests.tiny import TINY_VIT, save_random_state
+from tests.tiny import TINY_VIT
 
 CONFIG = """<View><Image name="image" value="$image"/>
 <BrushLabels name="tag" toName="image"><Label value="cat"/><Label value="dog"/></BrushLabels></View>"""
@@ -136,8 +136,7 @@ class FakeLabelStudio:
 
 
 @pytest.fixture(scope="module")
-def settings(tmp_path_factory):
-    weights = save_random_state(TINY_VIT, tmp_path_factory.mktemp("w") / "tiny.pt")
+def settings(tmp_path_factory, weights):
     return Settings(
         model=TINY_VIT, pretrained=str(weights), device="cpu", short_side=32, templates="simple", min_area=0.0,
         model_dir=str(tmp_path_factory.mktemp("model_dir")), label_studio_url="http://ls.invalid", batch_size=4,

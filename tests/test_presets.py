@@ -145,11 +145,10 @@ def test_settings_resolve_the_preset_and_explicit_settings_override_it():
         )  # fmt: skip
 
 
-def test_eval_preset_writes_label_maps_at_the_original_size(tmp_path, photos):
+def test_eval_preset_writes_label_maps_at_the_original_size(tmp_path, photos, weights):
     """``eval --dataset folder --preset NAME``: predictions/<stem>.png, 0-based class indices, original size,
     the same labels as the engine gives with that preset."""
     from labelstudio_maskclip.cli import main
-    from tests.tiny import save_random_state
 
     root = tmp_path / "data"
     (root / "images").mkdir(parents=True)
@@ -158,7 +157,6 @@ def test_eval_preset_writes_label_maps_at_the_original_size(tmp_path, photos):
     for i, (img, labelled) in enumerate(photos[:2]):
         Image.fromarray(img).save(root / "images" / f"photo{i}.png")
         Image.fromarray(np.where(labelled, i, 255).astype(np.uint8)).save(root / "masks" / f"photo{i}.png")
-    weights = save_random_state(TINY_VIT, tmp_path / "tiny.pt")
     out = tmp_path / "out"
     code = main(["eval", "--dataset", "folder", "--root", str(root), "--out", str(out), "--preset", "sclip",
                  "--model", TINY_VIT, "--pretrained", str(weights), "--device", "cpu", "--no-progress"])  # fmt: skip

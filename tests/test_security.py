@@ -668,15 +668,14 @@ def test_a_request_is_complete_when_its_head_and_small_body_arrived():
 # --- log lines cannot be forged (issue #22, item 10) ----------------------------------------------------
 
 
-def test_a_newline_in_a_task_cannot_forge_a_log_line(tmp_path):
+def test_a_newline_in_a_task_cannot_forge_a_log_line(tmp_path, weights):
     """The served backend logs each task's failure with its URL and id: newlines (and other line breaks) sent
     in them come out escaped, inside the one record, never as a line of their own."""
     import requests
 
     from tests.served import BRUSH, start_backend
-    from tests.tiny import TINY_VIT, save_random_state
+    from tests.tiny import TINY_VIT
 
-    weights = save_random_state(TINY_VIT, tmp_path / "tiny.pt")
     backend = start_backend(tmp_path / "b", TINY_VIT, str(weights), "http://127.0.0.1:1", workers=1)
     forged = "2026-01-01 00:00:00,000 WARNING labelstudio_maskclip: FORGED"
     try:

@@ -16,7 +16,7 @@ from labelstudio_maskclip.masks.polygons import percent_to_points
 from labelstudio_maskclip.serving.server import basic_auth_header, create_app
 from labelstudio_maskclip.settings import Settings
 from tests.photos import COCO128_PHOTOS
-from tests.tiny import TINY_VIT, save_random_state
+from tests.tiny import TINY_VIT
 
 PHOTOS = COCO128_PHOTOS
 BRUSH = """<View><Image name="image" value="$image"/>
@@ -54,8 +54,7 @@ def files(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def settings(tmp_path_factory, files):
-    weights = save_random_state(TINY_VIT, tmp_path_factory.mktemp("w") / "tiny.pt")
+def settings(tmp_path_factory, files, weights):
     return Settings(
         model=TINY_VIT, pretrained=str(weights), device="cpu", short_side=64, templates="simple",
         model_dir=str(tmp_path_factory.mktemp("model_dir")), label_studio_url=files, min_area=0.0,
@@ -77,7 +76,8 @@ def test_health_and_setup_report_the_model_version(client):
     assert reply.status_code == 200
     # the default preset, naclip, and the settings that override it
     assert (
-        reply.get_json()["model_version"] == "maskclip-MaskCLIP-Tiny-ViT.tiny.pt-naclip+short_side=64+templates=simple"
+        reply.get_json()["model_version"]
+        == "maskclip-MaskCLIP-Tiny-ViT.tiny_vit.pt-naclip+short_side=64+templates=simple"
     )
 
 

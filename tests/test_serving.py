@@ -24,17 +24,12 @@ from labelstudio_maskclip.serving.backend import MaskCLIPBackend, runtime
 from labelstudio_maskclip.serving.server import create_app
 from labelstudio_maskclip.settings import Settings
 from tests.photos import COCO128_PHOTOS
-from tests.tiny import TINY_VIT, save_random_state
+from tests.tiny import TINY_VIT
 
 BRUSH = """<View><Image name="image" value="$image"/>
 <BrushLabels name="tag" toName="image"><Label value="Animal" predicted_values="cat,dog"/><Label value="Food"/>
 <Label value="Sky"/></BrushLabels></View>"""
 LABELS = (("cat", "dog"), ("Food",), ("Sky",))
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return save_random_state(TINY_VIT, tmp_path_factory.mktemp("w") / "tiny.pt")
 
 
 def _settings(weights, tmp_path, **changes) -> Settings:

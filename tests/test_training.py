@@ -24,7 +24,7 @@ from labelstudio_maskclip.training import train as tr
 from labelstudio_maskclip.training import validation as tv
 from labelstudio_maskclip.training.student import load_student
 from labelstudio_maskclip.training.trigger import acquire_training_lock
-from tests.tiny import TINY_VIT, save_random_state
+from tests.tiny import TINY_VIT
 
 CLASSES = ["disc", "box", "ground"]
 COLOURS = {0: (200, 40, 40), 1: (40, 40, 200)}  # disc red, box blue; ground is textured grey
@@ -221,13 +221,8 @@ def test_promotion_rule():
 # --- runs --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def clip_file(tmp_path_factory):
-    return save_random_state(TINY_VIT, tmp_path_factory.mktemp("clip") / "tiny_vit.pt")
-
-
-def test_two_step_run_with_the_clip_teacher_writes_a_loadable_checkpoint(tmp_path, clip_file):
-    s = _settings(tmp_path, model=TINY_VIT, pretrained=str(clip_file), templates="simple")
+def test_two_step_run_with_the_clip_teacher_writes_a_loadable_checkpoint(tmp_path, weights):
+    s = _settings(tmp_path, model=TINY_VIT, pretrained=str(weights), templates="simple")
     store = Store(tmp_path)
     images = _fill(store, range(4), annotated={0})
     fetched = []
@@ -350,7 +345,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
         tr.train(s, Store(tmp_path / "empty"), load_image=load, teacher=NoisyOracle())
 
 
-def test_two_process_distributed_run_on_cpu(tmp_path, clip_file):
+def test_two_process_distributed_run_on_cpu(tmp_path, weights):
     """torchrun with 2 gloo processes: both ranks train their shard, rank 0 promotes once (about 15 s)."""
     import subprocess
     import sys
@@ -358,7 +353,7 @@ def test_two_process_distributed_run_on_cpu(tmp_path, clip_file):
     from labelstudio_maskclip.jobs import settings_env
 
     s = _settings(
-        tmp_path / "md", model=TINY_VIT, pretrained=str(clip_file), templates="simple", short_side=32, train_steps=3
+        tmp_path / "md", model=TINY_VIT, pretrained=str(weights), templates="simple", short_side=32, train_steps=3
     )
     store = Store(tmp_path / "md")
     for tid in range(4):

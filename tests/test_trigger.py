@@ -25,7 +25,7 @@ from labelstudio_maskclip.settings import Settings
 from labelstudio_maskclip.training import checkpoints as ck
 from labelstudio_maskclip.training import trigger
 from labelstudio_maskclip.training.student import build_student
-from tests.tiny import TINY_VIT, save_random_state
+from tests.tiny import TINY_VIT
 
 
 def _data_uri(seed: int) -> str:
@@ -76,8 +76,8 @@ def _digest(path: Path) -> str:
 
 
 @pytest.fixture()
-def setup(tmp_path):
-    clip = save_random_state(TINY_VIT, tmp_path / "tiny_vit.pt")
+def setup(tmp_path, weights):
+    clip = weights
     model_dir = tmp_path / "model_dir"
     s = Settings(
         model=TINY_VIT,

@@ -23,7 +23,7 @@ from labelstudio_maskclip.masks.brush import brush_rle_to_mask, mask_to_brush_rl
 from labelstudio_maskclip.training.checkpoints import current_version
 from tests.served import FileHost, start_backend, wait_for
 from tests.test_training import synthetic
-from tests.tiny import TINY_VIT, save_random_state
+from tests.tiny import TINY_VIT
 
 pytestmark = pytest.mark.e2e
 
@@ -41,14 +41,13 @@ def _url(seed: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def loop(tmp_path_factory):
+def loop(tmp_path_factory, weights):
     work = tmp_path_factory.mktemp("whole-loop")
     files = work / "files"
     files.mkdir()
     for seed in [*ANNOTATED, *HELD_OUT]:
         Image.fromarray(synthetic(seed)[0]).save(files / f"shape-{seed}.png")
     host = FileHost(files)
-    weights = save_random_state(TINY_VIT, work / "tiny_vit.pt")
     extra = {
         "LOG_LEVEL": "INFO", "MASKCLIP_MIN_CONFIDENCE": "0", "MASKCLIP_STUDENT": "tiny",
         "MASKCLIP_STUDENT_PRETRAINED": "none", "MASKCLIP_TRAIN_STEPS": "80", "MASKCLIP_TRAIN_CROP": "48",
