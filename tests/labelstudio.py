@@ -1,4 +1,5 @@
-"""A real Label Studio for tests: a server on a loopback port, and a small API client.
+"""A real Label Studio for tests: a server on a loopback port, and the package's API client with the calls
+that set Label Studio up.
 
 The server is ``label-studio start`` from its own virtualenv (``LABEL_STUDIO_VENV``, default
 ``.ls-venv`` in the repository root; ``scripts/install-label-studio.sh`` creates it), with a temporary
@@ -26,6 +27,9 @@ import pytest
 import requests
 
 from labelstudio_maskclip.commands.network import LABEL_STUDIO_SETTINGS, SWITCHES
+from labelstudio_maskclip.fetching.images import ImageFetcher
+from labelstudio_maskclip.labelstudio import api
+from labelstudio_maskclip.settings import Settings
 
 __all__ = ["LabelStudioAPI", "LabelStudioServer", "LabelStudioUnavailable", "free_port", "started"]
 
@@ -189,29 +193,20 @@ class LabelStudioServer:
         self.stop()
 
 
-class LabelStudioAPI:
-    """The few Label Studio REST calls the tests need (legacy token auth). Each returns parsed JSON."""
+class LabelStudioAPI(api.LabelStudioAPI):
+    """The package's client (its requests, retries, auth and errors: a failed call raises
+    :class:`~labelstudio_maskclip.labelstudio.api.LabelStudioAPIError` with Label Studio's answer) and the
+    few calls more that the tests need to set Label Studio up. Each returns parsed JSON."""
 
     def __init__(self, url: str, token: str, timeout: float = 120.0):
-        self.url = url.rstrip("/")
-        self.timeout = timeout
-        self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Token {token}"
-
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """``method path`` with the token; raises with LS's answer on a non-2xx status."""
-        response = self.session.request(method, f"{self.url}{path}", timeout=self.timeout, **kwargs)
-        if not response.ok:
-            raise requests.HTTPError(
-                f"{method} {path} -> {response.status_code}: {response.text[:2000]}", response=response
-            )
-        return response.json() if response.content else None
+        settings = Settings(label_studio_url=url, label_studio_api_key=token)
+        super().__init__(ImageFetcher.from_settings(settings), timeout=timeout)
 
     def get_bytes(self, path_or_url: str, authorized: bool = True) -> requests.Response:
         """GET a (relative) URL as Label Studio serves it, e.g. ``/data/upload/1/x.jpg``."""
         url = path_or_url if path_or_url.startswith("http") else f"{self.url}{path_or_url}"
-        getter = self.session.get if authorized else requests.get
-        return getter(url, timeout=self.timeout)
+        headers = self.fetcher.auth_headers(url) if authorized else {}
+        return requests.get(url, headers=headers, timeout=self.timeout)
 
     # projects and tasks
     def create_project(self, title: str, label_config: str, **fields: Any) -> dict:

@@ -15,9 +15,9 @@ import subprocess
 import sys
 
 import pytest
-import requests
 
 from labelstudio_maskclip.commands.network import BLOCK_MESSAGE, LABEL_STUDIO_SETTINGS
+from labelstudio_maskclip.labelstudio.api import LabelStudioAPIError
 from labelstudio_maskclip.serving.server import basic_auth_header
 from tests.labelstudio import started
 from tests.photos import COCO128_PHOTOS
@@ -64,7 +64,7 @@ def test_stock_label_studio_refuses_a_loopback_backend_and_doctor_names_the_bloc
     try:
         api = ls.api()
         project = api.create_project("stock", CONFIG)
-        with pytest.raises(requests.HTTPError) as refused:
+        with pytest.raises(LabelStudioAPIError) as refused:
             api.connect_ml_backend(project["id"], backend.url, title="maskclip")
         assert "-> 403" in str(refused.value)
         assert BLOCK_MESSAGE.format(subnet="127.0.0.0/8") in str(refused.value)  # the README's exact words

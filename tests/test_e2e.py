@@ -19,6 +19,7 @@ import requests
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
+from labelstudio_maskclip.labelstudio.api import LabelStudioAPIError
 from labelstudio_maskclip.learning.store import Store
 from labelstudio_maskclip.masks.brush import mask_to_brush_rle
 from tests.photos import COCO128_PHOTOS
@@ -292,7 +293,7 @@ def test_basic_auth_backend_with_label_studio(label_studio, backend, tmp_path):
         api = label_studio.api()
         proj = api.create_project("maskclip basic auth", CONFIG)
         api.import_files(proj["id"], [PHOTOS / NAMES[0]])
-        with pytest.raises(requests.HTTPError, match="400"):
+        with pytest.raises(LabelStudioAPIError, match="400"):
             api.connect_ml_backend(proj["id"], secured.url, title="no credentials")
         api.connect_ml_backend(proj["id"], secured.url, title="secured", auth_method="BASIC_AUTH",
                                basic_auth_user="ls", basic_auth_pass="s3cret")  # fmt: skip
