@@ -312,22 +312,43 @@ class MaskCLIPBackend:
         labels' text embeddings (prepared at ``/setup``), a new phrase's text pass and the image download;
         past it the answer is a 200 without masks whose note says why (:meth:`_interactive_answer`).
         """
-        from ..engine.prompts import encode_image
         from ..models import segment_options
-        from .interactive import (
-            BACKGROUND_WORDS,
-            ContextError,
-            PromptText,
-            TextPrompt,
-            parse_context,
-            predict_interactive,
-        )
+        from .interactive import ContextError, PromptText, TextPrompt, predict_interactive
 
         start = time.monotonic()
         deadline = Deadline(start + self.settings.predict_time_budget)
+        spec = self.spec()
+        prompts, key, url = self._interactive_request(tasks, context, spec)
+        version = self.rt.teacher_version()
+        vocab, classes = self.classes(spec)
+        seg, labels, background, kind = self._interactive_text(classes, deadline)
+        if seg is None or labels is None or background is None:
+            why = ("the model is still loading" if seg is None else
+                   f"still preparing the text of the project's {len(classes)} labels (started when the model "
+                   "was connected; once per label set, kept under MODEL_DIR)")  # fmt: skip
+            return self._interactive_answer(tasks[0], version, [], [f"no mask yet: {why}; try again in a moment"],
+                                            start, kind, len(prompts))  # fmt: skip
+        phrases = [p for prompt in prompts if isinstance(prompt, TextPrompt) for p in prompt.phrases]
+        embedded = {p: emb[0] for p in phrases if (emb := self.rt.phrase_within(p, deadline)) is not None}
+        opts = segment_options(self.settings)
+        image, dense = self._interactive_features(seg, tasks[0], spec, url, version, opts, deadline)
+        text = PromptText(vocab, labels, background, embedded)
+        try:
+            regions, notes = predict_interactive(
+                seg, image, dense, prompts, spec, key, opts, text, polygons=self.settings.polygons
+            )
+        except ContextError as e:
+            raise PredictError(str(e)) from e
+        return self._interactive_answer(tasks[0], version, regions, notes, start, "nothing found", len(prompts))
+
+    def _interactive_request(
+        self, tasks: Sequence[Mapping[str, Any]], context: Mapping[str, Any], spec: LabelingSpec
+    ) -> tuple[list[Any], str, str]:
+        """(prompts, image key, image URL) of an interactive request; PredictError (400) when unusable."""
+        from .interactive import ContextError, parse_context
+
         if len(tasks) != 1:
             raise PredictError(f"an interactive request carries one task, got {len(tasks)}")
-        spec = self.spec()
         try:
             prompts = parse_context(context, spec)
         except ContextError as e:
@@ -337,41 +358,42 @@ class MaskCLIPBackend:
         if isinstance(url, TaskFailure):
             has_data = isinstance(_mapping(tasks[0]).get("data"), Mapping)
             raise PredictError(f"the task has no image under data.{key}" if has_data else url.reason)
-        version = self.rt.teacher_version()
-        vocab, classes = self.classes(spec)
+        return prompts, key, url
+
+    def _interactive_text(self, classes: list[tuple[str, ...]], deadline: Deadline) -> tuple[Any, Any, Any, str]:
+        """(teacher, label embeddings, background embeddings, what is missing) within ``deadline``; a None
+        for what is not ready in time ("model loading" or "labels preparing")."""
+        from .interactive import BACKGROUND_WORDS
+
         seg = self.rt.teacher_within(deadline)
         labels = self.rt.labels_within(classes, deadline) if seg is not None else None
         background = self.rt.labels_within([(w,) for w in BACKGROUND_WORDS], deadline) if labels is not None else None
-        if seg is None or labels is None or background is None:
-            why = ("the model is still loading" if seg is None else
-                   f"still preparing the text of the project's {len(classes)} labels (started when the model "
-                   "was connected; once per label set, kept under MODEL_DIR)")  # fmt: skip
-            kind = "model loading" if seg is None else "labels preparing"
-            return self._interactive_answer(tasks[0], version, [], [f"no mask yet: {why}; try again in a moment"],
-                                            start, kind, len(prompts))  # fmt: skip
-        phrases = [p for prompt in prompts if isinstance(prompt, TextPrompt) for p in prompt.phrases]
-        embedded = {p: emb[0] for p in phrases if (emb := self.rt.phrase_within(p, deadline)) is not None}
-        opts = segment_options(self.settings)
+        return seg, labels, background, "model loading" if seg is None else "labels preparing"
+
+    def _interactive_features(
+        self,
+        seg: Any,
+        task: Mapping[str, Any],
+        spec: LabelingSpec,
+        url: str,
+        version: str,
+        opts: Any,
+        deadline: Deadline,
+    ) -> tuple[np.ndarray, Any]:
+        """(image, dense features) of the task's image, from this worker's feature cache or loaded now."""
+        from ..engine.prompts import encode_image
 
         def load() -> tuple[Any, int]:
-            got = self._load_image(tasks[0], spec, deadline)
+            got = self._load_image(task, spec, deadline)
             if isinstance(got, TaskFailure):
                 raise PredictError(f"task {got.task_id}: {got.reason}")
             if not isinstance(got, np.ndarray):
-                raise PredictError(f"task {_task_id(tasks[0])}: the image did not arrive within the time budget")
+                raise PredictError(f"task {_task_id(task)}: the image did not arrive within the time budget")
             dense = encode_image(seg, got, opts)
             return (got, dense), got.nbytes + dense.nbytes
 
         # Per project: another project's task with the same URI passes Label Studio's own access check first.
-        image, dense = self.rt.features.get((self.project, url, version, opts), load)
-        text = PromptText(vocab, labels, background, embedded)
-        try:
-            regions, notes = predict_interactive(
-                seg, image, dense, prompts, spec, key, opts, text, polygons=self.settings.polygons
-            )
-        except ContextError as e:
-            raise PredictError(str(e)) from e
-        return self._interactive_answer(tasks[0], version, regions, notes, start, "nothing found", len(prompts))
+        return self.rt.features.get((self.project, url, version, opts), load)
 
     def _interactive_answer(
         self,
