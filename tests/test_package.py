@@ -179,3 +179,23 @@ def test_every_error_class_is_bad_input_or_unavailable():
             assert issubclass(cls, (errors.BadInput, errors.Unavailable)), f"{cls.__module__}.{cls.__qualname__}"
     assert issubclass(errors.BadInput, ValueError) and errors.BadInput.http_status == 400
     assert issubclass(errors.Unavailable, RuntimeError) and errors.Unavailable.http_status == 503
+
+
+#: functions over the limit that are still to be split into named stages (none may join them)
+LONG_FUNCTIONS_LEFT = {
+    "serving/interactive.py:predict_interactive",
+    "engine/loading.py:load_clip",
+    "engine/segmenter.py:_finalize",
+    "evaluation/evaluate.py:run_eval",
+    "learning/store.py:put_annotation",
+}
+
+
+def test_functions_fit_on_a_screen():
+    """At most 60 lines a function (its docstring included): a longer one is split into named stages."""
+    long = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.add(f"{path.relative_to(PACKAGE).as_posix()}:{node.name}")
+    assert long <= LONG_FUNCTIONS_LEFT, f"split into named stages: {sorted(long - LONG_FUNCTIONS_LEFT)}"
