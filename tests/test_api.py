@@ -2,50 +2,32 @@
 
 from __future__ import annotations
 
-import http.server
-import json
-import threading
-
 import pytest
 
 from labelstudio_maskclip.fetching.images import ImageFetcher
 from labelstudio_maskclip.labelstudio.api import AmbiguousWriteError, LabelStudioAPI, LabelStudioAPIError, task_filter
+from tests.fake_label_studio import FakeLabelStudio, Request
 from tests.labelstudio import free_port
 
 
 class Flaky:
-    """Answers ``statuses`` in turn (then 200 with ``{"created": 1}``) and records every request."""
+    """The fake Label Studio answering ``statuses`` in turn (then 200 with ``{"created": 1}``); ``seen``:
+    every request's (method, path, Authorization)."""
 
     def __init__(self, statuses: list[int]):
         self.statuses = list(statuses)
         self.seen: list[tuple[str, str, str]] = []
-        flaky = self
+        self.fake = FakeLabelStudio(self.answer)
+        self.url = self.fake.url
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def _answer(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length).decode() if length else ""
-                flaky.seen.append((self.command, self.path, self.headers.get("Authorization", "")))
-                status = flaky.statuses.pop(0) if flaky.statuses else 200
-                payload = json.dumps({"created": len(json.loads(body)) if body else 0, "tasks": []}).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            do_GET = do_POST = do_PATCH = _answer
-
-            def log_message(self, *a):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+    def answer(self, request: Request) -> None:
+        self.seen.append((request.method, request.path, request.authorization or ""))
+        status = self.statuses.pop(0) if self.statuses else 200
+        body = request.data()
+        request.json(status, {"created": len(body) if body else 0, "tasks": []})
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.fake.close()
 
 
 @pytest.fixture

@@ -5,12 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import random
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import pytest
@@ -26,6 +23,7 @@ from labelstudio_maskclip.labelstudio.webhooks import (
 from labelstudio_maskclip.learning.store import Store
 from labelstudio_maskclip.masks.brush import mask_to_brush_rle
 from labelstudio_maskclip.masks.polygons import points_to_percent, polygons_to_mask
+from tests.fake_label_studio import Request, fake_label_studio
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools + numpy 2
 
@@ -413,40 +411,24 @@ def test_backfill_from_export_file_is_idempotent(store: Store, tmp_path: Path) -
 
 @pytest.fixture
 def label_studio_like() -> Iterator[str]:
-    """A loopback HTTP server answering the two Label Studio API calls the backfill makes."""
+    """The fake Label Studio answering the two API calls the backfill makes (tasks paged like Label Studio)."""
     tasks = export_tasks()
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            if self.headers.get("Authorization") != "Token secret":
-                body, status = b'{"detail": "no"}', 401
-            elif self.path == "/api/projects/1":
-                body, status = json.dumps({"id": 1, "label_config": CONFIG}).encode(), 200
-            elif self.path == "/api/projects/1/export?exportType=JSON&download_all_tasks=true":
-                body, status = json.dumps(tasks).encode(), 200
-            elif self.path.startswith("/api/tasks?"):  # paged like Label Studio
-                query = {k: v[0] for k, v in parse_qs(urlparse(self.path).query).items()}
-                page, size = int(query["page"]), int(query["page_size"])
-                assert query["project"] == "1"
-                body = json.dumps({"tasks": tasks[(page - 1) * size : page * size], "total": len(tasks)}).encode()
-                status = 200
-            else:
-                body, status = b"{}", 404
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def answer(request: Request) -> None:
+        if request.authorization != "Token secret":
+            return request.json(401, {"detail": "no"})
+        if request.path == "/api/projects/1":
+            return request.json(200, {"id": 1, "label_config": CONFIG})
+        if request.path == "/api/projects/1/export?exportType=JSON&download_all_tasks=true":
+            return request.json(200, tasks)
+        if request.route == "/api/tasks":
+            page, size = int(request.query["page"]), int(request.query["page_size"])
+            assert request.query["project"] == "1"
+            return request.json(200, {"tasks": tasks[(page - 1) * size : page * size], "total": len(tasks)})
+        return request.json(404, {})
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
+    with fake_label_studio(answer) as fake:
+        yield fake.url + "/"
 
 
 def test_backfill_from_api_with_the_package_client(store: Store, label_studio_like: str) -> None:

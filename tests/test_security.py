@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import threading
 
 import pytest
 
 from labelstudio_maskclip.serving.server import basic_auth_header, create_app, credentials_match
 from labelstudio_maskclip.settings import Settings
+from tests.fake_label_studio import FakeLabelStudio as Fake
+from tests.fake_label_studio import Request
 
 
 def _raw_basic(raw: bytes) -> str:
@@ -286,46 +289,29 @@ def test_edge_pixels_count_what_pycocotools_walks():
 
 
 class FakeLabelStudio:
-    """Loopback Label Studio API: GET /api/annotations/N, /api/predictions/N from dicts; counts hits; every
-    answer waits for ``gate`` (set = answer at once)."""
+    """The fake Label Studio answering GET /api/annotations/N, /api/predictions/N from dicts; counts hits;
+    every answer waits for ``gate`` (set = answer at once)."""
 
     def __init__(self):
-        import http.server
-        import json
-        import threading
-
         self.annotations: dict[int, dict] = {}
         self.predictions: dict[int, dict] = {}
         self.hits: dict[str, int] = {}
         self.gate = threading.Event()
         self.gate.set()
-        fake = self
+        self.server = Fake(self.answer)
+        self.url = self.server.url
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                fake.hits[self.path] = fake.hits.get(self.path, 0) + 1
-                fake.gate.wait(120)
-                kind, _, key = self.path.rpartition("/")
-                table = {"/api/annotations": fake.annotations, "/api/predictions": fake.predictions}.get(kind, {})
-                body = table.get(int(key)) if key.isdigit() else None
-                data = json.dumps(body if body is not None else {"detail": "not found"}).encode()
-                self.send_response(200 if body is not None else 404)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *a):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+    def answer(self, request: Request) -> None:
+        self.hits[request.path] = self.hits.get(request.path, 0) + 1
+        self.gate.wait(120)
+        kind, _, key = request.path.rpartition("/")
+        table = {"/api/annotations": self.annotations, "/api/predictions": self.predictions}.get(kind, {})
+        body = table.get(int(key)) if key.isdigit() else None
+        request.json(200 if body is not None else 404, body if body is not None else {"detail": "not found"})
 
     def stop(self):
         self.gate.set()
-        self.server.shutdown()
+        self.server.close()
 
 
 @pytest.fixture
