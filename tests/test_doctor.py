@@ -21,6 +21,7 @@ from labelstudio_maskclip.commands.doctor import (
 )
 from labelstudio_maskclip.commands.network import LOOPBACK
 from labelstudio_maskclip.settings import Settings
+from tests.fake_label_studio import FakeLabelStudio, Request
 from tests.labelstudio import free_port
 from tests.tiny import TINY_VIT
 
@@ -100,28 +101,31 @@ def test_cli_exit_status_and_json(tmp_path, capsys, monkeypatch):
 
 
 class _FakeLabelStudio:
-    """Just enough of LabelStudioAPI for the address probes: POST answers by path."""
+    """The fake Label Studio answering the address probes (POST) by path with (status, detail), and the
+    package's client (``api``) talking to it."""
 
     def __init__(self, answers: dict[str, tuple[int, str]]):
-        self.url, self.answers = "http://ls", answers
-        self.session = self
-        self.fetcher = self
+        from labelstudio_maskclip.fetching.images import ImageFetcher
+        from labelstudio_maskclip.labelstudio.api import LabelStudioAPI
+
+        self.answers = answers
         self.posted: list[dict] = []
+        self.fake = FakeLabelStudio(self.answer)
+        self.api = LabelStudioAPI(ImageFetcher(self.fake.url, "a" * 40, allow_private=True))
 
-    def auth_headers(self, url):
-        return {}
+    def answer(self, request: Request) -> None:
+        self.posted.append(request.data())
+        status, detail = self.answers[request.route]
+        request.json(status, {"detail": detail})
 
-    def post(self, url, json, headers, timeout):
-        self.posted.append(json)
-        status, detail = self.answers[url[len(self.url) :]]
 
-        class Reply:
-            status_code, text = status, detail
-
-            def json(self):
-                return {"detail": detail}
-
-        return Reply()
+@pytest.fixture
+def answering():
+    """``answering({path: (status, detail)})``: a :class:`_FakeLabelStudio`, closed after the test."""
+    made: list[_FakeLabelStudio] = []
+    yield lambda answers: made.append(_FakeLabelStudio(answers)) or made[-1]
+    for one in made:
+        one.fake.close()
 
 
 BLOCKED = (403, "URL resolves to a reserved network address (block: 127.0.0.0/8)")
@@ -135,12 +139,12 @@ PASSED = (400, "Validation error")
      (PASSED, PASSED, "ok", "is in 127.0.0.0/8, which Label Studio blocks by default; this Label Studio accepts it"),
      ((500, "Can't resolve hostname x"), PASSED, "fail", "cannot use http://127.0.0.1:9090: Can't resolve")],
 )  # fmt: skip
-def test_address_verdict_comes_from_label_studio_and_names_the_fix(ml, hook, status, words):
+def test_address_verdict_comes_from_label_studio_and_names_the_fix(ml, hook, status, words, answering):
     from labelstudio_maskclip.commands.doctor import check_address
     from labelstudio_maskclip.commands.network import LABEL_STUDIO_SETTINGS
 
-    ls = _FakeLabelStudio({"/api/ml": ml, "/api/webhooks/": hook})
-    [finding] = check_address(Settings(), ls, "http://127.0.0.1:9090", given=True)
+    ls = answering({"/api/ml": ml, "/api/webhooks/": hook})
+    [finding] = check_address(Settings(), ls.api, "http://127.0.0.1:9090", given=True)
     assert finding.status == status and words in finding.message
     assert all(p["project"] == 0 for p in ls.posted)  # no real project: Label Studio creates nothing
     if status != "ok" and ml[0] != 500:
@@ -148,16 +152,16 @@ def test_address_verdict_comes_from_label_studio_and_names_the_fix(ml, hook, sta
             assert f"{name}={value}" in finding.fix
 
 
-def test_a_refusal_names_the_label_studio_setting_that_holds_the_range():
+def test_a_refusal_names_the_label_studio_setting_that_holds_the_range(answering):
     from labelstudio_maskclip.commands.doctor import check_address
 
-    ls = _FakeLabelStudio({"/api/ml": BLOCKED, "/api/webhooks/": BLOCKED})
-    [finding] = check_address(Settings(), ls, "http://127.0.0.1:9090", given=False)
+    ls = answering({"/api/ml": BLOCKED, "/api/webhooks/": BLOCKED})
+    [finding] = check_address(Settings(), ls.api, "http://127.0.0.1:9090", given=False)
     assert "Label Studio blocks 127.0.0.0/8: the range is in its built-in list, on while " in finding.message
     assert "USE_DEFAULT_BANNED_SUBNETS is true (the default), or USER_ADDITIONAL_BANNED_SUBNETS" in finding.message
     own = (403, "URL resolves to a reserved network address (block: 93.184.216.0/24)")  # an operator's range
-    ls = _FakeLabelStudio({"/api/ml": own, "/api/webhooks/": own})
-    [finding] = check_address(Settings(), ls, "http://93.184.216.34:9090", given=True)
+    ls = answering({"/api/ml": own, "/api/webhooks/": own})
+    [finding] = check_address(Settings(), ls.api, "http://93.184.216.34:9090", given=True)
     assert "Label Studio blocks 93.184.216.0/24: the range is in USER_ADDITIONAL_BANNED_SUBNETS" in finding.message
     assert "USE_DEFAULT" not in finding.message
 
