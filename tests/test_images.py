@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import base64
-import json
+import functools
 import queue
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -25,6 +24,7 @@ from labelstudio_maskclip.fetching.images import (
     decode_image,
     is_public_address,
 )
+from tests.fake_label_studio import Request, fake_label_studio
 from tests.photos import COCO128_PHOTOS
 from tests.test_decode import encode, jpeg_with_orientation
 
@@ -90,8 +90,9 @@ def test_is_public_address():
 # ---------------------------------------------------------------------------------------------------------
 
 
-class FakeLabelStudio:
-    """State behind the handler: files, valid access tokens, and what every request carried."""
+class Files:
+    """What the fake Label Studio (and storage bucket) serves: files, valid access tokens, and what every
+    request carried."""
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
@@ -105,134 +106,95 @@ class FakeLabelStudio:
             return True
         return bool(header) and header.startswith("Bearer ") and header[7:] in self.access_tokens
 
-
-class Handler(BaseHTTPRequestHandler):
-    state: FakeLabelStudio
-
-    def log_message(self, *args) -> None:  # keep pytest output clean
-        pass
-
-    def do_POST(self) -> None:
-        self.state.requests.append(("POST", self.headers.get("Host"), self.path, self.headers.get("Authorization")))
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-        if self.path == "/api/token/refresh/" and body.get("refresh") == PAT:
-            self.state.refreshes += 1
-            access = f"access-{self.state.refreshes}"
-            self.state.access_tokens.add(access)
-            return self.reply(200, json.dumps({"access": access}).encode(), "application/json")
-        self.reply(401, b'{"detail": "Token is invalid or expired"}', "application/json")
-
-    def do_GET(self) -> None:
-        auth = self.headers.get("Authorization")
-        self.state.requests.append(("GET", self.headers.get("Host"), self.path, auth))
-        parts = urlsplit(self.path)
-        query = parse_qs(parts.query)
-        path = parts.path
-        if path.startswith("/data/upload/_/"):  # test routes below Label Studio's media route, without auth
-            path = path.removeprefix("/data/upload/_")
-        if path.startswith("/public/"):
-            return self.serve(path.removeprefix("/public/"))
-        if path == "/redirect":
-            return self.redirect(query["to"][0], int(query.get("code", ["302"])[0]))
-        if path.startswith("/loop/"):
-            return self.redirect(f"/data/upload/_/loop/{int(path.split('/')[2]) + 1}", 302)
-        if path == "/huge":
-            self.send_response(200)
-            self.send_header("Content-Length", str(10**9))
-            self.end_headers()
-            return
-        if path == "/huge-chunked":  # no Content-Length: the cap must stop the stream
-            self.send_response(200)
-            self.end_headers()
-            sent = 0
-            try:
-                while sent < 1000:
-                    self.wfile.write(b"\0" * 65536)
-                    sent += 1
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-            self.state.streams.put(("huge-chunked", sent))  # chunks written before the client hung up
-            return
-        if path == "/slow":
-            time.sleep(float(query.get("s", ["2"])[0]))
-            return self.serve("red.png")
-        if path == "/drip":  # headers at once, then a byte at a time: the total deadline must stop it
-            self.send_response(200)
-            self.send_header("Content-Length", "1000")
-            self.end_headers()
-            sent = 0
-            try:
-                while sent < 1000:
-                    self.wfile.write(b"\0")
-                    self.wfile.flush()
-                    sent += 1
-                    time.sleep(0.05)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-            self.state.streams.put(("drip", sent))  # bytes written before the client hung up
-            return
-        # Everything below is Label Studio and needs auth.
-        if not self.state.authorized(auth):
-            return self.reply(401, b'{"detail": "Authentication credentials were not provided."}', "application/json")
-        if path.startswith("/data/upload/"):
-            return self.serve(path.removeprefix("/data/upload/"))
-        if path == "/data/local-files/":
-            return self.serve(query["d"][0])
-        if path.startswith("/tasks/") and path.endswith("/presign/"):
-            fileuri = base64.urlsafe_b64decode(query["fileuri"][0]).decode()
-            if not fileuri.startswith("s3://bucket/"):
-                return self.reply(404, b"", "text/plain")
-            # Label Studio answers 303 to a presigned URL on the storage's host (here: "localhost").
-            port = self.server.server_address[1]
-            target = f"http://localhost:{port}/public/{fileuri.removeprefix('s3://bucket/')}?X-Amz-Signature=secret123"
-            return self.redirect(target, 303)
-        self.reply(404, b"", "text/plain")
-
-    def serve(self, name: str) -> None:
-        data = self.state.files.get(name)
+    def serve(self, request: Request, name: str) -> None:
+        data = self.files.get(name)
         if data is None:
-            return self.reply(404, b"not found", "text/plain")
-        self.reply(200, data, "image/png")
+            return request.reply(404, b"not found", "text/plain")
+        request.reply(200, data, "image/png")
 
-    def redirect(self, location: str, code: int) -> None:
-        self.send_response(code)
-        self.send_header("Location", location)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
 
-    def reply(self, code: int, body: bytes, content_type: str) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        try:
-            self.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up (timeouts, size caps): expected
+def answer(state: Files, request: Request) -> None:
+    """Label Studio's token refresh, media routes and presigning, and test routes (under ``/data/upload/_/``,
+    without auth) that redirect, stall, drip or never end."""
+    state.requests.append((request.method, request.host, request.path, request.authorization))
+    if request.method == "POST":
+        body = request.data() or {}
+        if request.route == "/api/token/refresh/" and body.get("refresh") == PAT:
+            state.refreshes += 1
+            access = f"access-{state.refreshes}"
+            state.access_tokens.add(access)
+            return request.json(200, {"access": access})
+        return request.json(401, {"detail": "Token is invalid or expired"})
+    path, query = request.route, request.query
+    if path.startswith("/data/upload/_/"):  # test routes below Label Studio's media route, without auth
+        path = path.removeprefix("/data/upload/_")
+    if _test_route(state, request, path, query):
+        return None
+    # Everything below is Label Studio and needs auth.
+    if not state.authorized(request.authorization):
+        return request.json(401, {"detail": "Authentication credentials were not provided."})
+    if path.startswith("/data/upload/"):
+        return state.serve(request, path.removeprefix("/data/upload/"))
+    if path == "/data/local-files/":
+        return state.serve(request, query["d"])
+    if path.startswith("/tasks/") and path.endswith("/presign/"):
+        fileuri = base64.urlsafe_b64decode(query["fileuri"]).decode()
+        if not fileuri.startswith("s3://bucket/"):
+            return request.reply(404, b"", "text/plain")
+        # Label Studio answers 303 to a presigned URL on the storage's host (here: "localhost").
+        target = (
+            f"http://localhost:{request.port}/public/{fileuri.removeprefix('s3://bucket/')}?X-Amz-Signature=secret123"
+        )
+        return request.redirect(target, 303)
+    request.reply(404, b"", "text/plain")
+
+
+def _test_route(state: Files, request: Request, path: str, query: dict[str, str]) -> bool:
+    """Answer a test route (a bucket's public files, redirects, stalls, drips); False for any other path."""
+    if path.startswith("/public/"):
+        state.serve(request, path.removeprefix("/public/"))
+    elif path == "/redirect":
+        request.redirect(query["to"], int(query.get("code", "302")))
+    elif path.startswith("/loop/"):
+        request.redirect(f"/data/upload/_/loop/{int(path.split('/')[2]) + 1}", 302)
+    elif path == "/huge":
+        request.stream(200, [], 10**9)
+    elif path == "/huge-chunked":  # no Content-Length: the cap must stop the stream
+        sent = request.stream(200, (b"\0" * 65536 for _ in range(1000)))
+        state.streams.put(("huge-chunked", sent))  # chunks written before the client hung up
+    elif path == "/slow":
+        time.sleep(float(query.get("s", "2")))
+        state.serve(request, "red.png")
+    elif path == "/drip":  # headers at once, then a byte at a time: the total deadline must stop it
+
+        def drip() -> Iterator[bytes]:
+            for _ in range(1000):
+                yield b"\0"
+                time.sleep(0.05)
+
+        sent = request.stream(200, drip(), 1000)
+        state.streams.put(("drip", sent))  # bytes written before the client hung up
+    else:
+        return False
+    return True
 
 
 @pytest.fixture(scope="module")
 def server():
-    state = FakeLabelStudio()
+    state = Files()
     state.files["red.png"] = encode(Image.new("RGB", (8, 6), (255, 0, 0)))
     state.files["photo.jpg"] = PHOTO.read_bytes()
     state.files["rotated.jpg"] = jpeg_with_orientation(6)
     state.files["text.html"] = b"<html>login</html>"
-    handler = type("BoundHandler", (Handler,), {"state": state})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd, state
-    httpd.shutdown()
-    httpd.server_close()
+    with fake_label_studio(functools.partial(answer, state)) as fake:
+        yield fake, state
 
 
 @pytest.fixture
 def ls(server):
     """(LABEL_STUDIO_URL, the other host name for the same server, state) with a clean request log."""
-    httpd, state = server
-    port = httpd.server_address[1]
+    fake, state = server
+    port = fake.port
     state.requests.clear()
     state.access_tokens.clear()
     state.streams = queue.Queue()

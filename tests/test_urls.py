@@ -6,34 +6,30 @@ Every case is sent through a real fetcher to real loopback servers (Label Studio
 
 from __future__ import annotations
 
-import threading
-from http.server import ThreadingHTTPServer
+import functools
 
 import pytest
 
 from labelstudio_maskclip.fetching.errors import ImageFetchError
 from labelstudio_maskclip.fetching.urls import display, is_media_route, parse_target
-from tests.test_images import LEGACY, PAT, FakeLabelStudio, Handler, fetcher, ls, no_proxy, server  # noqa: F401
+from tests.fake_label_studio import fake_label_studio
+from tests.test_images import LEGACY, PAT, Files, answer, fetcher, ls, no_proxy, server  # noqa: F401
 
 
 @pytest.fixture(scope="module")
 def attacker_server():
-    state = FakeLabelStudio()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), type("AttackerHandler", (Handler,), {"state": state}))
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield httpd, state
-    httpd.shutdown()
-    httpd.server_close()
+    state = Files()
+    with fake_label_studio(functools.partial(answer, state)) as fake:
+        yield fake, state
 
 
 @pytest.fixture
 def two(ls, attacker_server):  # noqa: F811
     """(Label Studio's port, the attacker's port, LS state, attacker state), request logs cleared."""
     base, _, state = ls
-    httpd, evil = attacker_server
+    fake, evil = attacker_server
     evil.requests.clear()
-    return int(base.rsplit(":", 1)[1]), httpd.server_address[1], state, evil
+    return int(base.rsplit(":", 1)[1]), fake.port, state, evil
 
 
 # --- parser confusions -----------------------------------------------------------------------------------
