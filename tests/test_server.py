@@ -350,3 +350,34 @@ def test_task_data_that_is_not_an_object_is_that_tasks_clear_error(client, data)
     reply = client.post("/predict", json={"tasks": tasks[:1], "label_config": INTERACTIVE, **context})
     assert reply.status_code == 400 and "task has no 'data' object" in reply.get_json()["error"]
     assert client.post("/predict", json={"tasks": tasks[1:], "label_config": INTERACTIVE, **context}).status_code == 200
+
+
+def test_one_handler_answers_every_error_of_the_package_by_its_branch(tmp_path):
+    """Bad input 400 (its subject first), too much 413, unavailable 503 (Retry-After when busy), anything
+    else 500; the server keeps answering."""
+    from labelstudio_maskclip.errors import BadInput, Unavailable
+    from labelstudio_maskclip.labelstudio.labeling import LabelConfigError
+    from labelstudio_maskclip.learning.store import StoreError
+    from labelstudio_maskclip.serving import server
+
+    raised = {
+        "config": LabelConfigError("no <Image>"), "input": BadInput("bad"), "store": StoreError("locked"),
+        "busy": server._Busy("retry shortly"), "large": server._TooLarge("too much"),
+        "gone": Unavailable("no model"), "bug": KeyError("x"),
+    }  # fmt: skip
+    app = create_app(Settings(model_dir=str(tmp_path)), warm=False)
+
+    def boom(kind: str):
+        raise raised[kind]
+
+    app.add_url_rule("/boom/<kind>", view_func=boom)
+    client = app.test_client()
+    answers = {kind: client.get(f"/boom/{kind}") for kind in raised}
+    assert {k: r.status_code for k, r in answers.items()} == {
+        "config": 400, "input": 400, "store": 503, "busy": 503, "large": 413, "gone": 503, "bug": 500,
+    }  # fmt: skip
+    assert answers["config"].get_json()["error"] == "labeling config: no <Image>"
+    assert answers["store"].get_json()["error"] == "annotation store unavailable: locked"
+    assert answers["busy"].headers["Retry-After"] == "5" and "Retry-After" not in answers["gone"].headers
+    assert answers["bug"].get_json()["error"] == "internal error: KeyError: 'x'"
+    assert client.get("/health").status_code in (200, 503)  # still serving
