@@ -6,7 +6,7 @@ Every step a user takes goes through Label Studio 1.23.2's UI, in the README's o
    :func:`newcomer_label_studio_environment`), then *Account & Settings* -> *Personal Access Token* ->
    *Create New Token*, read from the dialog;
 2. the backend starts with the README's settings, ``LABEL_STUDIO_URL`` and ``LABEL_STUDIO_API_KEY`` (that
-   token), at ``http://127.0.0.1:<port>`` (see below);
+   token), at ``http://127.0.0.1:<port>`` (see below); it loads while the browser goes on with step 3;
 3. *Create Project*: the name, *Data Import* -> *Upload Files* (two photos through the file chooser),
    *Labeling Setup* -> *Custom template* -> the README's labeling config pasted (clipboard, Ctrl+V) into the
    code editor, *Save*;
@@ -27,7 +27,8 @@ labels the masks get is not asserted) with a small input side, and a free loopba
 (the README's ``PORT=...`` variant: a fixed port would collide with a developer's own ``make serve``).
 
 Waits are explicit (a selector, a URL, a value, a canvas condition), never sleeps; timeouts are generous for
-a loaded 2-core machine. Chromium is the system's (``scripts/install-browser.sh``, run by ``make test``);
+a loaded 2-core machine. The browser reaches nothing but this machine (Label Studio's pages call out to
+telemetry services; those requests are aborted). Chromium is the system's (``scripts/install-browser.sh``, run by ``make test``);
 missing Chromium or Playwright fails, never skips. On failure a screenshot is saved in the test's tmp dir
 (``failure.png``) and the backend's and Label Studio's log tails are printed with the failure. Takes about 3 minutes
 on a loaded 2-core machine (Label Studio's first start, with its migrations, is most of it).
@@ -38,13 +39,14 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tests.labelstudio import REPO_ROOT, LabelStudioServer, LabelStudioUnavailable
 from tests.photos import COCO128_PHOTOS
-from tests.served import start_backend
+from tests.served import Backend, start_backend
 from tests.tiny import TINY_VIT, save_random_state
 
 pytestmark = pytest.mark.e2e
@@ -52,6 +54,7 @@ pytestmark = pytest.mark.e2e
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+OUTSIDE = re.compile(r"^(?!https?://127\.0\.0\.1[:/])")  # any address but this machine's
 README = REPO_ROOT / "README.md"
 PHOTOS = [COCO128_PHOTOS / "000000000009.jpg", COCO128_PHOTOS / "000000000025.jpg"]
 EMAIL, PASSWORD = "newcomer@example.com", "a-newcomer's-password-1"
@@ -242,27 +245,39 @@ def test_a_newcomer_following_the_readme_gets_masks_and_a_smart_suggestion(tmp_p
     weights = save_random_state(TINY_VIT, tmp_path / "tiny_vit.pt")
     with contextlib.ExitStack() as stack:
         label_studio = stack.enter_context(newcomer_label_studio(tmp_path / "label-studio"))
+        pool = stack.enter_context(ThreadPoolExecutor(1))
         playwright = stack.enter_context(sync_playwright())
         browser = _browser(playwright, tmp_path / "chromium-profile")
         stack.callback(browser.close)
+        browser.route(OUTSIDE, lambda route: route.abort())  # Label Studio's telemetry: nothing leaves the machine
         browser.grant_permissions(["clipboard-read", "clipboard-write"], origin=label_studio.url)
         browser.set_default_timeout(WAIT_MS)
         page = browser.new_page()
-        backend = None
+        backend: Future[Backend] | None = None
         try:
             token = sign_up_and_create_token(page, label_studio.url)
-            backend = start_backend(tmp_path / "backend", TINY_VIT, str(weights), label_studio.url, workers=1,
-                                    extra_env={"LABEL_STUDIO_API_KEY": token})  # fmt: skip
-            stack.callback(backend.stop)
+            # the backend loads its model while the project is created (the README's order, run side by side)
+            backend = pool.submit(start_backend, tmp_path / "backend", TINY_VIT, str(weights), label_studio.url,
+                                  workers=1, extra_env={"LABEL_STUDIO_API_KEY": token})  # fmt: skip
+            stack.callback(_stop_backend, backend)
             project_id = create_project(page, label_studio.url, config)
-            connect_model(page, backend.url)
+            connect_model(page, backend.result().url)
             page.goto(f"{label_studio.url}/projects/{project_id}/data")
             page.get_by_role("img", name="Data").first.click()  # the first task's photo: opens it in the editor
             assert_masks_drawn(page)
             smart_click(page)
         except BaseException:  # what was on screen, and both logs (pytest shows them with the failure)
-            page.screenshot(path=str(tmp_path / "failure.png"))
+            with contextlib.suppress(Exception):  # a browser that died has no screenshot to give
+                page.screenshot(path=str(tmp_path / "failure.png"))
             print(f"screenshot: {tmp_path / 'failure.png'}\nLabel Studio log:\n{label_studio.log_tail()}")
-            if backend is not None:
-                print(f"backend log:\n{backend.log_text()[-3000:]}")
+            if backend is not None and backend.done() and backend.exception() is None:
+                print(f"backend log:\n{backend.result().log_text()[-3000:]}")
             raise
+
+
+def _stop_backend(starting: Future[Backend]) -> None:
+    try:
+        backend = starting.result()
+    except Exception:  # it did not start (start_backend stopped it): the test already fails with the reason
+        return
+    backend.stop()
