@@ -171,7 +171,13 @@ def create_project(page, url: str, config: str) -> int:
     page.locator(".CodeMirror").click()  # the code editor (CodeMirror 5: no role or label of its own)
     page.keyboard.press("ControlOrMeta+A")
     page.keyboard.press("ControlOrMeta+V")
-    page.get_by_role("textbox", name="TextArea Input").wait_for()  # the preview renders the pasted config
+    # the editor holds the config as pasted (nothing auto-closed or re-indented), and the preview renders it
+    page.wait_for_function(
+        "config => document.querySelector('.CodeMirror').CodeMirror.getValue() === config", arg=config
+    )
+    first_label = re.search(r'<Label value="([^"]+)"', config)
+    assert first_label, "the README's config has no <Label value=...>"
+    page.get_by_text(first_label.group(1), exact=True).first.wait_for()
     page.get_by_role("button", name="Save").click()
     page.wait_for_url(re.compile(r"/projects/\d+/data"))
     project_id = int(re.search(r"/projects/(\d+)/", page.url).group(1))
