@@ -30,8 +30,8 @@ Waits are explicit (a selector, a URL, a value, a canvas condition), never sleep
 a loaded 2-core machine. The browser reaches nothing but this machine (Label Studio's pages call out to
 telemetry services; those requests are aborted). Chromium is the system's (``scripts/install-browser.sh``, run by ``make test``);
 missing Chromium or Playwright fails, never skips. On failure a screenshot is saved in the test's tmp dir
-(``failure.png``) and the backend's and Label Studio's log tails are printed with the failure. Takes about 3 minutes
-on a loaded 2-core machine (Label Studio's first start, with its migrations, is most of it).
+(``failure.png``) and the backend's and Label Studio's log tails are printed with the failure. Takes 3.5 to 5 minutes
+on a shared 2-core machine under load (Label Studio's first start, with its migrations, is the largest part).
 """
 
 from __future__ import annotations
