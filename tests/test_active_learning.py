@@ -213,4 +213,5 @@ def test_next_reads_only_the_chosen_tasks_predictions_when_the_live_version_is_o
     assert full_reads, proxy.requests  # the chosen tasks' predictions, checked
     for path in full_reads:
         query = json.loads(parse_qs(urlparse(path).query)["query"][0])
+        assert "selectedItems" in query, f"a whole listing read with every field: {path}"
         assert sorted(query["selectedItems"]["included"]) == sorted(expected), path
