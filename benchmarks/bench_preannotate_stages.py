@@ -88,11 +88,11 @@ def stages(ls, env: dict[str, str], project: int, batch: int, upload_batch: int)
 
     import torch
 
+    from labelstudio_maskclip.fetching.decode import decode_image
     from labelstudio_maskclip.labelstudio.api import LabelStudioAPI
-    from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend
-    from labelstudio_maskclip.labelstudio.decode import decode_image
     from labelstudio_maskclip.labelstudio.regions import prediction
     from labelstudio_maskclip.models import segment_options
+    from labelstudio_maskclip.serving.backend import MaskCLIPBackend
     from labelstudio_maskclip.settings import Settings
 
     settings = Settings.from_env(env)
@@ -139,7 +139,7 @@ def stages(ls, env: dict[str, str], project: int, batch: int, upload_batch: int)
         segs = [s for out in pool.map(lambda c: model.segment(c, classes, opts=opts), chunks) for s in out]
     t[f"model, batches of {batch}, {workers} threads side by side, 1 thread per op"] = time.monotonic() - start
     torch.set_num_threads(workers)
-    targets = backend._targets(spec)
+    targets = spec.predicted_targets
     start = time.monotonic()
     preds = [{"task": int(task["id"]), **prediction(seg, targets, vocab, version, min_area=settings.min_area,
                                                     polygons=settings.polygons)} for task, seg in zip(tasks, segs)]  # fmt: skip

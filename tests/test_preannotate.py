@@ -348,10 +348,10 @@ def _predictions(label_studio, task_ids) -> dict[int, list[dict]]:
 def test_against_label_studio_each_task_gets_its_own_images_prediction_once(settings, label_studio, tmp_path):
     """Several model threads (a CPU: one per core), images in batches: each task ends with exactly one
     prediction, of the served version, whose score is the one the model gives that task's own photo."""
+    from labelstudio_maskclip.fetching.decode import decode_image
     from labelstudio_maskclip.labelstudio.api import LabelStudioAPI
-    from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend
-    from labelstudio_maskclip.labelstudio.decode import decode_image
     from labelstudio_maskclip.models import segment_options
+    from labelstudio_maskclip.serving.backend import MaskCLIPBackend
     from tests.photos import COCO128_PHOTOS
 
     real = _real_settings(settings, label_studio, tmp_path)
