@@ -5,7 +5,9 @@ A pipeline of four stages joined by bounded queues, so memory stays flat whateve
 1. **list** (one thread): light pages of the tasks that still need a prediction of the served model
    version (``fields=task_only``, ids and data only, keyset-paged; see :meth:`LabelStudioAPI.task_pages`);
 2. **fetch** (``MASKCLIP_FETCH_THREADS`` threads): image downloads;
-3. **infer** (the calling thread): the served model (promoted student or MaskCLIP) on batches;
+3. **infer**: the served model (promoted student or MaskCLIP) on batches; on a CPU, one thread per core
+   torch would use, each running its images with one thread per op (see :func:`_model_threads`); on a GPU,
+   one thread;
 4. **encode + upload** (a thread pool for brush RLE / polygons, one upload thread): predictions written
    in bulk with ``POST /api/projects/{id}/import/predictions``, ``upload_batch`` per request.
 
@@ -16,7 +18,8 @@ then finds nothing left. Uploads are never resent blindly: when a bulk write fai
 whether it was applied (a proxy's 504 while Label Studio is still writing), the tasks are watched for up to
 ``settle`` seconds and only those still without this version are sent again. Whatever still slipped through
 (writers on machines that share no MODEL_DIR, a write landing later than that) is undone at the end: every
-task left with more than one prediction of this version keeps its oldest. Under torchrun (``RANK``/``WORLD_SIZE``) each rank takes the tasks whose
+task left with more than one prediction of this version keeps its oldest (only tasks that may carry a version
+twice are read in full, see :meth:`LabelStudioAPI.duplicated_predictions`). Under torchrun (``RANK``/``WORLD_SIZE``) each rank takes the tasks whose
 ``id % WORLD_SIZE == RANK``: disjoint shards, each predicted once. The ranks meet only at the end, through
 torchrun's key-value store, where each leaves its summary for rank 0 to add up (no process group: there is
 nothing to exchange but the totals, and nothing collective to tear down).
