@@ -213,7 +213,7 @@ def test_a_label_with_synonyms_is_served_as_the_authors_take_it(clip_file, photo
     import base64
     import io
 
-    from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend, runtime
+    from labelstudio_maskclip.serving.backend import MaskCLIPBackend, runtime
 
     s = Settings(preset=name, model=TINY_VIT, pretrained=str(clip_file), device="cpu", min_area=0.0,
                  model_dir=str(tmp_path / "model_dir"))  # fmt: skip
@@ -296,4 +296,3 @@ def test_interactive_probabilities_follow_the_served_preset(clip, photos):
         agree = float((interactive[name] == served).mean())
         assert agree >= 0.99, (name, agree)
     assert float((interactive["sclip"] == interactive["naclip"]).mean()) < 0.9
-
