@@ -312,6 +312,7 @@ class MaskCLIPBackend:
         labels' text embeddings (prepared at ``/setup``), a new phrase's text pass and the image download;
         past it the answer is a 200 without masks whose note says why (:meth:`_interactive_answer`).
         """
+        from ..engine.names import name_owners, normalize_classes
         from ..models import segment_options
         from .interactive import ContextError, PromptText, TextPrompt, predict_interactive
 
@@ -332,7 +333,7 @@ class MaskCLIPBackend:
         embedded = {p: emb[0] for p in phrases if (emb := self.rt.phrase_within(p, deadline)) is not None}
         opts = segment_options(self.settings)
         image, dense = self._interactive_features(seg, tasks[0], spec, url, version, opts, deadline)
-        text = PromptText(vocab, labels, background, embedded)
+        text = PromptText(vocab, labels, name_owners(normalize_classes(classes)), background, embedded)
         try:
             regions, notes = predict_interactive(
                 seg, image, dense, prompts, spec, key, opts, text, polygons=self.settings.polygons
