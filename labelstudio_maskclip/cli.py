@@ -117,12 +117,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     s = _settings(args)  # validates the environment before gunicorn starts
     workers = args.workers or s.workers
     cmd = [
-        sys.executable, "-m", "gunicorn", "labelstudio_maskclip.labelstudio.server:wsgi()",
-        "--bind", f"{args.host}:{args.port}",
-        "--workers", str(workers), "--threads", str(s.threads),
-        # gthread, but a request is read in the event loop before it takes a thread: slow clients cannot
-        # hold the threads (see labelstudio/worker.py).
-        "--worker-class", "labelstudio_maskclip.labelstudio.worker.BufferingThreadWorker",
+        sys.executable, "-m", "gunicorn", "labelstudio_maskclip.labelstudio.asgi:asgi()",
+        "--bind", f"{args.host}:{args.port}", "--workers", str(workers),
+        # gunicorn's asyncio worker reads each request whole before one of the THREADS threads answers it:
+        # slow clients cannot hold the threads (see labelstudio/asgi.py).
+        "--worker-class", "asgi", "--keep-alive", "5",
         # /predict may take up to Label Studio's 100 s limit; the time budget stops earlier.
         "--timeout", str(int(s.predict_time_budget) + 60), "--graceful-timeout", "30",
         "--log-level", s.log_level.lower(), "--access-logfile", "-",
