@@ -3,8 +3,8 @@
     PYTHONPATH=. python benchmarks/bench_serving.py [--requests 200] [--clients 4]
 
 The same backend (tiny ViT, random weights, short side 64, one worker process, 4 threads) is started twice,
-once as ``labelstudio-maskclip serve`` runs it (``--worker-class asgi``, ``labelstudio.asgi:asgi()``) and once
-on gunicorn's ``gthread`` worker (``labelstudio.server:wsgi()``, what it ran before), and asked the same
+once as ``labelstudio-maskclip serve`` runs it (``--worker-class asgi``, ``serving.asgi:asgi()``) and once
+on gunicorn's ``gthread`` worker (``serving.server:wsgi()``, what it ran before), and asked the same
 requests: ``/health`` one at a time, ``/predict`` of one task from a loopback file host with several clients
 at once, and a 20 MB ``/predict`` body (tasks without images: reading and parsing the body dominate).
 Figures: medians (ms) and requests per second, ratios only within one run.
@@ -32,8 +32,8 @@ from tests.tiny import TINY_VIT, save_random_state  # noqa: E402
 
 PHOTOS = HERE.parent / "tests" / "data" / "coco128-seg" / "images"
 SERVERS = {
-    "asgi + a2wsgi (serve)": ["labelstudio_maskclip.labelstudio.asgi:asgi()", "--worker-class", "asgi"],
-    "gthread": ["labelstudio_maskclip.labelstudio.server:wsgi()", "--worker-class", "gthread", "--threads", "4"],
+    "asgi + a2wsgi (serve)": ["labelstudio_maskclip.serving.asgi:asgi()", "--worker-class", "asgi"],
+    "gthread": ["labelstudio_maskclip.serving.server:wsgi()", "--worker-class", "gthread", "--threads", "4"],
 }
 
 

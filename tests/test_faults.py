@@ -223,7 +223,7 @@ def test_slow_clients_cannot_hold_the_threads(tmp_path_factory, auth):
     against one worker of 2 threads: /health answers within a few seconds all along, and every slow
     connection is closed by the server (kept-alive idle past --keep-alive, header limits, the 401 or the
     body's minimum rate), not left to hold a thread."""
-    from labelstudio_maskclip.labelstudio.asgi import READ_TIMEOUT
+    from labelstudio_maskclip.serving.asgi import READ_TIMEOUT
 
     work = tmp_path_factory.mktemp("slow-clients")
     weights = save_random_state(TINY_VIT, work / "tiny_vit.pt")

@@ -11,7 +11,7 @@ and disconnected; the bodies buffered at once in a worker are bounded by :data:`
 ``503`` with ``Retry-After``). With basic auth on, a request without the credentials is not read at all:
 the app answers ``401`` and the connection is closed with its body unread.
 
-Use: ``gunicorn --worker-class asgi 'labelstudio_maskclip.labelstudio.asgi:asgi()'`` (what
+Use: ``gunicorn --worker-class asgi 'labelstudio_maskclip.serving.asgi:asgi()'`` (what
 ``labelstudio-maskclip serve`` runs).
 """
 
