@@ -41,7 +41,7 @@ def start(argv: list[str], work: Path, weights: Path, files_url: str) -> tuple[s
     port = free_port()
     env = {**os.environ, "MASKCLIP_MODEL": TINY_VIT, "MASKCLIP_PRETRAINED": str(weights), "MASKCLIP_DEVICE": "cpu",
            "MASKCLIP_SHORT_SIDE": "64", "MASKCLIP_TEMPLATES": "simple", "MODEL_DIR": str(work / "model_dir"),
-           "LABEL_STUDIO_URL": files_url, "MASKCLIP_ALLOW_PRIVATE_URLS": "true", "WORKERS": "1", "THREADS": "4",
+           "LABEL_STUDIO_URL": "http://127.0.0.1:9", "MASKCLIP_ALLOW_PRIVATE_URLS": "true", "WORKERS": "1", "THREADS": "4",
            "LOG_LEVEL": "WARNING"}  # fmt: skip
     cmd = [sys.executable, "-m", "gunicorn", *argv, "--bind", f"127.0.0.1:{port}", "--workers", "1"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -152,7 +152,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_preannotate(args: argparse.Namespace) -> int:
     """One process, or one rank of ``torchrun -m labelstudio_maskclip preannotate``: each rank predicts its
     shard (task id modulo the world size) on its own device; rank 0 prints the totals."""
-    from .commands.preannotate import RankTotals, preannotate, shard_from_env
+    from .commands.preannotate import RankTotals, preannotate, shard_from_env, sweep_duplicates
 
     s = _settings(args)
     shard = shard_from_env()
@@ -166,6 +166,8 @@ def _cmd_preannotate(args: argparse.Namespace) -> int:
                     shard=shard, progress=shard.rank == 0)  # fmt: skip
     mine = r.summary()
     summary = totals.combine(mine) if totals is not None else mine  # None on ranks other than 0
+    if totals is not None and summary is not None and summary["predicted"]:
+        sweep_duplicates(s, args.project, r.model_version)  # rank 0, once every rank has written
     if summary is not None:
         print(json.dumps(summary))
     for f in r.failed[:20]:
