@@ -1,9 +1,9 @@
 """Interactive prompting latency: the first prompt on an image (decode + image tower + prompt) and the
 repeated ones (feature cache hit: grid-sized work only), through the backend object, no HTTP.
 
-    python benchmarks/bench_interactive.py [--device cpu|cuda] [--repeats 20] [--labels 3] [--out FILE.md]
+    python benchmarks/bench_interactive.py [--device cpu|cuda] [--repeats 20] [--labels 3] [--preset naclip] [--out FILE.md]
 
-Random ViT-B/16 weights (the speed does not depend on them), short side 448, a config of ``--labels`` labels with
+Random ViT-B/16 weights (the speed does not depend on them), the preset's encoding, a config of ``--labels`` labels with
 BrushLabels, on the vendored COCO photos sent as data: URIs. Prints a markdown table of p50/p95 in ms.
 """
 
@@ -57,11 +57,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--preset", default="naclip", help="MASKCLIP_PRESET (engine/presets.py)")
     parser.add_argument("--labels", type=int, default=3, help="labels in the project (COCO names, 'car' first)")
     args = parser.parse_args()
     model_dir = tempfile.mkdtemp()
     settings = Settings(pretrained="random", allow_random=True, device=args.device, model_dir=model_dir,
-                        templates="simple", polygons=False)  # fmt: skip
+                        templates="simple", polygons=False, preset=args.preset)  # fmt: skip
     labels = (["car", "person", "dog"] + [n for n in VOC20 if n not in ("car", "person", "dog")])[: args.labels]
     backend = MaskCLIPBackend(settings, "1", config(labels))
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
@@ -94,7 +95,8 @@ def main() -> None:
     ):
         p50, p95 = percentiles(ms)
         rows.append(f"| {name} | {p50:.0f} | {p95:.0f} | {len(ms)} |")
-    text = f"ViT-B/16 (random weights), short side 448, {len(labels)} labels, {device}\n\n" + "\n".join(rows) + "\n"
+    where = f"preset {settings.preset}, short side {settings.short_side}, window {settings.window}"
+    text = f"ViT-B/16 (random weights), {where}, {len(labels)} labels, {device}\n\n" + "\n".join(rows) + "\n"
     print(text)
     if args.out:
         args.out.write_text(text)
