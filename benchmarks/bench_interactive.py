@@ -1,11 +1,17 @@
 """Interactive prompting latency on ViT-B/16 (random weights: the speed does not depend on them).
 
-Two measurements:
+Three measurements:
 
 - **in process** (default): the first prompt on each of ``--repeats`` images (decode + image tower + prompt),
   then a repeated click, a box and a new phrase on each, through the backend object (no HTTP);
 
       python benchmarks/bench_interactive.py [--device cpu|cuda] [--repeats 20] [--labels 20]
+
+- **the levers** (``--levers``): a click's image tower on ``--repeats`` new photos in fp32 and in bf16, with 1
+  and 2 torch threads, interleaved; with bf16's distance from fp32 (run it with ``OMP_WAIT_POLICY=ACTIVE``
+  and ``PASSIVE`` to compare the wait policies);
+
+      python benchmarks/bench_interactive.py --levers --repeats 8
 
 - **after a restart** (``--restarts N``): what an annotator meets each time the backend starts. The backend
   is served as in production (``labelstudio-maskclip serve``: gunicorn, one worker, the default preset, 20
@@ -134,6 +140,48 @@ def in_process(args: argparse.Namespace) -> str:
     )
 
 
+# -- the levers, one at a time ----------------------------------------------------------------------------
+
+
+def levers(args: argparse.Namespace) -> str:
+    """A click's image tower on new photos, fp32 vs bf16 (autocast) and 1 vs 2 torch threads, interleaved so
+    that the machine's load falls on each alike; with bf16's distance from fp32 (features, click masks)."""
+    import numpy as np
+    from PIL import Image
+
+    from labelstudio_maskclip.engine import prompts
+    from labelstudio_maskclip.models import segment_options, shared_maskclip
+
+    settings = Settings(pretrained="random", allow_random=True, device="cpu", model_dir=tempfile.mkdtemp())
+    seg, opts = shared_maskclip(settings), segment_options(settings)
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in PHOTOS[: args.repeats]]
+    text = torch.nn.functional.normalize(torch.randn(args.labels + 1, seg.clip.model.visual.output_dim), dim=-1)
+    prompts.encode_image(seg, images[0], opts, torch.bfloat16)  # first calls: kernels, allocator
+    prompts.encode_image(seg, images[0], opts)
+    times: dict[tuple[int, str], list[float]] = {}
+    worst_diff, worst_iou = 0.0, 1.0
+    for image in images:
+        dense = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+                start = time.perf_counter()
+                dense[name] = prompts.encode_image(seg, image, opts, dtype)
+                times.setdefault((threads, name), []).append(1000 * (time.perf_counter() - start))
+        worst_diff = max(worst_diff, float((dense["fp32"].features - dense["bf16"].features).abs().max()))
+        centre = [(image.shape[1] / 2, image.shape[0] / 2)]
+        a, b = (prompts.click_mask(d, prompts.grid_probs(d, text, opts)[0], centre)[0] for d in dense.values())
+        worst_iou = min(worst_iou, float((a & b).sum() / (a | b).sum()))
+    policy = os.environ.get("OMP_WAIT_POLICY", "not set (spinning)")
+    return (
+        f"A click's image tower (ViT-B/16, random weights, preset {settings.preset}, short side "
+        f"{settings.short_side}), {len(images)} photos, OMP_WAIT_POLICY {policy}; {machine()} at the end\n\n"
+        + table([(f"{threads} thread{'s' * (threads > 1)}, {name}", ms) for (threads, name), ms in times.items()])
+        + f"\nbf16 vs fp32: largest feature difference {worst_diff:.2e} (unit vectors), smallest click-mask IoU "
+        f"{worst_iou:.4f}\n"
+    )
+
+
 # -- after a restart, served ------------------------------------------------------------------------------
 
 
@@ -243,9 +291,10 @@ def main() -> None:
     parser.add_argument("--labels", type=int, default=20, help="labels in the project (COCO names, 'car' first)")
     parser.add_argument("--restarts", type=int, default=0, help="served: restarts measured (0: in process)")
     parser.add_argument("--via", choices=("backend", "label-studio"), default="backend")
+    parser.add_argument("--levers", action="store_true", help="in process: fp32/bf16 x 1/2 threads, interleaved")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    text = after_restarts(args) if args.restarts else in_process(args)
+    text = after_restarts(args) if args.restarts else levers(args) if args.levers else in_process(args)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = f"{stamp}, `{' '.join(['python', 'benchmarks/bench_interactive.py', *sys.argv[1:]])}`\n\n{text}"
     print(text)
