@@ -7,7 +7,7 @@ LABEL_STUDIO_PORT ?= 8080
 export LABEL_STUDIO_PORT
 export LABEL_STUDIO_VENV
 
-.PHONY: serve test lint install install-label-studio install-browser label-studio bench clean
+.PHONY: serve test lint install install-label-studio install-browser label-studio bench mutation clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ lint: install
 
 bench: install
 	$(VENV)/bin/python benchmarks/run.py
+
+# Mutation testing of one module (or a glob) against its own tests, with mutmut (docs/mutation.md):
+#   make mutation MODULE=labelstudio_maskclip/training/validation.py TESTS=tests/test_training.py
+# MUTANTS=... re-runs only those mutants (names as `mutmut results` prints them).
+mutation: install
+	PYTHON=$(VENV)/bin/python scripts/mutation.sh $(MODULE) $(TESTS) -- $(MUTANTS)
 
 clean:
 	rm -rf $(VENV) $(LABEL_STUDIO_VENV) build *.egg-info

@@ -45,11 +45,11 @@ from labelstudio_maskclip.engine.segmenter import (  # noqa: E402
     segment_in_batches,
 )
 from labelstudio_maskclip.evaluation.class_names import VOC20  # noqa: E402
-from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend, runtime  # noqa: E402
-from labelstudio_maskclip.labelstudio.images import ImageFetcher, decode_image  # noqa: E402
+from labelstudio_maskclip.fetching.images import ImageFetcher, decode_image  # noqa: E402
 from labelstudio_maskclip.labelstudio.labeling import parse_label_config  # noqa: E402
 from labelstudio_maskclip.labelstudio.regions import prediction  # noqa: E402
 from labelstudio_maskclip.labelstudio.wire import json_bytes  # noqa: E402
+from labelstudio_maskclip.serving.backend import MaskCLIPBackend, runtime  # noqa: E402
 from labelstudio_maskclip.settings import Settings  # noqa: E402
 from tests.photos import COCO128_PHOTOS  # noqa: E402
 

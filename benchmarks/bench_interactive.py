@@ -50,7 +50,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
 
 from labelstudio_maskclip.evaluation.class_names import VOC20  # noqa: E402
-from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend  # noqa: E402
+from labelstudio_maskclip.serving.backend import MaskCLIPBackend  # noqa: E402
 from labelstudio_maskclip.settings import Settings  # noqa: E402
 from tests.photos import COCO128_PHOTOS  # noqa: E402
 

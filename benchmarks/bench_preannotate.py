@@ -90,8 +90,8 @@ def one_prediction_each(api, project: int, n: int, version: str) -> bool:
 
 def light_ids(ls, project: int) -> list[int]:
     """Every task id with light keyset pages (the new listing)."""
+    from labelstudio_maskclip.fetching.images import ImageFetcher
     from labelstudio_maskclip.labelstudio.api import LabelStudioAPI
-    from labelstudio_maskclip.labelstudio.images import ImageFetcher
 
     client = LabelStudioAPI(ImageFetcher(ls.url, ls.token))
     return [t["id"] for page in client.task_pages(project, page_size=1000) for t in page]

@@ -62,7 +62,7 @@ def rss_mib() -> float:
 
 def run_case(path: Path, model: str) -> dict:
     """In this (fresh) process: one /predict with the image as a data: URI, default limits."""
-    from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend
+    from labelstudio_maskclip.serving.backend import MaskCLIPBackend
     from labelstudio_maskclip.settings import Settings
     from tests.tiny import TINY_VIT, save_random_state
 

@@ -56,7 +56,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _cmd_segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .labelstudio.images import ImageError, decode_image
+    from .fetching.images import ImageError, decode_image
     from .models import segment_options, shared_maskclip
 
     s = _settings(args)
@@ -117,12 +117,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     s = _settings(args)  # validates the environment before gunicorn starts
     workers = args.workers or s.workers
     cmd = [
-        sys.executable, "-m", "gunicorn", "labelstudio_maskclip.labelstudio.server:wsgi()",
+        sys.executable, "-m", "gunicorn", "labelstudio_maskclip.serving.server:wsgi()",
         "--bind", f"{args.host}:{args.port}",
         "--workers", str(workers), "--threads", str(s.threads),
         # gthread, but a request is read in the event loop before it takes a thread: slow clients cannot
-        # hold the threads (see labelstudio/worker.py).
-        "--worker-class", "labelstudio_maskclip.labelstudio.worker.BufferingThreadWorker",
+        # hold the threads (see serving/worker.py).
+        "--worker-class", "labelstudio_maskclip.serving.worker.BufferingThreadWorker",
         # /predict may take up to Label Studio's 100 s limit; the time budget stops earlier.
         "--timeout", str(int(s.predict_time_budget) + 60), "--graceful-timeout", "30",
         "--log-level", s.log_level.lower(), "--access-logfile", "-",
@@ -157,7 +157,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_preannotate(args: argparse.Namespace) -> int:
     """One process, or one rank of ``torchrun -m labelstudio_maskclip preannotate``: each rank predicts its
     shard (task id modulo the world size) on its own device; rank 0 prints the totals."""
-    from .labelstudio.preannotate import RankTotals, preannotate, shard_from_env
+    from .commands.preannotate import RankTotals, preannotate, shard_from_env
 
     s = _settings(args)
     shard = shard_from_env()
@@ -181,7 +181,7 @@ def _cmd_preannotate(args: argparse.Namespace) -> int:
 def _cmd_next(args: argparse.Namespace) -> int:
     """The unlabeled tasks to label next: lowest score of the served model first."""
     from .labelstudio.api import LabelStudioAPI
-    from .labelstudio.backend import MaskCLIPBackend
+    from .serving.backend import MaskCLIPBackend
 
     s = _settings(args)
     api = LabelStudioAPI.from_settings(s)
@@ -225,8 +225,8 @@ def _categories(args: argparse.Namespace, s: Settings, store) -> list[str]:
 
 def _source_store(args: argparse.Namespace, s: Settings, tmp: str):
     """The store to read: MODEL_DIR's, or a temporary one filled from an export file or the API."""
+    from .labelstudio.webhooks import backfill_from_api, backfill_from_export
     from .learning.store import Store
-    from .learning.webhooks import backfill_from_api, backfill_from_export
 
     if args.from_export:
         store = Store(Path(tmp))
@@ -262,8 +262,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_backfill(args: argparse.Namespace) -> int:
+    from .labelstudio.webhooks import backfill_from_api, backfill_from_export
     from .learning.store import Store
-    from .learning.webhooks import backfill_from_api, backfill_from_export
 
     s = _settings(args)
     store = Store(Path(s.model_dir))
@@ -304,7 +304,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
     )
     if args.detach:  # a separate process: it gets these settings through its environment
-        from .learning.trigger import request_training
+        from .training.trigger import request_training
 
         started = request_training(s, "cli", classes=job.classes, background=job.background, project=job.project)
         print("training started in the background" if started else "a training is already running")
@@ -340,14 +340,14 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
         log.error("%s", e)
         return 2
     print(f"now serving {version}")
-    from .labelstudio.rescore import start_rescore
+    from .training.rescoring import start_rescore
 
     start_rescore(s, reason=f"rollback to {version}")
     return 0
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from .labelstudio.doctor import blocks_preannotation, diagnose, render, to_json
+    from .commands.doctor import blocks_preannotation, diagnose, render, to_json
 
     findings = diagnose(_settings(args), args.project, backend_url=args.backend_url, load_weights=not args.no_weights)
     print(to_json(findings) if args.json else render(findings))

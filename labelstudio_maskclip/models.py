@@ -5,15 +5,20 @@ The engine takes plain arguments; this is the one place that reads a :class:`Set
 
 from __future__ import annotations
 
+import hashlib
 import threading
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .settings import Settings
 
 if TYPE_CHECKING:
     from .engine.segmenter import MaskCLIP, SegmentOptions
 
-__all__ = ["segment_options", "shared_maskclip", "pipeline_description"]
+__all__ = [
+    "segment_options", "shared_maskclip", "pipeline_description", "text_embedding_store", "text_width",
+    "embedding_identity",
+]  # fmt: skip
 
 _shared: dict[tuple, MaskCLIP] = {}
 _shared_lock = threading.Lock()
@@ -79,3 +84,61 @@ def shared_maskclip(s: Settings) -> MaskCLIP:
                 layer_norm_eps=preset.layer_norm_eps,
             )
         return _shared[key]
+
+
+def text_embedding_store(s: Settings, compute: Any) -> Any:
+    """The :class:`~labelstudio_maskclip.embeddings.EmbeddingStore` of the teacher's text embeddings under
+    ``MODEL_DIR/text_embeddings``, ``compute(label_set) -> (K, D)`` making missing ones: the one store of every
+    worker and of the trainer, which read each other's files and wait for each other's computations."""
+    from .embeddings import EmbeddingStore
+
+    return EmbeddingStore(
+        Path(s.model_dir) / "text_embeddings", embedding_identity(s), compute,
+        persist=s.pretrained.strip().lower() not in ("random", "none", ""), device=_device(s.device),
+        width=text_width(s),
+    )  # fmt: skip
+
+
+def text_width(s: Settings) -> int | None:
+    """The width D of the model's text embeddings, from its open_clip config (None when unknown)."""
+    import json
+
+    import open_clip
+
+    try:
+        if s.model.endswith(".json") and Path(s.model).is_file():
+            config = json.loads(Path(s.model).read_text())
+        else:
+            config = open_clip.get_model_config(s.model) or {}
+        return int(config["embed_dim"])
+    except (KeyError, TypeError, ValueError, OSError):
+        return None
+
+
+def embedding_identity(s: Settings) -> dict[str, str]:
+    """What the teacher's text embeddings depend on besides the label names: architecture (a config file
+    by its content), weights, precision, prompt templates, open_clip's version (its tokenizer)."""
+    import open_clip
+
+    from .embeddings import weights_identity
+    from .engine.loading import resolve_dtype
+    from .engine.text import resolve_templates
+
+    arch = s.model
+    if s.model.endswith(".json") and Path(s.model).is_file():
+        arch = f"{Path(s.model).stem}:{hashlib.sha256(Path(s.model).read_bytes()).hexdigest()[:16]}"
+    templates = "\n".join(resolve_templates(s.templates))
+    return {
+        "architecture": arch,
+        "weights": weights_identity(s.pretrained),
+        "precision": str(resolve_dtype(s.precision, _device(s.device))),
+        "templates": hashlib.sha256(templates.encode()).hexdigest()[:16],
+        "open_clip": open_clip.__version__,
+    }
+
+
+def _device(device: str) -> Any:
+    """The torch device a ``MASKCLIP_DEVICE`` value names (``auto``: CUDA when present)."""
+    from .engine.loading import resolve_device
+
+    return resolve_device(device)

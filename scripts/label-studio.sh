@@ -12,7 +12,7 @@ PORT="${LABEL_STUDIO_PORT:-8080}"
 
 settings="$("$PKG_VENV/bin/python" -c '
 import shlex
-from labelstudio_maskclip.labelstudio.network import LABEL_STUDIO_SETTINGS
+from labelstudio_maskclip.commands.network import LABEL_STUDIO_SETTINGS
 for key, value in LABEL_STUDIO_SETTINGS["same machine"].items():
     print(f"export {key}={shlex.quote(value)}")
 ')"

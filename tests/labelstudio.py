@@ -4,7 +4,7 @@ The server is ``label-studio start`` from its own virtualenv (``LABEL_STUDIO_VEN
 ``.ls-venv`` in the repository root; ``scripts/install-label-studio.sh`` creates it), with a temporary
 data dir, SQLite, a generated legacy API token and, unless told otherwise, the settings the README documents
 for a backend on the same machine (``LABEL_STUDIO_SETTINGS["same machine"]`` in
-``labelstudio_maskclip/labelstudio/network.py``, the list ``docker/docker-compose.yml`` is checked against):
+``labelstudio_maskclip/commands/network.py``, the list ``docker/docker-compose.yml`` is checked against):
 Label Studio's address checks stay on, and it may call loopback addresses. ``address_settings={}`` starts it
 with its defaults (loopback and private networks blocked).
 """
@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import requests
 
-from labelstudio_maskclip.labelstudio.network import LABEL_STUDIO_SETTINGS, SWITCHES
+from labelstudio_maskclip.commands.network import LABEL_STUDIO_SETTINGS, SWITCHES
 
 __all__ = ["LabelStudioAPI", "LabelStudioServer", "LabelStudioUnavailable", "free_port", "started"]
 

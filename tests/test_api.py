@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
+from labelstudio_maskclip.fetching.images import ImageFetcher
 from labelstudio_maskclip.labelstudio.api import AmbiguousWriteError, LabelStudioAPI, LabelStudioAPIError, task_filter
-from labelstudio_maskclip.labelstudio.images import ImageFetcher
 from tests.labelstudio import free_port
 
 

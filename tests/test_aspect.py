@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from labelstudio_maskclip.engine.segmenter import MaskCLIP, SegmentOptions, resized_size
-from labelstudio_maskclip.labelstudio import backend as backend_module
-from labelstudio_maskclip.labelstudio.server import create_app
+from labelstudio_maskclip.serving import backend as backend_module
+from labelstudio_maskclip.serving.server import create_app
 from labelstudio_maskclip.settings import Settings
 from tests.photos import COCO128_PHOTOS
 from tests.tiny import TINY_VIT, save_random_state

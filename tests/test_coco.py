@@ -11,6 +11,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from labelstudio_maskclip.labelstudio.webhooks import handle_event
 from labelstudio_maskclip.learning import export as coco
 from labelstudio_maskclip.learning.export import (
     CocoError,
@@ -20,7 +21,6 @@ from labelstudio_maskclip.learning.export import (
     write_coco,
 )
 from labelstudio_maskclip.learning.store import Sample, Store
-from labelstudio_maskclip.learning.webhooks import handle_event
 from labelstudio_maskclip.masks.brush import mask_to_brush_rle
 from tests.photos import COCO128
 

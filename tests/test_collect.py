@@ -15,15 +15,15 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 import pytest
 
-from labelstudio_maskclip.learning import webhooks as collect
-from labelstudio_maskclip.learning.store import Store
-from labelstudio_maskclip.learning.webhooks import (
+from labelstudio_maskclip.labelstudio import webhooks as collect
+from labelstudio_maskclip.labelstudio.webhooks import (
     CollectError,
     backfill_from_api,
     backfill_from_export,
     handle_event,
     image_reference,
 )
+from labelstudio_maskclip.learning.store import Store
 from labelstudio_maskclip.masks.brush import mask_to_brush_rle
 from labelstudio_maskclip.masks.polygons import points_to_percent, polygons_to_mask
 
@@ -450,8 +450,8 @@ def label_studio_like() -> Iterator[str]:
 
 
 def test_backfill_from_api_with_the_package_client(store: Store, label_studio_like: str) -> None:
+    from labelstudio_maskclip.fetching.images import ImageFetcher
     from labelstudio_maskclip.labelstudio.api import LabelStudioAPI
-    from labelstudio_maskclip.labelstudio.images import ImageFetcher
 
     client = LabelStudioAPI(ImageFetcher(label_studio_like, "secret", allow_private=True))
     outcome = backfill_from_api(client, 1, store)
@@ -475,8 +475,8 @@ def test_public_surface() -> None:
 def test_an_annotation_started_from_a_prediction_queues_a_small_follow_up(tmp_path):
     """Label Studio's webhook names the parent prediction without its result: the backend queues a follow-up
     that fetches it, carrying the annotation's small fields and the config, not its masks."""
-    from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend
-    from labelstudio_maskclip.labelstudio.followups import ParentPredictionCheck
+    from labelstudio_maskclip.serving.backend import MaskCLIPBackend
+    from labelstudio_maskclip.serving.followups import ParentPredictionCheck
     from labelstudio_maskclip.settings import Settings
 
     backend = MaskCLIPBackend(Settings(model_dir=str(tmp_path), label_studio_url="http://127.0.0.1:9"))

@@ -17,8 +17,8 @@ import sys
 import pytest
 import requests
 
-from labelstudio_maskclip.labelstudio.network import BLOCK_MESSAGE, LABEL_STUDIO_SETTINGS
-from labelstudio_maskclip.labelstudio.server import basic_auth_header
+from labelstudio_maskclip.commands.network import BLOCK_MESSAGE, LABEL_STUDIO_SETTINGS
+from labelstudio_maskclip.serving.server import basic_auth_header
 from tests.labelstudio import started
 from tests.photos import COCO128_PHOTOS
 from tests.served import start_backend, wait_for

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from labelstudio_maskclip.labelstudio.decode import decode_image
-from labelstudio_maskclip.labelstudio.errors import ImageDecodeError, ImageTooLargeError
+from labelstudio_maskclip.fetching.decode import decode_image
+from labelstudio_maskclip.fetching.errors import ImageDecodeError, ImageTooLargeError
 from tests.photos import COCO128_PHOTOS
 
 PHOTO = COCO128_PHOTOS / "000000000009.jpg"
@@ -242,7 +242,7 @@ def test_pixel_budget_waits_for_a_decoded_array_to_be_freed():
     import gc
     import threading
 
-    from labelstudio_maskclip.labelstudio.decode import PixelBudget
+    from labelstudio_maskclip.fetching.decode import PixelBudget
 
     budget = PixelBudget(100)
     with budget.reserve(60, time.monotonic() + 5) as lease:
@@ -273,8 +273,8 @@ def test_pixel_budget_waits_for_a_decoded_array_to_be_freed():
 
 
 def test_pixel_budget_alone_over_the_limit_passes_and_waiting_ends_at_the_deadline():
-    from labelstudio_maskclip.labelstudio.decode import PixelBudget
-    from labelstudio_maskclip.labelstudio.errors import ImageError
+    from labelstudio_maskclip.fetching.decode import PixelBudget
+    from labelstudio_maskclip.fetching.errors import ImageError
 
     budget = PixelBudget(10)
     with budget.reserve(50, time.monotonic() + 1):  # nothing else in flight: one large image passes

@@ -41,7 +41,7 @@ def test_compose_gives_label_studio_the_documented_settings_that_the_end_to_end_
     """Label Studio in compose may call maskclip's fixed address and nothing else it blocks by default; the
     settings come from the one list (network.LABEL_STUDIO_SETTINGS) that the e2e harness starts Label Studio
     with, so what the tests prove is what compose runs."""
-    from labelstudio_maskclip.labelstudio.network import (
+    from labelstudio_maskclip.commands.network import (
         COMPOSE_BACKEND_ADDRESS,
         COMPOSE_SUBNET,
         LABEL_STUDIO_SETTINGS,
@@ -68,7 +68,7 @@ def test_compose_gives_label_studio_the_documented_settings_that_the_end_to_end_
 def test_documented_same_machine_settings_are_the_tested_ones():
     """docs/connecting.md's lines and ``make label-studio`` (scripts/label-studio.sh) give Label Studio the
     settings the e2e harness runs with; the README names the refusal they cure and the target."""
-    from labelstudio_maskclip.labelstudio.network import LABEL_STUDIO_SETTINGS
+    from labelstudio_maskclip.commands.network import LABEL_STUDIO_SETTINGS
 
     same_machine = LABEL_STUDIO_SETTINGS["same machine"]
     connecting = (ROOT / "docs" / "connecting.md").read_text()

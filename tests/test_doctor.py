@@ -10,7 +10,7 @@ import json
 import pytest
 
 from labelstudio_maskclip.cli import main
-from labelstudio_maskclip.labelstudio.doctor import (
+from labelstudio_maskclip.commands.doctor import (
     Finding,
     _allowed_ranges,
     blocks_preannotation,
@@ -19,7 +19,7 @@ from labelstudio_maskclip.labelstudio.doctor import (
     check_weights,
     render,
 )
-from labelstudio_maskclip.labelstudio.network import LOOPBACK
+from labelstudio_maskclip.commands.network import LOOPBACK
 from labelstudio_maskclip.settings import Settings
 from tests.labelstudio import free_port
 from tests.tiny import TINY_VIT, save_random_state
@@ -141,8 +141,8 @@ PASSED = (400, "Validation error")
      ((500, "Can't resolve hostname x"), PASSED, "fail", "cannot use http://127.0.0.1:9090: Can't resolve")],
 )  # fmt: skip
 def test_address_verdict_comes_from_label_studio_and_names_the_fix(ml, hook, status, words):
-    from labelstudio_maskclip.labelstudio.doctor import check_address
-    from labelstudio_maskclip.labelstudio.network import LABEL_STUDIO_SETTINGS
+    from labelstudio_maskclip.commands.doctor import check_address
+    from labelstudio_maskclip.commands.network import LABEL_STUDIO_SETTINGS
 
     ls = _FakeLabelStudio({"/api/ml": ml, "/api/webhooks/": hook})
     [finding] = check_address(Settings(), ls, "http://127.0.0.1:9090", given=True)
@@ -154,7 +154,7 @@ def test_address_verdict_comes_from_label_studio_and_names_the_fix(ml, hook, sta
 
 
 def test_a_refusal_names_the_label_studio_setting_that_holds_the_range():
-    from labelstudio_maskclip.labelstudio.doctor import check_address
+    from labelstudio_maskclip.commands.doctor import check_address
 
     ls = _FakeLabelStudio({"/api/ml": BLOCKED, "/api/webhooks/": BLOCKED})
     [finding] = check_address(Settings(), ls, "http://127.0.0.1:9090", given=False)
@@ -177,7 +177,7 @@ SMART = """<View>
 
 
 def test_interactive_mode_is_judged_against_the_configs_smart_tools():
-    from labelstudio_maskclip.labelstudio.doctor import check_interactive, prompt_tools
+    from labelstudio_maskclip.commands.doctor import check_interactive, prompt_tools
 
     tools = prompt_tools(SMART)
     assert tools == ["<KeyPointLabels name='click'>", "<TextArea name='prompt'>"]  # the box is not smart
@@ -192,7 +192,7 @@ def test_interactive_mode_is_judged_against_the_configs_smart_tools():
 
 
 def test_a_live_model_version_that_is_not_ours_is_reported_with_where_to_change_it():
-    from labelstudio_maskclip.labelstudio.doctor import check_live_version
+    from labelstudio_maskclip.commands.doctor import check_live_version
 
     served = "maskclip-ViT-B-16.openai-naclip"
     for following in ("", None, served, "MaskCLIP"):  # the backend's title: the dropdown's "Models: MaskCLIP"

@@ -283,7 +283,7 @@ def test_basic_auth_backend_with_label_studio(label_studio, backend, tmp_path):
     """Label Studio sends the connection's basic-auth credentials on /health, /setup and /predict. Its
     webhook to the backend carries no credentials until the webhook gets an Authorization header (the
     README's recipe): before that, annotations are refused with 401; after it, they are stored."""
-    from labelstudio_maskclip.labelstudio.server import basic_auth_header
+    from labelstudio_maskclip.serving.server import basic_auth_header
 
     weights = next(Path(backend["env"]["MODEL_DIR"]).parent.glob("*.pt"))
     secured = start_backend(tmp_path / "secured", TINY_VIT, str(weights), label_studio.url, workers=1,

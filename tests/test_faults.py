@@ -138,7 +138,7 @@ def test_slow_clients_cannot_hold_the_worker_threads(tmp_path_factory):
     """12 connections dripping request headers and 4 dripping a small body, against one worker of 2
     threads: /health keeps answering (the requests are read in the event loop, not in the threads), and the
     drippers are answered 408 and disconnected after the read timeout."""
-    from labelstudio_maskclip.labelstudio.worker import READ_TIMEOUT
+    from labelstudio_maskclip.serving.worker import READ_TIMEOUT
 
     work = tmp_path_factory.mktemp("slow-clients")
     weights = save_random_state(TINY_VIT, work / "tiny_vit.pt")

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from labelstudio_maskclip.labelstudio.server import create_app
 from labelstudio_maskclip.learning.store import Store
+from labelstudio_maskclip.serving.server import create_app
 from labelstudio_maskclip.settings import Settings
 from tests.served import BRUSH, PHOTOS, FileHost, brush_webhook
 from tests.tiny import TINY_VIT, save_random_state
@@ -375,7 +375,7 @@ def _encode(text: str, encoding: str) -> bytes:
 def test_fuzzed_credentials_get_200_or_401_only(tmp_path):
     import base64
 
-    from labelstudio_maskclip.labelstudio.server import basic_auth_header
+    from labelstudio_maskclip.serving.server import basic_auth_header
 
     user, password = "ann\u00e9e", "p\u00e4ss \u5bc6\u7801:\U0001f511"
     client = create_app(Settings(model_dir=str(tmp_path), basic_auth_user=user, basic_auth_pass=password),

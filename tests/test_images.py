@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from labelstudio_maskclip.labelstudio import images
-from labelstudio_maskclip.labelstudio.images import (
+from labelstudio_maskclip.fetching import images
+from labelstudio_maskclip.fetching.images import (
     ImageDecodeError,
     ImageError,
     ImageFetcher,
@@ -530,7 +530,7 @@ def test_queued_downloads_past_the_deadline_are_dropped_without_a_request(ls):
 def test_fetcher_with_a_pixel_budget_holds_decoded_pixels_until_freed(ls):
     import gc
 
-    from labelstudio_maskclip.labelstudio.decode import PixelBudget
+    from labelstudio_maskclip.fetching.decode import PixelBudget
 
     base, _, _ = ls
     budget = PixelBudget(50)  # red.png is 8 x 6 = 48 pixels

@@ -17,9 +17,10 @@ from PIL import Image
 from labelstudio_maskclip.engine import prompts as engine
 from labelstudio_maskclip.engine.prompts import DenseImage
 from labelstudio_maskclip.engine.segmenter import MaskCLIP, SegmentOptions
-from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend, PredictError
-from labelstudio_maskclip.labelstudio.images import decode_image
-from labelstudio_maskclip.labelstudio.interactive import (
+from labelstudio_maskclip.fetching.images import decode_image
+from labelstudio_maskclip.labelstudio.labeling import parse_label_config
+from labelstudio_maskclip.serving.backend import MaskCLIPBackend, PredictError
+from labelstudio_maskclip.serving.interactive import (
     BACKGROUND_WORDS,
     MAX_PHRASES,
     PHRASE_TEMPLATES,
@@ -33,7 +34,6 @@ from labelstudio_maskclip.labelstudio.interactive import (
     percent_to_pixel,
     phrase_label,
 )
-from labelstudio_maskclip.labelstudio.labeling import parse_label_config
 from labelstudio_maskclip.settings import Settings
 from tests.photos import COCO128_PHOTOS
 from tests.tiny import TINY_VIT, save_random_state
@@ -366,7 +366,7 @@ def test_backend_answers_each_kind_of_prompt_with_brush_and_polygons(backend, ca
     be, url = backend
     task = {"id": 7, "data": {"image": url}}
     height, width = 480, 640
-    caplog.set_level("INFO", logger="labelstudio_maskclip.labelstudio.backend")
+    caplog.set_level("INFO", logger="labelstudio_maskclip.serving.backend")
     began = time.monotonic()
     reply = be.predict([task], {"result": [text("car, road"), click(20, 30), box(40, 40, 30, 30)]})
     wall_ms = 1000 * (time.monotonic() - began)
@@ -437,7 +437,7 @@ def test_backend_refuses_unusable_interactive_requests(backend):
 
 def test_an_interactive_image_that_cannot_start_downloading_in_time_is_a_clear_error(backend, monkeypatch):
     """The request's budget is spent before the download starts (a clock that jumps 100 s a reading)."""
-    from labelstudio_maskclip.labelstudio import backend as backend_module
+    from labelstudio_maskclip.serving import backend as backend_module
 
     be, url = backend
     now = iter(range(0, 10**6, 100))

@@ -110,6 +110,7 @@ def test_several_images_and_a_control_on_two_images():
     assert spec.image_keys == ("left", "right_url")
     assert spec.vocabulary == ("a", "b")
     assert spec.target("bl", "right").image_key == "right_url"
+    assert [(t.from_name, t.to_name) for t in spec.predicted_targets] == [("bl", "left")]  # the first image's
 
 
 def test_special_characters_and_alias():
@@ -181,4 +182,6 @@ def test_parsing_is_cached_and_results_are_immutable():
 
 
 def test_public_surface():
-    assert sorted(labeling.__all__) == ["LabelConfigError", "LabelSpec", "LabelingSpec", "Target", "parse_label_config"]
+    assert sorted(labeling.__all__) == [
+        "LabelConfigError", "LabelSpec", "LabelingSpec", "Target", "label_interface", "parse_label_config",
+    ]  # fmt: skip

@@ -73,7 +73,7 @@ def test_every_promotion_and_rollback_changes_what_one_running_app_serves(tmp_pa
     """One app (one worker process) answers /predict between two promotions and two rollbacks: each answer
     comes from the model its version names (a student answering one label everywhere), never the one
     loaded before."""
-    from labelstudio_maskclip.labelstudio.server import create_app
+    from labelstudio_maskclip.serving.server import create_app
 
     weights = save_random_state(TINY_VIT, tmp_path / "tiny.pt")
     s = Settings(model=TINY_VIT, pretrained=str(weights), device="cpu", short_side=32, templates="simple",
@@ -276,8 +276,7 @@ def test_a_run_waits_for_the_servers_text_embeddings_and_reuses_them(tmp_path):
     import time
 
     from labelstudio_maskclip.embeddings import label_set
-    from labelstudio_maskclip.labelstudio.runtime import text_embedding_store
-    from labelstudio_maskclip.models import shared_maskclip
+    from labelstudio_maskclip.models import shared_maskclip, text_embedding_store
 
     weights = save_random_state(TINY_VIT, tmp_path / "tiny.pt")
     s = _settings(tmp_path / "md", model=TINY_VIT, pretrained=str(weights), templates="simple")

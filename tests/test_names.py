@@ -10,10 +10,10 @@ import pytest
 from labelstudio_maskclip import cli
 from labelstudio_maskclip.engine.modes import DENSE_MODES
 from labelstudio_maskclip.engine.names import format_label_spec, normalize_classes, normalize_names, parse_label_spec
-from labelstudio_maskclip.labelstudio import images
+from labelstudio_maskclip.fetching import images
+from labelstudio_maskclip.fetching.uris import CLOUD_SCHEMES, IMAGE_URI_PREFIXES
 from labelstudio_maskclip.labelstudio.labeling import parse_label_config
-from labelstudio_maskclip.labelstudio.uris import CLOUD_SCHEMES, IMAGE_URI_PREFIXES
-from labelstudio_maskclip.learning.webhooks import image_reference
+from labelstudio_maskclip.labelstudio.webhooks import image_reference
 from labelstudio_maskclip.settings import Settings, SettingsError
 
 
@@ -81,7 +81,7 @@ def test_cli_train_detach_passes_parsed_classes(monkeypatch, tmp_path):
         seen.update(classes=classes, background=background, project=project)
         return True
 
-    monkeypatch.setattr("labelstudio_maskclip.learning.trigger.request_training", fake_request)
+    monkeypatch.setattr("labelstudio_maskclip.training.trigger.request_training", fake_request)
     monkeypatch.setenv("MODEL_DIR", str(tmp_path))
     assert cli.main(["train", "--detach", "--labels", " car | automobile, dog ", "--project", "4"]) == 0
     assert seen == {"classes": (("car", "automobile"), ("dog",)), "background": (), "project": 4}

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from labelstudio_maskclip.labelstudio.network import (
+from labelstudio_maskclip.commands.network import (
     BLOCK_MESSAGE,
     COMPOSE_BACKEND_ADDRESS,
     COMPOSE_SUBNET,

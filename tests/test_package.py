@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib
 import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,17 @@ SUBPACKAGES = sorted(m.name for m in pkgutil.iter_modules(labelstudio_maskclip._
 
 
 def test_the_layout_is_the_pipeline():
-    assert SUBPACKAGES == ["engine", "evaluation", "labelstudio", "learning", "masks", "training"]
+    assert SUBPACKAGES == [
+        "commands",
+        "engine",
+        "evaluation",
+        "fetching",
+        "labelstudio",
+        "learning",
+        "masks",
+        "serving",
+        "training",
+    ]
 
 
 def _package_imports(path: Path) -> set[str]:
@@ -46,6 +57,84 @@ def test_engine_and_masks_import_nothing_of_the_rest():
             assert _package_imports(path) <= {sub}, f"{path.name} reaches outside {sub}/"
 
 
+#: The package's layers, bottom first: a unit (a subpackage, or a top-level module) imports only itself and
+#: units of lower layers, never a unit of its own layer or above (imports inside functions and under
+#: TYPE_CHECKING count). docs/development.md draws this graph.
+LAYERS: list[tuple[str, ...]] = [
+    ("engine", "masks"),  # the pure core: arrays and tensors in and out
+    ("files", "logs", "settings"),
+    ("embeddings", "jobs"),
+    ("models",),  # settings -> engine: the shared MaskCLIP, options, text embeddings
+    ("evaluation",),
+    ("fetching", "learning"),  # task images; the store of people's masks
+    ("labelstudio", "training"),  # Label Studio's formats and client; the student
+    ("serving",),  # the ML backend's web service
+    ("commands",),  # bulk jobs that drive Label Studio
+    ("cli", "__init__"),  # the command line; the package's public names
+    ("__main__",),
+]
+
+
+def _unit(path: Path) -> str:
+    """The layer unit of a module file: its subpackage, or its own name at the top ("settings")."""
+    rel = path.relative_to(PACKAGE).parts
+    return rel[0] if len(rel) > 1 else path.stem
+
+
+def _unit_graph() -> dict[str, set[str]]:
+    """unit -> the other units it imports."""
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        unit = _unit(path)
+        imported = {name if name else "__init__" for name in _package_imports(path)}
+        graph.setdefault(unit, set()).update(imported - {unit})
+    return graph
+
+
+def test_every_unit_imports_only_layers_below_it():
+    layer_of = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
+    graph = _unit_graph()
+    assert set(graph) == set(layer_of), "every subpackage and top-level module has a layer"
+    upward = sorted(f"{a} -> {b}" for a, deps in graph.items() for b in deps if layer_of[b] >= layer_of[a])
+    assert upward == [], "imports that go sideways or up the layers"
+
+
+def _reduced_edges(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """The graph's edges that no longer path implies (its transitive reduction: the graph is acyclic)."""
+
+    def reaches(start: str, goal: str, skip: tuple[str, str]) -> bool:
+        todo, seen = [b for b in graph[start] if (start, b) != skip], set()
+        while todo:
+            unit = todo.pop()
+            if unit == goal:
+                return True
+            if unit not in seen:
+                seen.add(unit)
+                todo.extend(graph[unit])
+        return False
+
+    return sorted((a, b) for a in graph for b in graph[a] if not reaches(a, b, (a, b)))
+
+
+def test_the_documented_graph_is_the_codes():
+    text = (PACKAGE.parent / "docs" / "development.md").read_text()
+    documented = re.search(r"```mermaid\n(.*?)\n *```", text, re.S)
+    assert documented, "docs/development.md has a mermaid graph of the package"
+    edges = _reduced_edges(_unit_graph())
+    node = {unit: f'{unit.strip("_")}["{unit}"]' if unit.startswith("_") else unit for unit in _unit_graph()}
+    expected = "\n".join(["  flowchart TD"] + [f"    {node[a]} --> {node[b]}" for a, b in edges])
+    assert documented.group(1) == expected, f"docs/development.md's graph should read:\n{expected}"
+    assert ("engine", "masks") == LAYERS[0] and not any(a in LAYERS[0] for a, _ in edges)
+
+
+def test_no_module_imports_another_modules_private_names():
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(_PREFIX)):
+                private = [a.name for a in node.names if a.name.startswith("_") and a.name != "__version__"]
+                assert not private, f"{path.relative_to(PACKAGE)} imports {private} from {node.module}"
+
+
 def test_every_module_declares_its_public_names_and_they_exist():
     assert {"engine.segmenter", "masks.brush", "learning.store", "settings"} <= set(MODULES)
     for name in MODULES:
@@ -69,7 +158,7 @@ def test_importing_the_package_loads_no_model_code():
 
 def test_serving_never_imports_training_code():
     loaded = _imported_after(
-        "import labelstudio_maskclip.labelstudio.server, labelstudio_maskclip.labelstudio.backend, labelstudio_maskclip.training.student, "
+        "import labelstudio_maskclip.serving.server, labelstudio_maskclip.serving.backend, labelstudio_maskclip.training.student, "
         "labelstudio_maskclip.labelstudio.regions"
     )
     assert "labelstudio_maskclip.training.train" not in loaded

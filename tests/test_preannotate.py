@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from labelstudio_maskclip.commands.preannotate import Shard, combine_summaries, preannotate, shard_from_env
 from labelstudio_maskclip.labelstudio.api import AmbiguousWriteError, LabelStudioAPIError
-from labelstudio_maskclip.labelstudio.preannotate import Shard, combine_summaries, preannotate, shard_from_env
 from labelstudio_maskclip.settings import Settings
 from tests.labelstudio import free_port
 from tests.tiny import TINY_VIT, save_random_state
@@ -215,7 +215,7 @@ def test_duplicates_left_by_a_writer_without_the_lock_are_removed_oldest_kept(se
 
 
 def test_a_second_run_waits_for_the_first_and_finds_nothing_left(settings):
-    from labelstudio_maskclip.labelstudio.preannotate import writer_lock
+    from labelstudio_maskclip.commands.preannotate import writer_lock
 
     ls = FakeLabelStudio(8)
     results = []
@@ -282,7 +282,7 @@ def test_the_ranks_summaries_add_up_to_the_jobs():
 
 _RANK = """
 import json, sys
-from labelstudio_maskclip.labelstudio.preannotate import RankTotals, shard_from_env
+from labelstudio_maskclip.commands.preannotate import RankTotals, shard_from_env
 shard = shard_from_env()
 total = RankTotals(shard).combine({"model_version": "v", "predicted": shard.rank + 1, "skipped": 0,
                                    "failed": 0, "seconds": 1.0 + shard.rank, "tasks_per_s": 1.0})

@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from labelstudio_maskclip.labelstudio.server import basic_auth_header, create_app, credentials_match
+from labelstudio_maskclip.serving.server import basic_auth_header, create_app, credentials_match
 from labelstudio_maskclip.settings import Settings
 
 
@@ -87,14 +87,14 @@ def _brush_event(annotation_id, task_id=7, action="ANNOTATION_CREATED"):
     ],
 )  # fmt: skip
 def test_ids_are_strict_integers_within_sqlite_int64(value, expected):
-    from labelstudio_maskclip.learning.webhooks import label_studio_id
+    from labelstudio_maskclip.labelstudio.webhooks import label_studio_id
 
     assert label_studio_id(value) == expected
 
 
 def test_float_and_huge_ids_never_touch_other_annotations(tmp_path):
+    from labelstudio_maskclip.labelstudio.webhooks import handle_event
     from labelstudio_maskclip.learning.store import Store
-    from labelstudio_maskclip.learning.webhooks import handle_event
 
     store = Store(tmp_path)
     assert handle_event(_brush_event(1), store).status == "stored"
@@ -122,8 +122,8 @@ def test_huge_ids_over_http_give_4xx_or_a_rejection_never_500(tmp_path):
 
 
 def test_deleting_unknown_ids_leaves_no_tombstones_and_later_creations_are_stored(tmp_path):
+    from labelstudio_maskclip.labelstudio.webhooks import handle_event
     from labelstudio_maskclip.learning.store import Store
-    from labelstudio_maskclip.learning.webhooks import handle_event
 
     store = Store(tmp_path)
     size = store.path.stat().st_size
@@ -200,7 +200,7 @@ def test_a_300k_point_polygon_is_rejected_before_rasterising_in_bounded_memory(t
 import json, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
 from labelstudio_maskclip.learning.store import Store
-from labelstudio_maskclip.learning.webhooks import handle_event
+from labelstudio_maskclip.labelstudio.webhooks import handle_event
 sys.setrecursionlimit(10000)
 store = Store({str(tmp_path / "store")!r})
 big = handle_event(json.load(open({str(payload)!r})), store)
@@ -251,9 +251,9 @@ SCALED_BYTES = {"MAX_MASK_BYTES": 100_000}
 def test_work_per_annotation_is_bounded_before_decoding(tmp_path, monkeypatch, regions, predictions, what, bounds):
     from pycocotools import mask as coco_mask
 
-    from labelstudio_maskclip.learning import webhooks
+    from labelstudio_maskclip.labelstudio import webhooks
+    from labelstudio_maskclip.labelstudio.webhooks import handle_event
     from labelstudio_maskclip.learning.store import Store
-    from labelstudio_maskclip.learning.webhooks import handle_event
 
     store = Store(tmp_path)
     assert handle_event(_annotation_body(9, [_polygon_region("ok", SQUARE)]), store).status == "stored"
@@ -365,8 +365,8 @@ def _accepted_event(annotation_id, prediction_id=77):
 
 
 def test_repeated_webhooks_with_a_parent_prediction_change_nothing(tmp_path, fake_ls):
-    from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend, runtime
     from labelstudio_maskclip.learning.store import Store
+    from labelstudio_maskclip.serving.backend import MaskCLIPBackend, runtime
     from tests.served import wait_for
 
     settings = Settings(model_dir=str(tmp_path), label_studio_url=fake_ls.url, label_studio_api_key="tok")
@@ -391,8 +391,8 @@ def test_repeated_webhooks_with_a_parent_prediction_change_nothing(tmp_path, fak
 
 
 def test_outcomes_in_the_payload_then_repeats_without_them_keep_them(tmp_path):
+    from labelstudio_maskclip.labelstudio.webhooks import handle_event
     from labelstudio_maskclip.learning.store import Store
-    from labelstudio_maskclip.learning.webhooks import handle_event
 
     store = Store(tmp_path)
     event = _accepted_event(2)
@@ -415,8 +415,8 @@ def test_outcomes_in_the_payload_then_repeats_without_them_keep_them(tmp_path):
 def test_follow_up_queue_is_bounded_and_small_when_label_studio_hangs(tmp_path, fake_ls, caplog):
     import pickle
 
-    from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend, runtime
-    from labelstudio_maskclip.labelstudio.followups import MAX_PENDING
+    from labelstudio_maskclip.serving.backend import MaskCLIPBackend, runtime
+    from labelstudio_maskclip.serving.followups import MAX_PENDING
     from tests.served import wait_for
 
     fake_ls.gate.clear()  # Label Studio hangs
@@ -452,7 +452,7 @@ def test_a_worker_exits_promptly_with_follow_ups_stuck_on_label_studio(tmp_path)
     url = f"http://127.0.0.1:{hung.getsockname()[1]}"
     script = f"""
 import json, sys, time
-from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend
+from labelstudio_maskclip.serving.backend import MaskCLIPBackend
 from labelstudio_maskclip.settings import Settings
 s = Settings(model_dir={str(tmp_path)!r}, label_studio_url={url!r}, download_timeout=600.0)
 event = json.loads({json.dumps(json.dumps(_accepted_event(3)))})
@@ -601,7 +601,7 @@ def _healthcheck(url, **env):
 
     repo = str(Path(__file__).resolve().parents[1])
     clean = {k: v for k, v in os.environ.items() if not k.startswith("BASIC_AUTH_")}
-    args = [sys.executable, "-m", "labelstudio_maskclip.labelstudio.healthcheck", "--url", url]
+    args = [sys.executable, "-m", "labelstudio_maskclip.serving.healthcheck", "--url", url]
     return subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=repo,
                           env={**clean, "PYTHONPATH": repo, **env})  # fmt: skip
 
@@ -638,7 +638,7 @@ def test_docker_health_checks_authenticate_from_the_environment():
 
     root = Path(__file__).resolve().parents[1]
     dockerfile = (root / "docker" / "Dockerfile").read_text()
-    command = ["python", "-m", "labelstudio_maskclip.labelstudio.healthcheck", "--url", "http://127.0.0.1:9090/health"]
+    command = ["python", "-m", "labelstudio_maskclip.serving.healthcheck", "--url", "http://127.0.0.1:9090/health"]
     assert "CMD " + __import__("json").dumps(command) in dockerfile and "curl" not in dockerfile.split("HEALTHCHECK")[1]
     compose = yaml.safe_load((root / "docker" / "docker-compose.yml").read_text())
     assert compose["services"]["maskclip"]["healthcheck"]["test"] == ["CMD", *command]
@@ -648,7 +648,7 @@ def test_docker_health_checks_authenticate_from_the_environment():
 
 
 def test_a_request_is_complete_when_its_head_and_small_body_arrived():
-    from labelstudio_maskclip.labelstudio.worker import MAX_BUFFERED_BODY, MAX_HEAD, _Reading
+    from labelstudio_maskclip.serving.worker import MAX_BUFFERED_BODY, MAX_HEAD, _Reading
 
     def complete(data: bytes) -> bool:
         reading = _Reading(conn=None, deadline=0.0)
@@ -730,7 +730,7 @@ def test_the_parsed_size_bound_holds_for_every_kind_of_json(form):
     import json
     import tracemalloc
 
-    from labelstudio_maskclip.labelstudio.server import parsed_size_bound
+    from labelstudio_maskclip.serving.server import parsed_size_bound
 
     body = JSON_FORMS[form].encode()
     tracemalloc.start()
@@ -745,7 +745,7 @@ def test_the_parsed_size_bound_holds_for_every_kind_of_json(form):
 def test_bodies_that_would_parse_past_the_memory_budget_get_413_and_the_server_keeps_serving(tmp_path):
     import json
 
-    from labelstudio_maskclip.labelstudio import server
+    from labelstudio_maskclip.serving import server
 
     app = create_app(Settings(model_dir=str(tmp_path)), warm=False)
     client = app.test_client()
@@ -764,7 +764,7 @@ def test_a_small_webhook_is_admitted_whatever_the_memory_budget_holds(tmp_path, 
     """Label Studio does not retry webhooks: a small annotation must not meet a 413 or 503 for memory."""
     import json
 
-    from labelstudio_maskclip.labelstudio import server
+    from labelstudio_maskclip.serving import server
 
     monkeypatch.setattr(server, "JSON_MEMORY_BUDGET", 16)  # less than any body's parsed size
     client = create_app(Settings(model_dir=str(tmp_path)), warm=False).test_client()
@@ -775,7 +775,7 @@ def test_a_small_webhook_is_admitted_whatever_the_memory_budget_holds(tmp_path, 
 
 
 def test_requests_in_flight_share_one_memory_budget(tmp_path):
-    from labelstudio_maskclip.labelstudio import server
+    from labelstudio_maskclip.serving import server
 
     app = create_app(Settings(model_dir=str(tmp_path)), warm=False)
     budget = server._MemoryBudget(1000)

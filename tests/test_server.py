@@ -12,8 +12,8 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
-from labelstudio_maskclip.labelstudio.server import basic_auth_header, create_app
 from labelstudio_maskclip.masks.polygons import percent_to_points
+from labelstudio_maskclip.serving.server import basic_auth_header, create_app
 from labelstudio_maskclip.settings import Settings
 from tests.photos import COCO128_PHOTOS
 from tests.tiny import TINY_VIT, save_random_state

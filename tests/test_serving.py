@@ -18,9 +18,9 @@ from labelstudio_maskclip.embeddings import TURN_LABELS, EmbeddingStore
 from labelstudio_maskclip.engine import segmenter
 from labelstudio_maskclip.engine.refine import prompt_denoising
 from labelstudio_maskclip.engine.segmenter import MaskCLIP, SegmentOptions
-from labelstudio_maskclip.labelstudio import backend as backend_module
-from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend, runtime
-from labelstudio_maskclip.labelstudio.server import create_app
+from labelstudio_maskclip.serving import backend as backend_module
+from labelstudio_maskclip.serving.backend import MaskCLIPBackend, runtime
+from labelstudio_maskclip.serving.server import create_app
 from labelstudio_maskclip.settings import Settings
 from tests.photos import COCO128_PHOTOS
 from tests.tiny import TINY_VIT, save_random_state
@@ -364,8 +364,8 @@ def _jpeg(array: np.ndarray, orientation: int = 1) -> bytes:
 
 
 def test_device_jpeg_decoding_matches_the_cpu_decoder_and_applies_exif_orientation():
-    from labelstudio_maskclip.labelstudio.images import decode_image
-    from labelstudio_maskclip.labelstudio.jpeg import decode_jpegs
+    from labelstudio_maskclip.fetching.images import decode_image
+    from labelstudio_maskclip.fetching.jpeg import decode_jpegs
 
     photo = (COCO128_PHOTOS / "000000000009.jpg").read_bytes()
     base = np.asarray(Image.open(COCO128_PHOTOS / "000000000025.jpg").convert("RGB"))[:200, :300]

@@ -16,7 +16,6 @@ from labelstudio_maskclip.evaluation import evaluate as ev
 from labelstudio_maskclip.evaluation import metrics
 from labelstudio_maskclip.evaluation.metrics import IGNORE
 from labelstudio_maskclip.learning.store import AnnotationWrite, Store, TaskRecord
-from labelstudio_maskclip.learning.trigger import acquire_training_lock
 from labelstudio_maskclip.settings import Settings
 from labelstudio_maskclip.training import checkpoints as ck
 from labelstudio_maskclip.training import data as td
@@ -24,6 +23,7 @@ from labelstudio_maskclip.training import loop as tl
 from labelstudio_maskclip.training import train as tr
 from labelstudio_maskclip.training import validation as tv
 from labelstudio_maskclip.training.student import load_student
+from labelstudio_maskclip.training.trigger import acquire_training_lock
 from tests.tiny import TINY_VIT, save_random_state
 
 CLASSES = ["disc", "box", "ground"]
@@ -355,7 +355,7 @@ def test_two_process_distributed_run_on_cpu(tmp_path, clip_file):
     import subprocess
     import sys
 
-    from labelstudio_maskclip.learning.trigger import _settings_env
+    from labelstudio_maskclip.jobs import settings_env
 
     s = _settings(
         tmp_path / "md", model=TINY_VIT, pretrained=str(clip_file), templates="simple", short_side=32, train_steps=3
@@ -363,7 +363,7 @@ def test_two_process_distributed_run_on_cpu(tmp_path, clip_file):
     store = Store(tmp_path / "md")
     for tid in range(4):
         store.put_tasks([TaskRecord(tid, image=_png_data_uri(synthetic(tid)[0]))])
-    env = _settings_env(s)
+    env = settings_env(s)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = subprocess.run(
         torchrun + ["-m", "labelstudio_maskclip.training.train", "--service", "--labels", "disc,box,ground"],

@@ -19,10 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-from labelstudio_maskclip.learning import trigger
+from labelstudio_maskclip import jobs
 from labelstudio_maskclip.learning.store import AnnotationWrite, Store, TaskRecord
 from labelstudio_maskclip.settings import Settings
 from labelstudio_maskclip.training import checkpoints as ck
+from labelstudio_maskclip.training import trigger
 from labelstudio_maskclip.training.student import build_student
 from tests.tiny import TINY_VIT, save_random_state
 
@@ -118,7 +119,7 @@ def test_killed_trainer_leaves_served_model_intact_and_single_flight_holds(setup
     assert not trigger.request_training(s, "second request")  # the trainer process holds the lock
     other = subprocess.run(
         [sys.executable, "-c", "import sys; from labelstudio_maskclip.settings import Settings; "
-         "from labelstudio_maskclip.learning.trigger import request_training; "
+         "from labelstudio_maskclip.training.trigger import request_training; "
          f"print(request_training(Settings(model_dir={str(model_dir)!r}), 'other process'))"],
         capture_output=True, text=True, timeout=60)  # fmt: skip
     assert other.stdout.strip() == "False", other.stderr
@@ -142,7 +143,7 @@ def test_trainer_cli_refuses_to_run_beside_another(setup):
     s, _, model_dir, _ = setup
     held = trigger.acquire_training_lock(model_dir)
     try:
-        env = trigger._settings_env(s)
+        env = jobs.settings_env(s)
         proc = subprocess.run(
             [sys.executable, "-m", "labelstudio_maskclip.training.train", "--service"],
             env=env,
@@ -189,13 +190,13 @@ def test_interval_rule(setup):
 
 def test_settings_travel_to_the_trainer_environment(setup):
     s = setup[0].replace(train_lr=0.02, key_smoothing=False)
-    assert Settings.from_env(trigger._settings_env(s)) == s
+    assert Settings.from_env(jobs.settings_env(s)) == s
 
 
 def test_a_projects_label_values_travel_with_its_classes_to_the_trainer(tmp_path, monkeypatch):
     """START_TRAINING for a project whose labels have predicted_values: the trainer process is told each
     class's model-side names AND its label value (people's masks are keyed by the value)."""
-    from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend
+    from labelstudio_maskclip.serving.backend import MaskCLIPBackend
     from labelstudio_maskclip.training import train as tr
 
     config = """<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">
@@ -212,7 +213,7 @@ def test_a_projects_label_values_travel_with_its_classes_to_the_trainer(tmp_path
         def wait(self):
             return 0
 
-    monkeypatch.setattr(trigger.subprocess, "Popen", Started)
+    monkeypatch.setattr(jobs.subprocess, "Popen", Started)
     s = Settings(model_dir=str(tmp_path))
     reply = MaskCLIPBackend(s).fit(
         "START_TRAINING", {"action": "START_TRAINING", "project": {"id": 7, "label_config": config}}
@@ -273,7 +274,7 @@ class _FakeTrainer:
 def test_request_training_starts_one_detached_trainer_with_the_labels(setup, monkeypatch):
     s, _, model_dir, _ = setup
     _FakeTrainer.calls = []
-    monkeypatch.setattr(trigger.subprocess, "Popen", _FakeTrainer)
+    monkeypatch.setattr(jobs.subprocess, "Popen", _FakeTrainer)
     assert trigger.request_training(s, "why", classes=[("car", "automobile"), "dog"], background=["sky"], project=3)
     ((cmd, kwargs),) = _FakeTrainer.calls
     assert cmd[1:3] == ["-m", "labelstudio_maskclip.training.train"]
@@ -296,7 +297,7 @@ def test_request_training_starts_one_detached_trainer_with_the_labels(setup, mon
 def test_request_training_refuses_while_the_lock_is_held(setup, monkeypatch):
     s, _, model_dir, _ = setup
     _FakeTrainer.calls = []
-    monkeypatch.setattr(trigger.subprocess, "Popen", _FakeTrainer)
+    monkeypatch.setattr(jobs.subprocess, "Popen", _FakeTrainer)
     held = trigger.acquire_training_lock(model_dir)
     assert held is not None and trigger.acquire_training_lock(model_dir) is None
     try:
@@ -330,11 +331,11 @@ def _webhook(annotation_id: int, task_id: int, action: str = "ANNOTATION_CREATED
 def test_a_stored_annotation_starts_training_by_the_rule_that_is_on(setup, monkeypatch, changes, reason):
     """Two annotations of project 1 arrive: the every-2 rule fires on the second, the interval rule on the
     first (never trained, something new), and with both rules off nothing starts."""
-    from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend
+    from labelstudio_maskclip.serving.backend import MaskCLIPBackend
 
     s, _, _, _ = setup
     _FakeTrainer.calls = []
-    monkeypatch.setattr(trigger.subprocess, "Popen", _FakeTrainer)
+    monkeypatch.setattr(jobs.subprocess, "Popen", _FakeTrainer)
     backend = MaskCLIPBackend(s.replace(**changes))
     first = backend.fit("ANNOTATION_CREATED", _webhook(200, 1))
     if "train_every_n" in changes:
@@ -358,11 +359,11 @@ def test_a_stored_annotation_starts_training_by_the_rule_that_is_on(setup, monke
 
 @pytest.mark.parametrize("changes", [{"train_every_n": 1}, {"train_interval_minutes": 10}])
 def test_a_webhook_that_stores_nothing_starts_no_training(setup, monkeypatch, changes):
-    from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend
+    from labelstudio_maskclip.serving.backend import MaskCLIPBackend
 
     s, _, _, _ = setup
     _FakeTrainer.calls = []
-    monkeypatch.setattr(trigger.subprocess, "Popen", _FakeTrainer)
+    monkeypatch.setattr(jobs.subprocess, "Popen", _FakeTrainer)
     backend = MaskCLIPBackend(s.replace(**changes))
     for action in ("PROJECT_UPDATED", "ANNOTATIONS_DELETED"):
         reply = backend.fit(action, _webhook(300, 2, action))
@@ -371,11 +372,11 @@ def test_a_webhook_that_stores_nothing_starts_no_training(setup, monkeypatch, ch
 
 
 def test_a_rule_that_fires_while_a_trainer_runs_says_so(setup, monkeypatch):
-    from labelstudio_maskclip.labelstudio.backend import MaskCLIPBackend
+    from labelstudio_maskclip.serving.backend import MaskCLIPBackend
 
     s, _, model_dir, _ = setup
     _FakeTrainer.calls = []
-    monkeypatch.setattr(trigger.subprocess, "Popen", _FakeTrainer)
+    monkeypatch.setattr(jobs.subprocess, "Popen", _FakeTrainer)
     held = trigger.acquire_training_lock(model_dir)
     try:
         reply = MaskCLIPBackend(s.replace(train_every_n=1)).fit("ANNOTATION_CREATED", _webhook(201, 1))

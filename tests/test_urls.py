@@ -11,8 +11,8 @@ from http.server import ThreadingHTTPServer
 
 import pytest
 
-from labelstudio_maskclip.labelstudio.errors import ImageFetchError
-from labelstudio_maskclip.labelstudio.urls import display, is_media_route, parse_target
+from labelstudio_maskclip.fetching.errors import ImageFetchError
+from labelstudio_maskclip.fetching.urls import display, is_media_route, parse_target
 from tests.test_images import LEGACY, PAT, FakeLabelStudio, Handler, fetcher, ls, no_proxy, server  # noqa: F401
 
 
@@ -199,7 +199,7 @@ def test_errors_never_quote_what_the_server_sent(ls):  # noqa: F811
     with pytest.raises(ImageFetchError) as caught:
         fetcher(base, key="").fetch("/data/upload/red.png")  # the stand-in answers 401 with a JSON detail
     assert "credentials were not provided" not in str(caught.value).lower()
-    from labelstudio_maskclip.labelstudio.errors import ImageDecodeError
+    from labelstudio_maskclip.fetching.errors import ImageDecodeError
 
     with pytest.raises(ImageDecodeError) as caught:
         fetcher(base).load("/data/upload/text.html", max_pixels=100)

@@ -449,7 +449,7 @@ def normalized_batch(
     cuda = mean.device.type == "cuda"
     out = []
     for img in images:
-        if isinstance(img, torch.Tensor):  # decoded on the device already (labelstudio.jpeg)
+        if isinstance(img, torch.Tensor):  # decoded on the device already (fetching.jpeg)
             t = img.to(mean.device).permute(2, 0, 1)[None]
         else:
             img = _box_shrink(img, size)

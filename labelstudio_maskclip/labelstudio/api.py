@@ -21,8 +21,8 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from ..fetching.images import ImageFetcher
 from ..settings import Settings
-from .images import ImageFetcher
 from .wire import json_bytes
 
 __all__ = ["LabelStudioAPI", "LabelStudioAPIError", "AmbiguousWriteError", "task_filter", "model_versions_of"]

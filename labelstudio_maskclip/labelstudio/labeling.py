@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from ..engine.names import normalize_names
 
-__all__ = ["LabelConfigError", "LabelSpec", "LabelingSpec", "Target", "parse_label_config"]
+__all__ = ["LabelConfigError", "LabelSpec", "LabelingSpec", "Target", "label_interface", "parse_label_config"]
 
 Kind = Literal["brush", "polygon"]
 
@@ -81,6 +81,11 @@ class LabelingSpec:
         """Task data keys of the images that carry targets, without repeats."""
         return tuple(dict.fromkeys(target.image_key for target in self.targets))
 
+    @property
+    def predicted_targets(self) -> tuple[Target, ...]:
+        """The targets on the first image (one image per task is predicted), in config order."""
+        return tuple(t for t in self.targets if t.image_key == self.image_keys[0])
+
     def names(self, value: str) -> tuple[str, ...]:
         """Model-side names of label ``value``, merged across targets (first occurrence first)."""
         found = [name for t in self.targets for label in t.labels if label.value == value for name in label.names]
@@ -110,7 +115,7 @@ def parse_label_config(xml: str) -> LabelingSpec:
 
 @functools.lru_cache(maxsize=32)
 def _parse(xml: str) -> LabelingSpec:
-    interface = _interface(xml)
+    interface = label_interface(xml)
     images = {obj.name: key for obj in (interface.objects or ()) if (key := _image_key(obj)) is not None}
     if not images:
         raise LabelConfigError(
@@ -137,7 +142,7 @@ def _parse(xml: str) -> LabelingSpec:
     return LabelingSpec(targets)
 
 
-def _interface(xml: str):
+def label_interface(xml: str) -> Any:
     """``LabelInterface`` of ``xml``; every parse failure becomes ``LabelConfigError``."""
     from label_studio_sdk.label_interface import LabelInterface
 

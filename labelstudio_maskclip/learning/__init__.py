@@ -1,3 +1,3 @@
-"""Learning from people: webhooks (``webhooks``) store the masks annotators accept or correct
-(``store``, durable SQLite), ``trigger`` decides when to train, ``export`` writes COCO datasets.
+"""Learning from people: the masks annotators accept or correct (``store``, durable SQLite) and COCO
+datasets written from them (``export``).
 """

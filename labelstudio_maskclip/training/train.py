@@ -206,7 +206,7 @@ def stored_text_embeddings(s: Settings, maskclip: Any, classes: Sequence[Any]) -
     read when stored, waited for when a server process is computing them (the store's file lock), computed
     and stored otherwise, so a run never repeats the server's 85-template text passes."""
     from ..embeddings import label_set
-    from ..labelstudio.runtime import text_embedding_store
+    from ..models import text_embedding_store
 
     store = text_embedding_store(s, maskclip.text_embeddings)
     return store.wait(label_set(classes), None)
@@ -217,7 +217,7 @@ def _new_run_id() -> str:
 
 
 def _fetcher(s: Settings) -> Callable[[str, int], np.ndarray]:
-    from ..labelstudio.images import ImageFetcher
+    from ..fetching.images import ImageFetcher
 
     fetcher = ImageFetcher.from_settings(s)
     return lambda ref, task_id: fetcher.load(ref, task_id, max_pixels=s.max_image_pixels)
@@ -339,7 +339,7 @@ def run_job(settings: Settings, job: TrainJob, *, reason: str = "manual", lock_f
     it already locked by the trigger). Prints the outcome as one JSON line. Returns the exit status:
     0 done, 3 another training holds the lock."""
     from ..learning.store import Store
-    from ..learning.trigger import acquire_training_lock
+    from .trigger import acquire_training_lock
 
     s = settings
     lock = None
@@ -356,7 +356,7 @@ def run_job(settings: Settings, job: TrainJob, *, reason: str = "manual", lock_f
         if lock is not None:
             lock.close()
     if result is not None and result.promoted:  # the Data Manager's scores follow the new model
-        from ..labelstudio.rescore import start_rescore
+        from .rescoring import start_rescore
 
         start_rescore(s, job.project, reason=f"promotion of {result.version}")
     if result is not None:

@@ -2,7 +2,7 @@
 
 On a GPU host the CPU work per image bounds throughput; decoding is a large part of it. JPEG files (most task
 images) are decoded here in one batched call on the GPU, with EXIF orientation applied as
-:func:`~labelstudio_maskclip.labelstudio.images.decode_image` does; anything this path does not take (another
+:func:`~labelstudio_maskclip.fetching.images.decode_image` does; anything this path does not take (another
 format, CMYK, a decoder error) is left to the CPU decoder, which also gives the error messages.
 """
 

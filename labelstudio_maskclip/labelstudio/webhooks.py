@@ -38,10 +38,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..labelstudio.labeling import LabelConfigError, parse_label_config
-from ..labelstudio.uris import IMAGE_URI_PREFIXES
+from ..fetching.uris import IMAGE_URI_PREFIXES
+from ..learning.store import AnnotationWrite, Store, TaskRecord
 from ..masks import polygons as _polygons
-from .store import AnnotationWrite, Store, TaskRecord
+from .labeling import LabelConfigError, parse_label_config
 
 __all__ = [
     "CollectError",

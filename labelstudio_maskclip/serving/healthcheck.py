@@ -1,4 +1,4 @@
-"""The container's health check: ``python -m labelstudio_maskclip.labelstudio.healthcheck [--url URL]``.
+"""The container's health check: ``python -m labelstudio_maskclip.serving.healthcheck [--url URL]``.
 
 Asks the backend's ``/health`` (default ``http://127.0.0.1:9090/health``) the way Label Studio does: with
 the basic-auth credentials when ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS`` are set (read from the

@@ -1,8 +1,8 @@
 """Re-scoring after the served model changes (a student promoted, or a rollback).
 
 Label Studio sorts the Data Manager by the predictions' scores; after a promotion those are the old
-model's until each task is predicted again. :func:`start_rescore` (one call from the trainer's promote step
-and from ``rollback``) starts a detached job, ``python -m labelstudio_maskclip.labelstudio.rescore``, that
+model's until each task is predicted again. :func:`~labelstudio_maskclip.training.rescoring.start_rescore` (one
+call from the trainer's promote step and from ``rollback``) starts this module as a detached job that
 re-predicts the unlabeled tasks of every project the backend has seen (the store's projects, plus the one
 trained for) with the model now served, through the bulk path of :mod:`.preannotate`. Never in a web
 worker. Off with ``MASKCLIP_RESCORE=false``; needs ``LABEL_STUDIO_URL``.
@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import logging
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -30,54 +27,13 @@ from typing import Any
 
 from ..logs import configure as configure_logging
 from ..settings import Settings
+from ..training.rescoring import write_status
 
-__all__ = ["start_rescore", "rescore", "read_status", "STATUS_FILE"]
+__all__ = ["rescore", "projects_to_rescore", "main"]
 
 log = logging.getLogger(__name__)
 
-STATUS_FILE = "rescore.json"
 LOCK_FILE = "rescore.lock"
-
-
-def read_status(model_dir: str | Path) -> dict[str, Any] | None:
-    """The last re-scoring's status (see the module docstring), None if none ran."""
-    try:
-        return json.loads((Path(model_dir) / STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_status(model_dir: str | Path, status: dict[str, Any]) -> None:
-    path = Path(model_dir) / STATUS_FILE
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(status, indent=1))
-    os.replace(tmp, path)
-
-
-def start_rescore(settings: Settings, project: int | None = None, reason: str = "new model") -> int | None:
-    """Start the re-scoring job in the background (a detached process); returns its pid, or None when
-    re-scoring is off or Label Studio is not configured. Takes milliseconds."""
-    if not settings.rescore:
-        log.info("re-scoring after %s is off (MASKCLIP_RESCORE=false)", reason)
-        return None
-    if not settings.label_studio_url:
-        log.info("no re-scoring after %s: LABEL_STUDIO_URL is not set", reason)
-        return None
-    from ..learning.trigger import _settings_env
-
-    runs = Path(settings.model_dir) / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    log_path = runs / f"rescore-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    cmd = [sys.executable, "-m", "labelstudio_maskclip.labelstudio.rescore", "--reason", reason]
-    if project is not None:
-        cmd += ["--project", str(project)]
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            env=_settings_env(settings), cwd=os.getcwd(),
-        )  # fmt: skip
-    log.info("re-scoring unlabeled tasks after %s: pid %d, log %s", reason, proc.pid, log_path)
-    return proc.pid
 
 
 def projects_to_rescore(settings: Settings, project: int | None = None) -> list[int]:
@@ -95,7 +51,7 @@ def rescore(settings: Settings, projects: Sequence[int], reason: str = "") -> di
 
     status: dict[str, Any] = {"state": "running", "reason": reason, "version": None, "started": time.time(),
                               "finished": None, "projects": {}, "error": None}  # fmt: skip
-    _write_status(settings.model_dir, status)
+    write_status(settings.model_dir, status)
     try:
         for project in projects:
             entry: dict[str, Any] = {"done": 0, "total": None, "predicted": 0, "failed": 0, "seconds": None}
@@ -103,7 +59,7 @@ def rescore(settings: Settings, projects: Sequence[int], reason: str = "") -> di
 
             def progress(done: int, total: int, entry: dict[str, Any] = entry) -> None:
                 entry["done"], entry["total"] = done, total
-                _write_status(settings.model_dir, status)
+                write_status(settings.model_dir, status)
 
             result = preannotate(settings, project, refresh=True, progress=False, on_progress=progress)
             status["version"] = result.model_version
@@ -117,12 +73,12 @@ def rescore(settings: Settings, projects: Sequence[int], reason: str = "") -> di
         status["state"], status["error"] = "failed", f"{type(e).__name__}: {e}"
         log.exception("re-scoring failed")
     status["finished"] = time.time()
-    _write_status(settings.model_dir, status)
+    write_status(settings.model_dir, status)
     return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m labelstudio_maskclip.labelstudio.rescore")
+    parser = argparse.ArgumentParser(prog="python -m labelstudio_maskclip.commands.rescore")
     parser.add_argument("--project", type=int, help="re-score this project first (then the store's projects)")
     parser.add_argument("--reason", default="by hand")
     args = parser.parse_args(argv)

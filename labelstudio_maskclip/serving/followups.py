@@ -26,7 +26,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .runtime import Runtime
 
-__all__ = ["FollowUps", "MAX_PENDING", "ParentPredictionCheck", "record_parent_prediction"]
+__all__ = [
+    "FollowUps", "MAX_PENDING", "ParentPredictionCheck", "kept_config", "kept_fields", "record_parent_prediction",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,16 @@ def _small(value: Any, depth: int = 0) -> bool:
     return isinstance(value, Mapping) and depth == 0 and len(value) <= 16 and all(_small(v, 1) for v in value.values())
 
 
+def kept_config(config: Any) -> str | None:
+    """The labeling config a queued follow-up keeps: a string up to ``_MAX_KEPT_CONFIG`` characters, else None."""
+    return config if isinstance(config, str) and len(config) <= _MAX_KEPT_CONFIG else None
+
+
+def kept_fields(annotation: Mapping[str, Any]) -> dict[str, Any]:
+    """The webhook annotation's small fields a queued follow-up keeps (author, flags, timestamps; no result)."""
+    return {k: v for k, v in annotation.items() if k in _KEPT_FIELDS and _small(v)}
+
+
 @dataclass(frozen=True)
 class ParentPredictionCheck:
     """A queued follow-up (small: no masks): fetch the annotation's current result and its parent
@@ -147,8 +159,8 @@ def record_parent_prediction(rt: Runtime, check: ParentPredictionCheck) -> None:
     """Follow-up: GET the annotation and its parent prediction, then store them through the webhook rules:
     the same content only gains its outcomes (the change counter does not move, see
     :meth:`~..learning.store.Store.put_annotation`); an update that arrived meanwhile wins (stale)."""
-    from ..learning.webhooks import handle_event
-    from .api import LabelStudioAPI
+    from ..labelstudio.api import LabelStudioAPI
+    from ..labelstudio.webhooks import handle_event
 
     api = LabelStudioAPI(rt.fetcher, timeout=rt.settings.download_timeout)
     annotation = api.request("GET", f"/api/annotations/{check.annotation_id}")

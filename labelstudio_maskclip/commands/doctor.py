@@ -194,8 +194,8 @@ def check_label_studio(settings: Settings):
     """(findings, an API client when Label Studio answered and accepted the token, else None)."""
     import requests
 
-    from .api import LabelStudioAPI, LabelStudioAPIError
-    from .images import ImageError
+    from ..fetching.images import ImageError
+    from ..labelstudio.api import LabelStudioAPI, LabelStudioAPIError
 
     url = settings.label_studio_url.strip().rstrip("/")
     if not url:
@@ -252,8 +252,8 @@ def check_label_studio(settings: Settings):
 
 
 def check_project(settings: Settings, api, project_id: int, backend_url: str | None = None) -> list[Finding]:
-    from .api import LabelStudioAPIError
-    from .labeling import LabelConfigError, parse_label_config
+    from ..labelstudio.api import LabelStudioAPIError
+    from ..labelstudio.labeling import LabelConfigError, parse_label_config
 
     try:
         project = api.project(project_id)
@@ -336,10 +336,10 @@ def check_ml_backend(
 def prompt_tools(label_config: str) -> list[str]:
     """The config's controls that send interactive prompts: ``<KeyPointLabels smart="true">``,
     ``<RectangleLabels smart="true">`` (clicks, boxes) and ``<TextArea>`` (phrases), as ``<Tag name='x'>``."""
-    from .labeling import LabelConfigError, _interface
+    from ..labelstudio.labeling import LabelConfigError, label_interface
 
     try:
-        controls = _interface(label_config).controls or ()
+        controls = label_interface(label_config).controls or ()
     except LabelConfigError:
         return []
     tools = []
@@ -495,7 +495,7 @@ def check_backend_answers(settings: Settings, url: str) -> list[Finding]:
 
 def check_webhook(settings: Settings, api, project_id: int, backend_url: str) -> list[Finding]:
     """The webhook Label Studio creates for the backend (annotations reach the store through it)."""
-    from .server import basic_auth_header
+    from ..serving.server import basic_auth_header
 
     target = backend_url.rstrip("/") + "/webhook"
     body = api.request("GET", "/api/webhooks/", params={"project": project_id})
@@ -532,7 +532,7 @@ def check_webhook(settings: Settings, api, project_id: int, backend_url: str) ->
 
 def check_predictions(settings: Settings, api, project: Mapping[str, Any], spec) -> list[Finding]:
     """How many tasks carry a prediction of the model version served now; the project's prelabel switch."""
-    from .backend import MaskCLIPBackend
+    from ..serving.backend import MaskCLIPBackend
 
     backend = MaskCLIPBackend(settings, str(project["id"]), project.get("label_config"))
     version, _ = backend.rt.model_for(backend.classes(spec)[1], load=False)
@@ -578,7 +578,7 @@ def _backend_titles(api, project_id: int) -> list[str]:
 
 def _task_versions(api, project_id: int, page_size: int = 500):
     """For each task of the project, the set of model versions of its predictions (light listing)."""
-    from .api import LabelStudioAPIError
+    from ..labelstudio.api import LabelStudioAPIError
 
     page = 1
     while True:

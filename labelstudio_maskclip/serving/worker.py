@@ -11,7 +11,7 @@ socket and a small buffer, never a thread, and are bounded in time. Larger bodie
 before (behind basic auth, an unauthenticated one is refused before its body is read; without auth, see
 the reverse proxy in ``docker/nginx.conf``, which buffers whole requests).
 
-Use: ``gunicorn --worker-class labelstudio_maskclip.labelstudio.worker.BufferingThreadWorker`` (what
+Use: ``gunicorn --worker-class labelstudio_maskclip.serving.worker.BufferingThreadWorker`` (what
 ``labelstudio-maskclip serve`` runs). TLS and HTTP/2 prior-knowledge connections keep gunicorn's own path.
 Needs gunicorn >= 27 (its ``gthread`` internals: ``TConn``, ``enqueue_req``, ``murder_pending``).
 """

@@ -2,7 +2,7 @@
 
 Routes: ``GET /`` and ``/health``, ``POST /setup``, ``POST /predict``, ``POST /webhook``, ``GET /metrics``.
 Every error is a JSON body ``{"error": "..."}`` with a 4xx status for bad input (and a log line saying why);
-the server keeps serving. gunicorn entry point: ``labelstudio_maskclip.labelstudio.server:wsgi()``.
+the server keeps serving. gunicorn entry point: ``labelstudio_maskclip.serving.server:wsgi()``.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 
+from ..labelstudio.wire import json_bytes
 from ..logs import configure as configure_logging
 from ..settings import Settings
 from .backend import MaskCLIPBackend, PredictError, runtime
-from .wire import json_bytes
 
 __all__ = ["create_app", "wsgi", "credentials_match", "basic_auth_header"]
 
@@ -167,7 +167,7 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
         # The labeling-config parser imports label-studio-sdk lazily (~1 s): pay that before serving, since
         # Label Studio gives /setup only 3 s. The model loads and warms up in the background; the store is
         # opened (and checked) in the background too, so the first webhook does not wait for it.
-        from .labeling import parse_label_config
+        from ..labelstudio.labeling import parse_label_config
 
         parse_label_config(_WARMUP_CONFIG)
         threading.Thread(target=load_model, name="model-warmup", daemon=True).start()
@@ -217,7 +217,7 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
     def _unexpected(e):
         from werkzeug.exceptions import HTTPException
 
-        from .labeling import LabelConfigError
+        from ..labelstudio.labeling import LabelConfigError
 
         if isinstance(e, HTTPException):
             return _error(e.code or 500, e.description or str(e))
@@ -260,7 +260,7 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
 
     @app.post("/webhook")
     def webhook():
-        from ..learning.webhooks import CollectError
+        from ..labelstudio.webhooks import CollectError
 
         body = _json_body(budget)
         try:
@@ -272,7 +272,7 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
     @app.get("/metrics")
     def metrics():
         from ..training.checkpoints import history
-        from .rescore import read_status as read_rescore_status
+        from ..training.rescoring import read_status as read_rescore_status
 
         rt = runtime(settings)
         return jsonify(
@@ -294,7 +294,7 @@ def create_app(settings: Settings, *, warm: bool = True) -> Flask:
 def _interval_trigger(settings: Settings) -> None:
     """MASKCLIP_TRAIN_INTERVAL_MINUTES: look once a minute whether a training is due (new annotations and
     the interval passed). Every worker looks; the training lock lets only one trainer run."""
-    from ..learning.trigger import maybe_interval
+    from ..training.trigger import maybe_interval
 
     while True:
         time.sleep(min(60.0, settings.train_interval_minutes * 60))

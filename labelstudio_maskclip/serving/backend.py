@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..labelstudio.labeling import LabelingSpec, parse_label_config
 from ..settings import Settings
-from .followups import _KEPT_FIELDS, _MAX_KEPT_CONFIG, ParentPredictionCheck, _small
-from .labeling import LabelingSpec, parse_label_config
+from .followups import ParentPredictionCheck, kept_config, kept_fields
 from .runtime import Runtime, Segmenter, remaining, resolved_device, runtime
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ class MaskCLIPBackend:
 
     def classes(self, spec: LabelingSpec) -> tuple[list[str], list[tuple[str, ...]]]:
         """(label values, model-side names per label) of the controls on the task's image."""
-        vocab = list(dict.fromkeys(v for t in self._targets(spec) for v in t.values))
+        vocab = list(dict.fromkeys(v for t in spec.predicted_targets for v in t.values))
         return vocab, [spec.names(v) for v in vocab]
 
     def setup(self) -> dict[str, Any]:
@@ -176,15 +176,15 @@ class MaskCLIPBackend:
         similar sizes; a batch starts only when the time left can hold it (from the measured time per image),
         so the answer comes within the budget plus at most one batch.
         """
+        from ..labelstudio.regions import prediction
         from ..models import segment_options
-        from .regions import prediction
 
         if isinstance(context, Mapping) and context.get("result"):
             return self.predict_interactive(tasks, context)
         start = time.monotonic()
         deadline = start + self.settings.predict_time_budget
         spec = self.spec()
-        targets = self._targets(spec)
+        targets = spec.predicted_targets
         vocab, classes = self.classes(spec)
         version, model = self.rt.model_for(classes, load=False)
         extra: dict[str, Any] = {}
@@ -392,25 +392,20 @@ class MaskCLIPBackend:
             segs += seg
         return done, segs
 
-    @staticmethod
-    def _targets(spec: LabelingSpec):
-        """Controls on the first image of the config (one image per task is predicted)."""
-        return [t for t in spec.targets if t.image_key == spec.image_keys[0]]
-
     def _fetch_chunk(self, pool, tasks, chunk, spec, deadline: float):
         raw = self._device_decode
         return [(i, pool.submit(self._load_image, tasks[i], spec, deadline, raw)) for i in chunk]
 
     @functools.cached_property
     def _device_decode(self) -> bool:
-        """JPEGs are decoded on the GPU when the model runs on one (labelstudio.jpeg)."""
+        """JPEGs are decoded on the GPU when the model runs on one (fetching.jpeg)."""
         return resolved_device(self.settings.device).type == "cuda"
 
     def _decoded(self, images: list, failures: dict[int, TaskFailure], model: Any, tasks) -> list:
         """Decode the JPEG bytes among ``images`` on the model's device in one batch; what that path does not
         take is decoded on the CPU (a failure goes to ``failures``)."""
-        from .images import ImageError, decode_image
-        from .jpeg import decode_jpegs
+        from ..fetching.images import ImageError, decode_image
+        from ..fetching.jpeg import decode_jpegs
 
         raw = [k for k, (_, got) in enumerate(images) if isinstance(got, bytes)]
         if not raw:
@@ -450,7 +445,7 @@ class MaskCLIPBackend:
         """The task's image; a TaskFailure saying why not; None when the deadline passed before the download
         started (the task is left for Label Studio's next request). ``raw``: JPEG files come back as their
         bytes, for decoding on the GPU."""
-        from .images import ImageError
+        from ..fetching.images import ImageError
 
         task_id = _task_id(task)
         url = _image_url(task, spec.image_keys[0])
@@ -467,7 +462,7 @@ class MaskCLIPBackend:
         """Download and decode (``raw``: a JPEG's bytes, undecoded); the request's deadline goes down to a
         fetcher that takes one (``deadline=``, ``time.monotonic()`` seconds), so that a slow download ends with
         the request."""
-        from .jpeg import is_jpeg
+        from ..fetching.jpeg import is_jpeg
 
         fetcher = self.rt.fetcher
         limit = None if math.isinf(deadline) else deadline
@@ -476,7 +471,7 @@ class MaskCLIPBackend:
         data = fetcher.fetch(url, task_id, deadline=limit)
         if is_jpeg(data):
             return data
-        from .images import decode_image
+        from ..fetching.images import decode_image
 
         return decode_image(data, max_pixels=self.settings.max_image_pixels)
 
@@ -485,7 +480,7 @@ class MaskCLIPBackend:
         """The follow-up for an annotation started from a prediction that the payload does not carry
         (Label Studio's webhooks usually don't): its outcome per label needs the prediction from the API.
         None when there is nothing to fetch (or no Label Studio to fetch it from)."""
-        from ..learning.webhooks import label_studio_id
+        from ..labelstudio.webhooks import label_studio_id
 
         ann = data.get("annotation")
         if not isinstance(ann, Mapping) or not self.settings.label_studio_url:
@@ -505,15 +500,15 @@ class MaskCLIPBackend:
             prediction_id=prediction_id,
             task=label_studio_id(data.get("task")) or label_studio_id(ann.get("task")),
             project=label_studio_id(project.get("id")),
-            label_config=config if isinstance(config, str) and len(config) <= _MAX_KEPT_CONFIG else None,
-            fields={k: v for k, v in ann.items() if k in _KEPT_FIELDS and _small(v)},
+            label_config=kept_config(config),
+            fields=kept_fields(ann),
         )
 
     def fit(self, event: str, data: Mapping[str, Any]) -> dict[str, Any]:
         """Store what a webhook carries; start training (in another process) when a trigger fires:
         ``START_TRAINING``, every ``MASKCLIP_TRAIN_EVERY_N`` new annotations, or the interval rule."""
-        from ..learning.trigger import maybe_interval, request_training, should_train
-        from ..learning.webhooks import handle_event
+        from ..labelstudio.webhooks import handle_event
+        from ..training.trigger import maybe_interval, request_training, should_train
 
         result = handle_event(data, self.rt.store)
         reply: dict[str, Any] = {"action": event, "status": result.status}

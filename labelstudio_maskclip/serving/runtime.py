@@ -10,7 +10,6 @@ measured time per image that the request deadline plans with.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import math
 import threading
@@ -24,16 +23,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from ..engine.names import ClassNames
+from ..models import embedding_identity, text_embedding_store, text_width
 from ..settings import Settings
 
 if TYPE_CHECKING:
     from ..engine.segmenter import MaskCLIP, Segmentation, SegmentOptions
+    from ..fetching.images import ImageFetcher
     from ..learning.store import Store
     from ..training.student import StudentModel
-    from .images import ImageFetcher
 
 __all__ = [
-    "Runtime", "runtime", "Segmenter", "remaining", "resolved_device", "embedding_identity", "text_embedding_store",
+    "Runtime", "runtime", "Segmenter", "remaining", "resolved_device",
     "WARMUP_LABELS",
 ]  # fmt: skip
 
@@ -90,7 +90,7 @@ class Runtime:
     def fetcher(self) -> ImageFetcher:
         with self._lock:
             if self._fetcher is None:
-                from .images import ImageFetcher
+                from ..fetching.images import ImageFetcher
 
                 self._fetcher = ImageFetcher.from_settings(self.settings)
             return self._fetcher
@@ -343,54 +343,3 @@ def resolved_device(device: str) -> Any:
     from ..engine.loading import resolve_device
 
     return resolve_device(device)
-
-
-def text_embedding_store(s: Settings, compute: Any) -> Any:
-    """The :class:`~labelstudio_maskclip.embeddings.EmbeddingStore` of the teacher's text embeddings under
-    ``MODEL_DIR/text_embeddings``, ``compute(label_set) -> (K, D)`` making missing ones: the one store of every
-    worker and of the trainer, which read each other's files and wait for each other's computations."""
-    from ..embeddings import EmbeddingStore
-
-    return EmbeddingStore(
-        Path(s.model_dir) / "text_embeddings", embedding_identity(s), compute,
-        persist=s.pretrained.strip().lower() not in ("random", "none", ""), device=resolved_device(s.device),
-        width=text_width(s),
-    )  # fmt: skip
-
-
-def text_width(s: Settings) -> int | None:
-    """The width D of the model's text embeddings, from its open_clip config (None when unknown)."""
-    import json
-
-    import open_clip
-
-    try:
-        if s.model.endswith(".json") and Path(s.model).is_file():
-            config = json.loads(Path(s.model).read_text())
-        else:
-            config = open_clip.get_model_config(s.model) or {}
-        return int(config["embed_dim"])
-    except (KeyError, TypeError, ValueError, OSError):
-        return None
-
-
-def embedding_identity(s: Settings) -> dict[str, str]:
-    """What the teacher's text embeddings depend on besides the label names: architecture (a config file
-    by its content), weights, precision, prompt templates, open_clip's version (its tokenizer)."""
-    import open_clip
-
-    from ..embeddings import weights_identity
-    from ..engine.loading import resolve_dtype
-    from ..engine.text import resolve_templates
-
-    arch = s.model
-    if s.model.endswith(".json") and Path(s.model).is_file():
-        arch = f"{Path(s.model).stem}:{hashlib.sha256(Path(s.model).read_bytes()).hexdigest()[:16]}"
-    templates = "\n".join(resolve_templates(s.templates))
-    return {
-        "architecture": arch,
-        "weights": weights_identity(s.pretrained),
-        "precision": str(resolve_dtype(s.precision, resolved_device(s.device))),
-        "templates": hashlib.sha256(templates.encode()).hexdigest()[:16],
-        "open_clip": open_clip.__version__,
-    }

@@ -14,12 +14,8 @@ Rules that call it: :func:`should_train` (every ``train_every_n`` new annotation
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import logging
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -27,7 +23,9 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from ..engine.names import ClassNames, format_label_spec
-from ..settings import ENV, Settings
+from ..jobs import start_detached
+from ..settings import Settings
+from .job import classes_json
 
 __all__ = [
     "AnnotationCounter",
@@ -70,15 +68,6 @@ def acquire_training_lock(model_dir: str | Path) -> IO[str] | None:
     return f
 
 
-def _settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that makes ``Settings.from_env()`` in the child equal ``settings``."""
-    env = dict(os.environ)
-    for f in dataclasses.fields(settings):
-        value = getattr(settings, f.name)
-        env[ENV[f.name]] = ("true" if value else "false") if isinstance(value, bool) else str(value)
-    return env
-
-
 def request_training(
     settings: Settings,
     reason: str,
@@ -99,29 +88,22 @@ def request_training(
         log.info("training requested (%s) but one is running", reason)
         return False
     try:
-        runs = Path(settings.model_dir) / "runs"
-        runs.mkdir(parents=True, exist_ok=True)
-        log_path = runs / f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-        cmd = [sys.executable, "-m", "labelstudio_maskclip.training.train", "--service", "--reason", reason,
-               "--lock-fd", str(lock.fileno())]  # fmt: skip
+        args = ["--service", "--reason", reason, "--lock-fd", str(lock.fileno())]
         if classes:
-            from ..training.job import classes_json
-
-            cmd += ["--classes-json", classes_json(classes, values)]
+            args += ["--classes-json", classes_json(classes, values)]
         if background:
-            cmd += ["--background", format_label_spec(background)]
+            args += ["--background", format_label_spec(background)]
         if project is not None:
-            cmd += ["--project", str(project)]
-        with open(log_path, "ab") as out:
-            proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                pass_fds=(lock.fileno(),), env=_settings_env(settings), cwd=os.getcwd(),
-            )  # fmt: skip
+            args += ["--project", str(project)]
+        started = start_detached(
+            settings, "train", "labelstudio_maskclip.training.train", args, pass_fds=(lock.fileno(),)
+        )
+        proc = started.process
         (Path(settings.model_dir) / _STAMP).touch()
     finally:
         lock.close()  # the child's inherited descriptor keeps the lock
     threading.Thread(target=proc.wait, name=f"reap-trainer-{proc.pid}", daemon=True).start()  # no zombie
-    log.info("training started (%s): pid %d, log %s", reason, proc.pid, log_path)
+    log.info("training started (%s): pid %d, log %s", reason, proc.pid, started.log_path)
     return True
 
 

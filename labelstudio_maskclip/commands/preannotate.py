@@ -42,8 +42,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from ..labelstudio.api import AmbiguousWriteError, LabelStudioAPI, LabelStudioAPIError, model_versions_of
 from ..settings import Settings
-from .api import AmbiguousWriteError, LabelStudioAPI, LabelStudioAPIError, model_versions_of
 
 __all__ = ["preannotate", "PreannotateResult", "Shard", "shard_from_env", "RankTotals", "combine_summaries"]
 
@@ -209,7 +209,7 @@ def _preannotate(
 ) -> PreannotateResult:  # fmt: skip
     from tqdm import tqdm
 
-    from .backend import MaskCLIPBackend
+    from ..serving.backend import MaskCLIPBackend
 
     started = time.monotonic()
     api = api or LabelStudioAPI.from_settings(settings)
@@ -233,7 +233,7 @@ def _preannotate(
     loaded_q: queue.Queue = queue.Queue(maxsize=2 * batch)  # decoded images waiting for the model
     encoded_q: queue.Queue = queue.Queue(maxsize=2 * upload_batch)  # predictions waiting for upload
     image_key = spec.image_keys[0]
-    targets = backend._targets(spec)
+    targets = spec.predicted_targets
     fetch_pool = ThreadPoolExecutor(max(1, settings.fetch_threads), thread_name_prefix="preannotate-fetch")
     encode_pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="preannotate-encode")
 
@@ -283,7 +283,7 @@ def _preannotate(
                 return
 
     def encode(task: dict[str, Any], seg: Any) -> dict[str, Any]:
-        from .regions import prediction
+        from ..labelstudio.regions import prediction
 
         t0 = time.monotonic()
         pred = prediction(seg, targets, vocab, version, min_area=settings.min_area, polygons=settings.polygons)
@@ -405,7 +405,7 @@ def _infer(model, classes, settings, batch, loaded_q, encoded_q, encode_pool, en
 
 def _load_image(backend: Any, task: Mapping[str, Any], key: str, max_pixels: int, tries: int = 3) -> Any:
     """(H, W, 3) uint8, or a string saying why not. Download failures are retried with backoff."""
-    from .images import ImageError, ImageFetchError
+    from ..fetching.images import ImageError, ImageFetchError
 
     data = task.get("data")
     url = data.get(key) if isinstance(data, Mapping) else None

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from .labeling import LabelingSpec, Target
-from .regions import brush_region, polygon_regions
+from ..labelstudio.labeling import LabelingSpec, Target
+from ..labelstudio.regions import brush_region, polygon_regions
 
 __all__ = [
     "ContextError",

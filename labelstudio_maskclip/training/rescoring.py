@@ -1,0 +1,56 @@
+"""Starting the re-scoring after the served model changes (a student promoted, or a rollback), and its status.
+
+The job itself is :mod:`labelstudio_maskclip.commands.rescore` (``python -m labelstudio_maskclip.commands.rescore``),
+which re-predicts the unlabeled tasks through the bulk path of pre-annotation; the trainer's promote step and
+``rollback`` start it here without importing it. Status: ``MODEL_DIR/rescore.json`` (the job writes it, ``/metrics``
+reads it): ``{"state": "running" | "done" | "failed", "version", "projects": {id: {"done", "total", "predicted",
+"failed", "seconds"}}, "started", "finished", "error"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ..jobs import start_detached
+from ..settings import Settings
+
+__all__ = ["STATUS_FILE", "read_status", "write_status", "start_rescore"]
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "rescore.json"
+
+
+def read_status(model_dir: str | Path) -> dict[str, Any] | None:
+    """The last re-scoring's status (see the module docstring), None if none ran."""
+    try:
+        return json.loads((Path(model_dir) / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_status(model_dir: str | Path, status: dict[str, Any]) -> None:
+    """Replace the status file atomically (readers never see half of it)."""
+    path = Path(model_dir) / STATUS_FILE
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(status, indent=1))
+    os.replace(tmp, path)
+
+
+def start_rescore(settings: Settings, project: int | None = None, reason: str = "new model") -> int | None:
+    """Start the re-scoring job in the background (a detached process); returns its pid, or None when
+    re-scoring is off or Label Studio is not configured. Takes milliseconds."""
+    if not settings.rescore:
+        log.info("re-scoring after %s is off (MASKCLIP_RESCORE=false)", reason)
+        return None
+    if not settings.label_studio_url:
+        log.info("no re-scoring after %s: LABEL_STUDIO_URL is not set", reason)
+        return None
+    args = ["--reason", reason] + (["--project", str(project)] if project is not None else [])
+    started = start_detached(settings, "rescore", "labelstudio_maskclip.commands.rescore", args)
+    log.info("re-scoring unlabeled tasks after %s: pid %d, log %s", reason, started.process.pid, started.log_path)
+    return started.process.pid
