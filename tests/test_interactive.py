@@ -602,7 +602,7 @@ def test_an_interactive_click_runs_the_image_tower_in_the_runtimes_dtype(tiny, t
 
 def test_warm_up_runs_an_interactive_click_and_one_timed_batch_on_a_cpu(tiny, tmp_path, caplog):
     be = _fresh(tiny, tmp_path)
-    caplog.set_level("INFO", logger="labelstudio_maskclip.labelstudio.runtime")
+    caplog.set_level("INFO", logger="labelstudio_maskclip.serving.runtime")
     segmented = []
     teacher = be.rt.teacher
     original = teacher.segment
