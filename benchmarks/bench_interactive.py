@@ -5,7 +5,7 @@ Three measurements:
 - **in process** (default): the first prompt on each of ``--repeats`` images (decode + image tower + prompt),
   then a repeated click, a box and a new phrase on each, through the backend object (no HTTP);
 
-      python benchmarks/bench_interactive.py [--device cpu|cuda] [--repeats 20] [--labels 20]
+      python benchmarks/bench_interactive.py [--device cpu|cuda] [--repeats 20] [--labels 20] [--preset naclip]
 
 - **the levers** (``--levers``): a click's image tower on ``--repeats`` new photos in fp32 and in bf16, with 1
   and 2 torch threads, interleaved; with bf16's distance from fp32 (run it with ``OMP_WAIT_POLICY=ACTIVE``
@@ -102,7 +102,7 @@ def machine() -> str:
 
 def in_process(args: argparse.Namespace) -> str:
     settings = Settings(pretrained="random", allow_random=True, device=args.device, model_dir=tempfile.mkdtemp(),
-                        polygons=False)  # fmt: skip
+                        polygons=False, preset=args.preset)  # fmt: skip
     labels = project_labels(args.labels)
     backend = MaskCLIPBackend(settings, "1", config(labels))
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
@@ -288,6 +288,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=20, help="in process: images")
+    parser.add_argument("--preset", default="naclip", help="in process: MASKCLIP_PRESET (engine/presets.py)")
     parser.add_argument("--labels", type=int, default=20, help="labels in the project (COCO names, 'car' first)")
     parser.add_argument("--restarts", type=int, default=0, help="served: restarts measured (0: in process)")
     parser.add_argument("--via", choices=("backend", "label-studio"), default="backend")

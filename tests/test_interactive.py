@@ -615,3 +615,25 @@ def test_warm_up_runs_an_interactive_click_and_one_timed_batch_on_a_cpu(tiny, tm
     dtype = be.rt.interactive_dtype or torch.float32
     assert any(m.startswith("interactive warmed up: ") and m.endswith(f"(image tower in {dtype})") for m in logged)
     assert segmented == [1] and be.rt.seconds_per_image(be.rt.teacher_version()) > 0
+
+
+@pytest.mark.parametrize("preset", ["sclip", "naclip"])
+def test_an_image_is_encoded_for_prompts_as_the_served_preset_encodes_it(tiny, tmp_path, preset):
+    """MASKCLIP_PRESET decides how a prompted image is encoded: the cached features are the preset's own
+    (its mmcv resize, windows and pad rule), those /predict computes for the same image."""
+    from labelstudio_maskclip.models import segment_options
+
+    _, weights = tiny
+    settings = Settings(preset=preset, model=TINY_VIT, pretrained=str(weights), device="cpu", templates="simple",
+                        model_dir=str(tmp_path))  # fmt: skip
+    be = MaskCLIPBackend(settings, "1", CONFIG)
+    url = "data:image/jpeg;base64," + base64.b64encode((COCO128_PHOTOS / "000000000009.jpg").read_bytes()).decode()
+    be.predict([{"id": 9, "data": {"image": url}}], {"result": [click(50, 50)]})
+    opts = segment_options(settings)
+    image, dense = be.rt.features.get((be.project, url, be.rt.teacher_version(), opts), lambda: pytest.fail("missed"))
+    dtype = be.rt.interactive_dtype  # bf16 on a CPU that has it natively (the tower's products only)
+    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        served = be.rt.teacher.window_features(image, opts)
+    assert dense.windows is not None and len(dense.windows.boxes) == (6 if preset == "sclip" else 1)
+    assert dense.windows.boxes == served.boxes and dense.windows.size == served.size == (336, 448)
+    torch.testing.assert_close(dense.features, served.features)

@@ -281,6 +281,7 @@ class MaskCLIPBackend:
         labels' text embeddings (prepared at ``/setup``), a new phrase's text pass and the image download;
         past it the answer is a 200 without masks whose note says why (:meth:`_interactive_answer`).
         """
+        from ..engine.names import name_owners, normalize_classes
         from ..engine.prompts import encode_image
         from ..models import segment_options
         from .interactive import (
@@ -333,7 +334,7 @@ class MaskCLIPBackend:
 
         # Per project: another project's task with the same URI passes Label Studio's own access check first.
         image, dense = self.rt.features.get((self.project, url, version, opts), load)
-        text = PromptText(vocab, labels, background, embedded)
+        text = PromptText(vocab, labels, name_owners(normalize_classes(classes)), background, embedded)
         try:
             regions, notes = predict_interactive(
                 seg, image, dense, prompts, spec, key, opts, text, polygons=self.settings.polygons,

@@ -162,7 +162,7 @@ class Runtime:
             return self._embeddings
 
     def _encode_labels(self, labels) -> Any:
-        return self.teacher.text_embeddings(labels)
+        return self.teacher.name_embeddings(labels)  # one row per name: the preset merges synonyms
 
     @property
     def phrases(self):
@@ -178,7 +178,7 @@ class Runtime:
                 identity = dict(embedding_identity(s), templates="phrases:" + "|".join(PHRASE_TEMPLATES))
                 self._phrases = EmbeddingStore(
                     Path(s.model_dir) / "text_embeddings" / "phrases", identity,
-                    lambda names: self.teacher.text_embeddings(names, templates=PHRASE_TEMPLATES),
+                    lambda names: self.teacher.name_embeddings(names, templates=PHRASE_TEMPLATES),
                     persist=s.pretrained.strip().lower() not in ("random", "none", ""), device=resolved_device(s.device),
                     width=text_width(s),
                 )  # fmt: skip
@@ -213,7 +213,8 @@ class Runtime:
             log.exception("preparing the text embeddings of %d labels failed", len(classes))
 
     def labels_within(self, classes: Sequence[Sequence[str]], deadline: float):
-        """(K, D) text embeddings of ``classes`` if ready by ``deadline``, else None (still computing)."""
+        """(N, D) text embeddings of ``classes``, one row per name, if ready by ``deadline``, else None (still
+        computing)."""
         from ..embeddings import label_set
 
         return self.embeddings.wait(label_set(classes), remaining(deadline))
