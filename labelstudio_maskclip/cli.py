@@ -492,9 +492,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except Exception as e:  # a clear one-line error for known failures; full trace at DEBUG
         from .engine.loading import WeightsError
+        from .labelstudio.api import LabelStudioAPIError
         from .learning.store import StoreError
 
-        if isinstance(e, (WeightsError, StoreError)):  # StoreError: a damaged store says how to recover
+        # StoreError: a damaged store says how to recover; LabelStudioAPIError: Label Studio's address or token
+        # unset, or a call it refused (the message names the call and the status)
+        if isinstance(e, (WeightsError, StoreError, LabelStudioAPIError)):
             log.error("%s", e)
             return 2
         raise
