@@ -129,6 +129,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     env = dict(os.environ)
     env.update({k: str(v) for k, v in _env_overrides(args).items()})
+    # torch's OpenMP threads sleep at a barrier instead of spinning: on a CPU shared with other work a
+    # spinning thread takes the core its partner needs (a click's image tower measured 1.5-3x slower on a
+    # loaded 2-core machine; BENCHMARKS.md, "Interactive speed on a CPU"). OMP_WAIT_POLICY overrides it.
+    env["OMP_WAIT_POLICY"] = s.omp_wait_policy or "PASSIVE"
     log.info("serving on http://%s:%d with %d worker(s): %s", args.host, args.port, workers, " ".join(cmd[2:]))
     os.execvpe(cmd[0], cmd, env)
     return 0  # not reached
@@ -488,9 +492,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except Exception as e:  # a clear one-line error for known failures; full trace at DEBUG
         from .engine.loading import WeightsError
+        from .labelstudio.api import LabelStudioAPIError
         from .learning.store import StoreError
 
-        if isinstance(e, (WeightsError, StoreError)):  # StoreError: a damaged store says how to recover
+        # StoreError: a damaged store says how to recover; LabelStudioAPIError: Label Studio's address or token
+        # unset, or a call it refused (the message names the call and the status)
+        if isinstance(e, (WeightsError, StoreError, LabelStudioAPIError)):
             log.error("%s", e)
             return 2
         raise
