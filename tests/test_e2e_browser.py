@@ -12,7 +12,7 @@ Every step a user takes goes through Label Studio 1.23.2's UI, in the README's o
    code editor, *Save*;
 4. *Settings* -> *Model* -> *Connect Model*: a title and the backend's URL, *Validate and Save*, the card
    says *Connected*; then, as the README's interactive section says, the card's menu -> *Edit* -> *Interactive
-   preannotations* on -> *Validate and Save*;
+   preannotations* on -> *Validate and Save*; *Annotation* -> *Prelabeling* is on, with the model selected;
 5. the Data Manager: a click on the first task opens it in the editor; the backend predicts on opening, and
    the test asserts the predicted brush masks are listed in the region panel and painted (hiding the regions
    takes pixels off the canvases);
@@ -30,8 +30,8 @@ Waits are explicit (a selector, a URL, a value, a canvas condition), never sleep
 a loaded 2-core machine. The browser reaches nothing but this machine (Label Studio's pages call out to
 telemetry services; those requests are aborted). Chromium is the system's (``scripts/install-browser.sh``, run by ``make test``);
 missing Chromium or Playwright fails, never skips. On failure a screenshot is saved in the test's tmp dir
-(``failure.png``) and the backend's and Label Studio's log tails are printed with the failure. Takes about 3 minutes
-on a loaded 2-core machine (Label Studio's first start, with its migrations, is most of it).
+(``failure.png``) and the backend's and Label Studio's log tails are printed with the failure. Takes 3.5 to 5 minutes
+on a shared 2-core machine under load (Label Studio's first start, with its migrations, is the largest part).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ OUTSIDE = re.compile(r"^(?!https?://127\.0\.0\.1[:/])")  # any address but this 
 README = REPO_ROOT / "README.md"
 PHOTOS = [COCO128_PHOTOS / "000000000009.jpg", COCO128_PHOTOS / "000000000025.jpg"]
 EMAIL, PASSWORD = "newcomer@example.com", "a-newcomer's-password-1"
-PROJECT = "README path"
+PROJECT, MODEL_TITLE = "README path", "MaskCLIP"
 REGIONS = ".lsf-tree__node_type_brushregion"  # the region panel's entries for brush masks
 WAIT_MS = 60_000  # any one UI step on a loaded machine
 PREDICT_MS = 180_000  # the first prediction: image download, the labels' text, the image tower
@@ -171,7 +171,13 @@ def create_project(page, url: str, config: str) -> int:
     page.locator(".CodeMirror").click()  # the code editor (CodeMirror 5: no role or label of its own)
     page.keyboard.press("ControlOrMeta+A")
     page.keyboard.press("ControlOrMeta+V")
-    page.get_by_role("textbox", name="TextArea Input").wait_for()  # the preview renders the pasted config
+    # the editor holds the config as pasted (nothing auto-closed or re-indented), and the preview renders it
+    page.wait_for_function(
+        "config => document.querySelector('.CodeMirror').CodeMirror.getValue() === config", arg=config
+    )
+    first_label = re.search(r'<Label value="([^"]+)"', config)
+    assert first_label, "the README's config has no <Label value=...>"
+    page.get_by_text(first_label.group(1), exact=True).first.wait_for()
     page.get_by_role("button", name="Save").click()
     page.wait_for_url(re.compile(r"/projects/\d+/data"))
     project_id = int(re.search(r"/projects/(\d+)/", page.url).group(1))
@@ -186,7 +192,7 @@ def connect_model(page, backend_url: str) -> None:
     page.get_by_role("link", name="Settings").click()
     page.get_by_role("link", name="Model").click()
     page.get_by_role("button").filter(has_text="Connect Model").click()
-    page.locator("input[name=title]").fill("MaskCLIP")
+    page.locator("input[name=title]").fill(MODEL_TITLE)
     page.locator("input[name=url]").fill(backend_url)
     page.get_by_role("button", name="Save machine learning form").click()  # "Validate and Save"
     page.get_by_text("Connected", exact=True).wait_for()
@@ -197,6 +203,16 @@ def connect_model(page, backend_url: str) -> None:
     page.get_by_role("checkbox", name=re.compile(r"^Interactive preannotations")).check()
     page.get_by_role("button", name="Save machine learning form").click()
     expect(page.get_by_text("Edit Model")).to_be_hidden()
+
+
+def check_prelabeling(page) -> None:
+    """README step 6: *Settings* -> *Annotation* -> *Prelabeling* is on with the model's *Models* entry (Label
+    Studio 1.23.2 sets both when the model is connected; the README asks the user to check)."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("link", name="Annotation", exact=True).click()
+    expect(page.get_by_role("checkbox", name=re.compile(r"^Use predictions to prelabel tasks"))).to_be_checked()
+    expect(page.get_by_role("button", name=f"{MODEL_TITLE} (Connected)")).to_be_visible()
 
 
 def painted_pixels_when_settled(page) -> int:
@@ -262,6 +278,7 @@ def test_a_newcomer_following_the_readme_gets_masks_and_a_smart_suggestion(tmp_p
             stack.callback(_stop_backend, backend)
             project_id = create_project(page, label_studio.url, config)
             connect_model(page, backend.result().url)
+            check_prelabeling(page)
             page.goto(f"{label_studio.url}/projects/{project_id}/data")
             page.get_by_role("img", name="Data").first.click()  # the first task's photo: opens it in the editor
             assert_masks_drawn(page)

@@ -62,17 +62,27 @@ class DenseImage:
 
 
 @torch.inference_mode()
-def encode_image(seg: MaskCLIP, image: np.ndarray, opts: SegmentOptions) -> DenseImage:
+def encode_image(
+    seg: MaskCLIP, image: np.ndarray, opts: SegmentOptions, compute_dtype: torch.dtype | None = None
+) -> DenseImage:
     """Run the image tower once: (H, W, 3) uint8 RGB -> :class:`DenseImage`. The authors' pipeline: as
     :meth:`MaskCLIP.window_features` (the preset's resize and windows); ``grid``: the whole image resized
-    to ``opts.short_side``, no window."""
+    to ``opts.short_side``, no window.
+
+    compute_dtype: run the tower's matrix products in this dtype under autocast (bf16 on a CPU that has it
+    natively: about twice as fast as fp32); None: the model's own dtype. The features come out float32.
+    """
     height, width = image.shape[:2]
+    enabled = compute_dtype is not None and compute_dtype != seg.clip.dtype
+    tower = torch.autocast(seg.device.type, dtype=compute_dtype, enabled=enabled)  # the tower only
     if opts.pipeline == "authors":
-        windows = replace(seg.window_features(image, opts), pixels=torch.empty(0))  # no PAMR here: no guide
+        with tower:
+            windows = replace(seg.window_features(image, opts), pixels=torch.empty(0))  # no PAMR here: no guide
         return DenseImage(features=windows.features, affinity=torch.empty(0), size=(height, width), windows=windows)
     size = seg.input_size(height, width, opts.short_side, opts.size_multiple, opts.max_input_pixels)
     pixels = seg.preprocess([image], size)  # (1, 3, H', W')
-    out = dense_features(seg.clip.model.visual, pixels.to(seg.device, seg.clip.dtype), opts.mode)
+    with tower:
+        out = dense_features(seg.clip.model.visual, pixels.to(seg.device, seg.clip.dtype), opts.mode)
     return DenseImage(features=out.features[0], affinity=key_affinity(out.keys)[0], size=(height, width))
 
 
@@ -220,6 +230,7 @@ def box_mask(
     emb: torch.Tensor,
     opts: SegmentOptions,
     owner: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[np.ndarray, float]:
     """Label ``label``'s mask inside a (possibly rotated) box, segmented on the box's own crop.
 
@@ -229,8 +240,8 @@ def box_mask(
     :func:`grid_probs`); each crop pixel
     goes to its most probable class. When the label wins nowhere in the crop, its pixels of at least half
     its peak probability are taken instead: the box says the label is there. The mask is clipped to the box.
-    Prompt denoising is off here for the same reason. Returns the (H, W) bool mask and the label's mean
-    probability over it.
+    Prompt denoising is off here for the same reason. compute_dtype: as :func:`encode_image`'s. Returns the
+    (H, W) bool mask and the label's mean probability over it.
     """
     height, width = image.shape[:2]
     inside = np.zeros((height, width), np.uint8)
@@ -241,7 +252,7 @@ def box_mask(
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     crop = np.ascontiguousarray(image[y0:y1, x0:x1])
     crop_opts = replace(opts, size_multiple=0, window=0, prompt_denoising=False)
-    dense = encode_image(seg, crop, crop_opts)
+    dense = encode_image(seg, crop, crop_opts, compute_dtype)
     probs = _upsample(grid_probs(dense, emb, crop_opts, owner), dense.size)  # (K, h_crop, w_crop)
     mine = probs.argmax(0) == label
     if not bool(mine.any()):

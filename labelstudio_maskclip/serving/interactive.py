@@ -320,11 +320,13 @@ def predict_interactive(
     text: PromptText,
     *,
     polygons: bool,
+    compute_dtype: Any = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """(regions, notes) for the prompts on one image; no text is encoded here.
 
     seg: the MaskCLIP teacher; image: (H, W, 3) uint8 RGB; dense: its cached ``DenseImage``; opts: the
-    engine's ``SegmentOptions``. Notes say which prompts found nothing and why. Raises :class:`ContextError`
+    engine's ``SegmentOptions``; compute_dtype: the image tower's dtype for a box's crop (as ``dense`` was
+    made). Notes say which prompts found nothing and why. Raises :class:`ContextError`
     for a box that covers no pixel of the image.
     """
     from dataclasses import replace
@@ -374,7 +376,8 @@ def predict_interactive(
         else:
             k = labels.index(prompt.label)
             try:
-                mask, score = engine.box_mask(seg, image, box_corners(prompt, size), k, label_emb, opts, label_owner)
+                corners = box_corners(prompt, size)
+                mask, score = engine.box_mask(seg, image, corners, k, label_emb, opts, label_owner, compute_dtype)
             except ValueError as e:  # the box lies outside the image
                 raise ContextError(f"box on {prompt.label!r}: {e}") from e
             if not mask.any():
