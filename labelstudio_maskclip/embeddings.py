@@ -8,6 +8,11 @@ digest of everything the numbers depend on (architecture, weights, precision, te
 label in order), so every worker process and every restart reuses the same file, and a change of any of them
 gives a new file. Concurrent writers are serialised by a lock file (one process computes, the others then
 read its file); files are written atomically, and an unreadable or foreign file is recomputed.
+
+A file holds one row per *name*, not per label (format 2): ``embeddings`` (N, D) for the N names of the
+labels in order and ``owners`` (N,), the label of each row. How a label's names combine is the preset's
+rule (``synonyms``: the highest probability over the names, or their averaged embedding), applied where the
+probabilities are made (``MaskCLIP.segment``), so the server, the trainer and ``eval`` all merge alike.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ log = logging.getLogger(__name__)
 
 #: names per label, in label order: ``(("cat",), ("car", "automobile"))``
 LabelSet = tuple[tuple[str, ...], ...]
-_FORMAT = 1
+_FORMAT = 2  # 2: one row per name with the name -> label map (1: one averaged row per label)
 #: Labels computed in one turn: a big label set is computed in turns of this many labels, and label sets
 #: waiting at the same time take turns with it, so one project with thousands of labels delays another
 #: project's new labels (and a typed phrase: the model's text side is one at a time) by one turn, seconds
@@ -85,7 +90,8 @@ def weights_identity(pretrained: str) -> str:
 
 class EmbeddingStore:
     """Text embeddings per label set for one model, in memory, on disk under ``root``, computed in the
-    background by ``compute(label_set) -> (K, D) tensor`` (row k from label k's names alone): up to
+    background by ``compute(label_set) -> (N, D) tensor``, one row per name of the labels in order
+    (:func:`~labelstudio_maskclip.engine.names.name_owners` says whose), a row from its name alone: up to
     :data:`JOBS` label sets at once, taking turns of :data:`TURN_LABELS` labels on the one computing thread
     at a time.
 
@@ -126,14 +132,14 @@ class EmbeddingStore:
         return self.root / f"{self.key(labels)}.pt"
 
     def get(self, labels: LabelSet) -> torch.Tensor | None:
-        """(K, D) float32 on ``device`` if ready in memory; never computes."""
+        """(N, D) float32, one row per name, on ``device`` if ready in memory; never computes."""
         with self._lock:
             return self._memory.get(self.key(labels))
 
     def prepare(self, labels: LabelSet) -> Future:
         """Start making ``labels``' embeddings ready (no-op when they are, or are being made): read from disk
         when stored (here, it takes milliseconds), else computed in the background thread. Returns a future
-        of the (K, D) tensor; a failed computation is forgotten so that the next call tries again."""
+        of the (N, D) tensor; a failed computation is forgotten so that the next call tries again."""
         key = self.key(labels)
         with self._lock:
             if key in self._memory:
@@ -179,7 +185,7 @@ class EmbeddingStore:
                 return stored
             emb = self._computed(labels)
             payload = {"format": _FORMAT, "identity": self.identity, "labels": [list(n) for n in labels],
-                       "embeddings": emb.detach().float().cpu().contiguous()}  # fmt: skip
+                       "owners": list(_owners(labels)), "embeddings": emb.detach().float().cpu().contiguous()}  # fmt: skip
             write_atomic(self.path(labels), lambda f: torch.save(payload, f))
             log.info("text embeddings of %d labels stored in %s", len(labels), self.path(labels))
             return emb
@@ -187,9 +193,13 @@ class EmbeddingStore:
     def _computed(self, labels: LabelSet) -> torch.Tensor:
         start = time.monotonic()
         parts = []
-        for i in range(0, len(labels), TURN_LABELS):  # rows are independent: a label's row is its names' alone
+        for i in range(0, len(labels), TURN_LABELS):  # rows are independent: a name's row is its own
+            turn = labels[i : i + TURN_LABELS]
             with self._turns.turn():
-                parts.append(self._compute(labels[i : i + TURN_LABELS]).detach().float().to(self.device))
+                part = self._compute(turn).detach().float().to(self.device)
+            if part.ndim != 2 or part.shape[0] != sum(len(n) for n in turn):
+                raise ValueError(f"text embeddings of {turn}: one row per name expected, got {tuple(part.shape)}")
+            parts.append(part)
         emb = torch.cat(parts)
         log.info("computed text embeddings of %d labels in %.1f s", len(labels), time.monotonic() - start)
         return emb
@@ -207,8 +217,9 @@ class EmbeddingStore:
                 payload.get("format") == _FORMAT
                 and payload.get("identity") == self.identity
                 and [tuple(n) for n in payload.get("labels", ())] == list(labels)
+                and list(payload.get("owners", ())) == list(_owners(labels))
                 and emb.ndim == 2
-                and emb.shape[0] == len(labels)
+                and emb.shape[0] == len(_owners(labels))
                 and (self.width is None or emb.shape[1] == self.width)
                 and bool(torch.isfinite(emb).all())
                 and bool(((emb.double().norm(dim=1) - 1).abs() < 1e-3).all())  # rows are L2-normalised
@@ -231,6 +242,12 @@ class EmbeddingStore:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _owners(labels: LabelSet) -> tuple[int, ...]:
+    from .engine.names import name_owners
+
+    return name_owners(labels)
 
 
 def _done(value: torch.Tensor) -> Future:

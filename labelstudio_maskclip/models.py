@@ -88,7 +88,7 @@ def shared_maskclip(s: Settings) -> MaskCLIP:
 
 def text_embedding_store(s: Settings, compute: Any) -> Any:
     """The :class:`~labelstudio_maskclip.embeddings.EmbeddingStore` of the teacher's text embeddings under
-    ``MODEL_DIR/text_embeddings``, ``compute(label_set) -> (K, D)`` making missing ones: the one store of every
+    ``MODEL_DIR/text_embeddings``, ``compute(label_set) -> (N, D)`` (one row per name) making missing ones: the one store of every
     worker and of the trainer, which read each other's files and wait for each other's computations."""
     from .embeddings import EmbeddingStore
 

@@ -144,7 +144,7 @@ def start_backend(
     extra_env: Mapping[str, str] | None = None,
     timeout: float = 90.0,
 ) -> Backend:
-    """``labelstudio-maskclip serve`` (gunicorn, gthread) on a free loopback port; returns once /health is UP
+    """``labelstudio-maskclip serve`` (gunicorn, asgi worker) on a free loopback port; returns once /health is UP
     and every worker has loaded the model (a /setup per worker would not prove that: /health is checked)."""
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -233,3 +233,54 @@ def brush_webhook(annotation_id: int, task_id: int, height: int = 480, width: in
         "task": {"id": task_id, "data": {"image": "/data/upload/000000000009.jpg"}, "project": 1},
         "project": {"id": 1, "label_config": BRUSH},
     }  # fmt: skip
+
+
+class LabelStudioProxy:
+    """A loopback proxy in front of Label Studio, as a load balancer would stand there: passes every request
+    through and records it in ``requests`` (method, path with query), except that the next ``fail`` bulk
+    writes (``POST .../import/predictions``) are answered 504 after Label Studio applied them ("applied") or
+    502 without reaching it ("lost"); ``seen``: what became of each bulk write."""
+
+    def __init__(self, target: str):
+        self.target, self.fail, self.seen = target.rstrip("/"), [], []
+        self.requests: list[tuple[str, str]] = []
+        session = requests.Session()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _pass(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.requests.append((self.command, self.path))
+                bulk = self.command == "POST" and self.path.split("?")[0].endswith("/import/predictions")
+                mode = proxy.fail.pop(0) if bulk and proxy.fail else None
+                if bulk:
+                    proxy.seen.append(mode or "passed")
+                if mode == "lost":
+                    return self._answer(502, b"bad gateway")
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                r = session.request(self.command, proxy.target + self.path, data=body, headers=headers,
+                                    timeout=300)  # fmt: skip
+                if mode == "applied":
+                    return self._answer(504, b"gateway timeout")
+                self._answer(r.status_code, r.content, r.headers.get("Content-Type", "application/json"))
+
+            def _answer(self, status: int, body: bytes, kind: str = "text/plain") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = _pass
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

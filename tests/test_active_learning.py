@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import pytest
@@ -82,6 +83,16 @@ def test_torchrun_ranks_predict_disjoint_shards_once(label_studio, backend):
         assert _versions(api, task) == [summary["model_version"]]
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1])["predicted"] == 0
+    # A duplicate of the version (a second writer, a write landing late) and a new task: the job that writes
+    # the new task's prediction leaves one prediction of the version per task (rank 0 sweeps, once all wrote).
+    version = summary["model_version"]
+    api.request("POST", "/api/predictions/", json={"task": ids[0], "model_version": version, "score": 0.5,
+                                                    "result": []})  # fmt: skip
+    api.import_files(project, [COCO128_PHOTOS / NAMES[5]])
+    third = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0 and json.loads(third.stdout.strip().splitlines()[-1])["predicted"] == 1
+    for task in sorted(t["id"] for t in api.list_tasks(project, fields_all=False)):
+        assert _versions(api, task) == [version], task
 
 
 def test_next_ranks_by_the_served_versions_scores_after_connect_model(label_studio, backend):
@@ -152,3 +163,65 @@ def test_the_loop_rescored_unlabeled_tasks_after_a_promotion(label_studio, backe
         assert student not in _versions(api, task)
     after = json.loads(_cli(env, "next", "--project", str(project), "-n", "20", "--json").stdout)
     assert {t["id"] for t in after} == set(ids) - labeled
+
+
+def test_next_any_version_ranks_by_each_tasks_newest_scored_prediction(label_studio, backend):
+    """`next --any-version`: whatever model made them, each unlabeled task counts with its newest prediction
+    that has a score; tasks without one, and labeled tasks, are left out."""
+    api = label_studio.api()
+    project, ids = _project(api, "next any version", NAMES[:5])
+    superseded, other, unscored_last, bare, labeled = ids
+
+    def predict(task: int, version: str, score: float | None) -> None:
+        body = {"task": task, "model_version": version, "result": [], **({"score": score} if score is not None else {})}
+        api.request("POST", "/api/predictions/", json=body)
+
+    predict(superseded, "teacher", 0.9)
+    predict(superseded, "student", 0.2)  # newer: counts
+    predict(other, "someone-else", 0.5)
+    predict(unscored_last, "teacher", 0.1)
+    predict(unscored_last, "student", None)  # newer but without a score: the older one counts
+    predict(labeled, "teacher", 0.05)
+    api.create_annotation(labeled, [])
+
+    chosen = json.loads(_cli(backend.env, "next", "--project", str(project), "-n", "10", "--any-version",
+                             "--json").stdout)  # fmt: skip
+    assert [(t["id"], t["score"]) for t in chosen] == [(unscored_last, 0.1), (superseded, 0.2), (other, 0.5)]
+    assert bare not in {t["id"] for t in chosen}
+    served = json.loads(_cli(backend.env, "next", "--project", str(project), "-n", "10", "--json").stdout)
+    assert served == []  # none of these is the served version's
+
+
+def test_next_reads_only_the_chosen_tasks_predictions_when_the_live_version_is_ours(label_studio, backend):
+    """After `preannotate` made its version the project's live one, Label Studio's predictions_score ranks
+    the tasks: `next` reads light pages and the predictions of the n tasks it returns, not every task's,
+    and returns what ranking every task's own prediction gives."""
+    from labelstudio_maskclip.labelstudio.api import LabelStudioAPI
+    from labelstudio_maskclip.settings import Settings
+    from tests.served import LabelStudioProxy
+
+    api = label_studio.api()
+    project, ids = _project(api, "next, light", NAMES[:7])
+    version = json.loads(_cli(backend.env, "preannotate", "--project", str(project)).stdout.strip().splitlines()[-1])[
+        "model_version"
+    ]
+    assert api.get_project(project)["model_version"] == version
+    scores = {t: next(p["score"] for p in api.list_predictions(t) if p["model_version"] == version) for t in ids}
+    api.create_annotation(ids[0], [])  # labeled: not to be chosen
+    expected = sorted(ids[1:], key=lambda t: (scores[t], t))[:3]
+
+    proxy = LabelStudioProxy(label_studio.url)
+    try:
+        client = LabelStudioAPI.from_settings(Settings(label_studio_url=proxy.url,
+                                                       label_studio_api_key=label_studio.token))  # fmt: skip
+        chosen = client.next_tasks(project, 3, version)
+    finally:
+        proxy.stop()
+    assert [t["id"] for t in chosen] == expected
+    assert [t["predictions_score"] for t in chosen] == pytest.approx([scores[t] for t in expected], abs=1e-6)
+    full_reads = [path for method, path in proxy.requests if "fields=all" in path]
+    assert full_reads, proxy.requests  # the chosen tasks' predictions, checked
+    for path in full_reads:
+        query = json.loads(parse_qs(urlparse(path).query)["query"][0])
+        assert "selectedItems" in query, f"a whole listing read with every field: {path}"
+        assert sorted(query["selectedItems"]["included"]) == sorted(expected), path

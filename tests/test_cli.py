@@ -66,6 +66,12 @@ def test_random_weights_and_missing_files_are_refused_with_the_setting_named(tmp
     assert "MASKCLIP_PRETRAINED" in caplog.text
 
 
+def test_a_label_studio_command_without_its_address_is_a_one_line_error(caplog):
+    """README's `preannotate` run in a new shell (no LABEL_STUDIO_URL): the settings to set, exit 2, no trace."""
+    assert main(["preannotate", "--project", "1"]) == 2
+    assert "set LABEL_STUDIO_URL (and LABEL_STUDIO_API_KEY)" in caplog.text
+
+
 def test_history_and_rollback_without_students(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MODEL_DIR", str(tmp_path))
     assert main(["history"]) == 0

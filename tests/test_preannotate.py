@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import threading
+from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from labelstudio_maskclip.commands.preannotate import Shard, combine_summaries, 
 from labelstudio_maskclip.labelstudio.api import AmbiguousWriteError, LabelStudioAPIError
 from labelstudio_maskclip.settings import Settings
 from tests.labelstudio import free_port
+from tests.served import LabelStudioProxy
 from tests.tiny import TINY_VIT, save_random_state
 
 CONFIG = """<View><Image name="image" value="$image"/>
@@ -315,3 +317,168 @@ def test_progress_advances_one_task_at_a_time_failures_included(settings):
     assert [d for d, _ in seen] == list(range(1, 13))
     assert {t for _, t in seen} == {12}
     assert result.predicted == 11 and [f["task"] for f in result.failed] == [4]
+
+
+# --- against a real Label Studio ------------------------------------------------------------------------
+
+
+def _real_settings(settings, label_studio, model_dir) -> Settings:
+    return settings.replace(label_studio_url=label_studio.url, label_studio_api_key=label_studio.token,
+                            model_dir=str(model_dir), short_side=64)  # fmt: skip
+
+
+def _real_project(label_studio, n: int, title: str) -> tuple[int, dict[int, str]]:
+    """A project of ``n`` uploaded coco128 photos: (id, task id -> photo name)."""
+    from tests.photos import COCO128_PHOTOS
+
+    api = label_studio.api()
+    project = api.create_project(title, CONFIG, evaluate_predictions_automatically=False)["id"]
+    names = sorted(p.name for p in COCO128_PHOTOS.glob("*.jpg"))[:n]
+    api.import_files(project, [COCO128_PHOTOS / name for name in names])
+    tasks = api.list_tasks(project, fields_all=False)
+    return project, {t["id"]: next(n for n in names if t["data"]["image"].endswith("-" + n)) for t in tasks}
+
+
+def _predictions(label_studio, task_ids) -> dict[int, list[dict]]:
+    api = label_studio.api()
+    return {t: sorted(api.list_predictions(t), key=lambda p: p["id"]) for t in task_ids}
+
+
+@pytest.mark.e2e
+def test_against_label_studio_each_task_gets_its_own_images_prediction_once(settings, label_studio, tmp_path):
+    """Several model threads (a CPU: one per core), images in batches: each task ends with exactly one
+    prediction, of the served version, whose score is the one the model gives that task's own photo."""
+    from labelstudio_maskclip.fetching.decode import decode_image
+    from labelstudio_maskclip.labelstudio.api import LabelStudioAPI
+    from labelstudio_maskclip.models import segment_options
+    from labelstudio_maskclip.serving.backend import MaskCLIPBackend
+    from tests.photos import COCO128_PHOTOS
+
+    real = _real_settings(settings, label_studio, tmp_path)
+    project, photos = _real_project(label_studio, 10, "bulk, one each")
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # two model threads side by side, whatever this machine has
+    try:
+        result = preannotate(real, project, api=LabelStudioAPI.from_settings(real), batch_size=3, upload_batch=4,
+                             progress=False)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert result.predicted == 10 and not result.failed
+    assert torch.get_num_threads() == threads  # left as it was
+
+    backend = MaskCLIPBackend(real, str(project), CONFIG)
+    vocab, classes = backend.classes(backend.spec())
+    version, model = backend.rt.model_for(classes)
+    assert version == result.model_version
+    expected = {}
+    for task, name in photos.items():
+        image = decode_image((COCO128_PHOTOS / name).read_bytes(), max_pixels=real.max_image_pixels)
+        expected[task] = round(model.segment([image], classes, opts=segment_options(real))[0].score, 4)
+    assert len(set(expected.values())) == len(expected)  # the photos' scores tell them apart
+    predictions = _predictions(label_studio, photos)
+    for task, preds in predictions.items():
+        assert [p["model_version"] for p in preds] == [version], task
+        assert preds[0]["score"] == pytest.approx(expected[task], abs=2e-4), task
+        assert {r["type"] for r in preds[0]["result"]} == {"brushlabels"}
+    assert label_studio.api().get_project(project)["model_version"] == version
+
+
+@pytest.mark.e2e
+def test_against_label_studio_concurrent_runs_leave_one_prediction_per_task(settings, label_studio, tmp_path):
+    """Three runs at once on one project: two share a MODEL_DIR (the second waits for the first's lock, then
+    finds nothing left), the third has its own (another machine: no lock in common) and predicts every task
+    too. Every task ends with one prediction of the version: the oldest."""
+    from labelstudio_maskclip.labelstudio.api import LabelStudioAPI
+
+    project, photos = _real_project(label_studio, 6, "three writers")
+    runs = [_real_settings(settings, label_studio, tmp_path / d) for d in ("a", "a", "b")]
+    results: list = []
+    errors: list = []
+
+    def run(s: Settings) -> None:
+        try:
+            results.append(preannotate(s, project, api=LabelStudioAPI.from_settings(s), batch_size=2,
+                                       upload_batch=2, progress=False))  # fmt: skip
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert not errors and len(results) == 3
+    version = results[0].model_version
+    assert sum(r.predicted for r in results) >= 6 and not any(r.failed for r in results)
+    for task, preds in _predictions(label_studio, photos).items():
+        assert [p["model_version"] for p in preds] == [version], task
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("mode", ["applied", "lost"])
+def test_against_label_studio_a_bulk_write_answered_with_an_error_is_not_duplicated(
+    settings, label_studio, tmp_path, mode
+):
+    """A proxy answers the first bulk write 504 after Label Studio applied it ("applied"), or 502 without
+    passing it on ("lost"): either way each task ends with exactly one prediction, none failed."""
+    from labelstudio_maskclip.labelstudio.api import LabelStudioAPI
+
+    project, photos = _real_project(label_studio, 5, f"ambiguous write, {mode}")
+    proxy = LabelStudioProxy(label_studio.url)
+    proxy.fail = [mode]
+    try:
+        real = _real_settings(settings, label_studio, tmp_path).replace(label_studio_url=proxy.url)
+        result = preannotate(real, project, api=LabelStudioAPI.from_settings(real), upload_batch=3, progress=False,
+                             settle=5)  # fmt: skip
+    finally:
+        proxy.stop()
+    # applied: never sent again (the next batch only); lost: sent again once, then the next batch
+    assert proxy.seen == {"applied": ["applied", "passed"], "lost": ["lost", "passed", "passed"]}[mode]
+    assert result.predicted == 5 and not result.failed
+    for task, preds in _predictions(label_studio, photos).items():
+        assert [p["model_version"] for p in preds] == [result.model_version], task
+
+
+@pytest.mark.e2e
+def test_against_label_studio_the_duplicate_sweep_reads_only_tasks_that_may_carry_a_version_twice(
+    settings, label_studio, tmp_path
+):
+    """Re-scoring's case: every task also has an older model's prediction, so each has several. The sweep
+    reads in full only the tasks whose prediction count exceeds their distinct versions, removes the
+    duplicate of this version another writer left (oldest kept) and leaves another model's pair alone."""
+    from labelstudio_maskclip.labelstudio.api import LabelStudioAPI
+    from tests.photos import COCO128_PHOTOS
+
+    api = label_studio.api()
+    project, photos = _real_project(label_studio, 4, "sweep")
+    first, other_twice, dup, _ = sorted(photos)
+    for task in photos:
+        api.request(
+            "POST", "/api/predictions/", json={"task": task, "model_version": "old", "result": [], "score": 0.5}
+        )
+    api.request("POST", "/api/predictions/", json={"task": other_twice, "model_version": "old", "result": []})
+    real = _real_settings(settings, label_studio, tmp_path)
+    version = preannotate(real, project, api=LabelStudioAPI.from_settings(real), progress=False).model_version
+    extra = api.request("POST", "/api/predictions/", json={"task": dup, "model_version": version, "result": []})
+    new = api.import_files(project, [COCO128_PHOTOS / "000000000009.jpg"])["task_ids"]  # something to predict
+
+    proxy = LabelStudioProxy(label_studio.url)
+    try:
+        via = real.replace(label_studio_url=proxy.url)
+        result = preannotate(via, project, api=LabelStudioAPI.from_settings(via), progress=False)
+    finally:
+        proxy.stop()
+    assert result.predicted == 1
+    predictions = _predictions(label_studio, [*photos, *new])
+    assert all([p["model_version"] for p in preds].count(version) == 1 for preds in predictions.values())
+    assert extra["id"] not in {p["id"] for p in predictions[dup]}  # the newer one went
+    assert [p["model_version"] for p in predictions[other_twice]].count("old") == 2
+    read_in_full = set()
+    for method, path in proxy.requests:
+        if method == "GET" and "fields=all" in path:
+            query = json.loads(parse_qs(urlparse(path).query)["query"][0])
+            assert "selectedItems" in query, f"a whole listing read with every field: {path}"
+            read_in_full |= set(query["selectedItems"]["included"])
+    assert read_in_full == {other_twice, dup}

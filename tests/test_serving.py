@@ -118,10 +118,11 @@ class _Counting:
         if not block:
             self.release.set()
 
-    def __call__(self, labels):
+    def __call__(self, labels):  # one row per name, as the model's name_embeddings
         self.calls += 1
         self.release.wait(60)
-        return F.normalize(torch.arange(len(labels) * self.dim, dtype=torch.float32).view(len(labels), -1) + 1, dim=-1)
+        n = sum(len(names) for names in labels)
+        return F.normalize(torch.arange(n * self.dim, dtype=torch.float32).view(n, -1) + 1, dim=-1)
 
 
 IDENTITY = {"architecture": "tiny", "weights": "file:1:abc", "templates": "t1"}
@@ -135,7 +136,7 @@ def test_store_computes_in_the_background_once_and_a_restart_reads_the_file(tmp_
     assert store.prepare(LABELS) is future  # one job per label set
     compute.release.set()
     emb = future.result(30)
-    assert emb.shape == (3, 4) and compute.calls == 1
+    assert emb.shape == (4, 4) and compute.calls == 1
     assert torch.equal(store.wait(LABELS, 0), emb)
     files = list(tmp_path.glob("*.pt"))
     assert len(files) == 1
@@ -165,7 +166,7 @@ def test_a_damaged_file_is_computed_again_and_replaced(tmp_path):
     path.write_bytes(path.read_bytes()[:100])  # cut short
     compute = _Counting()
     emb = EmbeddingStore(tmp_path, IDENTITY, compute).prepare(LABELS).result(30)
-    assert compute.calls == 1 and emb.shape == (3, 4)
+    assert compute.calls == 1 and emb.shape == (4, 4)
     assert torch.equal(EmbeddingStore(tmp_path, IDENTITY, _Counting()).prepare(LABELS).result(0), emb)
 
 
@@ -190,13 +191,13 @@ def test_a_failed_computation_is_reported_and_tried_again(tmp_path):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("out of memory")
-        return torch.ones(len(labels), 4)
+        return torch.ones(sum(len(n) for n in labels), 4)
 
     store = EmbeddingStore(tmp_path, IDENTITY, flaky)
     with pytest.raises(RuntimeError, match="out of memory"):
         store.wait(LABELS, 30)
     time.sleep(0.05)  # the failed job is forgotten in its done-callback
-    assert store.wait(LABELS, 30).shape == (3, 4) and len(calls) == 2
+    assert store.wait(LABELS, 30).shape == (4, 4) and len(calls) == 2
 
 
 # --- /setup, /predict and the deadline ----------------------------------------------------------------------
@@ -651,7 +652,7 @@ def test_a_stored_file_of_another_width_or_all_zeros_is_computed_again(tmp_path,
     emb = first.prepare(LABELS).result(30)
     path = first.path(LABELS)
     payload = torch.load(path, weights_only=True)
-    payload["embeddings"] = torch.zeros(3, 4) if damage == "zeros" else F.normalize(torch.ones(3, 6), dim=-1)
+    payload["embeddings"] = torch.zeros(4, 4) if damage == "zeros" else F.normalize(torch.ones(4, 6), dim=-1)
     torch.save(payload, path)
     compute = _Counting()
     again = EmbeddingStore(tmp_path, IDENTITY, compute, width=4).prepare(LABELS).result(30)

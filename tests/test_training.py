@@ -452,3 +452,21 @@ def test_masks_of_labels_with_predicted_values_are_trained_on(tmp_path):
     assert result.metrics["miou"]["teacher"] == pytest.approx(1.0)
     with pytest.raises(tr.TrainError, match="2 label values for 3 classes"):
         tr.train(s, store, load_image=lambda ref, tid: images[ref], teacher=perfect, classes=names, values=values[:2])
+
+
+def test_a_run_for_labels_with_synonyms_reads_the_servers_rows_per_name(tmp_path, clip_file):
+    """The run's teacher takes the server's stored text embeddings, one row per name (the store rejects
+    anything else), and the student's classifier gets one row per label: its names averaged."""
+    from labelstudio_maskclip.embeddings import label_set
+    from labelstudio_maskclip.engine.text import synonym_means
+    from labelstudio_maskclip.models import text_embedding_store
+
+    s = _settings(tmp_path, model=TINY_VIT, pretrained=str(clip_file), templates="simple")
+    store = Store(tmp_path)
+    images = _fill(store, range(3), annotated={0})
+    classes = [("disc", "round thing", "circle"), ("box",), ("ground",)]
+    result = tr.train(s, store, load_image=lambda ref, tid: images[ref], classes=classes, progress=False)
+    stored = text_embedding_store(s, lambda labels: pytest.fail("not stored")).prepare(label_set(classes)).result(0)
+    assert stored.shape[0] == 5  # one row per name
+    ckpt = ck.read_checkpoint(ck.checkpoint_path(tmp_path, result.version))
+    torch.testing.assert_close(ckpt["embeddings"], synonym_means(stored, torch.tensor([0, 0, 0, 1, 2])))

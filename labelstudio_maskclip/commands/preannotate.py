@@ -5,7 +5,9 @@ A pipeline of four stages joined by bounded queues, so memory stays flat whateve
 1. **list** (one thread): light pages of the tasks that still need a prediction of the served model
    version (``fields=task_only``, ids and data only, keyset-paged; see :meth:`LabelStudioAPI.task_pages`);
 2. **fetch** (``MASKCLIP_FETCH_THREADS`` threads): image downloads;
-3. **infer** (the calling thread): the served model (promoted student or MaskCLIP) on batches;
+3. **infer**: the served model (promoted student or MaskCLIP) on batches; on a CPU, one thread per core
+   torch would use, each running its images with one thread per op (see :func:`_model_threads`); on a GPU,
+   one thread;
 4. **encode + upload** (a thread pool for brush RLE / polygons, one upload thread): predictions written
    in bulk with ``POST /api/projects/{id}/import/predictions``, ``upload_batch`` per request.
 
@@ -16,7 +18,9 @@ then finds nothing left. Uploads are never resent blindly: when a bulk write fai
 whether it was applied (a proxy's 504 while Label Studio is still writing), the tasks are watched for up to
 ``settle`` seconds and only those still without this version are sent again. Whatever still slipped through
 (writers on machines that share no MODEL_DIR, a write landing later than that) is undone at the end: every
-task left with more than one prediction of this version keeps its oldest. Under torchrun (``RANK``/``WORLD_SIZE``) each rank takes the tasks whose
+task left with more than one prediction of this version keeps its oldest (only tasks that may carry a version
+twice are read in full, see :meth:`LabelStudioAPI.duplicated_predictions`; under torchrun, rank 0 does this
+once every rank has written: :func:`sweep_duplicates`). Under torchrun (``RANK``/``WORLD_SIZE``) each rank takes the tasks whose
 ``id % WORLD_SIZE == RANK``: disjoint shards, each predicted once. The ranks meet only at the end, through
 torchrun's key-value store, where each leaves its summary for rank 0 to add up (no process group: there is
 nothing to exchange but the totals, and nothing collective to tear down).
@@ -45,11 +49,22 @@ from typing import Any
 from ..labelstudio.api import AmbiguousWriteError, LabelStudioAPI, LabelStudioAPIError, model_versions_of
 from ..settings import Settings
 
-__all__ = ["preannotate", "PreannotateResult", "Shard", "shard_from_env", "RankTotals", "combine_summaries"]
+__all__ = [
+    "preannotate",
+    "PreannotateResult",
+    "Shard",
+    "shard_from_env",
+    "RankTotals",
+    "combine_summaries",
+    "sweep_duplicates",
+]
 
 log = logging.getLogger(__name__)
 
 _END = object()  # end of a queue's stream
+_threads_lock = threading.Lock()
+_threads_users: list[int] = []  # runs of this process inside _model_threads
+_threads_before = [1]  # torch's thread count when the first of them started
 
 
 @dataclass(frozen=True)
@@ -320,29 +335,23 @@ def _preannotate(
             if item is _END:
                 return
 
-    threads = [threading.Thread(target=guarded(f), name=f"preannotate-{f.__name__}", daemon=True)
-               for f in (lister, loader, uploader)]  # fmt: skip
-    for t in threads:
-        t.start()
+    def infer() -> None:
+        _infer(model, classes, settings, batch, loaded_q, encoded_q, encode_pool, encode, busy, stop)
+
     try:
-        _infer(model, classes, settings, batch, loaded_q, encoded_q, encode_pool, encode, result, busy, stop)
-    except BaseException as e:
-        errors.append(e)
-        stop.set()
+        with _model_threads(settings) as workers:
+            infers = [threading.Thread(target=guarded(infer), name=f"preannotate-infer-{i}", daemon=True)
+                      for i in range(workers)]  # fmt: skip
+            threads = [threading.Thread(target=guarded(f), name=f"preannotate-{f.__name__}", daemon=True)
+                       for f in (lister, loader, uploader)]  # fmt: skip
+            _run_stages(infers, threads, encoded_q, (tasks_q, loaded_q, encoded_q), errors, stop)
     finally:
-        if not stop.is_set():
-            _put(encoded_q, _END, stop)
-        for t in threads:
-            while t.is_alive():
-                t.join(0.5)
-                if stop.is_set():
-                    _drain(tasks_q, loaded_q, encoded_q)
         fetch_pool.shutdown(wait=True, cancel_futures=True)
         encode_pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
     if errors:
         raise errors[0]
-    if result.predicted:
+    if result.predicted and shard.world == 1:  # torchrun: rank 0 sweeps once all ranks wrote (sweep_duplicates)
         _remove_duplicates(api, project_id, version)
     result.skipped = max(0, total_all - todo_all) if shard.world == 1 else 0
     if not exact and shard.world == 1:
@@ -363,6 +372,59 @@ def _preannotate(
     return result
 
 
+@contextmanager
+def _model_threads(settings: Settings) -> Iterator[int]:
+    """How many threads run the model side by side. On a CPU, as many as the cores torch would use, each
+    op on one core: the pipeline's small ops split over the cores wait for each other at every op, many
+    times over when other processes share the cores (measured in BENCHMARKS.md), while whole images side by
+    side do not. Elsewhere one thread. torch's thread count is restored afterwards."""
+    import torch
+
+    from ..engine.loading import resolve_device
+
+    if resolve_device(settings.device).type != "cpu":
+        yield 1
+        return
+    with _threads_lock:  # runs in one process (tests, a job): the first sets, the last restores
+        if not _threads_users:
+            _threads_before[0] = torch.get_num_threads()
+            torch.set_num_threads(1)  # this thread's and every thread's started from now on
+        _threads_users.append(1)
+        workers = _threads_before[0]
+    try:
+        yield workers
+    finally:
+        with _threads_lock:
+            _threads_users.pop()
+            if not _threads_users:
+                torch.set_num_threads(_threads_before[0])
+
+
+def _run_stages(
+    infers: list[threading.Thread], others: list[threading.Thread], encoded_q: queue.Queue,
+    queues: tuple[queue.Queue, ...], errors: list[BaseException], stop: threading.Event,
+) -> None:  # fmt: skip
+    """Start the stages' threads, wait for the model threads, end the encoded stream, wait for the rest;
+    once ``stop`` is set, the queues are drained so that no thread stays blocked."""
+    for t in [*infers, *others]:
+        t.start()
+    try:
+        for t in infers:
+            while t.is_alive():
+                t.join(0.5)
+    except BaseException as e:  # an interrupt in the calling thread
+        errors.append(e)
+        stop.set()
+    finally:
+        if not stop.is_set():
+            _put(encoded_q, _END, stop)
+        for t in [*infers, *others]:
+            while t.is_alive():
+                t.join(0.5)
+                if stop.is_set():
+                    _drain(*queues)
+
+
 def _drain(*queues: queue.Queue) -> None:
     for q in queues:
         try:
@@ -372,9 +434,10 @@ def _drain(*queues: queue.Queue) -> None:
             pass
 
 
-def _infer(model, classes, settings, batch, loaded_q, encoded_q, encode_pool, encode, result, busy, stop) -> None:
-    """The model stage, in the calling thread: batches of decoded images -> segmentations -> encode jobs
-    (an image that did not load goes on as its reason, a string)."""
+def _infer(model, classes, settings, batch, loaded_q, encoded_q, encode_pool, encode, busy, stop) -> None:
+    """The model stage, in one of its threads: batches of decoded images -> segmentations -> encode jobs
+    (an image that did not load goes on as its reason, a string). The end of the stream is put back for
+    the other model threads."""
     from ..models import segment_options
 
     opts = segment_options(settings)
@@ -384,6 +447,7 @@ def _infer(model, classes, settings, batch, loaded_q, encoded_q, encode_pool, en
         while len(items) < batch:
             got = _get(loaded_q, stop)
             if got is _END:
+                _put(loaded_q, _END, stop)
                 done = True
                 break
             task, fut = got
@@ -471,6 +535,12 @@ def _settled(api: LabelStudioAPI, project: int, version: str, tasks: list[int], 
         versions = api.versions_of(project, tasks)
         if all(version in versions.get(t, [version]) for t in tasks) or time.monotonic() >= deadline:
             return versions
+
+
+def sweep_duplicates(settings: Settings, project_id: int, version: str) -> None:
+    """Rank 0 of a torchrun job, once every rank has left its summary (:meth:`RankTotals.combine`): the
+    duplicate sweep that a single process runs at the end of :func:`preannotate`, once for the whole job."""
+    _remove_duplicates(LabelStudioAPI.from_settings(settings), project_id, version)
 
 
 def _remove_duplicates(api: LabelStudioAPI, project: int, version: str) -> None:

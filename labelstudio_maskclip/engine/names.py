@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-__all__ = ["ClassNames", "normalize_names", "normalize_classes", "parse_label_spec", "format_label_spec"]
+__all__ = [
+    "ClassNames", "normalize_names", "normalize_classes", "name_owners", "parse_label_spec", "format_label_spec",
+]  # fmt: skip
 
 #: One class: a name, or several names (synonyms) whose embeddings are averaged.
 ClassNames = str | Sequence[str]
@@ -37,6 +39,13 @@ def normalize_classes(classes: Sequence[ClassNames]) -> tuple[tuple[str, ...], .
     if not out:
         raise ValueError("no class names given")
     return tuple(out)
+
+
+def name_owners(classes: Sequence[Sequence[str]]) -> tuple[int, ...]:
+    """The name -> class map of normalised classes, one entry per name in order:
+    ``(("cat",), ("car", "automobile"))`` -> ``(0, 1, 1)``. Text embeddings are kept one row per name in
+    this order (the store, ``MaskCLIP.name_embeddings``); a preset's synonym rule merges them per class."""
+    return tuple(k for k, names in enumerate(classes) for _ in names)
 
 
 # Characters a backslash escapes inside a name.

@@ -1,10 +1,16 @@
 """Interactive prompts on one image: a typed phrase, clicks, a box -> one (H, W) bool mask.
 
-The expensive part of MaskCLIP, the image tower, runs once per image and is kept as a :class:`DenseImage`
-(patch features and key smoothing's weights on the encoder grid); every further prompt on that image costs a few small
-tensor operations on the grid plus one upsampling. Boxes are the exception: they run the tower again on
-the box's own crop, at the model's input size, which is what makes their masks finer than the
-whole-image mask.
+The expensive part of MaskCLIP, the image tower, runs once per image and is kept as a :class:`DenseImage`;
+every further prompt on that image costs a few small tensor operations plus one upsampling. Boxes are the
+exception: they run the tower again on the box's own crop, at the model's input size, which is what makes
+their masks finer than the whole-image mask.
+
+The image is encoded as the served preset does it (docs/method.md, "What the interactive path shares with
+serving"): with the authors' pipeline, the mmcv resize, the preset's windows and pad rule, logits merged per
+pixel of the resized image, its temperature and synonym rule (:class:`~.segmenter.WindowFeatures`); with
+the ``grid`` pipeline, the patch features and key smoothing's weights on the encoder grid. What a prompt
+does not repeat is the work at the original size: probabilities are made at the resized image's pixels
+(or the grid) and upsampled, and PAMR is not run.
 
 Coordinates are pixels of the image as decoded (after EXIF orientation): ``x`` = column, ``y`` = row.
 Masks are (H, W) bool at the image's size.
@@ -12,8 +18,9 @@ Masks are (H, W) bool at the image's size.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -22,9 +29,12 @@ import torch.nn.functional as F
 
 from .dense import dense_features
 from .refine import key_affinity, prompt_denoising, smooth
-from .segmenter import MaskCLIP, SegmentOptions
+from .segmenter import MaskCLIP, SegmentOptions, WindowFeatures, merge_synonyms
 
-__all__ = ["DenseImage", "encode_image", "grid_probs", "phrase_masks", "click_mask", "box_mask", "CLICK_WEIGHT"]
+__all__ = [
+    "DenseImage", "encode_image", "grid_probs", "label_plane", "phrase_masks", "click_mask", "box_mask", "CLICK_WEIGHT",
+    "REMEMBERED_PLANES",
+]  # fmt: skip
 
 #: Share of the click score that comes from the feature similarity to the clicked patches; the rest is the
 #: clicked label's probability. Similarity alone follows texture, probability alone ignores the click.
@@ -33,45 +43,106 @@ CLICK_WEIGHT = 0.5
 CLICK_RELATIVE_THRESHOLD = 0.6
 
 
+#: Probability planes an image remembers for repeated clicks (:func:`label_plane`), the oldest dropped first.
+REMEMBERED_PLANES = 4
+
+
 @dataclass
 class DenseImage:
     """One image's dense state: what every prompt on it reuses.
 
-    features: (D, h, w) float32, L2-normalised along D, on the model's device.
-    affinity: (h*w, h*w) key smoothing's weights (:func:`..refine.key_affinity` of the last-layer keys).
+    features: the ``grid`` pipeline's (D, h, w) float32, L2-normalised along D, on the model's device; with
+    ``windows``, the windows' (n, D, gh, gw).
+    affinity: (h*w, h*w) key smoothing's weights (:func:`..refine.key_affinity` of the last-layer keys);
+    empty with ``windows``.
     size: the image's (H, W) in pixels.
+    windows: the authors' pipeline's features of the preset's windows (None: the ``grid`` pipeline).
     """
 
     features: torch.Tensor
     affinity: torch.Tensor
     size: tuple[int, int]
+    windows: WindowFeatures | None = None
+    planes: OrderedDict = field(default_factory=OrderedDict, repr=False)  # :func:`label_plane`'s, newest last
 
     @property
     def nbytes(self) -> int:
-        return sum(t.element_size() * t.nelement() for t in (self.features, self.affinity))
+        """Its tensors' bytes, with room for :data:`REMEMBERED_PLANES` float32 probability planes."""
+        own = sum(t.element_size() * t.nelement() for t in (self.features, self.affinity))
+        height, width = self.windows.size if self.windows is not None else self.features.shape[-2:]
+        return own + REMEMBERED_PLANES * 4 * height * width
 
 
 @torch.inference_mode()
-def encode_image(seg: MaskCLIP, image: np.ndarray, opts: SegmentOptions) -> DenseImage:
-    """Run the image tower once: (H, W, 3) uint8 RGB -> :class:`DenseImage` (whole image, no window)."""
+def encode_image(
+    seg: MaskCLIP, image: np.ndarray, opts: SegmentOptions, compute_dtype: torch.dtype | None = None
+) -> DenseImage:
+    """Run the image tower once: (H, W, 3) uint8 RGB -> :class:`DenseImage`. The authors' pipeline: as
+    :meth:`MaskCLIP.window_features` (the preset's resize and windows); ``grid``: the whole image resized
+    to ``opts.short_side``, no window.
+
+    compute_dtype: run the tower's matrix products in this dtype under autocast (bf16 on a CPU that has it
+    natively: about twice as fast as fp32); None: the model's own dtype. The features come out float32.
+    """
     height, width = image.shape[:2]
+    enabled = compute_dtype is not None and compute_dtype != seg.clip.dtype
+    tower = torch.autocast(seg.device.type, dtype=compute_dtype, enabled=enabled)  # the tower only
+    if opts.pipeline == "authors":
+        with tower:
+            windows = replace(seg.window_features(image, opts), pixels=torch.empty(0))  # no PAMR here: no guide
+        return DenseImage(features=windows.features, affinity=torch.empty(0), size=(height, width), windows=windows)
     size = seg.input_size(height, width, opts.short_side, opts.size_multiple, opts.max_input_pixels)
     pixels = seg.preprocess([image], size)  # (1, 3, H', W')
-    out = dense_features(seg.clip.model.visual, pixels.to(seg.device, seg.clip.dtype), opts.mode)
+    with tower:
+        out = dense_features(seg.clip.model.visual, pixels.to(seg.device, seg.clip.dtype), opts.mode)
     return DenseImage(features=out.features[0], affinity=key_affinity(out.keys)[0], size=(height, width))
 
 
+def _logits(dense: DenseImage, emb: torch.Tensor) -> torch.Tensor:
+    """(E, D) rows -> (E, h, w) cosine logits: on the encoder grid, or with ``windows`` at the resized
+    image's pixels, the windows merged as serving merges them."""
+    if dense.windows is not None:
+        return dense.windows.logits(emb)[0]
+    return torch.einsum("dhw,kd->khw", dense.features, emb.to(dense.features.device, torch.float32))
+
+
 @torch.inference_mode()
-def grid_probs(dense: DenseImage, emb: torch.Tensor, opts: SegmentOptions) -> torch.Tensor:
-    """(K, h, w) class probabilities on the grid for class embeddings ``emb`` (K, D), with the
-    refinements ``opts`` asks for (the same steps as :meth:`MaskCLIP.grid_probs`)."""
-    logits = torch.einsum("dhw,kd->khw", dense.features, emb.to(dense.features.device, torch.float32))
-    probs = (opts.temperature * logits).softmax(0)[None]  # (1, K, h, w)
+def grid_probs(
+    dense: DenseImage, emb: torch.Tensor, opts: SegmentOptions, owner: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(K, h, w) class probabilities for the rows ``emb`` (E, D): ``softmax(temperature * logits)`` on the
+    grid with the refinements ``opts`` asks for (the same steps as :meth:`MaskCLIP.grid_probs`), or with
+    ``windows`` at the resized image's pixels (the authors' pipeline uses no refinement but PAMR). ``owner``
+    (E,): the class of each row when a class has several names, each class taking its best name's
+    probability (the ``"max"`` synonym rule); None: one row per class."""
+    logits = _logits(dense, emb)
+    probs = (opts.temperature * logits).softmax(0)[None]  # (1, E, h, w)
+    if owner is not None:
+        probs = merge_synonyms(probs[0], owner.to(probs.device))[None]  # (1, K, h, w)
+    if dense.windows is not None:
+        return probs[0]
     if opts.key_smoothing:
         probs = smooth(probs, dense.affinity[None])
     if opts.prompt_denoising:
         probs = prompt_denoising(probs)
     return probs[0]
+
+
+def label_plane(
+    dense: DenseImage, emb: torch.Tensor, opts: SegmentOptions, owner: torch.Tensor | None, k: int, key: Hashable
+) -> torch.Tensor:
+    """Class ``k``'s plane of :func:`grid_probs` ``(dense, emb, opts, owner)``, remembered on ``dense`` under
+    ``(key, k)``: ``key`` names what ``emb``, ``owner`` and ``opts`` hold (the caller's label set), so that a
+    repeated click on the image skips the logits and the softmax over every class (with the preset's windows,
+    at every pixel of the resized image: most of a repeated click's time). At most
+    :data:`REMEMBERED_PLANES` are kept, as :attr:`DenseImage.nbytes` counts."""
+    remembered = dense.planes.get((key, k))
+    if remembered is None:
+        remembered = grid_probs(dense, emb, opts, owner)[k]
+        dense.planes[(key, k)] = remembered
+        while len(dense.planes) > REMEMBERED_PLANES:
+            dense.planes.popitem(last=False)
+    return remembered
 
 
 def _upsample(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -83,12 +154,12 @@ def _upsample(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 @torch.inference_mode()
 def phrase_masks(
-    dense: DenseImage, emb: torch.Tensor, n_phrases: int, opts: SegmentOptions
+    dense: DenseImage, emb: torch.Tensor, n_phrases: int, opts: SegmentOptions, owner: torch.Tensor | None = None
 ) -> list[tuple[np.ndarray, float]]:
     """(mask, score) of the first ``n_phrases`` classes of ``emb`` (phrases first, then background classes:
-    the project's other labels and background words), each pixel to its most probable class; the score is
-    the mean winning probability over the mask (0 for an empty mask)."""
-    grid = grid_probs(dense, emb, opts)  # (K, h, w)
+    the project's other labels and background words; ``owner`` as in :func:`grid_probs`), each pixel to its
+    most probable class; the score is the mean winning probability over the mask (0 for an empty mask)."""
+    grid = grid_probs(dense, emb, opts, owner)  # (K, h, w)
     best = _upsample(grid[0], dense.size)  # (H, W): one class at a time, so memory does not grow with K
     winner = torch.zeros(dense.size, dtype=torch.int16, device=best.device)
     for k in range(1, grid.shape[0]):
@@ -109,8 +180,30 @@ def _grid_cell(point: tuple[float, float], size: tuple[int, int], grid: tuple[in
     return min(h - 1, max(0, int(y * h / height))), min(w - 1, max(0, int(x * w / width)))
 
 
+def _window_anchor(windows: WindowFeatures, point: tuple[float, float], size: tuple[int, int]) -> torch.Tensor:
+    """(D,) the feature under pixel (x, y) of an image of ``size``: in the window holding it whose centre is
+    nearest, at its grid cell."""
+    x, y = point[0] * windows.size[1] / size[1], point[1] * windows.size[0] / size[0]  # in the resized image
+
+    def distance(box: tuple[int, int, int, int]) -> float:
+        y0, y1, x0, x1 = box
+        return (y - (y0 + y1) / 2) ** 2 + (x - (x0 + x1) / 2) ** 2
+
+    i = min(range(len(windows.boxes)), key=lambda j: distance(windows.boxes[j]))
+    y0, y1, x0, x1 = windows.boxes[i]
+    _, _, gh, gw = windows.features.shape
+    r, c = _grid_cell((x - x0, y - y0), (y1 - y0, x1 - x0), (gh, gw))
+    return windows.features[i, :, r, c]
+
+
 def _similarity(dense: DenseImage, points: Sequence[tuple[float, float]]) -> torch.Tensor:
-    """(h, w) highest cosine similarity of each patch to the patches under ``points`` (-1 when none)."""
+    """(h, w) highest cosine similarity of each patch to the patches under ``points`` (-1 when none); with
+    ``windows``, of each pixel of the resized image, the windows merged as logits are."""
+    if dense.windows is not None:
+        if not points:
+            return torch.full(dense.windows.size, -1.0, device=dense.features.device)
+        anchors = torch.stack([_window_anchor(dense.windows, p, dense.size) for p in points])  # (P, D)
+        return _logits(dense, anchors).amax(0)
     _, h, w = dense.features.shape
     if not points:
         return torch.full((h, w), -1.0, device=dense.features.device)
@@ -165,16 +258,19 @@ def box_mask(
     label: int,
     emb: torch.Tensor,
     opts: SegmentOptions,
+    owner: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[np.ndarray, float]:
     """Label ``label``'s mask inside a (possibly rotated) box, segmented on the box's own crop.
 
     corners: (4, 2) float pixel (x, y) corners of the box. The crop is the box's axis-aligned bounding
     box, resized to the model's input size, so small boxes get finer masks than the whole image gives.
-    emb: (K, D) embeddings of the project's labels (and background classes after them); each crop pixel
+    emb: (E, D) embeddings of the project's labels (and background classes after them; ``owner`` as in
+    :func:`grid_probs`); each crop pixel
     goes to its most probable class. When the label wins nowhere in the crop, its pixels of at least half
     its peak probability are taken instead: the box says the label is there. The mask is clipped to the box.
-    Prompt denoising is off here for the same reason. Returns the (H, W) bool mask and the label's mean
-    probability over it.
+    Prompt denoising is off here for the same reason. compute_dtype: as :func:`encode_image`'s. Returns the
+    (H, W) bool mask and the label's mean probability over it.
     """
     height, width = image.shape[:2]
     inside = np.zeros((height, width), np.uint8)
@@ -185,8 +281,8 @@ def box_mask(
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     crop = np.ascontiguousarray(image[y0:y1, x0:x1])
     crop_opts = replace(opts, size_multiple=0, window=0, prompt_denoising=False)
-    dense = encode_image(seg, crop, crop_opts)
-    probs = _upsample(grid_probs(dense, emb, crop_opts), dense.size)  # (K, h_crop, w_crop)
+    dense = encode_image(seg, crop, crop_opts, compute_dtype)
+    probs = _upsample(grid_probs(dense, emb, crop_opts, owner), dense.size)  # (K, h_crop, w_crop)
     mine = probs.argmax(0) == label
     if not bool(mine.any()):
         mine = probs[label] >= 0.5 * probs[label].max()

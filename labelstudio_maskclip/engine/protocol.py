@@ -19,7 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mmcv_size", "mmcv_resize", "slide_boxes", "window_logits", "merged_logits", "PADS"]
+__all__ = [
+    "mmcv_size", "mmcv_resize", "slide_boxes", "window_input", "window_output", "window_logits", "merge_windows",
+    "merged_logits", "PADS",
+]  # fmt: skip
 
 PADS = ("truncate", "corner", "center")
 #: grid logits of a normalised batch: (B, 3, h, w), h and w multiples of the stride -> (B, N, h/s, w/s)
@@ -59,28 +62,53 @@ def slide_boxes(height: int, width: int, crop: int, stride: int) -> list[tuple[i
     return [(y0, y1, x0, x1) for y0, y1 in spans(height) for x0, x1 in spans(width)]
 
 
-def window_logits(pixels: torch.Tensor, grid_logits: GridLogits, stride: int, pad: str) -> torch.Tensor:
-    """(B, 3, h, w) normalised window -> (B, N, h, w) cosine logits at its pixels (bilinear upsampling).
-
-    Sides that are not a multiple of ``stride``: ``"truncate"`` (SCLIP, NACLIP: the patch embedding drops
-    the remainder and the smaller grid is stretched over the window), ``"corner"`` (MaskCLIP: zeros added
-    bottom/right, the padded grid stretched over the window), ``"center"`` (ClearCLIP: zeros split between
-    both sides, the grid upsampled to the padded window and cut back).
-    """
+def window_input(pixels: torch.Tensor, stride: int, pad: str) -> torch.Tensor:
+    """(B, 3, h, w) normalised window -> what the encoder sees, its sides multiples of ``stride`` by the
+    method's rule for sides that are not: ``"truncate"`` (SCLIP, NACLIP: the patch embedding drops the
+    remainder), ``"corner"`` (MaskCLIP: zeros added bottom/right), ``"center"`` (ClearCLIP: zeros split
+    between both sides)."""
     h, w = pixels.shape[-2:]
     if pad == "truncate":
-        grid = grid_logits(pixels[..., : h // stride * stride, : w // stride * stride])
-        return F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
+        return pixels[..., : h // stride * stride, : w // stride * stride]
     ph, pw = -h % stride, -w % stride
     if pad == "corner":
-        grid = grid_logits(F.pad(pixels, (0, pw, 0, ph)) if ph or pw else pixels)
-        return F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
+        return F.pad(pixels, (0, pw, 0, ph)) if ph or pw else pixels
     if pad == "center":
         left, top = pw // 2, ph // 2
-        grid = grid_logits(F.pad(pixels, (left, pw - left, top, ph - top)) if ph or pw else pixels)
-        up = F.interpolate(grid, size=(h + ph, w + pw), mode="bilinear", align_corners=False)
-        return up[..., top : top + h, left : left + w]
+        return F.pad(pixels, (left, pw - left, top, ph - top)) if ph or pw else pixels
     raise ValueError(f"unknown pad rule {pad!r}: choose one of {', '.join(PADS)}")
+
+
+def window_output(grid: torch.Tensor, size: tuple[int, int], stride: int, pad: str) -> torch.Tensor:
+    """(B, C, gh, gw) on the grid of :func:`window_input`'s output -> (B, C, *size) at the window's (h, w)
+    pixels, bilinear: the grid stretched over the window (``"truncate"``, ``"corner"``) or upsampled to the
+    padded window and cut back (``"center"``)."""
+    h, w = size
+    if pad in ("truncate", "corner"):
+        return F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
+    if pad == "center":
+        ph, pw = -h % stride, -w % stride
+        up = F.interpolate(grid, size=(h + ph, w + pw), mode="bilinear", align_corners=False)
+        return up[..., ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + w]
+    raise ValueError(f"unknown pad rule {pad!r}: choose one of {', '.join(PADS)}")
+
+
+def window_logits(pixels: torch.Tensor, grid_logits: GridLogits, stride: int, pad: str) -> torch.Tensor:
+    """(B, 3, h, w) normalised window -> (B, N, h, w) cosine logits at its pixels: the encoder on
+    :func:`window_input`, its grid logits brought to the pixels by :func:`window_output`."""
+    grid = grid_logits(window_input(pixels, stride, pad))
+    return window_output(grid, (pixels.shape[-2], pixels.shape[-1]), stride, pad)
+
+
+def merge_windows(logits: torch.Tensor, boxes: list[tuple[int, int, int, int]], size: tuple[int, int]) -> torch.Tensor:
+    """(n, N, wh, ww) logits of the windows ``boxes`` (y0, y1, x0, x1) -> (1, N, *size): summed where
+    they overlap and divided by the count."""
+    total = torch.zeros(1, logits.shape[1], *size, device=logits.device, dtype=logits.dtype)
+    count = torch.zeros(1, 1, *size, device=logits.device, dtype=logits.dtype)
+    for (y0, y1, x0, x1), crop in zip(boxes, logits):
+        total[0, :, y0:y1, x0:x1] += crop
+        count[0, :, y0:y1, x0:x1] += 1
+    return total / count
 
 
 def merged_logits(
@@ -93,10 +121,4 @@ def merged_logits(
         return window_logits(pixels, grid_logits, stride, pad)
     boxes = slide_boxes(h, w, window, step)
     crops = torch.cat([pixels[..., y0:y1, x0:x1] for y0, y1, x0, x1 in boxes])  # all the same size
-    logits = window_logits(crops, grid_logits, stride, pad)  # (n, N, wh, ww)
-    total = torch.zeros(1, logits.shape[1], h, w, device=logits.device, dtype=logits.dtype)
-    count = torch.zeros(1, 1, h, w, device=logits.device, dtype=logits.dtype)
-    for (y0, y1, x0, x1), crop in zip(boxes, logits):
-        total[0, :, y0:y1, x0:x1] += crop
-        count[0, :, y0:y1, x0:x1] += 1
-    return total / count
+    return merge_windows(window_logits(crops, grid_logits, stride, pad), boxes, (h, w))  # (1, N, h, w)

@@ -35,13 +35,14 @@ import torch.nn.functional as F
 from .dense import dense_features, output_stride
 from .loading import LoadedCLIP, load_clip
 from .modes import DENSE_MODES
-from .names import ClassNames, normalize_classes
-from .protocol import merged_logits, mmcv_resize, mmcv_size
+from .names import ClassNames, name_owners, normalize_classes
+from .protocol import merge_windows, mmcv_resize, mmcv_size, slide_boxes, window_input, window_output
 from .refine import REFINEMENTS, key_smoothing, pamr, pamr_average, pamr_weights, prompt_denoising
-from .text import encode_classes, resolve_templates
+from .text import encode_classes, resolve_templates, synonym_means
 
 __all__ = [
     "MaskCLIP", "SegmentOptions", "Segmentation", "NO_LABEL", "SCORES", "resized_size", "normalized_batch", "segment_in_batches",
+    "merge_synonyms", "drop_small_labels", "WindowFeatures",
 ]  # fmt: skip
 
 NO_LABEL = -1
@@ -73,6 +74,9 @@ class SegmentOptions:
     pad: str = "truncate"  # "authors": sides not a multiple of the patch (engine.protocol.window_logits)
     synonyms: str = "mean"  # "max": a class's probability is the max over its names' (authors' pipeline)
     max_long_side: int = 2048  # "authors": mmcv's scale (max_long_side, short_side)
+    # "authors": a label winning at most this share of the pixels that labels win is dropped (its
+    # probability set to 0 before the label map is made): SCLIP's area_thd on VOC21; 0 keeps every label
+    area_threshold: float = 0.0
 
 
 @dataclass
@@ -186,6 +190,30 @@ class MaskCLIP:
                 self._text_cache.popitem(last=False)
             return emb
 
+    def name_embeddings(
+        self, classes: Sequence[ClassNames], templates: Sequence[str] | str | None = None
+    ) -> torch.Tensor:
+        """(N, D) float32 L2-normalised embeddings, one row per name of ``classes`` in order
+        (:func:`~.names.name_owners` maps rows to classes): what the stored text embeddings hold and what
+        :meth:`segment` takes as ``text``; a preset's synonym rule merges them (:meth:`class_text`)."""
+        return self.text_embeddings([(n,) for names in normalize_classes(classes) for n in names], templates)
+
+    @staticmethod
+    def class_text(
+        names: torch.Tensor, classes: Sequence[ClassNames], synonyms: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The preset's synonym rule applied to (N, D) name embeddings of ``classes``: (E, D) embeddings to
+        score and (E,) class of each row. ``"max"``: the names as they are (a class then takes its best
+        name's probability, :func:`merge_synonyms`); ``"mean"``: one row per class, its names averaged."""
+        owner = torch.tensor(name_owners(normalize_classes(classes)), device=names.device)
+        if names.ndim != 2 or names.shape[0] != len(owner):
+            raise ValueError(f"text: expected one row per name ({len(owner)}), got shape {tuple(names.shape)}")
+        if synonyms == "max":
+            return names, owner
+        if synonyms == "mean":
+            return synonym_means(names, owner), torch.arange(int(owner.max()) + 1, device=names.device)
+        raise ValueError(f"unknown synonym rule {synonyms!r}: choose max or mean")
+
     # -- dense --------------------------------------------------------------------------------------
     @torch.inference_mode()
     def dense_logits(self, pixels: torch.Tensor, emb: torch.Tensor, mode: str = "maskclip") -> torch.Tensor:
@@ -276,53 +304,13 @@ class MaskCLIP:
     ) -> list[Segmentation]:
         """Segment (H, W, 3) uint8 RGB images of any sizes into ``classes`` (+ ``background`` classes,
         whose pixels become NO_LABEL). Images are grouped by resized shape and batched; ``progress`` is
-        called with the number of images finished after each batch. ``text``: the (K + Kb, D) class
-        embeddings when the caller has them (else computed, or taken from the cache)."""
-        if opts.mode not in DENSE_MODES:
-            raise ValueError(f"unknown dense mode {opts.mode!r}")
-        if opts.refine not in REFINEMENTS:
-            raise ValueError(f"unknown refinement {opts.refine!r}; choose one of {', '.join(REFINEMENTS)}")
-        if opts.pipeline == "authors":
-            return self._segment_authors(images, classes, background, opts, progress, text)
-        if opts.pipeline != "grid":
-            raise ValueError(f"unknown pipeline {opts.pipeline!r}: choose grid or authors")
-        emb = text if text is not None else self.text_embeddings(list(classes) + list(background))  # (K + Kb, D)
+        called with the number of images finished after each batch. ``text``: the (N, D) embeddings of
+        every name of ``classes`` + ``background`` in order (:meth:`name_embeddings`, the stored ones) when
+        the caller has them (else computed, or taken from the cache); ``opts.synonyms`` merges them."""
+        size_of, probs_of = self.probability_stage(list(classes) + list(background), opts, text, len(classes))
         return segment_in_batches(
             images,
-            lambda h, w: self.input_size(h, w, opts.short_side, opts.size_multiple, opts.max_input_pixels),
-            lambda batch, size: self.refined_probs(self.preprocess(batch, size), emb, opts),
-            n_labels=len(classes),
-            batch_size=opts.batch_size,
-            min_confidence=opts.min_confidence,
-            progress=progress,
-            score=opts.score,
-        )
-
-    # -- the authors' pipeline (engine/protocol.py) ---------------------------------------------------
-    def _segment_authors(
-        self,
-        images: Sequence[np.ndarray],
-        classes: Sequence[ClassNames],
-        background: Sequence[ClassNames],
-        opts: SegmentOptions,
-        progress: Callable[[int], None] | None,
-        text: torch.Tensor | None,
-    ) -> list[Segmentation]:
-        everything = normalize_classes(list(classes) + list(background))
-        if text is not None:  # one embedding per class, given
-            emb, owner = text, torch.arange(len(everything))
-        elif opts.synonyms == "max":  # one embedding per name; a class takes its best name's probability
-            emb = self.text_embeddings([(n,) for names in everything for n in names])
-            owner = torch.tensor([k for k, names in enumerate(everything) for _ in names])
-        else:
-            emb, owner = self.text_embeddings(everything), torch.arange(len(everything))
-
-        def probs_of(batch: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
-            return torch.stack([self.authors_probs(img, emb, owner.to(self.device), opts, size) for img in batch])
-
-        return segment_in_batches(
-            images,
-            lambda h, w: working_size(h, w),
+            size_of,
             probs_of,
             n_labels=len(classes),
             batch_size=opts.batch_size,
@@ -332,23 +320,74 @@ class MaskCLIP:
         )
 
     @torch.inference_mode()
+    def class_probs(
+        self, image: np.ndarray, classes: Sequence[ClassNames], opts: SegmentOptions, text: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(C, h, w) class probabilities of one (H, W, 3) uint8 RGB image, exactly those :meth:`segment`
+        turns into its label map (the preset's pipeline and synonym rule): at (H, W) with the authors'
+        pipeline (smaller for a very large image), on the encoder grid (or PAMR's size) with ``"grid"``.
+        The trainer's teacher takes its pseudo labels from here."""
+        size_of, probs_of = self.probability_stage(classes, opts, text)
+        return probs_of([image], size_of(image.shape[0], image.shape[1]))[0]
+
+    def probability_stage(
+        self, classes: Sequence[ClassNames], opts: SegmentOptions, text: torch.Tensor | None, n_labels: int = 0
+    ) -> tuple[Callable[[int, int], tuple[int, int]], Callable[[list[np.ndarray], tuple[int, int]], torch.Tensor]]:
+        """The preset's image -> probabilities step as ``segment_in_batches`` takes it: ``size_of(H, W)``
+        (images of one size share a batch) and ``probs_of(images, size) -> (B, C, h, w)``. ``classes``: the
+        ``n_labels`` labels (0: all) then the background classes; ``text``: their (N, D) name embeddings
+        (else computed)."""
+        if opts.mode not in DENSE_MODES:
+            raise ValueError(f"unknown dense mode {opts.mode!r}")
+        if opts.refine not in REFINEMENTS:
+            raise ValueError(f"unknown refinement {opts.refine!r}; choose one of {', '.join(REFINEMENTS)}")
+        everything = normalize_classes(classes)
+        names = text if text is not None else self.name_embeddings(everything)  # (N, D)
+        if opts.pipeline == "authors":  # engine/protocol.py
+            emb, owner = self.class_text(names, everything, opts.synonyms)
+            owner = owner.to(self.device)
+
+            def authors(batch: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
+                probs = [self.authors_probs(img, emb, owner, opts, size) for img in batch]
+                if opts.area_threshold > 0:
+                    probs = [drop_small_labels(p, n_labels or len(p), opts.area_threshold) for p in probs]
+                return torch.stack(probs)
+
+            return working_size, authors
+        if opts.pipeline != "grid":
+            raise ValueError(f"unknown pipeline {opts.pipeline!r}: choose grid or authors")
+        if opts.synonyms != "mean":  # key smoothing and prompt denoising work on classes, not names
+            raise ValueError(f"the grid pipeline averages synonyms; synonyms={opts.synonyms!r} needs 'authors'")
+        mean, _ = self.class_text(names, everything, "mean")  # (C, D)
+
+        def grid(batch: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
+            return self.refined_probs(self.preprocess(batch, size), mean, opts)
+
+        return lambda h, w: self.input_size(h, w, opts.short_side, opts.size_multiple, opts.max_input_pixels), grid
+
+    @torch.inference_mode()
+    def window_features(self, image: np.ndarray, opts: SegmentOptions) -> WindowFeatures:
+        """(H, W, 3) uint8 RGB -> the image tower's part of the authors' pipeline (engine/protocol.py, steps
+        1 and 2 up to the text): mmcv resize, normalisation, the windows (or the whole image) through the
+        encoder by the preset's pad rule. What every text query on this image reuses."""
+        size = mmcv_size(image.shape[0], image.shape[1], opts.short_side, opts.max_long_side, self.stride)
+        resized = torch.from_numpy(np.ascontiguousarray(mmcv_resize(np.asarray(image), size)))
+        pixels = self.normalize(resized.to(self.device).permute(2, 0, 1)[None].float() / 255.0)
+        boxes = slide_boxes(*size, opts.window, opts.stride) if opts.window else [(0, size[0], 0, size[1])]
+        crops = torch.cat([pixels[..., y0:y1, x0:x1] for y0, y1, x0, x1 in boxes])  # all the same size
+        with layer_norm_eps(cast(torch.nn.Module, self.clip.model.visual), self.layer_norm_eps):
+            x = window_input(crops, self.stride, opts.pad).to(self.clip.dtype)
+            out = self._dense(self.clip.model.visual, x, opts.mode)
+        return WindowFeatures(out.features, tuple(boxes), size, opts.pad, self.stride, pixels)
+
+    @torch.inference_mode()
     def authors_logits(
         self, image: np.ndarray, emb: torch.Tensor, opts: SegmentOptions
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(H, W, 3) uint8 RGB -> (1, N, H', W') cosine logits at the resized image's pixels and the
         normalised resized image (1, 3, H', W') (engine/protocol.py, steps 1 and 2); emb: (N, D)."""
-        size = mmcv_size(image.shape[0], image.shape[1], opts.short_side, opts.max_long_side, self.stride)
-        resized = torch.from_numpy(np.ascontiguousarray(mmcv_resize(np.asarray(image), size)))
-        pixels = self.normalize(resized.to(self.device).permute(2, 0, 1)[None].float() / 255.0)
-        weights = emb.to(self.device, torch.float32)
-
-        def grid_logits(x: torch.Tensor) -> torch.Tensor:
-            with layer_norm_eps(cast(torch.nn.Module, self.clip.model.visual), self.layer_norm_eps):
-                out = self._dense(self.clip.model.visual, x.to(self.clip.dtype), opts.mode)
-            return torch.einsum("bdhw,kd->bkhw", out.features, weights)
-
-        step = opts.stride if opts.window else 0
-        return merged_logits(pixels, grid_logits, self.stride, opts.pad, opts.window, step), pixels
+        features = self.window_features(image, opts)
+        return features.logits(emb), features.pixels
 
     @torch.inference_mode()
     def authors_probs(
@@ -363,10 +402,50 @@ class MaskCLIP:
         if opts.refine == "pamr":
             guide = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
             logits = pamr_average(logits, pamr_weights(guide))
-        probs = (opts.temperature * logits[0]).softmax(0)  # (N, H, W)
-        if len(owner) == int(owner.max()) + 1:  # one name per class
-            return probs
-        return torch.stack([probs[owner == k].amax(0) for k in range(int(owner.max()) + 1)])
+        return merge_synonyms((opts.temperature * logits[0]).softmax(0), owner)  # (K, H, W)
+
+
+@dataclass
+class WindowFeatures:
+    """One image's dense features as the authors' pipeline computes them (:meth:`MaskCLIP.window_features`):
+    ``features`` (n, D, gh, gw) L2-normalised per window (n = 1: the whole image), ``boxes`` the n windows
+    (y0, y1, x0, x1) in the resized image of ``size`` (H', W'), ``pad`` the preset's rule for sides that are
+    not a multiple of ``stride``; ``pixels`` (1, 3, H', W') the normalised resized image (PAMR's guide)."""
+
+    features: torch.Tensor
+    boxes: tuple[tuple[int, int, int, int], ...]
+    size: tuple[int, int]
+    pad: str
+    stride: int
+    pixels: torch.Tensor
+
+    def logits(self, emb: torch.Tensor) -> torch.Tensor:
+        """(E, D) text (or feature) rows -> (1, E, H', W') cosine logits at the resized image's pixels:
+        each window's grid logits brought to its pixels, summed where windows overlap, divided by the count."""
+        grid = torch.einsum("bdhw,kd->bkhw", self.features, emb.to(self.features.device, torch.float32))
+        y0, y1, x0, x1 = self.boxes[0]
+        return merge_windows(
+            window_output(grid, (y1 - y0, x1 - x0), self.stride, self.pad), list(self.boxes), self.size
+        )
+
+
+def drop_small_labels(probs: torch.Tensor, n_labels: int, threshold: float) -> torch.Tensor:
+    """(K, H, W) probabilities, the first ``n_labels`` classes labels (the rest background) -> the same with
+    every label that wins at most ``threshold`` of the pixels won by labels set to 0 (SCLIP's area rule)."""
+    won = torch.bincount(probs.argmax(0).flatten(), minlength=probs.shape[0])[:n_labels]
+    keep = (won > threshold * won.sum()).to(probs.dtype)
+    out = probs.clone()
+    out[:n_labels] *= keep[:, None, None]
+    return out
+
+
+def merge_synonyms(probs: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """(E, ...) probabilities of E names and (E,) class of each -> (K, ...): each class its names' highest
+    probability (the ``"max"`` synonym rule; with one name per class, ``probs`` unchanged)."""
+    k = int(owner.max()) + 1
+    if len(owner) == k:
+        return probs
+    return torch.stack([probs[owner == c].amax(0) for c in range(k)])
 
 
 #: pixel statistics (mean, std on the 0..1 scale) by name; "model": the loaded weights' own

@@ -18,6 +18,7 @@ __all__ = [
     "resolve_templates",
     "encode_classes",
     "encode_prompts",
+    "synonym_means",
 ]
 
 # The 5 scene templates MaskCLIP adds to CLIP's 80 ImageNet templates.
@@ -146,6 +147,16 @@ def encode_classes(
     feats = encode_prompts(model, tokenizer, prompts, device, chunk)  # (P, D)
     per_name = torch.zeros(len(pairs), feats.shape[1], device=device).index_add_(0, owner, feats)
     per_name = per_name / per_name.norm(dim=-1, keepdim=True)  # (N, D): mean over templates, renormalised
-    cls_of_name = torch.tensor([k for k, _ in pairs], device=device)
-    per_class = torch.zeros(len(classes), feats.shape[1], device=device).index_add_(0, cls_of_name, per_name)
-    return per_class / per_class.norm(dim=-1, keepdim=True)  # (K, D): mean over synonyms, renormalised
+    return synonym_means(per_name, torch.tensor([k for k, _ in pairs], device=device))  # (K, D)
+
+
+def synonym_means(per_name: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """(N, D) L2-normalised name embeddings and (N,) class of each name (ascending, every class present)
+    -> (K, D): each class's names averaged and renormalised (the ``"mean"`` synonym rule). A class of one
+    name keeps its row exactly."""
+    k = int(owner.max()) + 1 if len(owner) else 0
+    if k == len(owner):
+        return per_name
+    per_class = torch.zeros(k, per_name.shape[1], device=per_name.device, dtype=per_name.dtype)
+    per_class.index_add_(0, owner.to(per_name.device), per_name)
+    return per_class / per_class.norm(dim=-1, keepdim=True)

@@ -46,15 +46,22 @@ class AmbiguousWriteError(LabelStudioAPIError):
 
 
 def task_filter(
-    *, after_id: int = 0, without_version: str | None = None, with_version: str | None = None, unlabeled: bool = False
+    *,
+    after_id: int = 0,
+    without_version: str | None = None,
+    with_version: str | None = None,
+    unlabeled: bool = False,
+    predicted: bool = False,
 ) -> dict[str, Any]:
     """A Data Manager ``query`` for ``GET /api/tasks``: tasks with ``id > after_id``, ordered by id
     (keyset paging, which stays right while the set shrinks), optionally only those without (or with) a
-    prediction of ``without_version`` (``with_version``; substring matches on Label Studio's side) and only
-    those without annotations."""
+    prediction of ``without_version`` (``with_version``; substring matches on Label Studio's side), only
+    those without annotations, and only those with a prediction (``predicted``)."""
     items: list[dict[str, Any]] = [
         {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": int(after_id)}
     ]
+    if predicted:
+        items.append({"filter": "filter:tasks:total_predictions", "operator": "greater", "type": "Number", "value": 0})
     for operator, version in (("not_contains", without_version), ("contains", with_version)):
         if version:
             items.append({"filter": "filter:tasks:predictions_model_versions", "operator": operator,
@@ -196,6 +203,7 @@ class LabelStudioAPI:
         without_version: str | None = None,
         with_version: str | None = None,
         unlabeled: bool = False,
+        predicted: bool = False,
         page_size: int = 500,
         after_id: int = 0,
         full: bool = False,
@@ -207,7 +215,7 @@ class LabelStudioAPI:
         fields = ",".join(dict.fromkeys(["id", *include]))
         while True:
             query = task_filter(after_id=after_id, without_version=without_version, with_version=with_version,
-                                unlabeled=unlabeled)  # fmt: skip
+                                unlabeled=unlabeled, predicted=predicted)  # fmt: skip
             params = {"project": project_id, "page": 1, "page_size": page_size, "query": json.dumps(query)}
             params.update({"fields": "all"} if full else {"fields": "task_only", "include": fields})
             try:
@@ -249,12 +257,20 @@ class LabelStudioAPI:
     def next_tasks(self, project_id: int, n: int, version: str | None = None) -> list[dict[str, Any]]:
         """The ``n`` unlabeled tasks to label next, lowest score first (ties by id), each as ``{"id", "data",
         "predictions_score"}``. The score is that of the task's prediction of ``version`` (``None``: of its
-        newest scored prediction, whatever its version); tasks without one are left out. Ranked here, not by
-        Label Studio's ``predictions_score``, which averages only the project's ``model_version``: after
-        *Connect Model* that holds the backend's title, which no prediction carries. Reads the unlabeled
-        tasks' predictions in pages of 100."""
-        ranked: list[dict[str, Any]] = []
-        for tasks in self.task_pages(project_id, with_version=version, unlabeled=True, page_size=100, full=True):
+        newest scored prediction, whatever its version); tasks without one are left out.
+
+        When ``version`` is the project's live model version, Label Studio's own ``predictions_score`` (the
+        average score of that version's predictions) ranks the tasks and only the first ones are read
+        (:meth:`_next_by_live_score`). Otherwise (after *Connect Model* the live version holds the backend's
+        title, which no prediction carries) the unlabeled tasks with such a prediction are read with their
+        predictions, in pages of 100, and ranked here."""
+        if version is not None and n > 0 and self.project(project_id).get("model_version") == version:
+            ranked = self._next_by_live_score(project_id, n, version)
+            if ranked is not None:
+                return ranked
+        ranked = []
+        for tasks in self.task_pages(project_id, with_version=version, unlabeled=True, predicted=True, page_size=100,
+                                     full=True):  # fmt: skip
             for t in tasks:
                 score = prediction_score(t, version)
                 if score is not None:
@@ -262,10 +278,38 @@ class LabelStudioAPI:
         ranked.sort(key=lambda t: (t["predictions_score"], t["id"]))
         return ranked[:n]
 
-    def versions_of(self, project_id: int, task_ids: Sequence[int]) -> dict[int, list[str]]:
-        """Model versions of the predictions each of ``task_ids`` has (tasks that no longer exist are
-        absent). Reads the tasks with every field: for checks after a failed write, not for listing."""
-        out: dict[int, list[str]] = {}
+    def _next_by_live_score(self, project_id: int, n: int, version: str) -> list[dict[str, Any]] | None:
+        """:meth:`next_tasks` from light pages ordered by Label Studio's ``predictions_score`` (ties at the
+        ``n``-th score read to the end, then by id). The chosen tasks' predictions are read to check that
+        Label Studio averaged ``version`` alone (a feature flag makes it average the connected backends'
+        versions instead); None when it did not, or when a task has several predictions of it."""
+        query = task_filter(with_version=version, unlabeled=True)
+        query["ordering"] = ["tasks:predictions_score"]  # ascending, tasks without a score last
+        ranked: list[dict[str, Any]] = []
+        size = max(n, 10) + 1
+        for page in self._pages(project_id, query, page_size=size, full=False):
+            scored = [t for t in page if isinstance(t.get("predictions_score"), (int, float))]
+            ranked += [{"id": int(t["id"]), "data": t.get("data"), "predictions_score": float(t["predictions_score"])}
+                       for t in scored]  # fmt: skip
+            if len(scored) < len(page) or (len(ranked) > n and ranked[-1]["predictions_score"] > ranked[n - 1][
+                    "predictions_score"]):  # fmt: skip
+                break
+        ranked = sorted({t["id"]: t for t in ranked}.values(), key=lambda t: (t["predictions_score"], t["id"]))[:n]
+        full = self.tasks_by_id(project_id, [t["id"] for t in ranked])
+        for t in ranked:
+            task = full.get(t["id"])
+            mine = [p for p in (task or {}).get("predictions") or [] if str(p.get("model_version")) == version]
+            score = prediction_score(task, version) if task is not None else None
+            if len(mine) != 1 or score is None or abs(score - t["predictions_score"]) > 1e-6:
+                log.info("project %s: Label Studio's predictions_score is not %s's alone; reading every task",
+                         project_id, version)  # fmt: skip
+                return None
+        return ranked
+
+    def tasks_by_id(self, project_id: int, task_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """The tasks ``task_ids`` of the project with every field (predictions inline), by id; tasks that no
+        longer exist are absent."""
+        out: dict[int, dict[str, Any]] = {}
         ids = [int(t) for t in task_ids]
         for i in range(0, len(ids), 100):
             chunk = ids[i : i + 100]
@@ -273,34 +317,66 @@ class LabelStudioAPI:
             params = {"project": project_id, "page": 1, "page_size": len(chunk), "fields": "all",
                       "query": json.dumps(query)}  # fmt: skip
             body = self.request("GET", "/api/tasks", params=params)
-            for t in body.get("tasks", []):
-                out[int(t["id"])] = model_versions_of(t)
+            out.update({int(t["id"]): t for t in body.get("tasks", [])})
         return out
+
+    def versions_of(self, project_id: int, task_ids: Sequence[int]) -> dict[int, list[str]]:
+        """Model versions of the predictions each of ``task_ids`` has (tasks that no longer exist are
+        absent). Reads the tasks with every field: for checks after a failed write, not for listing."""
+        return {t: model_versions_of(task) for t, task in self.tasks_by_id(project_id, task_ids).items()}
 
     def duplicated_predictions(self, project_id: int, version: str) -> dict[int, list[int]]:
         """Tasks with more than one prediction of ``version``: task id -> those predictions' ids, oldest
-        first. One light query for the tasks with several predictions that contain ``version``, then those
-        tasks read in full."""
+        first. Light pages of the tasks with several predictions that contain ``version`` say which may have
+        a version twice (:meth:`_maybe_duplicated`); only those are read in full."""
         items = [
             {"filter": "filter:tasks:total_predictions", "operator": "greater", "type": "Number", "value": 1},
             {"filter": "filter:tasks:predictions_model_versions", "operator": "contains", "type": "List",
              "value": [version]},
         ]  # fmt: skip
         query = {"filters": {"conjunction": "and", "items": items}, "ordering": ["tasks:id"]}
+        candidates = self._maybe_duplicated(project_id, query)
+        if candidates is None:  # the light listing cannot tell: every such task in full
+            tasks = [t for page in self._pages(project_id, query) for t in page]
+        else:
+            tasks = list(self.tasks_by_id(project_id, candidates).values())
         out: dict[int, list[int]] = {}
-        for page in self._pages(project_id, query):
-            for t in page:
-                ids = sorted(int(p["id"]) for p in t.get("predictions") or []
-                             if isinstance(p, Mapping) and p.get("model_version") == version)  # fmt: skip
-                if len(ids) > 1:
-                    out[int(t["id"])] = ids
+        for t in tasks:
+            ids = sorted(int(p["id"]) for p in t.get("predictions") or []
+                         if isinstance(p, Mapping) and p.get("model_version") == version)  # fmt: skip
+            if len(ids) > 1:
+                out[int(t["id"])] = ids
         return out
 
-    def _pages(self, project_id: int, query: dict[str, Any], page_size: int = 100) -> Iterator[list[dict[str, Any]]]:
+    def _maybe_duplicated(self, project_id: int, query: dict[str, Any]) -> list[int] | None:
+        """Ids of the tasks ``query`` selects that may carry some model version twice: more predictions
+        (``total_predictions``) than distinct versions in Label Studio's ``predictions_model_versions`` (the
+        versions it lists, deduplicated and cut at 500 characters, for tasks filtered on them). None when
+        that cannot be told apart: a version of the project contains a comma (the list's separator), or the
+        project's versions could not be read."""
+        try:
+            if any("," in v for v in self.model_versions(project_id)):
+                return None
+        except LabelStudioAPIError:
+            return None
+        out = []
+        for page in self._pages(project_id, query, page_size=500, full=False):
+            for t in page:
+                listed, total = t.get("predictions_model_versions"), t.get("total_predictions")
+                if not isinstance(listed, str) or not isinstance(total, int) or len(listed) >= 400:
+                    out.append(int(t["id"]))
+                elif total > len({v.strip() for v in listed.split(",") if v.strip()}):
+                    out.append(int(t["id"]))
+        return out
+
+    def _pages(
+        self, project_id: int, query: dict[str, Any], page_size: int = 100, full: bool = True
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Pages of the tasks ``query`` selects, by page number, with every field (``full``) or none inline."""
         page = 1
         while True:
-            params = {"project": project_id, "page": page, "page_size": page_size, "fields": "all",
-                      "query": json.dumps(query)}  # fmt: skip
+            params = {"project": project_id, "page": page, "page_size": page_size, "fields": "all" if full else
+                      "task_only", "query": json.dumps(query)}  # fmt: skip
             try:
                 body = self.request("GET", "/api/tasks", params=params)
             except LabelStudioAPIError as e:

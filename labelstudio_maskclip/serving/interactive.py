@@ -268,16 +268,45 @@ def phrase_label(phrase: str, spec: LabelingSpec, labels: Sequence[str], similar
 class PromptText:
     """The text embeddings one interactive request uses, all ready before it starts.
 
-    vocabulary: the labels of the image's segmentation controls; labels: (L, D) their embeddings in that
-    order (prepared at ``/setup``); background: (Kb, D) of :data:`BACKGROUND_WORDS` (prepared at ``/setup``
-    too); phrases: (D,) per typed phrase (short template set, :data:`PHRASE_TEMPLATES`); a phrase missing
-    here was not ready in time and gets a note.
+    vocabulary: the labels of the image's segmentation controls; labels: (N, D) the embeddings of their
+    names, one row per name as stored (prepared at ``/setup``); owners: (N,) the vocabulary index of each
+    row; background: (Kb, D) of :data:`BACKGROUND_WORDS` (prepared at ``/setup`` too); phrases: (D,) per
+    typed phrase (short template set, :data:`PHRASE_TEMPLATES`); a phrase missing here was not ready in time
+    and gets a note.
     """
 
     vocabulary: Sequence[str]
     labels: Any
+    owners: Sequence[int]
     background: Any
     phrases: Mapping[str, Any] = field(default_factory=dict)
+
+    def rows(self, first: Any, keep: Sequence[int], synonyms: str) -> tuple[Any, Any]:
+        """(E, D) rows to score and the class of each (None: one row per class): ``first`` (P, D), one
+        class each, then the vocabulary labels ``keep`` in that order with their names merged by the
+        preset's rule ``synonyms`` (``"max"``: every name, a class taking its best; ``"mean"``: averaged),
+        then the background words."""
+        import torch
+
+        from ..engine.text import synonym_means
+
+        owners = torch.tensor(list(self.owners))
+        if synonyms != "max":
+            means = synonym_means(self.labels, owners.to(self.labels.device))[list(keep)]
+            return torch.cat([first, means, self.background]), None
+        names = [i for k in keep for i in range(len(self.owners)) if self.owners[i] == k]
+        classes = [len(first) + j for j, k in enumerate(keep) for o in self.owners if o == k]
+        after = len(first) + len(keep)
+        owner = list(range(len(first))) + classes + list(range(after, after + len(self.background)))
+        return torch.cat([first, self.labels[names], self.background]), torch.tensor(owner)
+
+    def means(self, keep: Sequence[int]) -> Any:
+        """(len(keep), D) the labels ``keep``'s names averaged (for naming a phrase's label)."""
+        import torch
+
+        from ..engine.text import synonym_means
+
+        return synonym_means(self.labels, torch.tensor(list(self.owners), device=self.labels.device))[list(keep)]
 
 
 def predict_interactive(
@@ -291,11 +320,13 @@ def predict_interactive(
     text: PromptText,
     *,
     polygons: bool,
+    compute_dtype: Any = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """(regions, notes) for the prompts on one image; no text is encoded here.
 
     seg: the MaskCLIP teacher; image: (H, W, 3) uint8 RGB; dense: its cached ``DenseImage``; opts: the
-    engine's ``SegmentOptions``. Notes say which prompts found nothing and why. Raises :class:`ContextError`
+    engine's ``SegmentOptions``; compute_dtype: the image tower's dtype for a box's crop (as ``dense`` was
+    made). Notes say which prompts found nothing and why. Raises :class:`ContextError`
     for a box that covers no pixel of the image.
     """
     from dataclasses import replace
@@ -306,8 +337,10 @@ def predict_interactive(
 
     rows = {v: i for i, v in enumerate(text.vocabulary)}
     labels = [v for v in text.vocabulary if targets_for(spec, v, image_key)]
-    label_rows = text.labels[[rows[v] for v in labels]]  # (L, D)
-    label_emb = torch.cat([label_rows, text.background])  # (L + Kb, D)
+    keep = [rows[v] for v in labels]
+    label_rows = text.means(keep)  # (L, D)
+    nothing = label_rows[:0]
+    label_emb, label_owner = text.rows(nothing, keep, opts.synonyms)  # (E, D): the labels, then the background
     size = image.shape[:2]
     regions: list[dict[str, Any]] = []
     notes: list[str] = []
@@ -322,9 +355,9 @@ def predict_interactive(
             cosines = (phrase_rows @ label_rows.T).cpu().numpy()  # (P, L)
             named = {p: phrase_label(p, spec, labels, functools.partial(cosines.__getitem__, j))
                      for j, p in enumerate(ready)}  # fmt: skip
-            others = label_rows[[j for j, v in enumerate(labels) if v not in named.values()]]
-            emb = torch.cat([phrase_rows, others, text.background])
-            for phrase, (mask, score) in zip(ready, engine.phrase_masks(dense, emb, len(ready), opts)):
+            others = [rows[v] for v in labels if v not in named.values()]
+            emb, owner = text.rows(phrase_rows.to(label_rows), others, opts.synonyms)
+            for phrase, (mask, score) in zip(ready, engine.phrase_masks(dense, emb, len(ready), opts, owner)):
                 if not mask.any():
                     notes.append(f"phrase {phrase!r}: found nowhere in the image (every pixel is nearer to "
                                  "another label or to the background)")  # fmt: skip
@@ -333,7 +366,9 @@ def predict_interactive(
                                        polygons=polygons, note=f"prompt: {phrase}")  # fmt: skip
         elif isinstance(prompt, ClickPrompt):
             k = labels.index(prompt.label)
-            probs = engine.grid_probs(dense, label_emb, replace(opts, prompt_denoising=False))[k]
+            # The same labels (by their names: the model is in the image's cache key) give the same plane.
+            plane = ("click", tuple((v, tuple(spec.names(v))) for v in labels))
+            probs = engine.label_plane(dense, label_emb, replace(opts, prompt_denoising=False), label_owner, k, plane)
             pos = [percent_to_pixel(x, y, size) for x, y in prompt.positive]
             neg = [percent_to_pixel(x, y, size) for x, y in prompt.negative]
             mask, score = engine.click_mask(dense, probs, pos, neg)
@@ -343,7 +378,8 @@ def predict_interactive(
         else:
             k = labels.index(prompt.label)
             try:
-                mask, score = engine.box_mask(seg, image, box_corners(prompt, size), k, label_emb, opts)
+                corners = box_corners(prompt, size)
+                mask, score = engine.box_mask(seg, image, corners, k, label_emb, opts, label_owner, compute_dtype)
             except ValueError as e:  # the box lies outside the image
                 raise ContextError(f"box on {prompt.label!r}: {e}") from e
             if not mask.any():

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 __all__ = ["Teacher", "CLIPTeacher"]
 
@@ -26,7 +26,9 @@ class Teacher(Protocol):
 
 
 class CLIPTeacher:
-    """The frozen MaskCLIP teacher over fixed classes: :meth:`MaskCLIP.grid_probs` on the training crop."""
+    """The frozen MaskCLIP teacher over fixed classes, as served: each training crop goes through
+    :meth:`MaskCLIP.class_probs` with the served preset's options (its resize, windows, merging, PAMR,
+    temperature and synonym rule), the very probabilities ``/predict`` labels an image of that crop with."""
 
     def __init__(
         self,
@@ -36,21 +38,31 @@ class CLIPTeacher:
         opts: Any,
         embeddings: torch.Tensor | None = None,
     ):
-        """``embeddings``: the (C, D) text embeddings of ``classes`` + ``background`` when already made (the
-        server's stored ones, :func:`~labelstudio_maskclip.training.train.stored_text_embeddings`); else
-        computed here."""
+        """``opts``: the served ``SegmentOptions`` (``models.segment_options``). ``embeddings``: the (N, D)
+        text embeddings of every name of ``classes`` + ``background`` when already made (the server's
+        stored ones, :func:`~labelstudio_maskclip.training.train.stored_text_embeddings`); else computed
+        here. :attr:`embeddings` is one row per class (names averaged): the student's classifier."""
         self.maskclip = maskclip
         self.opts = opts
-        if embeddings is None:
-            embeddings = maskclip.text_embeddings(list(classes) + list(background))
-        self.embeddings = embeddings.float().to(maskclip.device)  # (C, D)
+        self.classes = list(classes) + list(background)
+        names = maskclip.name_embeddings(self.classes) if embeddings is None else embeddings
+        self.names = names.float().to(maskclip.device)  # (N, D)
+        self.embeddings = maskclip.class_text(self.names, self.classes, "mean")[0]  # (C, D)
 
     def probs(self, images: torch.Tensor) -> torch.Tensor:
-        h, w = self.maskclip.input_size(images.shape[2], images.shape[3], 0)  # rounded to the encoder stride
-        x = images.to(self.maskclip.device, torch.float32)
-        if (h, w) != tuple(images.shape[2:]):
-            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
-        return self.maskclip.grid_probs(self.maskclip.normalize(x), self.embeddings, self.opts).float().clone()
+        """(B, 3, H, W) RGB in [0, 1] -> (B, C, h, w): each image as uint8, through the served pipeline."""
+        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        probs = [self.maskclip.class_probs(p.numpy(), self.classes, self.opts, self.names) for p in pixels]
+        return torch.stack(probs).float()
+
+    def label_map(self, image: np.ndarray, min_confidence: float) -> np.ndarray:
+        """(H, W) int64 labels of an (H, W, 3) uint8 image as served (-1 where no label: below
+        ``min_confidence`` or a background class)."""
+        from dataclasses import replace
+
+        opts = replace(self.opts, min_confidence=min_confidence)
+        seg = self.maskclip.segment([image], self.classes, opts=opts, text=self.names)[0]
+        return seg.labels.astype(np.int64)
 
     def describe(self) -> dict[str, Any]:
         clip = self.maskclip.clip

@@ -202,13 +202,14 @@ def _prepare(
 
 
 def stored_text_embeddings(s: Settings, maskclip: Any, classes: Sequence[Any]) -> torch.Tensor:
-    """(C, D) text embeddings of ``classes`` from the server's store under ``MODEL_DIR/text_embeddings``:
-    read when stored, waited for when a server process is computing them (the store's file lock), computed
-    and stored otherwise, so a run never repeats the server's 85-template text passes."""
+    """(N, D) text embeddings of ``classes``' names (one row per name, as the server stores them) from the
+    store under ``MODEL_DIR/text_embeddings``: read when stored, waited for when a server process is computing
+    them (the store's file lock), computed and stored otherwise, so a run never repeats the server's
+    85-template text passes."""
     from ..embeddings import label_set
     from ..models import text_embedding_store
 
-    store = text_embedding_store(s, maskclip.text_embeddings)
+    store = text_embedding_store(s, maskclip.name_embeddings)
     return store.wait(label_set(classes), None)
 
 

@@ -67,7 +67,12 @@ class Scores:
 
 
 def teacher_labels(teacher: Teacher, image: np.ndarray, short_side: int, min_conf: float) -> np.ndarray:
-    """(H, W) int64 teacher labels of an (H, W, 3) uint8 image: argmax class, -1 below ``min_conf``."""
+    """(H, W) int64 teacher labels of an (H, W, 3) uint8 image: argmax class, -1 below ``min_conf``. A
+    teacher with a ``label_map`` (the MaskCLIP one) labels the image itself, as served (its preset's own
+    resize); others get the image resized to ``short_side``."""
+    label_map = getattr(teacher, "label_map", None)
+    if label_map is not None:
+        return label_map(image, min_conf)
     h, w = image.shape[:2]
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255
     if short_side:
