@@ -1,6 +1,6 @@
 """Which model a worker serves (serving/runtime.py), at the points mutation testing found unchecked
 (docs/mutation.md): the teacher's version and when it is loaded, a promoted student loaded once per version,
-and a promoted checkpoint that cannot load."""
+a promoted checkpoint that cannot load, and what an unsaved student says."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from labelstudio_maskclip.models import pipeline_description
 from labelstudio_maskclip.serving.runtime import Runtime
 from labelstudio_maskclip.settings import Settings
 from labelstudio_maskclip.training import checkpoints as ck
-from labelstudio_maskclip.training.student import StudentModel
+from labelstudio_maskclip.training.student import LabelMismatchError, StudentError, StudentModel
 from tests.test_learning_loop import BRUSH_CLASSES, _embeddings, _promote, constant_student
+from tests.test_training import synthetic
 from tests.tiny import TINY_VIT, save_random_state
 
 
@@ -66,3 +67,13 @@ def test_a_promoted_checkpoint_that_cannot_load_serves_the_teacher(tmp_path, tin
     with caplog.at_level(logging.ERROR, logger="labelstudio_maskclip"):
         assert rt.model_for(BRUSH_CLASSES, load=False) == (rt.teacher_version(), None)
     assert any(version in r.getMessage() and "rollback" in r.getMessage() for r in caplog.records)
+
+
+def test_an_unsaved_student_says_so_and_a_wrong_class_count_is_named():
+    emb = _embeddings(3)
+    model = StudentModel(constant_student(emb, 0), BRUSH_CLASSES)
+    assert model.version == "" and model.meta == {}
+    with pytest.raises(LabelMismatchError, match=r"student \(unsaved\) was trained for labels"):
+        model.segment([synthetic(1)[0]], [("Dog",), ("Food",), ("Sky",)])
+    with pytest.raises(StudentError, match="student has 3 classes but 2 labels \\+ 0 background were given"):
+        StudentModel(constant_student(emb, 0), BRUSH_CLASSES[:2])
