@@ -129,7 +129,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env.update({k: str(v) for k, v in _env_overrides(args).items()})
     # torch's OpenMP threads sleep at a barrier instead of spinning: on a CPU shared with other work a
-    # spinning thread takes the core its partner needs (a click's image tower measured 1.5-3x slower on a
+    # spinning thread takes the core its partner needs (a click's image tower measured about 2x slower on a
     # loaded 2-core machine; BENCHMARKS.md, "Interactive speed on a CPU"). OMP_WAIT_POLICY overrides it.
     env["OMP_WAIT_POLICY"] = s.omp_wait_policy or "PASSIVE"
     log.info("serving on http://%s:%d with %d worker(s): %s", args.host, args.port, workers, " ".join(cmd[2:]))

@@ -256,7 +256,25 @@ def test_upsampling_is_bilinear_with_pixel_centres_as_the_model_sees_them():
 
 def test_a_dense_image_counts_its_bytes():
     dense = _two_region_dense()  # features (4, 8, 8) and affinity (64, 64), float32
-    assert dense.nbytes == 4 * (4 * 8 * 8 + 64 * 64)
+    assert dense.nbytes == 4 * (4 * 8 * 8 + 64 * 64) + engine.REMEMBERED_PLANES * 4 * 8 * 8  # + room for planes
+
+
+def test_a_clicked_labels_plane_is_remembered_per_label_set_and_at_most_a_few():
+    """A repeated click on an image reuses its label's probability plane; another label set (key) gets its
+    own, and only the newest REMEMBERED_PLANES stay (what nbytes counts)."""
+    dense = _two_region_dense()
+    opts = SegmentOptions(key_smoothing=False, prompt_denoising=False)
+    torch.manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(3, 4), dim=1)
+    first = engine.label_plane(dense, emb, opts, None, 0, "labels A")
+    torch.testing.assert_close(first, engine.grid_probs(dense, emb, opts)[0])
+    assert engine.label_plane(dense, emb, opts, None, 0, "labels A") is first  # remembered, not recomputed
+    other = torch.nn.functional.normalize(torch.randn(3, 4), dim=1)
+    second = engine.label_plane(dense, other, opts, None, 0, "labels B")  # another label set: its own plane
+    torch.testing.assert_close(second, engine.grid_probs(dense, other, opts)[0])
+    for k in (1, 2, 0):
+        engine.label_plane(dense, other, opts, None, k, f"labels {k}")
+    assert len(dense.planes) == engine.REMEMBERED_PLANES and ("labels A", 0) not in dense.planes
 
 
 # --- phrases -> labels ----------------------------------------------------------------------------------
@@ -401,6 +419,24 @@ def test_second_prompt_on_the_same_image_reuses_its_features(backend):
     misses, hits = cache.misses, cache.hits
     be.predict([task], {"result": [click(60, 60, "Road")]})
     assert cache.misses == misses and cache.hits == hits + 1
+
+
+def test_a_repeated_click_reuses_the_labels_plane_unless_the_labels_names_changed(tiny, tmp_path):
+    from labelstudio_maskclip.models import segment_options
+
+    be = _fresh(tiny, tmp_path)
+    url = _photo_url()
+    task = {"id": 10, "data": {"image": url}}
+    first = be.predict([task], {"result": [click(50, 50)]})["results"][0]["result"]
+    opts = segment_options(be.settings)
+    _, dense = be.rt.features.get((be.project, url, be.rt.teacher_version(), opts), lambda: pytest.fail("missed"))
+    (plane,) = dense.planes.values()
+    again = be.predict([task], {"result": [click(50, 50)]})["results"][0]["result"]
+    assert len(dense.planes) == 1 and next(iter(dense.planes.values())) is plane  # the same plane
+    assert [(r["value"], r["score"]) for r in again] == [(r["value"], r["score"]) for r in first]
+    renamed = MaskCLIPBackend(be.settings, be.project, CONFIG.replace("car,automobile", "car,sedan"))
+    renamed.predict([task], {"result": [click(50, 50)]})
+    assert len(dense.planes) == 2  # Car's names changed: its probabilities are computed again
 
 
 def test_the_interactive_cache_counts_an_images_pixels_and_features(tiny, tmp_path):

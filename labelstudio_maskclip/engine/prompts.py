@@ -18,8 +18,9 @@ Masks are (H, W) bool at the image's size.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -30,13 +31,20 @@ from .dense import dense_features
 from .refine import key_affinity, prompt_denoising, smooth
 from .segmenter import MaskCLIP, SegmentOptions, WindowFeatures, merge_synonyms
 
-__all__ = ["DenseImage", "encode_image", "grid_probs", "phrase_masks", "click_mask", "box_mask", "CLICK_WEIGHT"]
+__all__ = [
+    "DenseImage", "encode_image", "grid_probs", "label_plane", "phrase_masks", "click_mask", "box_mask", "CLICK_WEIGHT",
+    "REMEMBERED_PLANES",
+]  # fmt: skip
 
 #: Share of the click score that comes from the feature similarity to the clicked patches; the rest is the
 #: clicked label's probability. Similarity alone follows texture, probability alone ignores the click.
 CLICK_WEIGHT = 0.5
 #: A pixel joins a click's region when its score is at least this share of the score at the click.
 CLICK_RELATIVE_THRESHOLD = 0.6
+
+
+#: Probability planes an image remembers for repeated clicks (:func:`label_plane`), the oldest dropped first.
+REMEMBERED_PLANES = 4
 
 
 @dataclass
@@ -55,10 +63,14 @@ class DenseImage:
     affinity: torch.Tensor
     size: tuple[int, int]
     windows: WindowFeatures | None = None
+    planes: OrderedDict = field(default_factory=OrderedDict, repr=False)  # :func:`label_plane`'s, newest last
 
     @property
     def nbytes(self) -> int:
-        return sum(t.element_size() * t.nelement() for t in (self.features, self.affinity))
+        """Its tensors' bytes, with room for :data:`REMEMBERED_PLANES` float32 probability planes."""
+        own = sum(t.element_size() * t.nelement() for t in (self.features, self.affinity))
+        height, width = self.windows.size if self.windows is not None else self.features.shape[-2:]
+        return own + REMEMBERED_PLANES * 4 * height * width
 
 
 @torch.inference_mode()
@@ -114,6 +126,23 @@ def grid_probs(
     if opts.prompt_denoising:
         probs = prompt_denoising(probs)
     return probs[0]
+
+
+def label_plane(
+    dense: DenseImage, emb: torch.Tensor, opts: SegmentOptions, owner: torch.Tensor | None, k: int, key: Hashable
+) -> torch.Tensor:
+    """Class ``k``'s plane of :func:`grid_probs` ``(dense, emb, opts, owner)``, remembered on ``dense`` under
+    ``(key, k)``: ``key`` names what ``emb``, ``owner`` and ``opts`` hold (the caller's label set), so that a
+    repeated click on the image skips the logits and the softmax over every class (with the preset's windows,
+    at every pixel of the resized image: most of a repeated click's time). At most
+    :data:`REMEMBERED_PLANES` are kept, as :attr:`DenseImage.nbytes` counts."""
+    remembered = dense.planes.get((key, k))
+    if remembered is None:
+        remembered = grid_probs(dense, emb, opts, owner)[k]
+        dense.planes[(key, k)] = remembered
+        while len(dense.planes) > REMEMBERED_PLANES:
+            dense.planes.popitem(last=False)
+    return remembered
 
 
 def _upsample(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -366,7 +366,9 @@ def predict_interactive(
                                        polygons=polygons, note=f"prompt: {phrase}")  # fmt: skip
         elif isinstance(prompt, ClickPrompt):
             k = labels.index(prompt.label)
-            probs = engine.grid_probs(dense, label_emb, replace(opts, prompt_denoising=False), label_owner)[k]
+            # The same labels (by their names: the model is in the image's cache key) give the same plane.
+            plane = ("click", tuple((v, tuple(spec.names(v))) for v in labels))
+            probs = engine.label_plane(dense, label_emb, replace(opts, prompt_denoising=False), label_owner, k, plane)
             pos = [percent_to_pixel(x, y, size) for x, y in prompt.positive]
             neg = [percent_to_pixel(x, y, size) for x, y in prompt.negative]
             mask, score = engine.click_mask(dense, probs, pos, neg)
