@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         ("segment", "(a) Segment path: `MaskCLIP.segment`, 512x512 photos -> 448 -> upsampled to 512x512 + argmax "
          "(templates `simple`, text embeddings cached)", lambda: bench_segment(device, args.quick, args.compile)),
         ("bf16", "Engine bf16 vs fp32 (same weights, 8 photos at 448x448, TF32 off)", lambda: check_bf16(device)),
-        ("http", "(b) HTTP path: `/predict` through gunicorn (gthread, 4 threads per worker), 640x480 photos "
+        ("http", "(b) HTTP path: `/predict` through gunicorn (asgi worker, 4 threads per worker), 640x480 photos "
          "from a loopback file host, 3 labels", lambda: bench_http(device, args.quick, args.workers)),
         ("codecs", "(c) Brush RLE codec vs label-studio-sdk (medians)", lambda: bench_codecs(args.quick)),
         ("train", "(d) Student training step (forward + loss + backward + SGD)", lambda: bench_training(device, args.quick)),

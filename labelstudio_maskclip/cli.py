@@ -117,18 +117,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     s = _settings(args)  # validates the environment before gunicorn starts
     workers = args.workers or s.workers
     cmd = [
-        sys.executable, "-m", "gunicorn", "labelstudio_maskclip.serving.server:wsgi()",
-        "--bind", f"{args.host}:{args.port}",
-        "--workers", str(workers), "--threads", str(s.threads),
-        # gthread, but a request is read in the event loop before it takes a thread: slow clients cannot
-        # hold the threads (see serving/worker.py).
-        "--worker-class", "labelstudio_maskclip.serving.worker.BufferingThreadWorker",
+        sys.executable, "-m", "gunicorn", "labelstudio_maskclip.serving.asgi:asgi()",
+        "--bind", f"{args.host}:{args.port}", "--workers", str(workers),
+        # gunicorn's asyncio worker reads each request whole before one of the THREADS threads answers it:
+        # slow clients cannot hold the threads (see serving/asgi.py).
+        "--worker-class", "asgi", "--keep-alive", "5",
         # /predict may take up to Label Studio's 100 s limit; the time budget stops earlier.
         "--timeout", str(int(s.predict_time_budget) + 60), "--graceful-timeout", "30",
         "--log-level", s.log_level.lower(), "--access-logfile", "-",
     ]  # fmt: skip
     env = dict(os.environ)
     env.update({k: str(v) for k, v in _env_overrides(args).items()})
+    # torch's OpenMP threads sleep at a barrier instead of spinning: on a CPU shared with other work a
+    # spinning thread takes the core its partner needs (a click's image tower measured about 2x slower on a
+    # loaded 2-core machine; BENCHMARKS.md, "Interactive speed on a CPU"). OMP_WAIT_POLICY overrides it.
+    env["OMP_WAIT_POLICY"] = s.omp_wait_policy or "PASSIVE"
     log.info("serving on http://%s:%d with %d worker(s): %s", args.host, args.port, workers, " ".join(cmd[2:]))
     os.execvpe(cmd[0], cmd, env)
     return 0  # not reached
@@ -153,7 +156,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_preannotate(args: argparse.Namespace) -> int:
     """One process, or one rank of ``torchrun -m labelstudio_maskclip preannotate``: each rank predicts its
     shard (task id modulo the world size) on its own device; rank 0 prints the totals."""
-    from .commands.preannotate import RankTotals, preannotate, shard_from_env
+    from .commands.preannotate import RankTotals, preannotate, shard_from_env, sweep_duplicates
 
     s = _settings(args)
     shard = shard_from_env()
@@ -167,6 +170,8 @@ def _cmd_preannotate(args: argparse.Namespace) -> int:
                     shard=shard, progress=shard.rank == 0)  # fmt: skip
     mine = r.summary()
     summary = totals.combine(mine) if totals is not None else mine  # None on ranks other than 0
+    if totals is not None and summary is not None and summary["predicted"]:
+        sweep_duplicates(s, args.project, r.model_version)  # rank 0, once every rank has written
     if summary is not None:
         print(json.dumps(summary))
     for f in r.failed[:20]:

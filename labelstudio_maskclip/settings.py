@@ -89,6 +89,10 @@ class Settings:
     log_level: str = field(default="INFO", metadata=_env("LOG_LEVEL"))
     workers: int = field(default=1, metadata=_env("WORKERS"))
     threads: int = field(default=4, metadata=_env("THREADS"))
+    # OpenMP's wait policy for torch's CPU threads in the served workers; "" means PASSIVE there (`serve` sets
+    # it before torch loads): a thread that waits at a barrier sleeps instead of spinning on a core its
+    # partner needs (interactive speed on a shared CPU, docs/interactive.md). ACTIVE spins.
+    omp_wait_policy: str = field(default="", metadata=_env("OMP_WAIT_POLICY"))
     # Image fetching: private, loopback and link-local hosts other than LABEL_STUDIO_URL's are refused
     # unless allowed (server-side request forgery).
     allow_private_urls: bool = field(default=False, metadata=_env("MASKCLIP_ALLOW_PRIVATE_URLS"))

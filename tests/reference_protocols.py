@@ -250,13 +250,45 @@ SETUP = {  # method -> (short side, window, stride, temperature or None, mean, s
 }
 
 
+# VOC with background (the authors' cfg_voc21.py and cls_voc21.txt): class 0 is the background, a list of
+# names (SCLIP, NACLIP: 26 stuff words; ClearCLIP: "background"); then prob_thd, area_thd, logit_scale.
+STUFF = ["sky", "wall", "tree", "wood", "grass", "road", "sea", "river", "mountain", "sands", "desk", "bed", "building",
+         "cloud", "lamp", "door", "window", "wardrobe", "ceiling", "shelf", "curtain", "stair", "floor", "hill", "rail",
+         "fence"]  # fmt: skip
+VOC_NAMES = [["aeroplane"], ["bicycle"], ["bird"], ["ship"], ["bottle"], ["bus"], ["car"], ["cat"], ["chair"], ["cow"],
+             ["table"], ["dog"], ["horse"], ["motorbike"],
+             ["person", "person in shirt", "person in jeans", "person in dress", "person in sweater",
+              "person in skirt", "person in jacket"],
+             ["pottedplant"], ["sheep"], ["sofa"], ["train"],
+             ["television monitor", "tv monitor", "monitor", "television", "screen"]]  # fmt: skip
+CLEARCLIP_VOC_NAMES = [[n] for n in ["aeroplane", "bicycle", "bird", "ship", "bottle", "bus", "car", "cat", "chair",
+                                     "cow", "table", "dog", "horse", "motorbike", "person", "pottedplant", "sheep",
+                                     "sofa", "train", "tvmonitor"]]  # fmt: skip
+VOC21 = {  # method -> (class names with the background first, prob_thd, area_thd, logit_scale)
+    "sclip": ([STUFF] + VOC_NAMES, 0.1, 0.1, 65.0),
+    "naclip": ([STUFF] + VOC_NAMES, 0.1, None, 40.0),
+    "clearclip": ([["background"]] + CLEARCLIP_VOC_NAMES, 0.5, None, 50.0),
+}
+
+
 @torch.no_grad()
 def predict(
-    model, tokenizer, image: np.ndarray, classes: list[list[str]], method: str
+    model,
+    tokenizer,
+    image: np.ndarray,
+    classes: list[list[str]],
+    method: str,
+    prob_thd: float = 0.0,
+    area_thd: float | None = None,
+    logit_scale: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(H, W, 3) uint8 RGB -> (H, W) int64 index into ``classes`` (each a list of names) and (H, W) float32
-    winning probability."""
+    winning probability. With ``prob_thd`` / ``area_thd`` class 0 is the background (the authors'
+    postprocessing: a class winning at most ``area_thd`` of the other classes' pixels loses its probability,
+    then pixels whose best probability is below ``prob_thd`` become 0); ``logit_scale`` replaces the
+    method's temperature."""
     short, window, stride, temperature, mean, std, kind = SETUP[method]
+    temperature = logit_scale or temperature
     templates = imagenet_templates() + SCENE if kind == "maskclip" else imagenet_templates()
     if method == "maskclip":  # one embedding per class (the authors' prompt script takes one name each)
         text = query_features(model, tokenizer, [c[0] for c in classes], templates)
@@ -280,5 +312,11 @@ def predict(
     if len(set(owner)) != len(owner):
         one_hot = F.one_hot(idx).T.view(len(classes), len(owner), 1, 1)
         probs = (probs[None] * one_hot).max(1)[0]
+    if area_thd is not None:  # SCLIP's postprocess_result
+        predictions = F.one_hot(probs.argmax(0), len(classes)).to(probs.dtype)
+        area = predictions[:, :, 1:].sum((0, 1), keepdim=True)
+        area = (area > area_thd * area.sum()).to(probs.dtype)
+        probs[1:] *= area.transpose(0, -1)
     best, label = probs.max(0)
+    label[best < prob_thd] = 0
     return label.numpy(), best.numpy()

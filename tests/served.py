@@ -144,7 +144,7 @@ def start_backend(
     extra_env: Mapping[str, str] | None = None,
     timeout: float = 90.0,
 ) -> Backend:
-    """``labelstudio-maskclip serve`` (gunicorn, gthread) on a free loopback port; returns once /health is UP
+    """``labelstudio-maskclip serve`` (gunicorn, asgi worker) on a free loopback port; returns once /health is UP
     and every worker has loaded the model (a /setup per worker would not prove that: /health is checked)."""
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()

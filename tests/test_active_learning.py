@@ -83,6 +83,16 @@ def test_torchrun_ranks_predict_disjoint_shards_once(label_studio, backend):
         assert _versions(api, task) == [summary["model_version"]]
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1])["predicted"] == 0
+    # A duplicate of the version (a second writer, a write landing late) and a new task: the job that writes
+    # the new task's prediction leaves one prediction of the version per task (rank 0 sweeps, once all wrote).
+    version = summary["model_version"]
+    api.request("POST", "/api/predictions/", json={"task": ids[0], "model_version": version, "score": 0.5,
+                                                    "result": []})  # fmt: skip
+    api.import_files(project, [COCO128_PHOTOS / NAMES[5]])
+    third = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0 and json.loads(third.stdout.strip().splitlines()[-1])["predicted"] == 1
+    for task in sorted(t["id"] for t in api.list_tasks(project, fields_all=False)):
+        assert _versions(api, task) == [version], task
 
 
 def test_next_ranks_by_the_served_versions_scores_after_connect_model(label_studio, backend):

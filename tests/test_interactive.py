@@ -256,7 +256,25 @@ def test_upsampling_is_bilinear_with_pixel_centres_as_the_model_sees_them():
 
 def test_a_dense_image_counts_its_bytes():
     dense = _two_region_dense()  # features (4, 8, 8) and affinity (64, 64), float32
-    assert dense.nbytes == 4 * (4 * 8 * 8 + 64 * 64)
+    assert dense.nbytes == 4 * (4 * 8 * 8 + 64 * 64) + engine.REMEMBERED_PLANES * 4 * 8 * 8  # + room for planes
+
+
+def test_a_clicked_labels_plane_is_remembered_per_label_set_and_at_most_a_few():
+    """A repeated click on an image reuses its label's probability plane; another label set (key) gets its
+    own, and only the newest REMEMBERED_PLANES stay (what nbytes counts)."""
+    dense = _two_region_dense()
+    opts = SegmentOptions(key_smoothing=False, prompt_denoising=False)
+    torch.manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(3, 4), dim=1)
+    first = engine.label_plane(dense, emb, opts, None, 0, "labels A")
+    torch.testing.assert_close(first, engine.grid_probs(dense, emb, opts)[0])
+    assert engine.label_plane(dense, emb, opts, None, 0, "labels A") is first  # remembered, not recomputed
+    other = torch.nn.functional.normalize(torch.randn(3, 4), dim=1)
+    second = engine.label_plane(dense, other, opts, None, 0, "labels B")  # another label set: its own plane
+    torch.testing.assert_close(second, engine.grid_probs(dense, other, opts)[0])
+    for k in (1, 2, 0):
+        engine.label_plane(dense, other, opts, None, k, f"labels {k}")
+    assert len(dense.planes) == engine.REMEMBERED_PLANES and ("labels A", 0) not in dense.planes
 
 
 # --- phrases -> labels ----------------------------------------------------------------------------------
@@ -403,6 +421,24 @@ def test_second_prompt_on_the_same_image_reuses_its_features(backend):
     assert cache.misses == misses and cache.hits == hits + 1
 
 
+def test_a_repeated_click_reuses_the_labels_plane_unless_the_labels_names_changed(tiny, tmp_path):
+    from labelstudio_maskclip.models import segment_options
+
+    be = _fresh(tiny, tmp_path)
+    url = _photo_url()
+    task = {"id": 10, "data": {"image": url}}
+    first = be.predict([task], {"result": [click(50, 50)]})["results"][0]["result"]
+    opts = segment_options(be.settings)
+    _, dense = be.rt.features.get((be.project, url, be.rt.teacher_version(), opts), lambda: pytest.fail("missed"))
+    (plane,) = dense.planes.values()
+    again = be.predict([task], {"result": [click(50, 50)]})["results"][0]["result"]
+    assert len(dense.planes) == 1 and next(iter(dense.planes.values())) is plane  # the same plane
+    assert [(r["value"], r["score"]) for r in again] == [(r["value"], r["score"]) for r in first]
+    renamed = MaskCLIPBackend(be.settings, be.project, CONFIG.replace("car,automobile", "car,sedan"))
+    renamed.predict([task], {"result": [click(50, 50)]})
+    assert len(dense.planes) == 2  # Car's names changed: its probabilities are computed again
+
+
 def test_the_interactive_cache_counts_an_images_pixels_and_features(tiny, tmp_path):
     from labelstudio_maskclip.models import segment_options
 
@@ -541,6 +577,82 @@ def test_phrase_masks_match_the_argmax_over_all_classes_upsampled_at_once():
         assert score == pytest.approx(float(best[winner == j].mean()) if mask.any() else 0.0, rel=1e-5)
 
 
+# --- speed on a CPU: the image tower in bf16 where the CPU has it, warmed up at start (issue 21) ---------------
+
+
+def test_native_bf16_is_what_the_cpu_reports():
+    """The probe agrees with the kernel's list of the CPU's instruction sets (Linux)."""
+    from labelstudio_maskclip.engine.loading import native_bf16_cpu
+
+    flags = set(open("/proc/cpuinfo").read().split())
+    assert native_bf16_cpu() == bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def test_interactive_prompts_use_bf16_only_when_the_precision_is_auto_on_a_cpu_that_has_it(monkeypatch):
+    from labelstudio_maskclip.engine import loading
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(loading, "native_bf16_cpu", lambda: True)
+    assert loading.interactive_dtype("auto", cpu, torch.float32) == torch.bfloat16
+    assert loading.interactive_dtype(None, cpu, torch.float32) == torch.bfloat16
+    assert loading.interactive_dtype("fp32", cpu, torch.float32) is None  # asked for: kept
+    assert loading.interactive_dtype("bf16", cpu, torch.bfloat16) is None  # already bf16
+    assert loading.interactive_dtype("auto", cuda, torch.bfloat16) is None  # a GPU's auto is bf16 already
+    monkeypatch.setattr(loading, "native_bf16_cpu", lambda: False)  # emulated bf16 is slower than fp32
+    assert loading.interactive_dtype("auto", cpu, torch.float32) is None
+
+
+@pytest.mark.parametrize("mode", ["maskclip", "naclip"])
+def test_the_bf16_image_tower_gives_the_fp32_features_within_tolerance(tiny, mode):
+    """bf16 is a speed lever only: the features move by at most 1e-2 (unit vectors; ViT-B/16 measured 2.3e-3,
+    BENCHMARKS.md) and a click's mask keeps at least 99 % of its pixels."""
+    seg, _ = tiny
+    opts = SegmentOptions(mode=mode, short_side=64, size_multiple=0, temperature=40.0)
+    emb = seg.text_embeddings(["car", "road", "person", "background"])
+    for name in ("000000000009.jpg", "000000000025.jpg"):
+        image = np.asarray(Image.open(COCO128_PHOTOS / name).convert("RGB"))
+        fp32, bf16 = engine.encode_image(seg, image, opts), engine.encode_image(seg, image, opts, torch.bfloat16)
+        assert fp32.features.dtype == bf16.features.dtype == torch.float32
+        difference = float((fp32.features - bf16.features).abs().max())
+        assert 0 < difference < 1e-2  # not 0: the tower did run in bf16
+        centre = [(image.shape[1] / 2, image.shape[0] / 2)]
+        a = engine.click_mask(fp32, engine.grid_probs(fp32, emb, opts)[0], centre)[0]
+        b = engine.click_mask(bf16, engine.grid_probs(bf16, emb, opts)[0], centre)[0]
+        assert (a & b).sum() / (a | b).sum() > 0.99
+
+
+def test_an_interactive_click_runs_the_image_tower_in_the_runtimes_dtype(tiny, tmp_path):
+    """On a CPU with native bf16 (this one, when it has it) the cached features are the bf16 tower's."""
+    from labelstudio_maskclip.engine.loading import native_bf16_cpu
+    from labelstudio_maskclip.models import segment_options
+
+    be = _fresh(tiny, tmp_path)
+    assert be.rt.interactive_dtype == (torch.bfloat16 if native_bf16_cpu() else None)
+    url = _photo_url()
+    be.predict([{"id": 6, "data": {"image": url}}], {"result": [click(50, 50)]})
+    opts = segment_options(be.settings)
+    image, dense = be.rt.features.get((be.project, url, be.rt.teacher_version(), opts), lambda: pytest.fail("missed"))
+    expected = engine.encode_image(be.rt.teacher, image, opts, be.rt.interactive_dtype)
+    torch.testing.assert_close(dense.features, expected.features, rtol=0, atol=0)
+
+
+def test_warm_up_runs_an_interactive_click_and_one_timed_batch_on_a_cpu(tiny, tmp_path, caplog):
+    be = _fresh(tiny, tmp_path)
+    caplog.set_level("INFO", logger="labelstudio_maskclip.serving.runtime")
+    segmented = []
+    teacher = be.rt.teacher
+    original = teacher.segment
+    teacher.segment = lambda images, *a, **kw: segmented.append(len(images)) or original(images, *a, **kw)
+    try:
+        be.rt.warm_up()
+    finally:
+        del teacher.segment
+    logged = [r.getMessage() for r in caplog.records]
+    dtype = be.rt.interactive_dtype or torch.float32
+    assert any(m.startswith("interactive warmed up: ") and m.endswith(f"(image tower in {dtype})") for m in logged)
+    assert segmented == [1] and be.rt.seconds_per_image(be.rt.teacher_version()) > 0
+
+
 @pytest.mark.parametrize("preset", ["sclip", "naclip"])
 def test_an_image_is_encoded_for_prompts_as_the_served_preset_encodes_it(tiny, tmp_path, preset):
     """MASKCLIP_PRESET decides how a prompted image is encoded: the cached features are the preset's own
@@ -555,7 +667,9 @@ def test_an_image_is_encoded_for_prompts_as_the_served_preset_encodes_it(tiny, t
     be.predict([{"id": 9, "data": {"image": url}}], {"result": [click(50, 50)]})
     opts = segment_options(settings)
     image, dense = be.rt.features.get((be.project, url, be.rt.teacher_version(), opts), lambda: pytest.fail("missed"))
-    served = be.rt.teacher.window_features(image, opts)
+    dtype = be.rt.interactive_dtype  # bf16 on a CPU that has it natively (the tower's products only)
+    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        served = be.rt.teacher.window_features(image, opts)
     assert dense.windows is not None and len(dense.windows.boxes) == (6 if preset == "sclip" else 1)
     assert dense.windows.boxes == served.boxes and dense.windows.size == served.size == (336, 448)
     torch.testing.assert_close(dense.features, served.features)

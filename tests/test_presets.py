@@ -296,3 +296,48 @@ def test_interactive_probabilities_follow_the_served_preset(clip, photos):
         agree = float((interactive[name] == served).mean())
         assert agree >= 0.99, (name, agree)
     assert float((interactive["sclip"] == interactive["naclip"]).mean()) < 0.9
+
+
+# --- VOC with background ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sclip", "naclip", "clearclip"])
+def test_the_voc21_protocol_reproduces_the_authors_background_rule(clip, photos, name):
+    """``eval --preset NAME --dataset voc21`` as the authors' VOC21 configs run it: their class names, the
+    background as the best of 26 stuff words (SCLIP, NACLIP) or the word "background" (ClearCLIP), a
+    probability threshold (0.1; ClearCLIP 0.5), SCLIP's temperature 65 and area rule. The options and names
+    come from evaluate.preset_protocol, the reference from tests/reference_protocols.VOC21."""
+    from labelstudio_maskclip.evaluation.evaluate import EvalSet, preset_protocol
+
+    seg, s = _segmenter(clip, name)
+    blank = EvalSet("voc21", (("background",),) + tuple((f"class {k}",) for k in range(20)), (), 0, ("x",))
+    ds, opts = preset_protocol(s, "voc21", blank)
+    queries, _ = ds.queries()
+    classes, prob_thd, area_thd, scale = ref.VOC21[name]
+    assert [list(q) for q in queries] == classes[1:] and opts.min_confidence == prob_thd
+    for image, labelled in photos[:1]:  # background 35 % (sclip), 84 % (naclip), 34 % (clearclip) of its pixels
+        theirs, _ = ref.predict(clip.model, clip.tokenizer, image, classes, name, prob_thd, area_thd, scale)
+        ours = seg.segment([image], queries, ds.background_queries, opts)[0].labels.astype(np.int64) + 1  # -1 -> 0
+        assert 0.01 < float((theirs == 0).mean()) < 0.99  # the background wins some pixels, not all
+        agree = _agreement(ours, theirs, labelled)
+        assert agree >= AGREEMENT, f"{name} {image.shape[:2]}: {agree:.4f}"
+
+
+def test_a_benchmark_config_adds_to_the_preset_and_explicit_settings_still_win():
+    """What ``eval --preset`` takes from a method's benchmark config, and what overrides it."""
+    from labelstudio_maskclip.evaluation.evaluate import EvalSet, preset_protocol
+
+    voc21 = EvalSet("voc21", (("background",),) + tuple((f"c{k}",) for k in range(20)), (), 0, ("x",))
+    context59 = EvalSet("context59", tuple((f"c{k}",) for k in range(59)), ())
+    ds, o = preset_protocol(Settings(preset="sclip"), "voc21", voc21)
+    assert (o.temperature, o.min_confidence, o.area_threshold, o.window) == (65.0, 0.1, 0.1, 224)
+    assert ds.classes[0] == ("background",) and ds.classes[15][:2] == ("person", "person in shirt")
+    assert len(ds.background_queries) == 26 and ds.names[4] == "ship"
+    _, o = preset_protocol(Settings(preset="sclip", temperature=30.0), "voc21", voc21, bg_threshold=0.3)
+    assert (o.temperature, o.min_confidence) == (30.0, 0.3)  # the explicit setting and --bg-threshold win
+    ds, o = preset_protocol(Settings(preset="clearclip"), "voc21", voc21)
+    assert ds.background_queries == ("background",) and o.min_confidence == 0.5 and o.temperature == 50.0
+    ds, o = preset_protocol(Settings(preset="naclip"), "context59", context59)
+    assert (o.window, o.stride, o.min_confidence, o.refine) == (224, 112, 0.0, "pamr") and ds.names[0] == "aeroplane"
+    ds, o = preset_protocol(Settings(preset="maskclip"), "voc21", voc21)  # no config of MaskCLIP's: as before
+    assert ds is voc21 and o.min_confidence == 0.1 and o.area_threshold == 0.0

@@ -644,25 +644,71 @@ def test_docker_health_checks_authenticate_from_the_environment():
     assert compose["services"]["maskclip"]["healthcheck"]["test"] == ["CMD", *command]
 
 
-# --- requests read in the event loop (item 11; the whole-system test is in tests/test_faults.py) -----------
+# --- requests read whole in the event loop (issue #22, item 2; the whole-system test is in tests/test_faults.py)
 
 
-def test_a_request_is_complete_when_its_head_and_small_body_arrived():
-    from labelstudio_maskclip.serving.worker import MAX_BUFFERED_BODY, MAX_HEAD, _Reading
+def _through(messages: list[dict], *, headers: list, admit: bool = True, budget: int = 1 << 20, gaps=None):
+    """Runs one request through WholeRequests: ``messages`` are what the client's body arrives as, ``gaps``
+    the seconds of the (injected) clock between them. Returns (what the app saw or None, the reply sent)."""
+    import asyncio
 
-    def complete(data: bytes) -> bool:
-        reading = _Reading(conn=None, deadline=0.0)
-        reading.data += data
-        return reading.complete()
+    from labelstudio_maskclip.serving.asgi import WholeRequests
 
-    assert not complete(b"GET /health HTTP/1.1\r\nHost: x\r\n")
-    assert complete(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-    post = b"POST /webhook HTTP/1.1\r\nHost: x\r\ncontent-LENGTH: 5\r\n\r\n"
-    assert not complete(post + b"{}") and complete(post + b'{"a"}')
-    big = f"POST /predict HTTP/1.1\r\nContent-Length: {MAX_BUFFERED_BODY + 1}\r\n\r\n".encode()
-    assert complete(big)  # too big to buffer: the thread reads it
-    assert complete(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")  # unknown length: the thread
-    assert complete(b"GET / HTTP/1.1\r\nX: " + b"a" * (MAX_HEAD + 1))  # gunicorn's header limits refuse it
+    now = [0.0]
+    seen, sent = [], []
+    pending = list(messages)
+
+    async def receive():
+        now[0] += (gaps or {}).get(len(messages) - len(pending), 0.0)
+        return pending.pop(0) if pending else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    async def app(scope, receive, send):
+        first = await receive()
+        seen.append((dict(scope["headers"]), first.get("body", b""), first.get("more_body", False)))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    gate = WholeRequests(app, lambda scope: admit, max_body=1000, budget=budget, clock=lambda: now[0])
+    asyncio.run(gate({"type": "http", "headers": headers}, receive, send))
+    assert gate.buffered == 0  # every byte held is given back
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return (seen[0] if seen else None), status
+
+
+def test_the_app_gets_a_whole_body_with_its_length():
+    chunks = [{"type": "http.request", "body": b'{"a"', "more_body": True},
+              {"type": "http.request", "body": b": 1}", "more_body": False}]  # fmt: skip
+    seen, status = _through(chunks, headers=[(b"transfer-encoding", b"chunked")])
+    assert status == 200 and seen == ({b"content-length": b"8"}, b'{"a": 1}', False)
+
+
+def test_a_body_slower_than_the_minimum_rate_is_answered_408():
+    from labelstudio_maskclip.serving.asgi import MIN_RATE, READ_TIMEOUT
+
+    drip = [{"type": "http.request", "body": b" ", "more_body": True}] * 3
+    seen, status = _through(drip, headers=[(b"content-length", b"900")], gaps={2: READ_TIMEOUT + 1})
+    assert (seen, status) == (None, 408)
+    fast = [{"type": "http.request", "body": b" " * 10, "more_body": True}] * 2 + [{"type": "http.request"}]
+    seen, status = _through(fast, headers=[], gaps={1: READ_TIMEOUT + 10 / MIN_RATE})  # within 15 s + size/rate
+    assert status == 200 and seen[1] == b" " * 20
+
+
+def test_unadmitted_and_oversized_requests_reach_the_app_unread():
+    body = [{"type": "http.request", "body": b"x" * 10, "more_body": True}]
+    seen, status = _through(body, headers=[(b"content-length", b"500")], admit=False)
+    assert status == 200 and seen[1:] == (b"x" * 10, True)  # the app reads (or refuses) it itself
+    seen, status = _through(body, headers=[(b"content-length", b"5000")])  # over max_body: the app's 413
+    assert seen[1:] == (b"x" * 10, True)
+
+
+def test_bodies_past_the_buffer_budget_or_the_size_limit_are_refused():
+    body = [{"type": "http.request", "body": b"x" * 400, "more_body": True}] * 3
+    assert _through(body, headers=[], budget=500)[1] == 503  # chunked: counted as it arrives
+    assert _through(body, headers=[(b"content-length", b"900")], budget=800)[1] == 503  # declared: at once
+    assert _through(body, headers=[])[1] == 413  # a chunked body past max_body (1000)
 
 
 # --- log lines cannot be forged (issue #22, item 10) ----------------------------------------------------

@@ -19,7 +19,8 @@ whether it was applied (a proxy's 504 while Label Studio is still writing), the 
 ``settle`` seconds and only those still without this version are sent again. Whatever still slipped through
 (writers on machines that share no MODEL_DIR, a write landing later than that) is undone at the end: every
 task left with more than one prediction of this version keeps its oldest (only tasks that may carry a version
-twice are read in full, see :meth:`LabelStudioAPI.duplicated_predictions`). Under torchrun (``RANK``/``WORLD_SIZE``) each rank takes the tasks whose
+twice are read in full, see :meth:`LabelStudioAPI.duplicated_predictions`; under torchrun, rank 0 does this
+once every rank has written: :func:`sweep_duplicates`). Under torchrun (``RANK``/``WORLD_SIZE``) each rank takes the tasks whose
 ``id % WORLD_SIZE == RANK``: disjoint shards, each predicted once. The ranks meet only at the end, through
 torchrun's key-value store, where each leaves its summary for rank 0 to add up (no process group: there is
 nothing to exchange but the totals, and nothing collective to tear down).
@@ -48,7 +49,15 @@ from typing import Any
 from ..labelstudio.api import AmbiguousWriteError, LabelStudioAPI, LabelStudioAPIError, model_versions_of
 from ..settings import Settings
 
-__all__ = ["preannotate", "PreannotateResult", "Shard", "shard_from_env", "RankTotals", "combine_summaries"]
+__all__ = [
+    "preannotate",
+    "PreannotateResult",
+    "Shard",
+    "shard_from_env",
+    "RankTotals",
+    "combine_summaries",
+    "sweep_duplicates",
+]
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +351,7 @@ def _preannotate(
         bar.close()
     if errors:
         raise errors[0]
-    if result.predicted:
+    if result.predicted and shard.world == 1:  # torchrun: rank 0 sweeps once all ranks wrote (sweep_duplicates)
         _remove_duplicates(api, project_id, version)
     result.skipped = max(0, total_all - todo_all) if shard.world == 1 else 0
     if not exact and shard.world == 1:
@@ -526,6 +535,12 @@ def _settled(api: LabelStudioAPI, project: int, version: str, tasks: list[int], 
         versions = api.versions_of(project, tasks)
         if all(version in versions.get(t, [version]) for t in tasks) or time.monotonic() >= deadline:
             return versions
+
+
+def sweep_duplicates(settings: Settings, project_id: int, version: str) -> None:
+    """Rank 0 of a torchrun job, once every rank has left its summary (:meth:`RankTotals.combine`): the
+    duplicate sweep that a single process runs at the end of :func:`preannotate`, once for the whole job."""
+    _remove_duplicates(LabelStudioAPI.from_settings(settings), project_id, version)
 
 
 def _remove_duplicates(api: LabelStudioAPI, project: int, version: str) -> None:

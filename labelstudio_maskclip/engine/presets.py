@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Preset", "PRESETS", "DEFAULT_PRESET", "GOVERNED"]
+__all__ = ["Preset", "PRESETS", "DEFAULT_PRESET", "GOVERNED", "DatasetProtocol", "DATASET_PROTOCOLS"]
 
 
 @dataclass(frozen=True)
@@ -75,3 +75,41 @@ GOVERNED: dict[str, str] = {
     "key_smoothing": "key_smoothing",
     "prompt_denoising": "prompt_denoising",
 }
+
+
+@dataclass(frozen=True)
+class DatasetProtocol:
+    """What a method's benchmark config changes from its preset (the authors' ``configs/cfg_<dataset>.py``
+    and ``cls_<dataset>.txt``), for ``eval --preset NAME --dataset DATASET``."""
+
+    vocabulary: str  # evaluation.class_names.AUTHORS_VOCABULARIES key: the authors' names (and background words)
+    figure: str  # the authors' figure for this benchmark, and where it is published
+    bg_threshold: float = 0.0  # prob_thd: a pixel whose best probability is below it is background
+    area_threshold: float = 0.0  # SCLIP's area_thd: a class winning at most this share of the object pixels is dropped
+    temperature: float | None = None  # logit_scale, when it differs from the preset's
+    window: int | None = None  # slide_crop / slide_stride, when they differ from the preset's
+    stride: int | None = None
+
+
+_P = DatasetProtocol
+#: preset -> dataset -> protocol (the PASCAL benchmarks; MaskCLIP's VOC20 names are evaluate.py's defaults)
+DATASET_PROTOCOLS: dict[str, dict[str, DatasetProtocol]] = {
+    "sclip": {
+        "voc20": _P("successors-voc", "81.54 (repository README); 80.4 (paper)"),
+        "voc21": _P("successors-voc", "59.63 (repository README)", 0.1, 0.1, temperature=65.0),
+        "context59": _P("successors-context", "34.46 (repository README)"),
+        "context60": _P("successors-context", "31.74 (repository README)", 0.1, temperature=50.0),
+    },
+    "naclip": {
+        "voc20": _P("successors-voc", "83.03 (repository README)"),
+        "voc21": _P("successors-voc", "64.07 (repository README)", 0.1),
+        "context59": _P("successors-context", "38.35 (repository README)", window=224, stride=112),
+        "context60": _P("successors-context", "34.99 (repository README)", 0.1, window=224, stride=112),
+    },
+    "clearclip": {
+        "voc20": _P("clearclip-voc", "80.9 (paper)"),
+        "voc21": _P("clearclip-voc", "51.8 (paper)", 0.5),
+        "context59": _P("successors-context", "35.9 (paper)"),
+        "context60": _P("successors-context", "32.6 (paper)", 0.15),
+    },
+}  # fmt: skip

@@ -18,8 +18,9 @@ Masks are (H, W) bool at the image's size.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -30,13 +31,20 @@ from .dense import dense_features
 from .refine import key_affinity, prompt_denoising, smooth
 from .segmenter import MaskCLIP, SegmentOptions, WindowFeatures, merge_synonyms
 
-__all__ = ["DenseImage", "encode_image", "grid_probs", "phrase_masks", "click_mask", "box_mask", "CLICK_WEIGHT"]
+__all__ = [
+    "DenseImage", "encode_image", "grid_probs", "label_plane", "phrase_masks", "click_mask", "box_mask", "CLICK_WEIGHT",
+    "REMEMBERED_PLANES",
+]  # fmt: skip
 
 #: Share of the click score that comes from the feature similarity to the clicked patches; the rest is the
 #: clicked label's probability. Similarity alone follows texture, probability alone ignores the click.
 CLICK_WEIGHT = 0.5
 #: A pixel joins a click's region when its score is at least this share of the score at the click.
 CLICK_RELATIVE_THRESHOLD = 0.6
+
+
+#: Probability planes an image remembers for repeated clicks (:func:`label_plane`), the oldest dropped first.
+REMEMBERED_PLANES = 4
 
 
 @dataclass
@@ -55,24 +63,38 @@ class DenseImage:
     affinity: torch.Tensor
     size: tuple[int, int]
     windows: WindowFeatures | None = None
+    planes: OrderedDict = field(default_factory=OrderedDict, repr=False)  # :func:`label_plane`'s, newest last
 
     @property
     def nbytes(self) -> int:
-        return sum(t.element_size() * t.nelement() for t in (self.features, self.affinity))
+        """Its tensors' bytes, with room for :data:`REMEMBERED_PLANES` float32 probability planes."""
+        own = sum(t.element_size() * t.nelement() for t in (self.features, self.affinity))
+        height, width = self.windows.size if self.windows is not None else self.features.shape[-2:]
+        return own + REMEMBERED_PLANES * 4 * height * width
 
 
 @torch.inference_mode()
-def encode_image(seg: MaskCLIP, image: np.ndarray, opts: SegmentOptions) -> DenseImage:
+def encode_image(
+    seg: MaskCLIP, image: np.ndarray, opts: SegmentOptions, compute_dtype: torch.dtype | None = None
+) -> DenseImage:
     """Run the image tower once: (H, W, 3) uint8 RGB -> :class:`DenseImage`. The authors' pipeline: as
     :meth:`MaskCLIP.window_features` (the preset's resize and windows); ``grid``: the whole image resized
-    to ``opts.short_side``, no window."""
+    to ``opts.short_side``, no window.
+
+    compute_dtype: run the tower's matrix products in this dtype under autocast (bf16 on a CPU that has it
+    natively: about twice as fast as fp32); None: the model's own dtype. The features come out float32.
+    """
     height, width = image.shape[:2]
+    enabled = compute_dtype is not None and compute_dtype != seg.clip.dtype
+    tower = torch.autocast(seg.device.type, dtype=compute_dtype, enabled=enabled)  # the tower only
     if opts.pipeline == "authors":
-        windows = replace(seg.window_features(image, opts), pixels=torch.empty(0))  # no PAMR here: no guide
+        with tower:
+            windows = replace(seg.window_features(image, opts), pixels=torch.empty(0))  # no PAMR here: no guide
         return DenseImage(features=windows.features, affinity=torch.empty(0), size=(height, width), windows=windows)
     size = seg.input_size(height, width, opts.short_side, opts.size_multiple, opts.max_input_pixels)
     pixels = seg.preprocess([image], size)  # (1, 3, H', W')
-    out = dense_features(seg.clip.model.visual, pixels.to(seg.device, seg.clip.dtype), opts.mode)
+    with tower:
+        out = dense_features(seg.clip.model.visual, pixels.to(seg.device, seg.clip.dtype), opts.mode)
     return DenseImage(features=out.features[0], affinity=key_affinity(out.keys)[0], size=(height, width))
 
 
@@ -104,6 +126,23 @@ def grid_probs(
     if opts.prompt_denoising:
         probs = prompt_denoising(probs)
     return probs[0]
+
+
+def label_plane(
+    dense: DenseImage, emb: torch.Tensor, opts: SegmentOptions, owner: torch.Tensor | None, k: int, key: Hashable
+) -> torch.Tensor:
+    """Class ``k``'s plane of :func:`grid_probs` ``(dense, emb, opts, owner)``, remembered on ``dense`` under
+    ``(key, k)``: ``key`` names what ``emb``, ``owner`` and ``opts`` hold (the caller's label set), so that a
+    repeated click on the image skips the logits and the softmax over every class (with the preset's windows,
+    at every pixel of the resized image: most of a repeated click's time). At most
+    :data:`REMEMBERED_PLANES` are kept, as :attr:`DenseImage.nbytes` counts."""
+    remembered = dense.planes.get((key, k))
+    if remembered is None:
+        remembered = grid_probs(dense, emb, opts, owner)[k]
+        dense.planes[(key, k)] = remembered
+        while len(dense.planes) > REMEMBERED_PLANES:
+            dense.planes.popitem(last=False)
+    return remembered
 
 
 def _upsample(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -220,6 +259,7 @@ def box_mask(
     emb: torch.Tensor,
     opts: SegmentOptions,
     owner: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[np.ndarray, float]:
     """Label ``label``'s mask inside a (possibly rotated) box, segmented on the box's own crop.
 
@@ -229,8 +269,8 @@ def box_mask(
     :func:`grid_probs`); each crop pixel
     goes to its most probable class. When the label wins nowhere in the crop, its pixels of at least half
     its peak probability are taken instead: the box says the label is there. The mask is clipped to the box.
-    Prompt denoising is off here for the same reason. Returns the (H, W) bool mask and the label's mean
-    probability over it.
+    Prompt denoising is off here for the same reason. compute_dtype: as :func:`encode_image`'s. Returns the
+    (H, W) bool mask and the label's mean probability over it.
     """
     height, width = image.shape[:2]
     inside = np.zeros((height, width), np.uint8)
@@ -241,7 +281,7 @@ def box_mask(
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     crop = np.ascontiguousarray(image[y0:y1, x0:x1])
     crop_opts = replace(opts, size_multiple=0, window=0, prompt_denoising=False)
-    dense = encode_image(seg, crop, crop_opts)
+    dense = encode_image(seg, crop, crop_opts, compute_dtype)
     probs = _upsample(grid_probs(dense, emb, crop_opts, owner), dense.size)  # (K, h_crop, w_crop)
     mine = probs.argmax(0) == label
     if not bool(mine.any()):

@@ -19,6 +19,7 @@ __all__ = [
     "COCO_STUFF171",
     "ADE150",
     "CITYSCAPES19",
+    "AUTHORS_VOCABULARIES",
 ]
 
 VOC20: tuple[str, ...] = (
@@ -91,3 +92,42 @@ CITYSCAPES19: tuple[str, ...] = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
 )  # fmt: skip
+
+
+# --- the successors' name files (their configs/cls_<dataset>.txt), for the presets' benchmark protocols ------
+# One class per line of the authors' files; several names on a line are synonyms (a class takes its best
+# name's probability). SCLIP and NACLIP ship the same files; ClearCLIP's VOC files differ.
+
+_SUCCESSOR_VOC20: tuple[tuple[str, ...], ...] = (
+    ("aeroplane",), ("bicycle",), ("bird",), ("ship",), ("bottle",), ("bus",), ("car",), ("cat",), ("chair",),
+    ("cow",), ("table",), ("dog",), ("horse",), ("motorbike",),
+    ("person", "person in shirt", "person in jeans", "person in dress", "person in sweater", "person in skirt",
+     "person in jacket"),
+    ("pottedplant",), ("sheep",), ("sofa",), ("train",),
+    ("television monitor", "tv monitor", "monitor", "television", "screen"),
+)  # fmt: skip
+
+_CLEARCLIP_VOC20: tuple[tuple[str, ...], ...] = tuple(
+    (n,) for n in ("aeroplane", "bicycle", "bird", "ship", "bottle", "bus", "car", "cat", "chair", "cow", "table",
+                   "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+)  # fmt: skip
+
+_SUCCESSOR_CONTEXT59: tuple[tuple[str, ...], ...] = tuple(
+    (n,) for n in (
+        "aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book", "bottle",
+        "building", "bus", "cabinet", "car", "cat", "ceiling", "chair", "cloth", "computer", "cow", "cup",
+        "curtain", "dog", "door", "fence", "floor", "flower", "food", "grass", "ground", "horse", "keyboard",
+        "light", "motorbike", "mountain", "mouse", "person", "plate", "platform", "pottedplant", "road",
+        "rock", "sheep", "shelves", "sidewalk", "sign", "sky", "snow", "sofa", "table", "track", "train",
+        "tree", "truck", "tvmonitor", "wall", "water", "window", "wood",
+    )
+)  # fmt: skip
+
+#: vocabulary name -> (classes without the background, background queries): the authors' names for a
+#: benchmark, in the ground truth's class order. The background words of SCLIP's and NACLIP's VOC21 file are
+#: one class of 26 names (the highest wins), equivalent to 26 background queries under that rule.
+AUTHORS_VOCABULARIES: dict[str, tuple[tuple[tuple[str, ...], ...], tuple[str, ...]]] = {
+    "successors-voc": (_SUCCESSOR_VOC20, VOC21_BACKGROUND),
+    "clearclip-voc": (_CLEARCLIP_VOC20, ("background",)),
+    "successors-context": (_SUCCESSOR_CONTEXT59, ("background",)),
+}

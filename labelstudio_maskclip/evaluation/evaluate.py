@@ -44,6 +44,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -68,6 +69,7 @@ __all__ = [
     "evaluate",
     "maskclip_predictor",
     "run_eval",
+    "preset_protocol",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -493,6 +495,36 @@ def run_eval(
     return evaluate(ds, predict, out, limit=limit, overlays=overlays, progress=progress, meta=meta)
 
 
+def preset_protocol(
+    settings: Settings, dataset: str, ds: EvalSet, bg_threshold: float | None = None
+) -> tuple[EvalSet, Any]:
+    """The dataset and ``SegmentOptions`` of ``eval --preset``: the preset (``settings.preset`` and its
+    overrides), then what the method's config for this benchmark changes (``engine.presets.DATASET_PROTOCOLS``:
+    the authors' class names and background words, the probability and area thresholds, a temperature or
+    windows of its own; a setting set explicitly still wins). ``bg_threshold`` (``--bg-threshold``) replaces
+    the config's threshold; a dataset with a background class and no config of the method's takes
+    :data:`DEFAULT_BG_THRESHOLD`."""
+    from ..engine.presets import DATASET_PROTOCOLS
+    from ..models import segment_options
+
+    opts = segment_options(settings)
+    proto = DATASET_PROTOCOLS.get(settings.preset, {}).get(dataset)
+    threshold = DEFAULT_BG_THRESHOLD if ds.background is not None else 0.0
+    if proto is not None:
+        names, background = cn.AUTHORS_VOCABULARIES[proto.vocabulary]
+        classes = ((ds.classes[0],) + names) if ds.background == 0 else names
+        if len(classes) != len(ds.classes):
+            raise DatasetError(f"{dataset}: {len(ds.classes)} classes, the {settings.preset} names list {len(classes)}")
+        ds = dataclasses.replace(ds, classes=classes, background_queries=background if ds.background == 0 else ())
+        threshold = proto.bg_threshold if ds.background is not None else 0.0
+        wanted = {"temperature": proto.temperature, "window": proto.window, "stride": proto.stride}
+        changes: dict[str, Any] = {k: v for k, v in wanted.items() if v is not None and k not in settings.overrides}
+        opts = dataclasses.replace(opts, area_threshold=proto.area_threshold, **changes)
+    if bg_threshold is not None and ds.background is not None:
+        threshold = float(bg_threshold)
+    return ds, dataclasses.replace(opts, min_confidence=threshold)
+
+
 def _run_preset_eval(
     settings: Settings,
     dataset: str,
@@ -505,13 +537,10 @@ def _run_preset_eval(
     bg_threshold: float | None,
 ) -> dict:
     """:func:`run_eval` with ``settings.preset``'s own protocol; predictions at the original size."""
-    from ..models import pipeline_description, segment_options, shared_maskclip
+    from ..models import pipeline_description, shared_maskclip
 
-    ds = load_dataset(dataset, root)
-    threshold = 0.0
-    if ds.background is not None:
-        threshold = DEFAULT_BG_THRESHOLD if bg_threshold is None else float(bg_threshold)
-    opts = dataclasses.replace(segment_options(settings), min_confidence=threshold)
+    ds, opts = preset_protocol(settings, dataset, load_dataset(dataset, root), bg_threshold)
+    threshold = opts.min_confidence
     seg = shared_maskclip(settings)
     queries, to_gt = ds.queries()
     no_label = ds.background if ds.background is not None else IGNORE
@@ -529,6 +558,7 @@ def _run_preset_eval(
         "refine": opts.refine,
         "temperature": opts.temperature,
         "bg_threshold": threshold if ds.background is not None else None,
+        "area_threshold": opts.area_threshold,
         "limit": limit,
         "settings": {k: getattr(settings, k) for k in _RECORDED},
     }

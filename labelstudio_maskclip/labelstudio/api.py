@@ -352,8 +352,12 @@ class LabelStudioAPI:
         """Ids of the tasks ``query`` selects that may carry some model version twice: more predictions
         (``total_predictions``) than distinct versions in Label Studio's ``predictions_model_versions`` (the
         versions it lists, deduplicated and cut at 500 characters, for tasks filtered on them). None when
-        that cannot be told apart: a version of the project contains a comma (the list's separator)."""
-        if any("," in v for v in self.model_versions(project_id)):
+        that cannot be told apart: a version of the project contains a comma (the list's separator), or the
+        project's versions could not be read."""
+        try:
+            if any("," in v for v in self.model_versions(project_id)):
+                return None
+        except LabelStudioAPIError:
             return None
         out = []
         for page in self._pages(project_id, query, page_size=500, full=False):

@@ -329,7 +329,7 @@ class MaskCLIPBackend:
                 raise PredictError(f"task {got.task_id}: {got.reason}")
             if not isinstance(got, np.ndarray):
                 raise PredictError(f"task {_task_id(tasks[0])}: the image did not arrive within the time budget")
-            dense = encode_image(seg, got, opts)
+            dense = encode_image(seg, got, opts, self.rt.interactive_dtype)
             return (got, dense), got.nbytes + dense.nbytes
 
         # Per project: another project's task with the same URI passes Label Studio's own access check first.
@@ -337,8 +337,9 @@ class MaskCLIPBackend:
         text = PromptText(vocab, labels, name_owners(normalize_classes(classes)), background, embedded)
         try:
             regions, notes = predict_interactive(
-                seg, image, dense, prompts, spec, key, opts, text, polygons=self.settings.polygons
-            )
+                seg, image, dense, prompts, spec, key, opts, text, polygons=self.settings.polygons,
+                compute_dtype=self.rt.interactive_dtype,
+            )  # fmt: skip
         except ContextError as e:
             raise PredictError(str(e)) from e
         return self._interactive_answer(tasks[0], version, regions, notes, start, "nothing found", len(prompts))

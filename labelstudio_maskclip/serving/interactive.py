@@ -320,11 +320,13 @@ def predict_interactive(
     text: PromptText,
     *,
     polygons: bool,
+    compute_dtype: Any = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """(regions, notes) for the prompts on one image; no text is encoded here.
 
     seg: the MaskCLIP teacher; image: (H, W, 3) uint8 RGB; dense: its cached ``DenseImage``; opts: the
-    engine's ``SegmentOptions``. Notes say which prompts found nothing and why. Raises :class:`ContextError`
+    engine's ``SegmentOptions``; compute_dtype: the image tower's dtype for a box's crop (as ``dense`` was
+    made). Notes say which prompts found nothing and why. Raises :class:`ContextError`
     for a box that covers no pixel of the image.
     """
     from dataclasses import replace
@@ -364,7 +366,9 @@ def predict_interactive(
                                        polygons=polygons, note=f"prompt: {phrase}")  # fmt: skip
         elif isinstance(prompt, ClickPrompt):
             k = labels.index(prompt.label)
-            probs = engine.grid_probs(dense, label_emb, replace(opts, prompt_denoising=False), label_owner)[k]
+            # The same labels (by their names: the model is in the image's cache key) give the same plane.
+            plane = ("click", tuple((v, tuple(spec.names(v))) for v in labels))
+            probs = engine.label_plane(dense, label_emb, replace(opts, prompt_denoising=False), label_owner, k, plane)
             pos = [percent_to_pixel(x, y, size) for x, y in prompt.positive]
             neg = [percent_to_pixel(x, y, size) for x, y in prompt.negative]
             mask, score = engine.click_mask(dense, probs, pos, neg)
@@ -374,7 +378,8 @@ def predict_interactive(
         else:
             k = labels.index(prompt.label)
             try:
-                mask, score = engine.box_mask(seg, image, box_corners(prompt, size), k, label_emb, opts, label_owner)
+                corners = box_corners(prompt, size)
+                mask, score = engine.box_mask(seg, image, corners, k, label_emb, opts, label_owner, compute_dtype)
             except ValueError as e:  # the box lies outside the image
                 raise ContextError(f"box on {prompt.label!r}: {e}") from e
             if not mask.any():

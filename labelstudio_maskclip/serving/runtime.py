@@ -232,9 +232,19 @@ class Runtime:
             old = self._per_image.get(version)
             self._per_image[version] = per if old is None else 0.5 * old + 0.5 * per
 
+    @property
+    def interactive_dtype(self) -> Any:
+        """The dtype interactive prompts run the image tower in (None: the model's own), from the settings
+        and this machine (:func:`~labelstudio_maskclip.engine.loading.interactive_dtype`)."""
+        from ..engine.loading import interactive_dtype, resolve_dtype
+
+        device = resolved_device(self.settings.device)
+        return interactive_dtype(self.settings.precision, device, resolve_dtype(self.settings.precision, device))
+
     def warm_up(self) -> None:
-        """Load the teacher and run a batch through it (kernels, allocator, compiled graphs), so that the first
-        annotator does not pay for it; the time it takes is the first estimate of the time per image."""
+        """Load the teacher and run a batch through it (kernels, allocator, compiled graphs), then an
+        interactive click, so that the first annotator does not pay for either; the batch's time is the first
+        estimate of the time per image."""
         import torch
 
         from ..models import segment_options
@@ -245,14 +255,31 @@ class Runtime:
         image = np.full((side, side * 4 // 3, 3), 127, np.uint8)  # a 4:3 photo at the served size
         dim = int(teacher.clip.model.visual.output_dim)
         text = torch.nn.functional.normalize(torch.randn(WARMUP_LABELS, dim), dim=-1).to(teacher.device)
+        self._warm_up_interactive(teacher, image, text, opts)
         names = [f"label {k}" for k in range(WARMUP_LABELS)]
-        batches = [1, 1] + ([opts.batch_size] if teacher.device.type == "cuda" and opts.batch_size > 1 else [])
+        # A GPU's first batch pays for lazy initialisation and autotuning, so a second one is timed; a CPU's
+        # first batch already runs at its steady speed (measured), and a second would hold /health back
+        # (about 9 s on a loaded 2-core machine at the default preset).
+        cuda = teacher.device.type == "cuda"
+        batches = ([1, 1] + ([opts.batch_size] if opts.batch_size > 1 else [])) if cuda else [1]
         for n in batches:
             start = time.monotonic()
             teacher.segment([image] * n, names, opts=opts, text=text)
             seconds = time.monotonic() - start
         self.observe(self.teacher_version(), 1, seconds / n if n > 1 else seconds)
         log.info("model warmed up: %.3f s per image", self.seconds_per_image(self.teacher_version()))
+
+    def _warm_up_interactive(self, teacher: MaskCLIP, image: np.ndarray, text: Any, opts: SegmentOptions) -> None:
+        """One click's work on ``image`` (the image tower in :attr:`interactive_dtype`, class probabilities
+        for ``text`` (K, D), the click's mask): its kernels are ready before the first annotator clicks."""
+        from ..engine import prompts
+
+        start = time.monotonic()
+        dense = prompts.encode_image(teacher, image, opts, self.interactive_dtype)
+        probs = prompts.grid_probs(dense, text, opts)
+        prompts.click_mask(dense, probs[0], [(image.shape[1] / 2, image.shape[0] / 2)])
+        log.info("interactive warmed up: %.3f s for a click on a new image (image tower in %s)",
+                 time.monotonic() - start, self.interactive_dtype or teacher.clip.dtype)  # fmt: skip
 
     def teacher_version(self) -> str:
         s = self.settings

@@ -309,18 +309,20 @@ def wsgi() -> Flask:
     """gunicorn factory: settings from the environment, read once per worker."""
     settings = Settings.from_env()
     configure_logging(settings.log_level)
-    _share_cpu_threads(settings.workers)
+    _share_cpu_threads(settings)
     return create_app(settings)
 
 
-def _share_cpu_threads(workers: int) -> None:
+def _share_cpu_threads(settings: Settings) -> None:
     """Each worker process gets its share of the cores for torch's CPU kernels, so workers do not
     oversubscribe the machine (GPU work is unaffected)."""
     import os
 
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, settings.workers)))
+    log.info("torch: %d CPU threads in this worker, OpenMP wait policy %s", torch.get_num_threads(),
+             settings.omp_wait_policy or "not set (spinning)")  # fmt: skip
 
 
 def _basic_credentials(header: str | None) -> tuple[bytes, bytes] | None:
