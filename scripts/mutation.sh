@@ -31,6 +31,8 @@ done
     printf 'pytest_add_cli_args_test_selection = [%s]\n' "$(IFS=,; echo "${tests[*]}")"
 } >"$work/pyproject.toml"
 cd "$work"
+# A mutant that asks for an enormous tensor fails with an error instead of taking the machine's memory.
+ulimit -v "${MEMORY_KB:-12582912}"
 # The tests start servers with `python -m ...`: PYTHONPATH makes them import the mutated copy too.
 PYTHONPATH=$work/mutants nice -n "${NICE:-10}" "$python" -m mutmut run --max-children "${JOBS:-1}" "$@"
 "$python" -m mutmut export-cicd-stats >/dev/null && cat mutants/mutmut-cicd-stats.json

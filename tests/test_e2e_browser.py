@@ -240,16 +240,22 @@ def assert_masks_drawn(page) -> None:
 
 def smart_click(page) -> None:
     """README's interactive section: Auto-Annotation on, a key-point label, the smart tool, a click."""
+    from playwright.sync_api import expect
+
     page.get_by_role("checkbox", name="Auto-Annotation").check()  # in the bottom bar
     page.keyboard.press("Escape")  # nothing selected: a label chip then goes to the tool, not a region
     # the KeyPointLabels' chips come first (the config's first control); pick the label, then the tool
     page.locator(".lsf-labels").first.get_by_text("Car", exact=True).click()
     page.locator("button.lsf-tool_smart:not([aria-label])").click()  # the Auto-Detect fly-out (no name)
-    page.get_by_role("button", name="key-point-tool").first.click()
+    # the fly-out's own key-point tool: the tool bar also has the plain one (first) and the active smart one
+    page.locator(".lsf-toolbar__smart").get_by_role("button", name="key-point-tool").click()
+    expect(page.locator("button.lsf-tool_smart.lsf-tool_active[aria-label=key-point-tool]").first).to_be_visible()
+    suggestions = page.get_by_text(re.compile(r"\d+ suggestions"))  # "1 suggestions" in the bottom bar
+    expect(suggestions).to_have_count(0)  # none before the click
     box = page.locator(".lsf-main-content canvas").first.bounding_box()
     assert box is not None
     page.mouse.click(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.5)
-    page.get_by_text("suggestions").wait_for(timeout=PREDICT_MS)  # "1 suggestions" in the bottom bar
+    suggestions.first.wait_for(timeout=PREDICT_MS)
 
 
 def test_a_newcomer_following_the_readme_gets_masks_and_a_smart_suggestion(tmp_path, weights):

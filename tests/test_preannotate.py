@@ -441,23 +441,24 @@ def test_against_label_studio_a_bulk_write_answered_with_an_error_is_not_duplica
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("old", ["old", "old,2"])
 def test_against_label_studio_the_duplicate_sweep_reads_only_tasks_that_may_carry_a_version_twice(
-    settings, label_studio, tmp_path
+    settings, label_studio, tmp_path, old
 ):
     """Re-scoring's case: every task also has an older model's prediction, so each has several. The sweep
     reads in full only the tasks whose prediction count exceeds their distinct versions, removes the
-    duplicate of this version another writer left (oldest kept) and leaves another model's pair alone."""
+    duplicate of this version another writer left (oldest kept) and leaves another model's pair alone.
+    A version with a comma (Label Studio's separator of the versions it lists) cannot be counted: then
+    every task with several predictions is read in full, and the duplicate still goes."""
     from labelstudio_maskclip.labelstudio.api import LabelStudioAPI
     from tests.photos import COCO128_PHOTOS
 
     api = label_studio.api()
-    project, photos = _real_project(label_studio, 4, "sweep")
+    project, photos = _real_project(label_studio, 4, f"sweep after {old}")
     first, other_twice, dup, _ = sorted(photos)
     for task in photos:
-        api.request(
-            "POST", "/api/predictions/", json={"task": task, "model_version": "old", "result": [], "score": 0.5}
-        )
-    api.request("POST", "/api/predictions/", json={"task": other_twice, "model_version": "old", "result": []})
+        api.request("POST", "/api/predictions/", json={"task": task, "model_version": old, "result": [], "score": 0.5})
+    api.request("POST", "/api/predictions/", json={"task": other_twice, "model_version": old, "result": []})
     real = _real_settings(settings, label_studio, tmp_path)
     version = preannotate(real, project, api=LabelStudioAPI.from_settings(real), progress=False).model_version
     extra = api.request("POST", "/api/predictions/", json={"task": dup, "model_version": version, "result": []})
@@ -473,7 +474,9 @@ def test_against_label_studio_the_duplicate_sweep_reads_only_tasks_that_may_carr
     predictions = _predictions(label_studio, [*photos, *new])
     assert all([p["model_version"] for p in preds].count(version) == 1 for preds in predictions.values())
     assert extra["id"] not in {p["id"] for p in predictions[dup]}  # the newer one went
-    assert [p["model_version"] for p in predictions[other_twice]].count("old") == 2
+    assert [p["model_version"] for p in predictions[other_twice]].count(old) == 2
+    if "," in old:
+        return
     read_in_full = set()
     for method, path in proxy.requests:
         if method == "GET" and "fields=all" in path:

@@ -210,7 +210,7 @@ def test_setup_prepares_the_labels_in_the_background_and_predict_finds_them(weig
     while store.get(LABELS) is None and time.monotonic() < deadline:  # computed in the background
         time.sleep(0.05)
     emb = store.get(LABELS)
-    assert store.path(LABELS).is_file() and emb.shape[0] == 3
+    assert store.path(LABELS).is_file() and emb.shape[0] == 4  # one row per name: cat, dog, Food, Sky
     image = np.asarray(Image.open(COCO128_PHOTOS / "000000000009.jpg").convert("RGB"))
     body = client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": _uri(image)}}],
                                          "label_config": BRUSH}).get_json()  # fmt: skip

@@ -1,0 +1,79 @@
+"""Which model a worker serves (serving/runtime.py), at the points mutation testing found unchecked
+(docs/mutation.md): the teacher's version and when it is loaded, a promoted student loaded once per version,
+a promoted checkpoint that cannot load, and what an unsaved student says."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from labelstudio_maskclip.engine.segmenter import MaskCLIP
+from labelstudio_maskclip.models import pipeline_description
+from labelstudio_maskclip.serving.runtime import Runtime
+from labelstudio_maskclip.settings import Settings
+from labelstudio_maskclip.training import checkpoints as ck
+from labelstudio_maskclip.training.student import LabelMismatchError, StudentError, StudentModel
+from tests.test_learning_loop import BRUSH_CLASSES, _embeddings, _promote, constant_student
+from tests.test_training import synthetic
+from tests.tiny import TINY_VIT, save_random_state
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> Path:
+    return save_random_state(TINY_VIT, tmp_path_factory.mktemp("weights") / "tiny_vit.pt")
+
+
+def _settings(model_dir: Path, weights: Path) -> Settings:
+    return Settings(model=TINY_VIT, pretrained=str(weights), device="cpu", short_side=32, templates="simple",
+                    model_dir=str(model_dir))  # fmt: skip
+
+
+def test_the_teacher_version_names_the_architecture_and_the_weights_file(tmp_path, tiny_weights):
+    s = _settings(tmp_path, tiny_weights)
+    tail = pipeline_description(s)
+    assert Runtime(s).teacher_version() == f"maskclip-MaskCLIP-Tiny-ViT.tiny_vit.pt-{tail}"
+    assert Runtime(s.replace(pretrained="")).teacher_version() == f"maskclip-MaskCLIP-Tiny-ViT.random-{tail}"
+    named = s.replace(model="ViT-B-16", pretrained="")  # an open_clip name, not a config file
+    assert Runtime(named).teacher_version() == f"maskclip-ViT-B-16.random-{pipeline_description(named)}"
+
+
+def test_without_a_student_the_teacher_is_served_and_loaded_only_when_asked(tmp_path, tiny_weights, caplog):
+    rt = Runtime(_settings(tmp_path, tiny_weights))
+    with caplog.at_level(logging.INFO, logger="labelstudio_maskclip"):
+        assert rt.model_for(BRUSH_CLASSES, load=False) == (rt.teacher_version(), None)  # /setup: nothing loaded
+        version, model = rt.model_for(BRUSH_CLASSES)
+    assert version == rt.teacher_version() and isinstance(model, MaskCLIP)
+    assert not [r for r in caplog.records if "student" in r.getMessage()]  # no student: nothing tried or said
+
+
+def test_a_promoted_student_is_loaded_once_per_version(tmp_path, tiny_weights):
+    rt = Runtime(_settings(tmp_path, tiny_weights))
+    emb = _embeddings(3)
+    first = _promote(tmp_path, constant_student(emb, 1), BRUSH_CLASSES)
+    version, model = rt.model_for(BRUSH_CLASSES, load=False)
+    assert version == first and isinstance(model, StudentModel) and model.version == first
+    assert rt.model_for(BRUSH_CLASSES, load=False)[1] is model  # the same object: not read again
+    second = _promote(tmp_path, constant_student(emb, 2), BRUSH_CLASSES)
+    version, again = rt.model_for(BRUSH_CLASSES, load=False)
+    assert version == second and again is not model and again.version == second
+
+
+def test_a_promoted_checkpoint_that_cannot_load_serves_the_teacher(tmp_path, tiny_weights, caplog):
+    rt = Runtime(_settings(tmp_path, tiny_weights))
+    version = _promote(tmp_path, constant_student(_embeddings(3), 1), BRUSH_CLASSES)
+    ck.checkpoint_path(tmp_path, version).write_bytes(b"not a checkpoint")
+    with caplog.at_level(logging.ERROR, logger="labelstudio_maskclip"):
+        assert rt.model_for(BRUSH_CLASSES, load=False) == (rt.teacher_version(), None)
+    assert any(version in r.getMessage() and "rollback" in r.getMessage() for r in caplog.records)
+
+
+def test_an_unsaved_student_says_so_and_a_wrong_class_count_is_named():
+    emb = _embeddings(3)
+    model = StudentModel(constant_student(emb, 0), BRUSH_CLASSES)
+    assert model.version == "" and model.meta == {}
+    with pytest.raises(LabelMismatchError, match=r"student \(unsaved\) was trained for labels"):
+        model.segment([synthetic(1)[0]], [("Dog",), ("Food",), ("Sky",)])
+    with pytest.raises(StudentError, match="student has 3 classes but 2 labels \\+ 0 background were given"):
+        StudentModel(constant_student(emb, 0), BRUSH_CLASSES[:2])
