@@ -17,12 +17,7 @@ from labelstudio_maskclip.training import checkpoints as ck
 from labelstudio_maskclip.training.student import LabelMismatchError, StudentError, StudentModel
 from tests.test_learning_loop import BRUSH_CLASSES, _embeddings, _promote, constant_student
 from tests.test_training import synthetic
-from tests.tiny import TINY_VIT, save_random_state
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    return save_random_state(TINY_VIT, tmp_path_factory.mktemp("weights") / "tiny_vit.pt")
+from tests.tiny import TINY_VIT
 
 
 def _settings(model_dir: Path, weights: Path) -> Settings:
@@ -30,8 +25,8 @@ def _settings(model_dir: Path, weights: Path) -> Settings:
                     model_dir=str(model_dir))  # fmt: skip
 
 
-def test_the_teacher_version_names_the_architecture_and_the_weights_file(tmp_path, tiny_weights):
-    s = _settings(tmp_path, tiny_weights)
+def test_the_teacher_version_names_the_architecture_and_the_weights_file(tmp_path, weights):
+    s = _settings(tmp_path, weights)
     tail = pipeline_description(s)
     assert Runtime(s).teacher_version() == f"maskclip-MaskCLIP-Tiny-ViT.tiny_vit.pt-{tail}"
     assert Runtime(s.replace(pretrained="")).teacher_version() == f"maskclip-MaskCLIP-Tiny-ViT.random-{tail}"
@@ -39,8 +34,8 @@ def test_the_teacher_version_names_the_architecture_and_the_weights_file(tmp_pat
     assert Runtime(named).teacher_version() == f"maskclip-ViT-B-16.random-{pipeline_description(named)}"
 
 
-def test_without_a_student_the_teacher_is_served_and_loaded_only_when_asked(tmp_path, tiny_weights, caplog):
-    rt = Runtime(_settings(tmp_path, tiny_weights))
+def test_without_a_student_the_teacher_is_served_and_loaded_only_when_asked(tmp_path, weights, caplog):
+    rt = Runtime(_settings(tmp_path, weights))
     with caplog.at_level(logging.INFO, logger="labelstudio_maskclip"):
         assert rt.model_for(BRUSH_CLASSES, load=False) == (rt.teacher_version(), None)  # /setup: nothing loaded
         version, model = rt.model_for(BRUSH_CLASSES)
@@ -48,8 +43,8 @@ def test_without_a_student_the_teacher_is_served_and_loaded_only_when_asked(tmp_
     assert not [r for r in caplog.records if "student" in r.getMessage()]  # no student: nothing tried or said
 
 
-def test_a_promoted_student_is_loaded_once_per_version(tmp_path, tiny_weights):
-    rt = Runtime(_settings(tmp_path, tiny_weights))
+def test_a_promoted_student_is_loaded_once_per_version(tmp_path, weights):
+    rt = Runtime(_settings(tmp_path, weights))
     emb = _embeddings(3)
     first = _promote(tmp_path, constant_student(emb, 1), BRUSH_CLASSES)
     version, model = rt.model_for(BRUSH_CLASSES, load=False)
@@ -60,8 +55,8 @@ def test_a_promoted_student_is_loaded_once_per_version(tmp_path, tiny_weights):
     assert version == second and again is not model and again.version == second
 
 
-def test_a_promoted_checkpoint_that_cannot_load_serves_the_teacher(tmp_path, tiny_weights, caplog):
-    rt = Runtime(_settings(tmp_path, tiny_weights))
+def test_a_promoted_checkpoint_that_cannot_load_serves_the_teacher(tmp_path, weights, caplog):
+    rt = Runtime(_settings(tmp_path, weights))
     version = _promote(tmp_path, constant_student(_embeddings(3), 1), BRUSH_CLASSES)
     ck.checkpoint_path(tmp_path, version).write_bytes(b"not a checkpoint")
     with caplog.at_level(logging.ERROR, logger="labelstudio_maskclip"):
