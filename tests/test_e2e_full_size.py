@@ -68,7 +68,9 @@ def test_full_size_model_predicts_every_task_within_label_studios_limit_and_a_re
         connected = time.monotonic()
         api.connect_ml_backend(project["id"], backend.url, title="maskclip ViT-B/16")  # /setup: labels known
         store = backend.model_dir / "text_embeddings"
-        wait_for(lambda: list(store.glob("*.pt")), 900, "the text embeddings prepared after connecting")
+        # The labels' own file (the background words' small file is stored first, before the 20 labels).
+        wait_for(lambda: "text embeddings of 20 labels stored in" in backend.log_text(), 900,
+                 "the text embeddings of the 20 labels prepared after connecting")  # fmt: skip
         print(f"text embeddings of 20 labels x 85 templates ready {time.monotonic() - connected:.0f} s after connect")
 
         counts = [0]
