@@ -269,6 +269,7 @@ def test_a_clicked_labels_plane_is_remembered_per_label_set_and_at_most_a_few():
     first = engine.label_plane(dense, emb, opts, None, 0, "labels A")
     torch.testing.assert_close(first, engine.grid_probs(dense, emb, opts)[0])
     assert engine.label_plane(dense, emb, opts, None, 0, "labels A") is first  # remembered, not recomputed
+    assert first.untyped_storage().nbytes() == first.numel() * first.element_size()  # one plane kept, not K
     other = torch.nn.functional.normalize(torch.randn(3, 4), dim=1)
     second = engine.label_plane(dense, other, opts, None, 0, "labels B")  # another label set: its own plane
     torch.testing.assert_close(second, engine.grid_probs(dense, other, opts)[0])

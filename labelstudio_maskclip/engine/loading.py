@@ -7,6 +7,7 @@ and logs a warning. A checkpoint that cannot be obtained (no network, wrong path
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable
@@ -59,6 +60,7 @@ def resolve_dtype(precision: str | None, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+@functools.cache
 def native_bf16_cpu() -> bool:
     """Whether this CPU computes bf16 matrix products natively (AVX-512 BF16 or AMX), where they run about
     twice as fast as fp32; CPUs without these emulate bf16, which is slower than fp32."""

@@ -138,7 +138,7 @@ def label_plane(
     :data:`REMEMBERED_PLANES` are kept, as :attr:`DenseImage.nbytes` counts."""
     remembered = dense.planes.get((key, k))
     if remembered is None:
-        remembered = grid_probs(dense, emb, opts, owner)[k]
+        remembered = grid_probs(dense, emb, opts, owner)[k].clone()  # its own storage: not all K planes kept
         dense.planes[(key, k)] = remembered
         while len(dense.planes) > REMEMBERED_PLANES:
             dense.planes.popitem(last=False)

@@ -1,8 +1,10 @@
 """The HTTP adapter: Label Studio's ML backend protocol as a Flask WSGI app (run under gunicorn).
 
 Routes: ``GET /`` and ``/health``, ``POST /setup``, ``POST /predict``, ``POST /webhook``, ``GET /metrics``.
-Every error is a JSON body ``{"error": "..."}`` with a 4xx status for bad input (and a log line saying why);
-the server keeps serving. gunicorn entry point: ``labelstudio_maskclip.serving.server:wsgi()``.
+Every error is a JSON body ``{"error": "..."}``: 400 for bad input (:class:`~labelstudio_maskclip.errors.BadInput`),
+503 when something is unavailable (:class:`~labelstudio_maskclip.errors.Unavailable`), 500 for a bug, each
+with a log line saying why; the server keeps serving. ``serve`` runs it through
+``labelstudio_maskclip.serving.asgi:asgi()`` (gunicorn's asyncio worker); ``wsgi()`` is the bare WSGI app.
 """
 
 from __future__ import annotations
