@@ -484,3 +484,28 @@ def test_against_label_studio_the_duplicate_sweep_reads_only_tasks_that_may_carr
             assert "selectedItems" in query, f"a whole listing read with every field: {path}"
             read_in_full |= set(query["selectedItems"]["included"])
     assert read_in_full == {other_twice, dup}
+
+
+def test_model_threads_on_a_cpu_one_per_core_at_most_a_few_and_the_count_restored(settings):
+    """On a CPU a run takes one model thread per core torch would use, at most MAX_MODEL_THREADS (each holds a
+    batch), sets torch to one thread per op while any run of the process is inside, and restores the count
+    when the last one leaves."""
+    import torch
+
+    from labelstudio_maskclip.commands import preannotate as module
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(12)
+        with module._model_threads(settings) as workers:
+            assert workers == module.MAX_MODEL_THREADS == 8 and torch.get_num_threads() == 1
+            with module._model_threads(settings) as inner:  # a second run of the same process
+                assert inner == 8 and torch.get_num_threads() == 1
+            assert torch.get_num_threads() == 1  # the outer run is still inside
+        assert torch.get_num_threads() == 12
+        torch.set_num_threads(2)
+        with module._model_threads(settings) as workers:
+            assert workers == 2
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

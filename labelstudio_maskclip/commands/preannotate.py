@@ -51,6 +51,7 @@ from ..settings import Settings
 
 __all__ = [
     "preannotate",
+    "MAX_MODEL_THREADS",
     "PreannotateResult",
     "Shard",
     "shard_from_env",
@@ -65,6 +66,9 @@ _END = object()  # end of a queue's stream
 _threads_lock = threading.Lock()
 _threads_users: list[int] = []  # runs of this process inside _model_threads
 _threads_before = [1]  # torch's thread count when the first of them started
+#: Model threads side by side on a CPU at most: each holds a batch (its images, window features and PAMR's
+#: planes), so memory grows with them; past this, more cores gain little for the memory they cost.
+MAX_MODEL_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -429,7 +433,8 @@ def _model_threads(settings: Settings) -> Iterator[int]:
     """How many threads run the model side by side. On a CPU, as many as the cores torch would use, each
     op on one core: the pipeline's small ops split over the cores wait for each other at every op, many
     times over when other processes share the cores (measured in BENCHMARKS.md), while whole images side by
-    side do not. Elsewhere one thread. torch's thread count is restored afterwards."""
+    side do not; at most :data:`MAX_MODEL_THREADS`. Elsewhere one thread. torch's thread count is restored
+    afterwards."""
     import torch
 
     from ..engine.loading import resolve_device
@@ -442,7 +447,7 @@ def _model_threads(settings: Settings) -> Iterator[int]:
             _threads_before[0] = torch.get_num_threads()
             torch.set_num_threads(1)  # this thread's and every thread's started from now on
         _threads_users.append(1)
-        workers = _threads_before[0]
+        workers = min(_threads_before[0], MAX_MODEL_THREADS)
     try:
         yield workers
     finally:
