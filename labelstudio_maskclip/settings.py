@@ -1,7 +1,8 @@
 """The one settings object, read from the environment in one place.
 
 Entry points (the CLI, the WSGI app, the trainer process) call :meth:`Settings.from_env` once and pass the
-result down; nothing else in the package reads ``os.environ``. Names follow label-studio-ml where it has
+result down; nothing else in the package reads a setting from ``os.environ`` (what else reads it: torchrun's
+rank variables, where a process runs under torchrun, and copies of the environment for child processes). Names follow label-studio-ml where it has
 one (``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``, ``MODEL_DIR``, ``BASIC_AUTH_*``, ``LOG_LEVEL``); the
 rest are ``MASKCLIP_*``. Every field's environment variable is listed in :data:`ENV`.
 """
