@@ -449,14 +449,14 @@ def test_masks_of_labels_with_predicted_values_are_trained_on(tmp_path):
         tr.train(s, store, load_image=lambda ref, tid: images[ref], teacher=perfect, classes=names, values=values[:2])
 
 
-def test_a_run_for_labels_with_synonyms_reads_the_servers_rows_per_name(tmp_path, clip_file):
+def test_a_run_for_labels_with_synonyms_reads_the_servers_rows_per_name(tmp_path, weights):
     """The run's teacher takes the server's stored text embeddings, one row per name (the store rejects
     anything else), and the student's classifier gets one row per label: its names averaged."""
     from labelstudio_maskclip.embeddings import label_set
     from labelstudio_maskclip.engine.text import synonym_means
     from labelstudio_maskclip.models import text_embedding_store
 
-    s = _settings(tmp_path, model=TINY_VIT, pretrained=str(clip_file), templates="simple")
+    s = _settings(tmp_path, model=TINY_VIT, pretrained=str(weights), templates="simple")
     store = Store(tmp_path)
     images = _fill(store, range(3), annotated={0})
     classes = [("disc", "round thing", "circle"), ("box",), ("ground",)]
