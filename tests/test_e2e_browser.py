@@ -198,11 +198,22 @@ def connect_model(page, backend_url: str) -> None:
     page.get_by_text("Connected", exact=True).wait_for()
     page.get_by_text(backend_url).wait_for()
 
-    page.get_by_role("button", name="Machine learning model options").click()
-    page.get_by_text("Edit", exact=True).click()
-    page.get_by_role("checkbox", name=re.compile(r"^Interactive preannotations")).check()
-    page.get_by_role("button", name="Save machine learning form").click()
-    expect(page.get_by_text("Edit Model")).to_be_hidden()
+    # The edit form fills its fields from the saved model after it opens, which can reset a box ticked too
+    # early (a CI run saved is_interactive=false): tick once the form shows the saved URL, and read what the
+    # save sent back; a form that still reset it is opened and ticked again.
+    for _ in range(3):
+        page.get_by_role("button", name="Machine learning model options").click()
+        page.get_by_text("Edit", exact=True).click()
+        expect(page.locator("input[name=url]")).to_have_value(backend_url)
+        interactive = page.get_by_role("checkbox", name=re.compile(r"^Interactive preannotations"))
+        interactive.check()
+        expect(interactive).to_be_checked()
+        with page.expect_response(lambda r: re.search(r"/api/ml/\d+$", r.url) and r.request.method == "PATCH") as saved:
+            page.get_by_role("button", name="Save machine learning form").click()
+        expect(page.get_by_text("Edit Model")).to_be_hidden()
+        if saved.value.ok and saved.value.json().get("is_interactive"):
+            return
+    raise AssertionError(f"Interactive preannotations did not stay on: {saved.value.status} {saved.value.text()[:300]}")
 
 
 def check_prelabeling(page) -> None:
