@@ -258,6 +258,19 @@ def test_interval_rule_fires_when_due_and_something_is_new(setup, monkeypatch):
     )
 
 
+def test_the_interval_rule_reads_the_clock_when_not_given_a_time(setup, monkeypatch):
+    """As the server's timer calls it (no ``now``): due when the last start is older than the interval."""
+    s, store, model_dir, _ = setup
+    started = []
+    monkeypatch.setattr(trigger, "request_training", lambda settings, reason, **kw: started.append(reason) or True)
+    s2 = s.replace(train_interval_minutes=10)
+    stamp = model_dir / "train.last"
+    stamp.touch()
+    assert trigger.maybe_interval(s2, store) is False and started == []  # started a moment ago
+    os.utime(stamp, (time.time() - 11 * 60, time.time() - 11 * 60))
+    assert trigger.maybe_interval(s2, store) is True and started == ["interval 10 min"]
+
+
 class _FakeTrainer:
     """Stands in for the trainer process: records how it was started, exits at once."""
 
