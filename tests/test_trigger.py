@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -305,6 +306,24 @@ def test_request_training_starts_one_detached_trainer_with_the_labels(setup, mon
     assert trigger.request_training(s, "again")  # no trainer holds the lock: a new one starts
     ((cmd, _),) = _FakeTrainer.calls
     assert "--classes-json" not in cmd and "--background" not in cmd and "--project" not in cmd
+
+
+def test_a_started_trainer_is_waited_for_by_a_daemon_thread_named_for_it(setup, monkeypatch):
+    """The server reaps each trainer it starts (no zombie once it exits) in a thread of its own that never
+    keeps the server from exiting, named for the trainer's pid in thread dumps."""
+    s = setup[0]
+    waited = []
+
+    class Trainer(_FakeTrainer):
+        def wait(self):
+            me = threading.current_thread()
+            waited.append((me.name, me.daemon, me is threading.main_thread()))
+            return 0
+
+    monkeypatch.setattr(jobs.subprocess, "Popen", Trainer)
+    assert trigger.request_training(s, "reaped")
+    _wait(lambda: waited, 10, "the reaper to wait for the trainer")
+    assert waited == [("reap-trainer-4242", True, False)]
 
 
 def test_request_training_refuses_while_the_lock_is_held(setup, monkeypatch):
