@@ -48,6 +48,8 @@ def test_loss_raw_and_smoothed_and_the_candidates_miou_against_teacher_and_serve
     )
     assert png.shape[:2] == (320, 800)  # 10 x 4 inches at 80 dpi
     ax1, ax2 = fig.axes
+    left, right = ax1.get_position(), ax2.get_position()
+    assert left.y0 == right.y0 and left.x1 < right.x0  # side by side: loss on the left, mIoU on the right
     raw, smooth = ax1.get_lines()
     np.testing.assert_array_equal(raw.get_xdata(), np.arange(1, 41))
     np.testing.assert_allclose(raw.get_ydata(), loss)
