@@ -136,3 +136,10 @@ def test_the_registry_folder_is_made_on_first_promotion(tmp_path):
     model_dir = tmp_path / "not" / "yet"
     assert ck.promote(model_dir, _payload()) == "maskclip+-1"
     assert ck.rollback(tmp_path / "empty", "maskclip") == "maskclip"
+
+
+def test_a_checkpoint_is_read_onto_the_device_asked_for(tmp_path):
+    version = ck.promote(tmp_path, _payload())
+    assert ck.read_checkpoint(ck.checkpoint_path(tmp_path, version))["state_dict"]["w"].device.type == "cpu"
+    on_meta = ck.read_checkpoint(ck.checkpoint_path(tmp_path, version), map_location="meta")
+    assert on_meta["state_dict"]["w"].device.type == "meta" and on_meta["embeddings"].device.type == "meta"
