@@ -1,4 +1,6 @@
-"""The SQLite store: schema, ordering rules, training marks, crash safety, concurrent writers."""
+"""The store: schema, ordering rules, training marks, crash safety, concurrent writers. Every test of the
+store's behaviour runs twice, on SQLite and on PostgreSQL (the ``store_url`` fixture, tests/postgres.py); the
+tests of SQLite's own settings (WAL, fsync, corruption codes) run on SQLite."""
 
 from __future__ import annotations
 
@@ -47,7 +49,12 @@ def write(
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
+def store(store_url: str) -> Store:
+    return Store(store_url)
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path) -> Store:
     return Store(tmp_path / "model_dir")
 
 
@@ -67,7 +74,8 @@ def test_schema_is_created_once_and_versioned(tmp_path: Path) -> None:
         Store(tmp_path)
 
 
-def test_connections_are_durable_and_wait_for_locks(store: Store) -> None:
+def test_connections_are_durable_and_wait_for_locks(sqlite_store: Store) -> None:
+    store = sqlite_store
     conn = store._conn()
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 30_000
@@ -217,9 +225,9 @@ def expected_masks(i: int) -> dict[str, np.ndarray]:
     return {f"label{k}": rng.random((48, 64)) > 0.7 for k in range(1 + i % 3)}
 
 
-def writer_script(tmp_path: Path, db: Path) -> Path:
+def writer_script(tmp_path: Path, location: str) -> Path:
     script = tmp_path / "writer.py"
-    script.write_text(WRITER.format(repo=str(REPO), path=str(db)))
+    script.write_text(WRITER.format(repo=str(REPO), path=location))
     return script
 
 
@@ -233,8 +241,8 @@ def assert_acknowledged(store: Store, acknowledged: list[int]) -> None:
             np.testing.assert_array_equal(samples[i].masks[label], mask)
 
 
-def test_writer_killed_mid_transaction_leaves_a_consistent_store(tmp_path: Path) -> None:
-    db = tmp_path / "store.sqlite3"
+def test_writer_killed_mid_transaction_leaves_a_consistent_store(tmp_path: Path, store_url: str) -> None:
+    db = store_url
     Store(db)
     script = writer_script(tmp_path, db)
     rng = random.Random(1)
@@ -263,8 +271,8 @@ def test_writer_killed_mid_transaction_leaves_a_consistent_store(tmp_path: Path)
     assert_acknowledged(store, acknowledged)
 
 
-def test_concurrent_writers_all_succeed(tmp_path: Path) -> None:
-    db = tmp_path / "store.sqlite3"  # not created yet: the writers race to create the schema too
+def test_concurrent_writers_all_succeed(tmp_path: Path, store_url: str) -> None:
+    db = store_url  # not created yet (an empty database): the writers race to create the schema too
     script = writer_script(tmp_path, db)
     procs = [
         subprocess.Popen(
@@ -291,7 +299,8 @@ def test_public_surface() -> None:
     assert all(hasattr(store_module, name) for name in store_module.__all__)
 
 
-def test_check_reports_mask_rows_that_disagree_with_their_annotation(store: Store) -> None:
+def test_check_reports_mask_rows_that_disagree_with_their_annotation(sqlite_store: Store) -> None:
+    store = sqlite_store
     store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4), "dog": disc(20, 30, 5, 20, 3)}))
     store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)}))
     assert store.check() == []
@@ -382,7 +391,8 @@ def test_the_durability_setting_reaches_every_connection(tmp_path: Path) -> None
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
 
 
-def test_close_closes_this_threads_connection_and_the_next_use_reopens(store: Store) -> None:
+def test_close_closes_this_threads_connection_and_the_next_use_reopens(sqlite_store: Store) -> None:
+    store = sqlite_store
     conn = store._conn()
     store.close()
     with pytest.raises(sqlite3.ProgrammingError):
