@@ -190,7 +190,6 @@ LONG_FUNCTIONS_LEFT = {
     "engine/loading.py:load_clip",
     "engine/segmenter.py:_finalize",
     "evaluation/evaluate.py:run_eval",
-    "learning/store.py:put_annotation",
 }
 
 

@@ -19,13 +19,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from ..errors import Unavailable
 from .backends import Backend, Connection
 
 __all__ = ["Migration", "MIGRATIONS", "SCHEMA_VERSION", "migrate", "applied", "NewerSchema"]
 
 
-class NewerSchema(Exception):
-    """The store was migrated by newer code than this; the message names both versions."""
+class NewerSchema(Unavailable):
+    """The store was migrated by newer code than this; the message names both versions (the store reports it
+    as a :class:`~labelstudio_maskclip.learning.store.StoreError`)."""
 
 
 @dataclass(frozen=True)

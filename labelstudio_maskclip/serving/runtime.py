@@ -110,7 +110,7 @@ class Runtime:
             if self._store is None:
                 from ..learning.store import Store
 
-                self._store = Store(Path(self.settings.model_dir))
+                self._store = Store.from_settings(self.settings)
             return self._store
 
     def store_damage(self) -> str:
