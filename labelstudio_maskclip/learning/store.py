@@ -370,8 +370,8 @@ class Store:
             raise StoreError(
                 f"{self.location} has {exc}: upgrade labelstudio-maskclip or point the store elsewhere"
             ) from None
-        if done:
-            log.info("store %s: schema migrations %s applied", self.location, done)
+        if done:  # a new store gets them all (quietly); an existing one is upgraded (told)
+            log.log(logging.DEBUG if done[0] == 1 else logging.INFO, "store %s: migrations %s", self.location, done)
 
     def schema_version(self) -> int:
         """The newest schema migration applied to this store."""
