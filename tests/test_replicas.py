@@ -163,6 +163,12 @@ def _serves(backend: Backend, task: dict, version: str) -> None:
     assert backend.master_pid == pid and backend.proc.poll() is None
 
 
+def _trainers(model_dir: Path) -> list[str]:
+    """The trainers' logs (``MODEL_DIR/runs/train-*.log``) of those that took the training lock and trained."""
+    logs = (model_dir / "runs").glob("train-*.log")
+    return [p.name for p in logs if "training starts" in p.read_text(errors="replace")]
+
+
 def test_one_training_run_however_many_instances_are_asked_and_both_serve_the_student(
     label_studio, replicas, annotated
 ):
@@ -170,7 +176,7 @@ def test_one_training_run_however_many_instances_are_asked_and_both_serve_the_st
     store = _store(model_dir)
     runs_before = len(store.training_runs())
     label_studio.api().train(replicas["ml"]["id"])  # START_TRAINING through the proxy to one instance
-    wait_for(lambda: list((model_dir / "runs").glob("train-*.log")), 60, "a trainer started")
+    wait_for(lambda: _trainers(model_dir), 120, "a trainer holding the training lock")
     body = {"action": "START_TRAINING", "project": {"id": replicas["project"]["id"], "label_config": CONFIG}}
     for backend in instances:  # asked again on each instance while it runs: refused, not run twice
         reply = requests.post(backend.url + "/webhook", json=body, timeout=30)
@@ -180,7 +186,7 @@ def test_one_training_run_however_many_instances_are_asked_and_both_serve_the_st
     version = ck.current_version(model_dir)
     assert version is not None
     assert len(store.training_runs()) == runs_before + 1
-    assert len(list((model_dir / "runs").glob("train-*.log"))) == 1  # one trainer started, by one instance
+    assert len(_trainers(model_dir)) == 1  # one trainer ran, started by one instance
     assert [m["version"] for m in ck.history(model_dir)] == [version]
     for backend in instances:
         for task in replicas["tasks"][:2]:
