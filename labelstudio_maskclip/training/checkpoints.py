@@ -33,13 +33,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import Unavailable
 from ..files import fsync_dir as _fsync_dir
 from ..files import write_atomic
-from ..learning.store import Store, StoreError, shared_store
 from ..settings import Settings, redact
+
+if TYPE_CHECKING:
+    from ..learning.store import Store
 
 __all__ = [
     "FORMAT",
@@ -79,8 +81,12 @@ def models_dir(model_dir: Where) -> Path:
 
 
 def _shared_store(where: Where) -> Store | None:
-    """The PostgreSQL store of ``where``, None for files only."""
-    return shared_store(where) if isinstance(where, Settings) else None
+    """The PostgreSQL store of ``where``, None for files only (the store's code is imported only then)."""
+    if not isinstance(where, Settings) or not where.store_url:
+        return None
+    from ..learning.store import shared_store
+
+    return shared_store(where)
 
 
 def _point(where: Where, version: str | None) -> None:
@@ -100,7 +106,7 @@ def current_version(model_dir: Where) -> str | None:
     try:
         store = _shared_store(model_dir)
         value = store.get_state(SERVED_KEY) if store is not None else None
-    except StoreError as e:
+    except Unavailable as e:  # the store's StoreError: it cannot be reached now
         log.warning("the served version is read from %s: %s", models_dir(model_dir) / _POINTER, e)
         value = None
     if value is not None:
