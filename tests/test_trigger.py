@@ -155,9 +155,10 @@ def test_on_a_postgresql_store_the_trainer_holds_the_lock_for_every_instance_unt
         held.close()
         return False
 
-    assert trigger.request_training(s, "test long run")
-    _wait(lambda: "step 1/100000" in _log_text(model_dir), 90, "the trainer's first step")
     other_instance = s.replace(model_dir=str(model_dir.parent / "other-instance"))
+    assert trigger.request_training(s, "test long run")
+    assert not trigger.request_training(other_instance, "another instance")  # held, then handed over: no gap
+    _wait(lambda: "step 1/100000" in _log_text(model_dir), 90, "the trainer's first step")
     assert running() and not trigger.request_training(other_instance, "another instance")
     pid = int(re.search(r"training starts \(reason: test long run, pid (\d+)\)", _log_text(model_dir)).group(1))
     os.kill(pid, signal.SIGKILL)

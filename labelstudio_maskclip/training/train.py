@@ -309,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service", action="store_true", help="log lines instead of a progress bar (trigger)")
     p.add_argument("--reason", default="manual", help="why this run started (logged)")
     p.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)  # inherited locked train.lock (trigger)
+    p.add_argument("--lock-wait", action="store_true", help=argparse.SUPPRESS)  # advisory lock handed over (trigger)
     return p
 
 
@@ -332,20 +333,23 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         resume=args.resume,
         progress=not args.service,
     )
-    return run_job(s, job, reason=args.reason, lock_fd=args.lock_fd)
+    return run_job(s, job, reason=args.reason, lock_fd=args.lock_fd, lock_wait=args.lock_wait)
 
 
-def run_job(settings: Settings, job: TrainJob, *, reason: str = "manual", lock_fd: int | None = None) -> int:
+def run_job(
+    settings: Settings, job: TrainJob, *, reason: str = "manual", lock_fd: int | None = None, lock_wait: bool = False
+) -> int:
     """One training in this process, holding the training lock (rank 0; ``lock_fd``: a descriptor of
-    ``MODEL_DIR/train.lock`` already locked by the trigger; else taken here: :mod:`..learning.locks`). Prints
-    the outcome as one JSON line. Returns the exit status: 0 done, 3 another training holds the lock."""
+    ``MODEL_DIR/train.lock`` already locked by the trigger; else taken here, :mod:`..learning.locks`:
+    ``lock_wait``, waiting for the trigger to hand it over, else only if free). Prints the outcome as one JSON
+    line. Returns the exit status: 0 done, 3 another training holds the lock."""
     from ..learning.store import Store
     from .trigger import acquire_training_lock
 
     s = settings
     lock = None
     if int(os.environ.get("RANK", "0")) == 0:  # torchrun's rank: only rank 0 holds the lock
-        lock = os.fdopen(lock_fd, "a") if lock_fd is not None else acquire_training_lock(s)
+        lock = os.fdopen(lock_fd, "a") if lock_fd is not None else acquire_training_lock(s, wait=lock_wait)
         if lock is None:
             log.error("another training holds the training lock; not starting")
             return 3
