@@ -219,13 +219,7 @@ class LabelStudioAPI:
                                 unlabeled=unlabeled, predicted=predicted)  # fmt: skip
             params = {"project": project_id, "page": 1, "page_size": page_size, "query": json.dumps(query)}
             params.update({"fields": "all"} if full else {"fields": "task_only", "include": fields})
-            try:
-                body = self.request("GET", "/api/tasks", params=params)
-            except LabelStudioAPIError as e:
-                if e.status == 404:  # an empty result set answers 404 for page 1 on some versions
-                    return
-                raise
-            tasks = body.get("tasks", []) if isinstance(body, dict) else body
+            tasks = self._tasks_page(params)
             if not tasks:
                 return
             yield tasks
@@ -378,19 +372,24 @@ class LabelStudioAPI:
         while True:
             params = {"project": project_id, "page": page, "page_size": page_size, "fields": "all" if full else
                       "task_only", "query": json.dumps(query)}  # fmt: skip
-            try:
-                body = self.request("GET", "/api/tasks", params=params)
-            except LabelStudioAPIError as e:
-                if e.status == 404:
-                    return
-                raise
-            tasks = body.get("tasks", []) if isinstance(body, dict) else body
+            tasks = self._tasks_page(params)
             if not tasks:
                 return
             yield tasks
             if len(tasks) < page_size:
                 return
             page += 1
+
+    def _tasks_page(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """One page of ``GET /api/tasks`` with ``params``: its tasks, [] past the last page (some versions
+        answer page 1 of an empty result set with 404)."""
+        try:
+            body = self.request("GET", "/api/tasks", params=params)
+        except LabelStudioAPIError as e:
+            if e.status == 404:
+                return []
+            raise
+        return body.get("tasks", []) if isinstance(body, dict) else body
 
     def delete_prediction(self, prediction_id: int) -> None:
         """``DELETE /api/predictions/{id}``; one already gone counts as deleted."""
