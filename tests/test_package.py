@@ -143,7 +143,9 @@ def test_the_readmes_layout_lists_every_unit_once_lowest_first():
     units = [name.rstrip("/") for names in named for name in names]
     assert sorted(units) == sorted(_unit_graph()), "README.md's layout names every subpackage and top module once"
     layer_of = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
-    spans = [(min(layer_of[n.rstrip("/")] for n in names), max(layer_of[n.rstrip("/")] for n in names)) for names in named]
+    spans = [
+        (min(layer_of[n.rstrip("/")] for n in names), max(layer_of[n.rstrip("/")] for n in names)) for names in named
+    ]
     assert all(before[1] <= after[0] for before, after in zip(spans, spans[1:])), "lowest layer first"
 
 
@@ -220,7 +222,9 @@ def test_functions_fit_on_a_screen():
 
 #: Third-party packages heavy enough to import only where used (seconds and hundreds of MiB: torch and what
 #: builds on it), or optional, or needed by one entry point only (``a2wsgi``: gunicorn's worker).
-HEAVY = frozenset({"torch", "torchvision", "open_clip", "cv2", "pycocotools", "matplotlib", "label_studio_sdk", "a2wsgi"})
+HEAVY = frozenset(
+    {"torch", "torchvision", "open_clip", "cv2", "pycocotools", "matplotlib", "label_studio_sdk", "a2wsgi"}
+)
 #: Modules whose imports inside functions need no other reason: the command line loads each command's modules
 #: when that command runs (``--help`` and a light command start in a fraction of a second), and the package's
 #: public names load on first use (PEP 562).
@@ -237,7 +241,9 @@ def _targets(node: ast.Import | ast.ImportFrom, module: str, is_package: bool) -
     """What an import statement loads: modules of this package (``"engine.text"``; a package's
     ``__init__`` by the package's name), and other packages by their root (``"torch"``, ``"json"``)."""
     if isinstance(node, ast.Import):
-        return [a.name.removeprefix(_PREFIX) if a.name.startswith(_PREFIX) else a.name.split(".")[0] for a in node.names]
+        return [
+            a.name.removeprefix(_PREFIX) if a.name.startswith(_PREFIX) else a.name.split(".")[0] for a in node.names
+        ]
     if not node.level and not (node.module or "").startswith(_PREFIX):
         root = (node.module or "").split(".")[0]
         return [] if root == "__future__" else [root]
@@ -251,7 +257,9 @@ def _targets(node: ast.Import | ast.ImportFrom, module: str, is_package: bool) -
     out = []
     for alias in node.names:  # `from . import x` / `from .engine import prompts`: a submodule, else the module
         sub = PACKAGE.joinpath(*parts, alias.name)
-        out.append(".".join([*parts, alias.name]) if sub.with_suffix(".py").exists() or sub.is_dir() else ".".join(parts))
+        out.append(
+            ".".join([*parts, alias.name]) if sub.with_suffix(".py").exists() or sub.is_dir() else ".".join(parts)
+        )
     return [o if o else "__init__" for o in out]
 
 
@@ -302,13 +310,15 @@ def _loads(direct: dict[str, set[str]], start: str) -> set[str]:
 def test_an_import_inside_a_function_has_a_reason():
     """An import stays inside a function only to spare the module's importers a heavy dependency (:data:`HEAVY`)
     it does not load at its top, to break a cycle (the imported module loads this one), or in a module that
-    loads lazily on purpose (:data:`LAZY_MODULES`). Else it goes to the top, where a reader looks for it."""
+    loads lazily on purpose (:data:`LAZY_MODULES`); never for the standard library or a module this one loads
+    at its top anyway. Else it goes to the top, where a reader looks for it."""
     direct, lazy = _import_graph()
     loads = {module: _loads(direct, module) for module in direct}
     unjustified = []
     for module, function, target, line in lazy:
         spared = (loads.get(target, {target}) - loads[module]) & HEAVY
         cycle = module in loads.get(target, set())
-        if not (spared or cycle or module in LAZY_MODULES):
+        pointless = target in sys.stdlib_module_names or target in loads[module]
+        if pointless or not (spared or cycle or module in LAZY_MODULES):
             unjustified.append(f"{module}:{line} {function}: {target}")
     assert unjustified == [], "move these imports to the top of their module"

@@ -21,6 +21,9 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import requests
+from requests.adapters import HTTPAdapter
+
 from ..errors import Unavailable
 from ..fetching.images import ImageFetcher
 from ..settings import Settings
@@ -93,8 +96,6 @@ def model_versions_of(task: Mapping[str, Any]) -> list[str]:
 
 def _never_sent(error: Exception) -> bool:
     """True when a requests exception happened before the request could reach the server."""
-    import requests
-
     if isinstance(error, requests.exceptions.ConnectTimeout):
         return True
     if isinstance(error, requests.exceptions.ConnectionError):
@@ -112,8 +113,6 @@ class LabelStudioAPI:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        import requests
-        from requests.adapters import HTTPAdapter
 
         self.session = requests.Session()
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=16)
@@ -127,8 +126,6 @@ class LabelStudioAPI:
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """JSON of ``method path``. Retries as the module docstring says; one more try after refreshing a
         personal access token on 401."""
-        import requests
-
         url = self.url + path
         extra_headers = kwargs.pop("headers", None) or {}
         write = method.upper() not in ("GET", "HEAD", "OPTIONS")
