@@ -239,7 +239,7 @@ def _source_store(args: argparse.Namespace, s: Settings, tmp: str):
         store = Store(Path(tmp))
         backfill_from_api(LabelStudioAPI.from_settings(s), args.project, store)
         return store
-    return Store(Path(s.model_dir))
+    return Store.from_settings(s)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -262,7 +262,7 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     from .learning.store import Store
 
     s = _settings(args)
-    store = Store(Path(s.model_dir))
+    store = Store.from_settings(s)
     if args.export:
         config = Path(args.label_config).read_text() if args.label_config else None
         result = backfill_from_export(args.export, store, label_config=config, project_id=args.project)
@@ -279,7 +279,7 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
 def _cmd_stats(args: argparse.Namespace) -> int:
     from .learning.store import Store
 
-    store = Store(Path(_settings(args).model_dir))
+    store = Store.from_settings(_settings(args))
     print(json.dumps({
         "acceptance": store.acceptance_stats(args.project),
         "annotations_since_training": store.count_since_last_training(args.project),
@@ -313,7 +313,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_history(args: argparse.Namespace) -> int:
     from .training.checkpoints import history
 
-    rows = history(Path(_settings(args).model_dir))
+    rows = history(_settings(args))
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
@@ -330,7 +330,7 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     from .training.checkpoints import rollback
 
     s = _settings(args)
-    version = rollback(Path(s.model_dir), args.version)
+    version = rollback(s, args.version)
     print(f"now serving {version}")
     from .training.rescoring import start_rescore
 

@@ -24,7 +24,7 @@ import numpy as np
 from ..deadline import NO_DEADLINE, Deadline
 from ..engine.names import ClassNames
 from ..fetching.images import ImageFetcher
-from ..learning.store import Store
+from ..learning.store import Store, shared_store
 from ..models import (
     embedding_identity,
     pipeline_description,
@@ -34,7 +34,7 @@ from ..models import (
     text_width,
 )
 from ..settings import Settings
-from ..training.checkpoints import current_checkpoint, current_version
+from ..training.checkpoints import checkpoint_path, current_version
 from .followups import FollowUps, record_parent_prediction
 
 if TYPE_CHECKING:
@@ -115,7 +115,8 @@ class Runtime:
     def store(self) -> Store:
         with self._lock:
             if self._store is None:
-                self._store = Store(Path(self.settings.model_dir))
+                # a PostgreSQL store: the process's one (the served-version pointer reads it too)
+                self._store = shared_store(self.settings) or Store.from_settings(self.settings)
             return self._store
 
     def store_damage(self) -> str:
@@ -292,7 +293,7 @@ class Runtime:
     def student_version(self) -> str | None:
         """Version of the promoted student, read from MODEL_DIR on every call (cheap), so every worker
         switches to a newly promoted model without a restart."""
-        return current_version(Path(self.settings.model_dir))
+        return current_version(self.settings)
 
     def model_for(self, classes: Sequence[Sequence[str]], *, load: bool = True) -> tuple[str, Segmenter | None]:
         """(model_version, model) to serve for these classes (names per label, in order): the promoted
@@ -312,11 +313,8 @@ class Runtime:
             if self._student is None or self._student[0] != version:
                 from ..training.student import load_student
 
-                try:
-                    path = current_checkpoint(Path(self.settings.model_dir))
-                    if path is None:
-                        raise FileNotFoundError("the promoted checkpoint is gone")
-                    model = load_student(path, self.settings.device)
+                try:  # this version's own file: the pointer may have moved on since it was read
+                    model = load_student(checkpoint_path(Path(self.settings.model_dir), version), self.settings.device)
                     log.info("serving student %s for labels %s", version, model.labels)
                 except Exception as e:  # a damaged file must not take serving down
                     log.error("student %s cannot be loaded (%s): serving MaskCLIP; `labelstudio-maskclip "

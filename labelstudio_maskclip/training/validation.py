@@ -104,7 +104,7 @@ def student_predictor(model: StudentModel, opts: Any, classes: Sequence, backgro
 
 def current_student(s: Settings, classes: Sequence, background: Sequence, device: torch.device) -> StudentModel | None:
     """The served student if it exists, loads and has these labels (in any order); else None."""
-    path = current_checkpoint(s.model_dir)
+    path = current_checkpoint(s)
     if path is None:
         return None
     try:
