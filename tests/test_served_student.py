@@ -55,6 +55,19 @@ def test_a_promoted_student_is_loaded_once_per_version(tmp_path, weights):
     assert version == second and again is not model and again.version == second
 
 
+def test_the_student_loaded_for_a_version_is_that_versions_checkpoint(tmp_path, weights):
+    """A worker that read version ``first`` from the pointer loads ``first``'s checkpoint even when a promotion
+    has moved the pointer since: the answer's model version names the model that made it."""
+    rt = Runtime(_settings(tmp_path, weights))
+    emb = _embeddings(3)
+    first = _promote(tmp_path, constant_student(emb, 1), BRUSH_CLASSES)
+    second = _promote(tmp_path, constant_student(emb, 2), BRUSH_CLASSES)
+    assert rt.student_version() == second
+    model = rt._load_student(first)  # as model_for does right after reading ``first``
+    assert model is not None and model.version == first
+    assert (model.segment([synthetic(1)[0]], BRUSH_CLASSES)[0].labels == 1).all()  # first's answer: "Food"
+
+
 def test_a_promoted_checkpoint_that_cannot_load_serves_the_teacher(tmp_path, weights, caplog):
     rt = Runtime(_settings(tmp_path, weights))
     version = _promote(tmp_path, constant_student(_embeddings(3), 1), BRUSH_CLASSES)

@@ -312,14 +312,12 @@ class Runtime:
         """The promoted student, loaded once per version; None (MaskCLIP is served) if it cannot load."""
         with self._lock:
             if self._student is None or self._student[0] != version:
-                from ..training.checkpoints import current_checkpoint
+                from ..training.checkpoints import checkpoint_path
                 from ..training.student import load_student
 
                 try:
-                    path = current_checkpoint(Path(self.settings.model_dir))
-                    if path is None:
-                        raise FileNotFoundError("the promoted checkpoint is gone")
-                    model = load_student(path, self.settings.device)
+                    # The checkpoint of ``version`` itself: the pointer, read again, may name a newer promotion.
+                    model = load_student(checkpoint_path(Path(self.settings.model_dir), version), self.settings.device)
                     log.info("serving student %s for labels %s", version, model.labels)
                 except Exception as e:  # a damaged file must not take serving down
                     log.error("student %s cannot be loaded (%s): serving MaskCLIP; `labelstudio-maskclip "
