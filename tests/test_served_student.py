@@ -55,19 +55,6 @@ def test_a_promoted_student_is_loaded_once_per_version(tmp_path, weights):
     assert version == second and again is not model and again.version == second
 
 
-def test_the_student_loaded_for_a_version_is_that_versions_checkpoint(tmp_path, weights):
-    """A worker that read version ``first`` from the pointer loads ``first``'s checkpoint even when a promotion
-    has moved the pointer since: the answer's model version names the model that made it."""
-    rt = Runtime(_settings(tmp_path, weights))
-    emb = _embeddings(3)
-    first = _promote(tmp_path, constant_student(emb, 1), BRUSH_CLASSES)
-    second = _promote(tmp_path, constant_student(emb, 2), BRUSH_CLASSES)
-    assert rt.student_version() == second
-    model = rt._load_student(first)  # as model_for does right after reading ``first``
-    assert model is not None and model.version == first
-    assert (model.segment([synthetic(1)[0]], BRUSH_CLASSES)[0].labels == 1).all()  # first's answer: "Food"
-
-
 def test_a_promoted_checkpoint_that_cannot_load_serves_the_teacher(tmp_path, weights, caplog):
     rt = Runtime(_settings(tmp_path, weights))
     version = _promote(tmp_path, constant_student(_embeddings(3), 1), BRUSH_CLASSES)
@@ -85,3 +72,34 @@ def test_an_unsaved_student_says_so_and_a_wrong_class_count_is_named():
         model.segment([synthetic(1)[0]], [("Dog",), ("Food",), ("Sky",)])
     with pytest.raises(StudentError, match="student has 3 classes but 2 labels \\+ 0 background were given"):
         StudentModel(constant_student(emb, 0), BRUSH_CLASSES[:2])
+
+
+def test_a_version_is_loaded_from_its_own_checkpoint_when_the_pointer_moved_on(tmp_path, weights):
+    """Another instance may promote between this worker's read of the pointer and its load: the version it
+    read is loaded from that version's file, so its answers and the version it names never disagree."""
+    rt = Runtime(_settings(tmp_path, weights))
+    emb = _embeddings(3)
+    first = _promote(tmp_path, constant_student(emb, 1), BRUSH_CLASSES)
+    second = _promote(tmp_path, constant_student(emb, 2), BRUSH_CLASSES)
+    assert ck.current_version(tmp_path) == second
+    model = rt._load_student(first)
+    assert model is not None and model.version == first
+    assert rt.model_for(BRUSH_CLASSES, load=False)[1].version == second  # the next request follows the pointer
+
+
+def test_instances_sharing_a_model_dir_follow_each_others_promotions_and_rollbacks(tmp_path, weights):
+    """Two runtimes (two instances, or two workers) over one MODEL_DIR: what one promotes or rolls back, the
+    other serves on its next call, without a restart; a student it had loaded is dropped."""
+    here, there = Runtime(_settings(tmp_path, weights)), Runtime(_settings(tmp_path, weights))
+    teacher = here.teacher_version()
+    assert here.model_for(BRUSH_CLASSES, load=False)[0] == there.model_for(BRUSH_CLASSES, load=False)[0] == teacher
+    emb = _embeddings(3)
+    first = _promote(tmp_path, constant_student(emb, 1), BRUSH_CLASSES)
+    served = [rt.model_for(BRUSH_CLASSES, load=False) for rt in (here, there)]
+    assert [(v, m.version) for v, m in served] == [(first, first)] * 2
+    second = _promote(tmp_path, constant_student(emb, 2), BRUSH_CLASSES)
+    assert [rt.model_for(BRUSH_CLASSES, load=False)[1].version for rt in (here, there)] == [second] * 2
+    ck.rollback(tmp_path, first)
+    assert [rt.model_for(BRUSH_CLASSES, load=False)[1].version for rt in (here, there)] == [first] * 2
+    ck.rollback(tmp_path, "maskclip")
+    assert [rt.model_for(BRUSH_CLASSES, load=False) for rt in (here, there)] == [(teacher, None)] * 2

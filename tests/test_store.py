@@ -1,4 +1,6 @@
-"""The SQLite store: schema, ordering rules, training marks, crash safety, concurrent writers."""
+"""The store: schema, ordering rules, training marks, crash safety, concurrent writers. Every test of the
+store's behaviour runs twice, on SQLite and on PostgreSQL (the ``store_url`` fixture, tests/postgres.py); the
+tests of SQLite's own settings (WAL, fsync, corruption codes) run on SQLite."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from labelstudio_maskclip.learning import migrations
 from labelstudio_maskclip.learning import store as store_module
 from labelstudio_maskclip.learning.store import (
     SCHEMA_VERSION,
@@ -47,7 +50,12 @@ def write(
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
+def store(store_url: str) -> Store:
+    return Store(store_url)
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path) -> Store:
     return Store(tmp_path / "model_dir")
 
 
@@ -67,7 +75,8 @@ def test_schema_is_created_once_and_versioned(tmp_path: Path) -> None:
         Store(tmp_path)
 
 
-def test_connections_are_durable_and_wait_for_locks(store: Store) -> None:
+def test_connections_are_durable_and_wait_for_locks(sqlite_store: Store) -> None:
+    store = sqlite_store
     conn = store._conn()
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 30_000
@@ -217,9 +226,9 @@ def expected_masks(i: int) -> dict[str, np.ndarray]:
     return {f"label{k}": rng.random((48, 64)) > 0.7 for k in range(1 + i % 3)}
 
 
-def writer_script(tmp_path: Path, db: Path) -> Path:
+def writer_script(tmp_path: Path, location: str) -> Path:
     script = tmp_path / "writer.py"
-    script.write_text(WRITER.format(repo=str(REPO), path=str(db)))
+    script.write_text(WRITER.format(repo=str(REPO), path=location))
     return script
 
 
@@ -233,8 +242,8 @@ def assert_acknowledged(store: Store, acknowledged: list[int]) -> None:
             np.testing.assert_array_equal(samples[i].masks[label], mask)
 
 
-def test_writer_killed_mid_transaction_leaves_a_consistent_store(tmp_path: Path) -> None:
-    db = tmp_path / "store.sqlite3"
+def test_writer_killed_mid_transaction_leaves_a_consistent_store(tmp_path: Path, store_url: str) -> None:
+    db = store_url
     Store(db)
     script = writer_script(tmp_path, db)
     rng = random.Random(1)
@@ -263,8 +272,8 @@ def test_writer_killed_mid_transaction_leaves_a_consistent_store(tmp_path: Path)
     assert_acknowledged(store, acknowledged)
 
 
-def test_concurrent_writers_all_succeed(tmp_path: Path) -> None:
-    db = tmp_path / "store.sqlite3"  # not created yet: the writers race to create the schema too
+def test_concurrent_writers_all_succeed(tmp_path: Path, store_url: str) -> None:
+    db = store_url  # not created yet (an empty database): the writers race to create the schema too
     script = writer_script(tmp_path, db)
     procs = [
         subprocess.Popen(
@@ -291,7 +300,8 @@ def test_public_surface() -> None:
     assert all(hasattr(store_module, name) for name in store_module.__all__)
 
 
-def test_check_reports_mask_rows_that_disagree_with_their_annotation(store: Store) -> None:
+def test_check_reports_mask_rows_that_disagree_with_their_annotation(sqlite_store: Store) -> None:
+    store = sqlite_store
     store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4), "dog": disc(20, 30, 5, 20, 3)}))
     store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)}))
     assert store.check() == []
@@ -382,7 +392,8 @@ def test_the_durability_setting_reaches_every_connection(tmp_path: Path) -> None
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
 
 
-def test_close_closes_this_threads_connection_and_the_next_use_reopens(store: Store) -> None:
+def test_close_closes_this_threads_connection_and_the_next_use_reopens(sqlite_store: Store) -> None:
+    store = sqlite_store
     conn = store._conn()
     store.close()
     with pytest.raises(sqlite3.ProgrammingError):
@@ -438,3 +449,103 @@ def test_a_store_found_damaged_refuses_reads_and_writes_and_says_how_to_recover(
         store.labels()
     with pytest.raises(store_module.StoreDamaged):
         list(store.accepted_samples())
+
+
+# --- schema migrations ---------------------------------------------------------------------------------
+
+
+def _versions(store: Store) -> list[tuple[int, float]]:
+    with store._read() as conn:
+        return [tuple(r) for r in conn.execute("SELECT version, applied_at FROM schema_version ORDER BY version")]
+
+
+def test_migrations_are_recorded_once_in_order(store_url: str) -> None:
+    first = Store(store_url)
+    recorded = _versions(first)
+    assert [v for v, _ in recorded] == list(range(1, SCHEMA_VERSION + 1)) and first.schema_version() == SCHEMA_VERSION
+    assert _versions(Store(store_url)) == recorded  # reopening applies nothing again
+
+
+def test_a_new_migration_is_applied_once_to_an_existing_store(store_url: str, monkeypatch) -> None:
+    store = Store(store_url)
+    store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
+    extra = migrations.Migration(SCHEMA_VERSION + 1, "a test table", "CREATE TABLE IF NOT EXISTS extra (x {int})")
+    monkeypatch.setattr(migrations, "MIGRATIONS", (*migrations.MIGRATIONS, extra))
+    monkeypatch.setattr(migrations, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    newer = Store(store_url)
+    assert newer.schema_version() == SCHEMA_VERSION + 1 and newer.annotation(1)["labels"] == ["cat"]
+    with newer._write() as conn:
+        conn.execute("INSERT INTO extra (x) VALUES (?)", (2**40,))  # {int} is 64 bits on both
+    assert [v for v, _ in _versions(Store(store_url))] == list(range(1, SCHEMA_VERSION + 2))
+
+
+def test_a_store_migrated_by_newer_code_is_refused(store_url: str) -> None:
+    store = Store(store_url)
+    with store._write() as conn:
+        conn.execute("INSERT INTO schema_version(version, summary, applied_at) VALUES (?, 'future', 0)",
+                     (SCHEMA_VERSION + 1,))  # fmt: skip
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}, newer than this code"):
+        Store(store_url)
+
+
+def test_a_store_of_schema_1_written_before_versioned_migrations_opens_without_loss(tmp_path: Path) -> None:
+    """tests/data/store-schema1.sqlite3 was written by the code of schema 1 (tests/data/README.md)."""
+    db = tmp_path / "model_dir" / store_module.DB_FILE_NAME
+    db.parent.mkdir()
+    db.write_bytes((REPO / "tests" / "data" / "store-schema1.sqlite3").read_bytes())
+    store = Store(db.parent)
+    assert store.schema_version() == SCHEMA_VERSION and store.check() == []
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    yy, xx = np.mgrid[:24, :32]
+    round_ = (yy - 12) ** 2 + (xx - 16) ** 2 <= 49
+    square = np.zeros((24, 32), bool)
+    square[2:9, 3:12] = True
+    samples = {s.task_id: s for s in store.accepted_samples()}
+    assert sorted(samples) == [1, 2]  # 3's annotation was deleted, 4's cancelled
+    assert (samples[1].annotation_id, samples[1].author, samples[1].image) == (
+        11,
+        "ann@example.com",
+        "/data/upload/7/a.png",
+    )
+    np.testing.assert_array_equal(samples[1].masks["cat"], round_)
+    np.testing.assert_array_equal(samples[1].masks["dog"], square)
+    assert samples[2].annotation_id == 12 and samples[2].ground_truth  # ground truth beats the later 15
+    np.testing.assert_array_equal(samples[2].masks["cat"], square)
+    assert [(t.id, t.project, t.image) for t in store.unlabeled_tasks()] == [(3, 8, "s3://bucket/c.jpg"),
+                                                                            (4, 8, "/data/upload/8/d.png")]  # fmt: skip
+    assert store.annotation(13)["deleted"] == 1 and store.annotation(14)["cancelled"] == 1
+    assert store.put_annotation(write(13, 3, {"bird": round_}, "2027-01-01T00:00:00Z")).status == "deleted"
+    stats = store.acceptance_stats()
+    assert stats["cat"] == {"unchanged": 1, "edited": 1, "deleted": 0, "added": 0}
+    assert stats["dog"]["added"] == 1 and stats["(annotations)"] == {"unchanged": 1, "edited": 1, "unknown": 1}
+    (run,) = store.training_runs()
+    assert (run["id"], run["project"], run["seq"], run["model_version"], run["metrics"]) == (
+        1, 7, 2, "maskclip+-1", {"miou": 0.42})  # fmt: skip
+    assert store.current_seq() == 6 and store.count_since_last_training(project=7) == 1  # annotation 15
+    assert store.mark_trained(project=7) == 2 and store.count_since_last_training(project=7) == 0
+    assert store.put_annotation(write(16, 5, {"cat": square})).seq == 7
+
+
+# --- PostgreSQL: an unreachable or restarted server ----------------------------------------------------
+
+
+def test_a_server_that_cannot_be_reached_is_a_store_error_without_the_password(postgres) -> None:
+    url = f"postgresql://maskclip:s3cret@/postgres?host={postgres.root}&port={postgres.port + 1}&connect_timeout=2"
+    with pytest.raises(StoreError) as caught:
+        Store(url)
+    assert "s3cret" not in str(caught.value) and "maskclip:***@" in str(caught.value)
+    assert caught.value.http_status == 503
+
+
+def test_a_dropped_connection_fails_one_call_with_a_store_error_and_the_next_reconnects(postgres_url, postgres) -> None:
+    store = Store(postgres_url)
+    store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
+    name = postgres_url.split("/")[3].split("?")[0]
+    postgres.sql(  # the server ends every session of the store's database (a restart, a failover)
+        f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+    )
+    with pytest.raises(StoreError, match="cannot be used now"):
+        store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)}))
+    assert store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)})).status == "stored"
+    assert [s.annotation_id for s in store.accepted_samples()] == [1, 2]

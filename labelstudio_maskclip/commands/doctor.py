@@ -161,16 +161,19 @@ def check_model_dir(settings: Settings) -> list[Finding]:
                         "sent by webhook cannot be stored and no student can be trained",
                         "make MODEL_DIR writable by this user (docker: the model-dir volume) or point MODEL_DIR "
                         "at a writable folder")]  # fmt: skip
+    where = "the store at MASKCLIP_STORE_URL" if settings.store_url else f"the store in {path}"
     try:
-        store = Store(path)
+        store = Store(settings.store_url or path)
         problems = store.check()
         labels = store.labels()
         store.close()
     except StoreError as e:
-        return [Finding("model dir", "warn", f"the store in {path} cannot be opened: {e}",
-                        "MODEL_DIR must be on a local disk (SQLite in WAL mode); move it off network storage")]  # fmt: skip
+        fix = ("check MASKCLIP_STORE_URL (host, port, database, user, password) and that the server accepts "
+               "connections from here" if settings.store_url else
+               "MODEL_DIR must be on a local disk (SQLite in WAL mode); move it off network storage")  # fmt: skip
+        return [Finding("model dir", "warn", f"{where} cannot be opened: {e}", fix)]
     if problems:
-        return [Finding("model dir", "warn", f"the store in {path} is damaged: {'; '.join(problems[:5])}",
+        return [Finding("model dir", "warn", f"{where} is damaged: {'; '.join(problems[:5])}",
                         "stop the backend, move annotations.sqlite3 aside and run `labelstudio-maskclip "
                         "backfill --project ID` to rebuild it from Label Studio")]  # fmt: skip
     served = current_version(path) or "MaskCLIP (no student promoted)"

@@ -10,14 +10,14 @@ worker. Off with ``MASKCLIP_RESCORE=false``; needs ``LABEL_STUDIO_URL``.
 Progress and outcome: the job's log (``MODEL_DIR/runs/rescore-*.log``) and ``MODEL_DIR/rescore.json``
 (served at ``/metrics`` under ``rescore``): ``{"state": "running" | "done" | "failed", "version",
 "projects": {id: {"done", "total", "predicted", "failed", "seconds"}}, "started", "finished", "error"}``.
-Jobs run one at a time (``MODEL_DIR/rescore.lock``); one started while another runs waits for it, and
-the waiting one then only predicts what the newest model still lacks.
+Jobs run one at a time, across instances too (the ``rescore`` run lock:
+:func:`~labelstudio_maskclip.training.rescoring.acquire_rescore_lock`); one started while another runs waits
+for it, and the waiting one then only predicts what the newest model still lacks.
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import logging
 import sys
 import time
@@ -27,20 +27,18 @@ from typing import Any
 
 from ..logs import configure as configure_logging
 from ..settings import Settings
-from ..training.rescoring import write_status
+from ..training.rescoring import acquire_rescore_lock, write_status
 
 __all__ = ["rescore", "projects_to_rescore", "main"]
 
 log = logging.getLogger(__name__)
-
-LOCK_FILE = "rescore.lock"
 
 
 def projects_to_rescore(settings: Settings, project: int | None = None) -> list[int]:
     """The project trained for, then every project the store has seen tasks of."""
     from ..learning.store import Store
 
-    seen = Store(Path(settings.model_dir)).projects()
+    seen = Store.from_settings(settings).projects()
     return list(dict.fromkeys(([project] if project is not None else []) + seen))
 
 
@@ -85,8 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings.from_env()
     configure_logging(settings.log_level)
     Path(settings.model_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(settings.model_dir) / LOCK_FILE, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one job at a time; a later one waits, then predicts what is left
+    lock = acquire_rescore_lock(settings, wait=True)  # one job at a time; a later one waits, then does the rest
+    assert lock is not None  # waiting returns the lock
+    with lock:
         projects = projects_to_rescore(settings, args.project)
         log.info("re-scoring after %s: projects %s", args.reason, projects)
         status = rescore(settings, projects, args.reason)

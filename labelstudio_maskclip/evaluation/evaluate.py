@@ -456,7 +456,7 @@ def run_eval(
     ``preset``: run that method's published inference instead (engine/presets.py: its resize, windows,
     temperature, templates, PAMR...; settings set explicitly still override it); ``protocol`` and
     ``refinements`` are then unused. Without it the ``protocol`` runs on the ``legacy`` pipeline."""
-    from ..models import segment_options, shared_maskclip
+    from ..models import shared_maskclip
 
     if preset is not None:
         return _run_preset_eval(settings.replace(preset=preset), dataset, root, out, limit=limit,
@@ -467,18 +467,7 @@ def run_eval(
     ds = load_dataset(dataset, root)
     proto = PROTOCOLS[protocol]
     scale = proto.scale or ds.whole_scale
-    threshold = 0.0
-    if ds.background is not None:
-        threshold = DEFAULT_BG_THRESHOLD if bg_threshold is None else float(bg_threshold)
-    opts = dataclasses.replace(
-        segment_options(settings),
-        window=proto.window,
-        stride=proto.stride,
-        key_smoothing=bool(settings.key_smoothing) and refinements,
-        prompt_denoising=bool(settings.prompt_denoising) and refinements,
-        min_confidence=threshold,
-        size_multiple=0,  # the protocol's sizes, rounded to the encoder stride only
-    )
+    opts = _legacy_options(settings, ds, proto, bg_threshold, refinements)
     seg = shared_maskclip(settings)
     meta = {
         "protocol": protocol,
@@ -488,12 +477,34 @@ def run_eval(
         "stride": proto.stride,
         "key_smoothing": opts.key_smoothing,
         "prompt_denoising": opts.prompt_denoising,
-        "bg_threshold": threshold if ds.background is not None else None,
+        "bg_threshold": opts.min_confidence if ds.background is not None else None,
         "limit": limit,
         "settings": {k: getattr(settings, k) for k in _RECORDED},
     }
     predict = maskclip_predictor(seg, ds, opts, scale)
     return evaluate(ds, predict, out, limit=limit, overlays=overlays, progress=progress, meta=meta)
+
+
+def _legacy_options(
+    settings: Settings, ds: EvalSet, proto: Protocol, bg_threshold: float | None, refinements: bool
+) -> Any:
+    """The ``SegmentOptions`` of :func:`run_eval` without a preset: the protocol's windows at its own sizes,
+    the refinements off unless asked for, and the background threshold (``bg_threshold``, else
+    :data:`DEFAULT_BG_THRESHOLD`) for a dataset with a background class (0 otherwise)."""
+    from ..models import segment_options
+
+    threshold = 0.0
+    if ds.background is not None:
+        threshold = DEFAULT_BG_THRESHOLD if bg_threshold is None else float(bg_threshold)
+    return dataclasses.replace(
+        segment_options(settings),
+        window=proto.window,
+        stride=proto.stride,
+        key_smoothing=bool(settings.key_smoothing) and refinements,
+        prompt_denoising=bool(settings.prompt_denoising) and refinements,
+        min_confidence=threshold,
+        size_multiple=0,  # the protocol's sizes, rounded to the encoder stride only
+    )
 
 
 def preset_protocol(

@@ -110,7 +110,7 @@ class Runtime:
             if self._store is None:
                 from ..learning.store import Store
 
-                self._store = Store(Path(self.settings.model_dir))
+                self._store = Store.from_settings(self.settings)
             return self._store
 
     def store_damage(self) -> str:
@@ -315,8 +315,7 @@ class Runtime:
                 from ..training.checkpoints import checkpoint_path
                 from ..training.student import load_student
 
-                try:
-                    # The checkpoint of ``version`` itself: the pointer, read again, may name a newer promotion.
+                try:  # this version's own file: the pointer may have moved on since it was read
                     model = load_student(checkpoint_path(Path(self.settings.model_dir), version), self.settings.device)
                     log.info("serving student %s for labels %s", version, model.labels)
                 except Exception as e:  # a damaged file must not take serving down

@@ -5,6 +5,10 @@ which re-predicts the unlabeled tasks through the bulk path of pre-annotation; t
 ``rollback`` start it here without importing it. Status: ``MODEL_DIR/rescore.json`` (the job writes it, ``/metrics``
 reads it): ``{"state": "running" | "done" | "failed", "version", "projects": {id: {"done", "total", "predicted",
 "failed", "seconds"}}, "started", "finished", "error"}``.
+
+Jobs run one at a time across processes and, on a PostgreSQL store, instances: each holds the run lock
+``rescore`` (:func:`acquire_rescore_lock`, :mod:`labelstudio_maskclip.learning.locks`) for its whole life; one
+started while another runs waits for it, and a job that dies releases it.
 """
 
 from __future__ import annotations
@@ -16,13 +20,21 @@ from pathlib import Path
 from typing import Any
 
 from ..jobs import start_detached
+from ..learning.locks import HeldLock, run_lock
 from ..settings import Settings
 
-__all__ = ["STATUS_FILE", "read_status", "write_status", "start_rescore"]
+__all__ = ["STATUS_FILE", "LOCK_NAME", "read_status", "write_status", "start_rescore", "acquire_rescore_lock"]
 
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "rescore.json"
+LOCK_NAME = "rescore"  # MODEL_DIR/rescore.lock with the SQLite store
+
+
+def acquire_rescore_lock(settings: Settings, *, wait: bool = True) -> HeldLock | None:
+    """The re-scoring lock, held until released or this process ends: waits for a running job to finish
+    (``wait=False``: None while one runs)."""
+    return run_lock(settings, LOCK_NAME).acquire(wait=wait)
 
 
 def read_status(model_dir: str | Path) -> dict[str, Any] | None:

@@ -336,22 +336,22 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_job(settings: Settings, job: TrainJob, *, reason: str = "manual", lock_fd: int | None = None) -> int:
-    """One training in this process, holding ``MODEL_DIR/train.lock`` (rank 0; ``lock_fd``: a descriptor of
-    it already locked by the trigger). Prints the outcome as one JSON line. Returns the exit status:
-    0 done, 3 another training holds the lock."""
+    """One training in this process, holding the training lock (rank 0; ``lock_fd``: a descriptor of
+    ``MODEL_DIR/train.lock`` already locked by the trigger; else taken here: :mod:`..learning.locks`). Prints
+    the outcome as one JSON line. Returns the exit status: 0 done, 3 another training holds the lock."""
     from ..learning.store import Store
     from .trigger import acquire_training_lock
 
     s = settings
     lock = None
     if int(os.environ.get("RANK", "0")) == 0:  # torchrun's rank: only rank 0 holds the lock
-        lock = os.fdopen(lock_fd, "a") if lock_fd is not None else acquire_training_lock(s.model_dir)
+        lock = os.fdopen(lock_fd, "a") if lock_fd is not None else acquire_training_lock(s)
         if lock is None:
-            log.error("another training holds %s/train.lock; not starting", s.model_dir)
+            log.error("another training holds the training lock; not starting")
             return 3
     try:
         log.info("training starts (reason: %s, pid %d)", reason, os.getpid())
-        result = train(s, Store(s.model_dir), classes=job.classes, values=job.values, background=job.background,
+        result = train(s, Store.from_settings(s), classes=job.classes, values=job.values, background=job.background,
                        project=job.project, progress=job.progress, resume=job.resume)  # fmt: skip
     finally:
         if lock is not None:
