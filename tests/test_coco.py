@@ -340,4 +340,5 @@ def test_run_export_writes_lossless_rle_unless_polygons_are_asked_for(tmp_path: 
 
 def test_a_reference_ending_in_a_slash_is_named_by_its_last_part() -> None:
     assert image_file_name("https://host/api/images/42/") == "42"
+    assert image_file_name("/data/local-files/?d=scans/INDEX") == "INDEX"  # only slashes are stripped
     assert image_file_name("") == "image"  # the default fallback
