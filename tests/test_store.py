@@ -549,3 +549,47 @@ def test_a_dropped_connection_fails_one_call_with_a_store_error_and_the_next_rec
         store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)}))
     assert store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)})).status == "stored"
     assert [s.annotation_id for s in store.accepted_samples()] == [1, 2]
+
+
+# --- what mutation testing found unchecked (docs/mutation.md) ------------------------------------------------
+
+
+def test_the_store_is_the_one_the_settings_name(tmp_path: Path) -> None:
+    from labelstudio_maskclip.settings import Settings
+
+    in_model_dir = Store.from_settings(Settings(model_dir=str(tmp_path / "md")))
+    assert in_model_dir.path == tmp_path / "md" / store_module.DB_FILE_NAME
+    elsewhere = Store.from_settings(Settings(model_dir=str(tmp_path / "md"), store_url=str(tmp_path / "s.sqlite3")))
+    assert elsewhere.path == tmp_path / "s.sqlite3"
+
+
+def test_close_may_be_called_again_and_from_a_thread_that_never_used_the_store(sqlite_store: Store) -> None:
+    import threading
+
+    sqlite_store.put_annotation(write(1, 1, {"cat": disc(9, 9, 4, 4, 2)}))
+    errors: list[BaseException] = []
+
+    def close_here() -> None:
+        try:
+            sqlite_store.close()
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    thread = threading.Thread(target=close_here)
+    thread.start()
+    thread.join()
+    assert errors == []
+    sqlite_store.close()
+    sqlite_store.close()
+    assert [s.annotation_id for s in sqlite_store.accepted_samples()] == [1]  # the next use reopens
+
+
+def test_a_damaged_store_says_which_file_to_move_aside_and_how_to_rebuild_it(sqlite_store: Store) -> None:
+    sqlite_store.damage = ["page 3: btree error"]
+    assert sqlite_store.damage_message() == (
+        f"the annotation store {sqlite_store.location} is damaged (page 3: btree error). Nothing is read from or "
+        f"written to it. To recover: stop the backend, move {store_module.DB_FILE_NAME} and its -wal/-shm files "
+        "aside, start again (an empty store is created), and rebuild it from Label Studio with `labelstudio-maskclip "
+        "backfill --project ID` for each project (annotations and their outcomes come back; the list of past "
+        "training runs does not)"
+    )
