@@ -593,3 +593,40 @@ def test_a_damaged_store_says_which_file_to_move_aside_and_how_to_rebuild_it(sql
         "backfill --project ID` for each project (annotations and their outcomes come back; the list of past "
         "training runs does not)"
     )
+
+
+def test_an_acceptance_flag_that_changes_back_is_recorded(store: Store) -> None:
+    mask = {"cat": disc(20, 20, 10, 10, 5)}
+    store.put_annotation(write(42, 42, mask, accepted_unchanged=False))
+    assert store.put_annotation(write(42, 42, mask, accepted_unchanged=True)).status == "outcomes"
+    assert store.annotation(42)["accepted_unchanged"] == 1
+    assert store.acceptance_stats()["(annotations)"] == {"unchanged": 1, "edited": 0, "unknown": 0}
+
+
+def test_ids_never_stored_do_not_stop_the_deletion_of_the_others(store: Store) -> None:
+    store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
+    store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)}))
+    store.delete_annotations([2])
+    assert store.delete_annotations([999, 2, 1]) == 1  # unknown, then already deleted, then live
+    assert store.annotation(1)["deleted"] == 1 and list(store.accepted_samples()) == []
+
+
+def test_acceptance_stats_of_one_project_count_only_its_annotations(store: Store) -> None:
+    mask = {"cat": disc(20, 20, 10, 10, 5)}
+    store.put_annotation(write(1, 1, mask, accepted_unchanged=True, parent_prediction=5,
+                               outcomes=[("r1", "cat", "unchanged")]))  # fmt: skip
+    other = AnnotationWrite(
+        id=2, task=TaskRecord(2, 2, "/data/upload/2/b.png"), height=20, width=20, masks=mask,
+        accepted_unchanged=False, parent_prediction=6, outcomes=[("r1", "cat", "edited"), ("r2", "dog", "deleted")],
+    )  # fmt: skip
+    store.put_annotation(other)
+    assert store.acceptance_stats(project=1) == {
+        "cat": {"unchanged": 1, "edited": 0, "deleted": 0, "added": 0},
+        "(annotations)": {"unchanged": 1, "edited": 0, "unknown": 0},
+    }
+    assert store.acceptance_stats(project=2) == {
+        "cat": {"unchanged": 0, "edited": 1, "deleted": 0, "added": 0},
+        "dog": {"unchanged": 0, "edited": 0, "deleted": 1, "added": 0},
+        "(annotations)": {"unchanged": 0, "edited": 1, "unknown": 0},
+    }
+    assert store.acceptance_stats()["(annotations)"] == {"unchanged": 1, "edited": 1, "unknown": 0}
