@@ -630,3 +630,29 @@ def test_acceptance_stats_of_one_project_count_only_its_annotations(store: Store
         "(annotations)": {"unchanged": 0, "edited": 1, "unknown": 0},
     }
     assert store.acceptance_stats()["(annotations)"] == {"unchanged": 1, "edited": 1, "unknown": 0}
+
+
+def test_a_write_refused_half_way_leaves_nothing_behind_and_the_store_keeps_working(store: Store) -> None:
+    mask = {"cat": disc(20, 30, 10, 10, 4)}
+    store.put_annotation(write(1, 1, mask))
+    seq = store.current_seq()
+    with pytest.raises(store.backend.errors):  # NOT NULL: refused after the masks were written
+        store.put_annotation(write(2, 2, mask, outcomes=[("r1", "cat", None)]))
+    assert store.current_seq() == seq and store.annotation(2) is None
+    assert store.put_annotation(write(3, 3, mask)).status == "stored"
+    assert [s.annotation_id for s in store.accepted_samples()] == [1, 3]
+
+
+def test_counts_and_labels_of_one_project_leave_the_other_projects_out(store: Store) -> None:
+    def in_project(annotation_id: int, project: int, label: str) -> AnnotationWrite:
+        task = TaskRecord(annotation_id, project, f"/data/upload/{project}/{annotation_id}.png")
+        return AnnotationWrite(id=annotation_id, task=task, height=20, width=20, masks={label: disc(20, 20, 9, 9, 4)})
+
+    store.put_annotation(in_project(1, 1, "cat"))
+    store.mark_trained(project=1)
+    store.put_annotation(in_project(2, 2, "dog"))
+    store.put_annotation(in_project(3, 2, "bird"))
+    assert store.count_since_last_training(project=1) == 0  # project 2's new annotations are not project 1's
+    assert store.count_since_last_training(project=2) == 2
+    assert store.labels(project=1) == ["cat"] and store.labels(project=2) == ["bird", "dog"]
+    assert store.labels() == ["bird", "cat", "dog"]
