@@ -316,7 +316,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_history(args: argparse.Namespace) -> int:
     from .training.checkpoints import history
 
-    rows = history(Path(_settings(args).model_dir))
+    rows = history(_settings(args))
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
@@ -333,7 +333,7 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     from .training.checkpoints import rollback
 
     s = _settings(args)
-    version = rollback(Path(s.model_dir), args.version)
+    version = rollback(s, args.version)
     print(f"now serving {version}")
     from .training.rescoring import start_rescore
 

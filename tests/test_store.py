@@ -296,6 +296,40 @@ def test_concurrent_writers_all_succeed(tmp_path: Path, store_url: str) -> None:
     assert store.current_seq() == 100
 
 
+SAME_WEBHOOK = textwrap.dedent("""
+    import sys
+    import numpy as np
+    sys.path.insert(0, {repo!r})
+    from labelstudio_maskclip.learning.store import AnnotationWrite, Store, TaskRecord
+    store = Store({path!r})
+    sys.stdout.write("ready\\n"); sys.stdout.flush()
+    sys.stdin.readline()  # every process writes at once
+    mask = np.zeros((30, 40), bool); mask[5:20, 10:30] = True
+    write = AnnotationWrite(id=7, task=TaskRecord(7, 1, "img7.png"), height=30, width=40, masks={{"cat": mask}},
+                            updated_at="2026-11-02T10:00:00Z", accepted_unchanged=True)
+    print(store.put_annotation(write).status)
+""")
+
+
+def test_the_same_annotation_from_several_processes_at_once_is_stored_once(tmp_path: Path, store_url: str) -> None:
+    """Label Studio's webhook and a retry, or two instances given the same event: one ``stored``, the
+    rest ``duplicate``, and the change counter moves once."""
+    Store(store_url)
+    script = tmp_path / "same.py"
+    script.write_text(SAME_WEBHOOK.format(repo=str(REPO), path=store_url))
+    procs = [subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]  # fmt: skip
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+    for proc in procs:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    statuses = sorted(proc.communicate(timeout=60)[0].strip() for proc in procs)
+    assert statuses == ["duplicate", "duplicate", "duplicate", "stored"]
+    store = Store(store_url)
+    assert store.current_seq() == 1 and store.check() == [] and store.annotation(7)["labels"] == ["cat"]
+
+
 def test_public_surface() -> None:
     assert all(hasattr(store_module, name) for name in store_module.__all__)
 

@@ -176,7 +176,7 @@ def check_model_dir(settings: Settings) -> list[Finding]:
         return [Finding("model dir", "warn", f"{where} is damaged: {'; '.join(problems[:5])}",
                         "stop the backend, move annotations.sqlite3 aside and run `labelstudio-maskclip "
                         "backfill --project ID` to rebuild it from Label Studio")]  # fmt: skip
-    served = current_version(path) or "MaskCLIP (no student promoted)"
+    served = current_version(settings) or "MaskCLIP (no student promoted)"
     stored = f"masks stored for labels {', '.join(labels)}" if labels else "no annotations stored yet"
     return [
         Finding("model dir", "ok", f"MODEL_DIR={path} is writable, the store is healthy ({stored}); serving {served}")

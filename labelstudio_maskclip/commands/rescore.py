@@ -49,7 +49,7 @@ def rescore(settings: Settings, projects: Sequence[int], reason: str = "") -> di
 
     status: dict[str, Any] = {"state": "running", "reason": reason, "version": None, "started": time.time(),
                               "finished": None, "projects": {}, "error": None}  # fmt: skip
-    write_status(settings.model_dir, status)
+    write_status(settings, status)
     try:
         for project in projects:
             entry: dict[str, Any] = {"done": 0, "total": None, "predicted": 0, "failed": 0, "seconds": None}
@@ -57,7 +57,7 @@ def rescore(settings: Settings, projects: Sequence[int], reason: str = "") -> di
 
             def progress(done: int, total: int, entry: dict[str, Any] = entry) -> None:
                 entry["done"], entry["total"] = done, total
-                write_status(settings.model_dir, status)
+                write_status(settings, status)
 
             result = preannotate(settings, project, refresh=True, progress=False, on_progress=progress)
             status["version"] = result.model_version
@@ -71,7 +71,7 @@ def rescore(settings: Settings, projects: Sequence[int], reason: str = "") -> di
         status["state"], status["error"] = "failed", f"{type(e).__name__}: {e}"
         log.exception("re-scoring failed")
     status["finished"] = time.time()
-    write_status(settings.model_dir, status)
+    write_status(settings, status)
     return status
 
 

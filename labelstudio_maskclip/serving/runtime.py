@@ -108,9 +108,10 @@ class Runtime:
     def store(self) -> Store:
         with self._lock:
             if self._store is None:
-                from ..learning.store import Store
+                from ..learning.store import Store, shared_store
 
-                self._store = Store.from_settings(self.settings)
+                # a PostgreSQL store: the process's one (the served-version pointer reads it too)
+                self._store = shared_store(self.settings) or Store.from_settings(self.settings)
             return self._store
 
     def store_damage(self) -> str:
@@ -294,7 +295,7 @@ class Runtime:
         switches to a newly promoted model without a restart."""
         from ..training.checkpoints import current_version
 
-        return current_version(Path(self.settings.model_dir))
+        return current_version(self.settings)
 
     def model_for(self, classes: Sequence[Sequence[str]], *, load: bool = True) -> tuple[str, Segmenter | None]:
         """(model_version, model) to serve for these classes (names per label, in order): the promoted

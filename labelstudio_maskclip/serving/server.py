@@ -15,7 +15,6 @@ import json
 import logging
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -278,8 +277,8 @@ def _metrics(settings: Settings) -> dict[str, Any]:
         "acceptance": rt.store.acceptance_stats(),
         "annotations_since_training": rt.store.count_since_last_training(),
         "training_runs": rt.store.training_runs()[-10:],
-        "students": history(Path(settings.model_dir))[-10:],
-        "rescore": read_rescore_status(settings.model_dir),
+        "students": history(settings)[-10:],
+        "rescore": read_rescore_status(settings),
         "interactive_notes": dict(rt.interactive_notes),  # this worker's answers without a mask, by why
     }
 

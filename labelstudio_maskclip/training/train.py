@@ -279,7 +279,7 @@ def _promote(run: Run, net: torch.nn.Module, metrics: dict[str, Any]) -> str:
         "data": run.data.counts,
         "run_id": run.run_id,
     }
-    version = promote_checkpoint(run.settings.model_dir, payload)
+    version = promote_checkpoint(run.settings, payload)
     log.info("promoted %s", version)
     return version
 

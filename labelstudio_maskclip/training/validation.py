@@ -106,7 +106,7 @@ def current_student(s: Settings, classes: Sequence, background: Sequence, device
     """The served student if it exists, loads and has these labels (in any order); else None."""
     from .student import load_student
 
-    path = current_checkpoint(s.model_dir)
+    path = current_checkpoint(s)
     if path is None:
         return None
     try:
