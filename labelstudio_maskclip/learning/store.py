@@ -48,8 +48,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -297,7 +297,7 @@ class Store:
         return local.conn
 
     @contextmanager
-    def _transaction(self, begin: Any, end: str) -> Iterator[Connection]:
+    def _transaction(self, begin: Callable[[Connection], None], end: str) -> Iterator[Connection]:
         """``begin(conn)``, the block, then ``end`` (``ROLLBACK`` if the block raised); database failures
         mapped: corruption -> :class:`StoreDamaged`, an unreachable server -> :class:`StoreError`."""
         self.require_intact()
@@ -319,11 +319,11 @@ class Store:
                 raise StoreError(f"the store {self.location} cannot be used now: {exc}") from None
             raise
 
-    def _write(self) -> Any:
+    def _write(self) -> AbstractContextManager[Connection]:
         """One short write transaction; takes the store's write lock at once (writers queue, none deadlock)."""
         return self._transaction(self.backend.begin_write, "COMMIT")
 
-    def _read(self) -> Any:
+    def _read(self) -> AbstractContextManager[Connection]:
         """A consistent snapshot for the reads inside the block."""
         return self._transaction(self.backend.begin_read, "COMMIT")
 
