@@ -229,10 +229,7 @@ HEAVY = frozenset(
 #: public names load on first use (PEP 562).
 LAZY_MODULES = frozenset({"cli", "__init__"})
 #: Imports inside functions still to move to the top: "module:function" -> why not yet (none may join them).
-LAZY_LEFT = {
-    "learning.store:schema_version": "the PostgreSQL store's change is under way in this module",
-    "learning.store:shared_store": "the PostgreSQL store's change is under way in this module",
-}
+LAZY_LEFT: dict[str, str] = {}
 
 
 def _module_name(path: Path) -> str:
