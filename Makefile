@@ -7,7 +7,7 @@ LABEL_STUDIO_PORT ?= 8080
 export LABEL_STUDIO_PORT
 export LABEL_STUDIO_VENV
 
-.PHONY: serve test lint install install-label-studio install-browser label-studio bench mutation clean
+.PHONY: serve test lint install install-label-studio install-browser install-postgres label-studio bench mutation clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ install-label-studio:
 install-browser:
 	bash scripts/install-browser.sh
 
+# PostgreSQL (Debian packages): the store tests run on SQLite and on a throwaway PostgreSQL server they start.
+install-postgres:
+	bash scripts/install-postgres.sh
+
 # Label Studio on http://127.0.0.1:$(LABEL_STUDIO_PORT), set up to call a backend on this machine
 # (its built-in address block less loopback; see README, "Label Studio's address block").
 label-studio: install install-label-studio
@@ -33,8 +37,8 @@ serve: install
 	$(VENV)/bin/labelstudio-maskclip serve --port $(PORT)
 
 # Lint, format check and type check (configured in pyproject.toml), then unit tests and end-to-end tests
-# against a real Label Studio started on loopback by the tests.
-test: install install-label-studio install-browser lint
+# against a real Label Studio started on loopback by the tests (and a real PostgreSQL for the store's tests).
+test: install install-label-studio install-browser install-postgres lint
 	$(VENV)/bin/python -m pytest -q
 
 lint: install

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,11 @@ from typing import Any
 from .engine.modes import DENSE_MODES
 from .engine.names import parse_label_spec
 from .engine.presets import PRESETS
+from .errors import BadInput, MaskCLIPError
 from .logs import configure as configure_logging
-from .settings import Settings, SettingsError
+from .settings import ENV, Settings
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "report", "ERROR_STATUS"]
 
 log = logging.getLogger("labelstudio_maskclip")
 
@@ -64,7 +66,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     classes = parse_label_spec(args.labels)  # "car|automobile,dog": synonyms with |
     background = parse_label_spec(args.background)
     if not classes:
-        raise SystemExit("--labels needs at least one name, e.g. --labels 'cat,dog,grass'")
+        raise BadInput("--labels needs at least one name, e.g. --labels 'cat,dog,grass'")
     names = [c[0] for c in classes]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,8 +115,6 @@ def _write_segment_outputs(out: Path, path: Path, image, result, names: list[str
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
     s = _settings(args)  # validates the environment before gunicorn starts
     workers = args.workers or s.workers
     cmd = [
@@ -139,17 +139,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation.evaluate import DatasetError, run_eval
+    from .evaluation.evaluate import run_eval
 
-    try:
-        metrics = run_eval(
-            _settings(args), args.dataset, Path(args.root), Path(args.out), protocol=args.protocol,
-            limit=args.limit, overlays=args.overlays, progress=not args.no_progress,
-            bg_threshold=args.bg_threshold, refinements=args.refinements, preset=args.preset,
-        )  # fmt: skip
-    except DatasetError as e:
-        log.error("%s", e)
-        return 2
+    metrics = run_eval(
+        _settings(args), args.dataset, Path(args.root), Path(args.out), protocol=args.protocol,
+        limit=args.limit, overlays=args.overlays, progress=not args.no_progress,
+        bg_threshold=args.bg_threshold, refinements=args.refinements, preset=args.preset,
+    )  # fmt: skip
     print(json.dumps({k: metrics[k] for k in ("dataset", "protocol", "n_images", "mIoU", "aAcc") if k in metrics}))
     return 0
 
@@ -239,16 +235,14 @@ def _source_store(args: argparse.Namespace, s: Settings, tmp: str):
         from .labelstudio.api import LabelStudioAPI
 
         if not args.project:
-            raise SystemExit("--from-api needs --project ID")
+            raise BadInput("--from-api needs --project ID")
         store = Store(Path(tmp))
         backfill_from_api(LabelStudioAPI.from_settings(s), args.project, store)
         return store
-    return Store(Path(s.model_dir))
+    return Store.from_settings(s)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    import tempfile
-
     from .learning.export import run_export
 
     s = _settings(args)
@@ -268,7 +262,7 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     from .learning.store import Store
 
     s = _settings(args)
-    store = Store(Path(s.model_dir))
+    store = Store.from_settings(s)
     if args.export:
         config = Path(args.label_config).read_text() if args.label_config else None
         result = backfill_from_export(args.export, store, label_config=config, project_id=args.project)
@@ -285,7 +279,7 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
 def _cmd_stats(args: argparse.Namespace) -> int:
     from .learning.store import Store
 
-    store = Store(Path(_settings(args).model_dir))
+    store = Store.from_settings(_settings(args))
     print(json.dumps({
         "acceptance": store.acceptance_stats(args.project),
         "annotations_since_training": store.count_since_last_training(args.project),
@@ -319,7 +313,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_history(args: argparse.Namespace) -> int:
     from .training.checkpoints import history
 
-    rows = history(Path(_settings(args).model_dir))
+    rows = history(_settings(args))
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
@@ -333,14 +327,10 @@ def _cmd_history(args: argparse.Namespace) -> int:
 
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
-    from .training.checkpoints import CheckpointError, rollback
+    from .training.checkpoints import rollback
 
     s = _settings(args)
-    try:
-        version = rollback(Path(s.model_dir), args.version)
-    except CheckpointError as e:
-        log.error("%s", e)
-        return 2
+    version = rollback(s, args.version)
     print(f"now serving {version}")
     from .training.rescoring import start_rescore
 
@@ -358,8 +348,6 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 def _env_overrides(args: argparse.Namespace) -> dict[str, object]:
     """CLI model flags as environment variables, for child processes (gunicorn workers, the trainer)."""
-    from .settings import ENV
-
     out: dict[str, object] = {}
     for k in _OVERRIDES:
         v = getattr(args, k, None)
@@ -494,27 +482,30 @@ def _service_commands(sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit status. This is the one place the package's errors (:mod:`.errors`) stop a
+    command: one line saying what to change (:func:`report`); any other exception keeps its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = args.log_level or Settings.from_env().log_level
-    configure_logging(level)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        configure_logging(args.log_level or Settings.from_env().log_level)
         return func(args)
-    except SettingsError as e:
-        log.error("%s", e)
-        return 2
-    except Exception as e:  # a clear one-line error for known failures; full trace at DEBUG
-        from .engine.loading import WeightsError
-        from .labelstudio.api import LabelStudioAPIError
-        from .learning.store import StoreError
+    except MaskCLIPError as e:
+        return report(e)
 
-        # StoreError: a damaged store says how to recover; LabelStudioAPIError: Label Studio's address or token
-        # unset, or a call it refused (the message names the call and the status)
-        if isinstance(e, (WeightsError, StoreError, LabelStudioAPIError)):
-            log.error("%s", e)
-            return 2
-        raise
+
+#: The exit status of a command stopped by one of the package's errors, either branch: the input cannot be used
+#: (an option, a file, a setting, a labeling config) or something it needs is not there (the weights, Label
+#: Studio, the store, a student). 1 is a command that ran and found failures (tasks it could not predict, a
+#: doctor's FAIL), 3 a training already running; an unexpected exception exits 1 with its traceback.
+ERROR_STATUS = 2
+
+
+def report(error: MaskCLIPError) -> int:
+    """Log ``error`` as one line (its subject and message; the traceback too at ``--log-level DEBUG``);
+    :data:`ERROR_STATUS`."""
+    log.error("%s", error.describe(), exc_info=log.isEnabledFor(logging.DEBUG))
+    return ERROR_STATUS
 
 
 if __name__ == "__main__":

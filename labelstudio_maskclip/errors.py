@@ -8,7 +8,8 @@
   again later may work.
 
 Every error class of the package derives from one branch; the server has one handler for all of them
-(:func:`~labelstudio_maskclip.serving.server.create_app`). Imports nothing: every layer may use it.
+(:func:`~labelstudio_maskclip.serving.server.create_app`), and so has the command line
+(:func:`~labelstudio_maskclip.cli.main`: one line, exit status 2). Imports nothing: every layer may use it.
 """
 
 from __future__ import annotations

@@ -86,6 +86,10 @@ class Settings:
     label_studio_url: str = field(default="", metadata=_env("LABEL_STUDIO_URL"))
     label_studio_api_key: str = _secret("LABEL_STUDIO_API_KEY")
     model_dir: str = field(default="./model_dir", metadata=_env("MODEL_DIR"))
+    # Where the annotation store lives: "" = the SQLite file MODEL_DIR/annotations.sqlite3 (one machine); a
+    # path or sqlite:///path for another SQLite file; postgresql://user:password@host:port/db for a
+    # PostgreSQL database that several instances share (docs/replicas.md). Secret: the URL may hold a password.
+    store_url: str = _secret("MASKCLIP_STORE_URL")
     basic_auth_user: str = field(default="", metadata=_env("BASIC_AUTH_USER"))
     basic_auth_pass: str = _secret("BASIC_AUTH_PASS")
     log_level: str = field(default="INFO", metadata=_env("LOG_LEVEL"))
@@ -190,6 +194,11 @@ class Settings:
         if min(self.short_side or 0, self.window or 0, self.size_multiple, self.max_input_pixels) < 0:
             raise SettingsError(
                 "MASKCLIP_SHORT_SIDE, MASKCLIP_MAX_INPUT_PIXELS, MASKCLIP_WINDOW and MASKCLIP_SIZE_MULTIPLE must be >= 0"
+            )
+        scheme = self.store_url.split("://", 1)[0].lower() if "://" in self.store_url else ""
+        if scheme not in ("", "sqlite", "postgresql", "postgres"):
+            raise SettingsError(
+                f"MASKCLIP_STORE_URL has the scheme {scheme!r}: use a path, sqlite:///path or postgresql://..."
             )
         for name in ("download_timeout", "temperature", "predict_time_budget"):
             if not (getattr(self, name) or 0) > 0:  # NaN too

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from tests.labelstudio import LabelStudioServer, started
+from tests.postgres import postgres, postgres_url, store_url  # noqa: F401  (fixtures: a real PostgreSQL)
 from tests.tiny import TINY_VIT, save_random_state
 
 

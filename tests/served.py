@@ -1,21 +1,26 @@
-"""Test helpers for whole-system runs: the backend under gunicorn, a loopback file host, worker processes.
+"""Test helpers for whole-system runs: the backend under gunicorn, a loopback file host, worker processes,
+several backend instances behind one address.
 
-Used by tests/test_load.py, tests/test_faults.py and benchmarks/run.py. Everything listens on loopback
+Used by tests/test_load.py, tests/test_faults.py, tests/test_replicas.py and benchmarks/run.py. Everything listens on loopback
 ports chosen by the OS (or by :func:`tests.labelstudio.free_port`).
 """
 
 from __future__ import annotations
 
+import http.client
 import http.server
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -24,7 +29,7 @@ from tests.photos import COCO128_PHOTOS
 
 __all__ = [
     "PHOTOS", "BRUSH", "FileHost", "photo_host", "Backend", "start_backend", "worker_pids", "vm_hwm_kib", "wait_for",
-    "brush_webhook", "free_port",
+    "brush_webhook", "free_port", "start_backends", "RoundRobin",
 ]  # fmt: skip
 
 PHOTOS = COCO128_PHOTOS
@@ -188,6 +193,97 @@ def start_backend(
     return backend
 
 
+def start_backends(
+    work: Path, count: int, model: str, pretrained: str, label_studio_url: str, **options: Any
+) -> list[Backend]:
+    """``count`` instances (:func:`start_backend`, started side by side) sharing ONE ``MODEL_DIR``
+    (``work/model_dir``: one store, one model registry), as replicas on one machine or on a shared volume
+    would; each has its own port, log and gunicorn workers."""
+    extra = {"MODEL_DIR": str(work / "model_dir"), **(options.pop("extra_env", None) or {})}
+    with ThreadPoolExecutor(count) as pool:
+        futures = [
+            pool.submit(
+                start_backend, work / f"instance-{k}", model, pretrained, label_studio_url, extra_env=extra, **options
+            )  # fmt: skip
+            for k in range(count)
+        ]
+    started = [f.result() for f in futures if f.exception() is None]
+    if len(started) < count:
+        for backend in started:
+            backend.stop()
+        raise next(f.exception() for f in futures if f.exception() is not None)  # type: ignore[misc]
+    return started
+
+
+class RoundRobin:
+    """One loopback address in front of several backends, as a load balancer stands there: each request goes
+    to the next backend in turn, on a connection of its own. A backend that refuses the connection (stopped,
+    killed) is skipped for that request, as nginx's ``proxy_next_upstream error`` does; a request that reached a
+    backend whose connection then broke is answered 502 and not tried elsewhere (a POST may have been applied).
+    ``routed``: (backend index, method, path) of every request passed on; ``in_flight``: requests being
+    answered, per backend."""
+
+    def __init__(self, targets: Sequence[str], timeout: float = 300.0):
+        self.targets = [t.rstrip("/") for t in targets]
+        self.routed: list[tuple[int, str, str]] = []
+        self.in_flight = [0] * len(self.targets)
+        self._next, self._lock = 0, threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _pass(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "content-length", "connection", "keep-alive")}  # fmt: skip
+                status, reply, kind = proxy._forward(self.command, self.path, body, headers)
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = _pass
+
+            def log_message(self, *a):
+                pass
+
+        self.server = _QuietServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._timeout = timeout
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _forward(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, str]:
+        """(status, body, content type) from the next backend that takes the connection."""
+        with self._lock:
+            first, self._next = self._next, (self._next + 1) % len(self.targets)
+        for k in [(first + i) % len(self.targets) for i in range(len(self.targets))]:
+            host, port = self.targets[k].removeprefix("http://").split(":")
+            conn = http.client.HTTPConnection(host, int(port), timeout=self._timeout)
+            try:
+                conn.connect()
+            except OSError:  # refused: this backend is down, the request never reached it
+                conn.close()
+                continue
+            with self._lock:
+                self.routed.append((k, method, path))
+                self.in_flight[k] += 1
+            try:
+                conn.request(method, path, body=body, headers=headers)
+                r = conn.getresponse()
+                return r.status, r.read(), r.getheader("Content-Type", "application/json")
+            except (OSError, http.client.HTTPException):  # broke after the request went out
+                return 502, b"bad gateway: the backend's connection broke", "text/plain"
+            finally:
+                conn.close()
+                with self._lock:
+                    self.in_flight[k] -= 1
+        return 502, b"bad gateway: no backend took the connection", "text/plain"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def worker_pids(master: int) -> list[int]:
     """Pids of the processes whose parent is ``master`` (gunicorn's workers), from /proc."""
     pids = []
@@ -238,12 +334,18 @@ def brush_webhook(annotation_id: int, task_id: int, height: int = 480, width: in
 class LabelStudioProxy:
     """A loopback proxy in front of Label Studio, as a load balancer would stand there: passes every request
     through and records it in ``requests`` (method, path with query), except that the next ``fail`` bulk
-    writes (``POST .../import/predictions``) are answered 504 after Label Studio applied them ("applied") or
-    502 without reaching it ("lost"); ``seen``: what became of each bulk write."""
+    writes (``POST .../import/predictions``) are answered 504 after Label Studio applied them ("applied"),
+    502 without reaching it ("lost"), or 504 at once while Label Studio gets the request ``late`` seconds
+    later ("late": it is still writing when the client hears; ``join()`` waits for it). ``seen``: what became
+    of each bulk write; ``bulk_sizes``: the predictions in each. ``intercept(method, path)`` (the test's) may
+    act first, e.g. delete a task, and answer instead with the status it returns (None: pass on)."""
 
-    def __init__(self, target: str):
-        self.target, self.fail, self.seen = target.rstrip("/"), [], []
+    def __init__(self, target: str, late: float = 3.0):
+        self.target, self.fail, self.seen, self.late = target.rstrip("/"), [], [], late
         self.requests: list[tuple[str, str]] = []
+        self.bulk_sizes: list[int] = []
+        self.intercept: Callable[[str, str], int | None] = lambda method, path: None
+        self._late: list[threading.Thread] = []
         session = requests.Session()
         proxy = self
 
@@ -251,15 +353,28 @@ class LabelStudioProxy:
             def _pass(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 proxy.requests.append((self.command, self.path))
+                status = proxy.intercept(self.command, self.path)
+                if status is not None:
+                    return self._answer(status, b'{"detail": "answered by the proxy"}', "application/json")
                 bulk = self.command == "POST" and self.path.split("?")[0].endswith("/import/predictions")
                 mode = proxy.fail.pop(0) if bulk and proxy.fail else None
                 if bulk:
                     proxy.seen.append(mode or "passed")
+                    proxy.bulk_sizes.append(len(json.loads(body)))
                 if mode == "lost":
                     return self._answer(502, b"bad gateway")
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
-                r = session.request(self.command, proxy.target + self.path, data=body, headers=headers,
-                                    timeout=300)  # fmt: skip
+
+                def forward() -> requests.Response:
+                    return session.request(self.command, proxy.target + self.path, data=body, headers=headers,
+                                           timeout=300)  # fmt: skip
+
+                if mode == "late":
+                    later = threading.Timer(proxy.late, forward)
+                    proxy._late.append(later)
+                    later.start()
+                    return self._answer(504, b"gateway timeout")
+                r = forward()
                 if mode == "applied":
                     return self._answer(504, b"gateway timeout")
                 self._answer(r.status_code, r.content, r.headers.get("Content-Type", "application/json"))
@@ -280,6 +395,11 @@ class LabelStudioProxy:
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def join(self) -> None:
+        """Wait until the ``late`` writes have reached Label Studio and it has answered them."""
+        for later in self._late:
+            later.join()
 
     def stop(self) -> None:
         self.server.shutdown()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -64,6 +67,39 @@ def test_a_label_studio_command_without_its_address_is_a_one_line_error(caplog):
     """README's `preannotate` run in a new shell (no LABEL_STUDIO_URL): the settings to set, exit 2, no trace."""
     assert main(["preannotate", "--project", "1"]) == 2
     assert "set LABEL_STUDIO_URL (and LABEL_STUDIO_API_KEY)" in caplog.text
+
+
+def _run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """The command as a person runs it: its own process, stderr as printed."""
+    command = [sys.executable, "-m", "labelstudio_maskclip", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+
+
+def test_a_bad_input_to_any_command_is_one_line_and_exit_2_an_unexpected_error_its_traceback(tmp_path):
+    """The CLI's one handler: an error of the package's tree (a bad setting before any command runs, a
+    labeling config without a mask control, an export file that is not JSON, an option missing its
+    partner) prints one line naming what to change and exits 2; an error outside the tree keeps its
+    traceback (exit 1)."""
+    config = tmp_path / "config.xml"
+    config.write_text('<View><Image name="image" value="$image"/></View>')
+    export = tmp_path / "export.json"
+    export.write_text("not json")
+    store = {"MODEL_DIR": str(tmp_path / "model")}
+    cases = [
+        (["stats"], {**store, "MASKCLIP_SHORT_SIDE": "abc"}, "MASKCLIP_SHORT_SIDE='abc' is not a valid int"),
+        (["export-coco", "--out", str(tmp_path / "c.json"), "--label-config", str(config)], store, "<BrushLabels>"),
+        (["backfill", "--export", str(export)], store, "cannot read the Label Studio export"),
+        (["export-coco", "--out", str(tmp_path / "c.json"), "--from-api"], store, "--from-api needs --project"),
+    ]
+    for args, env, message in cases:
+        run = _run_cli(*args, **env)
+        assert (run.returncode, run.stdout) == (2, ""), (args, run.stderr[-2000:])
+        assert len(run.stderr.splitlines()) == 1 and message in run.stderr, (args, run.stderr[-2000:])
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")  # --out names a file, not a folder: the OS refuses, outside the package's errors
+    run = _run_cli("segment", str(PHOTOS / "000000000009.jpg"), "--labels", "a", "--out", str(a_file), **store)
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 1 and "Traceback" in run.stderr and last.startswith("FileExistsError"), run.stderr
 
 
 def test_history_and_rollback_without_students(tmp_path, monkeypatch, capsys):

@@ -72,3 +72,34 @@ def test_an_unsaved_student_says_so_and_a_wrong_class_count_is_named():
         model.segment([synthetic(1)[0]], [("Dog",), ("Food",), ("Sky",)])
     with pytest.raises(StudentError, match="student has 3 classes but 2 labels \\+ 0 background were given"):
         StudentModel(constant_student(emb, 0), BRUSH_CLASSES[:2])
+
+
+def test_a_version_is_loaded_from_its_own_checkpoint_when_the_pointer_moved_on(tmp_path, weights):
+    """Another instance may promote between this worker's read of the pointer and its load: the version it
+    read is loaded from that version's file, so its answers and the version it names never disagree."""
+    rt = Runtime(_settings(tmp_path, weights))
+    emb = _embeddings(3)
+    first = _promote(tmp_path, constant_student(emb, 1), BRUSH_CLASSES)
+    second = _promote(tmp_path, constant_student(emb, 2), BRUSH_CLASSES)
+    assert ck.current_version(tmp_path) == second
+    model = rt._load_student(first)
+    assert model is not None and model.version == first
+    assert rt.model_for(BRUSH_CLASSES, load=False)[1].version == second  # the next request follows the pointer
+
+
+def test_instances_sharing_a_model_dir_follow_each_others_promotions_and_rollbacks(tmp_path, weights):
+    """Two runtimes (two instances, or two workers) over one MODEL_DIR: what one promotes or rolls back, the
+    other serves on its next call, without a restart; a student it had loaded is dropped."""
+    here, there = Runtime(_settings(tmp_path, weights)), Runtime(_settings(tmp_path, weights))
+    teacher = here.teacher_version()
+    assert here.model_for(BRUSH_CLASSES, load=False)[0] == there.model_for(BRUSH_CLASSES, load=False)[0] == teacher
+    emb = _embeddings(3)
+    first = _promote(tmp_path, constant_student(emb, 1), BRUSH_CLASSES)
+    served = [rt.model_for(BRUSH_CLASSES, load=False) for rt in (here, there)]
+    assert [(v, m.version) for v, m in served] == [(first, first)] * 2
+    second = _promote(tmp_path, constant_student(emb, 2), BRUSH_CLASSES)
+    assert [rt.model_for(BRUSH_CLASSES, load=False)[1].version for rt in (here, there)] == [second] * 2
+    ck.rollback(tmp_path, first)
+    assert [rt.model_for(BRUSH_CLASSES, load=False)[1].version for rt in (here, there)] == [first] * 2
+    ck.rollback(tmp_path, "maskclip")
+    assert [rt.model_for(BRUSH_CLASSES, load=False) for rt in (here, there)] == [(teacher, None)] * 2

@@ -165,9 +165,8 @@ def test_malformed_predict_requests_get_a_clear_400(client, body, status, messag
     assert client.get("/health").status_code == 200  # still serving
 
 
-def test_webhook_stores_annotations_and_ignores_other_actions(client, settings):
-    mask = np.zeros((480, 640), bool)
-    mask[100:200, 50:300] = True
+def _annotation_created(mask: np.ndarray) -> dict:
+    """An ANNOTATION_CREATED webhook of annotation 11 on task 5: one brush region, label Food."""
     from labelstudio_maskclip.masks.brush import mask_to_brush_rle
 
     region = {
@@ -182,7 +181,13 @@ def test_webhook_stores_annotations_and_ignores_other_actions(client, settings):
         "task": {"id": 5, "data": {"image": "/data/upload/photo.jpg"}, "project": 1},
         "project": {"id": 1, "label_config": BRUSH},
     }  # fmt: skip
-    reply = client.post("/webhook", json=payload)
+    return payload
+
+
+def test_webhook_stores_annotations_and_ignores_other_actions(client, settings):
+    mask = np.zeros((480, 640), bool)
+    mask[100:200, 50:300] = True
+    reply = client.post("/webhook", json=_annotation_created(mask))
     assert reply.status_code == 201 and reply.get_json()["status"] == "stored"
     from labelstudio_maskclip.learning.store import Store
 
@@ -194,6 +199,26 @@ def test_webhook_stores_annotations_and_ignores_other_actions(client, settings):
     assert metrics["annotations_since_training"] >= 1 and metrics["students"] == []
     assert metrics["model_version"].startswith("maskclip-")
     assert metrics["pipeline"] == {"preset": "naclip", "overrides": {"short_side": 64, "templates": "simple"}}
+
+
+def test_webhooks_on_a_postgresql_store_and_a_503_while_it_cannot_be_reached(
+    settings, postgres_url, postgres, tmp_path
+):
+    from labelstudio_maskclip.learning.store import Store
+
+    mask = np.zeros((480, 640), bool)
+    mask[10:90, 20:200] = True
+    app = create_app(settings.replace(store_url=postgres_url, model_dir=str(tmp_path / "a")), warm=False)
+    client = app.test_client()
+    assert client.post("/webhook", json=_annotation_created(mask)).get_json()["status"] == "stored"
+    assert client.post("/webhook", json=_annotation_created(mask)).get_json()["status"] == "duplicate"
+    (sample,) = Store(postgres_url).accepted_samples()
+    assert np.array_equal(sample.masks["Food"], mask) and not (tmp_path / "a" / "annotations.sqlite3").exists()
+    gone = f"postgresql://maskclip@/postgres?host={postgres.root}&port={postgres.port + 1}&connect_timeout=2"
+    down = create_app(settings.replace(store_url=gone, model_dir=str(tmp_path / "b")), warm=False).test_client()
+    reply = down.post("/webhook", json=_annotation_created(mask))
+    assert reply.status_code == 503 and reply.get_json()["error"].startswith("annotation store unavailable: ")
+    assert down.get("/health").status_code == 200  # the server keeps serving
 
 
 def test_basic_auth_when_configured(settings):

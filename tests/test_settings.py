@@ -45,8 +45,13 @@ def test_every_field_has_its_own_variable():
 def test_secrets_are_declared_once_and_kept_out_of_public_views():
     from labelstudio_maskclip.settings import SECRET_FIELDS, redact
 
-    assert set(SECRET_FIELDS) == {"label_studio_api_key", "basic_auth_pass"}
-    s = Settings(label_studio_api_key="key-123-secret", basic_auth_pass="pass-456-secret", basic_auth_user="ls")
+    assert set(SECRET_FIELDS) == {
+        "label_studio_api_key",
+        "basic_auth_pass",
+        "store_url",
+    }  # a store URL may hold a password
+    s = Settings(label_studio_api_key="key-123-secret", basic_auth_pass="pass-456-secret", basic_auth_user="ls",
+                 store_url="postgresql://maskclip:pw-secret@db/maskclip")  # fmt: skip
     public = s.public()
     assert not set(SECRET_FIELDS) & public.keys() and public["basic_auth_user"] == "ls"
     assert set(public) | set(SECRET_FIELDS) == set(ENV)  # everything else is there
@@ -62,3 +67,14 @@ def test_the_pipeline_in_a_model_version_never_holds_a_comma():
     assert pipeline_description(Settings()) == "naclip"
     described = pipeline_description(Settings(short_side=448, templates="a,b.txt"))
     assert described == "naclip+short_side=448+templates=a;b.txt"
+
+
+@pytest.mark.parametrize("url", ["", "/srv/store.sqlite3", "sqlite:///store.db", "postgresql://u:p@db:5432/maskclip",
+                                 "postgres://db/maskclip", "postgresql://u@/maskclip?host=/run/postgresql"])  # fmt: skip
+def test_the_store_url_is_a_path_an_sqlite_url_or_a_postgresql_url(url):
+    assert Settings.from_env({"MASKCLIP_STORE_URL": url}).store_url == url
+
+
+def test_a_store_url_of_another_database_is_refused_with_its_variable():
+    with pytest.raises(SettingsError, match="MASKCLIP_STORE_URL.*'mysql'"):
+        Settings.from_env({"MASKCLIP_STORE_URL": "mysql://db/maskclip"})

@@ -1,4 +1,6 @@
-"""The SQLite store: schema, ordering rules, training marks, crash safety, concurrent writers."""
+"""The store: schema, ordering rules, training marks, crash safety, concurrent writers. Every test of the
+store's behaviour runs twice, on SQLite and on PostgreSQL (the ``store_url`` fixture, tests/postgres.py); the
+tests of SQLite's own settings (WAL, fsync, corruption codes) run on SQLite."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from labelstudio_maskclip.learning import migrations
 from labelstudio_maskclip.learning import store as store_module
 from labelstudio_maskclip.learning.store import (
     SCHEMA_VERSION,
@@ -47,7 +50,12 @@ def write(
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
+def store(store_url: str) -> Store:
+    return Store(store_url)
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path) -> Store:
     return Store(tmp_path / "model_dir")
 
 
@@ -67,7 +75,8 @@ def test_schema_is_created_once_and_versioned(tmp_path: Path) -> None:
         Store(tmp_path)
 
 
-def test_connections_are_durable_and_wait_for_locks(store: Store) -> None:
+def test_connections_are_durable_and_wait_for_locks(sqlite_store: Store) -> None:
+    store = sqlite_store
     conn = store._conn()
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 30_000
@@ -217,9 +226,9 @@ def expected_masks(i: int) -> dict[str, np.ndarray]:
     return {f"label{k}": rng.random((48, 64)) > 0.7 for k in range(1 + i % 3)}
 
 
-def writer_script(tmp_path: Path, db: Path) -> Path:
+def writer_script(tmp_path: Path, location: str) -> Path:
     script = tmp_path / "writer.py"
-    script.write_text(WRITER.format(repo=str(REPO), path=str(db)))
+    script.write_text(WRITER.format(repo=str(REPO), path=location))
     return script
 
 
@@ -233,8 +242,8 @@ def assert_acknowledged(store: Store, acknowledged: list[int]) -> None:
             np.testing.assert_array_equal(samples[i].masks[label], mask)
 
 
-def test_writer_killed_mid_transaction_leaves_a_consistent_store(tmp_path: Path) -> None:
-    db = tmp_path / "store.sqlite3"
+def test_writer_killed_mid_transaction_leaves_a_consistent_store(tmp_path: Path, store_url: str) -> None:
+    db = store_url
     Store(db)
     script = writer_script(tmp_path, db)
     rng = random.Random(1)
@@ -263,8 +272,8 @@ def test_writer_killed_mid_transaction_leaves_a_consistent_store(tmp_path: Path)
     assert_acknowledged(store, acknowledged)
 
 
-def test_concurrent_writers_all_succeed(tmp_path: Path) -> None:
-    db = tmp_path / "store.sqlite3"  # not created yet: the writers race to create the schema too
+def test_concurrent_writers_all_succeed(tmp_path: Path, store_url: str) -> None:
+    db = store_url  # not created yet (an empty database): the writers race to create the schema too
     script = writer_script(tmp_path, db)
     procs = [
         subprocess.Popen(
@@ -287,11 +296,46 @@ def test_concurrent_writers_all_succeed(tmp_path: Path) -> None:
     assert store.current_seq() == 100
 
 
+SAME_WEBHOOK = textwrap.dedent("""
+    import sys
+    import numpy as np
+    sys.path.insert(0, {repo!r})
+    from labelstudio_maskclip.learning.store import AnnotationWrite, Store, TaskRecord
+    store = Store({path!r})
+    sys.stdout.write("ready\\n"); sys.stdout.flush()
+    sys.stdin.readline()  # every process writes at once
+    mask = np.zeros((30, 40), bool); mask[5:20, 10:30] = True
+    write = AnnotationWrite(id=7, task=TaskRecord(7, 1, "img7.png"), height=30, width=40, masks={{"cat": mask}},
+                            updated_at="2026-11-02T10:00:00Z", accepted_unchanged=True)
+    print(store.put_annotation(write).status)
+""")
+
+
+def test_the_same_annotation_from_several_processes_at_once_is_stored_once(tmp_path: Path, store_url: str) -> None:
+    """Label Studio's webhook and a retry, or two instances given the same event: one ``stored``, the
+    rest ``duplicate``, and the change counter moves once."""
+    Store(store_url)
+    script = tmp_path / "same.py"
+    script.write_text(SAME_WEBHOOK.format(repo=str(REPO), path=store_url))
+    procs = [subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]  # fmt: skip
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+    for proc in procs:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    statuses = sorted(proc.communicate(timeout=60)[0].strip() for proc in procs)
+    assert statuses == ["duplicate", "duplicate", "duplicate", "stored"]
+    store = Store(store_url)
+    assert store.current_seq() == 1 and store.check() == [] and store.annotation(7)["labels"] == ["cat"]
+
+
 def test_public_surface() -> None:
     assert all(hasattr(store_module, name) for name in store_module.__all__)
 
 
-def test_check_reports_mask_rows_that_disagree_with_their_annotation(store: Store) -> None:
+def test_check_reports_mask_rows_that_disagree_with_their_annotation(sqlite_store: Store) -> None:
+    store = sqlite_store
     store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4), "dog": disc(20, 30, 5, 20, 3)}))
     store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)}))
     assert store.check() == []
@@ -382,7 +426,8 @@ def test_the_durability_setting_reaches_every_connection(tmp_path: Path) -> None
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
 
 
-def test_close_closes_this_threads_connection_and_the_next_use_reopens(store: Store) -> None:
+def test_close_closes_this_threads_connection_and_the_next_use_reopens(sqlite_store: Store) -> None:
+    store = sqlite_store
     conn = store._conn()
     store.close()
     with pytest.raises(sqlite3.ProgrammingError):
@@ -438,3 +483,210 @@ def test_a_store_found_damaged_refuses_reads_and_writes_and_says_how_to_recover(
         store.labels()
     with pytest.raises(store_module.StoreDamaged):
         list(store.accepted_samples())
+
+
+# --- schema migrations ---------------------------------------------------------------------------------
+
+
+def _versions(store: Store) -> list[tuple[int, float]]:
+    with store._read() as conn:
+        return [tuple(r) for r in conn.execute("SELECT version, applied_at FROM schema_version ORDER BY version")]
+
+
+def test_migrations_are_recorded_once_in_order(store_url: str) -> None:
+    first = Store(store_url)
+    recorded = _versions(first)
+    assert [v for v, _ in recorded] == list(range(1, SCHEMA_VERSION + 1)) and first.schema_version() == SCHEMA_VERSION
+    assert _versions(Store(store_url)) == recorded  # reopening applies nothing again
+
+
+def test_a_new_migration_is_applied_once_to_an_existing_store(store_url: str, monkeypatch) -> None:
+    store = Store(store_url)
+    store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
+    extra = migrations.Migration(SCHEMA_VERSION + 1, "a test table", "CREATE TABLE IF NOT EXISTS extra (x {int})")
+    monkeypatch.setattr(migrations, "MIGRATIONS", (*migrations.MIGRATIONS, extra))
+    monkeypatch.setattr(migrations, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    newer = Store(store_url)
+    assert newer.schema_version() == SCHEMA_VERSION + 1 and newer.annotation(1)["labels"] == ["cat"]
+    with newer._write() as conn:
+        conn.execute("INSERT INTO extra (x) VALUES (?)", (2**40,))  # {int} is 64 bits on both
+    assert [v for v, _ in _versions(Store(store_url))] == list(range(1, SCHEMA_VERSION + 2))
+
+
+def test_a_store_migrated_by_newer_code_is_refused(store_url: str) -> None:
+    store = Store(store_url)
+    with store._write() as conn:
+        conn.execute("INSERT INTO schema_version(version, summary, applied_at) VALUES (?, 'future', 0)",
+                     (SCHEMA_VERSION + 1,))  # fmt: skip
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}, newer than this code"):
+        Store(store_url)
+
+
+def test_a_store_of_schema_1_written_before_versioned_migrations_opens_without_loss(tmp_path: Path) -> None:
+    """tests/data/store-schema1.sqlite3 was written by the code of schema 1 (tests/data/README.md)."""
+    db = tmp_path / "model_dir" / store_module.DB_FILE_NAME
+    db.parent.mkdir()
+    db.write_bytes((REPO / "tests" / "data" / "store-schema1.sqlite3").read_bytes())
+    store = Store(db.parent)
+    assert store.schema_version() == SCHEMA_VERSION and store.check() == []
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    yy, xx = np.mgrid[:24, :32]
+    round_ = (yy - 12) ** 2 + (xx - 16) ** 2 <= 49
+    square = np.zeros((24, 32), bool)
+    square[2:9, 3:12] = True
+    samples = {s.task_id: s for s in store.accepted_samples()}
+    assert sorted(samples) == [1, 2]  # 3's annotation was deleted, 4's cancelled
+    assert (samples[1].annotation_id, samples[1].author, samples[1].image) == (
+        11,
+        "ann@example.com",
+        "/data/upload/7/a.png",
+    )
+    np.testing.assert_array_equal(samples[1].masks["cat"], round_)
+    np.testing.assert_array_equal(samples[1].masks["dog"], square)
+    assert samples[2].annotation_id == 12 and samples[2].ground_truth  # ground truth beats the later 15
+    np.testing.assert_array_equal(samples[2].masks["cat"], square)
+    assert [(t.id, t.project, t.image) for t in store.unlabeled_tasks()] == [(3, 8, "s3://bucket/c.jpg"),
+                                                                            (4, 8, "/data/upload/8/d.png")]  # fmt: skip
+    assert store.annotation(13)["deleted"] == 1 and store.annotation(14)["cancelled"] == 1
+    assert store.put_annotation(write(13, 3, {"bird": round_}, "2027-01-01T00:00:00Z")).status == "deleted"
+    stats = store.acceptance_stats()
+    assert stats["cat"] == {"unchanged": 1, "edited": 1, "deleted": 0, "added": 0}
+    assert stats["dog"]["added"] == 1 and stats["(annotations)"] == {"unchanged": 1, "edited": 1, "unknown": 1}
+    (run,) = store.training_runs()
+    assert (run["id"], run["project"], run["seq"], run["model_version"], run["metrics"]) == (
+        1, 7, 2, "maskclip+-1", {"miou": 0.42})  # fmt: skip
+    assert store.current_seq() == 6 and store.count_since_last_training(project=7) == 1  # annotation 15
+    assert store.mark_trained(project=7) == 2 and store.count_since_last_training(project=7) == 0
+    assert store.put_annotation(write(16, 5, {"cat": square})).seq == 7
+
+
+# --- PostgreSQL: an unreachable or restarted server ----------------------------------------------------
+
+
+def test_a_server_that_cannot_be_reached_is_a_store_error_without_the_password(postgres) -> None:
+    url = f"postgresql://maskclip:s3cret@/postgres?host={postgres.root}&port={postgres.port + 1}&connect_timeout=2"
+    with pytest.raises(StoreError) as caught:
+        Store(url)
+    assert "s3cret" not in str(caught.value) and "maskclip:***@" in str(caught.value)
+    assert caught.value.http_status == 503
+
+
+def test_a_dropped_connection_fails_one_call_with_a_store_error_and_the_next_reconnects(postgres_url, postgres) -> None:
+    store = Store(postgres_url)
+    store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
+    name = postgres_url.split("/")[3].split("?")[0]
+    postgres.sql(  # the server ends every session of the store's database (a restart, a failover)
+        f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+    )
+    with pytest.raises(StoreError, match="cannot be used now"):
+        store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)}))
+    assert store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)})).status == "stored"
+    assert [s.annotation_id for s in store.accepted_samples()] == [1, 2]
+
+
+# --- what mutation testing found unchecked (docs/mutation.md) ------------------------------------------------
+
+
+def test_the_store_is_the_one_the_settings_name(tmp_path: Path) -> None:
+    from labelstudio_maskclip.settings import Settings
+
+    in_model_dir = Store.from_settings(Settings(model_dir=str(tmp_path / "md")))
+    assert in_model_dir.path == tmp_path / "md" / store_module.DB_FILE_NAME
+    elsewhere = Store.from_settings(Settings(model_dir=str(tmp_path / "md"), store_url=str(tmp_path / "s.sqlite3")))
+    assert elsewhere.path == tmp_path / "s.sqlite3"
+
+
+def test_close_may_be_called_again_and_from_a_thread_that_never_used_the_store(sqlite_store: Store) -> None:
+    import threading
+
+    sqlite_store.put_annotation(write(1, 1, {"cat": disc(9, 9, 4, 4, 2)}))
+    errors: list[BaseException] = []
+
+    def close_here() -> None:
+        try:
+            sqlite_store.close()
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    thread = threading.Thread(target=close_here)
+    thread.start()
+    thread.join()
+    assert errors == []
+    sqlite_store.close()
+    sqlite_store.close()
+    assert [s.annotation_id for s in sqlite_store.accepted_samples()] == [1]  # the next use reopens
+
+
+def test_a_damaged_store_says_which_file_to_move_aside_and_how_to_rebuild_it(sqlite_store: Store) -> None:
+    sqlite_store.damage = ["page 3: btree error"]
+    assert sqlite_store.damage_message() == (
+        f"the annotation store {sqlite_store.location} is damaged (page 3: btree error). Nothing is read from or "
+        f"written to it. To recover: stop the backend, move {store_module.DB_FILE_NAME} and its -wal/-shm files "
+        "aside, start again (an empty store is created), and rebuild it from Label Studio with `labelstudio-maskclip "
+        "backfill --project ID` for each project (annotations and their outcomes come back; the list of past "
+        "training runs does not)"
+    )
+
+
+def test_an_acceptance_flag_that_changes_back_is_recorded(store: Store) -> None:
+    mask = {"cat": disc(20, 20, 10, 10, 5)}
+    store.put_annotation(write(42, 42, mask, accepted_unchanged=False))
+    assert store.put_annotation(write(42, 42, mask, accepted_unchanged=True)).status == "outcomes"
+    assert store.annotation(42)["accepted_unchanged"] == 1
+    assert store.acceptance_stats()["(annotations)"] == {"unchanged": 1, "edited": 0, "unknown": 0}
+
+
+def test_ids_never_stored_do_not_stop_the_deletion_of_the_others(store: Store) -> None:
+    store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
+    store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)}))
+    store.delete_annotations([2])
+    assert store.delete_annotations([999, 2, 1]) == 1  # unknown, then already deleted, then live
+    assert store.annotation(1)["deleted"] == 1 and list(store.accepted_samples()) == []
+
+
+def test_acceptance_stats_of_one_project_count_only_its_annotations(store: Store) -> None:
+    mask = {"cat": disc(20, 20, 10, 10, 5)}
+    store.put_annotation(write(1, 1, mask, accepted_unchanged=True, parent_prediction=5,
+                               outcomes=[("r1", "cat", "unchanged")]))  # fmt: skip
+    other = AnnotationWrite(
+        id=2, task=TaskRecord(2, 2, "/data/upload/2/b.png"), height=20, width=20, masks=mask,
+        accepted_unchanged=False, parent_prediction=6, outcomes=[("r1", "cat", "edited"), ("r2", "dog", "deleted")],
+    )  # fmt: skip
+    store.put_annotation(other)
+    assert store.acceptance_stats(project=1) == {
+        "cat": {"unchanged": 1, "edited": 0, "deleted": 0, "added": 0},
+        "(annotations)": {"unchanged": 1, "edited": 0, "unknown": 0},
+    }
+    assert store.acceptance_stats(project=2) == {
+        "cat": {"unchanged": 0, "edited": 1, "deleted": 0, "added": 0},
+        "dog": {"unchanged": 0, "edited": 0, "deleted": 1, "added": 0},
+        "(annotations)": {"unchanged": 0, "edited": 1, "unknown": 0},
+    }
+    assert store.acceptance_stats()["(annotations)"] == {"unchanged": 1, "edited": 1, "unknown": 0}
+
+
+def test_a_write_refused_half_way_leaves_nothing_behind_and_the_store_keeps_working(store: Store) -> None:
+    mask = {"cat": disc(20, 30, 10, 10, 4)}
+    store.put_annotation(write(1, 1, mask))
+    seq = store.current_seq()
+    with pytest.raises(store.backend.errors):  # NOT NULL: refused after the masks were written
+        store.put_annotation(write(2, 2, mask, outcomes=[("r1", "cat", None)]))
+    assert store.current_seq() == seq and store.annotation(2) is None
+    assert store.put_annotation(write(3, 3, mask)).status == "stored"
+    assert [s.annotation_id for s in store.accepted_samples()] == [1, 3]
+
+
+def test_counts_and_labels_of_one_project_leave_the_other_projects_out(store: Store) -> None:
+    def in_project(annotation_id: int, project: int, label: str) -> AnnotationWrite:
+        task = TaskRecord(annotation_id, project, f"/data/upload/{project}/{annotation_id}.png")
+        return AnnotationWrite(id=annotation_id, task=task, height=20, width=20, masks={label: disc(20, 20, 9, 9, 4)})
+
+    store.put_annotation(in_project(1, 1, "cat"))
+    store.mark_trained(project=1)
+    store.put_annotation(in_project(2, 2, "dog"))
+    store.put_annotation(in_project(3, 2, "bird"))
+    assert store.count_since_last_training(project=1) == 0  # project 2's new annotations are not project 1's
+    assert store.count_since_last_training(project=2) == 2
+    assert store.labels(project=1) == ["cat"] and store.labels(project=2) == ["bird", "dog"]
+    assert store.labels() == ["bird", "cat", "dog"]

@@ -140,6 +140,38 @@ def test_killed_trainer_leaves_served_model_intact_and_single_flight_holds(setup
     assert _digest(served_file) == before[0]  # older versions are never rewritten
 
 
+def test_on_a_postgresql_store_the_trainer_holds_the_lock_for_every_instance_until_killed(setup, postgres_url):
+    """With MASKCLIP_STORE_URL=postgresql://..., the lock is the database's: another instance (its own
+    MODEL_DIR) is refused while the trainer lives, a kill -9 frees it, and the runs are recorded there."""
+    s, _, model_dir, served = setup
+    s = s.replace(store_url=postgres_url)
+    store = Store(postgres_url)
+    store.put_tasks([TaskRecord(t, image=_data_uri(t)) for t in range(3)])
+    _annotate(store, 100, 0)
+
+    def running() -> bool:
+        held = trigger.acquire_training_lock(s)
+        if held is None:
+            return True
+        held.close()
+        return False
+
+    other_instance = s.replace(model_dir=str(model_dir.parent / "other-instance"))
+    assert trigger.request_training(s, "test long run")
+    assert not trigger.request_training(other_instance, "another instance")  # held, then handed over: no gap
+    _wait(lambda: "step 1/100000" in _log_text(model_dir), 90, "the trainer's first step")
+    assert running() and not trigger.request_training(other_instance, "another instance")
+    pid = int(re.search(r"training starts \(reason: test long run, pid (\d+)\)", _log_text(model_dir)).group(1))
+    os.kill(pid, signal.SIGKILL)
+    _wait(lambda: not running(), 30, "the lock to be released")
+    assert ck.current_version(model_dir) == served and store.training_runs() == []
+
+    assert trigger.request_training(s.replace(train_steps=2), "after the crash")
+    _wait(lambda: ck.current_version(model_dir) == "maskclip+-2", 90, "the next run's promotion")
+    _wait(lambda: not running(), 30, "the trainer to exit")
+    assert [r["model_version"] for r in store.training_runs()] == ["maskclip+-2"]
+
+
 def test_trainer_cli_refuses_to_run_beside_another(setup):
     s, _, model_dir, _ = setup
     held = trigger.acquire_training_lock(model_dir)

@@ -10,14 +10,14 @@ worker. Off with ``MASKCLIP_RESCORE=false``; needs ``LABEL_STUDIO_URL``.
 Progress and outcome: the job's log (``MODEL_DIR/runs/rescore-*.log``) and ``MODEL_DIR/rescore.json``
 (served at ``/metrics`` under ``rescore``): ``{"state": "running" | "done" | "failed", "version",
 "projects": {id: {"done", "total", "predicted", "failed", "seconds"}}, "started", "finished", "error"}``.
-Jobs run one at a time (``MODEL_DIR/rescore.lock``); one started while another runs waits for it, and
-the waiting one then only predicts what the newest model still lacks.
+Jobs run one at a time, across instances too (the ``rescore`` run lock:
+:func:`~labelstudio_maskclip.training.rescoring.acquire_rescore_lock`); one started while another runs waits
+for it, and the waiting one then only predicts what the newest model still lacks.
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import logging
 import sys
 import time
@@ -25,33 +25,29 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..learning.store import Store
 from ..logs import configure as configure_logging
 from ..settings import Settings
-from ..training.rescoring import write_status
+from ..training.rescoring import acquire_rescore_lock, write_status
+from .preannotate import preannotate
 
 __all__ = ["rescore", "projects_to_rescore", "main"]
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = "rescore.lock"
-
 
 def projects_to_rescore(settings: Settings, project: int | None = None) -> list[int]:
     """The project trained for, then every project the store has seen tasks of."""
-    from ..learning.store import Store
-
-    seen = Store(Path(settings.model_dir)).projects()
+    seen = Store.from_settings(settings).projects()
     return list(dict.fromkeys(([project] if project is not None else []) + seen))
 
 
 def rescore(settings: Settings, projects: Sequence[int], reason: str = "") -> dict[str, Any]:
     """Re-predict the unlabeled tasks of ``projects`` that lack the served version, in this process;
     writes the status file as it goes and returns the final status."""
-    from .preannotate import preannotate
-
     status: dict[str, Any] = {"state": "running", "reason": reason, "version": None, "started": time.time(),
                               "finished": None, "projects": {}, "error": None}  # fmt: skip
-    write_status(settings.model_dir, status)
+    write_status(settings, status)
     try:
         for project in projects:
             entry: dict[str, Any] = {"done": 0, "total": None, "predicted": 0, "failed": 0, "seconds": None}
@@ -59,7 +55,7 @@ def rescore(settings: Settings, projects: Sequence[int], reason: str = "") -> di
 
             def progress(done: int, total: int, entry: dict[str, Any] = entry) -> None:
                 entry["done"], entry["total"] = done, total
-                write_status(settings.model_dir, status)
+                write_status(settings, status)
 
             result = preannotate(settings, project, refresh=True, progress=False, on_progress=progress)
             status["version"] = result.model_version
@@ -73,7 +69,7 @@ def rescore(settings: Settings, projects: Sequence[int], reason: str = "") -> di
         status["state"], status["error"] = "failed", f"{type(e).__name__}: {e}"
         log.exception("re-scoring failed")
     status["finished"] = time.time()
-    write_status(settings.model_dir, status)
+    write_status(settings, status)
     return status
 
 
@@ -85,8 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings.from_env()
     configure_logging(settings.log_level)
     Path(settings.model_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(settings.model_dir) / LOCK_FILE, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one job at a time; a later one waits, then predicts what is left
+    lock = acquire_rescore_lock(settings, wait=True)  # one job at a time; a later one waits, then does the rest
+    assert lock is not None  # waiting returns the lock
+    with lock:
         projects = projects_to_rescore(settings, args.project)
         log.info("re-scoring after %s: projects %s", args.reason, projects)
         status = rescore(settings, projects, args.reason)

@@ -112,34 +112,12 @@ def load_clip(
     ``allow_random``). Tags whose weights were trained with QuickGELU (OpenAI's) get it automatically.
     """
     import open_clip
-    from open_clip.pretrained import get_pretrained_cfg
 
     name = _register_config_file(model)
     dev = resolve_device(device)
     dtype = resolve_dtype(precision, dev)
     pretrained = (pretrained or "").strip()
-    model_name: str = name
-    weights: str | None = pretrained
-    if pretrained.lower() in RANDOM:
-        if not allow_random:
-            raise WeightsError(
-                f"MASKCLIP_PRETRAINED={pretrained!r} means random weights, which would serve meaningless masks. "
-                "Point MASKCLIP_PRETRAINED at an open_clip tag or a local checkpoint file; random weights "
-                "need MASKCLIP_ALLOW_RANDOM=true (tests and smoke runs only)."
-            )
-        warnings.warn(f"{name}: RANDOM WEIGHTS (allow_random is set); predictions are meaningless", stacklevel=2)
-        log.warning("%s loaded with RANDOM WEIGHTS: predictions are meaningless", name)
-        model_name, weights = name, None
-    elif pretrained.startswith("hf-hub:"):
-        model_name, weights = pretrained, None
-    is_tag = weights is not None and get_pretrained_cfg(name, weights) != {}
-    if weights is not None and not is_tag and not Path(weights).is_file():
-        raise WeightsError(
-            f"MASKCLIP_PRETRAINED={pretrained!r} is neither an open_clip tag for {name} nor an existing file. "
-            f"Known tags: {open_clip.list_pretrained_tags_by_model(name) or 'none'}. "
-            "On a machine without internet, copy the checkpoint file here and set MASKCLIP_PRETRAINED=/path/to/file."
-        )
-    quick_gelu = bool(is_tag and get_pretrained_cfg(name, weights).get("quick_gelu", False))
+    model_name, weights, quick_gelu = _weights_source(name, pretrained, allow_random)
     try:
         clip, _, preprocess = open_clip.create_model_and_transforms(
             model_name,
@@ -167,3 +145,35 @@ def load_clip(
         device=dev,
         dtype=dtype,
     )
+
+
+def _weights_source(name: str, pretrained: str, allow_random: bool) -> tuple[str, str | None, bool]:
+    """(open_clip model name, its ``pretrained`` argument, force QuickGELU) for the architecture ``name`` and
+    the stripped ``pretrained`` setting; raises :class:`WeightsError` for random weights not allowed or
+    weights that are neither a tag nor a file."""
+    import open_clip
+    from open_clip.pretrained import get_pretrained_cfg
+
+    model_name: str = name
+    weights: str | None = pretrained
+    if pretrained.lower() in RANDOM:
+        if not allow_random:
+            raise WeightsError(
+                f"MASKCLIP_PRETRAINED={pretrained!r} means random weights, which would serve meaningless masks. "
+                "Point MASKCLIP_PRETRAINED at an open_clip tag or a local checkpoint file; random weights "
+                "need MASKCLIP_ALLOW_RANDOM=true (tests and smoke runs only)."
+            )
+        warnings.warn(f"{name}: RANDOM WEIGHTS (allow_random is set); predictions are meaningless", stacklevel=3)
+        log.warning("%s loaded with RANDOM WEIGHTS: predictions are meaningless", name)
+        model_name, weights = name, None
+    elif pretrained.startswith("hf-hub:"):
+        model_name, weights = pretrained, None
+    is_tag = weights is not None and get_pretrained_cfg(name, weights) != {}
+    if weights is not None and not is_tag and not Path(weights).is_file():
+        raise WeightsError(
+            f"MASKCLIP_PRETRAINED={pretrained!r} is neither an open_clip tag for {name} nor an existing file. "
+            f"Known tags: {open_clip.list_pretrained_tags_by_model(name) or 'none'}. "
+            "On a machine without internet, copy the checkpoint file here and set MASKCLIP_PRETRAINED=/path/to/file."
+        )
+    quick_gelu = bool(is_tag and get_pretrained_cfg(name, weights).get("quick_gelu", False))
+    return model_name, weights, quick_gelu

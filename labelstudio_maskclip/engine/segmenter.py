@@ -31,6 +31,7 @@ from typing import cast
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .dense import dense_features, output_stride
 from .loading import LoadedCLIP, load_clip
@@ -552,7 +553,6 @@ def _box_shrink(img: np.ndarray, size: tuple[int, int], band: int = 64) -> np.nd
     if fy <= 1 and fx <= 1:
         return img
     fy, fx = max(1, fy), max(1, fx)
-    from PIL import Image
 
     height, width = img.shape[0] // fy, img.shape[1] // fx
     out = np.empty((height, width, 3), np.uint8)
@@ -651,53 +651,80 @@ def _finalize(
     keep = _candidates(probs) if score == "confidence" else torch.arange(probs.shape[0], device=probs.device)
     kept = probs.index_select(0, keep).float()  # (k', h, w)
     k_kept, grid_h, _ = kept.shape
-    device = probs.device
     rows = F.interpolate(kept[None], size=(grid_h, width), mode="bilinear", align_corners=False)[0]  # (k', h, W)
-    scale = torch.tensor(grid_h / height, dtype=torch.float32)
-    src = ((torch.arange(height, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_min(0.0)  # (H,) source rows
-    top = src.long().clamp_max(grid_h - 1)
-    bottom = (top + 1).clamp_max(grid_h - 1)
-    lower = (src - top.float()).to(device)  # weight of the bottom row
-    upper = 1.0 - lower
-    top, bottom = top.to(device), bottom.to(device)
-    labels = torch.empty((height, width), dtype=torch.int16)
-    confidence = torch.empty((height, width), dtype=torch.float32)
-    areas = torch.zeros(n_labels, dtype=torch.float64)
-    sums = torch.zeros(n_labels, dtype=torch.float64)
-    total, count = 0.0, 0  # the image score's sum and the labelled pixels
-    k_all = probs.shape[0]
+    top, bottom, upper, lower = _height_weights(grid_h, height, probs.device)
+    tally = _Tally(height, width, n_labels)
     band = max(1, _UPSAMPLE_BUDGET // (k_kept * width))
     for y0 in range(0, height, band):
         y1 = min(height, y0 + band)
         up = rows[:, top[y0:y1]] * upper[None, y0:y1, None] + rows[:, bottom[y0:y1]] * lower[None, y0:y1, None]
         value, index = up.max(0)  # (n, W) each; ties go to the first class
-        if score == "margin":  # the winning probability minus the runner-up's
-            certainty = value - up.topk(2, dim=0).values[1] if k_kept > 1 else value
-        elif score == "entropy":  # 1 - normalised entropy of the pixel's distribution
-            certainty = (
-                1.0 - (-torch.special.xlogy(up, up).sum(0)).clamp_min(0) / math.log(k_all)
-                if k_all > 1
-                else torch.ones_like(value)
-            )
-        else:
-            certainty = value
+        certainty = _certainty(up, value, score, probs.shape[0])
         del up
-        klass = keep[index]  # (n, W) class indices among all K
+        tally.add(y0, y1, keep[index], value, certainty, min_conf)
+    return tally.segmentation(probs)
+
+
+def _height_weights(
+    grid_h: int, height: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bilinear weights (``align_corners=False``) from ``grid_h`` rows to ``height``: (top, bottom) (H,) source
+    rows and (upper, lower) (H,) their weights, all on ``device``."""
+    scale = torch.tensor(grid_h / height, dtype=torch.float32)
+    src = ((torch.arange(height, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_min(0.0)  # (H,) source rows
+    top = src.long().clamp_max(grid_h - 1)
+    bottom = (top + 1).clamp_max(grid_h - 1)
+    lower = (src - top.float()).to(device)  # weight of the bottom row
+    return top.to(device), bottom.to(device), 1.0 - lower, lower
+
+
+def _certainty(up: torch.Tensor, value: torch.Tensor, score: str, k_all: int) -> torch.Tensor:
+    """(n, W) each pixel's certainty under ``score``, from a band's upsampled probabilities ``up`` (k', n, W)
+    and their maximum ``value``; ``k_all`` classes in all (the entropy's normalisation)."""
+    if score == "margin":  # the winning probability minus the runner-up's
+        return value - up.topk(2, dim=0).values[1] if up.shape[0] > 1 else value
+    if score == "entropy":  # 1 - normalised entropy of the pixel's distribution
+        if k_all <= 1:
+            return torch.ones_like(value)
+        return 1.0 - (-torch.special.xlogy(up, up).sum(0)).clamp_min(0) / math.log(k_all)
+    return value
+
+
+class _Tally:
+    """The label map, its confidence and the per-label sums, filled one band of rows at a time."""
+
+    def __init__(self, height: int, width: int, n_labels: int):
+        self.n_labels = n_labels
+        self.labels = torch.empty((height, width), dtype=torch.int16)
+        self.confidence = torch.empty((height, width), dtype=torch.float32)
+        self.areas = torch.zeros(n_labels, dtype=torch.float64)
+        self.sums = torch.zeros(n_labels, dtype=torch.float64)
+        self.total, self.count = 0.0, 0  # the image score's sum and the labelled pixels
+
+    def add(
+        self, y0: int, y1: int, klass: torch.Tensor, value: torch.Tensor, certainty: torch.Tensor, min_conf: float
+    ) -> None:
+        """Rows y0:y1: (n, W) the winning class indices among all K, their probability and certainty."""
+        n_labels = self.n_labels
         no_label = (klass >= n_labels) | (value < min_conf)
         # Counted without boolean indexing (a device sync on a GPU): unlabelled pixels go to bin n_labels.
         binned = klass.masked_fill(no_label, n_labels).flatten()
-        areas += torch.bincount(binned, minlength=n_labels + 1)[:n_labels].double().cpu()
-        sums += torch.bincount(binned, weights=value.flatten().double(), minlength=n_labels + 1)[:n_labels].cpu()
-        total += float(certainty.double().masked_fill(no_label, 0.0).sum())
-        count += int(no_label.numel() - int(no_label.sum()))
-        labels[y0:y1] = klass.masked_fill(no_label, NO_LABEL).to(torch.int16).cpu()
-        confidence[y0:y1] = value.cpu()
-    scores = torch.where(areas > 0, sums / areas.clamp_min(1), torch.zeros_like(sums))
-    return Segmentation(
-        labels=labels.numpy(),
-        confidence=confidence.numpy(),
-        grid_probs=probs.float().cpu().numpy(),
-        class_scores=scores.float().numpy(),
-        class_areas=areas.numpy().astype(np.int64),
-        score=total / count if count else 0.0,
-    )
+        self.areas += torch.bincount(binned, minlength=n_labels + 1)[:n_labels].double().cpu()
+        self.sums += torch.bincount(binned, weights=value.flatten().double(), minlength=n_labels + 1)[:n_labels].cpu()
+        self.total += float(certainty.double().masked_fill(no_label, 0.0).sum())
+        self.count += int(no_label.numel() - int(no_label.sum()))
+        self.labels[y0:y1] = klass.masked_fill(no_label, NO_LABEL).to(torch.int16).cpu()
+        self.confidence[y0:y1] = value.cpu()
+
+    def segmentation(self, probs: torch.Tensor) -> Segmentation:
+        """The finished Segmentation, ``probs`` (K + Kb, h, w) kept as its grid probabilities."""
+        areas, sums = self.areas, self.sums
+        scores = torch.where(areas > 0, sums / areas.clamp_min(1), torch.zeros_like(sums))
+        return Segmentation(
+            labels=self.labels.numpy(),
+            confidence=self.confidence.numpy(),
+            grid_probs=probs.float().cpu().numpy(),
+            class_scores=scores.float().numpy(),
+            class_areas=areas.numpy().astype(np.int64),
+            score=self.total / self.count if self.count else 0.0,
+        )

@@ -1,17 +1,23 @@
-"""The durable store of people's accepted masks: one SQLite file under ``MODEL_DIR``.
+"""The durable store of people's accepted masks: one SQLite file under ``MODEL_DIR`` (the default), or a
+PostgreSQL database shared by several backend instances (``MASKCLIP_STORE_URL=postgresql://...``).
 
 Durability: an annotation the webhook acknowledged must survive a crash, because Label Studio does not
-send a webhook twice. The database runs in WAL mode with ``synchronous=FULL``: every commit fsyncs the
+send a webhook twice. SQLite runs in WAL mode with ``synchronous=FULL``: every commit fsyncs the
 write-ahead log before returning, so a committed write survives a killed process *and* a power cut or OS
 crash. (``NORMAL`` in WAL mode survives a killed process but may lose the last commits on power loss.)
-The cost is one fsync per webhook (milliseconds), far below Label Studio's 1 s webhook timeout.
+The cost is one fsync per webhook (milliseconds), far below Label Studio's 1 s webhook timeout. PostgreSQL
+commits durably with its defaults (``synchronous_commit=on``; the server's own settings rule).
 
-Concurrency: several gunicorn workers (processes) and threads write at once. Every write is one short
-``BEGIN IMMEDIATE`` transaction (masks are RLE-encoded before it starts); a ``busy_timeout`` makes a writer
-wait for the lock instead of failing; WAL lets readers run beside the writer. Each thread of each process
-opens its own connection (a connection is never shared across ``fork``).
+Concurrency: several gunicorn workers (processes), threads and, on PostgreSQL, instances write at once.
+Every write is one short transaction that takes the store's write lock at once (SQLite: ``BEGIN
+IMMEDIATE``; PostgreSQL: an advisory lock; masks are RLE-encoded before it starts), so the read-check-write
+of an annotation runs alone and a writer waits for the lock (``busy_timeout`` / ``lock_timeout``) instead of
+failing; readers run beside the writer on a snapshot. Each thread of each process opens its own connection
+(a connection is never shared across ``fork``). The dialects differ only inside
+:mod:`~labelstudio_maskclip.learning.backends`.
 
-Schema (version :data:`SCHEMA_VERSION`, in ``PRAGMA user_version``; created idempotently):
+Schema (version :data:`SCHEMA_VERSION`; versioned migrations in :mod:`~labelstudio_maskclip.learning.migrations`,
+applied at open):
 
 - ``tasks(id, project, image, width, height, first_seen)``: every task seen (``TASKS_CREATED`` or an
   annotation); tasks without a live annotation are the unlabeled pool.
@@ -19,8 +25,8 @@ Schema (version :data:`SCHEMA_VERSION`, in ``PRAGMA user_version``; created idem
   cancelled, deleted, updated_at, updated_ts, content_hash, seq, height, width, mask_count, stored_at)``:
   one row per Label Studio annotation. ``accepted_unchanged`` is 1/0, or NULL when unknown (the prediction
   was not in the payload). ``deleted`` rows are tombstones: they keep a late ``ANNOTATION_UPDATED`` from
-  bringing back a deleted annotation (only annotations that were stored get one). ``seq`` is a store-wide counter bumped by every stored change;
-  ``mask_count`` = number of its ``masks`` rows (a consistency check).
+  bringing back a deleted annotation (only annotations that were stored get one). ``seq`` is a store-wide
+  counter bumped by every stored change; ``mask_count`` = number of its ``masks`` rows (a consistency check).
 - ``masks(annotation_id, label, source, height, width, area, counts)``: one mask per (annotation, label),
   merged over the annotation's regions; ``counts`` is compressed COCO RLE (pycocotools, ascii: lossless);
   ``source`` is ``brush``, ``polygon`` or ``brush+polygon``.
@@ -28,31 +34,40 @@ Schema (version :data:`SCHEMA_VERSION`, in ``PRAGMA user_version``; created idem
   ``deleted``; per region the person added: ``added`` (only when the prediction was known).
 - ``training_runs(id, project, seq, model_version, metrics, finished_at)``: what the trainer has seen.
 - ``meta(key, value)``: the ``seq`` counter.
+- ``shared_state(key, value, updated_at)``: small values every instance reads (:meth:`Store.get_state`): the
+  served-version pointer and the re-scoring status when the store is PostgreSQL.
+- ``schema_version(version, summary, applied_at)``: the migrations applied.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
-import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import Unavailable
 from ..masks.coco_rle import coco_rle_to_mask, mask_to_coco_rle
+from .backends import DB_FILE_NAME, Backend, Connection, SQLiteBackend, is_postgres, open_backend, sqlite_corruption
+from .migrations import SCHEMA_VERSION, NewerSchema, applied, migrate
+
+if TYPE_CHECKING:
+    from ..settings import Settings
 
 __all__ = [
     "Store",
+    "shared_store",
     "StoreError",
     "StoreDamaged",
     "Sample",
@@ -66,34 +81,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-DB_FILE_NAME = "annotations.sqlite3"
 OUTCOMES = ("unchanged", "edited", "deleted", "added")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS tasks (
-    id INTEGER PRIMARY KEY, project INTEGER, image TEXT, width INTEGER, height INTEGER,
-    first_seen REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS annotations (
-    id INTEGER PRIMARY KEY, task_id INTEGER, project INTEGER, author TEXT,
-    ground_truth INTEGER NOT NULL DEFAULT 0, parent_prediction INTEGER, accepted_unchanged INTEGER,
-    cancelled INTEGER NOT NULL DEFAULT 0, deleted INTEGER NOT NULL DEFAULT 0,
-    updated_at TEXT, updated_ts REAL, content_hash TEXT, seq INTEGER NOT NULL,
-    height INTEGER, width INTEGER, mask_count INTEGER NOT NULL DEFAULT 0, stored_at REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS annotations_task ON annotations(task_id);
-CREATE TABLE IF NOT EXISTS masks (
-    annotation_id INTEGER NOT NULL REFERENCES annotations(id) ON DELETE CASCADE, label TEXT NOT NULL,
-    source TEXT NOT NULL, height INTEGER NOT NULL, width INTEGER NOT NULL, area INTEGER NOT NULL,
-    counts TEXT NOT NULL, PRIMARY KEY (annotation_id, label));
-CREATE TABLE IF NOT EXISTS outcomes (
-    annotation_id INTEGER NOT NULL REFERENCES annotations(id) ON DELETE CASCADE, region_id TEXT NOT NULL,
-    label TEXT NOT NULL, outcome TEXT NOT NULL, PRIMARY KEY (annotation_id, region_id, label));
-CREATE TABLE IF NOT EXISTS training_runs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, project INTEGER, seq INTEGER NOT NULL, model_version TEXT,
-    metrics TEXT, finished_at REAL NOT NULL);
-INSERT OR IGNORE INTO meta(key, value) VALUES ('seq', 0);
-"""
 
 
 class StoreError(Unavailable):
@@ -108,14 +96,7 @@ class StoreDamaged(StoreError):
     recover (rebuild it from Label Studio with ``backfill``)."""
 
 
-_CORRUPTION_CODES = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
-
-
-def _is_corruption(exc: sqlite3.Error) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF in _CORRUPTION_CODES
-    return type(exc) is sqlite3.DatabaseError  # "database disk image is malformed", "file is not a database"
+_is_corruption = sqlite_corruption  # SQLite: the file is damaged (not merely locked or unreachable)
 
 
 @dataclass(frozen=True)
@@ -177,12 +158,38 @@ class PutResult:
     seq: int | None = None
 
 
-def _quietly(conn: sqlite3.Connection, statement: str) -> None:
-    """End a transaction on a connection that may be broken (corruption, no transaction open)."""
+def _quietly(conn: Connection, statement: str) -> None:
+    """End a transaction on a connection that may be broken (corruption, no transaction open, server gone)."""
     try:
         conn.execute(statement)
-    except sqlite3.Error:
+    except Exception:  # noqa: BLE001 - whatever the database raises here, the first error is the one to tell
         pass
+
+
+def _project_filter(project: int | None, column: str = "project") -> tuple[str, tuple[Any, ...]]:
+    """`` AND <column> = ?`` and its parameter for one project; nothing for all projects (``None``)."""
+    return ("", ()) if project is None else (f" AND {column} = ?", (project,))
+
+
+_ANNOTATION_COLUMNS = (
+    "id", "task_id", "project", "author", "ground_truth", "parent_prediction", "accepted_unchanged", "cancelled",
+    "deleted", "updated_at", "updated_ts", "content_hash", "seq", "height", "width", "mask_count", "stored_at",
+)  # fmt: skip
+_UPSERT_ANNOTATION = (
+    f"INSERT INTO annotations({', '.join(_ANNOTATION_COLUMNS)}) VALUES ({', '.join('?' * len(_ANNOTATION_COLUMNS))}) "
+    f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in _ANNOTATION_COLUMNS[1:])}"
+)
+
+
+def _quietly_close(conn: Connection) -> None:
+    try:
+        conn.close()
+    except Exception:  # noqa: BLE001 - a broken connection may fail to close; it is dropped either way
+        pass
+
+
+#: connections inherited across ``fork``: kept referenced so that the child never closes the parent's session
+_INHERITED: list[Connection] = []
 
 
 def _timestamp(value: str | None) -> float | None:
@@ -227,119 +234,121 @@ def _content_hash(write: AnnotationWrite, rows: Sequence[tuple]) -> str:
 
 
 class Store:
-    """SQLite store of tasks, accepted masks and training marks (see the module docstring).
+    """The store of tasks, accepted masks and training marks (see the module docstring), in an SQLite file or
+    a PostgreSQL database: one API, the dialects in :mod:`~labelstudio_maskclip.learning.backends`.
 
-    ``path``: a directory (the file is ``path / DB_FILE_NAME``; created if missing) or a ``.sqlite3`` /
-    ``.sqlite`` / ``.db`` file. Safe to use from several threads and processes at once.
+    ``location``: a directory (the file is ``location / DB_FILE_NAME``; created if missing), a ``.sqlite3`` /
+    ``.sqlite`` / ``.db`` file, ``sqlite:///path``, or ``postgresql://user:password@host/database``. The
+    schema is migrated on open (:mod:`~labelstudio_maskclip.learning.migrations`). Safe to use from several
+    threads and processes (and, on PostgreSQL, hosts) at once.
     """
 
-    def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0, synchronous: str = "FULL") -> None:
-        path = Path(path)
-        if path.suffix not in (".sqlite3", ".sqlite", ".db"):
-            path = path / DB_FILE_NAME
+    def __init__(self, location: str | Path, *, busy_timeout_s: float = 30.0, synchronous: str = "FULL") -> None:
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise StoreError(f"synchronous={synchronous!r}: choose FULL (default), EXTRA or NORMAL")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot create the store's directory {path.parent}: {exc}") from None
-        self.path = path
-        self._busy_ms = int(busy_timeout_s * 1000)
-        self._synchronous = synchronous.upper()
+            self.backend: Backend = open_backend(location, busy_timeout_s=busy_timeout_s, synchronous=synchronous)
+        except (ValueError, ImportError) as exc:
+            raise StoreError(f"cannot use the store {location}: {exc}") from None
+        #: the SQLite file (None on PostgreSQL)
+        self.path: Path | None = self.backend.path if isinstance(self.backend, SQLiteBackend) else None
+        #: where the store is, for messages (a PostgreSQL URL without its password)
+        self.location = self.backend.describe()
+        if self.path is not None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create the store's directory {self.path.parent}: {exc}") from None
         self._local = threading.local()
         #: What SQLite found wrong with the file ([] = intact): checked when the store opens (``PRAGMA
-        #: quick_check``) and again whenever a read or write meets corruption.
+        #: quick_check``) and again whenever a read or write meets corruption. Always [] on PostgreSQL.
         self.damage: list[str] = []
         try:
-            self._create_schema()
+            self._migrate()
         except StoreDamaged:
             return
         self.damage = self.integrity()
         if self.damage:
             log.error("%s", self.damage_message())
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Store:
+        """The store the settings name: ``MASKCLIP_STORE_URL``, else the SQLite file in ``MODEL_DIR``."""
+        return cls(settings.store_url or settings.model_dir)
+
     # --- connections and transactions ---------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self) -> Connection:
         try:
-            conn = sqlite3.connect(self.path, timeout=self._busy_ms / 1000, isolation_level=None)
-            conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        except sqlite3.Error as exc:
-            if _is_corruption(exc):
+            return self.backend.connect()
+        except self.backend.errors as exc:
+            if self.backend.is_corruption(exc):
                 self.damage = [f"cannot open it: {exc}"]
                 raise StoreDamaged(self.damage_message()) from None
-            raise StoreError(f"cannot open the store {self.path}: {exc}") from None
-        if str(mode).lower() != "wal":
-            raise StoreError(f"{self.path}: SQLite refused WAL mode (journal_mode={mode}); use a local disk")
-        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-        conn.execute("PRAGMA foreign_keys = ON")
-        return conn
+            raise StoreError(f"cannot open the store {self.location}: {exc}") from None
 
-    def _conn(self) -> sqlite3.Connection:
-        """This thread's connection in this process (reopened after ``fork``)."""
+    def _conn(self) -> Connection:
+        """This thread's connection in this process (reopened after ``fork``, or when the server dropped it)."""
         local = self._local
-        if getattr(local, "pid", None) != os.getpid():
+        if getattr(local, "pid", None) != os.getpid() or not self.backend.usable(local.conn):
+            if getattr(local, "pid", None) not in (None, os.getpid()):
+                _INHERITED.append(local.conn)  # the parent's: never closed here (that would end its session)
             local.conn, local.pid = self._connect(), os.getpid()
         return local.conn
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One short write transaction; takes the write lock at once (no deadlocking lock upgrades)."""
+    def _transaction(self, begin: Callable[[Connection], None], end: str) -> Iterator[Connection]:
+        """``begin(conn)``, the block, then ``end`` (``ROLLBACK`` if the block raised); database failures
+        mapped: corruption -> :class:`StoreDamaged`, an unreachable server -> :class:`StoreError`."""
         self.require_intact()
         conn = self._conn()
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            begin(conn)
             try:
                 yield conn
             except BaseException:
                 _quietly(conn, "ROLLBACK")
                 raise
-            conn.execute("COMMIT")
-        except sqlite3.DatabaseError as exc:
-            if _is_corruption(exc):
-                _quietly(conn, "ROLLBACK")
+            conn.execute(end)
+        except self.backend.errors as exc:
+            _quietly(conn, "ROLLBACK")
+            if self.backend.is_corruption(exc):
                 raise self._damaged(exc) from None
+            if self.backend.unreachable(exc):
+                self.close()
+                raise StoreError(f"the store {self.location} cannot be used now: {exc}") from None
             raise
 
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
+    def _write(self) -> AbstractContextManager[Connection]:
+        """One short write transaction; takes the store's write lock at once (writers queue, none deadlock)."""
+        return self._transaction(self.backend.begin_write, "COMMIT")
+
+    def _read(self) -> AbstractContextManager[Connection]:
         """A consistent snapshot for the reads inside the block."""
-        self.require_intact()
-        conn = self._conn()
-        try:
-            conn.execute("BEGIN")
-            try:
-                yield conn
-            finally:
-                _quietly(conn, "COMMIT")
-        except sqlite3.DatabaseError as exc:
-            if _is_corruption(exc):
-                raise self._damaged(exc) from None
-            raise
+        return self._transaction(self.backend.begin_read, "COMMIT")
 
     # --- integrity ---------------------------------------------------------------------------------
 
     def integrity(self) -> list[str]:
-        """SQLite's ``PRAGMA quick_check`` of the file (O(size), no index cross-check): [] when intact,
-        else what it reports (at most 20 lines). Never raises for a corrupted file."""
+        """The database's quick check of its own pages (SQLite's ``PRAGMA quick_check``, O(size), no index
+        cross-check): [] when intact, else what it reports (at most 20 lines). Never raises for a corrupted
+        file."""
         try:
-            conn = self._conn()
-            rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check(20)")]
+            return self.backend.integrity(self._conn())
         except StoreError as exc:
             return [str(exc)]
-        except sqlite3.DatabaseError as exc:
+        except self.backend.errors as exc:
             return [f"quick_check: {exc}"]
-        return [] if rows == ["ok"] else rows
 
     def damage_message(self) -> str:
         """What is wrong with the store and how to recover ("" when intact)."""
         if not self.damage:
             return ""
         found = "; ".join(line.replace("\n", " ") for line in self.damage[:5])
+        name = self.path.name if self.path is not None else "the database"
         return (
-            f"the annotation store {self.path} is damaged ({found}). Nothing is read from or written to it. "
-            f"To recover: stop the backend, move {self.path.name} and its -wal/-shm files aside, start again (an "
+            f"the annotation store {self.location} is damaged ({found}). Nothing is read from or written to it. "
+            f"To recover: stop the backend, move {name} and its -wal/-shm files aside, start again (an "
             "empty store is created), and rebuild it from Label Studio with `labelstudio-maskclip backfill "
             "--project ID` for each project (annotations and their outcomes come back; the list of past "
             "training runs does not)"
@@ -350,46 +359,50 @@ class Store:
         if self.damage:
             raise StoreDamaged(self.damage_message())
 
-    def _damaged(self, exc: sqlite3.Error) -> StoreDamaged:
+    def _damaged(self, exc: BaseException) -> StoreDamaged:
         self.damage = self.integrity() or [str(exc)]
         message = self.damage_message()
         log.error("%s", message)
         return StoreDamaged(message)
 
-    def _create_schema(self) -> None:
-        with self._write() as conn:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path} has schema version {version}, newer than this code's {SCHEMA_VERSION}: "
-                    "upgrade labelstudio-maskclip or point MODEL_DIR elsewhere"
-                )
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    def _migrate(self) -> None:
+        """Apply the schema migrations this store lacks, one opener at a time."""
+        try:
+            with self._transaction(self.backend.begin_migration, "COMMIT") as conn:
+                done = migrate(self.backend, conn)
+        except NewerSchema as exc:
+            raise StoreError(
+                f"{self.location} has {exc}: upgrade labelstudio-maskclip or point the store elsewhere"
+            ) from None
+        if done:  # a new store gets them all (quietly); an existing one is upgraded (told)
+            log.log(logging.DEBUG if done[0] == 1 else logging.INFO, "store %s: migrations %s", self.location, done)
+
+    def schema_version(self) -> int:
+        """The newest schema migration applied to this store."""
+        with self._read() as conn:
+            return applied(conn)
 
     def close(self) -> None:
         """Close this thread's connection (others close when their threads end)."""
         conn = getattr(self._local, "conn", None)
         if conn is not None and self._local.pid == os.getpid():
-            conn.close()
+            _quietly_close(conn)
         self._local = threading.local()
 
     # --- writes ------------------------------------------------------------------------------------
 
     @staticmethod
-    def _next_seq(conn: sqlite3.Connection) -> int:
+    def _next_seq(conn: Connection) -> int:
         conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'seq'")
         return int(conn.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
 
     @staticmethod
-    def _upsert_task(conn: sqlite3.Connection, task: TaskRecord) -> None:
+    def _upsert_task(conn: Connection, task: TaskRecord) -> None:
         conn.execute(
             "INSERT INTO tasks(id, project, image, width, height, first_seen) VALUES (?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT(id) DO UPDATE SET project = COALESCE(excluded.project, project), "
-            "image = COALESCE(excluded.image, image), width = COALESCE(excluded.width, width), "
-            "height = COALESCE(excluded.height, height)",
+            "ON CONFLICT (id) DO UPDATE SET project = COALESCE(excluded.project, tasks.project), "
+            "image = COALESCE(excluded.image, tasks.image), width = COALESCE(excluded.width, tasks.width), "
+            "height = COALESCE(excluded.height, tasks.height)",
             (task.id, task.project, task.image, task.width, task.height, time.time()),
         )
 
@@ -414,57 +427,59 @@ class Store:
         digest = _content_hash(write, rows)
         new_ts = _timestamp(write.updated_at)
         with self._write() as conn:
-            old = conn.execute(
-                "SELECT deleted, updated_ts, content_hash FROM annotations WHERE id = ?", (write.id,)
-            ).fetchone()
-            if old is not None:
-                if old[0]:
-                    return PutResult("deleted", write.id)
-                if old[1] is not None and new_ts is not None and new_ts < old[1]:
-                    return PutResult("stale", write.id)
-                if old[2] == digest:
-                    return PutResult(self._record_outcomes(conn, write), write.id)
+            settled = self._against_stored(conn, write, digest, new_ts)
+            if settled is not None:
+                return settled
             self._upsert_task(conn, write.task)
             seq = self._next_seq(conn)
-            conn.execute("DELETE FROM masks WHERE annotation_id = ?", (write.id,))
-            conn.execute("DELETE FROM outcomes WHERE annotation_id = ?", (write.id,))
-            conn.execute(
-                "INSERT OR REPLACE INTO annotations(id, task_id, project, author, ground_truth, parent_prediction, "
-                "accepted_unchanged, cancelled, deleted, updated_at, updated_ts, content_hash, seq, height, width, "
-                "mask_count, stored_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    write.id,
-                    write.task.id,
-                    write.task.project,
-                    write.author,
-                    int(bool(write.ground_truth)),
-                    write.parent_prediction,
-                    None if write.accepted_unchanged is None else int(write.accepted_unchanged),
-                    int(bool(write.cancelled)),
-                    write.updated_at,
-                    new_ts,
-                    digest,
-                    seq,
-                    write.height,
-                    write.width,
-                    len(rows),
-                    time.time(),
-                ),
-            )
-            conn.executemany(
-                "INSERT INTO masks(annotation_id, label, source, height, width, area, counts) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(write.id, *row) for row in rows],
-            )
-            if not write.cancelled:
-                conn.executemany(
-                    "INSERT OR REPLACE INTO outcomes(annotation_id, region_id, label, outcome) VALUES (?, ?, ?, ?)",
-                    [(write.id, *outcome) for outcome in write.outcomes],
-                )
+            self._replace_annotation(conn, write, rows, digest, new_ts, seq)
         return PutResult("stored", write.id, seq)
 
+    def _against_stored(
+        self, conn: Connection, write: AnnotationWrite, digest: str, new_ts: float | None
+    ) -> PutResult | None:
+        """What becomes of ``write`` given the stored version: ``deleted``, ``stale``, ``duplicate`` or
+        ``outcomes`` (settled: nothing more to write), or None (store it)."""
+        old = conn.execute(
+            "SELECT deleted, updated_ts, content_hash FROM annotations WHERE id = ?", (write.id,)
+        ).fetchone()
+        if old is None:
+            return None
+        if old[0]:
+            return PutResult("deleted", write.id)
+        if old[1] is not None and new_ts is not None and new_ts < old[1]:
+            return PutResult("stale", write.id)
+        if old[2] == digest:
+            return PutResult(self._record_outcomes(conn, write), write.id)
+        return None
+
     @staticmethod
-    def _record_outcomes(conn: sqlite3.Connection, write: AnnotationWrite) -> str:
+    def _replace_annotation(
+        conn: Connection, write: AnnotationWrite, rows: Sequence[tuple], digest: str, new_ts: float | None, seq: int
+    ) -> None:
+        """Write the annotation's row (inserted or replaced), its masks and its outcomes."""
+        conn.execute("DELETE FROM masks WHERE annotation_id = ?", (write.id,))
+        conn.execute("DELETE FROM outcomes WHERE annotation_id = ?", (write.id,))
+        values = (
+            write.id, write.task.id, write.task.project, write.author, int(bool(write.ground_truth)),
+            write.parent_prediction, None if write.accepted_unchanged is None else int(write.accepted_unchanged),
+            int(bool(write.cancelled)), 0, write.updated_at, new_ts, digest, seq, write.height, write.width,
+            len(rows), time.time(),
+        )  # fmt: skip
+        conn.execute(_UPSERT_ANNOTATION, values)
+        conn.executemany(
+            "INSERT INTO masks(annotation_id, label, source, height, width, area, counts) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(write.id, *row) for row in rows],
+        )
+        if not write.cancelled:
+            conn.executemany(
+                "INSERT INTO outcomes(annotation_id, region_id, label, outcome) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (annotation_id, region_id, label) DO UPDATE SET outcome = excluded.outcome",
+                [(write.id, *outcome) for outcome in write.outcomes],
+            )
+
+    @staticmethod
+    def _record_outcomes(conn: Connection, write: AnnotationWrite) -> str:
         """For a write whose content is already stored: ``duplicate``, or ``outcomes`` after replacing the
         stored outcomes with the write's when it knows them and they differ."""
         if write.cancelled or (write.accepted_unchanged is None and not write.outcomes):
@@ -514,6 +529,21 @@ class Store:
                 )
         return live
 
+    def put_state(self, key: str, value: str) -> None:
+        """Set the shared value ``key`` (one row, replaced; committed when this returns)."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO shared_state(key, value, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                (key, value, time.time()),
+            )
+
+    def get_state(self, key: str) -> str | None:
+        """The shared value ``key``, or None if it was never set."""
+        with self._read() as conn:
+            row = conn.execute("SELECT value FROM shared_state WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
     def current_seq(self) -> int:
         """The change counter now: pass it to :meth:`mark_trained` after training on what was there."""
         with self._read() as conn:
@@ -531,12 +561,12 @@ class Store:
         with self._write() as conn:
             if seq is None:
                 seq = int(conn.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
-            cursor = conn.execute(
-                "INSERT INTO training_runs(project, seq, model_version, metrics, finished_at) VALUES (?, ?, ?, ?, ?)",
+            row = conn.execute(
+                "INSERT INTO training_runs(project, seq, model_version, metrics, finished_at) VALUES (?, ?, ?, ?, ?) "
+                "RETURNING id",
                 (project, seq, model_version, json.dumps(dict(metrics or {})), time.time()),
-            )
-            assert cursor.lastrowid is not None  # an INSERT just ran
-            return int(cursor.lastrowid)
+            ).fetchone()
+            return int(row[0])
 
     # --- reads -------------------------------------------------------------------------------------
 
@@ -544,24 +574,26 @@ class Store:
         """Live, not cancelled annotations (of ``project``, or all) stored or changed since the last
         :meth:`mark_trained` for the same ``project`` value."""
         with self._read() as conn:
+            same = "project IS NULL" if project is None else "project = ?"
             last = conn.execute(
-                "SELECT COALESCE(MAX(seq), 0) FROM training_runs WHERE project IS ?", (project,)
+                f"SELECT COALESCE(MAX(seq), 0) FROM training_runs WHERE {same}", () if project is None else (project,)
             ).fetchone()[0]
+            where, params = _project_filter(project)
             return int(
                 conn.execute(
-                    "SELECT COUNT(*) FROM annotations WHERE deleted = 0 AND cancelled = 0 AND seq > ? "
-                    "AND (? IS NULL OR project = ?)",
-                    (last, project, project),
+                    f"SELECT COUNT(*) FROM annotations WHERE deleted = 0 AND cancelled = 0 AND seq > ?{where}",
+                    (last, *params),
                 ).fetchone()[0]
             )
 
     def training_runs(self, project: int | None = None) -> list[dict[str, Any]]:
         """Recorded training runs, oldest first."""
+        where, params = _project_filter(project)
         with self._read() as conn:
             rows = conn.execute(
-                "SELECT id, project, seq, model_version, metrics, finished_at FROM training_runs "
-                "WHERE (? IS NULL OR project = ?) ORDER BY id",
-                (project, project),
+                f"SELECT id, project, seq, model_version, metrics, finished_at FROM training_runs WHERE 1 = 1{where} "
+                "ORDER BY id",
+                params,
             ).fetchall()
         return [
             {
@@ -575,15 +607,16 @@ class Store:
             for r in rows
         ]
 
-    def _chosen_annotations(self, conn: sqlite3.Connection, project: int | None) -> list[tuple]:
+    def _chosen_annotations(self, conn: Connection, project: int | None) -> list[tuple]:
         """Per task, the annotation to learn from: ground truth first, then the latest, then highest id."""
+        where, params = _project_filter(project)
         return conn.execute(
             "SELECT a.id, a.task_id FROM ("
             "  SELECT id, task_id, ROW_NUMBER() OVER (PARTITION BY task_id ORDER BY ground_truth DESC, "
             "    COALESCE(updated_ts, 0) DESC, id DESC) AS rank"
-            "  FROM annotations WHERE deleted = 0 AND cancelled = 0 AND task_id IS NOT NULL"
-            "  AND (? IS NULL OR project = ?)) a WHERE a.rank = 1 ORDER BY a.task_id",
-            (project, project),
+            f"  FROM annotations WHERE deleted = 0 AND cancelled = 0 AND task_id IS NOT NULL{where}"
+            ") a WHERE a.rank = 1 ORDER BY a.task_id",
+            params,
         ).fetchall()
 
     def accepted_samples(self, project: int | None = None) -> Iterator[Sample]:
@@ -628,12 +661,12 @@ class Store:
 
     def unlabeled_tasks(self, project: int | None = None) -> Iterator[TaskRecord]:
         """Tasks with no live, not cancelled annotation (skipped tasks included), ordered by id."""
+        where, params = _project_filter(project)
         with self._read() as conn:
             rows = conn.execute(
-                "SELECT id, project, image, width, height FROM tasks t WHERE (? IS NULL OR project = ?) "
-                "AND NOT EXISTS (SELECT 1 FROM annotations a WHERE a.task_id = t.id AND a.deleted = 0 "
-                "AND a.cancelled = 0) ORDER BY id",
-                (project, project),
+                "SELECT id, project, image, width, height FROM tasks t WHERE NOT EXISTS (SELECT 1 FROM annotations a "
+                f"WHERE a.task_id = t.id AND a.deleted = 0 AND a.cancelled = 0){where} ORDER BY id",
+                params,
             ).fetchall()
         for row in rows:
             yield TaskRecord(*row)
@@ -646,13 +679,14 @@ class Store:
 
     def labels(self, project: int | None = None) -> list[str]:
         """Labels of the live accepted masks, sorted (read from the index, no mask is decoded)."""
+        where, params = _project_filter(project, "a.project")
         with self._read() as conn:
             rows = conn.execute(
                 "SELECT DISTINCT m.label FROM masks m JOIN annotations a ON a.id = m.annotation_id "
-                "WHERE a.deleted = 0 AND a.cancelled = 0 AND (? IS NULL OR a.project = ?) ORDER BY m.label",
-                (project, project),
+                f"WHERE a.deleted = 0 AND a.cancelled = 0{where}",
+                params,
             ).fetchall()
-        return [row[0] for row in rows]
+        return sorted(row[0] for row in rows)  # by code point on both databases (whatever their collation)
 
     def acceptance_stats(self, project: int | None = None) -> dict[str, dict[str, int]]:
         """Per label, how predicted regions fared: ``{label: {"unchanged", "edited", "deleted", "added"}}``.
@@ -661,16 +695,18 @@ class Store:
         annotations ``unchanged`` / ``edited`` vs their prediction, and ``unknown`` (no prediction seen).
         """
         stats: dict[str, dict[str, int]] = {}
+        where, params = _project_filter(project, "a.project")
         with self._read() as conn:
             rows = conn.execute(
                 "SELECT o.label, o.outcome, COUNT(*) FROM outcomes o JOIN annotations a ON a.id = o.annotation_id "
-                "WHERE a.deleted = 0 AND (? IS NULL OR a.project = ?) GROUP BY o.label, o.outcome",
-                (project, project),
+                f"WHERE a.deleted = 0{where} GROUP BY o.label, o.outcome",
+                params,
             ).fetchall()
+            where, params = _project_filter(project)
             whole = conn.execute(
                 "SELECT accepted_unchanged, COUNT(*) FROM annotations WHERE deleted = 0 AND cancelled = 0 "
-                "AND task_id IS NOT NULL AND (? IS NULL OR project = ?) GROUP BY accepted_unchanged",
-                (project, project),
+                f"AND task_id IS NOT NULL{where} GROUP BY accepted_unchanged",
+                params,
             ).fetchall()
         for label, outcome, count in rows:
             stats.setdefault(label, dict.fromkeys(OUTCOMES, 0))[outcome] = int(count)
@@ -688,29 +724,36 @@ class Store:
             if row is None:
                 return None
             names = [d[0] for d in cursor.description]
-            labels = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT label FROM masks WHERE annotation_id = ? ORDER BY label", (annotation_id,)
-                )
-            ]
+            labels = sorted(
+                r[0] for r in conn.execute("SELECT label FROM masks WHERE annotation_id = ?", (annotation_id,))
+            )
         return {**dict(zip(names, row)), "labels": labels}
 
     def check(self) -> list[str]:
         """Consistency problems (empty list = healthy): SQLite's integrity check and mask counts."""
         problems: list[str] = []
         with self._read() as conn:
-            result = [r[0] for r in conn.execute("PRAGMA integrity_check")]
-            if result != ["ok"]:
-                problems += [f"integrity_check: {r}" for r in result]
+            problems += [f"integrity_check: {r}" for r in self.backend.integrity(conn, quick=False)]
             for annotation_id, expected, actual in conn.execute(
                 "SELECT a.id, a.mask_count, (SELECT COUNT(*) FROM masks m WHERE m.annotation_id = a.id) "
-                "FROM annotations a"
+                "FROM annotations a ORDER BY a.id"
             ).fetchall():
                 if expected != actual:
                     problems.append(f"annotation {annotation_id}: mask_count {expected} but {actual} masks rows")
             for (orphan,) in conn.execute(
-                "SELECT DISTINCT annotation_id FROM masks WHERE annotation_id NOT IN (SELECT id FROM annotations)"
+                "SELECT DISTINCT annotation_id FROM masks WHERE annotation_id NOT IN (SELECT id FROM annotations) "
+                "ORDER BY annotation_id"
             ):
                 problems.append(f"masks of unknown annotation {orphan}")
         return problems
+
+
+@functools.lru_cache(maxsize=8)
+def _shared(location: str) -> Store:
+    return Store(location)
+
+
+def shared_store(settings: Settings) -> Store | None:
+    """The process's one :class:`Store` for the settings' PostgreSQL store (opened once per URL), or None
+    when the store is SQLite (one machine: what every instance must see then lives in files)."""
+    return _shared(settings.store_url) if is_postgres(settings.store_url) else None

@@ -21,11 +21,14 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import torch
 
+from ..engine import prompts as engine
+from ..engine.text import synonym_means
 from ..errors import BadInput
 from ..labelstudio.labeling import LabelingSpec, Target
 from ..labelstudio.regions import brush_region, polygon_regions
@@ -287,10 +290,6 @@ class PromptText:
         class each, then the vocabulary labels ``keep`` in that order with their names merged by the
         preset's rule ``synonyms`` (``"max"``: every name, a class taking its best; ``"mean"``: averaged),
         then the background words."""
-        import torch
-
-        from ..engine.text import synonym_means
-
         owners = torch.tensor(list(self.owners))
         if synonyms != "max":
             means = synonym_means(self.labels, owners.to(self.labels.device))[list(keep)]
@@ -303,10 +302,6 @@ class PromptText:
 
     def means(self, keep: Sequence[int]) -> Any:
         """(len(keep), D) the labels ``keep``'s names averaged (for naming a phrase's label)."""
-        import torch
-
-        from ..engine.text import synonym_means
-
         return synonym_means(self.labels, torch.tensor(list(self.owners), device=self.labels.device))[list(keep)]
 
 
@@ -330,62 +325,92 @@ def predict_interactive(
     made). Notes say which prompts found nothing and why. Raises :class:`ContextError`
     for a box that covers no pixel of the image.
     """
-    from dataclasses import replace
-
-    import torch
-
-    from ..engine import prompts as engine
-
-    rows = {v: i for i, v in enumerate(text.vocabulary)}
-    labels = [v for v in text.vocabulary if targets_for(spec, v, image_key)]
-    keep = [rows[v] for v in labels]
-    label_rows = text.means(keep)  # (L, D)
-    nothing = label_rows[:0]
-    label_emb, label_owner = text.rows(nothing, keep, opts.synonyms)  # (E, D): the labels, then the background
-    size = image.shape[:2]
-    regions: list[dict[str, Any]] = []
-    notes: list[str] = []
+    request = _Request(seg, image, dense, spec, image_key, opts, text, polygons, compute_dtype)
     for prompt in prompts:
         if isinstance(prompt, TextPrompt):
-            ready = [p for p in prompt.phrases if p in text.phrases]
-            notes += [f"phrase {p!r}: its text is still being encoded; try again in a moment"
-                      for p in prompt.phrases if p not in text.phrases]  # fmt: skip
-            if not ready:
-                continue
-            phrase_rows = torch.stack([text.phrases[p] for p in ready])  # (P, D)
-            cosines = (phrase_rows @ label_rows.T).cpu().numpy()  # (P, L)
-            named = {p: phrase_label(p, spec, labels, functools.partial(cosines.__getitem__, j))
-                     for j, p in enumerate(ready)}  # fmt: skip
-            others = [rows[v] for v in labels if v not in named.values()]
-            emb, owner = text.rows(phrase_rows.to(label_rows), others, opts.synonyms)
-            for phrase, (mask, score) in zip(ready, engine.phrase_masks(dense, emb, len(ready), opts, owner)):
-                if not mask.any():
-                    notes.append(f"phrase {phrase!r}: found nowhere in the image (every pixel is nearer to "
-                                 "another label or to the background)")  # fmt: skip
-                    continue
-                regions += regions_for(targets_for(spec, named[phrase], image_key), named[phrase], mask, score,
-                                       polygons=polygons, note=f"prompt: {phrase}")  # fmt: skip
+            request.phrases(prompt)
         elif isinstance(prompt, ClickPrompt):
-            k = labels.index(prompt.label)
-            # The same labels (by their names: the model is in the image's cache key) give the same plane.
-            plane = ("click", tuple((v, tuple(spec.names(v))) for v in labels))
-            probs = engine.label_plane(dense, label_emb, replace(opts, prompt_denoising=False), label_owner, k, plane)
-            pos = [percent_to_pixel(x, y, size) for x, y in prompt.positive]
-            neg = [percent_to_pixel(x, y, size) for x, y in prompt.negative]
-            mask, score = engine.click_mask(dense, probs, pos, neg)
-            note = f"clicks: {len(pos)} positive, {len(neg)} negative"
-            regions += regions_for(targets_for(spec, prompt.label, image_key), prompt.label, mask, score,
-                                   polygons=polygons, note=note)  # fmt: skip
+            request.clicks(prompt)
         else:
-            k = labels.index(prompt.label)
-            try:
-                corners = box_corners(prompt, size)
-                mask, score = engine.box_mask(seg, image, corners, k, label_emb, opts, label_owner, compute_dtype)
-            except ValueError as e:  # the box lies outside the image
-                raise ContextError(f"box on {prompt.label!r}: {e}") from e
+            request.box(prompt)
+    return request.regions, request.notes
+
+
+class _Request:
+    """One interactive request's shared state: the image's labels and their embeddings, and the regions and
+    notes found so far (a method per kind of prompt adds to them)."""
+
+    def __init__(
+        self,
+        seg: Any,
+        image: np.ndarray,
+        dense: Any,
+        spec: LabelingSpec,
+        image_key: str,
+        opts: Any,
+        text: PromptText,
+        polygons: bool,
+        compute_dtype: Any,
+    ):
+        self.seg, self.image, self.dense, self.spec, self.image_key = seg, image, dense, spec, image_key
+        self.opts, self.text, self.polygons, self.compute_dtype = opts, text, polygons, compute_dtype
+        self.rows = {v: i for i, v in enumerate(text.vocabulary)}
+        self.labels = [v for v in text.vocabulary if targets_for(spec, v, image_key)]
+        self.label_rows = text.means([self.rows[v] for v in self.labels])  # (L, D)
+        # (E, D): the labels, then the background
+        self.label_emb, self.label_owner = text.rows(self.label_rows[:0], [self.rows[v] for v in self.labels],
+                                                     opts.synonyms)  # fmt: skip
+        self.regions: list[dict[str, Any]] = []
+        self.notes: list[str] = []
+
+    def _add(self, label: str, mask: np.ndarray, score: float, note: str) -> None:
+        targets = targets_for(self.spec, label, self.image_key)
+        self.regions += regions_for(targets, label, mask, score, polygons=self.polygons, note=note)
+
+    def phrases(self, prompt: TextPrompt) -> None:
+        """Each ready phrase competes with the labels it does not name and the background words."""
+        text = self.text
+        ready = [p for p in prompt.phrases if p in text.phrases]
+        self.notes += [f"phrase {p!r}: its text is still being encoded; try again in a moment"
+                       for p in prompt.phrases if p not in text.phrases]  # fmt: skip
+        if not ready:
+            return
+        phrase_rows = torch.stack([text.phrases[p] for p in ready])  # (P, D)
+        cosines = (phrase_rows @ self.label_rows.T).cpu().numpy()  # (P, L)
+        named = {p: phrase_label(p, self.spec, self.labels, functools.partial(cosines.__getitem__, j))
+                 for j, p in enumerate(ready)}  # fmt: skip
+        others = [self.rows[v] for v in self.labels if v not in named.values()]
+        emb, owner = text.rows(phrase_rows.to(self.label_rows), others, self.opts.synonyms)
+        for phrase, (mask, score) in zip(ready, engine.phrase_masks(self.dense, emb, len(ready), self.opts, owner)):
             if not mask.any():
-                notes.append(f"box on {prompt.label!r}: no pixel of the label inside")
+                self.notes.append(f"phrase {phrase!r}: found nowhere in the image (every pixel is nearer to "
+                                  "another label or to the background)")  # fmt: skip
                 continue
-            regions += regions_for(targets_for(spec, prompt.label, image_key), prompt.label, mask, score,
-                                   polygons=polygons, note="box")  # fmt: skip
-    return regions, notes
+            self._add(named[phrase], mask, score, f"prompt: {phrase}")
+
+    def clicks(self, prompt: ClickPrompt) -> None:
+        """The clicked label's probability plane (without prompt denoising), grown from the clicks."""
+        k = self.labels.index(prompt.label)
+        # The same labels (by their names: the model is in the image's cache key) give the same plane.
+        plane = ("click", tuple((v, tuple(self.spec.names(v))) for v in self.labels))
+        opts = replace(self.opts, prompt_denoising=False)
+        probs = engine.label_plane(self.dense, self.label_emb, opts, self.label_owner, k, plane)
+        size = self.image.shape[:2]
+        pos = [percent_to_pixel(x, y, size) for x, y in prompt.positive]
+        neg = [percent_to_pixel(x, y, size) for x, y in prompt.negative]
+        mask, score = engine.click_mask(self.dense, probs, pos, neg)
+        self._add(prompt.label, mask, score, f"clicks: {len(pos)} positive, {len(neg)} negative")
+
+    def box(self, prompt: BoxPrompt) -> None:
+        """The box's crop segmented afresh; a box outside the image is the request's error."""
+        k = self.labels.index(prompt.label)
+        try:
+            corners = box_corners(prompt, self.image.shape[:2])
+            mask, score = engine.box_mask(self.seg, self.image, corners, k, self.label_emb, self.opts,
+                                          self.label_owner, self.compute_dtype)  # fmt: skip
+        except ValueError as e:  # the box lies outside the image
+            raise ContextError(f"box on {prompt.label!r}: {e}") from e
+        if not mask.any():
+            self.notes.append(f"box on {prompt.label!r}: no pixel of the label inside")
+            return
+        self._add(prompt.label, mask, score, "box")

@@ -1,12 +1,18 @@
 """Starting MaskCLIP+ training from the server: single-flight, detached, never inside a request.
 
-Single flight across threads, processes and gunicorn workers: an exclusive ``fcntl.flock`` on
-``MODEL_DIR/train.lock``. :func:`request_training` takes the lock without blocking, starts
+Single flight across threads, processes, gunicorn workers and, on a PostgreSQL store, instances: the run lock
+``train`` (:mod:`labelstudio_maskclip.learning.locks`). With the SQLite store it is an exclusive ``fcntl.flock``
+on ``MODEL_DIR/train.lock``: :func:`request_training` takes the lock without blocking, starts
 ``python -m labelstudio_maskclip.training.train`` in its own session with the locked file descriptor inherited
 (the lock belongs to the open file, so the TRAINER PROCESS holds it for its whole life), closes its own copy
-and returns at once. A second request while the trainer lives finds the lock taken and returns False. A
-trainer that dies (even by SIGKILL) releases the lock with its last descriptor, and since only the atomic
-promotion in :mod:`labelstudio_maskclip.training.checkpoints` touches the served model, nothing else needs cleaning.
+and returns at once. With a PostgreSQL store it is an advisory lock held by a connection: the request takes
+it, starts the trainer, which queues for it (``--lock-wait``), and a thread hands it over once the trainer is
+queued (:meth:`~labelstudio_maskclip.learning.locks.HeldLock.hand_over`): the TRAINER PROCESS then holds it for
+its whole life, and no other request gets it in between. A second request while the trainer lives finds the
+lock taken and returns False. A
+trainer that dies (even by SIGKILL) releases the lock (its last descriptor, or its connection, ends), and
+since only the atomic promotion in :mod:`labelstudio_maskclip.training.checkpoints` touches the served model,
+nothing else needs cleaning.
 
 Rules that call it: :func:`should_train` (every ``train_every_n`` new annotations, for the webhook) and
 :func:`maybe_interval` (every ``train_interval_minutes``, when something new arrived).
@@ -14,16 +20,16 @@ Rules that call it: :func:`should_train` (every ``train_every_n`` new annotation
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Protocol
+from typing import Protocol
 
 from ..engine.names import ClassNames, format_label_spec
 from ..jobs import start_detached
+from ..learning.locks import FileLock, HeldLock, run_lock
 from ..settings import Settings
 from .job import classes_json
 
@@ -57,15 +63,12 @@ def _lock_path(model_dir: str | Path) -> Path:
     return path / LOCK_FILE
 
 
-def acquire_training_lock(model_dir: str | Path) -> IO[str] | None:
-    """The training lock as an open file (keep it open to hold the lock), or None if someone holds it."""
-    f = open(_lock_path(model_dir), "a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        return None
-    return f
+def acquire_training_lock(where: Settings | str | Path, *, wait: bool = False) -> HeldLock | None:
+    """The training lock (keep it to hold it; ``close()`` lets it go), or None if someone holds it (``wait``:
+    wait for it instead). ``where``: the settings (the lock follows their store), or a ``MODEL_DIR`` (its
+    ``train.lock`` file)."""
+    lock = run_lock(where, "train") if isinstance(where, Settings) else FileLock(_lock_path(where), "train")
+    return lock.acquire(wait=wait)
 
 
 def request_training(
@@ -83,12 +86,14 @@ def request_training(
     project's labels as the model names them (default: the labels found in the store); ``values``: each
     class's label value, which people's masks carry (they differ where a label has ``predicted_values``).
     """
-    lock = acquire_training_lock(settings.model_dir)
+    lock = acquire_training_lock(settings)
     if lock is None:
         log.info("training requested (%s) but one is running", reason)
         return False
     try:
-        args = ["--service", "--reason", reason, "--lock-fd", str(lock.fileno())]
+        args = ["--service", "--reason", reason] + (
+            ["--lock-fd", str(lock.fd)] if lock.fd is not None else ["--lock-wait"]
+        )
         if classes:
             args += ["--classes-json", classes_json(classes, values)]
         if background:
@@ -96,12 +101,25 @@ def request_training(
         if project is not None:
             args += ["--project", str(project)]
         started = start_detached(
-            settings, "train", "labelstudio_maskclip.training.train", args, pass_fds=(lock.fileno(),)
+            settings,
+            "train",
+            "labelstudio_maskclip.training.train",
+            args,
+            pass_fds=() if lock.fd is None else (lock.fd,),
         )
         proc = started.process
         (Path(settings.model_dir) / _STAMP).touch()
-    finally:
-        lock.close()  # the child's inherited descriptor keeps the lock
+    except BaseException:
+        lock.release()
+        raise
+    if lock.fd is not None:
+        lock.release()  # the child's inherited descriptor keeps a file lock
+    else:  # an advisory lock: kept until the trainer queues for it
+
+        def alive() -> bool:
+            return proc.poll() is None
+
+        threading.Thread(target=lock.hand_over, args=(alive,), name=f"hand-over-{proc.pid}", daemon=True).start()
     threading.Thread(target=proc.wait, name=f"reap-trainer-{proc.pid}", daemon=True).start()  # no zombie
     log.info("training started (%s): pid %d, log %s", reason, proc.pid, started.log_path)
     return True

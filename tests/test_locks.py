@@ -1,0 +1,169 @@
+"""Run locks (single flight of training and re-scoring), on both stores: a file lock beside the SQLite store,
+a PostgreSQL advisory lock with a PostgreSQL store. A second acquirer is refused while the first holds it and
+granted once the holder lets go or its process is killed (-9)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from labelstudio_maskclip.learning.locks import AdvisoryLock, FileLock, run_lock
+from labelstudio_maskclip.settings import Settings
+from labelstudio_maskclip.training import rescoring, trigger
+from labelstudio_maskclip.training.job import TrainJob
+from labelstudio_maskclip.training.train import run_job
+
+REPO = Path(__file__).resolve().parents[1]
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {repo!r})
+    from labelstudio_maskclip.learning.locks import run_lock
+    from labelstudio_maskclip.settings import Settings
+    held = run_lock(Settings(model_dir={model_dir!r}, store_url={store_url!r}), {name!r}).acquire()
+    print("held" if held is not None else "refused", flush=True)
+    time.sleep(600)
+""")
+
+
+@pytest.fixture
+def settings(store_url: str, tmp_path: Path) -> Settings:
+    """Settings whose store is SQLite in MODEL_DIR (file locks) or PostgreSQL (advisory locks)."""
+    model_dir = str(tmp_path / "model_dir")
+    return Settings(model_dir=model_dir, store_url=store_url if store_url.startswith("postgresql") else "")
+
+
+def _holder(settings: Settings, name: str, tmp_path: Path) -> subprocess.Popen:
+    """A process that holds lock ``name`` until killed: on PostgreSQL, another instance (its own MODEL_DIR,
+    the same database); on SQLite, another process on this machine (the same MODEL_DIR)."""
+    model_dir = str(tmp_path / "instance-2") if settings.store_url else settings.model_dir
+    script = tmp_path / f"hold_{name}.py"
+    script.write_text(HOLDER.format(repo=str(REPO), model_dir=model_dir, store_url=settings.store_url, name=name))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().strip()
+    assert line == "held", (line, proc.stderr.read() if proc.poll() is not None else "")
+    return proc
+
+
+def _granted_within(lock, seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        held = lock.acquire()
+        if held is not None:
+            held.release()
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_the_lock_follows_the_store(settings: Settings) -> None:
+    lock = run_lock(settings, "train")
+    assert isinstance(lock, AdvisoryLock if settings.store_url else FileLock) and lock.name == "train"
+
+
+def test_a_second_acquirer_is_refused_until_the_first_releases(settings: Settings) -> None:
+    first = run_lock(settings, "train").acquire()
+    assert first is not None
+    assert run_lock(settings, "train").acquire() is None  # another acquirer, even in this process
+    other = run_lock(settings, "rescore").acquire()  # names are independent
+    assert other is not None
+    other.release()
+    first.release()
+    again = run_lock(settings, "train").acquire()
+    assert again is not None
+    again.release()
+
+
+@pytest.mark.parametrize("name", ["train", "rescore"])
+def test_a_killed_holder_releases_the_lock(settings: Settings, tmp_path: Path, name: str) -> None:
+    proc = _holder(settings, name, tmp_path)
+    try:
+        lock = run_lock(settings, name)
+        assert lock.acquire() is None
+        time.sleep(0.3)
+        assert lock.acquire() is None  # still held while the holder lives
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        assert _granted_within(lock, 10), "the lock stayed held after its holder was killed"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_waiting_acquirer_gets_the_lock_when_the_holder_dies(settings: Settings, tmp_path: Path) -> None:
+    proc = _holder(settings, "rescore", tmp_path)
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(rescoring.acquire_rescore_lock(settings, wait=True)))
+    try:
+        waiter.start()
+        waiter.join(1.0)
+        assert waiter.is_alive() and got == []  # a second re-scoring waits for the first
+        assert rescoring.acquire_rescore_lock(settings, wait=False) is None
+        proc.send_signal(signal.SIGKILL)
+        waiter.join(20)
+        assert not waiter.is_alive() and got and got[0] is not None
+    finally:
+        proc.kill()
+        proc.wait()
+        for held in got:
+            held.release()  # type: ignore[attr-defined]
+
+
+def test_training_is_refused_while_another_instance_trains(settings: Settings, tmp_path: Path, monkeypatch) -> None:
+    started: list[object] = []
+    monkeypatch.setattr(trigger, "start_detached", lambda *a, **k: started.append(a))
+    proc = _holder(settings, "train", tmp_path)  # another instance's trainer
+    try:
+        assert trigger.request_training(settings, "every 5") is False and started == []
+        assert run_job(settings, TrainJob(classes=None)) == 3  # a trainer started anyway does not run
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+WAITER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {repo!r})
+    from labelstudio_maskclip.learning.locks import run_lock
+    from labelstudio_maskclip.settings import Settings
+    print("waiting", flush=True)
+    held = run_lock(Settings(model_dir={model_dir!r}, store_url={store_url!r}), "train").acquire(wait=True)
+    print("held", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_an_advisory_lock_is_handed_over_to_the_process_queued_for_it(postgres_url: str, tmp_path: Path) -> None:
+    """The trigger's hand-over: the holder lets go only once the trainer is queued, and nobody slips in."""
+    settings = Settings(model_dir=str(tmp_path / "a"), store_url=postgres_url)
+    held = run_lock(settings, "train").acquire()
+    assert held is not None and held.fd is None
+    script = tmp_path / "waiter.py"
+    script.write_text(WAITER.format(repo=str(REPO), model_dir=str(tmp_path / "b"), store_url=postgres_url))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "waiting"
+        assert held.hand_over(alive=lambda: proc.poll() is None, timeout=60)
+        assert proc.stdout.readline().strip() == "held"
+        assert run_lock(settings, "train").acquire() is None  # the waiter holds it now
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _granted_within(run_lock(settings, "train"), 10)
+
+
+def test_a_hand_over_with_nobody_queued_releases_when_the_child_is_gone(postgres_url: str, tmp_path: Path) -> None:
+    settings = Settings(model_dir=str(tmp_path), store_url=postgres_url)
+    held = run_lock(settings, "train").acquire()
+    assert held is not None and held.hand_over(alive=lambda: False) is False
+    assert _granted_within(run_lock(settings, "train"), 10)
+    file_held = run_lock(Settings(model_dir=str(tmp_path)), "train").acquire()
+    assert file_held is not None and file_held.fd is not None and file_held.hand_over(alive=lambda: True)
+    assert _granted_within(run_lock(Settings(model_dir=str(tmp_path)), "train"), 1)  # a file lock goes at once
