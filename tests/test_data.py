@@ -3,6 +3,8 @@ train/validation split, targets and augmentation, each checked in process on sma
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -239,3 +241,30 @@ def test_a_batch_draws_n_random_items(tmp_path):
     assert x.shape == (12, 3, 8, 8) and y.shape == (12, 8, 8)
     unlabelled = [bool((y[i] == IGNORE).all()) for i in range(12)]
     assert 0 < sum(unlabelled) < 12  # both items drawn
+
+
+def test_a_crop_is_the_image_in_0_1_before_the_jitter(tmp_path):
+    """A flat image stays flat through crop, resize and flip: what comes out is the jitter of value / 255,
+    with the jitter's factors drawn after the crop's and the flip's."""
+    np.save(tmp_path / "flat.npy", np.full((30, 50, 3), 200, np.uint8))
+    item = td.Item(1, tmp_path / "flat.npy")
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        twin = copy.deepcopy(rng)
+        x, _ = td._augment(item, 16, rng)
+        td._crop_params(30, 50, twin)
+        twin.random()
+        torch.testing.assert_close(x, td._jitter(torch.full((3, 16, 16), 200 / 255), twin))
+
+
+def test_a_downscaled_crop_is_antialiased(tmp_path):
+    """Alternate black and white columns, every crop scaled down 1.5 to 3 times: averaged, a flat grey; sampled
+    without antialiasing, stripes of every shade."""
+    img = np.zeros((96, 96, 3), np.uint8)
+    img[:, ::2] = 255
+    np.save(tmp_path / "stripes.npy", img)
+    item = td.Item(1, tmp_path / "stripes.npy")
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        x, _ = td._augment(item, 32, rng)
+        assert x[:, 2:-2, 2:-2].std() < 0.05, float(x.std())
