@@ -121,14 +121,15 @@ DISC_EVERYWHERE = (0.75 + 0.0) / 2  # disc: 48 of 64 pixels; box: 0 (ground coun
 BOX_EVERYWHERE = (0.0 + 0.25) / 2
 
 
-def _validate(tmp_path, candidate_class: int, *, teacher_p: float = 0.6, **settings):
+def _validate(tmp_path, candidate_class: int, *, teacher_p: float = 0.6, background=(), **settings):
     from labelstudio_maskclip import SegmentOptions
     from labelstudio_maskclip.settings import Settings
     from labelstudio_maskclip.training.student import StudentModel
     from tests.test_learning_loop import _embeddings, constant_student
 
     s = Settings(model_dir=str(tmp_path / "md"), device="cpu", **settings)
-    candidate = StudentModel(constant_student(_embeddings(3), candidate_class), CLASSES)
+    net = constant_student(_embeddings(3 + len(background)), candidate_class)
+    candidate = StudentModel(net, CLASSES, background)
     grid = torch.full((3, 1, 1), (1 - teacher_p) / 2)
     grid[1] = teacher_p  # "box" everywhere, with probability teacher_p
     teacher = GridTeacher(grid)
@@ -176,6 +177,20 @@ def test_no_served_student_is_compared_unless_it_loads_and_has_these_labels(tmp_
     with_sky = _promote(tmp_path / "md", constant_student(_embeddings(3), 0), CLASSES)
     ck.checkpoint_path(tmp_path / "md", with_sky).write_bytes(b"torn")  # the right labels, but unreadable
     assert _validate(tmp_path, 0)[0].current_version is None
+
+
+def test_a_served_student_is_compared_when_its_background_labels_are_the_candidates_too(tmp_path):
+    from labelstudio_maskclip.training import checkpoints as ck
+    from tests.test_learning_loop import _embeddings, constant_student
+
+    net = constant_student(_embeddings(4, seed=1), 1)  # "box" everywhere: class 1 of (ground, box, disc) + sky
+    payload = {"student": "tiny", "state_dict": net.state_dict(), "embeddings": net.classifier.weight[:, :, 0, 0],
+               "classes": [list(c) for c in CLASSES[::-1]], "background": [["sky"]], "settings": {}}  # fmt: skip
+    served = ck.promote(tmp_path / "md", payload)
+    scores, _ = _validate(tmp_path, 0, background=[("sky",)])
+    assert scores.current_version == served and scores.current == BOX_EVERYWHERE
+    assert scores.candidate == DISC_EVERYWHERE
+    assert _validate(tmp_path, 0)[0].current_version is None  # no background for the candidate: other labels
 
 
 @pytest.mark.parametrize(
