@@ -125,9 +125,9 @@ def test_prepare_caches_writes_label_maps_splits_and_counts(tmp_path):
     load = Images(images)
     mask = np.zeros((100, 80), bool)
     mask[:50] = True
-    samples = [_sample(t, {"cat": mask, "dog": ~mask, "zebra": mask}) for t in range(5)]
+    samples = [_sample(6, {"cat": mask}, image="gone")]  # its image cannot be fetched: the others still are
+    samples += [_sample(t, {"cat": mask, "dog": ~mask, "zebra": mask}) for t in range(5)]
     samples.append(_sample(5, {"zebra": mask}))  # only a label the run does not train: never held out
-    samples.append(_sample(6, {"cat": mask}, image="gone"))  # its image cannot be fetched
     unlabeled = [TaskRecord(7, image="img-7"), TaskRecord(8, image="gone too")]
     out = td.prepare(samples, unlabeled, {"cat": 0, "dog": 1}, cache_dir=tmp_path / "cache", run_dir=tmp_path / "run",
                      load_image=load, crop=20, val_fraction=0.5)  # fmt: skip
@@ -135,6 +135,8 @@ def test_prepare_caches_writes_label_maps_splits_and_counts(tmp_path):
     assert held == [0, 1, 4] and td.is_validation(5, 0.5)
     assert [it.task_id for it in out.val] == held
     assert [it.task_id for it in out.train] == [2, 3, 5, 7] and out.train[-1].labels is None
+    assert np.load(out.train[-1].image).shape == (80, 64, 3)  # the unlabeled task's image, cached
+    assert ("img-7", 7) in load.calls and ("gone", 6) in load.calls
     assert out.counts == {"annotated": 3, "unlabeled": 1, "validation": 3, "failed_images": 2,
                           "unknown_label_masks": 6}  # fmt: skip
     first = out.val[0]
@@ -144,7 +146,7 @@ def test_prepare_caches_writes_label_maps_splits_and_counts(tmp_path):
     assert labels.shape == (80, 64) and (labels[:40] == 0).all() and (labels[40:] == 1).all()
     assert (np.load(out.train[2].labels) == IGNORE).all()  # task 5: nothing known
     assert sorted(p.parent.name for p in tmp_path.rglob("*.npy")) == ["cache"] * 7 + ["labels"] * 6
-    again = td.prepare(samples[:1], [], {"cat": 0}, cache_dir=tmp_path / "cache", run_dir=tmp_path / "run2",
+    again = td.prepare(samples[1:2], [], {"cat": 0}, cache_dir=tmp_path / "cache", run_dir=tmp_path / "run2",
                        load_image=load, crop=40, val_fraction=0.0)  # fmt: skip
     assert np.load(again.train[0].image).shape == (100, 80, 3)  # 2 x 40 = 80: not downscaled
 
@@ -172,6 +174,13 @@ def test_crops_cover_a_quarter_to_all_of_the_image_within_the_aspect_range():
     assert 0.74 < min(ratios) < 0.8 and 1.25 < max(ratios) < 1.35
     assert {td._crop_params(60, 90, np.random.default_rng(s))[0] for s in range(50)} != {0}  # positions vary
     assert {td._crop_params(60, 90, np.random.default_rng(s))[1] for s in range(50)} != {0}
+
+
+def test_a_crop_may_span_the_whole_width_or_the_whole_height():
+    rng = np.random.default_rng(0)
+    crops = [td._crop_params(40, 40, rng) for _ in range(2000)]
+    assert any(cw == 40 and ch < 40 for _, _, ch, cw in crops)
+    assert any(ch == 40 and cw < 40 for _, _, ch, cw in crops)
 
 
 def test_an_image_too_thin_for_any_crop_gets_its_centre_square():
@@ -268,3 +277,24 @@ def test_a_downscaled_crop_is_antialiased(tmp_path):
     for _ in range(10):
         x, _ = td._augment(item, 32, rng)
         assert x[:, 2:-2, 2:-2].std() < 0.05, float(x.std())
+
+
+def test_masks_given_as_0_1_integers_are_read_as_masks():
+    cat = np.zeros((3, 3), np.uint8)
+    cat[0] = 1
+    np.testing.assert_array_equal(td._label_map({"cat": cat}, {"cat": 0}, (3, 3))[:, 0], [0, IGNORE, IGNORE])
+
+
+def test_prepare_makes_its_folders_and_runs_again_into_the_same_run(tmp_path):
+    """A resumed run prepares into its own run folder again; the cache may live in folders not made yet."""
+    images = Images({"img-1": np.zeros((100, 100, 3), np.uint8), "img-2": np.zeros((100, 100, 3), np.uint8)})
+    mask = np.ones((100, 100), bool)
+    samples = [_sample(1, {"cat": mask})]
+    kw = dict(cache_dir=tmp_path / "not" / "yet" / "cache", run_dir=tmp_path / "runs" / "r1", load_image=images,
+              crop=40, val_fraction=0.0)  # fmt: skip
+    first = td.prepare(samples, [TaskRecord(2, image="img-2")], {"cat": 0}, **kw)
+    again = td.prepare(samples, [TaskRecord(2, image="img-2")], {"cat": 0}, **kw)
+    assert [it.task_id for it in again.train] == [it.task_id for it in first.train] == [1, 2]
+    assert np.load(first.train[0].image).shape == (80, 80, 3)  # short side 100 > 2 x crop: cached at 80
+    assert again.train[1].image == first.train[1].image and np.load(again.train[1].image).shape == (80, 80, 3)
+    assert images.calls == [("img-1", 1), ("img-2", 2)]  # each image fetched once, with its task's id
