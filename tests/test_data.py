@@ -117,6 +117,7 @@ def test_a_label_map_holds_each_known_label_at_the_image_size():
     # masks at the original size, image cached smaller: nearest neighbour, no mixed labels
     half = td._label_map({"cat": cat, "dog": ~cat}, {"cat": 0, "dog": 1}, (2, 2))
     np.testing.assert_array_equal(half, [[0, 0], [1, 1]])
+    assert half.dtype == np.uint8  # label maps are stored as 8-bit
 
 
 def test_prepare_caches_writes_label_maps_splits_and_counts(tmp_path):
