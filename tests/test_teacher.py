@@ -47,6 +47,10 @@ def test_stored_text_embeddings_are_used_as_given(seg):
     torch.testing.assert_close(
         teacher.probs(x)[0], seg.class_probs(_images(1, 1)[0], teacher.classes, OPTS, stored.float())
     )
+    image = _images(1, 1)[0]
+    served = seg.segment([image], teacher.classes, opts=OPTS, text=stored.float())[0].labels
+    np.testing.assert_array_equal(teacher.label_map(image, 0.0), served)
+    assert not np.array_equal(served, seg.segment([image], teacher.classes, opts=OPTS)[0].labels)
 
 
 def test_pseudo_labels_are_the_served_probabilities_of_each_crop_as_8_bit_pixels(seg):
