@@ -81,9 +81,15 @@ def photos(n: int, size: int = 512) -> list[np.ndarray]:
 # --- (a) the segment path ------------------------------------------------------------------------------
 
 
-def bench_segment(device: torch.device, quick: bool, compiled: bool = False) -> list[str]:
+def bench_segment(
+    device: torch.device,
+    quick: bool,
+    compiled: bool = False,
+    compile_batches: tuple[int, ...] = (1, 16, 64),
+    eager: bool = True,
+) -> list[str]:
     """Images/s of the segment path; ``compiled`` adds rows with the image tower through ``torch.compile``
-    (``MASKCLIP_COMPILE``), compiled in the warm-up of each batch size."""
+    (``MASKCLIP_COMPILE``), compiled in the warm-up of each of ``compile_batches``."""
     cuda = device.type == "cuda"
     precisions = ["bf16", "fp32"] if cuda else ["fp32"]
     batches = [1, 16, 64] if cuda else [1, 16]
@@ -92,12 +98,13 @@ def bench_segment(device: torch.device, quick: bool, compiled: bool = False) -> 
         "| model | precision | compiled | labels | batch | images/s | ms per batch (median) | runs |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    variants = [(p, False) for p in precisions] + ([(precisions[0], True)] if compiled else [])
+    variants = ([(p, False) for p in precisions] if eager else []) + ([(precisions[0], True)] if compiled else [])
     for precision, compile_ in variants:
         seg = MaskCLIP.load(
             "ViT-B-16", "random", str(device), precision, allow_random=True, templates="simple", compile=compile_
         )
-        for batch in batches if precision == "bf16" or not cuda else [1, 16]:
+        sizes = compile_batches if compile_ else (batches if precision == "bf16" or not cuda else [1, 16])
+        for batch in sizes:
             images = photos(batch)
             opts = SegmentOptions(short_side=448, batch_size=batch)
             for n_labels, names in LABELS.items():
@@ -148,6 +155,30 @@ def check_bf16(device: torch.device) -> list[str]:
     return rows
 
 
+def bench_stages(device: torch.device) -> list[str]:
+    """Where a batch of 64 goes on the segment path (bf16 on CUDA, 21 labels, 512x512 photos at 448):
+    preprocessing, the model (dense logits), grid probabilities, and the whole ``segment`` (the difference
+    is the per-image finalize: upsampling, argmax, areas and the copy to the CPU)."""
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    seg = MaskCLIP.load("ViT-B-16", "random", str(device), precision, allow_random=True, templates="simple")
+    batch = 64 if device.type == "cuda" else 4
+    images, names = photos(batch), LABELS[21]
+    emb = seg.text_embeddings(names)
+    pixels = seg.preprocess(images, (448, 448))
+    opts = SegmentOptions(short_side=448, batch_size=batch)
+    stages = [
+        ("preprocess (uint8 photos -> normalised 448 x 448 on the device)", lambda: seg.preprocess(images, (448, 448))),
+        ("dense logits (the model)", lambda: seg.dense_logits(pixels, emb)),
+        ("grid probabilities", lambda: seg.grid_probs(pixels, emb, opts)),
+        ("segment (all of it, label maps on the CPU)", lambda: seg.segment(images, names, opts=opts)),
+    ]
+    rows = [f"| stage ({precision}, batch {batch}, 21 labels) | ms per batch (median of 5) |", "|---|---:|"]
+    for title, fn in stages:
+        rows.append(f"| {title} | {statistics.median(timed(fn, device, 5)) * 1e3:.1f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 # --- (b) the HTTP path ---------------------------------------------------------------------------------
 
 
@@ -173,13 +204,13 @@ def bench_http(device: torch.device, quick: bool, http_workers: int = 0) -> list
     torch.save(open_clip.create_model("ViT-B-16").state_dict(), vit_b16)
     dev = {"MASKCLIP_DEVICE": str(device)}
     setups = [
-        ("tiny ViT (random), short side 64", TINY_VIT, str(tiny), {**dev}, (20, 4, 5, 4) if quick else (50, 8, 10, 8)),
+        ("tiny ViT (random), short side 64", TINY_VIT, str(tiny), {**dev}, (20, 4, 5, 4) if quick else (50, 8, 5, 8)),
         (
             "ViT-B/16 (random), short side 448",
             "ViT-B-16",
             str(vit_b16),
             {**dev, "MASKCLIP_SHORT_SIDE": "448"},
-            (3, 2, 1, 2) if quick and not cuda else ((6, 2, 2, 4) if not cuda else (50, 16, 8, 64)),
+            (3, 2, 1, 2) if quick and not cuda else ((6, 2, 2, 4) if not cuda else (50, 16, 4, 64)),
         ),
     ]  # (single-task requests, clients, requests per client, tasks per request)
     workers = http_workers or (4 if cuda else 2)
@@ -275,18 +306,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--only",
         default="segment,bf16,http,codecs,train",
-        help="comma-separated subset of: segment, bf16 (CUDA only), http, codecs, train",
+        help="comma-separated subset of: segment, stages, bf16 (CUDA only), http, codecs, train",
     )
     p.add_argument("--compile", action="store_true", help="segment path: also with torch.compile")
+    p.add_argument("--compile-batches", default="1,16,64", help="segment path: batch sizes compiled (comma-separated)")
+    p.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True, help="segment path: eager rows")
     p.add_argument("--workers", type=int, default=0, help="HTTP path: gunicorn workers (default: 4 on CUDA, 2 on CPU)")
     p.add_argument("--out", help="append the results as a markdown section to this file")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     only = set(args.only.split(","))
+    compile_batches = tuple(int(b) for b in args.compile_batches.split(","))
     sections = []
     runs = [
         ("segment", "(a) Segment path: `MaskCLIP.segment`, 512x512 photos -> 448 -> upsampled to 512x512 + argmax "
-         "(templates `simple`, text embeddings cached)", lambda: bench_segment(device, args.quick, args.compile)),
+         "(templates `simple`, text embeddings cached)", lambda: bench_segment(device, args.quick, args.compile, compile_batches, args.eager)),
+        ("stages", "Segment path by stage", lambda: bench_stages(device)),
         ("bf16", "Engine bf16 vs fp32 (same weights, 8 photos at 448x448, TF32 off)", lambda: check_bf16(device)),
         ("http", "(b) HTTP path: `/predict` through gunicorn (asgi worker, 4 threads per worker), 640x480 photos "
          "from a loopback file host, 3 labels", lambda: bench_http(device, args.quick, args.workers)),

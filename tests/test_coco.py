@@ -227,3 +227,118 @@ def test_image_file_names() -> None:
     assert image_file_name("s3://bucket/k/x.jpg") == "x.jpg"
     assert image_file_name("https://host/img/y.jpeg?token=1") == "y.jpeg"
     assert image_file_name("data:image/png;base64,AAAA", fallback="task-3") == "task-3"
+
+
+# --- what mutation testing found unchecked (docs/mutation.md) ------------------------------------------------
+
+
+def _sample(task_id: int, image: str, masks: dict[str, np.ndarray], height: int = 10, width: int = 20) -> Sample:
+    return Sample(
+        task_id=task_id, annotation_id=task_id, project=1, image=image, height=height, width=width, masks=masks
+    )
+
+
+def _square(top: int, left: int, side: int, shape: tuple[int, int] = (10, 20)) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    mask[top : top + side, left : left + side] = True
+    return mask
+
+
+def test_the_export_carries_the_coco_format_records_that_readers_look_up(capsys) -> None:
+    """Top level, image, category and annotation records with COCO's keys (pycocotools' ``COCO.info()`` reads
+    ``info``; dataset tools read ``licenses`` and ``supercategory``), and each image's Label Studio reference."""
+    samples = [_sample(7, "/data/upload/1/a.png", {"cat": _square(1, 1, 3)})]
+    exported = export_coco(samples, ["cat", "dog"])
+    assert set(exported) == {"info", "licenses", "images", "annotations", "categories"}
+    assert exported["info"] == {"description": "labelstudio-maskclip export", "version": "1.0"}
+    assert exported["licenses"] == []
+    assert exported["categories"] == [
+        {"id": 1, "name": "cat", "supercategory": ""},
+        {"id": 2, "name": "dog", "supercategory": ""},
+    ]
+    assert exported["images"] == [
+        {"id": 7, "file_name": "a.png", "width": 20, "height": 10, "label_studio_image": "/data/upload/1/a.png"}
+    ]
+    (annotation,) = exported["annotations"]
+    assert set(annotation) == {"id", "image_id", "category_id", "segmentation", "area", "bbox", "iscrowd"}
+    dataset = COCO()
+    dataset.dataset = exported
+    dataset.createIndex()
+    capsys.readouterr()
+    dataset.info()
+    assert "description: labelstudio-maskclip export" in capsys.readouterr().out
+
+
+def test_every_label_of_the_categories_is_exported_whatever_comes_before_it() -> None:
+    """A label outside the categories, an empty mask, or a speck too small to trace as a polygon is left out
+    alone: the labels and objects after it are still exported."""
+    masks = {"bird": _square(0, 0, 2), "cat": np.zeros((10, 20), bool), "dog": _square(5, 10, 4)}
+    for mode in ("instance", "semantic"):
+        exported = export_coco([_sample(1, "a.png", masks)], ["cat", "dog"], mode=mode)  # type: ignore[arg-type]
+        assert [(a["category_id"], a["area"]) for a in exported["annotations"]] == [(2, 16)], mode
+    speck_first = _square(0, 0, 1) | _square(4, 4, 5)  # a one-pixel object above a 5 x 5 one
+    exported = export_coco([_sample(1, "a.png", {"cat": speck_first, "dog": _square(5, 12, 5)})], ["cat", "dog"],
+                           polygons=True)  # fmt: skip
+    assert [(a["category_id"], a["area"]) for a in exported["annotations"]] == [(1, 25), (2, 25)]
+
+
+def test_duplicate_categories_are_refused_with_their_names() -> None:
+    with pytest.raises(CocoError, match=r"categories contain duplicates: \['cat', 'dog', 'cat'\]"):
+        export_coco([], ["cat", "dog", "cat"])
+
+
+def test_file_names_stay_unique_and_an_image_without_a_name_is_named_by_its_task(tmp_path: Path) -> None:
+    mask = {"cat": _square(1, 1, 3)}
+    samples = [
+        _sample(1, "/data/upload/1/a.png", mask),
+        _sample(2, "s3://bucket/a.png", mask),
+        _sample(3, "https://host/a.png", mask),
+        _sample(4, "data:image/png;base64,AAAA", mask),
+    ]
+    names = [image["file_name"] for image in export_coco(samples, ["cat"])["images"]]
+    assert names == ["a.png", "2_a.png", "3_a.png", "task-4"]
+    pngs = export_semantic_pngs(samples, ["cat"], tmp_path)
+    assert [p.name for p in pngs] == ["a.png", "2_a.png", "3_a.png", "task-4.png"]
+
+
+def test_semantic_pngs_follow_the_categories_order_and_take_masks_as_pycocotools_decodes_them(tmp_path: Path) -> None:
+    """The later category wins an overlap whatever the names' alphabetical order; uint8 0/1 masks (what
+    ``pycocotools.mask.decode`` gives) paint the same pixels as bool ones; the folder is made with its parents."""
+    dog, cat = _square(1, 1, 4), _square(3, 3, 4)
+    expected = np.full((10, 20), 255, np.uint8)
+    expected[dog] = 0
+    expected[cat] = 1  # "cat" is after "dog" in the categories
+    for dtype in (bool, np.uint8):
+        sample = _sample(1, "a.png", {"cat": cat.astype(dtype), "dog": dog.astype(dtype)})
+        (path,) = export_semantic_pngs([sample], ["dog", "cat"], tmp_path / str(np.dtype(dtype)) / "pngs")
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), expected, err_msg=str(dtype))
+
+
+def test_semantic_pngs_hold_at_most_255_categories(tmp_path: Path) -> None:
+    names = [f"label {k}" for k in range(256)]
+    sample = _sample(1, "a.png", {"label 254": _square(1, 1, 3)})
+    (path,) = export_semantic_pngs([sample], names[:255], tmp_path)  # values 0..254, 255 = unlabelled
+    assert np.asarray(Image.open(path))[2, 2] == 254
+    with pytest.raises(CocoError, match="256 categories do not fit 8-bit PNGs with 255 as ignore"):
+        export_semantic_pngs([sample], names, tmp_path)
+
+
+def test_run_export_writes_lossless_rle_unless_polygons_are_asked_for(tmp_path: Path) -> None:
+    store = Store(tmp_path / "model_dir")
+    mask = _square(2, 2, 6, (20, 30))
+    assert handle_event(created_event(5, "a.png", 20, 30, {"cat": mask}, ["cat"]), store).status == "stored"
+    out = tmp_path / "out" / "coco.json"
+    summary = coco.run_export(store, ["cat"], out)
+    assert summary == {"path": str(out), "images": 1, "annotations": 1}
+    (annotation,) = json.loads(out.read_text())["annotations"]
+    assert isinstance(annotation["segmentation"], dict)  # RLE: the mask exactly
+    np.testing.assert_array_equal(mask_utils.decode(annotation["segmentation"]).astype(bool), mask)
+    coco.run_export(store, ["cat"], out, polygons=True)
+    (annotation,) = json.loads(out.read_text())["annotations"]
+    assert isinstance(annotation["segmentation"], list) and len(annotation["segmentation"][0]) >= 6
+
+
+def test_a_reference_ending_in_a_slash_is_named_by_its_last_part() -> None:
+    assert image_file_name("https://host/api/images/42/") == "42"
+    assert image_file_name("/data/local-files/?d=scans/INDEX") == "INDEX"  # only slashes are stripped
+    assert image_file_name("") == "image"  # the default fallback

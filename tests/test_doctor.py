@@ -44,6 +44,20 @@ def test_model_dir_writable_and_store_healthy(tmp_path):
     assert "no annotations stored yet" in found[0].message and "MaskCLIP" in found[0].message
 
 
+def test_a_postgresql_store_is_checked_where_the_url_points(tmp_path, postgres_url, postgres):
+    from labelstudio_maskclip.learning.store import Store
+    from labelstudio_maskclip.training import checkpoints as ck
+
+    Store(postgres_url).put_state(ck.SERVED_KEY, "maskclip+-4")
+    found = check_model_dir(Settings(model_dir=str(tmp_path / "md"), store_url=postgres_url))
+    assert [f.status for f in found] == ["ok"] and "serving maskclip+-4" in found[0].message
+    assert not (tmp_path / "md" / "annotations.sqlite3").exists()
+    gone = f"postgresql://maskclip:pw@/postgres?host={postgres.root}&port={postgres.port + 1}"
+    found = check_model_dir(Settings(model_dir=str(tmp_path / "md"), store_url=gone))
+    assert [f.status for f in found] == ["warn"] and "MASKCLIP_STORE_URL" in found[0].message
+    assert "MASKCLIP_STORE_URL" in found[0].fix and "pw" not in found[0].message
+
+
 def test_model_dir_that_cannot_be_written_is_a_warning_with_the_fix(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")

@@ -679,3 +679,27 @@ def test_a_big_label_set_takes_turns_with_a_small_one_that_comes_later(tmp_path)
     assert small.result(30).shape == (2, 4) and not big.done()  # one turn of the big set, not all four
     checked.set()
     assert big.result(30).shape == (4 * TURN_LABELS, 4) and order == [TURN_LABELS, 2] + [TURN_LABELS] * 3
+
+
+# --- what mutation testing found unchecked (docs/mutation.md) ------------------------------------------------
+
+
+def test_setup_answers_without_loading_the_model(weights, tmp_path):
+    """Label Studio gives /setup 3 s: it names the version to be served without loading the model, so it
+    answers even while the weights cannot load (/health and /predict say why)."""
+    settings = _settings(weights, tmp_path).replace(pretrained=str(tmp_path / "absent.pt"))
+    reply = create_app(settings, warm=False).test_client().post("/setup", json={"schema": BRUSH})
+    assert reply.status_code == 200 and reply.get_json()["model_version"] == runtime(settings).teacher_version()
+
+
+def test_predict_while_the_model_loads_says_so_even_when_the_labels_text_is_stored(weights, tmp_path, monkeypatch):
+    """After a restart the labels' text embeddings are on disk before the model has loaded: each task is told
+    that the model is still loading (Label Studio asks again), and no segmentation is tried without it."""
+    settings = _settings(weights, tmp_path)
+    rt = runtime(settings)
+    rt.embeddings.prepare(LABELS).result(60)
+    monkeypatch.setattr(rt, "teacher_within", lambda deadline: None)  # what it returns while still loading
+    tasks = [{"id": i, "data": {"image": _uri(np.full((24, 32, 3), 90, np.uint8))}} for i in range(2)]
+    body = MaskCLIPBackend(settings, "1", BRUSH).predict(tasks)
+    assert body["results"] == [[], []]
+    assert [e["error"] for e in body["errors"]] == ["the model is still loading; Label Studio will ask again"] * 2

@@ -296,6 +296,40 @@ def test_concurrent_writers_all_succeed(tmp_path: Path, store_url: str) -> None:
     assert store.current_seq() == 100
 
 
+SAME_WEBHOOK = textwrap.dedent("""
+    import sys
+    import numpy as np
+    sys.path.insert(0, {repo!r})
+    from labelstudio_maskclip.learning.store import AnnotationWrite, Store, TaskRecord
+    store = Store({path!r})
+    sys.stdout.write("ready\\n"); sys.stdout.flush()
+    sys.stdin.readline()  # every process writes at once
+    mask = np.zeros((30, 40), bool); mask[5:20, 10:30] = True
+    write = AnnotationWrite(id=7, task=TaskRecord(7, 1, "img7.png"), height=30, width=40, masks={{"cat": mask}},
+                            updated_at="2026-11-02T10:00:00Z", accepted_unchanged=True)
+    print(store.put_annotation(write).status)
+""")
+
+
+def test_the_same_annotation_from_several_processes_at_once_is_stored_once(tmp_path: Path, store_url: str) -> None:
+    """Label Studio's webhook and a retry, or two instances given the same event: one ``stored``, the
+    rest ``duplicate``, and the change counter moves once."""
+    Store(store_url)
+    script = tmp_path / "same.py"
+    script.write_text(SAME_WEBHOOK.format(repo=str(REPO), path=store_url))
+    procs = [subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]  # fmt: skip
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+    for proc in procs:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    statuses = sorted(proc.communicate(timeout=60)[0].strip() for proc in procs)
+    assert statuses == ["duplicate", "duplicate", "duplicate", "stored"]
+    store = Store(store_url)
+    assert store.current_seq() == 1 and store.check() == [] and store.annotation(7)["labels"] == ["cat"]
+
+
 def test_public_surface() -> None:
     assert all(hasattr(store_module, name) for name in store_module.__all__)
 
@@ -549,3 +583,110 @@ def test_a_dropped_connection_fails_one_call_with_a_store_error_and_the_next_rec
         store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)}))
     assert store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)})).status == "stored"
     assert [s.annotation_id for s in store.accepted_samples()] == [1, 2]
+
+
+# --- what mutation testing found unchecked (docs/mutation.md) ------------------------------------------------
+
+
+def test_the_store_is_the_one_the_settings_name(tmp_path: Path) -> None:
+    from labelstudio_maskclip.settings import Settings
+
+    in_model_dir = Store.from_settings(Settings(model_dir=str(tmp_path / "md")))
+    assert in_model_dir.path == tmp_path / "md" / store_module.DB_FILE_NAME
+    elsewhere = Store.from_settings(Settings(model_dir=str(tmp_path / "md"), store_url=str(tmp_path / "s.sqlite3")))
+    assert elsewhere.path == tmp_path / "s.sqlite3"
+
+
+def test_close_may_be_called_again_and_from_a_thread_that_never_used_the_store(sqlite_store: Store) -> None:
+    import threading
+
+    sqlite_store.put_annotation(write(1, 1, {"cat": disc(9, 9, 4, 4, 2)}))
+    errors: list[BaseException] = []
+
+    def close_here() -> None:
+        try:
+            sqlite_store.close()
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    thread = threading.Thread(target=close_here)
+    thread.start()
+    thread.join()
+    assert errors == []
+    sqlite_store.close()
+    sqlite_store.close()
+    assert [s.annotation_id for s in sqlite_store.accepted_samples()] == [1]  # the next use reopens
+
+
+def test_a_damaged_store_says_which_file_to_move_aside_and_how_to_rebuild_it(sqlite_store: Store) -> None:
+    sqlite_store.damage = ["page 3: btree error"]
+    assert sqlite_store.damage_message() == (
+        f"the annotation store {sqlite_store.location} is damaged (page 3: btree error). Nothing is read from or "
+        f"written to it. To recover: stop the backend, move {store_module.DB_FILE_NAME} and its -wal/-shm files "
+        "aside, start again (an empty store is created), and rebuild it from Label Studio with `labelstudio-maskclip "
+        "backfill --project ID` for each project (annotations and their outcomes come back; the list of past "
+        "training runs does not)"
+    )
+
+
+def test_an_acceptance_flag_that_changes_back_is_recorded(store: Store) -> None:
+    mask = {"cat": disc(20, 20, 10, 10, 5)}
+    store.put_annotation(write(42, 42, mask, accepted_unchanged=False))
+    assert store.put_annotation(write(42, 42, mask, accepted_unchanged=True)).status == "outcomes"
+    assert store.annotation(42)["accepted_unchanged"] == 1
+    assert store.acceptance_stats()["(annotations)"] == {"unchanged": 1, "edited": 0, "unknown": 0}
+
+
+def test_ids_never_stored_do_not_stop_the_deletion_of_the_others(store: Store) -> None:
+    store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
+    store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)}))
+    store.delete_annotations([2])
+    assert store.delete_annotations([999, 2, 1]) == 1  # unknown, then already deleted, then live
+    assert store.annotation(1)["deleted"] == 1 and list(store.accepted_samples()) == []
+
+
+def test_acceptance_stats_of_one_project_count_only_its_annotations(store: Store) -> None:
+    mask = {"cat": disc(20, 20, 10, 10, 5)}
+    store.put_annotation(write(1, 1, mask, accepted_unchanged=True, parent_prediction=5,
+                               outcomes=[("r1", "cat", "unchanged")]))  # fmt: skip
+    other = AnnotationWrite(
+        id=2, task=TaskRecord(2, 2, "/data/upload/2/b.png"), height=20, width=20, masks=mask,
+        accepted_unchanged=False, parent_prediction=6, outcomes=[("r1", "cat", "edited"), ("r2", "dog", "deleted")],
+    )  # fmt: skip
+    store.put_annotation(other)
+    assert store.acceptance_stats(project=1) == {
+        "cat": {"unchanged": 1, "edited": 0, "deleted": 0, "added": 0},
+        "(annotations)": {"unchanged": 1, "edited": 0, "unknown": 0},
+    }
+    assert store.acceptance_stats(project=2) == {
+        "cat": {"unchanged": 0, "edited": 1, "deleted": 0, "added": 0},
+        "dog": {"unchanged": 0, "edited": 0, "deleted": 1, "added": 0},
+        "(annotations)": {"unchanged": 0, "edited": 1, "unknown": 0},
+    }
+    assert store.acceptance_stats()["(annotations)"] == {"unchanged": 1, "edited": 1, "unknown": 0}
+
+
+def test_a_write_refused_half_way_leaves_nothing_behind_and_the_store_keeps_working(store: Store) -> None:
+    mask = {"cat": disc(20, 30, 10, 10, 4)}
+    store.put_annotation(write(1, 1, mask))
+    seq = store.current_seq()
+    with pytest.raises(store.backend.errors):  # NOT NULL: refused after the masks were written
+        store.put_annotation(write(2, 2, mask, outcomes=[("r1", "cat", None)]))
+    assert store.current_seq() == seq and store.annotation(2) is None
+    assert store.put_annotation(write(3, 3, mask)).status == "stored"
+    assert [s.annotation_id for s in store.accepted_samples()] == [1, 3]
+
+
+def test_counts_and_labels_of_one_project_leave_the_other_projects_out(store: Store) -> None:
+    def in_project(annotation_id: int, project: int, label: str) -> AnnotationWrite:
+        task = TaskRecord(annotation_id, project, f"/data/upload/{project}/{annotation_id}.png")
+        return AnnotationWrite(id=annotation_id, task=task, height=20, width=20, masks={label: disc(20, 20, 9, 9, 4)})
+
+    store.put_annotation(in_project(1, 1, "cat"))
+    store.mark_trained(project=1)
+    store.put_annotation(in_project(2, 2, "dog"))
+    store.put_annotation(in_project(3, 2, "bird"))
+    assert store.count_since_last_training(project=1) == 0  # project 2's new annotations are not project 1's
+    assert store.count_since_last_training(project=2) == 2
+    assert store.labels(project=1) == ["cat"] and store.labels(project=2) == ["bird", "dog"]
+    assert store.labels() == ["bird", "cat", "dog"]

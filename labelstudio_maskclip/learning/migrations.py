@@ -66,6 +66,11 @@ CREATE TABLE IF NOT EXISTS training_runs (
 INSERT INTO meta(key, value) VALUES ('seq', 0) ON CONFLICT (key) DO NOTHING;
 """,
     ),
+    Migration(
+        2,
+        "shared state: the served-version pointer and the re-scoring status, for every instance",
+        "CREATE TABLE IF NOT EXISTS shared_state (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at {real} NOT NULL)",
+    ),
 )
 
 #: the newest migration's number: the schema this code reads and writes

@@ -34,19 +34,22 @@ applied at open):
   ``deleted``; per region the person added: ``added`` (only when the prediction was known).
 - ``training_runs(id, project, seq, model_version, metrics, finished_at)``: what the trainer has seen.
 - ``meta(key, value)``: the ``seq`` counter.
+- ``shared_state(key, value, updated_at)``: small values every instance reads (:meth:`Store.get_state`): the
+  served-version pointer and the re-scoring status when the store is PostgreSQL.
 - ``schema_version(version, summary, applied_at)``: the migrations applied.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -56,14 +59,15 @@ import numpy as np
 
 from ..errors import Unavailable
 from ..masks.coco_rle import coco_rle_to_mask, mask_to_coco_rle
-from .backends import DB_FILE_NAME, Backend, Connection, SQLiteBackend, open_backend, sqlite_corruption
-from .migrations import SCHEMA_VERSION, NewerSchema, migrate
+from .backends import DB_FILE_NAME, Backend, Connection, SQLiteBackend, is_postgres, open_backend, sqlite_corruption
+from .migrations import SCHEMA_VERSION, NewerSchema, applied, migrate
 
 if TYPE_CHECKING:
     from ..settings import Settings
 
 __all__ = [
     "Store",
+    "shared_store",
     "StoreError",
     "StoreDamaged",
     "Sample",
@@ -293,7 +297,7 @@ class Store:
         return local.conn
 
     @contextmanager
-    def _transaction(self, begin: Any, end: str) -> Iterator[Connection]:
+    def _transaction(self, begin: Callable[[Connection], None], end: str) -> Iterator[Connection]:
         """``begin(conn)``, the block, then ``end`` (``ROLLBACK`` if the block raised); database failures
         mapped: corruption -> :class:`StoreDamaged`, an unreachable server -> :class:`StoreError`."""
         self.require_intact()
@@ -315,11 +319,11 @@ class Store:
                 raise StoreError(f"the store {self.location} cannot be used now: {exc}") from None
             raise
 
-    def _write(self) -> Any:
+    def _write(self) -> AbstractContextManager[Connection]:
         """One short write transaction; takes the store's write lock at once (writers queue, none deadlock)."""
         return self._transaction(self.backend.begin_write, "COMMIT")
 
-    def _read(self) -> Any:
+    def _read(self) -> AbstractContextManager[Connection]:
         """A consistent snapshot for the reads inside the block."""
         return self._transaction(self.backend.begin_read, "COMMIT")
 
@@ -375,8 +379,6 @@ class Store:
 
     def schema_version(self) -> int:
         """The newest schema migration applied to this store."""
-        from .migrations import applied
-
         with self._read() as conn:
             return applied(conn)
 
@@ -526,6 +528,21 @@ class Store:
                     (seq, annotation_id),
                 )
         return live
+
+    def put_state(self, key: str, value: str) -> None:
+        """Set the shared value ``key`` (one row, replaced; committed when this returns)."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO shared_state(key, value, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                (key, value, time.time()),
+            )
+
+    def get_state(self, key: str) -> str | None:
+        """The shared value ``key``, or None if it was never set."""
+        with self._read() as conn:
+            row = conn.execute("SELECT value FROM shared_state WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
 
     def current_seq(self) -> int:
         """The change counter now: pass it to :meth:`mark_trained` after training on what was there."""
@@ -729,3 +746,14 @@ class Store:
             ):
                 problems.append(f"masks of unknown annotation {orphan}")
         return problems
+
+
+@functools.lru_cache(maxsize=8)
+def _shared(location: str) -> Store:
+    return Store(location)
+
+
+def shared_store(settings: Settings) -> Store | None:
+    """The process's one :class:`Store` for the settings' PostgreSQL store (opened once per URL), or None
+    when the store is SQLite (one machine: what every instance must see then lives in files)."""
+    return _shared(settings.store_url) if is_postgres(settings.store_url) else None

@@ -15,12 +15,19 @@ pretrained tag, templates), ``settings`` (the training settings without the secr
 trainer killed at any moment leaves the served model as it was. No pointer means: serve MaskCLIP.
 
 :func:`current_version` is one small file read; servers call it per request to follow promotions.
+
+With a PostgreSQL store (``MASKCLIP_STORE_URL``, several instances) the served-version pointer also lives in
+the store (``shared_state``, key :data:`SERVED_KEY`), which is what every instance reads: the functions here
+take the settings (``where``) and then read and write the store's pointer too (a path alone: the file only).
+A store whose pointer was never set (a deployment moving from SQLite) falls back to the file's; a store
+that cannot be reached when the pointer is read falls back to the file with a warning (predictions go on).
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,11 +38,13 @@ from typing import Any
 from ..errors import Unavailable
 from ..files import fsync_dir as _fsync_dir
 from ..files import write_atomic
-from ..settings import redact
+from ..learning.store import Store, shared_store
+from ..settings import Settings, redact
 
 __all__ = [
     "FORMAT",
     "VERSION_PREFIX",
+    "SERVED_KEY",
     "CheckpointError",
     "models_dir",
     "current_version",
@@ -53,22 +62,51 @@ FORMAT = "labelstudio-maskclip-student/1"
 VERSION_PREFIX = "maskclip+-"
 _POINTER = "current"
 _VERSION_RE = re.compile(r"^maskclip\+-(\d+)$")
+SERVED_KEY = "served_version"  # the store's pointer: a version, or "maskclip" (the teacher)
+_TEACHER = "maskclip"
+
+log = logging.getLogger(__name__)
+
+Where = Settings | str | Path  # the settings (store and MODEL_DIR), or a MODEL_DIR (files only)
 
 
 class CheckpointError(Unavailable):
     """A checkpoint or version that does not exist or cannot be read; the message names it."""
 
 
-def models_dir(model_dir: str | Path) -> Path:
-    return Path(model_dir) / "models"
+def models_dir(model_dir: Where) -> Path:
+    return Path(model_dir.model_dir if isinstance(model_dir, Settings) else model_dir) / "models"
 
 
-def checkpoint_path(model_dir: str | Path, version: str) -> Path:
+def _shared_store(where: Where) -> Store | None:
+    """The PostgreSQL store of ``where``, None for files only."""
+    if not isinstance(where, Settings) or not where.store_url:
+        return None
+    return shared_store(where)
+
+
+def _point(where: Where, version: str | None) -> None:
+    """Set the store's pointer (with a PostgreSQL store): ``version``, or None for the teacher."""
+    store = _shared_store(where)
+    if store is not None:
+        store.put_state(SERVED_KEY, version or _TEACHER)
+
+
+def checkpoint_path(model_dir: Where, version: str) -> Path:
     return models_dir(model_dir) / f"{version}.pt"
 
 
-def current_version(model_dir: str | Path) -> str | None:
-    """The served student's version, or None (serve MaskCLIP). One small file read."""
+def current_version(model_dir: Where) -> str | None:
+    """The served student's version, or None (serve MaskCLIP). One small file read (one small query with a
+    PostgreSQL store)."""
+    try:
+        store = _shared_store(model_dir)
+        value = store.get_state(SERVED_KEY) if store is not None else None
+    except Unavailable as e:  # the store's StoreError: it cannot be reached now
+        log.warning("the served version is read from %s: %s", models_dir(model_dir) / _POINTER, e)
+        value = None
+    if value is not None:
+        return None if value == _TEACHER else value
     try:
         with open(models_dir(model_dir) / _POINTER, encoding="utf-8") as f:
             version = f.read(256).strip()
@@ -77,7 +115,7 @@ def current_version(model_dir: str | Path) -> str | None:
     return version or None
 
 
-def current_checkpoint(model_dir: str | Path) -> Path | None:
+def current_checkpoint(model_dir: Where) -> Path | None:
     """Path of the served checkpoint, or None."""
     version = current_version(model_dir)
     return None if version is None else checkpoint_path(model_dir, version)
@@ -118,7 +156,7 @@ def _without_secrets(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextmanager
-def _registry_lock(model_dir: str | Path) -> Iterator[None]:
+def _registry_lock(model_dir: Where) -> Iterator[None]:
     """Serialises promotions and rollbacks (version numbering, pointer) across processes."""
     path = models_dir(model_dir)
     path.mkdir(parents=True, exist_ok=True)
@@ -130,7 +168,7 @@ def _registry_lock(model_dir: str | Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _versions(model_dir: str | Path) -> list[int]:
+def _versions(model_dir: Where) -> list[int]:
     numbers = []
     for p in models_dir(model_dir).glob(f"{VERSION_PREFIX}*.pt"):
         m = _VERSION_RE.match(p.stem)
@@ -139,9 +177,10 @@ def _versions(model_dir: str | Path) -> list[int]:
     return sorted(numbers)
 
 
-def promote(model_dir: str | Path, payload: dict[str, Any]) -> str:
+def promote(model_dir: Where, payload: dict[str, Any]) -> str:
     """Register ``payload`` (a checkpoint dict without ``version``/``format``/``created``) as the next version
-    and point ``current`` at it. Returns the version, e.g. ``"maskclip+-3"``."""
+    and point ``current`` (and the store's pointer, with a PostgreSQL store) at it. Returns the version, e.g.
+    ``"maskclip+-3"``."""
     with _registry_lock(model_dir):
         numbers = _versions(model_dir)
         version = f"{VERSION_PREFIX}{(numbers[-1] + 1) if numbers else 1}"
@@ -151,10 +190,11 @@ def promote(model_dir: str | Path, payload: dict[str, Any]) -> str:
         meta = json.dumps(_metadata(full), indent=2, default=str).encode()
         write_atomic(models_dir(model_dir) / f"{version}.json", meta)
         write_atomic(models_dir(model_dir) / _POINTER, f"{version}\n".encode())
+        _point(model_dir, version)
     return version
 
 
-def history(model_dir: str | Path) -> list[dict[str, Any]]:
+def history(model_dir: Where) -> list[dict[str, Any]]:
     """Every registered version, oldest first: its metadata (no weights) plus ``current`` (bool)."""
     served = current_version(model_dir)
     out = []
@@ -170,13 +210,14 @@ def history(model_dir: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def rollback(model_dir: str | Path, version: str) -> str:
+def rollback(model_dir: Where, version: str) -> str:
     """Serve ``version`` again (any registered one, older or newer), or ``"maskclip"`` to serve the
     MaskCLIP teacher (removes the pointer). Returns it."""
     with _registry_lock(model_dir):
         if version == "maskclip":
             (models_dir(model_dir) / _POINTER).unlink(missing_ok=True)
             _fsync_dir(models_dir(model_dir))
+            _point(model_dir, None)
             return version
         path = checkpoint_path(model_dir, version)
         if not _VERSION_RE.match(version) or not path.is_file():
@@ -184,4 +225,5 @@ def rollback(model_dir: str | Path, version: str) -> str:
             raise CheckpointError(f"no student version {version!r} in {models_dir(model_dir)} (known: {known})")
         read_checkpoint(path)  # refuse to point at a file that does not load
         write_atomic(models_dir(model_dir) / _POINTER, f"{version}\n".encode())
+        _point(model_dir, version)
     return version

@@ -134,7 +134,7 @@ def _resize_image(img: np.ndarray, max_short: int) -> np.ndarray:
     if min(h, w) <= max_short:
         return img
     s = max_short / min(h, w)
-    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
+    t = torch.from_numpy(np.require(img, requirements=["C", "W"])).permute(2, 0, 1)[None].float()  # copies if read-only
     t = F.interpolate(t, size=(round(h * s), round(w * s)), mode="bilinear", antialias=True, align_corners=False)
     return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 

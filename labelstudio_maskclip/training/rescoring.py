@@ -2,7 +2,8 @@
 
 The job itself is :mod:`labelstudio_maskclip.commands.rescore` (``python -m labelstudio_maskclip.commands.rescore``),
 which re-predicts the unlabeled tasks through the bulk path of pre-annotation; the trainer's promote step and
-``rollback`` start it here without importing it. Status: ``MODEL_DIR/rescore.json`` (the job writes it, ``/metrics``
+``rollback`` start it here without importing it. Status: ``MODEL_DIR/rescore.json``, or with a PostgreSQL store
+the store's ``shared_state`` row :data:`STATUS_KEY`, which every instance reads (the job writes it, ``/metrics``
 reads it): ``{"state": "running" | "done" | "failed", "version", "projects": {id: {"done", "total", "predicted",
 "failed", "seconds"}}, "started", "finished", "error"}``.
 
@@ -21,13 +22,29 @@ from typing import Any
 
 from ..jobs import start_detached
 from ..learning.locks import HeldLock, run_lock
+from ..learning.store import Store, StoreError, shared_store
 from ..settings import Settings
 
-__all__ = ["STATUS_FILE", "LOCK_NAME", "read_status", "write_status", "start_rescore", "acquire_rescore_lock"]
+__all__ = [
+    "STATUS_FILE",
+    "STATUS_KEY",
+    "LOCK_NAME",
+    "read_status",
+    "write_status",
+    "start_rescore",
+    "acquire_rescore_lock",
+]
 
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "rescore.json"
+STATUS_KEY = "rescore_status"
+
+
+def _model_dir(where: Settings | str | Path) -> Path:
+    return Path(where.model_dir if isinstance(where, Settings) else where)
+
+
 LOCK_NAME = "rescore"  # MODEL_DIR/rescore.lock with the SQLite store
 
 
@@ -37,17 +54,30 @@ def acquire_rescore_lock(settings: Settings, *, wait: bool = True) -> HeldLock |
     return run_lock(settings, LOCK_NAME).acquire(wait=wait)
 
 
-def read_status(model_dir: str | Path) -> dict[str, Any] | None:
-    """The last re-scoring's status (see the module docstring), None if none ran."""
+def _shared_store(where: Settings | str | Path) -> Store | None:
+    return shared_store(where) if isinstance(where, Settings) else None
+
+
+def read_status(where: Settings | str | Path) -> dict[str, Any] | None:
+    """The last re-scoring's status (see the module docstring), None if none ran. ``where``: the settings
+    (their store when it is PostgreSQL, else the file in MODEL_DIR) or a MODEL_DIR."""
+    store = _shared_store(where)
     try:
-        return json.loads((Path(model_dir) / STATUS_FILE).read_text())
-    except (OSError, ValueError):
+        if store is not None:
+            value = store.get_state(STATUS_KEY)
+            return None if value is None else json.loads(value)
+        return json.loads((_model_dir(where) / STATUS_FILE).read_text())
+    except (OSError, ValueError, StoreError):
         return None
 
 
-def write_status(model_dir: str | Path, status: dict[str, Any]) -> None:
-    """Replace the status file atomically (readers never see half of it)."""
-    path = Path(model_dir) / STATUS_FILE
+def write_status(where: Settings | str | Path, status: dict[str, Any]) -> None:
+    """Replace the status atomically (readers never see half of it)."""
+    store = _shared_store(where)
+    if store is not None:
+        store.put_state(STATUS_KEY, json.dumps(status))
+        return
+    path = _model_dir(where) / STATUS_FILE
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(status, indent=1))
     os.replace(tmp, path)
