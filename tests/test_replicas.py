@@ -32,6 +32,7 @@ from PIL import Image
 
 from labelstudio_maskclip.learning.store import Store
 from labelstudio_maskclip.masks.brush import brush_rle_to_mask, mask_to_brush_rle
+from labelstudio_maskclip.settings import Settings
 from labelstudio_maskclip.training import checkpoints as ck
 from tests.photos import COCO128_PHOTOS
 from tests.served import Backend, RoundRobin, brush_webhook, photo_host, start_backends, wait_for
@@ -73,6 +74,12 @@ def _shared_store(request: pytest.FixtureRequest, work: Path) -> Iterator[tuple[
             server.drop_database(url)
 
 
+def _settings(backend: Backend) -> Settings:
+    """The instances' settings (their MODEL_DIR and store): what the registry's functions take, so that a
+    promotion or rollback here also moves a PostgreSQL store's served-version pointer, as a trainer's does."""
+    return Settings(model_dir=str(backend.model_dir), store_url=backend.env.get("MASKCLIP_STORE_URL", ""))
+
+
 def _store(location: str) -> Store:
     """The store both instances write."""
     return Store(location)
@@ -92,7 +99,8 @@ def replicas(request, label_studio, tmp_path_factory, weights):
         api.import_files(project["id"], [COCO128_PHOTOS / n for n in NAMES])
         ml = api.connect_ml_backend(project["id"], proxy.url, title="maskclip x2")
         yield {"instances": instances, "proxy": proxy, "project": project, "ml": ml, "store": store,
-               "tasks": api.list_tasks(project["id"]), "model_dir": instances[0].model_dir}  # fmt: skip
+               "tasks": api.list_tasks(project["id"]), "model_dir": instances[0].model_dir,
+               "settings": _settings(instances[0])}  # fmt: skip
         proxy.stop()
         for backend in instances:
             backend.stop()
@@ -214,11 +222,11 @@ def test_one_training_run_however_many_instances_are_asked_and_both_serve_the_st
         raise AssertionError(
             f"{e}\n" + "\n".join(f"--- {p.name}:\n{p.read_text(errors='replace')[-3000:]}" for p in logs)
         ) from None
-    version = ck.current_version(model_dir)
+    version = ck.current_version(replicas["settings"])
     assert version is not None
     assert len(store.training_runs()) == runs_before + 1
     assert len(_trainers(model_dir)) == 1  # one trainer ran, started by one instance
-    assert [m["version"] for m in ck.history(model_dir)] == [version]
+    assert [(m["version"], m["current"]) for m in ck.history(replicas["settings"])] == [(version, True)]
     for backend in instances:
         for task in replicas["tasks"][:2]:
             _serves(backend, task, version)
@@ -239,12 +247,12 @@ def test_promotions_and_rollbacks_reach_every_instance_without_a_restart(replica
     """Students that answer one label everywhere are promoted into the shared registry (as a trainer on
     either instance does) and rolled back with the CLI: every answer of both instances comes from the model
     its version names, from the next request on."""
-    instances, model_dir, task = replicas["instances"], replicas["model_dir"], replicas["tasks"][0]
+    instances, registry, task = replicas["instances"], replicas["settings"], replicas["tasks"][0]
     pids = [b.master_pid for b in instances]
     emb = _embeddings(3)
-    food = _promote(model_dir, constant_student(emb, 1), CLASSES)
+    food = _promote(registry, constant_student(emb, 1), CLASSES)
     assert [_answers(b, task) for b in instances] == [{(food, frozenset({"Food"}))}] * 2
-    plant = _promote(model_dir, constant_student(emb, 2), CLASSES)
+    plant = _promote(registry, constant_student(emb, 2), CLASSES)
     assert [_answers(b, task) for b in instances] == [{(plant, frozenset({"Plant"}))}] * 2
 
     def rollback(version: str) -> None:
