@@ -572,17 +572,38 @@ def test_a_server_that_cannot_be_reached_is_a_store_error_without_the_password(p
     assert caught.value.http_status == 503
 
 
-def test_a_dropped_connection_fails_one_call_with_a_store_error_and_the_next_reconnects(postgres_url, postgres) -> None:
-    store = Store(postgres_url)
-    store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
-    name = postgres_url.split("/")[3].split("?")[0]
-    postgres.sql(  # the server ends every session of the store's database (a restart, a failover)
+def _terminate_sessions(postgres, url: str) -> None:
+    """The server ends every session of ``url``'s database (as a restart or a failover does)."""
+    name = url.split("/")[3].split("?")[0]
+    postgres.sql(
         f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"
     )
-    with pytest.raises(StoreError, match="cannot be used now"):
-        store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)}))
+
+
+def test_a_write_on_a_connection_the_server_dropped_reconnects_and_is_stored(postgres_url, postgres) -> None:
+    store = Store(postgres_url)
+    store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
+    _terminate_sessions(postgres, postgres_url)
+    # the webhook's write is not lost (Label Studio never sends it again): the dropped connection is replaced
     assert store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)})).status == "stored"
     assert [s.annotation_id for s in store.accepted_samples()] == [1, 2]
+    _terminate_sessions(postgres, postgres_url)
+    assert [s.annotation_id for s in store.accepted_samples()] == [1, 2]  # reads too
+
+
+def test_a_store_that_cannot_be_reached_after_a_dropped_connection_fails_with_a_store_error(
+    postgres_url, postgres
+) -> None:
+    store = Store(postgres_url)
+    store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
+    _terminate_sessions(postgres, postgres_url)
+    postgres.sql(f"ALTER DATABASE {postgres_url.split('/')[3].split('?')[0]} ALLOW_CONNECTIONS false")
+    try:
+        with pytest.raises(StoreError, match="cannot open the store"):
+            store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)}))
+    finally:
+        postgres.sql(f"ALTER DATABASE {postgres_url.split('/')[3].split('?')[0]} ALLOW_CONNECTIONS true")
+    assert store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)})).status == "stored"
 
 
 # --- what mutation testing found unchecked (docs/mutation.md) ------------------------------------------------
@@ -690,3 +711,68 @@ def test_counts_and_labels_of_one_project_leave_the_other_projects_out(store: St
     assert store.count_since_last_training(project=2) == 2
     assert store.labels(project=1) == ["cat"] and store.labels(project=2) == ["bird", "dog"]
     assert store.labels() == ["bird", "cat", "dog"]
+
+
+# --- the store's password never shows -------------------------------------------------------------------------
+
+PASSWORD = "Pa55@w0rdTail"  # an unencoded "@": libpq splits at the first one, urllib at the last
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        "POSTGRESQL://maskclip:Pa55w0rdTail@127.0.0.1:{port}/db",  # libpq would quote the whole string
+        "postgresql://maskclip@127.0.0.1:{port}/db?password=Pa55w0rdTail",
+        "postgresql://maskclip@127.0.0.1:{port}/db?sslmode=disable&PASSWORD=Pa55w0rdTail&connect_timeout=3",
+        "postgresql://maskclip:Pa55@w0rdTail@127.0.0.1:{port}/db",
+        "postgresql://maskclip:Pa55w0rdTail@127.0.0.1:{port}/db?no_such_option=1",  # libpq cannot parse it
+        "postgresql://maskclip:Pa55w0rdTail@[127.0.0.1:{port}/db",
+    ],
+)
+def test_the_store_password_never_shows_in_errors_logs_or_doctor(form: str, tmp_path: Path, caplog) -> None:
+    import logging
+
+    from labelstudio_maskclip.commands.doctor import check_model_dir
+    from labelstudio_maskclip.learning.locks import AdvisoryLock
+    from labelstudio_maskclip.settings import Settings
+
+    url = form.format(port=_closed_port())
+    shown: list[str] = []
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(StoreError) as opened:
+            Store(url)
+        shown.append(str(opened.value))
+        with pytest.raises(StoreError) as locked:  # the store's error, whatever psycopg raised
+            AdvisoryLock(url, "train").acquire()
+        shown.append(str(locked.value))
+        for finding in check_model_dir(Settings(model_dir=str(tmp_path / "md"), store_url=url)):
+            shown += [finding.message, finding.fix]
+    shown.append(caplog.text)
+    text = "\n".join(shown)
+    assert "127.0.0.1" in text or "cannot be parsed" in text  # the errors say something of where
+    for piece in ("Pa55", "w0rdTail"):
+        assert piece not in text, text
+
+
+def test_every_postgresql_connection_has_a_connect_timeout_and_keepalives(postgres_url) -> None:
+    from labelstudio_maskclip.learning.locks import AdvisoryLock
+
+    store = Store(postgres_url)
+    held = AdvisoryLock(postgres_url, "train").acquire()
+    assert held is not None
+    for conn in (store._conn().raw, held._handle):
+        given = conn.info.get_parameters()
+        assert given["connect_timeout"] == "10" and given["keepalives"] == "1", given
+        assert (given["keepalives_idle"], given["keepalives_interval"], given["keepalives_count"]) == ("30", "10", "3")
+    held.release()
+    own = Store(f"{postgres_url}&keepalives_idle=7&connect_timeout=4")  # what the URL sets is kept
+    given = own._conn().raw.info.get_parameters()
+    assert given["keepalives_idle"] == "7" and given["connect_timeout"] == "4"
