@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+from ..errors import Unavailable
+
 __all__ = [
     "Backend",
     "Connection",
@@ -130,8 +132,10 @@ def hide_secrets(text: str, url: str) -> str:
     return text
 
 
-class ConnectFailed(Exception):
+class ConnectFailed(Unavailable):
     """A PostgreSQL connection could not be opened; the message never holds the password."""
+
+    subject = "annotation store unavailable"
 
 
 def postgres_connect(url: str, *, application_name: str, connect_timeout_s: int = CONNECT_TIMEOUT_S) -> Any:
