@@ -690,3 +690,9 @@ def test_counts_and_labels_of_one_project_leave_the_other_projects_out(store: St
     assert store.count_since_last_training(project=2) == 2
     assert store.labels(project=1) == ["cat"] and store.labels(project=2) == ["bird", "dog"]
     assert store.labels() == ["bird", "cat", "dog"]
+
+
+def test_a_run_recorded_without_a_model_version_has_none(store: Store) -> None:
+    store.mark_trained(project=3)
+    (run,) = store.training_runs(project=3)
+    assert (run["model_version"], run["metrics"]) == ("", {})
