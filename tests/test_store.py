@@ -696,3 +696,20 @@ def test_a_run_recorded_without_a_model_version_has_none(store: Store) -> None:
     store.mark_trained(project=3)
     (run,) = store.training_runs(project=3)
     assert (run["model_version"], run["metrics"]) == ("", {})
+
+
+def test_check_finds_an_index_that_disagrees_with_its_table_which_the_quick_check_does_not(tmp_path: Path) -> None:
+    """`check` runs SQLite's full integrity check (indexes against their tables); opening runs only the quick
+    one, so an index whose entries no longer match its rows is found by `check` alone."""
+    store = Store(tmp_path)
+    store.put_annotation(write(1, 5, {"cat": disc(20, 30, 10, 10, 4)}))  # task 5 of project 1
+    store.close()
+    with sqlite3.connect(store.path) as conn:  # the index's entries hold task_id; its definition now says project
+        conn.execute("PRAGMA writable_schema = ON")
+        conn.execute(
+            "UPDATE sqlite_master SET sql = 'CREATE INDEX annotations_task ON annotations(project)' "
+            "WHERE name = 'annotations_task'"
+        )
+    reopened = Store(tmp_path)
+    assert reopened.damage == []  # the quick check at open does not compare indexes with tables
+    assert reopened.check() == ["integrity_check: row 1 missing from index annotations_task"]
