@@ -713,3 +713,54 @@ def test_check_finds_an_index_that_disagrees_with_its_table_which_the_quick_chec
     reopened = Store(tmp_path)
     assert reopened.damage == []  # the quick check at open does not compare indexes with tables
     assert reopened.check() == ["integrity_check: row 1 missing from index annotations_task"]
+
+
+def test_the_store_settings_given_reach_the_connection_and_bad_locations_are_named(tmp_path: Path) -> None:
+    extra = Store(tmp_path / "a", busy_timeout_s=2.5, synchronous="EXTRA")
+    conn = extra._conn()
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 2500
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 3  # EXTRA
+    with pytest.raises(StoreError, match=r"^cannot use the store mysql://host/db: "):
+        Store("mysql://host/db")
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(StoreError, match=r"^cannot create the store's directory .*file"):
+        Store(tmp_path / "file" / "model_dir")
+
+
+def test_results_name_their_annotation_and_samples_their_project(store: Store) -> None:
+    mask = {"cat": disc(20, 30, 10, 10, 4)}
+    task = TaskRecord(9, 7, None)  # a task whose image reference is unknown
+    first = AnnotationWrite(id=31, task=task, height=20, width=30, masks=mask, updated_at="2026-11-02T10:00:00Z")
+    assert store.put_annotation(first) == store_module.PutResult("stored", 31, 1)
+    assert store.put_annotation(first).annotation_id == 31  # duplicate
+    older = AnnotationWrite(id=31, task=task, height=20, width=30, masks={}, updated_at="2026-11-01T10:00:00Z")
+    assert store.put_annotation(older) == store_module.PutResult("stale", 31)
+    (sample,) = store.accepted_samples()
+    assert (sample.task_id, sample.project, sample.image) == (9, 7, "")
+    store.delete_annotations([31])
+    assert store.put_annotation(first) == store_module.PutResult("deleted", 31)
+
+
+def test_update_times_are_compared_as_instants_whatever_their_offset(store: Store) -> None:
+    mask, other = {"cat": disc(20, 30, 10, 10, 4)}, {"cat": disc(20, 30, 10, 10, 6)}
+    store.put_annotation(write(1, 1, mask, "2026-11-02T10:30:00Z"))
+    assert store.put_annotation(write(1, 1, other, "2026-11-02T12:00:00+02:00")).status == "stale"  # 10:00 UTC
+    assert store.put_annotation(write(1, 1, other, "2026-11-02T11:00:00")).status == "stored"  # no offset: UTC
+    store.put_annotation(write(2, 2, mask, updated_at=None))  # the stored version has no time
+    assert store.put_annotation(write(2, 2, other, "2026-11-02T10:00:00Z")).status == "stored"
+
+
+def test_a_change_of_a_flag_alone_is_a_new_version(store: Store) -> None:
+    mask = {"cat": disc(20, 30, 10, 10, 4)}
+    store.put_annotation(write(1, 1, mask))
+    assert store.put_annotation(write(1, 1, mask, ground_truth=True)).status == "stored"
+    assert store.annotation(1)["ground_truth"] == 1
+    store.put_annotation(write(2, 2, {}))
+    assert store.put_annotation(write(2, 2, {}, cancelled=True)).status == "stored"
+    assert store.annotation(2)["cancelled"] == 1
+
+
+def test_a_damaged_store_refuses_with_the_recovery_steps(sqlite_store: Store) -> None:
+    sqlite_store.damage = ["page 3: btree error"]
+    with pytest.raises(store_module.StoreDamaged, match="is damaged .* backfill --project ID"):
+        sqlite_store.labels()
