@@ -764,3 +764,33 @@ def test_a_damaged_store_refuses_with_the_recovery_steps(sqlite_store: Store) ->
     sqlite_store.damage = ["page 3: btree error"]
     with pytest.raises(store_module.StoreDamaged, match="is damaged .* backfill --project ID"):
         sqlite_store.labels()
+
+
+def test_a_new_store_is_created_quietly_and_an_upgrade_is_told(tmp_path: Path, caplog, monkeypatch) -> None:
+    """A new store gets every migration without a word at INFO (the CLI's output stays one line); an existing
+    store brought up to date says which migrations it got, and where."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="labelstudio_maskclip"):
+        Store(tmp_path)
+    assert [r for r in caplog.records if "migrations" in r.getMessage()] == []
+    extra = migrations.Migration(SCHEMA_VERSION + 1, "a test table", "CREATE TABLE IF NOT EXISTS extra (x {int})")
+    monkeypatch.setattr(migrations, "MIGRATIONS", (*migrations.MIGRATIONS, extra))
+    monkeypatch.setattr(migrations, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    with caplog.at_level(logging.INFO, logger="labelstudio_maskclip"):
+        upgraded = Store(tmp_path)
+    (record,) = [r for r in caplog.records if "migrations" in r.getMessage()]
+    assert record.levelno == logging.INFO
+    assert record.getMessage() == f"store {upgraded.location}: migrations [{SCHEMA_VERSION + 1}]"
+
+
+def test_a_store_file_that_cannot_be_opened_is_named_and_one_that_is_not_a_database_is_damaged(tmp_path: Path) -> None:
+    (tmp_path / "a" / store_module.DB_FILE_NAME).mkdir(parents=True)  # a folder where the file should be
+    with pytest.raises(StoreError, match=r"^cannot open the store .*annotations\.sqlite3: "):
+        Store(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / store_module.DB_FILE_NAME).write_bytes(b"this is not an SQLite database, not at all" * 100)
+    damaged = Store(tmp_path / "b")
+    assert damaged.damage and "file is not a database" in damaged.damage[0]
+    with pytest.raises(store_module.StoreDamaged, match="is damaged .*file is not a database"):
+        damaged.labels()
