@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from .engine.names import parse_label_spec
 from .engine.presets import PRESETS
 from .errors import BadInput, MaskCLIPError
 from .logs import configure as configure_logging
-from .settings import Settings
+from .settings import ENV, Settings
 
 __all__ = ["main", "build_parser", "report", "ERROR_STATUS"]
 
@@ -114,8 +115,6 @@ def _write_segment_outputs(out: Path, path: Path, image, result, names: list[str
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
     s = _settings(args)  # validates the environment before gunicorn starts
     workers = args.workers or s.workers
     cmd = [
@@ -244,8 +243,6 @@ def _source_store(args: argparse.Namespace, s: Settings, tmp: str):
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    import tempfile
-
     from .learning.export import run_export
 
     s = _settings(args)
@@ -351,8 +348,6 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 def _env_overrides(args: argparse.Namespace) -> dict[str, object]:
     """CLI model flags as environment variables, for child processes (gunicorn workers, the trainer)."""
-    from .settings import ENV
-
     out: dict[str, object] = {}
     for k in _OVERRIDES:
         v = getattr(args, k, None)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from .engine.names import name_owners, normalize_classes
 from .files import write_atomic
 
 __all__ = ["EmbeddingStore", "LabelSet", "label_set", "weights_identity"]
@@ -245,8 +246,6 @@ class EmbeddingStore:
 
 
 def _owners(labels: LabelSet) -> tuple[int, ...]:
-    from .engine.names import name_owners
-
     return name_owners(labels)
 
 
@@ -258,6 +257,4 @@ def _done(value: torch.Tensor) -> Future:
 
 def label_set(classes: Sequence[Sequence[str] | str]) -> LabelSet:
     """Names per label as the store keys them (strings become one-name labels, names stripped)."""
-    from .engine.names import normalize_classes
-
     return normalize_classes(classes)

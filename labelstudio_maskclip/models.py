@@ -6,10 +6,12 @@ The engine takes plain arguments; this is the one place that reads a :class:`Set
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .engine.presets import PRESETS
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -27,7 +29,6 @@ _shared_lock = threading.Lock()
 def segment_options(s: Settings) -> SegmentOptions:
     """The engine's per-call options: the preset (``s.preset``) with the settings that override it. Every
     segmenter (serving, interactive prompts, the trainer's teacher, eval, rescoring) is built from this."""
-    from .engine.presets import PRESETS
     from .engine.segmenter import SegmentOptions
 
     preset = PRESETS[s.preset]
@@ -63,7 +64,6 @@ def pipeline_description(s: Settings) -> str:
 
 def shared_maskclip(s: Settings) -> MaskCLIP:
     """The process-wide MaskCLIP for these settings, loaded on first use (thread-safe)."""
-    from .engine.presets import PRESETS
     from .engine.segmenter import MaskCLIP
 
     preset = PRESETS[s.preset]
@@ -101,8 +101,6 @@ def text_embedding_store(s: Settings, compute: Any) -> Any:
 
 def text_width(s: Settings) -> int | None:
     """The width D of the model's text embeddings, from its open_clip config (None when unknown)."""
-    import json
-
     import open_clip
 
     try:

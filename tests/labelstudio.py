@@ -55,10 +55,11 @@ def label_studio_venv() -> Path:
 
 
 @contextlib.contextmanager
-def started(workdir: Path, **options: Any) -> Iterator[LabelStudioServer]:
-    """A running Label Studio for a fixture (``options``: :class:`LabelStudioServer`'s), stopped afterwards.
+def started(workdir: Path, kind: type[LabelStudioServer] | None = None, **options: Any) -> Iterator[LabelStudioServer]:
+    """A running Label Studio for a fixture, stopped afterwards: a :class:`LabelStudioServer`, or ``kind`` (a
+    subclass with settings of its own, e.g. the browser test's newcomer); ``options``: its constructor's.
     A start that fails fails the test with Label Studio's log tail: never a skip."""
-    server = LabelStudioServer(workdir, **options)
+    server = (kind or LabelStudioServer)(workdir, **options)
     try:
         server.start()
     except LabelStudioUnavailable as exc:

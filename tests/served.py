@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import json
 import os
 import signal
 import subprocess
@@ -333,12 +334,18 @@ def brush_webhook(annotation_id: int, task_id: int, height: int = 480, width: in
 class LabelStudioProxy:
     """A loopback proxy in front of Label Studio, as a load balancer would stand there: passes every request
     through and records it in ``requests`` (method, path with query), except that the next ``fail`` bulk
-    writes (``POST .../import/predictions``) are answered 504 after Label Studio applied them ("applied") or
-    502 without reaching it ("lost"); ``seen``: what became of each bulk write."""
+    writes (``POST .../import/predictions``) are answered 504 after Label Studio applied them ("applied"),
+    502 without reaching it ("lost"), or 504 at once while Label Studio gets the request ``late`` seconds
+    later ("late": it is still writing when the client hears; ``join()`` waits for it). ``seen``: what became
+    of each bulk write; ``bulk_sizes``: the predictions in each. ``intercept(method, path)`` (the test's) may
+    act first, e.g. delete a task, and answer instead with the status it returns (None: pass on)."""
 
-    def __init__(self, target: str):
-        self.target, self.fail, self.seen = target.rstrip("/"), [], []
+    def __init__(self, target: str, late: float = 3.0):
+        self.target, self.fail, self.seen, self.late = target.rstrip("/"), [], [], late
         self.requests: list[tuple[str, str]] = []
+        self.bulk_sizes: list[int] = []
+        self.intercept: Callable[[str, str], int | None] = lambda method, path: None
+        self._late: list[threading.Thread] = []
         session = requests.Session()
         proxy = self
 
@@ -346,15 +353,28 @@ class LabelStudioProxy:
             def _pass(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 proxy.requests.append((self.command, self.path))
+                status = proxy.intercept(self.command, self.path)
+                if status is not None:
+                    return self._answer(status, b'{"detail": "answered by the proxy"}', "application/json")
                 bulk = self.command == "POST" and self.path.split("?")[0].endswith("/import/predictions")
                 mode = proxy.fail.pop(0) if bulk and proxy.fail else None
                 if bulk:
                     proxy.seen.append(mode or "passed")
+                    proxy.bulk_sizes.append(len(json.loads(body)))
                 if mode == "lost":
                     return self._answer(502, b"bad gateway")
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
-                r = session.request(self.command, proxy.target + self.path, data=body, headers=headers,
-                                    timeout=300)  # fmt: skip
+
+                def forward() -> requests.Response:
+                    return session.request(self.command, proxy.target + self.path, data=body, headers=headers,
+                                           timeout=300)  # fmt: skip
+
+                if mode == "late":
+                    later = threading.Timer(proxy.late, forward)
+                    proxy._late.append(later)
+                    later.start()
+                    return self._answer(504, b"gateway timeout")
+                r = forward()
                 if mode == "applied":
                     return self._answer(504, b"gateway timeout")
                 self._answer(r.status_code, r.content, r.headers.get("Content-Type", "application/json"))
@@ -375,6 +395,11 @@ class LabelStudioProxy:
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def join(self) -> None:
+        """Wait until the ``late`` writes have reached Label Studio and it has answered them."""
+        for later in self._late:
+            later.join()
 
     def stop(self) -> None:
         self.server.shutdown()

@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.labelstudio import REPO_ROOT, LabelStudioServer, LabelStudioUnavailable
+from tests.labelstudio import REPO_ROOT, LabelStudioServer, started
 from tests.photos import COCO128_PHOTOS
 from tests.served import Backend, start_backend
 from tests.tiny import TINY_VIT
@@ -98,19 +98,6 @@ class NewcomerLabelStudio(LabelStudioServer):
 
     def environment(self) -> dict[str, str]:
         return newcomer_label_studio_environment(super().environment())
-
-
-@contextlib.contextmanager
-def newcomer_label_studio(workdir: Path) -> Iterator[NewcomerLabelStudio]:
-    server = NewcomerLabelStudio(workdir)
-    try:
-        server.start()
-    except LabelStudioUnavailable as exc:
-        pytest.fail(str(exc), pytrace=False)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def readme_interactive_config() -> str:
@@ -276,7 +263,7 @@ def test_a_newcomer_following_the_readme_gets_masks_and_a_smart_suggestion(tmp_p
         pytest.fail("Playwright is missing: pip install -e '.[test]' (never `playwright install`)")
     config = readme_interactive_config()
     with contextlib.ExitStack() as stack:
-        label_studio = stack.enter_context(newcomer_label_studio(tmp_path / "label-studio"))
+        label_studio = stack.enter_context(started(tmp_path / "label-studio", NewcomerLabelStudio))
         pool = stack.enter_context(ThreadPoolExecutor(1))
         playwright = stack.enter_context(sync_playwright())
         browser = _browser(playwright, tmp_path / "chromium-profile")

@@ -126,3 +126,44 @@ def test_training_is_refused_while_another_instance_trains(settings: Settings, t
     finally:
         proc.kill()
         proc.wait()
+
+
+WAITER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {repo!r})
+    from labelstudio_maskclip.learning.locks import run_lock
+    from labelstudio_maskclip.settings import Settings
+    print("waiting", flush=True)
+    held = run_lock(Settings(model_dir={model_dir!r}, store_url={store_url!r}), "train").acquire(wait=True)
+    print("held", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_an_advisory_lock_is_handed_over_to_the_process_queued_for_it(postgres_url: str, tmp_path: Path) -> None:
+    """The trigger's hand-over: the holder lets go only once the trainer is queued, and nobody slips in."""
+    settings = Settings(model_dir=str(tmp_path / "a"), store_url=postgres_url)
+    held = run_lock(settings, "train").acquire()
+    assert held is not None and held.fd is None
+    script = tmp_path / "waiter.py"
+    script.write_text(WAITER.format(repo=str(REPO), model_dir=str(tmp_path / "b"), store_url=postgres_url))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "waiting"
+        assert held.hand_over(alive=lambda: proc.poll() is None, timeout=60)
+        assert proc.stdout.readline().strip() == "held"
+        assert run_lock(settings, "train").acquire() is None  # the waiter holds it now
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _granted_within(run_lock(settings, "train"), 10)
+
+
+def test_a_hand_over_with_nobody_queued_releases_when_the_child_is_gone(postgres_url: str, tmp_path: Path) -> None:
+    settings = Settings(model_dir=str(tmp_path), store_url=postgres_url)
+    held = run_lock(settings, "train").acquire()
+    assert held is not None and held.hand_over(alive=lambda: False) is False
+    assert _granted_within(run_lock(settings, "train"), 10)
+    file_held = run_lock(Settings(model_dir=str(tmp_path)), "train").acquire()
+    assert file_held is not None and file_held.fd is not None and file_held.hand_over(alive=lambda: True)
+    assert _granted_within(run_lock(Settings(model_dir=str(tmp_path)), "train"), 1)  # a file lock goes at once

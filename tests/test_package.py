@@ -60,7 +60,7 @@ def test_engine_and_masks_import_nothing_of_the_rest():  # but the error classes
 
 #: The package's layers, bottom first: a unit (a subpackage, or a top-level module) imports only itself and
 #: units of lower layers, never a unit of its own layer or above (imports inside functions and under
-#: TYPE_CHECKING count). docs/development.md draws this graph.
+#: TYPE_CHECKING count). README.md's Layout section lists them and draws the graph.
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),  # the root of every error class, and its two branches
     ("engine", "masks"),  # the pure core: arrays and tensors in and out
@@ -118,15 +118,35 @@ def _reduced_edges(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
     return sorted((a, b) for a in graph for b in graph[a] if not reaches(a, b, (a, b)))
 
 
-def test_the_documented_graph_is_the_codes():
-    text = (PACKAGE.parent / "docs" / "development.md").read_text()
-    documented = re.search(r"```mermaid\n(.*?)\n *```", text, re.S)
-    assert documented, "docs/development.md has a mermaid graph of the package"
+def _readme_layout() -> str:
+    """The README's *Layout* section."""
+    text = (PACKAGE.parent / "README.md").read_text()
+    found = re.search(r"^## Layout\n(.*?)(?=^## )", text, re.S | re.M)
+    assert found, "README.md has a ## Layout section"
+    return found.group(1)
+
+
+def test_the_readmes_graph_is_the_codes():
+    documented = re.search(r"```mermaid\n(.*?)\n```", _readme_layout(), re.S)
+    assert documented, "README.md's Layout section has a mermaid graph of the package"
     edges = _reduced_edges(_unit_graph())
     node = {unit: f'{unit.strip("_")}["{unit}"]' if unit.startswith("_") else unit for unit in _unit_graph()}
-    expected = "\n".join(["  flowchart TD"] + [f"    {node[a]} --> {node[b]}" for a, b in edges])
-    assert documented.group(1) == expected, f"docs/development.md's graph should read:\n{expected}"
+    expected = "\n".join(["flowchart TD"] + [f"  {node[a]} --> {node[b]}" for a, b in edges])
+    assert documented.group(1) == expected, f"README.md's graph should read:\n{expected}"
     assert ("errors",) == LAYERS[0] and not any(a in LAYERS[0] for a, _ in edges)
+
+
+def test_the_readmes_layout_lists_every_unit_once_lowest_first():
+    """One line a unit (or a few of one layer), each unit once, in the order of the layers."""
+    lines = [line for line in _readme_layout().splitlines() if line.startswith("- `")]
+    named = [re.findall(r"`([\w/]+)`", line.split(":")[0]) for line in lines]
+    units = [name.rstrip("/") for names in named for name in names]
+    assert sorted(units) == sorted(_unit_graph()), "README.md's layout names every subpackage and top module once"
+    layer_of = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
+    spans = [
+        (min(layer_of[n.rstrip("/")] for n in names), max(layer_of[n.rstrip("/")] for n in names)) for names in named
+    ]
+    assert all(before[1] <= after[0] for before, after in zip(spans, spans[1:])), "lowest layer first"
 
 
 def test_no_module_imports_another_modules_private_names():
@@ -196,3 +216,112 @@ def test_functions_fit_on_a_screen():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
                 long.add(f"{path.relative_to(PACKAGE).as_posix()}:{node.name}")
     assert long <= LONG_FUNCTIONS_LEFT, f"split into named stages: {sorted(long - LONG_FUNCTIONS_LEFT)}"
+
+
+#: Third-party packages heavy enough to import only where used (seconds and hundreds of MiB: torch and what
+#: builds on it), or optional (``psycopg``: PostgreSQL stores only), or needed by one entry point only
+#: (``a2wsgi``: gunicorn's worker).
+HEAVY = frozenset(
+    {"torch", "torchvision", "open_clip", "cv2", "pycocotools", "matplotlib", "label_studio_sdk", "a2wsgi", "psycopg"}
+)
+#: Modules whose imports inside functions need no other reason: the command line loads each command's modules
+#: when that command runs (``--help`` and a light command start in a fraction of a second), and the package's
+#: public names load on first use (PEP 562).
+LAZY_MODULES = frozenset({"cli", "__init__"})
+#: Imports inside functions still to move to the top: "module:function" -> why not yet (none may join them).
+LAZY_LEFT: dict[str, str] = {}
+
+
+def _module_name(path: Path) -> str:
+    """``engine/segmenter.py`` -> ``engine.segmenter``; a package's ``__init__.py`` -> its package name."""
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" and len(parts) > 1 else parts)
+
+
+def _targets(node: ast.Import | ast.ImportFrom, module: str, is_package: bool) -> list[str]:
+    """What an import statement loads: modules of this package (``"engine.text"``; a package's
+    ``__init__`` by the package's name), and other packages by their root (``"torch"``, ``"json"``)."""
+    if isinstance(node, ast.Import):
+        return [
+            a.name.removeprefix(_PREFIX) if a.name.startswith(_PREFIX) else a.name.split(".")[0] for a in node.names
+        ]
+    if not node.level and not (node.module or "").startswith(_PREFIX):
+        root = (node.module or "").split(".")[0]
+        return [] if root == "__future__" else [root]
+    if node.level:
+        here = module.split(".") if is_package else module.split(".")[:-1]
+        here = [p for p in here if p != "__init__"]
+        base = here[: len(here) - (node.level - 1)]
+        parts = base + (node.module.split(".") if node.module else [])
+    else:
+        parts = node.module.removeprefix(_PREFIX).split(".")
+    out = []
+    for alias in node.names:  # `from . import x` / `from .engine import prompts`: a submodule, else the module
+        sub = PACKAGE.joinpath(*parts, alias.name)
+        out.append(
+            ".".join([*parts, alias.name]) if sub.with_suffix(".py").exists() or sub.is_dir() else ".".join(parts)
+        )
+    return [o if o else "__init__" for o in out]
+
+
+def _in_function(tree: ast.Module) -> tuple[list[ast.stmt], list[tuple[str, ast.stmt]]]:
+    """The module's imports that run when it is imported (under ``if TYPE_CHECKING:`` left out), and those
+    inside its functions (with the function's name)."""
+    top: list[ast.stmt] = []
+    inner: list[tuple[str, ast.stmt]] = []
+
+    def walk(node: ast.AST, function: str | None) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                (inner.append((function, child)) if function else top.append(child))
+            name = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
+            walk(child, name)
+
+    walk(tree, None)
+    return top, inner
+
+
+def _import_graph() -> tuple[dict[str, set[str]], list[tuple[str, str, str, int]]]:
+    """(module -> what importing it loads directly, parent packages included; the imports inside functions:
+    (module, function, what it loads, line))."""
+    direct: dict[str, set[str]] = {}
+    lazy = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module, is_package = _module_name(path), path.name == "__init__.py"
+        top, inner = _in_function(ast.parse(path.read_text()))
+        parents = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)} | {"__init__"}
+        direct[module] = (parents | {t for n in top for t in _targets(n, module, is_package)}) - {module}
+        lazy += [(module, f, t, n.lineno) for f, n in inner for t in _targets(n, module, is_package)]
+    return direct, lazy
+
+
+def _loads(direct: dict[str, set[str]], start: str) -> set[str]:
+    """Every module of this package and third-party root that importing ``start`` loads."""
+    seen, todo = set(), [start]
+    while todo:
+        unit = todo.pop()
+        if unit not in seen:
+            seen.add(unit)
+            todo.extend(direct.get(unit, ()))
+    return seen
+
+
+def test_an_import_inside_a_function_has_a_reason():
+    """An import stays inside a function only to spare the module's importers a heavy dependency (:data:`HEAVY`)
+    it does not load at its top, to break a cycle (the imported module loads this one), or in a module that
+    loads lazily on purpose (:data:`LAZY_MODULES`); never for the standard library or a module this one loads
+    at its top anyway. Else it goes to the top, where a reader looks for it."""
+    direct, lazy = _import_graph()
+    loads = {module: _loads(direct, module) for module in direct}
+    unjustified = []
+    for module, function, target, line in lazy:
+        spared = (loads.get(target, {target}) - loads[module]) & HEAVY
+        cycle = module in loads.get(target, set())
+        pointless = target in sys.stdlib_module_names or target in loads[module]
+        if f"{module}:{function}" in LAZY_LEFT:
+            continue
+        if pointless or not (spared or cycle or module in LAZY_MODULES):
+            unjustified.append(f"{module}:{line} {function}: {target}")
+    assert unjustified == [], "move these imports to the top of their module"

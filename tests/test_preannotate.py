@@ -1,8 +1,8 @@
-"""The bulk pre-annotation pipeline against an in-memory Label Studio (the real one: tests/test_e2e.py).
+"""The bulk pre-annotation pipeline, against the session's real Label Studio (the ``label_studio`` fixture).
 
-The fake keeps Label Studio's observable rules for the calls the pipeline makes: keyset-paged light
-listing with the "no prediction of version V" filter as a substring match, a bulk import that fails as a
-whole on an unknown task id, and a write that can be applied and still answer an error.
+Failures Label Studio will not make on cue (a bulk write answered 504 after it was applied, 502 without
+reaching it, 504 while it is still writing, a refused read) come from a :class:`~tests.served.LabelStudioProxy`
+in front of it, as a load balancer would stand there.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import pytest
 from PIL import Image
 
 from labelstudio_maskclip.commands.preannotate import Shard, combine_summaries, preannotate, shard_from_env
-from labelstudio_maskclip.labelstudio.api import AmbiguousWriteError, LabelStudioAPIError
+from labelstudio_maskclip.fetching.images import ImageFetcher
+from labelstudio_maskclip.labelstudio.api import LabelStudioAPI, LabelStudioAPIError
 from labelstudio_maskclip.settings import Settings
 from tests.labelstudio import free_port
 from tests.served import LabelStudioProxy
@@ -38,105 +39,6 @@ def _png(seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-class FakeLabelStudio:
-    """The subset of :class:`LabelStudioAPI` that preannotate calls, over an in-memory project."""
-
-    def __init__(self, n_tasks: int, *, labeled: set[int] = frozenset(), versions: dict[int, list[str]] | None = None):
-        images = [_png(i) for i in range(4)]
-        self.tasks = {i: {"id": i, "data": {"image": images[i % 4]}} for i in range(1, n_tasks + 1)}
-        self.predictions: list[dict] = []
-        self.labeled = set(labeled)
-        for task, vs in (versions or {}).items():
-            self.predictions += [{"task": task, "model_version": v, "result": [], "id": -len(self.predictions) - k - 1}
-                                 for k, v in enumerate(vs)]  # fmt: skip
-        self.imports: list[int] = []  # size of each bulk request that was applied
-        self.fail_next: list[str] = []  # "ambiguous-applied", "ambiguous-lost", "bad-request"
-        self.max_page = 0
-        self.lock = threading.RLock()
-
-    def _versions(self, task_id: int) -> list[str]:
-        return [p["model_version"] for p in self.predictions if p["task"] == task_id]
-
-    def project(self, project_id):
-        return {"id": project_id, "label_config": CONFIG}
-
-    def model_versions(self, project_id):
-        return sorted({p["model_version"] for p in self.predictions})
-
-    def _match(self, tid, after_id=0, without_version=None, unlabeled=False):
-        if tid <= after_id or (unlabeled and tid in self.labeled):
-            return False
-        # Label Studio's not_contains is a substring test on the joined versions
-        return not (without_version and without_version in ",".join(self._versions(tid)))
-
-    def count_tasks(self, project_id, **filters):
-        return sum(1 for t in self.tasks if self._match(t, **filters))
-
-    def task_pages(self, project_id, *, include=("id", "data"), without_version=None, unlabeled=False,
-                   page_size=500, after_id=0, full=False):  # fmt: skip
-        while True:
-            with self.lock:
-                ids = sorted(t for t in self.tasks if self._match(t, after_id, without_version, unlabeled))[:page_size]
-                page = [dict(self.tasks[t]) for t in ids]
-                if full:  # every field: the predictions inline
-                    for task in page:
-                        task["predictions"] = [{"model_version": v} for v in self._versions(task["id"])]
-            if not page:
-                return
-            self.max_page = max(self.max_page, len(page))
-            yield page
-            after_id = page[-1]["id"]
-
-    def set_live_version(self, project_id, version):
-        changed, self.live = getattr(self, "live", None) != version, version
-        return changed
-
-    def versions_of(self, project_id, task_ids):
-        with self.lock:
-            return {t: self._versions(t) for t in task_ids if t in self.tasks}
-
-    def import_predictions(self, project_id, predictions):
-        with self.lock:
-            mode = self.fail_next.pop(0) if self.fail_next else None
-            if mode == "bad-request" or any(p["task"] not in self.tasks for p in predictions):
-                raise LabelStudioAPIError("POST import/predictions -> 400: task not found", 400)
-            if mode == "ambiguous-lost":
-                raise AmbiguousWriteError("POST import/predictions -> 502", 502)
-            if mode == "ambiguous-late":  # a proxy's 504 while Label Studio is still writing (for 3 s)
-                self.late = threading.Timer(3.0, self._apply, (predictions,))
-                self.late.start()
-                raise AmbiguousWriteError("POST import/predictions -> 504", 504)
-            self._apply(predictions)
-            if mode == "ambiguous-applied":
-                raise AmbiguousWriteError("POST import/predictions: ReadTimeout")
-            return len(predictions)
-
-    def _apply(self, predictions):
-        with self.lock:
-            start = len(self.predictions) + 1000
-            self.predictions += [{**p, "id": start + k} for k, p in enumerate(predictions)]
-            self.imports.append(len(predictions))
-
-    def duplicated_predictions(self, project_id, version):
-        with self.lock:
-            ids: dict[int, list[int]] = {}
-            for p in self.predictions:
-                if p["model_version"] == version:
-                    ids.setdefault(p["task"], []).append(p["id"])
-            return {t: sorted(i) for t, i in ids.items() if len(i) > 1}
-
-    def delete_prediction(self, prediction_id):
-        with self.lock:
-            self.predictions = [p for p in self.predictions if p.get("id") != prediction_id]
-
-    def per_task(self, version):
-        counts = {t: 0 for t in self.tasks}
-        for p in self.predictions:
-            if p["model_version"] == version:
-                counts[p["task"]] += 1
-        return counts
-
-
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory, weights):
     return Settings(
@@ -146,127 +48,168 @@ def settings(tmp_path_factory, weights):
     )  # fmt: skip
 
 
-def test_every_task_gets_one_prediction_in_bulk_and_a_rerun_does_nothing(settings):
-    ls = FakeLabelStudio(23)
-    first = preannotate(settings, 1, api=ls, upload_batch=5, page_size=7, progress=False)
+@pytest.fixture
+def proxy(label_studio):
+    """The session's Label Studio behind a :class:`LabelStudioProxy`: what reached it, and failures on cue."""
+    proxy = LabelStudioProxy(label_studio.url)
+    yield proxy
+    proxy.stop()
+
+
+def _png_project(label_studio, n: int, title: str, labeled: tuple[int, ...] = ()) -> tuple[int, list[int]]:
+    """A project of ``n`` tasks, each a small PNG as a data URI (four different images): (id, its task ids in
+    order). ``labeled``: positions of the tasks that get an annotation."""
+    api = label_studio.api()
+    project = api.create_project(title, CONFIG, evaluate_predictions_automatically=False)["id"]
+    ids = sorted(api.import_tasks(project, [{"image": _png(i % 4)} for i in range(n)])["task_ids"])
+    for i in labeled:
+        api.create_annotation(ids[i], [])
+    return project, ids
+
+
+def _run(settings, label_studio, project: int, via=None, *, retries: int = 5, **options):
+    """``preannotate`` over HTTP to Label Studio, or through ``via`` (a proxy)."""
+    s = settings.replace(label_studio_url=(via or label_studio).url, label_studio_api_key=label_studio.token)
+    api = LabelStudioAPI(ImageFetcher.from_settings(s), retries=retries, backoff=0.1)
+    return preannotate(s, project, api=api, progress=False, **options)
+
+
+def _per_task(label_studio, task_ids, version: str) -> dict[int, int]:
+    """Task id -> its predictions of ``version``."""
+    api = label_studio.api()
+    return {t: [p["model_version"] for p in api.list_predictions(t)].count(version) for t in task_ids}
+
+
+def _is_bulk_write(method: str, path: str) -> bool:
+    return method == "POST" and path.split("?")[0].endswith("/import/predictions")
+
+
+@pytest.mark.e2e
+def test_every_task_gets_one_prediction_in_bulk_and_a_rerun_does_nothing(settings, label_studio, proxy):
+    project, ids = _png_project(label_studio, 23, "bulk of 5")
+    first = _run(settings, label_studio, project, proxy, upload_batch=5, page_size=7)
     assert first.predicted == 23 and not first.failed
-    assert set(ls.per_task(first.model_version).values()) == {1}
-    assert ls.imports == [5, 5, 5, 5, 3]  # bulk requests of upload_batch, the rest at the end
-    assert ls.max_page <= 7
-    pred = next(p for p in ls.predictions if p["task"] == 1)
+    assert set(_per_task(label_studio, ids, first.model_version).values()) == {1}
+    assert proxy.bulk_sizes == [5, 5, 5, 5, 3]  # bulk requests of upload_batch, the rest at the end
+    queries = [parse_qs(urlparse(path).query) for method, path in proxy.requests if method == "GET"]
+    listed = [int(q["page_size"][0]) for q in queries if "data" in q.get("include", [""])[0].split(",")]
+    assert set(listed) == {7} and len(listed) >= 4  # the tasks to predict listed in pages of page_size
+    pred = label_studio.api().list_predictions(ids[0])[0]
     assert pred["result"] and pred["result"][0]["type"] == "brushlabels" and 0 <= pred["score"] <= 1
-    again = preannotate(settings, 1, api=ls, upload_batch=5, progress=False)
-    assert again.predicted == 0 and again.skipped == 23 and ls.imports == [5, 5, 5, 5, 3]
-    assert ls.live == first.model_version  # the version Label Studio's score column averages
+    again = _run(settings, label_studio, project, proxy, upload_batch=5)
+    assert again.predicted == 0 and again.skipped == 23 and proxy.bulk_sizes == [5, 5, 5, 5, 3]
+    # the version Label Studio's score column averages
+    assert label_studio.api().get_project(project)["model_version"] == first.model_version
 
 
-def test_refresh_predicts_only_unlabeled_tasks(settings):
-    ls = FakeLabelStudio(10, labeled={2, 5, 9})
-    result = preannotate(settings, 1, api=ls, refresh=True, progress=False)
-    counts = ls.per_task(result.model_version)
-    assert {t for t, n in counts.items() if n} == set(range(1, 11)) - {2, 5, 9}
+@pytest.mark.e2e
+def test_refresh_predicts_only_unlabeled_tasks(settings, label_studio):
+    project, ids = _png_project(label_studio, 10, "refresh", labeled=(1, 4, 8))
+    result = _run(settings, label_studio, project, refresh=True)
+    counts = _per_task(label_studio, ids, result.model_version)
+    assert {t for t, n in counts.items() if n} == set(ids) - {ids[1], ids[4], ids[8]}
     assert result.predicted == 7
 
 
-def test_shards_are_disjoint_and_cover_the_project(settings):
-    ls = FakeLabelStudio(17)
-    results = [preannotate(settings, 1, api=ls, shard=Shard(r, 3), progress=False) for r in range(3)]
-    assert sum(r.predicted for r in results) == 17
-    assert set(ls.per_task(results[0].model_version).values()) == {1}
-    assert [r.predicted for r in results] == [len([t for t in range(1, 18) if t % 3 == r]) for r in range(3)]
+@pytest.mark.e2e
+def test_shards_are_disjoint_and_cover_the_project(settings, label_studio):
+    project, ids = _png_project(label_studio, 17, "three shards")
+    results = [_run(settings, label_studio, project, shard=Shard(r, 3)) for r in range(3)]
+    assert [r.predicted for r in results] == [len([t for t in ids if t % 3 == r]) for r in range(3)]
+    assert set(_per_task(label_studio, ids, results[0].model_version).values()) == {1}
     assert shard_from_env({"RANK": "2", "WORLD_SIZE": "4"}) == Shard(2, 4)
     assert shard_from_env({}) == Shard(0, 1)
 
 
-def test_a_write_applied_but_answered_with_an_error_is_not_sent_again(settings):
-    ls = FakeLabelStudio(12)
-    ls.fail_next = ["ambiguous-applied"]
-    result = preannotate(settings, 1, api=ls, upload_batch=5, progress=False)
-    assert set(ls.per_task(result.model_version).values()) == {1}  # no duplicates
-    assert result.predicted == 12 and not result.failed
+@pytest.mark.e2e
+def test_a_write_answered_504_while_label_studio_still_writes_is_not_sent_again(settings, label_studio, proxy):
+    project, ids = _png_project(label_studio, 12, "late write")
+    proxy.fail = ["late"]  # Label Studio gets the first bulk write 3 s after the client heard 504
+    result = _run(settings, label_studio, project, proxy, upload_batch=5, settle=10)
+    proxy.join()  # the late write has landed
+    assert set(_per_task(label_studio, ids, result.model_version).values()) == {1}
+    assert proxy.bulk_sizes == [5, 5, 2] and result.predicted == 12 and not result.failed
 
 
-def test_a_write_lost_on_the_way_is_sent_again_once_checked(settings):
-    ls = FakeLabelStudio(12)
-    ls.fail_next = ["ambiguous-lost"]
-    result = preannotate(settings, 1, api=ls, upload_batch=5, progress=False, settle=0.5)
-    assert set(ls.per_task(result.model_version).values()) == {1}
-    assert result.predicted == 12 and not result.failed
-
-
-def test_a_write_answered_504_while_label_studio_still_writes_is_not_sent_again(settings):
-    ls = FakeLabelStudio(12)
-    ls.fail_next = ["ambiguous-late"]
-    result = preannotate(settings, 1, api=ls, upload_batch=5, progress=False, settle=10)
-    ls.late.join()  # the late write has landed
-    assert set(ls.per_task(result.model_version).values()) == {1}
-    assert ls.imports == [5, 5, 2] and result.predicted == 12 and not result.failed
-
-
-def test_duplicates_left_by_a_writer_without_the_lock_are_removed_oldest_kept(settings):
-    ls = FakeLabelStudio(6)
-    first = preannotate(settings, 1, api=ls, upload_batch=5, progress=False)
-    version = first.model_version
-    ls._apply([{"task": t, "model_version": version, "result": []} for t in (2, 5)])  # another machine's run
-    oldest = {p["task"]: p["id"] for p in reversed(ls.predictions) if p["model_version"] == version}
-    ls.tasks[7] = {"id": 7, "data": dict(ls.tasks[1]["data"])}  # something new to predict: a run that writes
-    preannotate(settings, 1, api=ls, upload_batch=5, progress=False)
-    assert set(ls.per_task(version).values()) == {1}
-    assert {p["task"]: p["id"] for p in ls.predictions if p["task"] <= 6} == oldest
-
-
-def test_a_second_run_waits_for_the_first_and_finds_nothing_left(settings):
+@pytest.mark.e2e
+def test_a_second_run_waits_for_the_first_and_finds_nothing_left(settings, label_studio, proxy):
     from labelstudio_maskclip.commands.preannotate import writer_lock
 
-    ls = FakeLabelStudio(8)
+    project, ids = _png_project(label_studio, 4, "two runs, one lock")
     results = []
-    with writer_lock(settings.model_dir, 1, Shard()):  # a run (or the re-scoring job) holds the project
+    with writer_lock(settings.model_dir, project, Shard()):  # a run (or the re-scoring job) holds the project
         runs = [threading.Thread(target=lambda: results.append(
-            preannotate(settings, 1, api=ls, upload_batch=5, progress=False))) for _ in range(2)]  # fmt: skip
+            _run(settings, label_studio, project, proxy, upload_batch=5))) for _ in range(2)]  # fmt: skip
         for run in runs:
             run.start()
         runs[0].join(1.0)
-        assert not ls.imports and all(run.is_alive() for run in runs)  # both wait; nothing written
+        assert not proxy.bulk_sizes and all(run.is_alive() for run in runs)  # both wait; nothing written
     for run in runs:
         run.join(120)
-    assert sorted(r.predicted for r in results) == [0, 8]  # one wrote every task, the other found none left
-    assert set(ls.per_task(results[0].model_version).values()) == {1}
+    assert sorted(r.predicted for r in results) == [0, 4]  # one wrote every task, the other found none left
+    assert set(_per_task(label_studio, ids, results[0].model_version).values()) == {1}
 
 
-def test_a_task_deleted_meanwhile_fails_alone(settings):
-    ls = FakeLabelStudio(8)
-    original = ls.import_predictions
+@pytest.mark.e2e
+def test_a_task_deleted_meanwhile_fails_alone(settings, label_studio, proxy):
+    project, ids = _png_project(label_studio, 8, "a task deleted")
+    gone = ids[2]
+    deleted: list[int] = []
 
-    def delete_then_import(project_id, predictions):  # task 3 disappears between listing and upload
-        ls.tasks.pop(3, None)
-        return original(project_id, predictions)
+    def delete_before_the_write(method: str, path: str) -> None:  # between listing and upload
+        if _is_bulk_write(method, path) and not deleted:
+            label_studio.api().request("DELETE", f"/api/tasks/{gone}/")
+            deleted.append(gone)
 
-    ls.import_predictions = delete_then_import
-    result = preannotate(settings, 1, api=ls, upload_batch=8, progress=False)
-    assert result.predicted == 7 and [f["task"] for f in result.failed] == [3]
-    assert all(n == 1 for t, n in ls.per_task(result.model_version).items())
-
-
-def test_a_version_that_is_a_substring_of_another_is_matched_exactly(settings):
-    """Label Studio's filter would take "v-1" for present in "v-10": the pipeline checks versions itself."""
-    probe = preannotate(settings, 1, api=FakeLabelStudio(1), progress=False).model_version
-    ls = FakeLabelStudio(6, versions={t: [probe + "0"] for t in range(1, 7)})
-    ls.predictions.append({"task": 2, "model_version": probe, "result": [], "id": -100})
-    result = preannotate(settings, 1, api=ls, progress=False)
-    assert result.predicted == 5 and result.skipped == 1 and set(ls.per_task(probe).values()) == {1}
+    proxy.intercept = delete_before_the_write
+    result = _run(settings, label_studio, project, proxy, upload_batch=8)
+    assert deleted and result.predicted == 7 and [f["task"] for f in result.failed] == [gone]
+    assert set(_per_task(label_studio, set(ids) - {gone}, result.model_version).values()) == {1}
 
 
-def test_a_failing_stage_stops_the_pipeline_with_its_error(settings):
-    ls = FakeLabelStudio(30)
-    ls.fail_next = ["bad-request"] * 10  # every write refused: not a transient failure
+@pytest.mark.e2e
+def test_a_version_that_is_a_substring_of_another_is_matched_exactly(settings, label_studio):
+    """Label Studio's filter takes "v-1" for present in "v-10": the pipeline checks versions itself."""
+    probe = _run(settings, label_studio, _png_project(label_studio, 1, "probe")[0]).model_version
+    project, ids = _png_project(label_studio, 6, "substring versions")
+    api = label_studio.api()
+    for task in ids:
+        api.request("POST", "/api/predictions/", json={"task": task, "model_version": probe + "0", "result": []})
+    api.request("POST", "/api/predictions/", json={"task": ids[1], "model_version": probe, "result": []})
+    result = _run(settings, label_studio, project)
+    assert result.predicted == 5 and result.skipped == 1
+    assert set(_per_task(label_studio, ids, probe).values()) == {1}
 
-    with pytest.raises(LabelStudioAPIError):
-        ls_api = ls
-        original = ls_api.versions_of
-        ls_api.versions_of = lambda p, ids: (_ for _ in ()).throw(LabelStudioAPIError("GET -> 500", 500))
-        preannotate(settings, 1, api=ls_api, upload_batch=5, progress=False)
-    ls.versions_of = original
+
+@pytest.mark.e2e
+def test_a_failing_stage_stops_the_pipeline_with_its_error(settings, label_studio, proxy):
+    """Every bulk write refused (400), and the read that would tell which tasks are gone fails (500): the
+    uploader's error stops the run, raised to the caller, and the pipeline's threads end."""
+    project, _ = _png_project(label_studio, 10, "a failing stage")
+
+    def refuse(method: str, path: str) -> int | None:
+        if _is_bulk_write(method, path):
+            return 400
+        return 500 if method == "GET" and "fields=all" in path else None
+
+    proxy.intercept = refuse
+    with pytest.raises(LabelStudioAPIError, match="500"):
+        _run(settings, label_studio, project, proxy, upload_batch=5, retries=1)
     assert threading.active_count() < 20  # the pipeline's threads ended
+
+
+@pytest.mark.e2e
+def test_progress_advances_one_task_at_a_time_failures_included(settings, label_studio):
+    api = label_studio.api()
+    project = api.create_project("progress", CONFIG, evaluate_predictions_automatically=False)["id"]
+    images = [_png(i % 4) for i in range(12)]
+    images[3] = "data:image/png;base64,AAAA"  # not an image: fails, and still counts
+    ids = sorted(api.import_tasks(project, [{"image": image} for image in images])["task_ids"])
+    seen: list[tuple[int, int]] = []
+    result = _run(settings, label_studio, project, upload_batch=5, on_progress=lambda d, t: seen.append((d, t)))
+    assert [d for d, _ in seen] == list(range(1, 13))
+    assert {t for _, t in seen} == {12}
+    assert result.predicted == 11 and [f["task"] for f in result.failed] == [ids[3]]
 
 
 def test_the_ranks_summaries_add_up_to_the_jobs():
@@ -304,18 +247,6 @@ def test_ranks_meet_through_the_store_that_rank_0_hosts_without_torchrun():
     assert [json.loads(out) for out, _ in outs[:2]] == [None, None]
     assert json.loads(outs[2][0]) == {"model_version": "v", "predicted": 6, "skipped": 0, "failed": 0,
                                       "seconds": 3.0, "tasks_per_s": 2.0, "ranks": 3}  # fmt: skip
-
-
-def test_progress_advances_one_task_at_a_time_failures_included(settings):
-    ls = FakeLabelStudio(12)
-    ls.tasks[4]["data"] = {"image": "data:image/png;base64,AAAA"}  # not an image: fails, and still counts
-    seen: list[tuple[int, int]] = []
-    result = preannotate(
-        settings, 1, api=ls, upload_batch=5, progress=False, on_progress=lambda d, t: seen.append((d, t))
-    )
-    assert [d for d, _ in seen] == list(range(1, 13))
-    assert {t for _, t in seen} == {12}
-    assert result.predicted == 11 and [f["task"] for f in result.failed] == [4]
 
 
 # --- against a real Label Studio ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -155,9 +156,10 @@ def test_on_a_postgresql_store_the_trainer_holds_the_lock_for_every_instance_unt
         held.close()
         return False
 
-    assert trigger.request_training(s, "test long run")
-    _wait(lambda: "step 1/100000" in _log_text(model_dir), 90, "the trainer's first step")
     other_instance = s.replace(model_dir=str(model_dir.parent / "other-instance"))
+    assert trigger.request_training(s, "test long run")
+    assert not trigger.request_training(other_instance, "another instance")  # held, then handed over: no gap
+    _wait(lambda: "step 1/100000" in _log_text(model_dir), 90, "the trainer's first step")
     assert running() and not trigger.request_training(other_instance, "another instance")
     pid = int(re.search(r"training starts \(reason: test long run, pid (\d+)\)", _log_text(model_dir)).group(1))
     os.kill(pid, signal.SIGKILL)
@@ -289,6 +291,19 @@ def test_interval_rule_fires_when_due_and_something_is_new(setup, monkeypatch):
     )
 
 
+def test_the_interval_rule_reads_the_clock_when_not_given_a_time(setup, monkeypatch):
+    """As the server's timer calls it (no ``now``): due when the last start is older than the interval."""
+    s, store, model_dir, _ = setup
+    started = []
+    monkeypatch.setattr(trigger, "request_training", lambda settings, reason, **kw: started.append(reason) or True)
+    s2 = s.replace(train_interval_minutes=10)
+    stamp = model_dir / "train.last"
+    stamp.touch()
+    assert trigger.maybe_interval(s2, store) is False and started == []  # started a moment ago
+    os.utime(stamp, (time.time() - 11 * 60, time.time() - 11 * 60))
+    assert trigger.maybe_interval(s2, store) is True and started == ["interval 10 min"]
+
+
 class _FakeTrainer:
     """Stands in for the trainer process: records how it was started, exits at once."""
 
@@ -323,6 +338,24 @@ def test_request_training_starts_one_detached_trainer_with_the_labels(setup, mon
     assert trigger.request_training(s, "again")  # no trainer holds the lock: a new one starts
     ((cmd, _),) = _FakeTrainer.calls
     assert "--classes-json" not in cmd and "--background" not in cmd and "--project" not in cmd
+
+
+def test_a_started_trainer_is_waited_for_by_a_daemon_thread_named_for_it(setup, monkeypatch):
+    """The server reaps each trainer it starts (no zombie once it exits) in a thread of its own that never
+    keeps the server from exiting, named for the trainer's pid in thread dumps."""
+    s = setup[0]
+    waited = []
+
+    class Trainer(_FakeTrainer):
+        def wait(self):
+            me = threading.current_thread()
+            waited.append((me.name, me.daemon, me is threading.main_thread()))
+            return 0
+
+    monkeypatch.setattr(jobs.subprocess, "Popen", Trainer)
+    assert trigger.request_training(s, "reaped")
+    _wait(lambda: waited, 10, "the reaper to wait for the trainer")
+    assert waited == [("reap-trainer-4242", True, False)]
 
 
 def test_request_training_refuses_while_the_lock_is_held(setup, monkeypatch):

@@ -22,15 +22,27 @@ missing project (400, the address passed), and nothing is created either way.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import requests
+
+from ..fetching.images import ImageError
+from ..labelstudio.api import LabelStudioAPI, LabelStudioAPIError
+from ..labelstudio.labeling import LabelConfigError, label_interface, parse_label_config
+from ..learning.store import Store, StoreError
+from ..models import shared_maskclip
+from ..serving.backend import MaskCLIPBackend
+from ..serving.server import basic_auth_header
 from ..settings import Settings
+from ..training.checkpoints import current_version
 from . import network
 
 __all__ = ["Finding", "diagnose", "render", "to_json", "blocks_preannotation", "DEFAULT_BACKEND_URL"]
@@ -120,7 +132,6 @@ def _guard(topic: str, check: Callable[[], list[Finding]]) -> list[Finding]:
 def check_weights(settings: Settings) -> list[Finding]:
     """Load the CLIP teacher as the server would; name the device and precision it runs in."""
     from ..engine.loading import WeightsError
-    from ..models import shared_maskclip
 
     try:
         seg = shared_maskclip(settings)
@@ -146,9 +157,6 @@ def check_weights(settings: Settings) -> list[Finding]:
 
 def check_model_dir(settings: Settings) -> list[Finding]:
     """MODEL_DIR exists and is writable; the store there passes its consistency check."""
-    from ..learning.store import Store, StoreError
-    from ..training.checkpoints import current_version
-
     path = Path(settings.model_dir).resolve()
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -195,11 +203,6 @@ def _guard_api(settings: Settings):
 
 def check_label_studio(settings: Settings):
     """(findings, an API client when Label Studio answered and accepted the token, else None)."""
-    import requests
-
-    from ..fetching.images import ImageError
-    from ..labelstudio.api import LabelStudioAPI, LabelStudioAPIError
-
     url = settings.label_studio_url.strip().rstrip("/")
     if not url:
         return [Finding("Label Studio", "fail", "LABEL_STUDIO_URL is not set: images uploaded to Label Studio "
@@ -255,9 +258,6 @@ def check_label_studio(settings: Settings):
 
 
 def check_project(settings: Settings, api, project_id: int, backend_url: str | None = None) -> list[Finding]:
-    from ..labelstudio.api import LabelStudioAPIError
-    from ..labelstudio.labeling import LabelConfigError, parse_label_config
-
     try:
         project = api.project(project_id)
     except LabelStudioAPIError as e:
@@ -339,8 +339,6 @@ def check_ml_backend(
 def prompt_tools(label_config: str) -> list[str]:
     """The config's controls that send interactive prompts: ``<KeyPointLabels smart="true">``,
     ``<RectangleLabels smart="true">`` (clicks, boxes) and ``<TextArea>`` (phrases), as ``<Tag name='x'>``."""
-    from ..labelstudio.labeling import LabelConfigError, label_interface
-
     try:
         controls = label_interface(label_config).controls or ()
     except LabelConfigError:
@@ -380,8 +378,6 @@ def check_interactive(is_interactive: bool, tools: Sequence[str]) -> Finding:
 
 def _probe(api, path: str, url: str) -> tuple[int, str]:
     """Label Studio's verdict on ``url`` without creating anything: (status, its message)."""
-    import requests
-
     try:
         r = api.session.post(api.url + path, json={"url": url, "project": 0, "title": "doctor probe"},
                              headers=api.fetcher.auth_headers(api.url + path), timeout=30)  # fmt: skip
@@ -449,8 +445,6 @@ def check_address(settings: Settings, api, url: str, *, given: bool) -> list[Fin
 
 def _blocking_settings(refused: Sequence[tuple[str, str]]) -> str:
     """Which of Label Studio's settings hold the ranges named in its refusals ("(block: 127.0.0.0/8)")."""
-    import re
-
     ranges = sorted({m for _, detail in refused for m in re.findall(r"\(block: ([^)]+)\)", detail)})
     if not ranges:
         return ""
@@ -466,8 +460,6 @@ def _blocking_settings(refused: Sequence[tuple[str, str]]) -> str:
 
 def _allowed_ranges(addresses: Sequence[str]) -> list[str]:
     """What to allow for these addresses: all of loopback for a loopback address, else each address."""
-    import ipaddress
-
     out: list[str] = []
     for ip in addresses:
         address = ipaddress.ip_address(ip.split("%", 1)[0])
@@ -480,8 +472,6 @@ def _allowed_ranges(addresses: Sequence[str]) -> list[str]:
 
 def check_backend_answers(settings: Settings, url: str) -> list[Finding]:
     """GET url/health from here: is the backend Label Studio was given this one, and up?"""
-    import requests
-
     auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
     try:
         r = requests.get(url + "/health", timeout=5, auth=auth)
@@ -498,8 +488,6 @@ def check_backend_answers(settings: Settings, url: str) -> list[Finding]:
 
 def check_webhook(settings: Settings, api, project_id: int, backend_url: str) -> list[Finding]:
     """The webhook Label Studio creates for the backend (annotations reach the store through it)."""
-    from ..serving.server import basic_auth_header
-
     target = backend_url.rstrip("/") + "/webhook"
     body = api.request("GET", "/api/webhooks/", params={"project": project_id})
     hooks = [h for h in (body if isinstance(body, list) else body.get("results", [])) if h.get("url") == target]
@@ -535,8 +523,6 @@ def check_webhook(settings: Settings, api, project_id: int, backend_url: str) ->
 
 def check_predictions(settings: Settings, api, project: Mapping[str, Any], spec) -> list[Finding]:
     """How many tasks carry a prediction of the model version served now; the project's prelabel switch."""
-    from ..serving.backend import MaskCLIPBackend
-
     backend = MaskCLIPBackend(settings, str(project["id"]), project.get("label_config"))
     version, _ = backend.rt.model_for(backend.classes(spec)[1], load=False)
     total = with_version = 0
@@ -581,8 +567,6 @@ def _backend_titles(api, project_id: int) -> list[str]:
 
 def _task_versions(api, project_id: int, page_size: int = 500):
     """For each task of the project, the set of model versions of its predictions (light listing)."""
-    from ..labelstudio.api import LabelStudioAPIError
-
     page = 1
     while True:
         # Label Studio 1.23 fills predictions_model_versions only with fields=all; include keeps it light.

@@ -46,7 +46,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
+from ..fetching.images import ImageError, ImageFetchError
 from ..labelstudio.api import AmbiguousWriteError, LabelStudioAPI, LabelStudioAPIError, model_versions_of
+from ..models import segment_options
+from ..serving.backend import MaskCLIPBackend
 from ..settings import Settings
 
 __all__ = [
@@ -227,10 +232,6 @@ def _preannotate(
     settle: float,
 ) -> PreannotateResult:  # fmt: skip
     """The run, in stages: the model and what to predict, the pipeline (:class:`_Run`), the end (:func:`_finish`)."""
-    from tqdm import tqdm
-
-    from ..serving.backend import MaskCLIPBackend
-
     started = time.monotonic()
     api = api or LabelStudioAPI.from_settings(settings)
     config = api.project(project_id)["label_config"]
@@ -495,8 +496,6 @@ def _infer(model, classes, settings, batch, loaded_q, encoded_q, encode_pool, en
     """The model stage, in one of its threads: batches of decoded images -> segmentations -> encode jobs
     (an image that did not load goes on as its reason, a string). The end of the stream is put back for
     the other model threads."""
-    from ..models import segment_options
-
     opts = segment_options(settings)
     done = False
     while not done and not stop.is_set():
@@ -526,8 +525,6 @@ def _infer(model, classes, settings, batch, loaded_q, encoded_q, encode_pool, en
 
 def _load_image(backend: Any, task: Mapping[str, Any], key: str, max_pixels: int, tries: int = 3) -> Any:
     """(H, W, 3) uint8, or a string saying why not. Download failures are retried with backoff."""
-    from ..fetching.images import ImageError, ImageFetchError
-
     data = task.get("data")
     url = data.get(key) if isinstance(data, Mapping) else None
     if not isinstance(url, str) or not url:

@@ -25,9 +25,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..learning.store import Store
 from ..logs import configure as configure_logging
 from ..settings import Settings
 from ..training.rescoring import acquire_rescore_lock, write_status
+from .preannotate import preannotate
 
 __all__ = ["rescore", "projects_to_rescore", "main"]
 
@@ -36,8 +38,6 @@ log = logging.getLogger(__name__)
 
 def projects_to_rescore(settings: Settings, project: int | None = None) -> list[int]:
     """The project trained for, then every project the store has seen tasks of."""
-    from ..learning.store import Store
-
     seen = Store.from_settings(settings).projects()
     return list(dict.fromkeys(([project] if project is not None else []) + seen))
 
@@ -45,8 +45,6 @@ def projects_to_rescore(settings: Settings, project: int | None = None) -> list[
 def rescore(settings: Settings, projects: Sequence[int], reason: str = "") -> dict[str, Any]:
     """Re-predict the unlabeled tasks of ``projects`` that lack the served version, in this process;
     writes the status file as it goes and returns the final status."""
-    from .preannotate import preannotate
-
     status: dict[str, Any] = {"state": "running", "reason": reason, "version": None, "started": time.time(),
                               "finished": None, "projects": {}, "error": None}  # fmt: skip
     write_status(settings, status)

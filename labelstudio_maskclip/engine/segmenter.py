@@ -31,6 +31,7 @@ from typing import cast
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .dense import dense_features, output_stride
 from .loading import LoadedCLIP, load_clip
@@ -552,7 +553,6 @@ def _box_shrink(img: np.ndarray, size: tuple[int, int], band: int = 64) -> np.nd
     if fy <= 1 and fx <= 1:
         return img
     fy, fx = max(1, fy), max(1, fx)
-    from PIL import Image
 
     height, width = img.shape[0] // fy, img.shape[1] // fx
     out = np.empty((height, width, 3), np.uint8)

@@ -48,9 +48,13 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from ..engine.names import normalize_names
+from ..engine.presets import DATASET_PROTOCOLS
 from ..errors import BadInput
+from ..masks.overlay import overlay, save_label_png
+from ..models import pipeline_description, segment_options, shared_maskclip
 from ..settings import Settings
 from . import class_names as cn
 from .metrics import IGNORE, confusion_matrix, scores
@@ -354,10 +358,6 @@ def evaluate(
     ``out/predictions/<name>.png`` (labels as in the ground truth, 255 = no label) and ``overlays``
     pictures ``out/overlays/<name>.png`` (prediction | ground truth) for evenly spaced samples.
     Returns the metrics (also ``meta``'s entries)."""
-    from tqdm import tqdm
-
-    from ..masks.overlay import overlay, save_label_png
-
     out = Path(out)
     (out / "predictions").mkdir(parents=True, exist_ok=True)
     samples = ds.samples[:limit] if limit is not None else ds.samples
@@ -456,8 +456,6 @@ def run_eval(
     ``preset``: run that method's published inference instead (engine/presets.py: its resize, windows,
     temperature, templates, PAMR...; settings set explicitly still override it); ``protocol`` and
     ``refinements`` are then unused. Without it the ``protocol`` runs on the ``legacy`` pipeline."""
-    from ..models import shared_maskclip
-
     if preset is not None:
         return _run_preset_eval(settings.replace(preset=preset), dataset, root, out, limit=limit,
                                 overlays=overlays, progress=progress, bg_threshold=bg_threshold)  # fmt: skip
@@ -491,8 +489,6 @@ def _legacy_options(
     """The ``SegmentOptions`` of :func:`run_eval` without a preset: the protocol's windows at its own sizes,
     the refinements off unless asked for, and the background threshold (``bg_threshold``, else
     :data:`DEFAULT_BG_THRESHOLD`) for a dataset with a background class (0 otherwise)."""
-    from ..models import segment_options
-
     threshold = 0.0
     if ds.background is not None:
         threshold = DEFAULT_BG_THRESHOLD if bg_threshold is None else float(bg_threshold)
@@ -516,9 +512,6 @@ def preset_protocol(
     windows of its own; a setting set explicitly still wins). ``bg_threshold`` (``--bg-threshold``) replaces
     the config's threshold; a dataset with a background class and no config of the method's takes
     :data:`DEFAULT_BG_THRESHOLD`."""
-    from ..engine.presets import DATASET_PROTOCOLS
-    from ..models import segment_options
-
     opts = segment_options(settings)
     proto = DATASET_PROTOCOLS.get(settings.preset, {}).get(dataset)
     threshold = DEFAULT_BG_THRESHOLD if ds.background is not None else 0.0
@@ -549,8 +542,6 @@ def _run_preset_eval(
     bg_threshold: float | None,
 ) -> dict:
     """:func:`run_eval` with ``settings.preset``'s own protocol; predictions at the original size."""
-    from ..models import pipeline_description, shared_maskclip
-
     ds, opts = preset_protocol(settings, dataset, load_dataset(dataset, root), bg_threshold)
     threshold = opts.min_confidence
     seg = shared_maskclip(settings)

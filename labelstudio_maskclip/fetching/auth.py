@@ -12,6 +12,8 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
+import requests
+
 from .errors import ImageFetchError
 from .urls import Target, display, parse_target
 
@@ -92,8 +94,6 @@ class LabelStudioAuth:
 
     def refresh(self, *, stale: bool) -> str:
         """Exchange the personal access token for an access token (once per thread race)."""
-        import requests
-
         with self._lock:
             if self._access and not stale:
                 return self._access

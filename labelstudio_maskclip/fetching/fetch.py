@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote_to_bytes, urljoin
 
 import numpy as np
+import requests
+import urllib3
 
 from ..deadline import NO_DEADLINE, Deadline
 from .auth import LabelStudioAuth
@@ -82,8 +84,6 @@ class ImageFetcher:
         session: requests.Session | None = None,
         pixel_budget: PixelBudget | None = None,
     ) -> None:
-        import requests
-
         self.pixel_budget = pixel_budget
         self.label_studio_url = label_studio_url.strip().rstrip("/")
         self.allow_private = allow_private
@@ -232,8 +232,6 @@ class ImageFetcher:
         raise ImageFetchError(f"{target.display}: more than {_MAX_REDIRECTS} redirects", url=target.display)
 
     def _get(self, target: Target, deadline: Deadline) -> requests.Response:
-        import requests
-
         left = deadline.remaining()
         timeout = self.timeout if left is None else max(0.001, min(self.timeout, left))
         try:
@@ -272,8 +270,6 @@ class ImageFetcher:
         ``read1`` returns whatever arrived (a slow sender cannot hold one read for long), so the time is
         checked often; each socket read is itself bounded by the time left when the request was made.
         """
-        import urllib3
-
         read = raw.read1 if hasattr(raw, "read1") else raw.read  # read1: recent urllib3 2.x
         own = time.monotonic() + self.timeout
         stop = min(own, deadline.at)

@@ -19,6 +19,10 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import requests
+from requests.models import PreparedRequest
+from urllib3.util import parse_url
+
 from .errors import ImageFetchError
 from .uris import CLOUD_SCHEMES
 
@@ -101,7 +105,6 @@ def parse_target(url: str) -> Target:
     prepared = _prepare(url, refuse)
     if _prepare(prepared, refuse) != prepared:
         raise refuse("the URL does not have one stable form")
-    from urllib3.util import parse_url
 
     try:
         wire = parse_url(prepared)
@@ -188,9 +191,6 @@ def display(url: str) -> str:
 
 
 def _prepare(url: str, refuse) -> str:
-    import requests
-    from requests.models import PreparedRequest
-
     request = PreparedRequest()
     try:
         request.prepare_url(url, None)

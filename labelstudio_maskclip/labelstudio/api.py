@@ -21,6 +21,9 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import requests
+from requests.adapters import HTTPAdapter
+
 from ..errors import Unavailable
 from ..fetching.images import ImageFetcher
 from ..settings import Settings
@@ -93,8 +96,6 @@ def model_versions_of(task: Mapping[str, Any]) -> list[str]:
 
 def _never_sent(error: Exception) -> bool:
     """True when a requests exception happened before the request could reach the server."""
-    import requests
-
     if isinstance(error, requests.exceptions.ConnectTimeout):
         return True
     if isinstance(error, requests.exceptions.ConnectionError):
@@ -112,8 +113,6 @@ class LabelStudioAPI:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        import requests
-        from requests.adapters import HTTPAdapter
 
         self.session = requests.Session()
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=16)
@@ -127,8 +126,6 @@ class LabelStudioAPI:
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """JSON of ``method path``. Retries as the module docstring says; one more try after refreshing a
         personal access token on 401."""
-        import requests
-
         url = self.url + path
         extra_headers = kwargs.pop("headers", None) or {}
         write = method.upper() not in ("GET", "HEAD", "OPTIONS")
@@ -219,13 +216,7 @@ class LabelStudioAPI:
                                 unlabeled=unlabeled, predicted=predicted)  # fmt: skip
             params = {"project": project_id, "page": 1, "page_size": page_size, "query": json.dumps(query)}
             params.update({"fields": "all"} if full else {"fields": "task_only", "include": fields})
-            try:
-                body = self.request("GET", "/api/tasks", params=params)
-            except LabelStudioAPIError as e:
-                if e.status == 404:  # an empty result set answers 404 for page 1 on some versions
-                    return
-                raise
-            tasks = body.get("tasks", []) if isinstance(body, dict) else body
+            tasks = self._tasks_page(params)
             if not tasks:
                 return
             yield tasks
@@ -378,19 +369,24 @@ class LabelStudioAPI:
         while True:
             params = {"project": project_id, "page": page, "page_size": page_size, "fields": "all" if full else
                       "task_only", "query": json.dumps(query)}  # fmt: skip
-            try:
-                body = self.request("GET", "/api/tasks", params=params)
-            except LabelStudioAPIError as e:
-                if e.status == 404:
-                    return
-                raise
-            tasks = body.get("tasks", []) if isinstance(body, dict) else body
+            tasks = self._tasks_page(params)
             if not tasks:
                 return
             yield tasks
             if len(tasks) < page_size:
                 return
             page += 1
+
+    def _tasks_page(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """One page of ``GET /api/tasks`` with ``params``: its tasks, [] past the last page (some versions
+        answer page 1 of an empty result set with 404)."""
+        try:
+            body = self.request("GET", "/api/tasks", params=params)
+        except LabelStudioAPIError as e:
+            if e.status == 404:
+                return []
+            raise
+        return body.get("tasks", []) if isinstance(body, dict) else body
 
     def delete_prediction(self, prediction_id: int) -> None:
         """``DELETE /api/predictions/{id}``; one already gone counts as deleted."""

@@ -42,6 +42,8 @@ from ..errors import BadInput
 from ..fetching.uris import IMAGE_URI_PREFIXES
 from ..learning.store import AnnotationWrite, Store, TaskRecord
 from ..masks import polygons as _polygons
+from ..masks.brush import brush_rle_to_mask
+from ..masks.polygons import edge_pixels, percent_to_points, polygons_to_mask
 from .labeling import LabelConfigError, parse_label_config
 
 __all__ = [
@@ -268,14 +270,11 @@ def _region_mask(region: Mapping[str, Any], budget: _Budget) -> np.ndarray:
         raise _Rejected(f"region {region.get('id')!r} has no value object")
     try:
         if region["type"] == "brushlabels":
-            from ..masks.brush import brush_rle_to_mask
-
             rle = value.get("rle")
             if value.get("format", "rle") != "rle" or not isinstance(rle, list):
                 raise _Rejected(f"brush region {region.get('id')!r}: expected value.format 'rle' with value.rle a list")
             budget.charge(region, height, width)
             return np.asarray(brush_rle_to_mask(rle, height, width), dtype=bool)
-        from ..masks.polygons import edge_pixels, percent_to_points, polygons_to_mask
 
         points = value.get("points")
         if not isinstance(points, list) or len(points) < 3:

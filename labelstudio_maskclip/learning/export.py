@@ -27,11 +27,13 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
+from PIL import Image
 
 from ..errors import BadInput
 from ..evaluation.metrics import IGNORE
 from ..files import write_atomic
 from ..masks.coco_rle import mask_to_coco_rle
+from ..masks.polygons import mask_to_polygons
 
 if TYPE_CHECKING:  # pragma: no cover
     from .store import Sample, Store
@@ -90,7 +92,6 @@ def _regions(mask: np.ndarray, mode: Mode) -> Iterator[np.ndarray]:
 def _segmentation(mask: np.ndarray, polygons: bool) -> Any:
     if not polygons:
         return mask_to_coco_rle(mask)
-    from ..masks.polygons import mask_to_polygons
 
     # COCO polygons: a list of flat [x1, y1, x2, y2, ...] lists in pixel coordinates.
     return [[float(c) for point in polygon for c in point] for polygon in mask_to_polygons(mask)]
@@ -214,8 +215,6 @@ def export_semantic_pngs(
     File name: the image's file name stem + ``.png`` (task id prefixed where two collide). Also writes
     ``classes.txt`` (one label a line, line i = pixel value i). At most 255 categories.
     """
-    from PIL import Image
-
     if len(categories) > IGNORE_INDEX:
         raise CocoError(f"{len(categories)} categories do not fit 8-bit PNGs with {IGNORE_INDEX} as ignore")
     out_dir = Path(out_dir)

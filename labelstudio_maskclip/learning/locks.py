@@ -9,8 +9,10 @@ included), so a crashed run never blocks the next one. Where it lives follows th
   hands the training lock to the trainer it starts), and the kernel drops it with the last descriptor.
 - PostgreSQL store (several instances, one database): a session-level advisory lock
   (``pg_try_advisory_lock`` / ``pg_advisory_lock``) on a connection of the run's own; the server drops it
-  when that connection ends, which a dead process's connection does at once. Such a lock cannot be handed
-  to a child process (:attr:`HeldLock.fd` is None): the child takes it itself.
+  when that connection ends, which a dead process's connection does at once. Such a lock cannot be inherited
+  (:attr:`HeldLock.fd` is None); it is handed over instead (:meth:`HeldLock.hand_over`): the holder keeps it
+  until the child queues for it (``pg_advisory_lock``, waiting), then lets go, and PostgreSQL grants it to
+  the queued child at once. Another acquirer cannot slip in between: a try that meets a queued waiter fails.
 
 :meth:`RunLock.acquire` either tries (``wait=False``: None when another run holds it) or waits for it.
 """
@@ -18,8 +20,10 @@ included), so a crashed run never blocks the next one. Where it lives follows th
 from __future__ import annotations
 
 import fcntl
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .backends import advisory_key, hide_password, is_postgres
 from .store import StoreError
@@ -34,9 +38,10 @@ class HeldLock:
     """A lock this process holds; :meth:`release` (or :meth:`close`, or the end of a ``with`` block) lets it
     go. ``fd``: a descriptor a child process may inherit to keep holding it (file locks), else None."""
 
-    def __init__(self, handle: IO[str] | Any, *, fd: int | None) -> None:
-        self._handle = handle
+    def __init__(self, handle: Any, *, fd: int | None, key: int | None = None) -> None:
+        self._handle = handle  # an open file (a file lock) or a psycopg connection (an advisory lock)
         self.fd = fd
+        self._key = key  # an advisory lock's key (None for a file lock)
 
     def release(self) -> None:
         if self._handle is not None:
@@ -44,6 +49,24 @@ class HeldLock:
             self._handle = None
 
     close = release
+
+    def hand_over(self, alive: Callable[[], bool], timeout: float = 120.0, every: float = 0.05) -> bool:
+        """Release once another session queues for this advisory lock (the child it was started for), or
+        when ``alive()`` turns False or ``timeout`` passes; True if a waiter took it over. A file lock is
+        released at once (its child inherited the descriptor)."""
+        if self._key is None or self._handle is None:
+            self.release()
+            return True
+        end = time.monotonic() + timeout
+        handed = False
+        try:
+            while not handed and alive() and time.monotonic() < end:
+                handed = bool(self._handle.execute(_WAITING, _key_parts(self._key)).fetchone()[0])
+                if not handed:
+                    time.sleep(every)
+        finally:
+            self.release()
+        return handed
 
     def fileno(self) -> int:
         if self.fd is None:
@@ -103,15 +126,29 @@ class AdvisoryLock:
         try:
             if wait:
                 conn.execute("SELECT pg_advisory_lock(%s)", (self.key,))
-                return HeldLock(conn, fd=None)
+                return HeldLock(conn, fd=None, key=self.key)
             row = conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
             if row is not None and row[0]:
-                return HeldLock(conn, fd=None)
+                return HeldLock(conn, fd=None, key=self.key)
         except BaseException:
             conn.close()
             raise
         conn.close()
         return None
+
+
+#: is another session of this database queued for the advisory lock (classid, objid) = the key's two halves?
+_WAITING = (
+    "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+    "WHERE l.locktype = 'advisory' AND NOT l.granted AND l.classid = %s AND l.objid = %s AND l.objsubid = 1 "
+    "AND d.datname = current_database())"
+)
+
+
+def _key_parts(key: int) -> tuple[int, int]:
+    """A signed 64-bit advisory key as ``pg_locks`` shows it: (high 32 bits, low 32 bits), unsigned."""
+    unsigned = key & 0xFFFFFFFFFFFFFFFF
+    return unsigned >> 32, unsigned & 0xFFFFFFFF
 
 
 def run_lock(settings: Settings, name: str) -> RunLock:

@@ -59,8 +59,8 @@ import numpy as np
 
 from ..errors import Unavailable
 from ..masks.coco_rle import coco_rle_to_mask, mask_to_coco_rle
-from .backends import DB_FILE_NAME, Backend, Connection, SQLiteBackend, open_backend, sqlite_corruption
-from .migrations import SCHEMA_VERSION, NewerSchema, migrate
+from .backends import DB_FILE_NAME, Backend, Connection, SQLiteBackend, is_postgres, open_backend, sqlite_corruption
+from .migrations import SCHEMA_VERSION, NewerSchema, applied, migrate
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -379,8 +379,6 @@ class Store:
 
     def schema_version(self) -> int:
         """The newest schema migration applied to this store."""
-        from .migrations import applied
-
         with self._read() as conn:
             return applied(conn)
 
@@ -758,6 +756,4 @@ def _shared(location: str) -> Store:
 def shared_store(settings: Settings) -> Store | None:
     """The process's one :class:`Store` for the settings' PostgreSQL store (opened once per URL), or None
     when the store is SQLite (one machine: what every instance must see then lives in files)."""
-    from .backends import is_postgres
-
     return _shared(settings.store_url) if is_postgres(settings.store_url) else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import colorsys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,8 +14,6 @@ __all__ = ["palette", "overlay", "save_label_png"]
 
 def palette(n: int) -> np.ndarray:
     """(n, 3) uint8 distinct colours (golden-ratio hues), stable for a given index."""
-    import colorsys
-
     hues = (np.arange(n) * 0.618033988749895) % 1.0
     return np.array([[int(255 * c) for c in colorsys.hsv_to_rgb(h, 0.75, 0.95)] for h in hues], np.uint8).reshape(n, 3)
 

@@ -18,11 +18,13 @@ Use: ``gunicorn --worker-class asgi 'labelstudio_maskclip.serving.asgi:asgi()'``
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from ..settings import Settings
+from .server import credentials_match, wsgi
 
 __all__ = ["WholeRequests", "asgi", "READ_TIMEOUT", "MIN_RATE", "BUFFER_BUDGET"]
 
@@ -144,8 +146,6 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 async def _answer(send: Send, refused: _Refused) -> None:
     """A JSON error, and the connection closed (its body was not read to the end)."""
-    import json
-
     body = json.dumps({"error": str(refused)}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                (b"connection", b"close"), *refused.headers]  # fmt: skip
@@ -157,8 +157,6 @@ def asgi() -> ASGIApp:
     """gunicorn factory (``--worker-class asgi``): the Flask app behind a2wsgi's thread pool and
     :class:`WholeRequests`; settings from the environment, read once per worker."""
     from a2wsgi import WSGIMiddleware
-
-    from .server import credentials_match, wsgi
 
     settings = Settings.from_env()
     app = wsgi()

@@ -20,9 +20,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..deadline import Deadline
+from ..engine.names import name_owners, normalize_classes
 from ..errors import BadInput
+from ..fetching.images import ImageError, decode_image
 from ..labelstudio.labeling import LabelingSpec, parse_label_config
+from ..labelstudio.webhooks import handle_event, label_studio_id
+from ..models import segment_options
 from ..settings import Settings
+from ..training.trigger import maybe_interval, request_training, should_train
 from .followups import ParentPredictionCheck, kept_config, kept_fields
 from .runtime import Runtime, Segmenter, resolved_device, runtime
 
@@ -179,7 +184,6 @@ class MaskCLIPBackend:
         so the answer comes within the budget plus at most one batch.
         """
         from ..labelstudio.regions import prediction
-        from ..models import segment_options
 
         if isinstance(context, Mapping) and context.get("result"):
             return self.predict_interactive(tasks, context)
@@ -312,8 +316,6 @@ class MaskCLIPBackend:
         labels' text embeddings (prepared at ``/setup``), a new phrase's text pass and the image download;
         past it the answer is a 200 without masks whose note says why (:meth:`_interactive_answer`).
         """
-        from ..engine.names import name_owners, normalize_classes
-        from ..models import segment_options
         from .interactive import ContextError, PromptText, TextPrompt, predict_interactive
 
         start = time.monotonic()
@@ -458,7 +460,6 @@ class MaskCLIPBackend:
     def _decoded(self, images: list, failures: dict[int, TaskFailure], model: Any, tasks) -> list:
         """Decode the JPEG bytes among ``images`` on the model's device in one batch; what that path does not
         take is decoded on the CPU (a failure goes to ``failures``)."""
-        from ..fetching.images import ImageError, decode_image
         from ..fetching.jpeg import decode_jpegs
 
         raw = [k for k, (_, got) in enumerate(images) if isinstance(got, bytes)]
@@ -499,8 +500,6 @@ class MaskCLIPBackend:
         """The task's image; a TaskFailure saying why not; None when the deadline passed before the download
         started (the task is left for Label Studio's next request). ``raw``: JPEG files come back as their
         bytes, for decoding on the GPU."""
-        from ..fetching.images import ImageError
-
         task_id = _task_id(task)
         url = _image_url(task, spec.image_keys[0])
         if isinstance(url, TaskFailure):
@@ -523,7 +522,6 @@ class MaskCLIPBackend:
         data = fetcher.fetch(url, task_id, deadline=deadline)
         if is_jpeg(data):
             return data
-        from ..fetching.images import decode_image
 
         return decode_image(data, max_pixels=self.settings.max_image_pixels)
 
@@ -532,8 +530,6 @@ class MaskCLIPBackend:
         """The follow-up for an annotation started from a prediction that the payload does not carry
         (Label Studio's webhooks usually don't): its outcome per label needs the prediction from the API.
         None when there is nothing to fetch (or no Label Studio to fetch it from)."""
-        from ..labelstudio.webhooks import label_studio_id
-
         ann = data.get("annotation")
         if not isinstance(ann, Mapping) or not self.settings.label_studio_url:
             return None
@@ -559,9 +555,6 @@ class MaskCLIPBackend:
     def fit(self, event: str, data: Mapping[str, Any]) -> dict[str, Any]:
         """Store what a webhook carries; start training (in another process) when a trigger fires:
         ``START_TRAINING``, every ``MASKCLIP_TRAIN_EVERY_N`` new annotations, or the interval rule."""
-        from ..labelstudio.webhooks import handle_event
-        from ..training.trigger import maybe_interval, request_training, should_train
-
         result = handle_event(data, self.rt.store)
         reply: dict[str, Any] = {"action": event, "status": result.status}
         check = self._parent_prediction_check(data) if result.status == "stored" else None

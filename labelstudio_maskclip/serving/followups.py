@@ -23,6 +23,9 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..labelstudio.api import LabelStudioAPI
+from ..labelstudio.webhooks import handle_event
+
 if TYPE_CHECKING:
     from .runtime import Runtime
 
@@ -159,9 +162,6 @@ def record_parent_prediction(rt: Runtime, check: ParentPredictionCheck) -> None:
     """Follow-up: GET the annotation and its parent prediction, then store them through the webhook rules:
     the same content only gains its outcomes (the change counter does not move, see
     :meth:`~..learning.store.Store.put_annotation`); an update that arrived meanwhile wins (stale)."""
-    from ..labelstudio.api import LabelStudioAPI
-    from ..labelstudio.webhooks import handle_event
-
     api = LabelStudioAPI(rt.fetcher, timeout=rt.settings.download_timeout)
     annotation = api.request("GET", f"/api/annotations/{check.annotation_id}")
     prediction = api.request("GET", f"/api/predictions/{check.prediction_id}")

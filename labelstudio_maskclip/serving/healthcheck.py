@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Sequence
 
 from ..settings import Settings
+from .server import basic_auth_header
 
 __all__ = ["check", "main"]
 
@@ -26,8 +27,6 @@ DEFAULT_URL = "http://127.0.0.1:9090/health"
 
 def check(url: str, settings: Settings, timeout: float = 5.0) -> tuple[bool, str]:
     """(healthy, one line saying why) for the backend's health route at ``url``."""
-    from .server import basic_auth_header
-
     headers = {}
     if settings.basic_auth_user:
         headers["Authorization"] = basic_auth_header(settings.basic_auth_user, settings.basic_auth_pass)

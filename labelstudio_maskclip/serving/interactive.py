@@ -21,11 +21,14 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import torch
 
+from ..engine import prompts as engine
+from ..engine.text import synonym_means
 from ..errors import BadInput
 from ..labelstudio.labeling import LabelingSpec, Target
 from ..labelstudio.regions import brush_region, polygon_regions
@@ -287,10 +290,6 @@ class PromptText:
         class each, then the vocabulary labels ``keep`` in that order with their names merged by the
         preset's rule ``synonyms`` (``"max"``: every name, a class taking its best; ``"mean"``: averaged),
         then the background words."""
-        import torch
-
-        from ..engine.text import synonym_means
-
         owners = torch.tensor(list(self.owners))
         if synonyms != "max":
             means = synonym_means(self.labels, owners.to(self.labels.device))[list(keep)]
@@ -303,10 +302,6 @@ class PromptText:
 
     def means(self, keep: Sequence[int]) -> Any:
         """(len(keep), D) the labels ``keep``'s names averaged (for naming a phrase's label)."""
-        import torch
-
-        from ..engine.text import synonym_means
-
         return synonym_means(self.labels, torch.tensor(list(self.owners), device=self.labels.device))[list(keep)]
 
 
@@ -374,10 +369,6 @@ class _Request:
 
     def phrases(self, prompt: TextPrompt) -> None:
         """Each ready phrase competes with the labels it does not name and the background words."""
-        import torch
-
-        from ..engine import prompts as engine
-
         text = self.text
         ready = [p for p in prompt.phrases if p in text.phrases]
         self.notes += [f"phrase {p!r}: its text is still being encoded; try again in a moment"
@@ -399,10 +390,6 @@ class _Request:
 
     def clicks(self, prompt: ClickPrompt) -> None:
         """The clicked label's probability plane (without prompt denoising), grown from the clicks."""
-        from dataclasses import replace
-
-        from ..engine import prompts as engine
-
         k = self.labels.index(prompt.label)
         # The same labels (by their names: the model is in the image's cache key) give the same plane.
         plane = ("click", tuple((v, tuple(self.spec.names(v))) for v in self.labels))
@@ -416,8 +403,6 @@ class _Request:
 
     def box(self, prompt: BoxPrompt) -> None:
         """The box's crop segmented afresh; a box outside the image is the request's error."""
-        from ..engine import prompts as engine
-
         k = self.labels.index(prompt.label)
         try:
             corners = box_corners(prompt, self.image.shape[:2])

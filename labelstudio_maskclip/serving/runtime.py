@@ -23,8 +23,19 @@ import numpy as np
 
 from ..deadline import NO_DEADLINE, Deadline
 from ..engine.names import ClassNames
-from ..models import embedding_identity, text_embedding_store, text_width
+from ..fetching.images import ImageFetcher
+from ..learning.store import Store, shared_store
+from ..models import (
+    embedding_identity,
+    pipeline_description,
+    segment_options,
+    shared_maskclip,
+    text_embedding_store,
+    text_width,
+)
 from ..settings import Settings
+from ..training.checkpoints import checkpoint_path, current_version
+from .followups import FollowUps, record_parent_prediction
 
 if TYPE_CHECKING:
     from ..engine.segmenter import MaskCLIP, Segmentation, SegmentOptions
@@ -81,8 +92,6 @@ class Runtime:
         """The process's :class:`~.followups.FollowUps` (bounded; drops with a logged reason when full)."""
         with self._lock:
             if self._followups is None:
-                from .followups import FollowUps, record_parent_prediction
-
                 self._followups = FollowUps(functools.partial(record_parent_prediction, self))
             return self._followups
 
@@ -90,8 +99,6 @@ class Runtime:
     def fetcher(self) -> ImageFetcher:
         with self._lock:
             if self._fetcher is None:
-                from ..fetching.images import ImageFetcher
-
                 self._fetcher = ImageFetcher.from_settings(self.settings)
             return self._fetcher
 
@@ -108,8 +115,6 @@ class Runtime:
     def store(self) -> Store:
         with self._lock:
             if self._store is None:
-                from ..learning.store import Store, shared_store
-
                 # a PostgreSQL store: the process's one (the served-version pointer reads it too)
                 self._store = shared_store(self.settings) or Store.from_settings(self.settings)
             return self._store
@@ -123,8 +128,6 @@ class Runtime:
     @property
     def teacher(self) -> MaskCLIP:
         """The MaskCLIP teacher, loaded here if needed (blocking; see :meth:`teacher_within`)."""
-        from ..models import shared_maskclip
-
         return shared_maskclip(self.settings)
 
     # -- the teacher within a deadline ---------------------------------------------------------------
@@ -248,8 +251,6 @@ class Runtime:
         estimate of the time per image."""
         import torch
 
-        from ..models import segment_options
-
         teacher = self.teacher_within()
         opts = segment_options(self.settings)
         side = opts.short_side or 224
@@ -286,15 +287,12 @@ class Runtime:
         s = self.settings
         tag = Path(s.pretrained).name if s.pretrained else "random"
         arch = Path(s.model).stem if s.model.endswith(".json") else s.model
-        from ..models import pipeline_description
 
         return f"maskclip-{arch}.{tag}-{pipeline_description(s)}"
 
     def student_version(self) -> str | None:
         """Version of the promoted student, read from MODEL_DIR on every call (cheap), so every worker
         switches to a newly promoted model without a restart."""
-        from ..training.checkpoints import current_version
-
         return current_version(self.settings)
 
     def model_for(self, classes: Sequence[Sequence[str]], *, load: bool = True) -> tuple[str, Segmenter | None]:
@@ -313,7 +311,6 @@ class Runtime:
         """The promoted student, loaded once per version; None (MaskCLIP is served) if it cannot load."""
         with self._lock:
             if self._student is None or self._student[0] != version:
-                from ..training.checkpoints import checkpoint_path
                 from ..training.student import load_student
 
                 try:  # this version's own file: the pointer may have moved on since it was read

@@ -13,17 +13,23 @@ import base64
 import hmac
 import json
 import logging
+import os
 import threading
 import time
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from flask.json.provider import DefaultJSONProvider
+from werkzeug.exceptions import HTTPException
 
 from ..errors import BadInput, MaskCLIPError, Unavailable
+from ..labelstudio.labeling import parse_label_config
 from ..labelstudio.wire import json_bytes
 from ..logs import configure as configure_logging
 from ..settings import Settings
+from ..training.checkpoints import history
+from ..training.rescoring import read_status as read_rescore_status
+from ..training.trigger import maybe_interval
 from .backend import MaskCLIPBackend, runtime
 
 __all__ = ["create_app", "wsgi", "credentials_match", "basic_auth_header"]
@@ -176,7 +182,6 @@ def _warm_up(settings: Settings, state: dict[str, Any]) -> None:
     # The labeling-config parser imports label-studio-sdk lazily (~1 s): pay that before serving, since
     # Label Studio gives /setup only 3 s. The model loads and warms up in the background; the store is
     # opened (and checked) in the background too, so the first webhook does not wait for it.
-    from ..labelstudio.labeling import parse_label_config
 
     parse_label_config(_WARMUP_CONFIG)
     threading.Thread(target=load_model, name="model-warmup", daemon=True).start()
@@ -203,8 +208,6 @@ def _guard(app: Flask, settings: Settings) -> None:
     @app.errorhandler(Exception)
     def _answer_error(e):
         """The one handler: bad input 400 (413 for too much), unavailable 503, anything else 500 and logged."""
-        from werkzeug.exceptions import HTTPException
-
         if isinstance(e, MaskCLIPError):
             reply, status = _error(e.http_status, e.describe())
             if e.retry_after is not None:
@@ -267,9 +270,6 @@ def _routes(app: Flask, settings: Settings, state: dict[str, Any], budget: _Memo
 def _metrics(settings: Settings) -> dict[str, Any]:
     """What ``/metrics`` answers: the served version and pipeline, acceptance, training runs, students, the
     last re-scoring and this worker's interactive notes."""
-    from ..training.checkpoints import history
-    from ..training.rescoring import read_status as read_rescore_status
-
     rt = runtime(settings)
     return {
         "model_version": rt.student_version() or rt.teacher_version(),
@@ -286,8 +286,6 @@ def _metrics(settings: Settings) -> dict[str, Any]:
 def _interval_trigger(settings: Settings) -> None:
     """MASKCLIP_TRAIN_INTERVAL_MINUTES: look once a minute whether a training is due (new annotations and
     the interval passed). Every worker looks; the training lock lets only one trainer run."""
-    from ..training.trigger import maybe_interval
-
     while True:
         time.sleep(min(60.0, settings.train_interval_minutes * 60))
         try:
@@ -308,8 +306,6 @@ def wsgi() -> Flask:
 def _share_cpu_threads(settings: Settings) -> None:
     """Each worker process gets its share of the cores for torch's CPU kernels, so workers do not
     oversubscribe the machine (GPU work is unaffected)."""
-    import os
-
     import torch
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, settings.workers)))

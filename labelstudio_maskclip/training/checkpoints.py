@@ -33,15 +33,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import Unavailable
 from ..files import fsync_dir as _fsync_dir
 from ..files import write_atomic
+from ..learning.store import Store, shared_store
 from ..settings import Settings, redact
-
-if TYPE_CHECKING:
-    from ..learning.store import Store
 
 __all__ = [
     "FORMAT",
@@ -81,11 +79,9 @@ def models_dir(model_dir: Where) -> Path:
 
 
 def _shared_store(where: Where) -> Store | None:
-    """The PostgreSQL store of ``where``, None for files only (the store's code is imported only then)."""
+    """The PostgreSQL store of ``where``, None for files only."""
     if not isinstance(where, Settings) or not where.store_url:
         return None
-    from ..learning.store import shared_store
-
     return shared_store(where)
 
 

@@ -21,8 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from ..errors import Unavailable
 from ..settings import Settings
@@ -60,7 +62,6 @@ class Dist:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
-        import torch.distributed as dist
 
         if not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -75,7 +76,6 @@ class Dist:
         """Rank 0's ``value`` on every rank."""
         if self.world <= 1:
             return value
-        import torch.distributed as dist
 
         box = [value]
         dist.broadcast_object_list(box, src=0)
@@ -83,8 +83,6 @@ class Dist:
 
     def barrier(self) -> None:
         if self.world > 1:
-            import torch.distributed as dist
-
             dist.barrier()
 
 
@@ -231,7 +229,6 @@ class Loop:
 def _bar(enabled: bool, total: int, initial: int):
     if not enabled:
         return None
-    from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc="train", unit="step")
 

@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.loading import resolve_device
 from ..engine.names import ClassNames
 from ..errors import BadInput
+from .checkpoints import read_checkpoint
 from .job import class_key
 
 if TYPE_CHECKING:
@@ -310,9 +312,6 @@ class StudentModel:
 
 def load_student(checkpoint_path: str | Path, device: str | torch.device | None = None) -> StudentModel:
     """Load a student checkpoint written by the trainer (see :mod:`labelstudio_maskclip.training.checkpoints`)."""
-    from ..engine.loading import resolve_device
-    from .checkpoints import read_checkpoint
-
     ckpt = read_checkpoint(checkpoint_path)
     dev = resolve_device(device)
     emb = ckpt["embeddings"].float()

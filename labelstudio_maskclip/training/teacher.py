@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -58,8 +59,6 @@ class CLIPTeacher:
     def label_map(self, image: np.ndarray, min_confidence: float) -> np.ndarray:
         """(H, W) int64 labels of an (H, W, 3) uint8 image as served (-1 where no label: below
         ``min_confidence`` or a background class)."""
-        from dataclasses import replace
-
         opts = replace(self.opts, min_confidence=min_confidence)
         seg = self.maskclip.segment([image], self.classes, opts=opts, text=self.names)[0]
         return seg.labels.astype(np.int64)

@@ -35,15 +35,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..embeddings import label_set
+from ..engine.loading import resolve_device
 from ..engine.names import parse_label_spec
+from ..fetching.images import ImageFetcher
+from ..learning.store import Store
+from ..models import segment_options, shared_maskclip, text_embedding_store
 from ..settings import Settings
 from .checkpoints import promote as promote_checkpoint
 from .curves import plot_curves
 from .data import ImageLoader, Prepared, TrainingStore, default_classes, label_index, mark_trained, prepare, read_store
 from .job import TrainJob, classes_from_json
 from .loop import Dist, Loop, RunState, TrainError, save_resume
+from .rescoring import start_rescore
 from .student import StudentModel, StudentNet, class_key
 from .teacher import CLIPTeacher, Teacher
+from .trigger import acquire_training_lock
 from .validation import MIN_VAL_MASKS, Scores, decide, evaluate, student_predictor, validate
 
 __all__ = ["TrainError", "TrainResult", "train", "run_job", "train_main", "build_parser"]
@@ -134,8 +141,6 @@ def train(
 
 def _placed(s: Settings, dist: Dist) -> tuple[Settings, torch.device]:
     """The device to train on: the settings' one, or this rank's GPU under torchrun."""
-    from ..engine.loading import resolve_device
-
     device = resolve_device(s.device)
     if device.type == "cuda" and dist.world > 1:
         device = torch.device("cuda", dist.local_rank)
@@ -155,8 +160,6 @@ def _start(
     teacher: Teacher | None,
 ) -> Run:
     """Read the store, fix the classes and the run folder, prepare the data and the teacher."""
-    from ..models import segment_options, shared_maskclip
-
     samples, unlabeled, seq = read_store(store, job.project)
     classes = job.classes or class_key(default_classes(samples))
     if not classes:
@@ -206,9 +209,6 @@ def stored_text_embeddings(s: Settings, maskclip: Any, classes: Sequence[Any]) -
     store under ``MODEL_DIR/text_embeddings``: read when stored, waited for when a server process is computing
     them (the store's file lock), computed and stored otherwise, so a run never repeats the server's
     85-template text passes."""
-    from ..embeddings import label_set
-    from ..models import text_embedding_store
-
     store = text_embedding_store(s, maskclip.name_embeddings)
     return store.wait(label_set(classes), None)
 
@@ -218,8 +218,6 @@ def _new_run_id() -> str:
 
 
 def _fetcher(s: Settings) -> Callable[[str, int], np.ndarray]:
-    from ..fetching.images import ImageFetcher
-
     fetcher = ImageFetcher.from_settings(s)
     return lambda ref, task_id: fetcher.load(ref, task_id, max_pixels=s.max_image_pixels)
 
@@ -309,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service", action="store_true", help="log lines instead of a progress bar (trigger)")
     p.add_argument("--reason", default="manual", help="why this run started (logged)")
     p.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)  # inherited locked train.lock (trigger)
+    p.add_argument("--lock-wait", action="store_true", help=argparse.SUPPRESS)  # advisory lock handed over (trigger)
     return p
 
 
@@ -332,20 +331,20 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         resume=args.resume,
         progress=not args.service,
     )
-    return run_job(s, job, reason=args.reason, lock_fd=args.lock_fd)
+    return run_job(s, job, reason=args.reason, lock_fd=args.lock_fd, lock_wait=args.lock_wait)
 
 
-def run_job(settings: Settings, job: TrainJob, *, reason: str = "manual", lock_fd: int | None = None) -> int:
+def run_job(
+    settings: Settings, job: TrainJob, *, reason: str = "manual", lock_fd: int | None = None, lock_wait: bool = False
+) -> int:
     """One training in this process, holding the training lock (rank 0; ``lock_fd``: a descriptor of
-    ``MODEL_DIR/train.lock`` already locked by the trigger; else taken here: :mod:`..learning.locks`). Prints
-    the outcome as one JSON line. Returns the exit status: 0 done, 3 another training holds the lock."""
-    from ..learning.store import Store
-    from .trigger import acquire_training_lock
-
+    ``MODEL_DIR/train.lock`` already locked by the trigger; else taken here, :mod:`..learning.locks`:
+    ``lock_wait``, waiting for the trigger to hand it over, else only if free). Prints the outcome as one JSON
+    line. Returns the exit status: 0 done, 3 another training holds the lock."""
     s = settings
     lock = None
     if int(os.environ.get("RANK", "0")) == 0:  # torchrun's rank: only rank 0 holds the lock
-        lock = os.fdopen(lock_fd, "a") if lock_fd is not None else acquire_training_lock(s)
+        lock = os.fdopen(lock_fd, "a") if lock_fd is not None else acquire_training_lock(s, wait=lock_wait)
         if lock is None:
             log.error("another training holds the training lock; not starting")
             return 3
@@ -357,8 +356,6 @@ def run_job(settings: Settings, job: TrainJob, *, reason: str = "manual", lock_f
         if lock is not None:
             lock.close()
     if result is not None and result.promoted:  # the Data Manager's scores follow the new model
-        from .rescoring import start_rescore
-
         start_rescore(s, job.project, reason=f"promotion of {result.version}")
     if result is not None:
         summary = {k: getattr(result, k) for k in ("run_id", "promoted", "version", "decision")}

@@ -5,10 +5,11 @@ Single flight across threads, processes, gunicorn workers and, on a PostgreSQL s
 on ``MODEL_DIR/train.lock``: :func:`request_training` takes the lock without blocking, starts
 ``python -m labelstudio_maskclip.training.train`` in its own session with the locked file descriptor inherited
 (the lock belongs to the open file, so the TRAINER PROCESS holds it for its whole life), closes its own copy
-and returns at once. With a PostgreSQL store it is an advisory lock held by a connection: the request checks
-it is free, lets it go and starts the trainer, which takes it for its whole life (a second request in the
-moment between may start a second trainer process, which finds the lock taken and exits with status 3: one
-run at a time still). A second request while the trainer lives finds the lock taken and returns False. A
+and returns at once. With a PostgreSQL store it is an advisory lock held by a connection: the request takes
+it, starts the trainer, which queues for it (``--lock-wait``), and a thread hands it over once the trainer is
+queued (:meth:`~labelstudio_maskclip.learning.locks.HeldLock.hand_over`): the TRAINER PROCESS then holds it for
+its whole life, and no other request gets it in between. A second request while the trainer lives finds the
+lock taken and returns False. A
 trainer that dies (even by SIGKILL) releases the lock (its last descriptor, or its connection, ends), and
 since only the atomic promotion in :mod:`labelstudio_maskclip.training.checkpoints` touches the served model,
 nothing else needs cleaning.
@@ -62,11 +63,12 @@ def _lock_path(model_dir: str | Path) -> Path:
     return path / LOCK_FILE
 
 
-def acquire_training_lock(where: Settings | str | Path) -> HeldLock | None:
-    """The training lock (keep it to hold it; ``close()`` lets it go), or None if someone holds it. ``where``:
-    the settings (the lock follows their store), or a ``MODEL_DIR`` (its ``train.lock`` file)."""
+def acquire_training_lock(where: Settings | str | Path, *, wait: bool = False) -> HeldLock | None:
+    """The training lock (keep it to hold it; ``close()`` lets it go), or None if someone holds it (``wait``:
+    wait for it instead). ``where``: the settings (the lock follows their store), or a ``MODEL_DIR`` (its
+    ``train.lock`` file)."""
     lock = run_lock(where, "train") if isinstance(where, Settings) else FileLock(_lock_path(where), "train")
-    return lock.acquire()
+    return lock.acquire(wait=wait)
 
 
 def request_training(
@@ -88,10 +90,10 @@ def request_training(
     if lock is None:
         log.info("training requested (%s) but one is running", reason)
         return False
-    if lock.fd is None:
-        lock.release()  # an advisory lock cannot be inherited: the trainer takes it itself
     try:
-        args = ["--service", "--reason", reason] + (["--lock-fd", str(lock.fd)] if lock.fd is not None else [])
+        args = ["--service", "--reason", reason] + (
+            ["--lock-fd", str(lock.fd)] if lock.fd is not None else ["--lock-wait"]
+        )
         if classes:
             args += ["--classes-json", classes_json(classes, values)]
         if background:
@@ -107,8 +109,17 @@ def request_training(
         )
         proc = started.process
         (Path(settings.model_dir) / _STAMP).touch()
-    finally:
+    except BaseException:
+        lock.release()
+        raise
+    if lock.fd is not None:
         lock.release()  # the child's inherited descriptor keeps a file lock
+    else:  # an advisory lock: kept until the trainer queues for it
+
+        def alive() -> bool:
+            return proc.poll() is None
+
+        threading.Thread(target=lock.hand_over, args=(alive,), name=f"hand-over-{proc.pid}", daemon=True).start()
     threading.Thread(target=proc.wait, name=f"reap-trainer-{proc.pid}", daemon=True).start()  # no zombie
     log.info("training started (%s): pid %d, log %s", reason, proc.pid, started.log_path)
     return True

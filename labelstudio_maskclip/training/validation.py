@@ -26,7 +26,7 @@ from ..evaluation.metrics import confusion_matrix, mean_iou
 from ..settings import Settings
 from .checkpoints import current_checkpoint
 from .data import Item
-from .student import StudentModel
+from .student import StudentModel, load_student
 from .teacher import Teacher
 
 __all__ = [
@@ -104,8 +104,6 @@ def student_predictor(model: StudentModel, opts: Any, classes: Sequence, backgro
 
 def current_student(s: Settings, classes: Sequence, background: Sequence, device: torch.device) -> StudentModel | None:
     """The served student if it exists, loads and has these labels (in any order); else None."""
-    from .student import load_student
-
     path = current_checkpoint(s)
     if path is None:
         return None
