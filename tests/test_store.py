@@ -794,3 +794,29 @@ def test_a_store_file_that_cannot_be_opened_is_named_and_one_that_is_not_a_datab
     assert damaged.damage and "file is not a database" in damaged.damage[0]
     with pytest.raises(store_module.StoreDamaged, match="is damaged .*file is not a database"):
         damaged.labels()
+
+
+def test_a_thread_that_first_connects_to_a_file_damaged_since_the_store_opened_is_told_how_to_recover(
+    tmp_path: Path,
+) -> None:
+    import threading
+
+    store = Store(tmp_path)
+    store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
+    store.close()
+    for suffix in ("-wal", "-shm"):
+        Path(f"{store.path}{suffix}").unlink(missing_ok=True)
+    store.path.write_bytes(b"this is not an SQLite database, not at all" * 100)
+    raised: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            store.labels()
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            raised.append(exc)
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    thread.join()
+    (error,) = raised
+    assert isinstance(error, store_module.StoreDamaged) and "backfill --project ID" in str(error)
