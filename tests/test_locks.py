@@ -47,7 +47,10 @@ def _holder(settings: Settings, name: str, tmp_path: Path) -> subprocess.Popen:
     script = tmp_path / f"hold_{name}.py"
     script.write_text(HOLDER.format(repo=str(REPO), model_dir=model_dir, store_url=settings.store_url, name=name))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(120, proc.kill)  # a holder that never says "held" fails the test, not hangs it
+    watchdog.start()
     line = proc.stdout.readline().strip()
+    watchdog.cancel()
     assert line == "held", (line, proc.stderr.read() if proc.poll() is not None else "")
     return proc
 

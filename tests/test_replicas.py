@@ -94,16 +94,18 @@ def replicas(request, label_studio, tmp_path_factory, weights):
         extra = {**TRAINING, **env, "LABEL_STUDIO_API_KEY": label_studio.token}
         instances = start_backends(work, 2, TINY_VIT, str(weights), label_studio.url, workers=2, extra_env=extra)
         proxy = RoundRobin([b.url for b in instances])
-        api = label_studio.api()
-        project = api.create_project(f"maskclip replicas ({request.param})", CONFIG)
-        api.import_files(project["id"], [COCO128_PHOTOS / n for n in NAMES])
-        ml = api.connect_ml_backend(project["id"], proxy.url, title="maskclip x2")
-        yield {"instances": instances, "proxy": proxy, "project": project, "ml": ml, "store": store,
-               "tasks": api.list_tasks(project["id"]), "model_dir": instances[0].model_dir,
-               "settings": _settings(instances[0])}  # fmt: skip
-        proxy.stop()
-        for backend in instances:
-            backend.stop()
+        try:
+            api = label_studio.api()
+            project = api.create_project(f"maskclip replicas ({request.param})", CONFIG)
+            api.import_files(project["id"], [COCO128_PHOTOS / n for n in NAMES])
+            ml = api.connect_ml_backend(project["id"], proxy.url, title="maskclip x2")
+            yield {"instances": instances, "proxy": proxy, "project": project, "ml": ml, "store": store,
+                   "tasks": api.list_tasks(project["id"]), "model_dir": instances[0].model_dir,
+                   "settings": _settings(instances[0])}  # fmt: skip
+        finally:
+            proxy.stop()
+            for backend in instances:
+                backend.stop()
 
 
 def _region(task: dict, label: str, seed: int) -> dict:
@@ -276,14 +278,19 @@ def pair(request, tmp_path, weights):
     """Two fresh instances over one MODEL_DIR and one store behind a round-robin proxy; Label Studio's file
     host only. Yields (instances, proxy, the store's location)."""
     host = photo_host(tmp_path / "files", NAMES[:1])
-    with _shared_store(request, tmp_path / "work") as (store, env):
-        instances = start_backends(tmp_path / "work", 2, TINY_VIT, str(weights), host.url, workers=2, extra_env=env)
-        proxy = RoundRobin([b.url for b in instances])
-        yield instances, proxy, store
-        proxy.stop()
-        for backend in instances:
-            backend.stop()
-    host.stop()
+    try:
+        with _shared_store(request, tmp_path / "work") as (store, env):
+            instances = start_backends(tmp_path / "work", 2, TINY_VIT, str(weights), host.url, workers=2,
+                                       extra_env=env)  # fmt: skip
+            proxy = RoundRobin([b.url for b in instances])
+            try:
+                yield instances, proxy, store
+            finally:
+                proxy.stop()
+                for backend in instances:
+                    backend.stop()
+    finally:
+        host.stop()
 
 
 def test_an_instance_killed_mid_write_loses_no_acknowledged_webhook_and_the_other_keeps_serving(pair):

@@ -713,6 +713,136 @@ def test_counts_and_labels_of_one_project_leave_the_other_projects_out(store: St
     assert store.labels() == ["bird", "cat", "dog"]
 
 
+def test_a_run_recorded_without_a_model_version_has_none(store: Store) -> None:
+    store.mark_trained(project=3)
+    (run,) = store.training_runs(project=3)
+    assert (run["model_version"], run["metrics"]) == ("", {})
+
+
+def test_check_finds_an_index_that_disagrees_with_its_table_which_the_quick_check_does_not(tmp_path: Path) -> None:
+    """`check` runs SQLite's full integrity check (indexes against their tables); opening runs only the quick
+    one, so an index whose entries no longer match its rows is found by `check` alone."""
+    store = Store(tmp_path)
+    store.put_annotation(write(1, 5, {"cat": disc(20, 30, 10, 10, 4)}))  # task 5 of project 1
+    store.close()
+    with sqlite3.connect(store.path) as conn:  # the index's entries hold task_id; its definition now says project
+        conn.execute("PRAGMA writable_schema = ON")
+        conn.execute(
+            "UPDATE sqlite_master SET sql = 'CREATE INDEX annotations_task ON annotations(project)' "
+            "WHERE name = 'annotations_task'"
+        )
+    reopened = Store(tmp_path)
+    assert reopened.damage == []  # the quick check at open does not compare indexes with tables
+    assert reopened.check() == ["integrity_check: row 1 missing from index annotations_task"]
+
+
+def test_the_store_settings_given_reach_the_connection_and_bad_locations_are_named(tmp_path: Path) -> None:
+    extra = Store(tmp_path / "a", busy_timeout_s=2.5, synchronous="EXTRA")
+    conn = extra._conn()
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 2500
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 3  # EXTRA
+    with pytest.raises(StoreError, match=r"^cannot use the store mysql://host/db: "):
+        Store("mysql://host/db")
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(StoreError, match=r"^cannot create the store's directory .*file"):
+        Store(tmp_path / "file" / "model_dir")
+
+
+def test_results_name_their_annotation_and_samples_their_project(store: Store) -> None:
+    mask = {"cat": disc(20, 30, 10, 10, 4)}
+    task = TaskRecord(9, 7, None)  # a task whose image reference is unknown
+    first = AnnotationWrite(id=31, task=task, height=20, width=30, masks=mask, updated_at="2026-11-02T10:00:00Z")
+    assert store.put_annotation(first) == store_module.PutResult("stored", 31, 1)
+    assert store.put_annotation(first).annotation_id == 31  # duplicate
+    older = AnnotationWrite(id=31, task=task, height=20, width=30, masks={}, updated_at="2026-11-01T10:00:00Z")
+    assert store.put_annotation(older) == store_module.PutResult("stale", 31)
+    (sample,) = store.accepted_samples()
+    assert (sample.task_id, sample.project, sample.image) == (9, 7, "")
+    store.delete_annotations([31])
+    assert store.put_annotation(first) == store_module.PutResult("deleted", 31)
+
+
+def test_update_times_are_compared_as_instants_whatever_their_offset(store: Store) -> None:
+    mask, other = {"cat": disc(20, 30, 10, 10, 4)}, {"cat": disc(20, 30, 10, 10, 6)}
+    store.put_annotation(write(1, 1, mask, "2026-11-02T10:30:00Z"))
+    assert store.put_annotation(write(1, 1, other, "2026-11-02T12:00:00+02:00")).status == "stale"  # 10:00 UTC
+    assert store.put_annotation(write(1, 1, other, "2026-11-02T11:00:00")).status == "stored"  # no offset: UTC
+    store.put_annotation(write(2, 2, mask, updated_at=None))  # the stored version has no time
+    assert store.put_annotation(write(2, 2, other, "2026-11-02T10:00:00Z")).status == "stored"
+
+
+def test_a_change_of_a_flag_alone_is_a_new_version(store: Store) -> None:
+    mask = {"cat": disc(20, 30, 10, 10, 4)}
+    store.put_annotation(write(1, 1, mask))
+    assert store.put_annotation(write(1, 1, mask, ground_truth=True)).status == "stored"
+    assert store.annotation(1)["ground_truth"] == 1
+    store.put_annotation(write(2, 2, {}))
+    assert store.put_annotation(write(2, 2, {}, cancelled=True)).status == "stored"
+    assert store.annotation(2)["cancelled"] == 1
+
+
+def test_a_damaged_store_refuses_with_the_recovery_steps(sqlite_store: Store) -> None:
+    sqlite_store.damage = ["page 3: btree error"]
+    with pytest.raises(store_module.StoreDamaged, match="is damaged .* backfill --project ID"):
+        sqlite_store.labels()
+
+
+def test_a_new_store_is_created_quietly_and_an_upgrade_is_told(tmp_path: Path, caplog, monkeypatch) -> None:
+    """A new store gets every migration without a word at INFO (the CLI's output stays one line); an existing
+    store brought up to date says which migrations it got, and where."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="labelstudio_maskclip"):
+        Store(tmp_path)
+    assert [r for r in caplog.records if "migrations" in r.getMessage()] == []
+    extra = migrations.Migration(SCHEMA_VERSION + 1, "a test table", "CREATE TABLE IF NOT EXISTS extra (x {int})")
+    monkeypatch.setattr(migrations, "MIGRATIONS", (*migrations.MIGRATIONS, extra))
+    monkeypatch.setattr(migrations, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    with caplog.at_level(logging.INFO, logger="labelstudio_maskclip"):
+        upgraded = Store(tmp_path)
+    (record,) = [r for r in caplog.records if "migrations" in r.getMessage()]
+    assert record.levelno == logging.INFO
+    assert record.getMessage() == f"store {upgraded.location}: migrations [{SCHEMA_VERSION + 1}]"
+
+
+def test_a_store_file_that_cannot_be_opened_is_named_and_one_that_is_not_a_database_is_damaged(tmp_path: Path) -> None:
+    (tmp_path / "a" / store_module.DB_FILE_NAME).mkdir(parents=True)  # a folder where the file should be
+    with pytest.raises(StoreError, match=r"^cannot open the store .*annotations\.sqlite3: "):
+        Store(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / store_module.DB_FILE_NAME).write_bytes(b"this is not an SQLite database, not at all" * 100)
+    damaged = Store(tmp_path / "b")
+    assert damaged.damage and "file is not a database" in damaged.damage[0]
+    with pytest.raises(store_module.StoreDamaged, match="is damaged .*file is not a database"):
+        damaged.labels()
+
+
+def test_a_thread_that_first_connects_to_a_file_damaged_since_the_store_opened_is_told_how_to_recover(
+    tmp_path: Path,
+) -> None:
+    import threading
+
+    store = Store(tmp_path)
+    store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
+    store.close()
+    for suffix in ("-wal", "-shm"):
+        Path(f"{store.path}{suffix}").unlink(missing_ok=True)
+    store.path.write_bytes(b"this is not an SQLite database, not at all" * 100)
+    raised: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            store.labels()
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            raised.append(exc)
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    thread.join()
+    (error,) = raised
+    assert isinstance(error, store_module.StoreDamaged) and "backfill --project ID" in str(error)
+
+
 # --- the store's password never shows -------------------------------------------------------------------------
 
 PASSWORD = "Pa55@w0rdTail"  # an unencoded "@": libpq splits at the first one, urllib at the last
