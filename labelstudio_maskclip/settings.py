@@ -195,15 +195,29 @@ class Settings:
             raise SettingsError(
                 "MASKCLIP_SHORT_SIDE, MASKCLIP_MAX_INPUT_PIXELS, MASKCLIP_WINDOW and MASKCLIP_SIZE_MULTIPLE must be >= 0"
             )
-        scheme = self.store_url.split("://", 1)[0].lower() if "://" in self.store_url else ""
-        if scheme not in ("", "sqlite", "postgresql", "postgres"):
-            raise SettingsError(
-                f"MASKCLIP_STORE_URL has the scheme {scheme!r}: use a path, sqlite:///path or postgresql://..."
-            )
         for name in ("download_timeout", "temperature", "predict_time_budget"):
             if not (getattr(self, name) or 0) > 0:  # NaN too
                 raise SettingsError(f"{ENV[name]}={getattr(self, name)!r} must be positive")
-        return self
+        store_url = self._checked_store_url()
+        return self if store_url == self.store_url else dataclasses.replace(self, store_url=store_url)
+
+    def _checked_store_url(self) -> str:
+        """The store URL with its scheme in lower case (libpq reads ``POSTGRESQL://`` as a ``key=value``
+        string and quotes all of it in its error); :class:`SettingsError` if its form is wrong."""
+        scheme, sep, rest = self.store_url.partition("://")
+        if not sep:
+            return self.store_url
+        scheme = scheme.lower()
+        if scheme not in ("sqlite", "postgresql", "postgres"):
+            raise SettingsError(
+                f"MASKCLIP_STORE_URL has the scheme {scheme!r}: use a path, sqlite:///path or postgresql://..."
+            )
+        if scheme == "sqlite" and (not rest.startswith("/") or not rest[1:].strip()):
+            raise SettingsError(
+                f"MASKCLIP_STORE_URL={self.store_url!r}: an SQLite URL is sqlite:///relative/path or "
+                "sqlite:////absolute/path (three slashes, then the path), or give the path itself"
+            )
+        return f"{scheme}{sep}{rest}"
 
     def public(self) -> dict[str, Any]:
         """Every setting but the secrets, by field name: what may be written to disk, logged or served."""

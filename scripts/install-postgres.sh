@@ -8,8 +8,9 @@ find_bin() {
     dirname "$(command -v initdb)"
     return 0
   fi
-  ls -d /usr/lib/postgresql/*/bin 2>/dev/null | while read -r dir; do
-    [ -x "$dir/initdb" ] && echo "$dir"
+  local dir
+  for dir in /usr/lib/postgresql/*/bin; do  # none installed: the pattern stays as it is and fails the test
+    if [ -x "$dir/initdb" ]; then echo "$dir"; fi
   done | sort -V | tail -n 1
 }
 BIN="$(find_bin)"

@@ -143,3 +143,85 @@ def test_a_checkpoint_is_read_onto_the_device_asked_for(tmp_path):
     assert ck.read_checkpoint(ck.checkpoint_path(tmp_path, version))["state_dict"]["w"].device.type == "cpu"
     on_meta = ck.read_checkpoint(ck.checkpoint_path(tmp_path, version), map_location="meta")
     assert on_meta["state_dict"]["w"].device.type == "meta" and on_meta["embeddings"].device.type == "meta"
+
+
+# --- a PostgreSQL store that cannot be reached -----------------------------------------------------------------
+
+
+class _CountingServer:
+    """A loopback TCP port that accepts connections, counts them and closes them at once (no PostgreSQL
+    there: every connection attempt fails, and each one is counted)."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+    def url(self) -> str:
+        return f"postgresql://maskclip@127.0.0.1:{self.port}/nowhere?sslmode=disable"
+
+
+def _closed_port_url() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"postgresql://maskclip@127.0.0.1:{port}/nowhere?sslmode=disable"
+
+
+def test_promotion_and_rollback_move_no_pointer_when_the_store_cannot_be_written(tmp_path):
+    from labelstudio_maskclip.errors import Unavailable
+    from labelstudio_maskclip.settings import Settings
+
+    assert ck.promote(tmp_path, _payload()) == "maskclip+-1"  # served from the file
+    down = Settings(model_dir=str(tmp_path), store_url=_closed_port_url())
+    with pytest.raises(Unavailable, match="cannot open the store"):
+        ck.promote(down, _payload())
+    assert (ck.models_dir(tmp_path) / "current").read_text() == "maskclip+-1\n"
+    assert sorted(p.name for p in ck.models_dir(tmp_path).glob("maskclip+-*")) == ["maskclip+-1.json", "maskclip+-1.pt"]
+    for target in ("maskclip", "maskclip+-1"):
+        with pytest.raises(Unavailable, match="cannot open the store"):
+            ck.rollback(down, target)
+        assert (ck.models_dir(tmp_path) / "current").read_text() == "maskclip+-1\n"
+    assert ck.promote(tmp_path, _payload()) == "maskclip+-2"  # the failed one took no number
+
+
+def test_the_served_version_falls_back_to_the_file_for_a_while_when_the_store_cannot_be_reached(
+    tmp_path, monkeypatch, caplog
+):
+    import logging
+
+    from labelstudio_maskclip.settings import Settings
+
+    monkeypatch.setattr(ck, "_store_down_until", {})
+    server = _CountingServer()
+    ck.promote(tmp_path, _payload())
+    down = Settings(model_dir=str(tmp_path), store_url=server.url())
+    with caplog.at_level(logging.WARNING, logger=ck.__name__):
+        assert ck.current_version(down) == "maskclip+-1"
+        tried = server.accepted
+        assert tried >= 1
+        for _ in range(5):  # within the back-off: the file, no connection attempt, no new warning
+            assert ck.current_version(down) == "maskclip+-1"
+        assert server.accepted == tried
+        assert len([r for r in caplog.records if "served version is read from" in r.getMessage()]) == 1
+        ck._store_down_until[down.store_url] = 0.0  # the back-off is over: the store is tried again
+        assert ck.current_version(down) == "maskclip+-1"
+        assert server.accepted > tried
+    server.sock.close()

@@ -84,3 +84,39 @@ def test_documented_same_machine_settings_are_the_tested_ones():
     ).stdout  # fmt: skip
     exported = dict(shlex.split(line)[1].split("=", 1) for line in printed.splitlines())
     assert exported == dict(same_machine)
+
+
+def test_replicas_compose_runs_two_instances_over_one_store_and_one_model_volume_behind_one_address():
+    """docker/docker-compose.replicas.yml (docs/replicas.md): two identical instances with the single-instance
+    settings plus a PostgreSQL store, one model volume, no port of their own; nginx in front at the one address
+    Label Studio may call, passing to both; Label Studio and the network as in docker-compose.yml."""
+    from labelstudio_maskclip.commands.network import COMPOSE_BACKEND_ADDRESS
+
+    replicas = yaml.safe_load((ROOT / "docker" / "docker-compose.replicas.yml").read_text())
+    single = yaml.safe_load((ROOT / "docker" / "docker-compose.yml").read_text())
+    services = replicas["services"]
+    first, second = services["maskclip-1"], services["maskclip-2"]
+    assert first == second and "ports" not in first
+    env = dict(entry.split("=", 1) for entry in first["environment"])
+    assert set(env) <= set(ENV.values()), set(env) - set(ENV.values())
+    single_env = dict(entry.split("=", 1) for entry in single["services"]["maskclip"]["environment"])
+    assert {k: v for k, v in env.items() if k != "MASKCLIP_STORE_URL"} == single_env
+    postgres = dict(entry.split("=", 1) for entry in services["postgres"]["environment"])
+    user, db = postgres["POSTGRES_USER"], postgres["POSTGRES_DB"]
+    assert env["MASKCLIP_STORE_URL"] == f"postgresql://{user}:{postgres['POSTGRES_PASSWORD']}@postgres:5432/{db}"
+    assert first["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert {"model-dir:/data/model_dir", "weights:/data/weights"} <= set(first["volumes"])
+    assert services["label-studio"] == single["services"]["label-studio"]
+    assert replicas["networks"] == single["networks"]
+
+    balancer = services["maskclip"]
+    assert balancer["image"].startswith("nginx:") and balancer["ports"] == ["9090:9090"]
+    assert balancer["networks"]["maskclip-net"]["ipv4_address"] == COMPOSE_BACKEND_ADDRESS
+    mount, target = balancer["volumes"][0].split(":")[:2]
+    assert target == "/etc/nginx/conf.d/default.conf"
+    conf = (ROOT / "docker" / mount).read_text()
+    assert re.findall(r"^\s*server (\S+):9090\b", conf, re.M) == ["maskclip-1", "maskclip-2"]
+    assert re.search(r"^\s*listen 9090;", conf, re.M) and "proxy_pass http://maskclip_instances;" in conf
+    assert int(re.search(r"proxy_read_timeout (\d+)s;", conf).group(1)) > 100  # Label Studio waits 100 s
+    assert "non_idempotent" not in conf  # a request an instance got is never sent to the other
+    assert "Connect Model -> http://maskclip:9090" in (ROOT / "docker" / "docker-compose.replicas.yml").read_text()

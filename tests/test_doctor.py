@@ -77,6 +77,24 @@ def test_damaged_store_is_reported(tmp_path):
     store.close()
     found = check_model_dir(Settings(model_dir=str(tmp_path)))
     assert found[0].status == "warn" and "damaged" in found[0].message and "backfill" in found[0].fix
+    assert "annotations.sqlite3 and its -wal/-shm files aside" in found[0].fix
+
+
+def test_a_damaged_postgresql_store_gets_advice_for_a_database_not_a_file(tmp_path, postgres_url):
+    import psycopg
+
+    from labelstudio_maskclip.learning.store import Store
+
+    Store(postgres_url).close()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("SET session_replication_role = replica")  # no foreign keys: what a bad restore can leave
+        conn.execute("INSERT INTO masks (annotation_id, label, source, height, width, area, counts) "
+                     "VALUES (99, 'x', 'brush', 1, 1, 1, '')")  # fmt: skip
+    found = check_model_dir(Settings(model_dir=str(tmp_path / "md"), store_url=postgres_url))
+    assert found[0].status == "warn" and "damaged" in found[0].message and "backfill" in found[0].fix
+    assert "sqlite" not in found[0].fix and "PostgreSQL database" in found[0].fix
+    sqlite_found = check_model_dir(Settings(model_dir=str(tmp_path / "md")))
+    assert sqlite_found[0].status == "ok"
 
 
 def test_label_studio_missing_or_unreachable_blocks():

@@ -47,7 +47,10 @@ def _holder(settings: Settings, name: str, tmp_path: Path) -> subprocess.Popen:
     script = tmp_path / f"hold_{name}.py"
     script.write_text(HOLDER.format(repo=str(REPO), model_dir=model_dir, store_url=settings.store_url, name=name))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(120, proc.kill)  # a holder that never says "held" fails the test, not hangs it
+    watchdog.start()
     line = proc.stdout.readline().strip()
+    watchdog.cancel()
     assert line == "held", (line, proc.stderr.read() if proc.poll() is not None else "")
     return proc
 
@@ -167,3 +170,55 @@ def test_a_hand_over_with_nobody_queued_releases_when_the_child_is_gone(postgres
     file_held = run_lock(Settings(model_dir=str(tmp_path)), "train").acquire()
     assert file_held is not None and file_held.fd is not None and file_held.hand_over(alive=lambda: True)
     assert _granted_within(run_lock(Settings(model_dir=str(tmp_path)), "train"), 1)  # a file lock goes at once
+
+
+def _end_lock_sessions(postgres, url: str, name: str) -> None:
+    """The server ends the sessions that hold run locks ``name`` (a restart, an operator's
+    ``pg_terminate_backend``)."""
+    postgres.sql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        f"WHERE application_name = 'labelstudio-maskclip {name}' AND pid <> pg_backend_pid()"
+    )
+
+
+def test_a_lock_knows_when_it_is_no_longer_held(postgres_url: str, postgres, tmp_path: Path) -> None:
+    settings = Settings(model_dir=str(tmp_path), store_url=postgres_url)
+    held = run_lock(settings, "train").acquire()
+    assert held is not None and held.still_held()
+    _end_lock_sessions(postgres, postgres_url, "train")
+    assert not held.still_held()
+    other = run_lock(settings, "train").acquire()  # another run may take it now
+    assert other is not None and other.still_held() and not held.still_held()
+    other.release()
+    assert not other.still_held()
+    file_held = run_lock(Settings(model_dir=str(tmp_path)), "train").acquire()
+    assert file_held is not None and file_held.still_held()
+    file_held.release()
+    assert not file_held.still_held()
+
+
+def test_a_run_whose_training_lock_was_lost_does_not_promote(
+    postgres_url: str, postgres, tmp_path: Path, caplog
+) -> None:
+    from labelstudio_maskclip.learning.store import Store
+    from labelstudio_maskclip.training import checkpoints as ck
+    from labelstudio_maskclip.training import train as tr
+    from tests.test_training import CLASSES, NoisyOracle, _fill, _settings
+
+    s = _settings(tmp_path)
+    store = Store(tmp_path)
+    images = _fill(store, range(2), annotated={0})
+    settings = Settings(model_dir=str(tmp_path), store_url=postgres_url)
+
+    def run(lock):
+        return tr.train(s, store, load_image=lambda ref, tid: images[ref], teacher=NoisyOracle(), classes=CLASSES,
+                        progress=False, lock=lock)  # fmt: skip
+
+    held = run_lock(settings, "train").acquire()
+    assert run(held).promoted and ck.current_version(tmp_path) == "maskclip+-1"  # held: promoted
+    _end_lock_sessions(postgres, postgres_url, "train")
+    result = run(held)
+    assert not result.promoted and result.version is None and "training lock is no longer held" in result.decision
+    assert ck.current_version(tmp_path) == "maskclip+-1" and len(ck.history(tmp_path)) == 1
+    assert "training lock is no longer held" in caplog.text
+    held.release()

@@ -87,19 +87,21 @@ def test_a_version_is_loaded_from_its_own_checkpoint_when_the_pointer_moved_on(t
     assert rt.model_for(BRUSH_CLASSES, load=False)[1].version == second  # the next request follows the pointer
 
 
-def test_instances_sharing_a_model_dir_follow_each_others_promotions_and_rollbacks(tmp_path, weights):
-    """Two runtimes (two instances, or two workers) over one MODEL_DIR: what one promotes or rolls back, the
-    other serves on its next call, without a restart; a student it had loaded is dropped."""
-    here, there = Runtime(_settings(tmp_path, weights)), Runtime(_settings(tmp_path, weights))
+def test_instances_sharing_a_model_dir_follow_each_others_promotions_and_rollbacks(tmp_path, weights, store_url):
+    """Two runtimes (two instances, or two workers) over one MODEL_DIR and one store (SQLite, or PostgreSQL
+    with its served-version pointer): what one promotes or rolls back, the other serves on its next call,
+    without a restart; a student it had loaded is dropped."""
+    s = _settings(tmp_path, weights).replace(store_url=store_url)
+    here, there = Runtime(s), Runtime(s)
     teacher = here.teacher_version()
     assert here.model_for(BRUSH_CLASSES, load=False)[0] == there.model_for(BRUSH_CLASSES, load=False)[0] == teacher
     emb = _embeddings(3)
-    first = _promote(tmp_path, constant_student(emb, 1), BRUSH_CLASSES)
+    first = _promote(s, constant_student(emb, 1), BRUSH_CLASSES)
     served = [rt.model_for(BRUSH_CLASSES, load=False) for rt in (here, there)]
     assert [(v, m.version) for v, m in served] == [(first, first)] * 2
-    second = _promote(tmp_path, constant_student(emb, 2), BRUSH_CLASSES)
+    second = _promote(s, constant_student(emb, 2), BRUSH_CLASSES)
     assert [rt.model_for(BRUSH_CLASSES, load=False)[1].version for rt in (here, there)] == [second] * 2
-    ck.rollback(tmp_path, first)
+    ck.rollback(s, first)
     assert [rt.model_for(BRUSH_CLASSES, load=False)[1].version for rt in (here, there)] == [first] * 2
-    ck.rollback(tmp_path, "maskclip")
+    ck.rollback(s, "maskclip")
     assert [rt.model_for(BRUSH_CLASSES, load=False) for rt in (here, there)] == [(teacher, None)] * 2

@@ -229,7 +229,10 @@ def test_predict_before_the_labels_are_ready_answers_within_its_budget_with_a_cl
     assert time.monotonic() - started < 30  # generous: the budget is 0.5 s, the text tower is blocked
     assert body["results"] == [[], [], []]
     assert [e["task"] for e in body["errors"]] == [0, 1, 2]
-    assert all("still preparing the labels" in e["error"] for e in body["errors"])
+    assert [e["error"] for e in body["errors"]] == [
+        "still preparing the labels: the text embeddings of these 3 labels are being computed in the background "
+        "(once per label set, kept under MODEL_DIR); Label Studio will ask again"
+    ] * 3
     blocked.release.set()
     rt.embeddings.prepare(LABELS).result(30)
     body = MaskCLIPBackend(settings, "1", BRUSH).predict(tasks)
@@ -703,3 +706,13 @@ def test_predict_while_the_model_loads_says_so_even_when_the_labels_text_is_stor
     body = MaskCLIPBackend(settings, "1", BRUSH).predict(tasks)
     assert body["results"] == [[], []]
     assert [e["error"] for e in body["errors"]] == ["the model is still loading; Label Studio will ask again"] * 2
+
+
+def test_batch_keys_are_the_sizes_the_model_resizes_to(weights, tmp_path):
+    """Images are batched by the size the model will resize them to, with the options' rounding of the long
+    side and bound on pixels (a wide strip is scaled down as a whole)."""
+    teacher = runtime(_settings(weights, tmp_path)).teacher_within()
+    opts = SegmentOptions(short_side=64, size_multiple=48, max_input_pixels=2 * 64 * 64)
+    key = backend_module._size_key(teacher, opts)
+    for height, width in [(480, 640), (100, 3000), (64, 64)]:
+        assert key(height, width) == teacher.input_size(height, width, 64, 48, 2 * 64 * 64), (height, width)

@@ -78,3 +78,15 @@ def test_the_store_url_is_a_path_an_sqlite_url_or_a_postgresql_url(url):
 def test_a_store_url_of_another_database_is_refused_with_its_variable():
     with pytest.raises(SettingsError, match="MASKCLIP_STORE_URL.*'mysql'"):
         Settings.from_env({"MASKCLIP_STORE_URL": "mysql://db/maskclip"})
+
+
+def test_the_store_url_scheme_is_written_in_lower_case():
+    """libpq reads ``POSTGRESQL://`` as a key=value string and quotes all of it, password included, in its error."""
+    assert Settings.from_env({"MASKCLIP_STORE_URL": "POSTGRESQL://u:pw@db/x"}).store_url == "postgresql://u:pw@db/x"
+    assert Settings.from_env({"MASKCLIP_STORE_URL": "SQLite:///a/b.db"}).store_url == "sqlite:///a/b.db"
+
+
+@pytest.mark.parametrize("url", ["sqlite://store.db", "sqlite://", "sqlite:///", "SQLITE://relative/x.sqlite3"])
+def test_an_sqlite_url_without_its_third_slash_is_refused_at_startup(url):
+    with pytest.raises(SettingsError, match="MASKCLIP_STORE_URL.*three slashes"):
+        Settings.from_env({"MASKCLIP_STORE_URL": url})

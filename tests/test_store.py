@@ -572,17 +572,38 @@ def test_a_server_that_cannot_be_reached_is_a_store_error_without_the_password(p
     assert caught.value.http_status == 503
 
 
-def test_a_dropped_connection_fails_one_call_with_a_store_error_and_the_next_reconnects(postgres_url, postgres) -> None:
-    store = Store(postgres_url)
-    store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
-    name = postgres_url.split("/")[3].split("?")[0]
-    postgres.sql(  # the server ends every session of the store's database (a restart, a failover)
+def _terminate_sessions(postgres, url: str) -> None:
+    """The server ends every session of ``url``'s database (as a restart or a failover does)."""
+    name = url.split("/")[3].split("?")[0]
+    postgres.sql(
         f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"
     )
-    with pytest.raises(StoreError, match="cannot be used now"):
-        store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)}))
+
+
+def test_a_write_on_a_connection_the_server_dropped_reconnects_and_is_stored(postgres_url, postgres) -> None:
+    store = Store(postgres_url)
+    store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
+    _terminate_sessions(postgres, postgres_url)
+    # the webhook's write is not lost (Label Studio never sends it again): the dropped connection is replaced
     assert store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)})).status == "stored"
     assert [s.annotation_id for s in store.accepted_samples()] == [1, 2]
+    _terminate_sessions(postgres, postgres_url)
+    assert [s.annotation_id for s in store.accepted_samples()] == [1, 2]  # reads too
+
+
+def test_a_store_that_cannot_be_reached_after_a_dropped_connection_fails_with_a_store_error(
+    postgres_url, postgres
+) -> None:
+    store = Store(postgres_url)
+    store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
+    _terminate_sessions(postgres, postgres_url)
+    postgres.sql(f"ALTER DATABASE {postgres_url.split('/')[3].split('?')[0]} ALLOW_CONNECTIONS false")
+    try:
+        with pytest.raises(StoreError, match="cannot open the store"):
+            store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)}))
+    finally:
+        postgres.sql(f"ALTER DATABASE {postgres_url.split('/')[3].split('?')[0]} ALLOW_CONNECTIONS true")
+    assert store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)})).status == "stored"
 
 
 # --- what mutation testing found unchecked (docs/mutation.md) ------------------------------------------------
@@ -690,3 +711,198 @@ def test_counts_and_labels_of_one_project_leave_the_other_projects_out(store: St
     assert store.count_since_last_training(project=2) == 2
     assert store.labels(project=1) == ["cat"] and store.labels(project=2) == ["bird", "dog"]
     assert store.labels() == ["bird", "cat", "dog"]
+
+
+def test_a_run_recorded_without_a_model_version_has_none(store: Store) -> None:
+    store.mark_trained(project=3)
+    (run,) = store.training_runs(project=3)
+    assert (run["model_version"], run["metrics"]) == ("", {})
+
+
+def test_check_finds_an_index_that_disagrees_with_its_table_which_the_quick_check_does_not(tmp_path: Path) -> None:
+    """`check` runs SQLite's full integrity check (indexes against their tables); opening runs only the quick
+    one, so an index whose entries no longer match its rows is found by `check` alone."""
+    store = Store(tmp_path)
+    store.put_annotation(write(1, 5, {"cat": disc(20, 30, 10, 10, 4)}))  # task 5 of project 1
+    store.close()
+    with sqlite3.connect(store.path) as conn:  # the index's entries hold task_id; its definition now says project
+        conn.execute("PRAGMA writable_schema = ON")
+        conn.execute(
+            "UPDATE sqlite_master SET sql = 'CREATE INDEX annotations_task ON annotations(project)' "
+            "WHERE name = 'annotations_task'"
+        )
+    reopened = Store(tmp_path)
+    assert reopened.damage == []  # the quick check at open does not compare indexes with tables
+    assert reopened.check() == ["integrity_check: row 1 missing from index annotations_task"]
+
+
+def test_the_store_settings_given_reach_the_connection_and_bad_locations_are_named(tmp_path: Path) -> None:
+    extra = Store(tmp_path / "a", busy_timeout_s=2.5, synchronous="EXTRA")
+    conn = extra._conn()
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 2500
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 3  # EXTRA
+    with pytest.raises(StoreError, match=r"^cannot use the store mysql://host/db: "):
+        Store("mysql://host/db")
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(StoreError, match=r"^cannot create the store's directory .*file"):
+        Store(tmp_path / "file" / "model_dir")
+
+
+def test_results_name_their_annotation_and_samples_their_project(store: Store) -> None:
+    mask = {"cat": disc(20, 30, 10, 10, 4)}
+    task = TaskRecord(9, 7, None)  # a task whose image reference is unknown
+    first = AnnotationWrite(id=31, task=task, height=20, width=30, masks=mask, updated_at="2026-11-02T10:00:00Z")
+    assert store.put_annotation(first) == store_module.PutResult("stored", 31, 1)
+    assert store.put_annotation(first).annotation_id == 31  # duplicate
+    older = AnnotationWrite(id=31, task=task, height=20, width=30, masks={}, updated_at="2026-11-01T10:00:00Z")
+    assert store.put_annotation(older) == store_module.PutResult("stale", 31)
+    (sample,) = store.accepted_samples()
+    assert (sample.task_id, sample.project, sample.image) == (9, 7, "")
+    store.delete_annotations([31])
+    assert store.put_annotation(first) == store_module.PutResult("deleted", 31)
+
+
+def test_update_times_are_compared_as_instants_whatever_their_offset(store: Store) -> None:
+    mask, other = {"cat": disc(20, 30, 10, 10, 4)}, {"cat": disc(20, 30, 10, 10, 6)}
+    store.put_annotation(write(1, 1, mask, "2026-11-02T10:30:00Z"))
+    assert store.put_annotation(write(1, 1, other, "2026-11-02T12:00:00+02:00")).status == "stale"  # 10:00 UTC
+    assert store.put_annotation(write(1, 1, other, "2026-11-02T11:00:00")).status == "stored"  # no offset: UTC
+    store.put_annotation(write(2, 2, mask, updated_at=None))  # the stored version has no time
+    assert store.put_annotation(write(2, 2, other, "2026-11-02T10:00:00Z")).status == "stored"
+
+
+def test_a_change_of_a_flag_alone_is_a_new_version(store: Store) -> None:
+    mask = {"cat": disc(20, 30, 10, 10, 4)}
+    store.put_annotation(write(1, 1, mask))
+    assert store.put_annotation(write(1, 1, mask, ground_truth=True)).status == "stored"
+    assert store.annotation(1)["ground_truth"] == 1
+    store.put_annotation(write(2, 2, {}))
+    assert store.put_annotation(write(2, 2, {}, cancelled=True)).status == "stored"
+    assert store.annotation(2)["cancelled"] == 1
+
+
+def test_a_damaged_store_refuses_with_the_recovery_steps(sqlite_store: Store) -> None:
+    sqlite_store.damage = ["page 3: btree error"]
+    with pytest.raises(store_module.StoreDamaged, match="is damaged .* backfill --project ID"):
+        sqlite_store.labels()
+
+
+def test_a_new_store_is_created_quietly_and_an_upgrade_is_told(tmp_path: Path, caplog, monkeypatch) -> None:
+    """A new store gets every migration without a word at INFO (the CLI's output stays one line); an existing
+    store brought up to date says which migrations it got, and where."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="labelstudio_maskclip"):
+        Store(tmp_path)
+    assert [r for r in caplog.records if "migrations" in r.getMessage()] == []
+    extra = migrations.Migration(SCHEMA_VERSION + 1, "a test table", "CREATE TABLE IF NOT EXISTS extra (x {int})")
+    monkeypatch.setattr(migrations, "MIGRATIONS", (*migrations.MIGRATIONS, extra))
+    monkeypatch.setattr(migrations, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    with caplog.at_level(logging.INFO, logger="labelstudio_maskclip"):
+        upgraded = Store(tmp_path)
+    (record,) = [r for r in caplog.records if "migrations" in r.getMessage()]
+    assert record.levelno == logging.INFO
+    assert record.getMessage() == f"store {upgraded.location}: migrations [{SCHEMA_VERSION + 1}]"
+
+
+def test_a_store_file_that_cannot_be_opened_is_named_and_one_that_is_not_a_database_is_damaged(tmp_path: Path) -> None:
+    (tmp_path / "a" / store_module.DB_FILE_NAME).mkdir(parents=True)  # a folder where the file should be
+    with pytest.raises(StoreError, match=r"^cannot open the store .*annotations\.sqlite3: "):
+        Store(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / store_module.DB_FILE_NAME).write_bytes(b"this is not an SQLite database, not at all" * 100)
+    damaged = Store(tmp_path / "b")
+    assert damaged.damage and "file is not a database" in damaged.damage[0]
+    with pytest.raises(store_module.StoreDamaged, match="is damaged .*file is not a database"):
+        damaged.labels()
+
+
+def test_a_thread_that_first_connects_to_a_file_damaged_since_the_store_opened_is_told_how_to_recover(
+    tmp_path: Path,
+) -> None:
+    import threading
+
+    store = Store(tmp_path)
+    store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
+    store.close()
+    for suffix in ("-wal", "-shm"):
+        Path(f"{store.path}{suffix}").unlink(missing_ok=True)
+    store.path.write_bytes(b"this is not an SQLite database, not at all" * 100)
+    raised: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            store.labels()
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            raised.append(exc)
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    thread.join()
+    (error,) = raised
+    assert isinstance(error, store_module.StoreDamaged) and "backfill --project ID" in str(error)
+
+
+# --- the store's password never shows -------------------------------------------------------------------------
+
+PASSWORD = "Pa55@w0rdTail"  # an unencoded "@": libpq splits at the first one, urllib at the last
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        "POSTGRESQL://maskclip:Pa55w0rdTail@127.0.0.1:{port}/db",  # libpq would quote the whole string
+        "postgresql://maskclip@127.0.0.1:{port}/db?password=Pa55w0rdTail",
+        "postgresql://maskclip@127.0.0.1:{port}/db?sslmode=disable&PASSWORD=Pa55w0rdTail&connect_timeout=3",
+        "postgresql://maskclip:Pa55@w0rdTail@127.0.0.1:{port}/db",
+        "postgresql://maskclip:Pa55w0rdTail@127.0.0.1:{port}/db?no_such_option=1",  # libpq cannot parse it
+        "postgresql://maskclip:Pa55w0rdTail@[127.0.0.1:{port}/db",
+    ],
+)
+def test_the_store_password_never_shows_in_errors_logs_or_doctor(form: str, tmp_path: Path, caplog) -> None:
+    import logging
+
+    from labelstudio_maskclip.commands.doctor import check_model_dir
+    from labelstudio_maskclip.learning.locks import AdvisoryLock
+    from labelstudio_maskclip.settings import Settings
+
+    url = form.format(port=_closed_port())
+    shown: list[str] = []
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(StoreError) as opened:
+            Store(url)
+        shown.append(str(opened.value))
+        with pytest.raises(StoreError) as locked:  # the store's error, whatever psycopg raised
+            AdvisoryLock(url, "train").acquire()
+        shown.append(str(locked.value))
+        for finding in check_model_dir(Settings(model_dir=str(tmp_path / "md"), store_url=url)):
+            shown += [finding.message, finding.fix]
+    shown.append(caplog.text)
+    text = "\n".join(shown)
+    assert "127.0.0.1" in text or "cannot be parsed" in text  # the errors say something of where
+    for piece in ("Pa55", "w0rdTail"):
+        assert piece not in text, text
+
+
+def test_every_postgresql_connection_has_a_connect_timeout_and_keepalives(postgres_url) -> None:
+    from labelstudio_maskclip.learning.locks import AdvisoryLock
+
+    store = Store(postgres_url)
+    held = AdvisoryLock(postgres_url, "train").acquire()
+    assert held is not None
+    for conn in (store._conn().raw, held._handle):
+        given = conn.info.get_parameters()
+        assert given["connect_timeout"] == "10" and given["keepalives"] == "1", given
+        assert (given["keepalives_idle"], given["keepalives_interval"], given["keepalives_count"]) == ("30", "10", "3")
+    held.release()
+    own = Store(f"{postgres_url}&keepalives_idle=7&connect_timeout=4")  # what the URL sets is kept
+    given = own._conn().raw.info.get_parameters()
+    assert given["keepalives_idle"] == "7" and given["connect_timeout"] == "4"

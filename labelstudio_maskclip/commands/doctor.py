@@ -181,9 +181,12 @@ def check_model_dir(settings: Settings) -> list[Finding]:
                "MODEL_DIR must be on a local disk (SQLite in WAL mode); move it off network storage")  # fmt: skip
         return [Finding("model dir", "warn", f"{where} cannot be opened: {e}", fix)]
     if problems:
+        aside = ("restore the PostgreSQL database from its backup, or drop and recreate it (an empty store is made "
+                 "at the next start)" if store.path is None else
+                 f"stop the backend, move {store.path.name} and its -wal/-shm files aside")  # fmt: skip
         return [Finding("model dir", "warn", f"{where} is damaged: {'; '.join(problems[:5])}",
-                        "stop the backend, move annotations.sqlite3 aside and run `labelstudio-maskclip "
-                        "backfill --project ID` to rebuild it from Label Studio")]  # fmt: skip
+                        f"{aside} and run `labelstudio-maskclip backfill --project ID` to rebuild it from Label "
+                        "Studio")]  # fmt: skip
     served = current_version(settings) or "MaskCLIP (no student promoted)"
     stored = f"masks stored for labels {', '.join(labels)}" if labels else "no annotations stored yet"
     return [

@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote
+
+from ..errors import Unavailable
 
 __all__ = [
     "Backend",
@@ -41,6 +44,11 @@ __all__ = [
     "sqlite_path",
     "sqlite_corruption",
     "hide_password",
+    "hide_secrets",
+    "normalised_url",
+    "postgres_connect",
+    "ConnectFailed",
+    "CONNECTION_DEFAULTS",
     "DB_FILE_NAME",
     "WRITE_KEY",
     "MIGRATION_KEY",
@@ -49,6 +57,19 @@ __all__ = [
 DB_FILE_NAME = "annotations.sqlite3"
 _SQLITE_SUFFIXES = (".sqlite3", ".sqlite", ".db")
 _POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+#: seconds a new PostgreSQL connection may take (unless the URL sets ``connect_timeout``)
+CONNECT_TIMEOUT_S = 10
+#: libpq settings of every PostgreSQL connection unless the URL sets them: TCP keepalives, so that a server
+#: or network that went away is noticed within about a minute instead of the system's two hours
+CONNECTION_DEFAULTS: dict[str, int] = {
+    "connect_timeout": CONNECT_TIMEOUT_S,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
 
 
 def advisory_key(name: str) -> int:
@@ -68,14 +89,73 @@ def is_postgres(location: str | Path | None) -> bool:
     return isinstance(location, str) and location.split("://", 1)[0].lower() in _POSTGRES_SCHEMES and "://" in location
 
 
+def normalised_url(url: str) -> str:
+    """``url`` with its scheme in lower case (libpq reads ``POSTGRESQL://`` as a ``key=value`` string and
+    quotes all of it, password included, in its error)."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme.lower()}{sep}{rest}" if sep else url
+
+
+def _url_parts(url: str) -> tuple[str, str, str, str]:
+    """``url`` as (``scheme://``, user info, ``host:port``, the rest), by hand: a URL urllib refuses (an
+    unclosed ``[``) still has a password to hide. The user info ends at the authority's last ``@``."""
+    scheme, sep, rest = url.partition("://")
+    authority, tail = re.match(r"([^/?#]*)(.*)", rest, re.DOTALL).groups()  # type: ignore[union-attr]
+    userinfo, _, hostport = authority.rpartition("@")
+    return f"{scheme}{sep}", userinfo, hostport, tail
+
+
+_PASSWORD_PARAM = re.compile(r"([?&]password=)([^&#]*)", re.IGNORECASE)
+
+
 def hide_password(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (for messages and logs)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = netloc[0].split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+    """``url`` with its password (``user:password@`` and ``password=`` query parameters) replaced by ``***``
+    (for messages and logs)."""
+    scheme, userinfo, hostport, tail = _url_parts(url)
+    if ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    at = "@" if userinfo else ""
+    return f"{scheme}{userinfo}{at}{hostport}" + _PASSWORD_PARAM.sub(r"\1***", tail)
+
+
+def hide_secrets(text: str, url: str) -> str:
+    """``text`` (a message that may quote ``url``, e.g. libpq's) with every piece of ``url``'s password
+    replaced by ``***``: the password as written and decoded, and each part of one with an unencoded ``@``
+    (libpq splits it at the first ``@``, urllib at the last)."""
+    _, userinfo, _, tail = _url_parts(url)
+    secrets = [m.group(2) for m in _PASSWORD_PARAM.finditer(tail)]
+    if ":" in userinfo:
+        raw = userinfo.split(":", 1)[1]
+        secrets += [raw, unquote(raw), *raw.split("@")]
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+class ConnectFailed(Unavailable):
+    """A PostgreSQL connection could not be opened; the message never holds the password."""
+
+    subject = "annotation store unavailable"
+
+
+def postgres_connect(url: str, *, application_name: str, connect_timeout_s: int = CONNECT_TIMEOUT_S) -> Any:
+    """A psycopg connection to ``url`` in autocommit mode with :data:`CONNECTION_DEFAULTS` (a connect timeout,
+    TCP keepalives: a dead server or network is noticed) unless the URL sets them. Raises
+    :class:`ConnectFailed` (the password hidden from libpq's message)."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    url = normalised_url(url)
+    try:
+        given = set(conninfo_to_dict(url))
+    except psycopg.Error:  # libpq's parse error quotes the URL: never shown
+        raise ConnectFailed(f"the store URL cannot be parsed: {hide_password(url)}") from None
+    defaults = {**CONNECTION_DEFAULTS, "connect_timeout": connect_timeout_s}
+    options: dict[str, Any] = {k: v for k, v in defaults.items() if k not in given}
+    try:
+        return psycopg.connect(url, autocommit=True, application_name=application_name, **options)
+    except psycopg.Error as exc:
+        raise ConnectFailed(hide_secrets(str(exc), url)) from None
 
 
 class Connection:
@@ -223,21 +303,21 @@ class PostgresBackend(Backend):
 
     name = "postgresql"
 
-    def __init__(self, url: str, *, lock_timeout_s: float = 30.0, connect_timeout_s: int = 10) -> None:
+    def __init__(self, url: str, *, lock_timeout_s: float = 30.0, connect_timeout_s: int = CONNECT_TIMEOUT_S) -> None:
         import psycopg
 
-        self.url = url
+        self.url = normalised_url(url)
         self.lock_ms = int(lock_timeout_s * 1000)
         self.connect_timeout_s = connect_timeout_s
         self._psycopg = psycopg
-        self.errors = (psycopg.Error,)
+        self.errors = (psycopg.Error, ConnectFailed)
 
     def describe(self) -> str:
         return hide_password(self.url)
 
     def connect(self) -> Connection:
-        raw = self._psycopg.connect(
-            self.url, autocommit=True, connect_timeout=self.connect_timeout_s, application_name="labelstudio-maskclip"
+        raw = postgres_connect(
+            self.url, application_name="labelstudio-maskclip", connect_timeout_s=self.connect_timeout_s
         )
         raw.execute(f"SET lock_timeout = {self.lock_ms}")  # a writer waits this long for the write lock, as SQLite's
         return Connection(raw, pyformat=True)
@@ -265,7 +345,7 @@ class PostgresBackend(Backend):
         conn.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_KEY,))
 
     def unreachable(self, exc: BaseException) -> bool:
-        return isinstance(exc, self._psycopg.OperationalError)
+        return isinstance(exc, (self._psycopg.OperationalError, ConnectFailed))
 
     def table_exists(self, conn: Connection, table: str) -> bool:
         return conn.execute("SELECT to_regclass(?)", (table,)).fetchone()[0] is not None

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .backends import advisory_key, hide_password, is_postgres
+from .backends import ConnectFailed, advisory_key, hide_password, hide_secrets, is_postgres, postgres_connect
 from .store import StoreError
 
 if TYPE_CHECKING:
@@ -67,6 +67,19 @@ class HeldLock:
         finally:
             self.release()
         return handed
+
+    def still_held(self) -> bool:
+        """True while this process holds the lock. A file lock is held while open; an advisory lock ends with
+        its connection, which the server may end (a restart, ``pg_terminate_backend``): asked of the server."""
+        if self._handle is None:
+            return False
+        if self._key is None:
+            return True
+        try:
+            row = self._handle.execute(_HELD, _key_parts(self._key)).fetchone()
+        except Exception:  # noqa: BLE001 - the connection is gone (whatever psycopg says): so is the lock
+            return False
+        return bool(row is not None and row[0])
 
     def fileno(self) -> int:
         if self.fd is None:
@@ -120,8 +133,8 @@ class AdvisoryLock:
         import psycopg
 
         try:
-            conn = psycopg.connect(self.url, autocommit=True, application_name=f"labelstudio-maskclip {self.name}")
-        except psycopg.OperationalError as exc:
+            conn = postgres_connect(self.url, application_name=f"labelstudio-maskclip {self.name}")
+        except ConnectFailed as exc:
             raise StoreError(f"cannot take the {self.name} lock in {hide_password(self.url)}: {exc}") from None
         try:
             if wait:
@@ -130,6 +143,10 @@ class AdvisoryLock:
             row = conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
             if row is not None and row[0]:
                 return HeldLock(conn, fd=None, key=self.key)
+        except psycopg.Error as exc:
+            conn.close()
+            message = hide_secrets(str(exc), self.url)
+            raise StoreError(f"cannot take the {self.name} lock in {hide_password(self.url)}: {message}") from None
         except BaseException:
             conn.close()
             raise
@@ -142,6 +159,13 @@ _WAITING = (
     "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
     "WHERE l.locktype = 'advisory' AND NOT l.granted AND l.classid = %s AND l.objid = %s AND l.objsubid = 1 "
     "AND d.datname = current_database())"
+)
+
+
+#: does this session hold the advisory lock (classid, objid)?
+_HELD = (
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted "
+    "AND classid = %s AND objid = %s AND objsubid = 1)"
 )
 
 

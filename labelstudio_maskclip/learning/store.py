@@ -301,9 +301,9 @@ class Store:
         """``begin(conn)``, the block, then ``end`` (``ROLLBACK`` if the block raised); database failures
         mapped: corruption -> :class:`StoreDamaged`, an unreachable server -> :class:`StoreError`."""
         self.require_intact()
-        conn = self._conn()
+        conn: Connection | None = None
         try:
-            begin(conn)
+            conn = self._begun(begin)
             try:
                 yield conn
             except BaseException:
@@ -311,13 +311,34 @@ class Store:
                 raise
             conn.execute(end)
         except self.backend.errors as exc:
-            _quietly(conn, "ROLLBACK")
+            if conn is not None:
+                _quietly(conn, "ROLLBACK")
             if self.backend.is_corruption(exc):
                 raise self._damaged(exc) from None
             if self.backend.unreachable(exc):
                 self.close()
                 raise StoreError(f"the store {self.location} cannot be used now: {exc}") from None
             raise
+
+    def _begun(self, begin: Callable[[Connection], None]) -> Connection:
+        """This thread's connection with ``begin(conn)`` done. A connection kept from an earlier call that
+        the server dropped meanwhile (a restart, ``pg_terminate_backend``) fails as it begins, before anything
+        ran: it is replaced by a new one and the transaction begun again, once (a webhook is not lost)."""
+        local = self._local
+        reused = getattr(local, "pid", None) == os.getpid() and getattr(local, "conn", None) is not None
+        conn = self._conn()
+        try:
+            begin(conn)
+            return conn
+        except self.backend.errors as exc:
+            _quietly(conn, "ROLLBACK")  # BEGIN may have run (the write lock timed out): end it
+            if not (reused and self.backend.unreachable(exc) and not self.backend.usable(conn)):
+                raise
+            log.info("store %s: the server dropped this connection (%s); reconnecting", self.location, exc)
+            self.close()
+        conn = self._conn()
+        begin(conn)
+        return conn
 
     def _write(self) -> AbstractContextManager[Connection]:
         """One short write transaction; takes the store's write lock at once (writers queue, none deadlock)."""

@@ -29,6 +29,7 @@ import fcntl
 import json
 import logging
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -88,23 +89,42 @@ def _shared_store(where: Where) -> Store | None:
 def _point(where: Where, version: str | None) -> None:
     """Set the store's pointer (with a PostgreSQL store): ``version``, or None for the teacher."""
     store = _shared_store(where)
-    if store is not None:
+    if store is not None and isinstance(where, Settings):
         store.put_state(SERVED_KEY, version or _TEACHER)
+        _store_down_until.pop(where.store_url, None)  # reachable again: read it again at once
 
 
 def checkpoint_path(model_dir: Where, version: str) -> Path:
     return models_dir(model_dir) / f"{version}.pt"
 
 
+#: after the store could not be read, the served version is read from the file for this long (seconds) before
+#: the store is tried again: a request never waits for a connection timeout on each call while it is down
+STORE_BACKOFF_S = 30.0
+_store_down_until: dict[str, float] = {}  # store URL -> time.monotonic() until which it is not tried
+
+
+def _stored_version(where: Where) -> str | None:
+    """The store's pointer (None: no PostgreSQL store, no pointer stored, or the store is down: see
+    :data:`STORE_BACKOFF_S`; the warning is logged once per back-off)."""
+    if not isinstance(where, Settings) or not where.store_url:
+        return None
+    if time.monotonic() < _store_down_until.get(where.store_url, 0.0):
+        return None
+    try:
+        store = _shared_store(where)
+        return store.get_state(SERVED_KEY) if store is not None else None
+    except Unavailable as e:  # the store's StoreError: it cannot be reached now
+        _store_down_until[where.store_url] = time.monotonic() + STORE_BACKOFF_S
+        log.warning("the served version is read from %s for %.0f s: %s", models_dir(where) / _POINTER,
+                    STORE_BACKOFF_S, e)  # fmt: skip
+        return None
+
+
 def current_version(model_dir: Where) -> str | None:
     """The served student's version, or None (serve MaskCLIP). One small file read (one small query with a
     PostgreSQL store)."""
-    try:
-        store = _shared_store(model_dir)
-        value = store.get_state(SERVED_KEY) if store is not None else None
-    except Unavailable as e:  # the store's StoreError: it cannot be reached now
-        log.warning("the served version is read from %s: %s", models_dir(model_dir) / _POINTER, e)
-        value = None
+    value = _stored_version(model_dir)
     if value is not None:
         return None if value == _TEACHER else value
     try:
@@ -189,8 +209,13 @@ def promote(model_dir: Where, payload: dict[str, Any]) -> str:
         save_checkpoint(checkpoint_path(model_dir, version), full)
         meta = json.dumps(_metadata(full), indent=2, default=str).encode()
         write_atomic(models_dir(model_dir) / f"{version}.json", meta)
+        try:  # the store's pointer first (instances read it): if it cannot be written, nothing is promoted
+            _point(model_dir, version)
+        except BaseException:
+            for suffix in (".pt", ".json"):
+                (models_dir(model_dir) / f"{version}{suffix}").unlink(missing_ok=True)
+            raise
         write_atomic(models_dir(model_dir) / _POINTER, f"{version}\n".encode())
-        _point(model_dir, version)
     return version
 
 
@@ -214,16 +239,16 @@ def rollback(model_dir: Where, version: str) -> str:
     """Serve ``version`` again (any registered one, older or newer), or ``"maskclip"`` to serve the
     MaskCLIP teacher (removes the pointer). Returns it."""
     with _registry_lock(model_dir):
-        if version == "maskclip":
+        if version == "maskclip":  # the store's pointer first (instances read it), then the file
+            _point(model_dir, None)
             (models_dir(model_dir) / _POINTER).unlink(missing_ok=True)
             _fsync_dir(models_dir(model_dir))
-            _point(model_dir, None)
             return version
         path = checkpoint_path(model_dir, version)
         if not _VERSION_RE.match(version) or not path.is_file():
             known = ", ".join(f"{VERSION_PREFIX}{n}" for n in _versions(model_dir)) or "none"
             raise CheckpointError(f"no student version {version!r} in {models_dir(model_dir)} (known: {known})")
         read_checkpoint(path)  # refuse to point at a file that does not load
-        write_atomic(models_dir(model_dir) / _POINTER, f"{version}\n".encode())
         _point(model_dir, version)
+        write_atomic(models_dir(model_dir) / _POINTER, f"{version}\n".encode())
     return version

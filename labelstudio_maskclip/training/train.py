@@ -39,6 +39,7 @@ from ..embeddings import label_set
 from ..engine.loading import resolve_device
 from ..engine.names import parse_label_spec
 from ..fetching.images import ImageFetcher
+from ..learning.locks import HeldLock
 from ..learning.store import Store
 from ..models import segment_options, shared_maskclip, text_embedding_store
 from ..settings import Settings
@@ -104,6 +105,7 @@ def train(
     resume: str | None = None,
     checkpoint_every: int = 500,
     seed: int = 0,
+    lock: HeldLock | None = None,
 ) -> TrainResult:
     """Run one MaskCLIP+ training (see the module docstring) and return what happened.
 
@@ -111,8 +113,10 @@ def train(
     ``teacher``: default MaskCLIP (``shared_maskclip``) over ``classes`` + ``background``.
     ``classes``: label names or synonym tuples; default, every label found in the accepted masks, sorted.
     ``values``: each class's label value, as people's masks carry it (see :class:`TrainJob`).
-    ``resume``: a run id whose ``last.pt`` to continue from. Under torchrun every rank calls this; rank 0
-    fetches data, evaluates, writes and promotes (the other ranks return None).
+    ``resume``: a run id whose ``last.pt`` to continue from. ``lock``: the training lock this run holds; it
+    promotes only while the lock is still held (an advisory lock ends with its connection: another run may
+    have started since). Under torchrun every rank calls this; rank 0 fetches data, evaluates, writes and
+    promotes (the other ranks return None).
     """
     if values is not None and (not classes or len(values) != len(classes)):
         raise TrainError(f"{len(values)} label values for {len(classes or ())} classes: give one value per class")
@@ -134,7 +138,7 @@ def train(
     loop.run(
         shard, rng, progress=progress and dist.main, checkpoint_every=checkpoint_every, on_checkpoint=on_checkpoint
     )
-    result = _finish(run, loop) if dist.main else None
+    result = _finish(run, loop, lock) if dist.main else None
     dist.barrier()
     return result  # type: ignore[return-value]
 
@@ -233,12 +237,22 @@ def _checkpoint(run: Run, loop: Loop) -> None:
 # --- the end of a run --------------------------------------------------------------------------------------
 
 
-def _finish(run: Run, loop: Loop) -> TrainResult:
-    """Validate teacher, served student and candidate; decide; promote; write metrics and plot."""
+_LOCK_LOST = (
+    "not promoted: the training lock is no longer held (the store's server ended its session; another run may "
+    "hold it now)"
+)
+
+
+def _finish(run: Run, loop: Loop, lock: HeldLock | None = None) -> TrainResult:
+    """Validate teacher, served student and candidate; decide; promote (while ``lock`` is held); write metrics
+    and plot."""
     s = run.settings
     scores = validate(s, run.candidate(loop.net), run.teacher, run.data.val, run.device, run.eval_opts)
     loop.state.evals.append({"step": loop.state.step, "miou": scores.candidate})
     promoted, decision = decide(s.promote, scores.candidate, scores.teacher, scores.current, len(run.data.val))
+    if promoted and lock is not None and not lock.still_held():
+        promoted, decision = False, f"{decision}; {_LOCK_LOST}"
+        log.error("run %s: %s", run.run_id, _LOCK_LOST)
     metrics = _metrics(run, loop.state, scores, promoted, decision)
     log.info("run %s: %s", run.run_id, decision)
     version = _promote(run, loop.net, metrics) if promoted else None
@@ -351,7 +365,8 @@ def run_job(
     try:
         log.info("training starts (reason: %s, pid %d)", reason, os.getpid())
         result = train(s, Store.from_settings(s), classes=job.classes, values=job.values, background=job.background,
-                       project=job.project, progress=job.progress, resume=job.resume)  # fmt: skip
+                       project=job.project, progress=job.progress, resume=job.resume,
+                       lock=lock if isinstance(lock, HeldLock) else None)  # fmt: skip
     finally:
         if lock is not None:
             lock.close()
