@@ -906,3 +906,21 @@ def test_every_postgresql_connection_has_a_connect_timeout_and_keepalives(postgr
     own = Store(f"{postgres_url}&keepalives_idle=7&connect_timeout=4")  # what the URL sets is kept
     given = own._conn().raw.info.get_parameters()
     assert given["keepalives_idle"] == "7" and given["connect_timeout"] == "4"
+
+
+def test_a_write_that_waits_past_the_busy_timeout_is_a_store_error_and_nothing_is_lost(tmp_path: Path) -> None:
+    """Another process holding SQLite's write lock past the busy timeout: the write fails as unavailable (a
+    503 for the webhook, with the reason), not as an unexpected error (a 500); the store is intact and the
+    same write succeeds once the lock is gone."""
+    store = Store(tmp_path / "model_dir", busy_timeout_s=0.2)
+    store.put_annotation(write(1, 1, {"cat": disc(20, 20, 10, 10, 5)}))
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # holds the write lock
+    try:
+        with pytest.raises(StoreError, match="busy"):
+            store.put_annotation(write(2, 2, {"dog": disc(20, 20, 5, 5, 3)}))
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert store.put_annotation(write(2, 2, {"dog": disc(20, 20, 5, 5, 3)})).status == "stored"
+    assert store.check() == [] and store.current_seq() == 2

@@ -230,6 +230,10 @@ class Backend:
         """True when ``exc`` says the database cannot be reached now (a 503, try again later)."""
         return False
 
+    def busy(self, exc: BaseException) -> bool:
+        """True when ``exc`` says another writer held the database past the busy timeout (a 503, try again)."""
+        return False
+
     def integrity(self, conn: Connection, quick: bool = True) -> list[str]:
         """What the database finds wrong with its own pages ([] = intact)."""
         return []
@@ -287,6 +291,9 @@ class SQLiteBackend(Backend):
 
     def is_corruption(self, exc: BaseException) -> bool:
         return sqlite_corruption(exc)
+
+    def busy(self, exc: BaseException) -> bool:
+        return isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc))
 
     def integrity(self, conn: Connection, quick: bool = True) -> list[str]:
         statement = "PRAGMA quick_check(20)" if quick else "PRAGMA integrity_check"

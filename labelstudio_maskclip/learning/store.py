@@ -318,6 +318,8 @@ class Store:
             if self.backend.unreachable(exc):
                 self.close()
                 raise StoreError(f"the store {self.location} cannot be used now: {exc}") from None
+            if self.backend.busy(exc):  # another process kept the write lock past the busy timeout
+                raise StoreError(f"the store {self.location} is busy ({exc}): try again") from None
             raise
 
     def _begun(self, begin: Callable[[Connection], None]) -> Connection:
