@@ -769,6 +769,29 @@ def test_check_finds_an_index_that_disagrees_with_its_table_which_the_quick_chec
     assert reopened.check() == ["integrity_check: row 1 missing from index annotations_task"]
 
 
+def test_corruption_a_write_meets_where_the_quick_check_passes_is_recorded_and_refuses_the_rest(tmp_path: Path) -> None:
+    """An index whose entries disagree with its table passes the quick check; a write that changes the indexed
+    column meets the damage. What it met is the damage reported, and nothing more is read or written."""
+    store = Store(tmp_path)
+    store.put_annotation(write(1, 5, {"cat": disc(20, 30, 10, 10, 4)}))
+    store.close()
+    with sqlite3.connect(store.path) as conn:
+        conn.execute("PRAGMA writable_schema = ON")
+        conn.execute(
+            "UPDATE sqlite_master SET sql = 'CREATE INDEX annotations_task ON annotations(project)' "
+            "WHERE name = 'annotations_task'"
+        )
+    reopened = Store(tmp_path)
+    assert reopened.damage == [] and reopened.integrity() == []
+    moved = AnnotationWrite(id=1, task=TaskRecord(5, 2, "x"), height=20, width=30,
+                            masks={"dog": disc(20, 30, 10, 10, 4)}, updated_at="2026-11-03T10:00:00Z")  # fmt: skip
+    with pytest.raises(store_module.StoreDamaged, match=r"is damaged \(database disk image is malformed\)\."):
+        reopened.put_annotation(moved)
+    assert reopened.damage == ["database disk image is malformed"]
+    with pytest.raises(store_module.StoreDamaged, match="backfill --project ID"):
+        reopened.labels()
+
+
 def test_the_store_settings_given_reach_the_connection_and_bad_locations_are_named(tmp_path: Path) -> None:
     extra = Store(tmp_path / "a", busy_timeout_s=2.5, synchronous="EXTRA")
     conn = extra._conn()
