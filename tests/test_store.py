@@ -1084,3 +1084,18 @@ def test_a_thread_keeps_its_connection_from_call_to_call(store: Store) -> None:
     conn = store._conn()
     store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)}))
     assert store.accepted_samples() and store._conn() is conn
+
+
+def test_the_quick_check_of_a_store_that_cannot_be_opened_says_why(tmp_path: Path) -> None:
+    """A thread that first checks the store after its folder went away gets the reason as the finding
+    (the doctor reports it), not an exception."""
+    import shutil
+    import threading
+
+    store = Store(tmp_path / "model_dir")
+    shutil.rmtree(tmp_path / "model_dir")
+    found: list[list[str]] = []
+    thread = threading.Thread(target=lambda: found.append(store.integrity()))
+    thread.start()
+    thread.join()
+    assert found == [[f"cannot open the store {store.path}: unable to open database file"]]
