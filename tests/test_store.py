@@ -1099,3 +1099,27 @@ def test_the_quick_check_of_a_store_that_cannot_be_opened_says_why(tmp_path: Pat
     thread.start()
     thread.join()
     assert found == [[f"cannot open the store {store.path}: unable to open database file"]]
+
+
+def test_a_forked_child_opens_its_own_connection_and_the_parent_keeps_its_own(store: Store) -> None:
+    """A process forked from one that used the store (a pre-forking server's workers) writes through a
+    connection of its own; the parent's connection, inherited by the child, stays the parent's and works."""
+    import gc
+    import os
+
+    store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
+    conn = store._conn()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only
+        code = 1
+        try:
+            stored = store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)})).status == "stored"
+            own = store._conn() is not conn
+            gc.collect()
+            code = 0 if stored and own else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store.current_seq() == 2 and store._conn() is conn  # the parent's connection was not ended
+    assert [s.annotation_id for s in store.accepted_samples()] == [1, 2]
