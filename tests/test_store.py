@@ -1123,3 +1123,12 @@ def test_a_forked_child_opens_its_own_connection_and_the_parent_keeps_its_own(st
     assert os.waitstatus_to_exitcode(status) == 0
     assert store.current_seq() == 2 and store._conn() is conn  # the parent's connection was not ended
     assert [s.annotation_id for s in store.accepted_samples()] == [1, 2]
+
+
+def test_an_sqlite_backend_by_default_waits_30_s_for_the_write_lock_and_syncs_fully(tmp_path: Path) -> None:
+    from labelstudio_maskclip.learning.backends import SQLiteBackend
+
+    conn = SQLiteBackend(tmp_path / "s.sqlite3").connect()
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 30000
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    conn.close()
