@@ -1132,3 +1132,8 @@ def test_an_sqlite_backend_by_default_waits_30_s_for_the_write_lock_and_syncs_fu
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 30000
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     conn.close()
+
+
+def test_a_healthy_store_has_nothing_to_report(store: Store) -> None:
+    store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
+    assert store.check() == [] and store.integrity() == [] and store.damage == [] and store.damage_message() == ""
