@@ -251,7 +251,7 @@ def test_refused_tries_leave_no_descriptor_or_connection_open(settings: Settings
     import psycopg
 
     held = run_lock(settings, "train").acquire()
-    assert held is not None
+    assert held is not None and run_lock(settings, "train").acquire() is None
     before = _open_descriptors()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
