@@ -70,6 +70,10 @@ def _granted_within(lock, seconds: float) -> bool:
 def test_the_lock_follows_the_store(settings: Settings) -> None:
     lock = run_lock(settings, "train")
     assert isinstance(lock, AdvisoryLock if settings.store_url else FileLock) and lock.name == "train"
+    if not settings.store_url:  # the file in MODEL_DIR, whatever the working directory
+        held = lock.acquire()
+        assert held is not None and FileLock(Path(settings.model_dir) / "train.lock").acquire() is None
+        held.release()
 
 
 def test_a_second_acquirer_is_refused_until_the_first_releases(settings: Settings) -> None:
