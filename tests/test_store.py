@@ -970,11 +970,13 @@ def test_a_write_that_waits_past_the_busy_timeout_is_a_store_error_and_nothing_i
     same write succeeds once the lock is gone."""
     store = Store(tmp_path / "model_dir", busy_timeout_s=0.2)
     store.put_annotation(write(1, 1, {"cat": disc(20, 20, 10, 10, 5)}))
+    conn = store._conn()
     other = sqlite3.connect(store.path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # holds the write lock
     try:
         with pytest.raises(StoreError, match="busy"):
             store.put_annotation(write(2, 2, {"dog": disc(20, 20, 5, 5, 3)}))
+        assert store._conn() is conn  # a lock another writer holds is no broken connection: not replaced
     finally:
         other.execute("ROLLBACK")
         other.close()
