@@ -277,9 +277,10 @@ def test_a_hand_over_nobody_takes_ends_at_its_timeout_and_releases(postgres_url:
     settings = Settings(model_dir=str(tmp_path), store_url=postgres_url)
     held = run_lock(settings, "train").acquire()
     assert held is not None
+    asked: list[float] = []  # the holder asks every 50 ms, not as fast as it can
     start = time.monotonic()
-    assert held.hand_over(alive=lambda: True, timeout=0.5, every=0.05) is False
-    assert 0.5 <= time.monotonic() - start < 5 and not held.still_held()
+    assert held.hand_over(alive=lambda: asked.append(time.monotonic()) is None, timeout=0.5, every=0.05) is False
+    assert 0.5 <= time.monotonic() - start < 5 and not held.still_held() and 2 <= len(asked) <= 11
     assert _granted_within(run_lock(settings, "train"), 1)
 
 
