@@ -49,7 +49,10 @@ __all__ = [
 NO_LABEL = -1
 SCORES = ("confidence", "margin", "entropy")  # image score kinds; see the module docstring
 _UPSAMPLE_BUDGET = 2**22  # probabilities upsampled at once in _finalize (16 MiB of float32)
-_BATCH_UPSAMPLE_BUDGET = 2**26  # _finalize_all: at most this many width-upsampled probabilities per batch
+# _finalize_all on a GPU: at most this many probabilities upsampled at once (width-upsampled grids, bands of
+# rows), and this many output pixels held on the device, per batch of images finished together
+_BATCH_UPSAMPLE_BUDGET = 2**26
+_BATCH_OUTPUT_PIXELS = 2**25
 REFINE_MAX_SIDE = 896  # PAMR runs at the resized image's resolution, its long side capped at this
 
 
@@ -645,11 +648,12 @@ def _finalize_all(
 ) -> list[Segmentation]:
     """(B, K + Kb, h, w) grid probabilities of B images and their original sizes (H, W) -> their Segmentations.
 
-    ``together``: the images of one size are finalised a few at a time as one batch (:func:`_finalize_batch`), as
-    many as keep the width-upsampled grid under ``_BATCH_UPSAMPLE_BUDGET`` probabilities. On a GPU this turns
-    a few dozen small kernels and eight host syncs per image into as many per batch: the per-image finish
-    took most of a batch's time there. On a CPU the cost is the arithmetic, and the union of a batch's
-    candidate classes is more of it than each image's own, so images go one by one. The results are the same.
+    ``together``: the images of one size are finalised as one batch (:func:`_finalize_batch`), as many at a
+    time as keep the width-upsampled grids under ``_BATCH_UPSAMPLE_BUDGET`` probabilities and the outputs under
+    ``_BATCH_OUTPUT_PIXELS`` pixels, in bands of rows of that budget too. On a GPU the launches and host
+    syncs of the finish are then per batch, not per image (the per-image finish took most of a batch's time
+    there). On a CPU the cost is the arithmetic, and the union of a batch's candidate classes is more of it
+    than each image's own, so images go one by one, in bands of ``_UPSAMPLE_BUDGET``. The results are the same.
     """
     out: list[Segmentation | None] = [None] * len(sizes)
     groups: dict[object, list[int]] = {}
@@ -657,11 +661,15 @@ def _finalize_all(
         groups.setdefault(size if together else i, []).append(i)
     for idx in groups.values():
         height, width = sizes[idx[0]]
-        per = max(1, _BATCH_UPSAMPLE_BUDGET // (probs.shape[1] * probs.shape[2] * width))
-        for b in range(0, len(idx), per):
-            chunk = idx[b : b + per]
-            pick = torch.tensor(chunk, device=probs.device)
-            segs = _finalize_batch(probs.index_select(0, pick), (height, width), n_labels, min_conf, score)
+        per = min(
+            _BATCH_UPSAMPLE_BUDGET // (probs.shape[1] * probs.shape[2] * width),
+            _BATCH_OUTPUT_PIXELS // (height * width),
+        )
+        budget = _BATCH_UPSAMPLE_BUDGET if together else _UPSAMPLE_BUDGET
+        for b in range(0, len(idx), max(1, per)):
+            chunk = idx[b : b + max(1, per)]
+            part = probs if len(chunk) == len(probs) else probs[chunk]
+            segs = _finalize_batch(part, (height, width), n_labels, min_conf, score, budget)
             for i, seg in zip(chunk, segs):
                 out[i] = seg
     return out  # type: ignore[return-value]
@@ -676,7 +684,12 @@ def _finalize(
 
 
 def _finalize_batch(
-    probs: torch.Tensor, size: tuple[int, int], n_labels: int, min_conf: float, score: str = "confidence"
+    probs: torch.Tensor,
+    size: tuple[int, int],
+    n_labels: int,
+    min_conf: float,
+    score: str = "confidence",
+    budget: int = 0,
 ) -> list[Segmentation]:
     """Grid probabilities (B, K + Kb, h, w) of B images of one size -> their Segmentations at ``size``
     (H, W), with the image score ``score``.
@@ -687,9 +700,10 @@ def _finalize_batch(
     Bilinear upsampling (``align_corners=False``, as ``F.interpolate``) is done separably: along the width for
     the whole grid ((B, k', h, W): small), then along the height one band of output rows at a time, keeping
     each band's winning class and its probability. Beyond the outputs ((B, H, W) int16 labels and float32
-    confidence, on the probabilities' device until the end) at most about ``_UPSAMPLE_BUDGET`` probabilities
-    exist at once, whatever the image size, so a 64-megapixel image costs its label map, not gigabytes of
-    (K, H, W) floats. With B > 1 the k' classes are those that can win in some image of the B.
+    confidence, on the probabilities' device until the end) at most about ``budget`` (0:
+    ``_UPSAMPLE_BUDGET``) probabilities exist at once, whatever the image size, so a 64-megapixel image costs
+    its label map, not gigabytes of (K, H, W) floats. With B > 1 the k' classes are those that can win in some
+    image of the B.
     """
     height, width = size
     n_images, k_all, grid_h, _ = probs.shape
@@ -700,7 +714,7 @@ def _finalize_batch(
     top, bottom, upper, lower = _height_weights(grid_h, height, probs.device)
     upper, lower = upper[None, None, :, None], lower[None, None, :, None]
     tally = _Tally(n_images, height, width, n_labels, probs.device)
-    band = max(1, _UPSAMPLE_BUDGET // (n_images * k_kept * width))
+    band = max(1, (budget or _UPSAMPLE_BUDGET) // (n_images * k_kept * width))
     for y0 in range(0, height, band):
         y1 = min(height, y0 + band)
         up = rows[:, :, top[y0:y1]] * upper[:, :, y0:y1] + rows[:, :, bottom[y0:y1]] * lower[:, :, y0:y1]
@@ -739,8 +753,8 @@ def _certainty(up: torch.Tensor, value: torch.Tensor, score: str, k_all: int) ->
 class _Tally:
     """B images' label maps, confidences and per-label sums, filled one band of rows at a time.
 
-    Everything stays on the probabilities' device until :meth:`segmentations`, which moves it to the CPU at
-    once: no host sync per band."""
+    Everything stays on the probabilities' device until :meth:`segmentations` copies it to the CPU, and
+    nothing in :meth:`add` reads a value back to the host (on a GPU: no sync per band)."""
 
     def __init__(self, n_images: int, height: int, width: int, n_labels: int, device: torch.device):
         self.n_labels = n_labels
@@ -757,13 +771,13 @@ class _Tally:
         """Rows y0:y1: (B, n, W) the winning class indices among all K, their probability and certainty."""
         n_images, n_bins = self.areas.shape
         no_label = (klass >= self.n_labels) | (value < min_conf)
-        # Counted without boolean indexing (a device sync on a GPU): unlabelled pixels go to the last bin,
-        # image b's bins are b * n_bins onwards.
+        # Counted by index_add_ (boolean indexing, and bincount's range check, read values back to the host):
+        # unlabelled pixels go to the last bin, image b's bins are b * n_bins onwards.
         offsets = torch.arange(n_images, device=klass.device)[:, None, None] * n_bins
         binned = (klass.masked_fill(no_label, self.n_labels) + offsets).flatten()
-        self.areas += torch.bincount(binned, minlength=n_images * n_bins).view(n_images, n_bins).double()
         weights = value.flatten().double()
-        self.sums += torch.bincount(binned, weights=weights, minlength=n_images * n_bins).view(n_images, n_bins)
+        self.areas.view(-1).index_add_(0, binned, torch.ones_like(weights))
+        self.sums.view(-1).index_add_(0, binned, weights)
         self.total += certainty.double().masked_fill(no_label, 0.0).sum((1, 2))
         self.count += (~no_label).sum((1, 2))
         self.labels[:, y0:y1] = klass.masked_fill(no_label, NO_LABEL).to(torch.int16)
