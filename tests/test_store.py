@@ -551,7 +551,9 @@ def test_an_sqlite_store_whose_user_version_is_newer_is_refused(tmp_path: Path) 
     db.parent.mkdir()
     with sqlite3.connect(db) as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}, newer than this code's {SCHEMA_VERSION}"):
+    with pytest.raises(
+        StoreError, match=f"schema version {SCHEMA_VERSION + 1}, newer than this code's {SCHEMA_VERSION}"
+    ):
         Store(db.parent)
 
 
