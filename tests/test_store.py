@@ -1013,6 +1013,8 @@ def test_an_sqlite_location_names_its_file(tmp_path: Path) -> None:
     backend = open_backend(f"sqlite:///{tmp_path}/s.sqlite3", busy_timeout_s=1.5, synchronous="normal")
     assert (backend.name, backend.describe(), backend.busy_ms, backend.synchronous) == (  # type: ignore[attr-defined]
         "sqlite", str(tmp_path / "s.sqlite3"), 1500, "NORMAL")  # fmt: skip
+    default = open_backend(tmp_path)
+    assert (default.busy_ms, default.synchronous) == (30000, "FULL")  # type: ignore[attr-defined]
 
 
 def test_a_url_keeps_everything_but_the_case_of_its_scheme() -> None:
@@ -1036,6 +1038,7 @@ def test_a_url_keeps_everything_but_the_case_of_its_scheme() -> None:
         ("postgresql://h/db?a=1&password=pw&b=2", "postgresql://h/db?a=1&password=***&b=2"),
         ("postgresql://h/db?PassWord=pw#frag", "postgresql://h/db?PassWord=***#frag"),
         ("postgresql://u:pw@h/db?x=1\n&password=pw2", "postgresql://u:***@h/db?x=1\n&password=***"),
+        ("postgresql://u:pw@h/db?application_name=a://b", "postgresql://u:***@h/db?application_name=a://b"),
     ],
 )
 def test_a_url_is_shown_whole_without_its_password(url: str, shown: str) -> None:
@@ -1141,3 +1144,12 @@ def test_an_sqlite_backend_by_default_waits_30_s_for_the_write_lock_and_syncs_fu
 def test_a_healthy_store_has_nothing_to_report(store: Store) -> None:
     store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
     assert store.check() == [] and store.integrity() == [] and store.damage == [] and store.damage_message() == ""
+
+
+def test_a_postgresql_store_waits_its_busy_timeout_for_the_write_lock_and_names_itself(postgres_url: str) -> None:
+    """Writers queue on the store's write lock for at most the busy timeout (as SQLite's do), and each
+    session says whose it is (``pg_stat_activity``; docs/replicas.md counts the connections)."""
+    conn = Store(postgres_url, busy_timeout_s=2.5)._conn()
+    assert conn.execute("SHOW lock_timeout").fetchone()[0] == "2500ms"
+    assert conn.execute("SHOW application_name").fetchone()[0] == "labelstudio-maskclip"
+    assert Store(postgres_url)._conn().execute("SHOW lock_timeout").fetchone()[0] == "30s"
