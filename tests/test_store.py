@@ -1023,6 +1023,7 @@ def test_a_url_keeps_everything_but_the_case_of_its_scheme() -> None:
     assert normalised_url("POSTGRESQL://User:PW@Host/DB?SSLMODE=x") == "postgresql://User:PW@Host/DB?SSLMODE=x"
     assert normalised_url("postgres://u@h/d") == "postgres://u@h/d"
     assert normalised_url("NOT A URL") == "NOT A URL"
+    assert normalised_url("POSTGRES://User@h/db?options=a://B") == "postgres://User@h/db?options=a://B"
 
 
 @pytest.mark.parametrize(
@@ -1153,3 +1154,34 @@ def test_a_postgresql_store_waits_its_busy_timeout_for_the_write_lock_and_names_
     assert conn.execute("SHOW lock_timeout").fetchone()[0] == "2500ms"
     assert conn.execute("SHOW application_name").fetchone()[0] == "labelstudio-maskclip"
     assert Store(postgres_url)._conn().execute("SHOW lock_timeout").fetchone()[0] == "30s"
+
+
+def test_a_connection_that_fails_says_why_without_the_password() -> None:
+    from labelstudio_maskclip.learning.backends import ConnectFailed, postgres_connect
+
+    port = _closed_port()
+    with pytest.raises(ConnectFailed) as refused:
+        postgres_connect(f"postgresql://u:Secret9@127.0.0.1:{port}/db", application_name="t")
+    assert f'"127.0.0.1", port {port} failed' in str(refused.value) and "Secret9" not in str(refused.value)
+    with pytest.raises(ConnectFailed, match=r"^the store URL cannot be parsed: postgresql://u:\*\*\*@h/db\?no_such=1$"):
+        postgres_connect("postgresql://u:Secret9@h/db?no_such=1", application_name="t")
+
+
+def test_no_session_of_ours_sits_in_an_open_transaction(postgres_url: str) -> None:
+    """Every connection is in autocommit mode and opens its transactions itself: neither a store that has
+    written nor a held run lock keeps a transaction open (which would hold back VACUUM and snapshots)."""
+    import psycopg
+
+    from labelstudio_maskclip.learning.locks import AdvisoryLock
+
+    store = Store(postgres_url)
+    store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
+    held = AdvisoryLock(postgres_url, "train").acquire()
+    assert held is not None
+    with psycopg.connect(postgres_url) as conn:
+        states = conn.execute(
+            "SELECT application_name, state FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name LIKE 'labelstudio-maskclip%' ORDER BY 1"
+        ).fetchall()
+    held.release()
+    assert states == [("labelstudio-maskclip", "idle"), ("labelstudio-maskclip train", "idle")]
