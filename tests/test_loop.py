@@ -5,6 +5,7 @@ process group of one. A tiny student on 32 x 32 crops: each test takes well unde
 from __future__ import annotations
 
 import copy
+import os
 import logging
 import re
 
@@ -286,6 +287,8 @@ def test_under_torchrun_the_ranks_variables_are_read_and_the_student_is_wrapped_
     tmp_path, monkeypatch, group_of_one
 ):
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert tl.Dist.init() == tl.Dist(0, 2, 0)
     monkeypatch.setenv("LOCAL_RANK", "1")
     d = tl.Dist.init()
     assert d == tl.Dist(0, 2, 1) and d.main
@@ -293,3 +296,46 @@ def test_under_torchrun_the_ranks_variables_are_read_and_the_student_is_wrapped_
     loop = _loop(_s(tmp_path), dist=d)
     assert isinstance(loop.model, torch.nn.parallel.DistributedDataParallel) and loop.model.module is loop.net
     assert loop.step(*_batch())[0] > 0
+
+
+PARTNER = """
+import datetime, torch.distributed as d
+d.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+box = [None]
+d.broadcast_object_list(box, src=0)
+print("rank", d.get_rank(), "got", box[0], flush=True)
+d.barrier()
+d.destroy_process_group()
+"""
+
+
+def test_rank_zero_joins_torchruns_group_and_its_broadcast_and_barrier_reach_the_other_rank(monkeypatch):
+    """torchrun's variables for rank 0 of 2 (no LOCAL_RANK: 0); the other rank is a second process. Dist
+    starts the process group (gloo without a GPU); the run id rank 0 broadcasts is the other's; both meet at
+    the barrier."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    other = subprocess.Popen([sys.executable, "-c", PARTNER], env={**os.environ, **env, "RANK": "1"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        for name, value in {**env, "RANK": "0"}.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+        d = tl.Dist.init()
+        try:
+            assert d == tl.Dist(0, 2, 0) and tdist.get_backend() == "gloo"
+            assert d.broadcast("20261204-120000-7") == "20261204-120000-7"
+            d.barrier()
+        finally:
+            tdist.destroy_process_group()
+        out, err = other.communicate(timeout=60)
+    finally:
+        other.kill()
+    assert other.returncode == 0, err[-2000:]
+    assert out.strip() == "rank 1 got 20261204-120000-7"
