@@ -75,7 +75,7 @@ def test_a_bad_classes_json_is_refused_with_its_reason(capsys):
 
 def _environment(monkeypatch, tmp_path, weights, **kw):
     s = _settings(tmp_path / "md", model=TINY_VIT, pretrained=str(weights), templates="simple", rescore=False,
-                  train_val_fraction=0.5, **kw)  # fmt: skip
+                  **{"train_val_fraction": 0.5, **kw})  # fmt: skip
     for name, value in settings_env(s).items():
         monkeypatch.setenv(name, value)
     return s
@@ -118,7 +118,10 @@ def test_the_trainer_process_trains_promotes_records_and_prints_one_json_line(
     assert free is not None
     free.close()
 
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    assert "train:" not in captured.err  # --service: log lines, no progress bar
+    assert any((tmp_path / "md" / "cache").iterdir())  # the fetched images are cached for the next run
+    out = json.loads(captured.out.strip().splitlines()[-1])
     assert set(out) == {"run_id", "promoted", "version", "decision", "miou"}
     assert out["promoted"] and out["version"] == "maskclip+-1" == ck.current_version(s.model_dir)
     assert re.fullmatch(rf"\d{{8}}-\d{{6}}-{os.getpid()}", out["run_id"])
@@ -156,15 +159,26 @@ def test_the_trainer_process_trains_promotes_records_and_prints_one_json_line(
 def test_labels_typed_on_the_command_line_name_their_own_masks(tmp_path, weights, monkeypatch, capsys):
     """``--labels`` without values: each name is a mask key, the checkpoint records no values; a second run
     gets a new version and a run folder of its own."""
-    s = _environment(monkeypatch, tmp_path, weights)
+    s = _environment(monkeypatch, tmp_path, weights, train_val_fraction=0.0)
     store = Store(s.model_dir)
     for tid in range(3):
-        store.put_tasks([TaskRecord(tid, image=_png_data_uri(synthetic(tid)[0]))])
+        img, gt = synthetic(tid)
+        task = TaskRecord(tid, image=_png_data_uri(img))
+        store.put_tasks([task])
+    masks = {CLASSES[k]: gt == k for k in range(3) if (gt == k).any()}  # keyed by the names
+    store.put_annotation(AnnotationWrite(id=7, task=task, masks=masks, height=64, width=64))
     assert tr.train_main(["--service", "--labels", "disc | round thing, box, ground"]) == 0
     first = json.loads(capsys.readouterr().out)
     ckpt = ck.read_checkpoint(ck.checkpoint_path(s.model_dir, first["version"]))
     assert ckpt["classes"] == [["disc", "round thing"], ["box"], ["ground"]] and ckpt["values"] is None
     assert ckpt["background"] == [] and ckpt["settings"]["train_steps"] == 2
+    assert ckpt["data"]["annotated"] == 1 and ckpt["data"]["unknown_label_masks"] == 0
+    # no labels given: the labels of the accepted masks, sorted, each its own value
+    assert tr.train_main(["--service"]) == 0
+    second = json.loads(capsys.readouterr().out)
+    ckpt = ck.read_checkpoint(ck.checkpoint_path(s.model_dir, second["version"]))
+    assert second["version"] == "maskclip+-2" and ckpt["classes"] == [["box"], ["disc"], ["ground"]]
+    assert ckpt["values"] == ["box", "disc", "ground"] and ckpt["data"]["annotated"] == 1
 
 
 def test_only_rank_zero_takes_the_lock_and_a_failed_run_lets_it_go(tmp_path, monkeypatch):
@@ -188,6 +202,52 @@ def test_only_rank_zero_takes_the_lock_and_a_failed_run_lets_it_go(tmp_path, mon
     again = acquire_training_lock(s)  # the failed run released it
     assert again is not None
     again.close()
+
+
+def test_the_trainer_process_logs_time_level_and_logger_at_the_configured_level(tmp_path, monkeypatch):
+    import logging
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # a fresh process's root logger
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("LOG_LEVEL", "debug")
+    with pytest.raises(SystemExit):
+        tr.train_main(["--classes-json", "[]"])
+    (handler,) = root.handlers
+    assert root.level == logging.DEBUG
+    assert handler.formatter is not None and handler.formatter._fmt == "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def test_label_values_without_classes_are_refused(tmp_path):
+    with pytest.raises(tr.TrainError, match="1 label values for 0 classes: give one value per class"):
+        tr.train(_settings(tmp_path), Store(tmp_path), values=["Car"])
+
+
+def test_images_over_the_pixel_limit_are_not_fetched(tmp_path, weights, monkeypatch):
+    """``MASKCLIP_MAX_IMAGE_PIXELS`` below the tasks' 64 x 64: no image is fetched, the run says so."""
+    s = _environment(monkeypatch, tmp_path, weights, max_image_pixels=4000)
+    _store(s)
+    with pytest.raises(tr.TrainError, match=r"no training images: .*'failed_images': 6"):
+        tr.train_main(["--service", "--project", "4"])
+
+
+def test_a_trainer_told_to_wait_for_the_lock_waits_and_an_unknown_run_cannot_be_resumed(tmp_path, weights,
+                                                                                       monkeypatch):  # fmt: skip
+    """``--lock-wait`` (the trigger hands its lock over): the trainer waits for the lock instead of refusing
+    to start; ``--resume`` of a run that left no state names the file it looked for."""
+    import threading
+    import time
+
+    s = _environment(monkeypatch, tmp_path, weights)
+    _store(s)
+    held = acquire_training_lock(s)
+    assert held is not None
+    threading.Timer(0.5, held.close).start()
+    start = time.monotonic()
+    with pytest.raises(tr.TrainError, match=r"cannot resume: .*runs/no-such-run/last\.pt does not exist"):
+        tr.train_main(["--service", "--lock-wait", "--project", "4", "--resume", "no-such-run"])
+    assert time.monotonic() - start >= 0.5
 
 
 # --- a crash after a checkpoint, and the resumed run ----------------------------------------------------------
