@@ -271,6 +271,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_from_it(tmp_path):
     """Checkpoints every step: the candidate's validation mIoU and ``last.pt``. Killed in its third step, the
     run left ``last.pt`` at step 2; resumed, it keeps those two losses and evaluations and ends at step 3."""
     s = _settings(tmp_path, train_steps=3, train_val_fraction=1.0, train_self_training_start=1.0)
+    sure = s.replace(min_confidence=1.0, model_dir=str(tmp_path / "sure"))  # no pixel is that sure: no label
     store = Store(tmp_path)
     images = {}
     for tid in range(6):
@@ -288,7 +289,12 @@ def test_a_run_killed_after_a_checkpoint_resumes_from_it(tmp_path):
     (run_dir,) = (tmp_path / "runs").iterdir()
     saved = torch.load(run_dir / "last.pt", weights_only=True)
     assert saved["step"] == 2 and len(saved["losses"]) == 2 and [e["step"] for e in saved["evals"]] == [1, 2]
-    assert all(0.0 <= e["miou"] <= 1.0 for e in saved["evals"])
+    assert all(0.0 < e["miou"] <= 1.0 for e in saved["evals"])
+    with pytest.raises(RuntimeError, match="killed"):  # validation segments with the served options
+        tr.train(sure, store, load_image=load, teacher=CrashingOracle(3), classes=CLASSES, progress=False,
+                 checkpoint_every=1)  # fmt: skip
+    (unsure,) = (tmp_path / "sure" / "runs").iterdir()
+    assert [e["miou"] for e in torch.load(unsure / "last.pt", weights_only=True)["evals"]] == [0.0, 0.0]
     result = tr.train(s, store, load_image=load, teacher=NoisyOracle(seed=1), classes=CLASSES, progress=False,
                       resume=run_dir.name, checkpoint_every=1)  # fmt: skip
     m = result.metrics
