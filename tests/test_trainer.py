@@ -235,19 +235,31 @@ def test_images_over_the_pixel_limit_are_not_fetched(tmp_path, weights, monkeypa
 def test_a_trainer_told_to_wait_for_the_lock_waits_and_an_unknown_run_cannot_be_resumed(tmp_path, weights,
                                                                                        monkeypatch):  # fmt: skip
     """``--lock-wait`` (the trigger hands its lock over): the trainer waits for the lock instead of refusing
-    to start; ``--resume`` of a run that left no state names the file it looked for."""
+    to start. It fetches the tasks' cloud-storage images through Label Studio's presign route for each task,
+    then ``--resume`` of a run that left no state names the file it looked for."""
+    import base64
     import threading
     import time
 
-    s = _environment(monkeypatch, tmp_path, weights)
-    _store(s)
-    held = acquire_training_lock(s)
-    assert held is not None
-    threading.Timer(0.5, held.close).start()
-    start = time.monotonic()
-    with pytest.raises(tr.TrainError, match=r"cannot resume: .*runs/no-such-run/last\.pt does not exist"):
-        tr.train_main(["--service", "--lock-wait", "--project", "4", "--resume", "no-such-run"])
-    assert time.monotonic() - start >= 0.5
+    from tests.fake_label_studio import fake_label_studio
+
+    def answer(request):
+        tid = int(request.route.split("/")[2])
+        assert base64.urlsafe_b64decode(request.query["fileuri"]).decode() == f"s3://bucket/{tid}.png"
+        request.reply(200, base64.b64decode(_png_data_uri(synthetic(tid)[0]).split(",")[1]), "image/png")
+
+    with fake_label_studio(answer) as ls:
+        s = _environment(monkeypatch, tmp_path, weights, label_studio_url=ls.url, label_studio_api_key="key")
+        store = Store(s.model_dir)
+        store.put_tasks([TaskRecord(tid, image=f"s3://bucket/{tid}.png") for tid in range(3)])
+        held = acquire_training_lock(s)
+        assert held is not None
+        threading.Timer(0.5, held.close).start()
+        start = time.monotonic()
+        with pytest.raises(tr.TrainError, match=r"cannot resume: .*runs/no-such-run/last\.pt does not exist"):
+            tr.train_main(["--service", "--lock-wait", "--labels", "disc,box", "--resume", "no-such-run"])
+        assert time.monotonic() - start >= 0.5
+        assert sorted(r.route for r in ls.requests) == [f"/tasks/{tid}/presign/" for tid in range(3)]
 
 
 # --- a crash after a checkpoint, and the resumed run ----------------------------------------------------------
