@@ -215,18 +215,18 @@ def test_resuming_a_run_without_its_state_names_the_file(tmp_path):
 
 def test_a_run_takes_the_remaining_steps_and_checkpoints_every_n_but_not_after_the_last(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger=tl.__name__)
-    loop = _loop(_s(tmp_path, train_steps=5, train_self_training_start=0.5))
+    loop = _loop(_s(tmp_path, train_steps=6, train_self_training_start=0.5))
     seen: list[int] = []
     loop.run(_items(tmp_path), np.random.default_rng(0), progress=False, checkpoint_every=2,
              on_checkpoint=lambda: seen.append(loop.state.step))  # fmt: skip
-    assert seen == [2, 4] and loop.state.step == 5 and len(loop.state.losses) == 5
+    assert seen == [2, 4] and loop.state.step == 6 and len(loop.state.losses) == 6  # not at 6: the run ends
     lines = [r.getMessage() for r in caplog.records]
-    assert [line.split(" loss")[0] for line in lines] == ["step 1/5", "step 5/5"]  # first and last only
+    assert [line.split(" loss")[0] for line in lines] == ["step 1/6", "step 6/6"]  # first and last only
     assert lines[0].endswith("targets from teacher") and lines[1].endswith("targets from student")
-    loop.state.step = 3  # resumed: steps 4 and 5 only
+    loop.state.step = 3  # resumed: steps 4 to 6 only
     loop.run(_items(tmp_path), np.random.default_rng(0), progress=False, checkpoint_every=2,
              on_checkpoint=lambda: seen.append(loop.state.step))  # fmt: skip
-    assert seen == [2, 4, 4] and loop.state.step == 5 and len(loop.state.losses) == 7
+    assert seen == [2, 4, 4] and loop.state.step == 6 and len(loop.state.losses) == 9
     loop.state.step = 0
     loop.run(_items(tmp_path), np.random.default_rng(0), progress=False, on_checkpoint=lambda: seen.append(-1))
     assert seen == [2, 4, 4]  # checkpoint_every 0: never
