@@ -48,7 +48,8 @@ def test_the_trainers_command_line_reads_every_option_and_documents_the_public_o
         p.parse_args(["--project", "three"])
     helptext = _flat(p.format_help())
     assert helptext.startswith("usage: python -m labelstudio_maskclip.training.train [-h]")
-    assert (tr.__doc__ or "").split("\n")[0] in helptext and "--resume RUN_ID" in helptext
+    first, _, third = (tr.__doc__ or "").split("\n")[:3]
+    assert first in helptext and third not in helptext and "--resume RUN_ID" in helptext  # the first line only
     for option, text in [
         ("--labels LABELS", "classes, comma-separated, synonyms with | (default: labels in the store)"),
         ("--classes-json CLASSES_JSON", 'instead of --labels: [{"value": "Car", "names": ["car", "van"]}, ...]'),
@@ -279,6 +280,22 @@ class CrashingOracle(NoisyOracle):
         return super().probs(images)
 
 
+class AnnotatingOracle(NoisyOracle):
+    """The noisy oracle; at its first call someone accepts a mask of task 5 in the store."""
+
+    def __init__(self, store: Store):
+        super().__init__(seed=1)
+        self.store = store
+
+    def probs(self, images):
+        if self.store is not None:
+            task = TaskRecord(5, image="img-5")
+            self.store.put_annotation(AnnotationWrite(id=99, task=task, masks={"disc": synthetic(5)[1] == 0},
+                                                      height=64, width=64))  # fmt: skip
+            self.store = None
+        return super().probs(images)
+
+
 def test_a_run_killed_after_a_checkpoint_resumes_from_it(tmp_path):
     """Checkpoints every step: the candidate's validation mIoU and ``last.pt``. Killed in its third step, the
     run left ``last.pt`` at step 2; resumed, it keeps those two losses and evaluations and ends at step 3."""
@@ -307,10 +324,12 @@ def test_a_run_killed_after_a_checkpoint_resumes_from_it(tmp_path):
                  checkpoint_every=1)  # fmt: skip
     (unsure,) = (tmp_path / "sure" / "runs").iterdir()
     assert [e["miou"] for e in torch.load(unsure / "last.pt", weights_only=True)["evals"]] == [0.0, 0.0]
-    result = tr.train(s, store, load_image=load, teacher=NoisyOracle(seed=1), classes=CLASSES, progress=False,
+    during = AnnotatingOracle(store)  # someone accepts a mask while the resumed run trains
+    result = tr.train(s, store, load_image=load, teacher=during, classes=CLASSES, progress=False,
                       resume=run_dir.name, checkpoint_every=1)  # fmt: skip
     m = result.metrics
     assert result.run_id == run_dir.name and m["steps"] == 3 and m["loss"][:2] == saved["losses"]
     assert m["val_miou"] == [*saved["evals"], {"step": 3, "miou": m["miou"]["candidate"]}]
     assert m["data"]["validation"] == 2 and not (run_dir / "last.pt").exists()
     assert result.version == "maskclip+-1" and result.promoted
+    assert store.count_since_last_training() == 1  # the run saw the store as it was when it started
