@@ -1,12 +1,12 @@
 """The training loop in one process (training/loop.py): the schedule, the optimiser's groups, one step's
 targets and update, self-training, resuming, checkpoints and progress, and the torchrun helpers on a real
-process group of one. A tiny student on 32 x 32 crops: each test takes well under a second."""
+process group of one and with a second process. A tiny student on 32 x 32 crops, 1 to 9 steps."""
 
 from __future__ import annotations
 
 import copy
-import os
 import logging
+import os
 import re
 
 import numpy as np
