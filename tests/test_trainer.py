@@ -184,9 +184,10 @@ def test_labels_typed_on_the_command_line_name_their_own_masks(tmp_path, weights
     assert ckpt["values"] == ["box", "disc", "ground"] and ckpt["data"]["annotated"] == 1
 
 
-def test_only_rank_zero_takes_the_lock_and_a_failed_run_lets_it_go(tmp_path, monkeypatch):
+def test_only_rank_zero_takes_the_lock_and_a_failed_run_lets_it_go(tmp_path, monkeypatch, caplog):
     """Under torchrun only rank 0 holds the training lock (the others train beside it); a run that fails
     releases it."""
+    caplog.set_level("INFO")
     s = _settings(tmp_path)
     empty = TrainJob(classes=None)
     held = acquire_training_lock(s)
@@ -198,6 +199,7 @@ def test_only_rank_zero_takes_the_lock_and_a_failed_run_lets_it_go(tmp_path, mon
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(tr.TrainError, match="no labels to train"):
         tr.run_job(s, empty)  # rank 1 does not ask for the lock: it fails on the empty store instead
+    assert f"training starts (reason: manual, pid {os.getpid()})" in caplog.text  # the default reason
     held.close()
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(tr.TrainError, match="no labels to train"):
