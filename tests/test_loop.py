@@ -178,6 +178,14 @@ def test_the_student_sees_imagenet_normalised_pixels_in_train_mode_at_the_crops_
     torch.testing.assert_close(got, want.detach())
 
 
+def test_the_students_pretrained_weights_setting_is_honoured_not_ignored(tmp_path):
+    """The tiny student has no pretrained weights: asking for ImageNet's is an error, not a silent default."""
+    from labelstudio_maskclip.training.student import StudentWeightsError
+
+    with pytest.raises(StudentWeightsError, match="MASKCLIP_STUDENT_PRETRAINED='imagenet'"):
+        _loop(_s(tmp_path, student_pretrained="imagenet"))
+
+
 # --- resume --------------------------------------------------------------------------------------------------
 
 

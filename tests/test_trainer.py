@@ -157,9 +157,10 @@ def test_the_trainer_process_trains_promotes_records_and_prints_one_json_line(
     assert store.count_since_last_training(4) == 0 and store.training_runs(5) == []
 
 
-def test_labels_typed_on_the_command_line_name_their_own_masks(tmp_path, weights, monkeypatch, capsys):
+def test_labels_typed_on_the_command_line_name_their_own_masks(tmp_path, weights, monkeypatch, capsys, caplog):
     """``--labels`` without values: each name is a mask key, the checkpoint records no values; a second run
     gets a new version and a run folder of its own."""
+    caplog.set_level("INFO")
     s = _environment(monkeypatch, tmp_path, weights, train_val_fraction=0.0)
     store = Store(s.model_dir)
     for tid in range(3):
@@ -182,6 +183,13 @@ def test_labels_typed_on_the_command_line_name_their_own_masks(tmp_path, weights
     ckpt = ck.read_checkpoint(ck.checkpoint_path(s.model_dir, second["version"]))
     assert second["version"] == "maskclip+-2" and ckpt["classes"] == [["box"], ["disc"], ["ground"]]
     assert ckpt["values"] == ["box", "disc", "ground"] and ckpt["data"]["annotated"] == 1
+    # a run that does not promote ("better" with no held-out mask to compare on) starts no re-scoring
+    monkeypatch.setenv("MASKCLIP_PROMOTE", "better")
+    caplog.clear()
+    assert tr.train_main(["--service", "--steps", "1"]) == 0
+    third = json.loads(capsys.readouterr().out)
+    assert not third["promoted"] and third["version"] is None and "training starts" in caplog.text
+    assert "re-scoring" not in caplog.text and ck.current_version(s.model_dir) == "maskclip+-2"
 
 
 def test_only_rank_zero_takes_the_lock_and_a_failed_run_lets_it_go(tmp_path, monkeypatch, caplog):
