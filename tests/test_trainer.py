@@ -19,11 +19,13 @@ from labelstudio_maskclip.training import checkpoints as ck
 from labelstudio_maskclip.training import train as tr
 from labelstudio_maskclip.training.data import is_validation
 from labelstudio_maskclip.training.job import TrainJob, classes_json
+from labelstudio_maskclip.training.student import load_student
 from labelstudio_maskclip.training.trigger import acquire_training_lock
 from tests.test_training import CLASSES, NoisyOracle, _png_data_uri, _settings, synthetic
 from tests.tiny import TINY_VIT
 
 VALUES = ("Disc", "Box", "Ground")
+NO_LABELS = r"^no labels to train: no accepted masks in the store and no labels given \(--labels\)$"
 NAMES = (("disc", "round thing"), ("box",), ("ground",))
 
 
@@ -104,7 +106,7 @@ def test_the_trainer_process_trains_promotes_records_and_prints_one_json_line(
     labelling config, the training lock inherited as a descriptor (closed at the end), the steps overridden.
     The run reads one project, promotes its student with everything a server needs to load it, records
     itself in the store, writes its metrics and curves, and prints the outcome."""
-    s = _environment(monkeypatch, tmp_path, weights)
+    s = _environment(monkeypatch, tmp_path, weights, min_confidence=1.0)  # nothing is that sure: no label
     store = _store(s)
     lock_path = tmp_path / "md" / "train.lock"
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT)
@@ -127,10 +129,13 @@ def test_the_trainer_process_trains_promotes_records_and_prints_one_json_line(
     assert out["promoted"] and out["version"] == "maskclip+-1" == ck.current_version(s.model_dir)
     assert re.fullmatch(rf"\d{{8}}-\d{{6}}-{os.getpid()}", out["run_id"])
     assert set(out["miou"]) == {"teacher", "current", "current_version", "candidate"}
+    assert out["miou"]["teacher"] == out["miou"]["candidate"] == 0.0  # validated with the served options
     assert "training starts (reason: every 2" in caplog.text
     assert "re-scoring after promotion of maskclip+-1 is off" in caplog.text
 
     ckpt = ck.read_checkpoint(ck.checkpoint_path(s.model_dir, "maskclip+-1"))
+    served = load_student(ck.checkpoint_path(s.model_dir, "maskclip+-1"), "cpu")  # what a server loads
+    assert served.segment([synthetic(0)[0]], NAMES)[0].labels.shape == (64, 64)
     assert ckpt["student"] == "tiny" and ckpt["run_id"] == out["run_id"]
     assert ckpt["classes"] == [list(c) for c in NAMES] and ckpt["values"] == list(VALUES)
     assert ckpt["background"] == [["sky"]] and ckpt["clip"]["model"] == "MaskCLIP-Tiny-ViT"
@@ -205,12 +210,12 @@ def test_only_rank_zero_takes_the_lock_and_a_failed_run_lets_it_go(tmp_path, mon
     monkeypatch.setenv("RANK", "0")
     assert tr.run_job(s, empty) == 3
     monkeypatch.setenv("RANK", "1")
-    with pytest.raises(tr.TrainError, match="no labels to train"):
+    with pytest.raises(tr.TrainError, match=NO_LABELS):
         tr.run_job(s, empty)  # rank 1 does not ask for the lock: it fails on the empty store instead
     assert f"training starts (reason: manual, pid {os.getpid()})" in caplog.text  # the default reason
     held.close()
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(tr.TrainError, match="no labels to train"):
+    with pytest.raises(tr.TrainError, match=NO_LABELS):
         tr.run_job(s, empty)
     again = acquire_training_lock(s)  # the failed run released it
     assert again is not None
