@@ -58,6 +58,7 @@ step "Presets on the GPU, bf16 (ms per image; pixels as fp32 on the CPU)" 120 \
 step "Engine bf16 vs fp32 (same weights, 8 photos at 448x448, TF32 off)" 90 \
   $PY benchmarks/run.py --only bf16
 step "Segment path, eager" 150 $PY benchmarks/run.py --only segment,stages
+step "Finalize: image by image or the batch at once" 60 $PY benchmarks/bench_finalize.py --device cuda
 step "/predict through gunicorn" 200 $PY benchmarks/run.py --only http --workers 4
 step "A whole training run and the student's serving" 180 \
   $PY benchmarks/bench_train_run.py --device cuda --steps 5 25 --batch 8 --crop 512

@@ -39,7 +39,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]  # bench_codecs / bench_train, and 
 from bench_codecs import bench as bench_codec  # noqa: E402
 from bench_codecs import coco_mask, disc_mask, noise_mask
 
-from labelstudio_maskclip.engine.segmenter import MaskCLIP, SegmentOptions  # noqa: E402
+from labelstudio_maskclip.engine.segmenter import MaskCLIP, SegmentOptions, _finalize_all  # noqa: E402
 from labelstudio_maskclip.evaluation.class_names import COCO_STUFF171, VOC20  # noqa: E402
 
 PHOTOS = HERE.parent / "tests" / "data" / "coco128-seg" / "images"
@@ -158,7 +158,8 @@ def check_bf16(device: torch.device) -> list[str]:
 def bench_stages(device: torch.device) -> list[str]:
     """Where a batch of 64 goes on the segment path (bf16 on CUDA, 21 labels, 512x512 photos at 448):
     preprocessing, the model (dense logits), grid probabilities, and the whole ``segment`` (the difference
-    is the per-image finalize: upsampling, argmax, areas and the copy to the CPU)."""
+    is the finalize: upsampling, argmax, areas and the copy to the CPU), and the finalize of those grid
+    probabilities alone, image by image and the batch at once (``_finalize_all``)."""
     precision = "bf16" if device.type == "cuda" else "fp32"
     seg = MaskCLIP.load("ViT-B-16", "random", str(device), precision, allow_random=True, templates="simple")
     batch = 64 if device.type == "cuda" else 4
@@ -166,10 +167,14 @@ def bench_stages(device: torch.device) -> list[str]:
     emb = seg.text_embeddings(names)
     pixels = seg.preprocess(images, (448, 448))
     opts = SegmentOptions(short_side=448, batch_size=batch)
+    grid = seg.grid_probs(pixels, emb, opts)
+    sizes = [(int(img.shape[0]), int(img.shape[1])) for img in images]
     stages = [
         ("preprocess (uint8 photos -> normalised 448 x 448 on the device)", lambda: seg.preprocess(images, (448, 448))),
         ("dense logits (the model)", lambda: seg.dense_logits(pixels, emb)),
         ("grid probabilities", lambda: seg.grid_probs(pixels, emb, opts)),
+        ("finalize one by one (the CPU's way)", lambda: _finalize_all(grid, sizes, 21, 0.0, together=False)),
+        ("finalize together (the GPU's way)", lambda: _finalize_all(grid, sizes, 21, 0.0, together=True)),
         ("segment (all of it, label maps on the CPU)", lambda: seg.segment(images, names, opts=opts)),
     ]
     rows = [f"| stage ({precision}, batch {batch}, 21 labels) | ms per batch (median of 5) |", "|---|---:|"]

@@ -13,6 +13,11 @@ PostgreSQL cannot be found or started, every test that needs it fails with the r
 Fixtures (imported by ``tests/conftest.py``): ``postgres`` (the session's server), ``postgres_url`` (a fresh
 database per test, dropped after it) and ``store_url`` (parametrized: each store test runs on SQLite and on
 PostgreSQL).
+
+One server for many sessions: ``python -m tests.postgres`` starts one, prints ``MASKCLIP_TEST_POSTGRES=DIR:PORT``
+and keeps it until interrupted; a test session run with that variable in its environment uses that server
+instead of starting its own (each test still gets a fresh database, dropped after it). Mutation testing runs
+a new session per mutant (docs/mutation.md): a server per session would cost seconds each.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ import itertools
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +39,8 @@ from pathlib import Path
 import pytest
 
 ROLE = "maskclip"
+#: ``DIR:PORT`` of a server already running (started by ``python -m tests.postgres``) for the session to use
+SHARED_SERVER_VARIABLE = "MASKCLIP_TEST_POSTGRES"
 _databases = itertools.count(1)
 
 
@@ -147,10 +156,30 @@ def started(timeout: float = 120.0) -> Iterator[PostgresServer]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def shared(address: str) -> PostgresServer:
+    """The running server at ``address`` (``DIR:PORT``, as :func:`main` prints it), checked to answer."""
+    import psycopg
+
+    root, _, port = address.rpartition(":")
+    if not root or not port.isdigit():
+        raise PostgresUnavailable(f"{SHARED_SERVER_VARIABLE}={address!r}: expected DIR:PORT (python -m tests.postgres)")
+    server = PostgresServer(Path(root), int(port), bin_dir(), _runner()[0])
+    try:
+        server.sql("SELECT 1")
+    except psycopg.Error as e:
+        raise PostgresUnavailable(f"{SHARED_SERVER_VARIABLE}={address!r}: no server answers there: {e}") from None
+    return server
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
-    """The session's PostgreSQL server (started on first use, a few seconds)."""
+    """The session's PostgreSQL server (started on first use, a few seconds), or the running one that
+    :data:`SHARED_SERVER_VARIABLE` names (left running)."""
+    address = os.environ.get(SHARED_SERVER_VARIABLE)
     try:
+        if address:
+            yield shared(address)
+            return
         with started() as server:
             yield server
     except PostgresUnavailable as e:
@@ -173,3 +202,23 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return str(tmp_path / "model_dir")
     return request.getfixturevalue("postgres_url")
+
+
+def main() -> None:
+    """Start a server, print the variable that points test sessions at it, keep it until interrupted. It
+    does not flush to disk (``fsync``, ``full_page_writes`` off): no test stops the server itself, and a test's
+    database is made and dropped in a fraction of the time (a second or more under load, per test)."""
+    with started() as server:
+        for setting in ("fsync", "synchronous_commit", "full_page_writes"):
+            server.sql(f"ALTER SYSTEM SET {setting} = off")
+        server.sql("SELECT pg_reload_conf()")
+        print(f"{SHARED_SERVER_VARIABLE}={server.root}:{server.port}", flush=True)
+        try:
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    sys.exit(main())

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from labelstudio_maskclip.learning.locks import AdvisoryLock, FileLock, run_lock
+from labelstudio_maskclip.learning.store import StoreError
 from labelstudio_maskclip.settings import Settings
 from labelstudio_maskclip.training import rescoring, trigger
 from labelstudio_maskclip.training.job import TrainJob
@@ -69,6 +70,10 @@ def _granted_within(lock, seconds: float) -> bool:
 def test_the_lock_follows_the_store(settings: Settings) -> None:
     lock = run_lock(settings, "train")
     assert isinstance(lock, AdvisoryLock if settings.store_url else FileLock) and lock.name == "train"
+    if not settings.store_url:  # the file in MODEL_DIR, whatever the working directory
+        held = lock.acquire()
+        assert held is not None and FileLock(Path(settings.model_dir) / "train.lock").acquire() is None
+        held.release()
 
 
 def test_a_second_acquirer_is_refused_until_the_first_releases(settings: Settings) -> None:
@@ -222,3 +227,70 @@ def test_a_run_whose_training_lock_was_lost_does_not_promote(
     assert ck.current_version(tmp_path) == "maskclip+-1" and len(ck.history(tmp_path)) == 1
     assert "training lock is no longer held" in caplog.text
     held.release()
+
+
+# --- what mutation testing found unchecked (docs/mutation.md) ------------------------------------------------
+
+
+def test_a_file_lock_is_named_for_its_file_and_makes_its_folders(tmp_path: Path) -> None:
+    lock = FileLock(tmp_path / "a" / "b" / "rescore.lock")
+    assert lock.name == "rescore" and FileLock(tmp_path / "x.lock", "train").name == "train"
+    held = lock.acquire()
+    assert held is not None and (tmp_path / "a" / "b" / "rescore.lock").exists()
+    held.release()
+
+
+def _open_descriptors() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_refused_tries_leave_no_descriptor_or_connection_open(settings: Settings) -> None:
+    """The trigger tries the training lock at every annotation: a refused try must not keep a file or a
+    database connection open (a server would run out of them, and PostgreSQL's connections are budgeted),
+    and closes them itself rather than leave them to the garbage collector (which warns)."""
+    import warnings
+
+    import psycopg
+
+    held = run_lock(settings, "train").acquire()
+    assert held is not None and run_lock(settings, "train").acquire() is None
+    before = _open_descriptors()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        for _ in range(20):
+            assert run_lock(settings, "train").acquire() is None
+    assert _open_descriptors() == before
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+    if settings.store_url:
+        with psycopg.connect(settings.store_url) as conn:
+            (sessions,) = conn.execute(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = 'labelstudio-maskclip train' "
+                "AND datname = current_database()"
+            ).fetchone()
+        assert sessions == 1  # the holder's
+    held.release()
+
+
+def test_a_hand_over_nobody_takes_ends_at_its_timeout_and_releases(postgres_url: str, tmp_path: Path) -> None:
+    settings = Settings(model_dir=str(tmp_path), store_url=postgres_url)
+    held = run_lock(settings, "train").acquire()
+    assert held is not None
+    asked: list[float] = []  # the holder asks every 50 ms, not as fast as it can
+    start = time.monotonic()
+    assert held.hand_over(alive=lambda: asked.append(time.monotonic()) is None, timeout=0.5, every=0.05) is False
+    assert 0.5 <= time.monotonic() - start < 5 and not held.still_held() and 2 <= len(asked) <= 11
+    assert _granted_within(run_lock(settings, "train"), 1)
+
+
+def test_a_wait_the_database_cuts_short_is_a_store_error_that_names_the_lock(postgres_url: str) -> None:
+    """A URL may set a statement timeout: a wait for the lock it ends is the store's error, with the reason."""
+    holder = AdvisoryLock(postgres_url, "rescore").acquire()
+    assert holder is not None
+    try:
+        impatient = AdvisoryLock(f"{postgres_url}&options=-c%20statement_timeout%3D200", "rescore")
+        with pytest.raises(StoreError, match=r"^cannot take the rescore lock in postgresql://.*statement timeout"):
+            impatient.acquire(wait=True)
+    finally:
+        holder.release()

@@ -79,6 +79,44 @@ def test_chunked_upsampling_gives_the_same_score(kind, monkeypatch):
     assert chunked.score == pytest.approx(one.score, abs=1e-5)
 
 
+@pytest.mark.parametrize("kind", SCORES)
+@pytest.mark.parametrize(
+    "budget, outputs, batches",
+    [
+        (2**26, 2**25, [3, 2]),  # the defaults: each size's images at once
+        (2 * 6 * 6 * 61, 2**25, [2, 1, 2]),  # two images' width-upsampled grids (6 classes, 6 x 61) a batch
+        (2**26, 50 * 61 + 1, [1, 1, 1, 2]),  # outputs: one 50 x 61 image a batch, or two 40 x 33
+    ],
+)
+def test_images_finalised_together_get_what_each_gets_alone(kind, budget, outputs, batches, monkeypatch):
+    """The GPU's way (a batch's images of one size at once, the union of their candidate classes) gives
+    each image exactly the CPU's one-by-one result, whatever the mix of sizes and batch chunks."""
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 6, 6, 7, generator=gen) * 4
+    logits[0, 2] += 20  # image 0: class 2 wins everywhere, its only candidate
+    logits[3, 4] += 6
+    probs = seg_mod.prompt_denoising(logits.softmax(1), 0.3)
+    sizes = [(50, 61), (40, 33), (50, 61), (50, 61), (40, 33)]
+    monkeypatch.setattr(seg_mod, "_BATCH_UPSAMPLE_BUDGET", budget)
+    monkeypatch.setattr(seg_mod, "_BATCH_OUTPUT_PIXELS", outputs)
+    monkeypatch.setattr(seg_mod, "_UPSAMPLE_BUDGET", 2 * 6 * 61 * 9)  # several bands of rows
+    alone = seg_mod._finalize_all(probs, sizes, 5, 0.2, kind, together=False)
+    inner, calls = seg_mod._finalize_batch, []
+    monkeypatch.setattr(seg_mod, "_finalize_batch", lambda p, *args: calls.append(len(p)) or inner(p, *args))
+    together = seg_mod._finalize_all(probs, sizes, 5, 0.2, kind, together=True)
+    assert calls == batches
+    for a, t, size in zip(alone, together, sizes):
+        assert a.labels.shape == size
+        np.testing.assert_array_equal(t.labels, a.labels)
+        np.testing.assert_array_equal(t.class_areas, a.class_areas)
+        np.testing.assert_allclose(t.confidence, a.confidence, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(t.class_scores, a.class_scores, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(t.grid_probs, a.grid_probs)
+        assert t.score == pytest.approx(a.score, abs=1e-6)
+    assert {tuple(np.unique(s.labels)) for s in alone} != {(seg_mod.NO_LABEL,)}  # something is labelled
+    assert len({s.labels.tobytes() for s in alone}) == len(alone)  # and each image differently
+
+
 def test_unknown_score_is_refused_by_engine_and_settings():
     assert SCORES == SETTINGS_SCORES
     with pytest.raises(ValueError, match="unknown score"):

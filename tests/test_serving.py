@@ -77,14 +77,18 @@ def test_finalize_upsamples_only_classes_that_can_win_and_matches_the_plain_defi
     assert np.abs(seg.class_areas - areas).sum() <= 0.001 * label.size
     assert np.allclose(seg.class_scores, scores, atol=1e-4) and seg.score == pytest.approx(score, abs=1e-4)
     assert seg.labels.dtype == np.int16 and seg.class_areas.dtype == np.int64
-    assert len(segmenter._candidates(probs)) <= k
+    assert len(segmenter._candidates(probs[None])) <= k
 
 
 def test_candidates_drop_a_class_that_loses_everywhere_and_keep_every_winner():
     probs = torch.tensor([[[0.6, 0.1], [0.6, 0.6]], [[0.3, 0.8], [0.3, 0.3]], [[0.1, 0.1], [0.1, 0.1]]])
-    assert segmenter._candidates(probs).tolist() == [0, 1]
+    assert segmenter._candidates(probs[None]).tolist() == [0, 1]
     one_row = probs[:, :1, :]  # a 1-cell-high grid still works
-    assert segmenter._candidates(one_row).tolist() == [0, 1]
+    assert segmenter._candidates(one_row[None]).tolist() == [0, 1]
+    # Of a batch: the classes that can win in some image. Class 2 wins the second image's every cell.
+    other = torch.tensor([[0.1, 0.1], [0.2, 0.2], [0.7, 0.7]])[:, :, None].expand(3, 2, 2)
+    assert segmenter._candidates(torch.stack([other, other])).tolist() == [2]
+    assert segmenter._candidates(torch.stack([probs, other])).tolist() == [0, 1, 2]
 
 
 # --- the compiled image tower -------------------------------------------------------------------------------

@@ -417,6 +417,25 @@ def test_corruption_is_told_by_the_primary_result_code(code: int, corrupt: bool)
 def test_without_a_result_code_only_a_plain_database_error_means_corruption() -> None:
     assert store_module._is_corruption(sqlite3.DatabaseError("database disk image is malformed"))
     assert not store_module._is_corruption(sqlite3.OperationalError("database is locked"))
+    assert not store_module._is_corruption(ValueError("database disk image is malformed"))  # not SQLite's
+
+
+def test_only_a_held_lock_is_busy_on_sqlite(tmp_path: Path) -> None:
+    """A write that met another writer's lock may be tried again (a 503); another operational error,
+    e.g. a table that is not there, will not go away by trying again."""
+    from labelstudio_maskclip.learning.backends import SQLiteBackend
+
+    backend = SQLiteBackend(tmp_path / "s.sqlite3", busy_timeout_s=0.1)
+    conn, other = backend.connect(), backend.connect()
+    other.execute("BEGIN IMMEDIATE")
+    errors = []
+    for statement in ("BEGIN IMMEDIATE", "SELECT * FROM no_such_table"):
+        with pytest.raises(sqlite3.OperationalError) as caught:
+            conn.execute(statement)
+        errors.append(caught.value)
+    other.execute("ROLLBACK")
+    assert [backend.busy(e) for e in errors] == [True, False], errors
+    assert not backend.busy(sqlite3.DatabaseError("database is locked"))  # only an operational error is
 
 
 def test_the_durability_setting_reaches_every_connection(tmp_path: Path) -> None:
@@ -498,6 +517,9 @@ def test_migrations_are_recorded_once_in_order(store_url: str) -> None:
     recorded = _versions(first)
     assert [v for v, _ in recorded] == list(range(1, SCHEMA_VERSION + 1)) and first.schema_version() == SCHEMA_VERSION
     assert _versions(Store(store_url)) == recorded  # reopening applies nothing again
+    with first._read() as conn:  # each with what it did, for whoever inspects the database
+        summaries = [r[0] for r in conn.execute("SELECT summary FROM schema_version ORDER BY version")]
+    assert summaries == [m.summary for m in migrations.MIGRATIONS]
 
 
 def test_a_new_migration_is_applied_once_to_an_existing_store(store_url: str, monkeypatch) -> None:
@@ -520,6 +542,19 @@ def test_a_store_migrated_by_newer_code_is_refused(store_url: str) -> None:
                      (SCHEMA_VERSION + 1,))  # fmt: skip
     with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}, newer than this code"):
         Store(store_url)
+
+
+def test_an_sqlite_store_whose_user_version_is_newer_is_refused(tmp_path: Path) -> None:
+    """SQLite's ``user_version`` is the schema version too (the one older code reads): a file that says it is
+    newer than this code is refused, even without a ``schema_version`` table."""
+    db = tmp_path / "model_dir" / store_module.DB_FILE_NAME
+    db.parent.mkdir()
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(
+        StoreError, match=f"schema version {SCHEMA_VERSION + 1}, newer than this code's {SCHEMA_VERSION}"
+    ):
+        Store(db.parent)
 
 
 def test_a_store_of_schema_1_written_before_versioned_migrations_opens_without_loss(tmp_path: Path) -> None:
@@ -736,6 +771,29 @@ def test_check_finds_an_index_that_disagrees_with_its_table_which_the_quick_chec
     assert reopened.check() == ["integrity_check: row 1 missing from index annotations_task"]
 
 
+def test_corruption_a_write_meets_where_the_quick_check_passes_is_recorded_and_refuses_the_rest(tmp_path: Path) -> None:
+    """An index whose entries disagree with its table passes the quick check; a write that changes the indexed
+    column meets the damage. What it met is the damage reported, and nothing more is read or written."""
+    store = Store(tmp_path)
+    store.put_annotation(write(1, 5, {"cat": disc(20, 30, 10, 10, 4)}))
+    store.close()
+    with sqlite3.connect(store.path) as conn:
+        conn.execute("PRAGMA writable_schema = ON")
+        conn.execute(
+            "UPDATE sqlite_master SET sql = 'CREATE INDEX annotations_task ON annotations(project)' "
+            "WHERE name = 'annotations_task'"
+        )
+    reopened = Store(tmp_path)
+    assert reopened.damage == [] and reopened.integrity() == []
+    moved = AnnotationWrite(id=1, task=TaskRecord(5, 2, "x"), height=20, width=30,
+                            masks={"dog": disc(20, 30, 10, 10, 4)}, updated_at="2026-11-03T10:00:00Z")  # fmt: skip
+    with pytest.raises(store_module.StoreDamaged, match=r"is damaged \(database disk image is malformed\)\."):
+        reopened.put_annotation(moved)
+    assert reopened.damage == ["database disk image is malformed"]
+    with pytest.raises(store_module.StoreDamaged, match="backfill --project ID"):
+        reopened.labels()
+
+
 def test_the_store_settings_given_reach_the_connection_and_bad_locations_are_named(tmp_path: Path) -> None:
     extra = Store(tmp_path / "a", busy_timeout_s=2.5, synchronous="EXTRA")
     conn = extra._conn()
@@ -914,13 +972,172 @@ def test_a_write_that_waits_past_the_busy_timeout_is_a_store_error_and_nothing_i
     same write succeeds once the lock is gone."""
     store = Store(tmp_path / "model_dir", busy_timeout_s=0.2)
     store.put_annotation(write(1, 1, {"cat": disc(20, 20, 10, 10, 5)}))
+    conn = store._conn()
     other = sqlite3.connect(store.path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # holds the write lock
     try:
         with pytest.raises(StoreError, match="busy"):
             store.put_annotation(write(2, 2, {"dog": disc(20, 20, 5, 5, 3)}))
+        assert store._conn() is conn  # a lock another writer holds is no broken connection: not replaced
     finally:
         other.execute("ROLLBACK")
         other.close()
     assert store.put_annotation(write(2, 2, {"dog": disc(20, 20, 5, 5, 3)})).status == "stored"
     assert store.check() == [] and store.current_seq() == 2
+
+
+# --- the dialects (learning/backends.py): locations, passwords, placeholders, lock keys ---------------------
+
+
+def test_only_a_postgresql_url_is_a_postgresql_store() -> None:
+    from labelstudio_maskclip.learning.backends import is_postgres
+
+    for url in ("postgresql://h/db", "postgres://u@h/db", "POSTGRESQL://h/db", "PostgreS://h/db"):
+        assert is_postgres(url), url
+    for other in ("postgresql", "postgres", "postgresql:/h/db", "/data/postgresql://", "mysql://h/db", "", None,
+                  Path("postgresql://h/db")):  # fmt: skip
+        assert not is_postgres(other), other
+
+
+def test_an_sqlite_location_names_its_file(tmp_path: Path) -> None:
+    from labelstudio_maskclip.learning.backends import DB_FILE_NAME, open_backend, sqlite_path
+
+    assert sqlite_path("sqlite:///rel/store.db") == Path("rel/store.db")  # three slashes: a relative path
+    assert sqlite_path("SQLite:////abs/dir") == Path("/abs/dir") / DB_FILE_NAME  # a fourth: an absolute one
+    assert sqlite_path(tmp_path) == tmp_path / DB_FILE_NAME
+    for name in ("a.sqlite3", "a.sqlite", "a.db"):
+        assert sqlite_path(tmp_path / name) == tmp_path / name
+    assert sqlite_path("a.txt") == Path("a.txt") / DB_FILE_NAME
+    with pytest.raises(ValueError, match=r"^'mysql://h/db': the store is a path, sqlite:///path or postgresql://"):
+        sqlite_path("mysql://h/db")
+    backend = open_backend(f"sqlite:///{tmp_path}/s.sqlite3", busy_timeout_s=1.5, synchronous="normal")
+    assert (backend.name, backend.describe(), backend.busy_ms, backend.synchronous) == (  # type: ignore[attr-defined]
+        "sqlite", str(tmp_path / "s.sqlite3"), 1500, "NORMAL")  # fmt: skip
+
+
+def test_a_url_keeps_everything_but_the_case_of_its_scheme() -> None:
+    from labelstudio_maskclip.learning.backends import normalised_url
+
+    assert normalised_url("POSTGRESQL://User:PW@Host/DB?SSLMODE=x") == "postgresql://User:PW@Host/DB?SSLMODE=x"
+    assert normalised_url("postgres://u@h/d") == "postgres://u@h/d"
+    assert normalised_url("NOT A URL") == "NOT A URL"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://u:pw@h:5432/db", "postgresql://u:***@h:5432/db"),
+        ("postgresql://u:p:w@h/db", "postgresql://u:***@h/db"),  # the password is all after the first ":"
+        ("postgresql://u:p@w@h/db", "postgresql://u:***@h/db"),  # an unencoded "@": the host is after the last
+        ("postgresql://u@h/db", "postgresql://u@h/db"),
+        ("postgresql://h/db", "postgresql://h/db"),
+        ("postgresql:///db?host=/run/pg", "postgresql:///db?host=/run/pg"),
+        ("postgresql://h/db@x?a=1#f@g", "postgresql://h/db@x?a=1#f@g"),  # an "@" after the host is no user's
+        ("postgresql://h/db?a=1&password=pw&b=2", "postgresql://h/db?a=1&password=***&b=2"),
+        ("postgresql://h/db?PassWord=pw#frag", "postgresql://h/db?PassWord=***#frag"),
+        ("postgresql://u:pw@h/db?x=1\n&password=pw2", "postgresql://u:***@h/db?x=1\n&password=***"),
+    ],
+)
+def test_a_url_is_shown_whole_without_its_password(url: str, shown: str) -> None:
+    from labelstudio_maskclip.learning.backends import hide_password
+
+    assert hide_password(url) == shown
+
+
+def test_every_form_of_the_password_is_hidden_in_a_message() -> None:
+    from labelstudio_maskclip.learning.backends import hide_secrets
+
+    url = "postgresql://u:ab@cdef@h/db?password=xyz"
+    message = "password ab@cdef, then ab and cdef apart, xyz; user u at h"
+    assert hide_secrets(message, url) == "password ***, then *** and *** apart, ***; user u at h"
+    encoded = "postgresql://u:p%40ss@h/db"
+    assert hide_secrets("libpq: p@ss, p%40ss", encoded) == "libpq: ***, ***"
+    assert hide_secrets("no password here", "postgresql://u:@h/db?password=") == "no password here"
+    assert hide_secrets("libpq: p:w:x", "postgresql://u:p:w:x@h/db") == "libpq: ***"  # all after the first ":"
+
+
+def test_lock_keys_are_fixed_signed_64_bit_numbers() -> None:
+    """Every instance computes the same key for a lock, whatever its version: a key that changed between
+    releases would let an old and a new instance hold 'the same' lock at once."""
+    from labelstudio_maskclip.learning.backends import MIGRATION_KEY, WRITE_KEY, advisory_key
+
+    assert advisory_key("store-write") == WRITE_KEY == 4621462322906981360
+    assert advisory_key("store-migrate") == MIGRATION_KEY == -7839185953009601908  # negative: signed
+    assert advisory_key("run:train") == 8798891642818076407
+
+
+def test_sql_with_a_percent_sign_and_many_rows_runs_on_both_backends(store: Store) -> None:
+    with store._write() as conn:
+        assert conn.execute("SELECT 7 % ?", (4,)).fetchone()[0] == 3
+        conn.execute("CREATE TABLE pairs (a TEXT, b INTEGER)")
+        conn.executemany("INSERT INTO pairs (a, b) VALUES (?, ?)", iter([["x", 1], ["y%", 2]]))
+        conn.executemany("INSERT INTO pairs (a, b) VALUES (?, ?)", [])  # nothing to insert: nothing done
+        assert [tuple(r) for r in conn.execute("SELECT a, b FROM pairs ORDER BY b")] == [("x", 1), ("y%", 2)]
+
+
+def test_sqlite_refuses_a_file_without_wal_mode() -> None:
+    from labelstudio_maskclip.learning.backends import SQLiteBackend
+
+    with pytest.raises(sqlite3.OperationalError, match=r"^SQLite refused WAL mode \(journal_mode=memory\); use a"):
+        SQLiteBackend(Path(":memory:")).connect()  # an in-memory database cannot be in WAL mode
+
+
+def test_a_thread_keeps_its_connection_from_call_to_call(store: Store) -> None:
+    """One connection per thread, opened once: not one per call (each would stay open)."""
+    store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
+    conn = store._conn()
+    store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)}))
+    assert store.accepted_samples() and store._conn() is conn
+
+
+def test_the_quick_check_of_a_store_that_cannot_be_opened_says_why(tmp_path: Path) -> None:
+    """A thread that first checks the store after its folder went away gets the reason as the finding
+    (the doctor reports it), not an exception."""
+    import shutil
+    import threading
+
+    store = Store(tmp_path / "model_dir")
+    shutil.rmtree(tmp_path / "model_dir")
+    found: list[list[str]] = []
+    thread = threading.Thread(target=lambda: found.append(store.integrity()))
+    thread.start()
+    thread.join()
+    assert found == [[f"cannot open the store {store.path}: unable to open database file"]]
+
+
+def test_a_forked_child_opens_its_own_connection_and_the_parent_keeps_its_own(store: Store) -> None:
+    """A process forked from one that used the store (a pre-forking server's workers) writes through a
+    connection of its own; the parent's connection, inherited by the child, stays the parent's and works."""
+    import gc
+    import os
+
+    store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
+    conn = store._conn()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only
+        code = 1
+        try:
+            stored = store.put_annotation(write(2, 2, {"cat": disc(20, 30, 10, 10, 4)})).status == "stored"
+            own = store._conn() is not conn
+            gc.collect()
+            code = 0 if stored and own else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store.current_seq() == 2 and store._conn() is conn  # the parent's connection was not ended
+    assert [s.annotation_id for s in store.accepted_samples()] == [1, 2]
+
+
+def test_an_sqlite_backend_by_default_waits_30_s_for_the_write_lock_and_syncs_fully(tmp_path: Path) -> None:
+    from labelstudio_maskclip.learning.backends import SQLiteBackend
+
+    conn = SQLiteBackend(tmp_path / "s.sqlite3").connect()
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 30000
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    conn.close()
+
+
+def test_a_healthy_store_has_nothing_to_report(store: Store) -> None:
+    store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
+    assert store.check() == [] and store.integrity() == [] and store.damage == [] and store.damage_message() == ""

@@ -49,6 +49,10 @@ __all__ = [
 NO_LABEL = -1
 SCORES = ("confidence", "margin", "entropy")  # image score kinds; see the module docstring
 _UPSAMPLE_BUDGET = 2**22  # probabilities upsampled at once in _finalize (16 MiB of float32)
+# _finalize_all on a GPU: at most this many probabilities upsampled at once (width-upsampled grids, bands of
+# rows), and this many output pixels held on the device, per batch of images finished together
+_BATCH_UPSAMPLE_BUDGET = 2**26
+_BATCH_OUTPUT_PIXELS = 2**25
 REFINE_MAX_SIDE = 896  # PAMR runs at the resized image's resolution, its long side capped at this
 
 
@@ -575,9 +579,9 @@ def segment_in_batches(
     score: str = "confidence",
 ) -> list[Segmentation]:
     """The batching shared by every segmenter: images grouped by resized shape ``size_of(H, W)``, run in
-    batches through ``probs_of(images, size) -> (B, K + Kb, h, w)`` probabilities, finalised one by one at
-    their original sizes with the image score ``score`` (one of :data:`SCORES`). ``progress(n)`` is called
-    after each batch."""
+    batches through ``probs_of(images, size) -> (B, K + Kb, h, w)`` probabilities, finalised at their original
+    sizes with the image score ``score`` (one of :data:`SCORES`): one by one on the CPU, those of one original
+    size together elsewhere (:func:`_finalize_all`). ``progress(n)`` is called after each batch."""
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}: choose one of {', '.join(SCORES)}")
     groups: dict[tuple[int, int], list[int]] = {}
@@ -591,9 +595,10 @@ def segment_in_batches(
         for b in range(0, len(idx), max(1, batch_size)):
             batch = idx[b : b + max(1, batch_size)]
             probs = probs_of([images[i] for i in batch], size)
-            for i, p in zip(batch, probs):
-                size = (int(images[i].shape[0]), int(images[i].shape[1]))
-                results[i] = _finalize(p, size, n_labels, min_confidence, score)
+            sizes = [(int(images[i].shape[0]), int(images[i].shape[1])) for i in batch]
+            together = probs.device.type != "cpu"
+            for i, seg in zip(batch, _finalize_all(probs, sizes, n_labels, min_confidence, score, together)):
+                results[i] = seg
             if progress is not None:
                 progress(len(batch))
     return results  # type: ignore[return-value]
@@ -612,8 +617,8 @@ def _windows(height: int, width: int, win: int, stride: int) -> list[tuple[int, 
 
 
 def _candidates(probs: torch.Tensor) -> torch.Tensor:
-    """Indices of the classes that can win some pixel once (K, h, w) grid probabilities are upsampled
-    bilinearly, ascending.
+    """Indices of the classes that can win some pixel of some image once (B, K, h, w) grid probabilities are
+    upsampled bilinearly, ascending.
 
     An upsampled pixel is a convex combination of the 4 cells of one 2x2 block of the grid (or of fewer at
     the border, which the blocks also cover). Within a block, a class whose highest corner is below the best
@@ -621,48 +626,103 @@ def _candidates(probs: torch.Tensor) -> torch.Tensor:
     are upsampled: usually a handful of the K (prompt denoising alone zeroes the absent ones), which makes
     finishing an image at full resolution several times cheaper without changing the result.
     """
-    k, h, w = probs.shape
+    _, k, h, w = probs.shape
     if k <= 2:
         return torch.arange(k, device=probs.device)
-    padded = probs[None]
+    padded = probs
     if h == 1 or w == 1:  # a one-cell-wide grid: blocks are 1x2 or 2x1 (or a single cell)
         padded = F.pad(padded, (0, int(w == 1), 0, int(h == 1)), mode="replicate")
-    hi = F.max_pool2d(padded, 2, stride=1)[0]  # (K, h', w') per block: best corner of each class
-    lo = -F.max_pool2d(-padded, 2, stride=1)[0]  # worst corner of each class
-    floor = lo.amax(0, keepdim=True)  # (1, h', w'): a value some class reaches everywhere in the block
-    return torch.nonzero((hi >= floor).flatten(1).any(1)).flatten()
+    hi = F.max_pool2d(padded, 2, stride=1)  # (B, K, h', w') per block: best corner of each class
+    lo = -F.max_pool2d(-padded, 2, stride=1)  # worst corner of each class
+    floor = lo.amax(1, keepdim=True)  # (B, 1, h', w'): a value some class reaches everywhere in the block
+    return torch.nonzero((hi >= floor).transpose(0, 1).flatten(1).any(1)).flatten()
+
+
+def _finalize_all(
+    probs: torch.Tensor,
+    sizes: Sequence[tuple[int, int]],
+    n_labels: int,
+    min_conf: float,
+    score: str = "confidence",
+    together: bool = False,
+) -> list[Segmentation]:
+    """(B, K + Kb, h, w) grid probabilities of B images and their original sizes (H, W) -> their Segmentations.
+
+    ``together``: the images of one size are finalised as one batch (:func:`_finalize_batch`), as many at a
+    time as keep the width-upsampled grids under ``_BATCH_UPSAMPLE_BUDGET`` probabilities and the outputs under
+    ``_BATCH_OUTPUT_PIXELS`` pixels, in bands of rows of that budget too. On a GPU the launches and host
+    syncs of the finish are then per batch, not per image (the per-image finish took most of a batch's time
+    there). On a CPU the cost is the arithmetic, and the union of a batch's candidate classes is more of it
+    than each image's own, so images go one by one, in bands of ``_UPSAMPLE_BUDGET``. The results are the same.
+    """
+    out: list[Segmentation | None] = [None] * len(sizes)
+    groups: dict[object, list[int]] = {}
+    for i, size in enumerate(sizes):
+        groups.setdefault(size if together else i, []).append(i)
+    for idx in groups.values():
+        height, width = sizes[idx[0]]
+        per = min(
+            _BATCH_UPSAMPLE_BUDGET // (probs.shape[1] * probs.shape[2] * width),
+            _BATCH_OUTPUT_PIXELS // (height * width),
+        )
+        budget = _BATCH_UPSAMPLE_BUDGET if together else _UPSAMPLE_BUDGET
+        for b in range(0, len(idx), max(1, per)):
+            chunk = idx[b : b + max(1, per)]
+            part = probs if len(chunk) == len(probs) else probs[chunk]
+            segs = _finalize_batch(part, (height, width), n_labels, min_conf, score, budget)
+            for i, seg in zip(chunk, segs):
+                out[i] = seg
+    return out  # type: ignore[return-value]
 
 
 def _finalize(
     probs: torch.Tensor, size: tuple[int, int], n_labels: int, min_conf: float, score: str = "confidence"
 ) -> Segmentation:
-    """Grid probabilities (K + Kb, h, w) -> Segmentation at ``size`` (H, W), with the image score ``score``.
+    """Grid probabilities (K + Kb, h, w) of one image -> its Segmentation at ``size`` (H, W), with the image
+    score ``score`` (:func:`_finalize_batch`)."""
+    return _finalize_batch(probs[None], size, n_labels, min_conf, score)[0]
+
+
+def _finalize_batch(
+    probs: torch.Tensor,
+    size: tuple[int, int],
+    n_labels: int,
+    min_conf: float,
+    score: str = "confidence",
+    budget: int = 0,
+) -> list[Segmentation]:
+    """Grid probabilities (B, K + Kb, h, w) of B images of one size -> their Segmentations at ``size``
+    (H, W), with the image score ``score``.
 
     With the ``confidence`` score only the k' classes that can win a pixel are upsampled (:func:`_candidates`:
     usually a handful of the K); ``margin`` (needs the runner-up) and ``entropy`` (needs every class) upsample
     all K.
     Bilinear upsampling (``align_corners=False``, as ``F.interpolate``) is done separably: along the width for
-    the whole grid ((k', h, W): small), then along the height one band of output rows at a time, keeping each
-    band's winning class and its probability. Beyond the outputs ((H, W) int16 labels and float32
-    confidence, on the CPU) at most about ``_UPSAMPLE_BUDGET`` probabilities exist at once, whatever the image
-    size, so a 64-megapixel image costs its label map, not gigabytes of (K, H, W) floats.
+    the whole grid ((B, k', h, W): small), then along the height one band of output rows at a time, keeping
+    each band's winning class and its probability. Beyond the outputs ((B, H, W) int16 labels and float32
+    confidence, on the probabilities' device until the end) at most about ``budget`` (0:
+    ``_UPSAMPLE_BUDGET``) probabilities exist at once, whatever the image size, so a 64-megapixel image costs
+    its label map, not gigabytes of (K, H, W) floats. With B > 1 the k' classes are those that can win in some
+    image of the B.
     """
     height, width = size
-    keep = _candidates(probs) if score == "confidence" else torch.arange(probs.shape[0], device=probs.device)
-    kept = probs.index_select(0, keep).float()  # (k', h, w)
-    k_kept, grid_h, _ = kept.shape
-    rows = F.interpolate(kept[None], size=(grid_h, width), mode="bilinear", align_corners=False)[0]  # (k', h, W)
+    n_images, k_all, grid_h, _ = probs.shape
+    keep = _candidates(probs) if score == "confidence" else torch.arange(k_all, device=probs.device)
+    kept = probs.index_select(1, keep).float()  # (B, k', h, w)
+    k_kept = kept.shape[1]
+    rows = F.interpolate(kept, size=(grid_h, width), mode="bilinear", align_corners=False)  # (B, k', h, W)
     top, bottom, upper, lower = _height_weights(grid_h, height, probs.device)
-    tally = _Tally(height, width, n_labels)
-    band = max(1, _UPSAMPLE_BUDGET // (k_kept * width))
+    upper, lower = upper[None, None, :, None], lower[None, None, :, None]
+    tally = _Tally(n_images, height, width, n_labels, probs.device)
+    band = max(1, (budget or _UPSAMPLE_BUDGET) // (n_images * k_kept * width))
     for y0 in range(0, height, band):
         y1 = min(height, y0 + band)
-        up = rows[:, top[y0:y1]] * upper[None, y0:y1, None] + rows[:, bottom[y0:y1]] * lower[None, y0:y1, None]
-        value, index = up.max(0)  # (n, W) each; ties go to the first class
-        certainty = _certainty(up, value, score, probs.shape[0])
+        up = rows[:, :, top[y0:y1]] * upper[:, :, y0:y1] + rows[:, :, bottom[y0:y1]] * lower[:, :, y0:y1]
+        value, index = up.max(1)  # (B, n, W) each; ties go to the first class
+        certainty = _certainty(up, value, score, k_all)
         del up
         tally.add(y0, y1, keep[index], value, certainty, min_conf)
-    return tally.segmentation(probs)
+    return tally.segmentations(probs)
 
 
 def _height_weights(
@@ -679,52 +739,65 @@ def _height_weights(
 
 
 def _certainty(up: torch.Tensor, value: torch.Tensor, score: str, k_all: int) -> torch.Tensor:
-    """(n, W) each pixel's certainty under ``score``, from a band's upsampled probabilities ``up`` (k', n, W)
-    and their maximum ``value``; ``k_all`` classes in all (the entropy's normalisation)."""
+    """(B, n, W) each pixel's certainty under ``score``, from a band's upsampled probabilities ``up``
+    (B, k', n, W) and their maximum ``value``; ``k_all`` classes in all (the entropy's normalisation)."""
     if score == "margin":  # the winning probability minus the runner-up's
-        return value - up.topk(2, dim=0).values[1] if up.shape[0] > 1 else value
+        return value - up.topk(2, dim=1).values[:, 1] if up.shape[1] > 1 else value
     if score == "entropy":  # 1 - normalised entropy of the pixel's distribution
         if k_all <= 1:
             return torch.ones_like(value)
-        return 1.0 - (-torch.special.xlogy(up, up).sum(0)).clamp_min(0) / math.log(k_all)
+        return 1.0 - (-torch.special.xlogy(up, up).sum(1)).clamp_min(0) / math.log(k_all)
     return value
 
 
 class _Tally:
-    """The label map, its confidence and the per-label sums, filled one band of rows at a time."""
+    """B images' label maps, confidences and per-label sums, filled one band of rows at a time.
 
-    def __init__(self, height: int, width: int, n_labels: int):
+    Everything stays on the probabilities' device until :meth:`segmentations` copies it to the CPU, and
+    nothing in :meth:`add` reads a value back to the host (on a GPU: no sync per band)."""
+
+    def __init__(self, n_images: int, height: int, width: int, n_labels: int, device: torch.device):
         self.n_labels = n_labels
-        self.labels = torch.empty((height, width), dtype=torch.int16)
-        self.confidence = torch.empty((height, width), dtype=torch.float32)
-        self.areas = torch.zeros(n_labels, dtype=torch.float64)
-        self.sums = torch.zeros(n_labels, dtype=torch.float64)
-        self.total, self.count = 0.0, 0  # the image score's sum and the labelled pixels
+        self.labels = torch.empty((n_images, height, width), dtype=torch.int16, device=device)
+        self.confidence = torch.empty((n_images, height, width), dtype=torch.float32, device=device)
+        self.areas = torch.zeros((n_images, n_labels + 1), dtype=torch.float64, device=device)
+        self.sums = torch.zeros((n_images, n_labels + 1), dtype=torch.float64, device=device)
+        self.total = torch.zeros(n_images, dtype=torch.float64, device=device)  # the image score's sums
+        self.count = torch.zeros(n_images, dtype=torch.int64, device=device)  # the labelled pixels
 
     def add(
         self, y0: int, y1: int, klass: torch.Tensor, value: torch.Tensor, certainty: torch.Tensor, min_conf: float
     ) -> None:
-        """Rows y0:y1: (n, W) the winning class indices among all K, their probability and certainty."""
-        n_labels = self.n_labels
-        no_label = (klass >= n_labels) | (value < min_conf)
-        # Counted without boolean indexing (a device sync on a GPU): unlabelled pixels go to bin n_labels.
-        binned = klass.masked_fill(no_label, n_labels).flatten()
-        self.areas += torch.bincount(binned, minlength=n_labels + 1)[:n_labels].double().cpu()
-        self.sums += torch.bincount(binned, weights=value.flatten().double(), minlength=n_labels + 1)[:n_labels].cpu()
-        self.total += float(certainty.double().masked_fill(no_label, 0.0).sum())
-        self.count += int(no_label.numel() - int(no_label.sum()))
-        self.labels[y0:y1] = klass.masked_fill(no_label, NO_LABEL).to(torch.int16).cpu()
-        self.confidence[y0:y1] = value.cpu()
+        """Rows y0:y1: (B, n, W) the winning class indices among all K, their probability and certainty."""
+        n_images, n_bins = self.areas.shape
+        no_label = (klass >= self.n_labels) | (value < min_conf)
+        # Counted by index_add_ (boolean indexing, and bincount's range check, read values back to the host):
+        # unlabelled pixels go to the last bin, image b's bins are b * n_bins onwards.
+        offsets = torch.arange(n_images, device=klass.device)[:, None, None] * n_bins
+        binned = (klass.masked_fill(no_label, self.n_labels) + offsets).flatten()
+        weights = value.flatten().double()
+        self.areas.view(-1).index_add_(0, binned, torch.ones_like(weights))
+        self.sums.view(-1).index_add_(0, binned, weights)
+        self.total += certainty.double().masked_fill(no_label, 0.0).sum((1, 2))
+        self.count += (~no_label).sum((1, 2))
+        self.labels[:, y0:y1] = klass.masked_fill(no_label, NO_LABEL).to(torch.int16)
+        self.confidence[:, y0:y1] = value
 
-    def segmentation(self, probs: torch.Tensor) -> Segmentation:
-        """The finished Segmentation, ``probs`` (K + Kb, h, w) kept as its grid probabilities."""
-        areas, sums = self.areas, self.sums
+    def segmentations(self, probs: torch.Tensor) -> list[Segmentation]:
+        """The finished Segmentations, ``probs`` (B, K + Kb, h, w) kept as their grid probabilities."""
+        areas, sums = self.areas[:, : self.n_labels].cpu(), self.sums[:, : self.n_labels].cpu()
         scores = torch.where(areas > 0, sums / areas.clamp_min(1), torch.zeros_like(sums))
-        return Segmentation(
-            labels=self.labels.numpy(),
-            confidence=self.confidence.numpy(),
-            grid_probs=probs.float().cpu().numpy(),
-            class_scores=scores.float().numpy(),
-            class_areas=areas.numpy().astype(np.int64),
-            score=self.total / self.count if self.count else 0.0,
-        )
+        total, count = self.total.cpu().tolist(), self.count.cpu().tolist()
+        labels, confidence = self.labels.cpu().numpy(), self.confidence.cpu().numpy()
+        grid = probs.float().cpu().numpy()
+        return [
+            Segmentation(
+                labels=labels[b],
+                confidence=confidence[b],
+                grid_probs=grid[b],
+                class_scores=scores[b].float().numpy(),
+                class_areas=areas[b].numpy().astype(np.int64),
+                score=total[b] / count[b] if count[b] else 0.0,
+            )
+            for b in range(len(total))
+        ]
