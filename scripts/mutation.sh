@@ -9,7 +9,8 @@
 # `--deselect=NODE`, `-k` then an expression). MUTANT names (as `mutmut results` prints them) re-run only those, e.g. the
 # survivors once tests against them are in. The run lives in build/mutation/<module>/ (mutmut's cache: a
 # second run tests only the functions that changed); there `mutmut results`, `mutmut show NAME` and
-# `mutmut browse` read it. The settings shared by every run are pyproject.toml's [tool.mutmut].
+# `mutmut browse` read it. The settings shared by every run are pyproject.toml's [tool.mutmut]; JOBS (test
+# processes at once), NICE, MEMORY_KB and TIMEOUT_MULTIPLIER (see below) are read from the environment.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-$root/.venv/bin/python}
@@ -29,6 +30,9 @@ done
     cat "$root/pyproject.toml"
     printf 'only_mutate = ["%s"]\n' "$module"
     printf 'pytest_add_cli_args_test_selection = [%s]\n' "$(IFS=,; echo "${tests[*]}")"
+    # mutmut stops a mutant's tests after (their measured time + 1 s) x 15 of wall-clock time: on a loaded
+    # machine, tests whose fixtures cost seconds read as timeouts; TIMEOUT_MULTIPLIER raises the factor.
+    [ -z "${TIMEOUT_MULTIPLIER:-}" ] || printf 'timeout_multiplier = %s\n' "$TIMEOUT_MULTIPLIER"
 } >"$work/pyproject.toml"
 cd "$work"
 # A mutant that asks for an enormous tensor fails with an error instead of taking the machine's memory.

@@ -225,3 +225,17 @@ def test_the_served_version_falls_back_to_the_file_for_a_while_when_the_store_ca
         assert ck.current_version(down) == "maskclip+-1"
         assert server.accepted > tried
     server.sock.close()
+
+
+def test_with_an_sqlite_store_the_settings_follow_the_pointer_file(tmp_path):
+    """Settings whose store is SQLite (one machine) serve, promote and roll back through the ``current`` file
+    alone, as the MODEL_DIR does."""
+    from labelstudio_maskclip.settings import Settings
+
+    s = Settings(model_dir=str(tmp_path), store_url=f"sqlite:///{tmp_path / 'store.db'}")
+    assert ck.current_version(s) is None
+    version = ck.promote(s, _payload())
+    assert ck.current_version(s) == version == ck.current_version(tmp_path)
+    assert ck.current_checkpoint(s) == ck.checkpoint_path(tmp_path, version)
+    assert ck.rollback(s, "maskclip") == "maskclip" and ck.current_version(s) is None
+    assert ck.rollback(s, version) == version and ck.current_version(tmp_path) == version

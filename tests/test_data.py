@@ -51,6 +51,27 @@ def test_the_store_gives_samples_unlabeled_tasks_with_an_image_and_its_counter(t
     assert (run["seq"], run["model_version"], run["metrics"]) == (seq, "maskclip+-4", {"miou": {"candidate": 0.5}})
 
 
+def test_one_projects_samples_and_tasks_are_read_and_its_run_recorded_for_it_up_to_what_it_saw(tmp_path):
+    """A project's training sees only its own samples and tasks; its run is recorded for that project and up
+    to the change counter read before training: what arrived during the run counts for the next one."""
+    store = Store(tmp_path)
+    mask = np.ones((4, 6), bool)
+    for task, project in ((1, 1), (2, 2)):
+        store.put_annotation(
+            AnnotationWrite(id=10 + task, task=TaskRecord(task, project, "img"), masks={"cat": mask}, height=4, width=6)
+        )
+    store.put_tasks([TaskRecord(3, 1, "a"), TaskRecord(4, 2, "b")])
+    samples, unlabeled, seq = td.read_store(store, 2)
+    assert [s.task_id for s in samples] == [2] and [t.id for t in unlabeled] == [4]
+    late = TaskRecord(5, 2, "c")  # annotated while project 2 trains
+    store.put_annotation(AnnotationWrite(id=15, task=late, masks={"cat": mask}, height=4, width=6))
+    td.mark_trained(store, seq, 2, "maskclip+-1", {})
+    (run,) = store.training_runs(2)
+    assert (run["project"], run["seq"]) == (2, seq) and store.training_runs(1) == []
+    assert store.count_since_last_training(2) == 1  # the late annotation
+    assert store.count_since_last_training(1) == 1  # project 1 was not trained
+
+
 def test_default_classes_are_every_label_of_the_masks_sorted():
     m = np.ones((2, 2), bool)
     samples = [_sample(1, {"dog": m, "cat": m}), _sample(2, {"cat": m, "Bird": m})]
@@ -100,6 +121,27 @@ def test_rounding_keeps_the_exact_colour_of_a_flat_image():
     assert (out == np.array([200, 17, 254], np.uint8)).all()
     odd = td._resize_image(np.full((9, 7, 3), 128, np.uint8), 3)
     assert odd.shape == (4, 3, 3)  # 9 * 3/7 = 3.86 rounds to 4
+
+
+def test_black_and_white_stay_black_and_white_and_a_ramp_is_sampled_at_the_new_pixels_centres():
+    flat = np.zeros((100, 70, 3), np.uint8)
+    flat[..., 1] = 255
+    np.testing.assert_array_equal(td._resize_image(flat, 35), np.broadcast_to([0, 255, 0], (50, 35, 3)))
+    ramp = np.broadcast_to((2 * np.arange(100)).astype(np.uint8)[None, :, None], (60, 100, 3))  # value 2x at column x
+    out = td._resize_image(ramp, 30)
+    # halved: new column i covers old columns 2i and 2i + 1, its centre is at 2i + 0.5, where the ramp is 4i + 1
+    np.testing.assert_array_equal(out, np.broadcast_to((4 * np.arange(50) + 1)[None, :, None], (30, 50, 3)))
+
+
+def test_an_image_small_enough_is_cached_as_it_is_and_any_array_a_loader_gives_is_resized():
+    img = np.random.default_rng(0).integers(0, 256, (40, 50, 3), np.uint8)
+    assert td._resize_image(img, 40) is img  # short side exactly the size: not resampled
+    mirrored = img[:, ::-1]  # a view with negative strides, as a flip gives
+    readonly = img.copy()
+    readonly.flags.writeable = False  # as a memory-mapped or decoded image may be
+    for arr in (mirrored, readonly):
+        expected = td._resize_image(np.ascontiguousarray(arr), 20)
+        np.testing.assert_array_equal(td._resize_image(arr, 20), expected)
 
 
 def test_a_label_map_holds_each_known_label_at_the_image_size():

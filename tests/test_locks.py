@@ -294,3 +294,26 @@ def test_a_wait_the_database_cuts_short_is_a_store_error_that_names_the_lock(pos
             impatient.acquire(wait=True)
     finally:
         holder.release()
+
+
+def test_a_lock_waited_for_knows_when_it_is_no_longer_held(postgres_url: str, postgres) -> None:
+    """The trainer waits for the training lock (``--lock-wait``): that lock too must tell when the server
+    ended its session, or a run that lost it would still promote."""
+    waited = AdvisoryLock(postgres_url, "train").acquire(wait=True)
+    assert waited is not None and waited.still_held()
+    _end_lock_sessions(postgres, postgres_url, "train")
+    assert not waited.still_held()
+    waited.release()
+
+
+def test_a_lock_that_cannot_reach_its_database_says_which_lock_and_where() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql://maskclip:secret@127.0.0.1:{port}/db?connect_timeout=3"
+    with pytest.raises(
+        StoreError, match=rf"^cannot take the rescore lock in postgresql://maskclip:\*\*\*@127\.0\.0\.1:{port}/db"
+    ):
+        AdvisoryLock(url, "rescore").acquire()

@@ -63,3 +63,23 @@ def test_no_job_when_rescoring_is_off_or_label_studio_is_unknown(tmp_path, monke
     assert start_rescore(Settings(model_dir=str(tmp_path), label_studio_url=url, rescore=False), project=1) is None
     assert start_rescore(Settings(model_dir=str(tmp_path)), project=1) is None
     assert _FakeJob.calls == [] and not (tmp_path / "runs").exists()
+
+
+def test_a_second_job_waits_for_the_running_one_by_default(tmp_path):
+    """The job takes the lock without saying ``wait``: one started while another runs queues behind it."""
+    import threading
+
+    from labelstudio_maskclip.training.rescoring import acquire_rescore_lock
+
+    s = Settings(model_dir=str(tmp_path))
+    running = acquire_rescore_lock(s, wait=False)
+    assert running is not None and acquire_rescore_lock(s, wait=False) is None
+    got: list = []
+    second = threading.Thread(target=lambda: got.append(acquire_rescore_lock(s)))
+    second.start()
+    second.join(1.0)
+    assert second.is_alive() and got == []  # queued behind the running job
+    running.release()
+    second.join(20)
+    assert not second.is_alive() and got and got[0] is not None
+    got[0].release()

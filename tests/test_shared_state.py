@@ -49,6 +49,18 @@ def test_a_promotion_and_a_rollback_are_seen_by_an_instance_with_another_model_d
     assert shared_store(b).get_state(ck.SERVED_KEY) == "maskclip"  # type: ignore[union-attr]
 
 
+def test_a_promotion_written_to_the_store_ends_the_back_off_at_once(postgres_url, tmp_path, monkeypatch) -> None:
+    """After the store could not be read, this process reads the pointer file for a while; once a promotion
+    has written the store's pointer, the store is read again at once (another instance's file is stale)."""
+    import time
+
+    a, b = _instances(postgres_url, tmp_path)
+    monkeypatch.setattr(ck, "_store_down_until", {postgres_url: time.monotonic() + 1000})  # as after a failure
+    assert ck.current_version(b) is None  # b's files: nothing promoted there
+    v1 = ck.promote(a, _payload(build_student("tiny", _emb(2, 8), "none"), ["a", "b"]))
+    assert ck.current_version(b) == v1 and not ck.models_dir(b).exists()  # the store's pointer again
+
+
 def test_a_store_without_a_pointer_serves_what_the_files_say(postgres_url, tmp_path) -> None:
     """A deployment moving from SQLite to PostgreSQL keeps serving the promoted student."""
     a, _ = _instances(postgres_url, tmp_path)

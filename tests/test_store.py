@@ -1013,6 +1013,8 @@ def test_an_sqlite_location_names_its_file(tmp_path: Path) -> None:
     backend = open_backend(f"sqlite:///{tmp_path}/s.sqlite3", busy_timeout_s=1.5, synchronous="normal")
     assert (backend.name, backend.describe(), backend.busy_ms, backend.synchronous) == (  # type: ignore[attr-defined]
         "sqlite", str(tmp_path / "s.sqlite3"), 1500, "NORMAL")  # fmt: skip
+    default = open_backend(tmp_path)
+    assert (default.busy_ms, default.synchronous) == (30000, "FULL")  # type: ignore[attr-defined]
 
 
 def test_a_url_keeps_everything_but_the_case_of_its_scheme() -> None:
@@ -1021,6 +1023,7 @@ def test_a_url_keeps_everything_but_the_case_of_its_scheme() -> None:
     assert normalised_url("POSTGRESQL://User:PW@Host/DB?SSLMODE=x") == "postgresql://User:PW@Host/DB?SSLMODE=x"
     assert normalised_url("postgres://u@h/d") == "postgres://u@h/d"
     assert normalised_url("NOT A URL") == "NOT A URL"
+    assert normalised_url("POSTGRES://User@h/db?options=a://B") == "postgres://User@h/db?options=a://B"
 
 
 @pytest.mark.parametrize(
@@ -1036,6 +1039,7 @@ def test_a_url_keeps_everything_but_the_case_of_its_scheme() -> None:
         ("postgresql://h/db?a=1&password=pw&b=2", "postgresql://h/db?a=1&password=***&b=2"),
         ("postgresql://h/db?PassWord=pw#frag", "postgresql://h/db?PassWord=***#frag"),
         ("postgresql://u:pw@h/db?x=1\n&password=pw2", "postgresql://u:***@h/db?x=1\n&password=***"),
+        ("postgresql://u:pw@h/db?application_name=a://b", "postgresql://u:***@h/db?application_name=a://b"),
     ],
 )
 def test_a_url_is_shown_whole_without_its_password(url: str, shown: str) -> None:
@@ -1141,3 +1145,43 @@ def test_an_sqlite_backend_by_default_waits_30_s_for_the_write_lock_and_syncs_fu
 def test_a_healthy_store_has_nothing_to_report(store: Store) -> None:
     store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
     assert store.check() == [] and store.integrity() == [] and store.damage == [] and store.damage_message() == ""
+
+
+def test_a_postgresql_store_waits_its_busy_timeout_for_the_write_lock_and_names_itself(postgres_url: str) -> None:
+    """Writers queue on the store's write lock for at most the busy timeout (as SQLite's do), and each
+    session says whose it is (``pg_stat_activity``; docs/replicas.md counts the connections)."""
+    conn = Store(postgres_url, busy_timeout_s=2.5)._conn()
+    assert conn.execute("SHOW lock_timeout").fetchone()[0] == "2500ms"
+    assert conn.execute("SHOW application_name").fetchone()[0] == "labelstudio-maskclip"
+    assert Store(postgres_url)._conn().execute("SHOW lock_timeout").fetchone()[0] == "30s"
+
+
+def test_a_connection_that_fails_says_why_without_the_password() -> None:
+    from labelstudio_maskclip.learning.backends import ConnectFailed, postgres_connect
+
+    port = _closed_port()
+    with pytest.raises(ConnectFailed) as refused:
+        postgres_connect(f"postgresql://u:Secret9@127.0.0.1:{port}/db", application_name="t")
+    assert f'"127.0.0.1", port {port} failed' in str(refused.value) and "Secret9" not in str(refused.value)
+    with pytest.raises(ConnectFailed, match=r"^the store URL cannot be parsed: postgresql://u:\*\*\*@h/db\?no_such=1$"):
+        postgres_connect("postgresql://u:Secret9@h/db?no_such=1", application_name="t")
+
+
+def test_no_session_of_ours_sits_in_an_open_transaction(postgres_url: str) -> None:
+    """Every connection is in autocommit mode and opens its transactions itself: neither a store that has
+    written nor a held run lock keeps a transaction open (which would hold back VACUUM and snapshots)."""
+    import psycopg
+
+    from labelstudio_maskclip.learning.locks import AdvisoryLock
+
+    store = Store(postgres_url)
+    store.put_annotation(write(1, 1, {"cat": disc(20, 30, 10, 10, 4)}))
+    held = AdvisoryLock(postgres_url, "train").acquire()
+    assert held is not None
+    with psycopg.connect(postgres_url) as conn:
+        states = conn.execute(
+            "SELECT application_name, state FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name LIKE 'labelstudio-maskclip%' ORDER BY 1"
+        ).fetchall()
+    held.release()
+    assert states == [("labelstudio-maskclip", "idle"), ("labelstudio-maskclip train", "idle")]

@@ -447,3 +447,61 @@ def test_a_rule_that_fires_while_a_trainer_runs_says_so(setup, monkeypatch):
     finally:
         held.close()
     assert reply["training"] == "already running" and _FakeTrainer.calls == []
+
+
+class _QueuingTrainer(_FakeTrainer):
+    """Stands in for a trainer started with ``--lock-wait``: alive until ``exited`` is set."""
+
+    started: list = []
+
+    def __init__(self, cmd, **kwargs):
+        super().__init__(cmd, **kwargs)
+        self.exited = None
+        _QueuingTrainer.started.append(self)
+
+    def poll(self):
+        return self.exited
+
+
+def test_on_a_postgresql_store_the_server_keeps_the_lock_until_its_trainer_queues_for_it(setup, monkeypatch,
+                                                                                        postgres_url):  # fmt: skip
+    """In process, with a stand-in trainer: the advisory lock cannot be inherited, so the trainer is told to
+    queue for it (``--lock-wait``, no descriptor passed) and a daemon thread of the server keeps it until then:
+    no other instance gets it in between; the trainer that queues gets it; one that dies first frees it."""
+    s = setup[0].replace(store_url=postgres_url)
+    other = s.replace(model_dir=str(Path(s.model_dir).parent / "other-instance"))
+    _FakeTrainer.calls, _QueuingTrainer.started = [], []
+    monkeypatch.setattr(jobs.subprocess, "Popen", _QueuingTrainer)
+    assert trigger.request_training(s, "handed over")
+    ((cmd, kwargs),) = _FakeTrainer.calls
+    assert "--lock-wait" in cmd and "--lock-fd" not in cmd and kwargs["pass_fds"] == ()
+    (thread,) = [t for t in threading.enumerate() if t.name == "hand-over-4242"]
+    assert thread.daemon
+    assert trigger.acquire_training_lock(other) is None and not trigger.request_training(other, "another instance")
+    queued: list = []
+    trainer = threading.Thread(target=lambda: queued.append(trigger.acquire_training_lock(s, wait=True)))
+    trainer.start()  # the trainer queues for the lock, as the real one does with --lock-wait
+    trainer.join(30)
+    thread.join(30)
+    assert queued and queued[0] is not None and not thread.is_alive()  # handed over
+    assert trigger.acquire_training_lock(other) is None  # the trainer holds it now
+    queued[0].close()
+    assert trigger.request_training(s, "a trainer that dies before it queues")
+    assert trigger.acquire_training_lock(other) is None
+    _QueuingTrainer.started[-1].exited = 1
+    _wait(lambda: not _training_running(other), 10, "the lock to be let go when its trainer died")
+
+
+@pytest.mark.parametrize("postgresql", [False, True])
+def test_a_trainer_that_cannot_be_started_leaves_the_lock_free(setup, monkeypatch, postgres_url, postgresql):
+    s = setup[0].replace(store_url=postgres_url if postgresql else "")
+
+    def cannot_start(cmd, **kwargs):
+        raise OSError("no such interpreter")
+
+    monkeypatch.setattr(jobs.subprocess, "Popen", cannot_start)
+    with pytest.raises(OSError, match="no such interpreter"):
+        trigger.request_training(s, "cannot start")
+    held = trigger.acquire_training_lock(s)
+    assert held is not None
+    held.close()

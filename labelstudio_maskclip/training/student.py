@@ -154,6 +154,11 @@ def _load_backbone_file(backbone: nn.Module, path: str, name: str) -> None:
     except Exception as e:
         raise StudentWeightsError(f"MASKCLIP_STUDENT_PRETRAINED={path!r}: cannot read it as a state dict: {e}") from e
     state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise StudentWeightsError(
+            f"MASKCLIP_STUDENT_PRETRAINED={path!r} holds a {type(state).__name__}, not a state dict of {name} "
+            "backbone weights"
+        )
     cleaned = {}
     for key, value in state.items():
         for prefix in ("module.", "backbone.", "features."):
