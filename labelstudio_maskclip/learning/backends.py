@@ -238,9 +238,6 @@ class Backend:
         """What the database finds wrong with its own pages ([] = intact)."""
         return []
 
-    def table_exists(self, conn: Connection, table: str) -> bool:
-        raise NotImplementedError
-
 
 _CORRUPTION_CODES = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
 
@@ -300,10 +297,6 @@ class SQLiteBackend(Backend):
         rows = [str(r[0]) for r in conn.execute(statement)]
         return [] if rows == ["ok"] else rows
 
-    def table_exists(self, conn: Connection, table: str) -> bool:
-        row = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
-        return row is not None
-
 
 class PostgresBackend(Backend):
     """A PostgreSQL database reached with psycopg 3 (imported on first use: SQLite needs none of it)."""
@@ -353,9 +346,6 @@ class PostgresBackend(Backend):
 
     def unreachable(self, exc: BaseException) -> bool:
         return isinstance(exc, (self._psycopg.OperationalError, ConnectFailed))
-
-    def table_exists(self, conn: Connection, table: str) -> bool:
-        return conn.execute("SELECT to_regclass(?)", (table,)).fetchone()[0] is not None
 
 
 def sqlite_path(location: str | Path) -> Path:

@@ -81,11 +81,6 @@ class HeldLock:
             return False
         return bool(row is not None and row[0])
 
-    def fileno(self) -> int:
-        if self.fd is None:
-            raise ValueError("an advisory lock has no descriptor: it cannot be inherited")
-        return self.fd
-
     def __enter__(self) -> HeldLock:
         return self
 
