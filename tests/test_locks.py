@@ -178,11 +178,13 @@ def test_a_hand_over_with_nobody_queued_releases_when_the_child_is_gone(postgres
 
 
 def _end_lock_sessions(postgres, url: str, name: str) -> None:
-    """The server ends the sessions that hold run locks ``name`` (a restart, an operator's
-    ``pg_terminate_backend``)."""
+    """The server ends the sessions of ``url``'s database that hold run locks ``name`` (a restart, an
+    operator's ``pg_terminate_backend``); other databases' (other test sessions on a shared server) live on."""
+    database = url.split("/")[3].split("?")[0]
     postgres.sql(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-        f"WHERE application_name = 'labelstudio-maskclip {name}' AND pid <> pg_backend_pid()"
+        f"WHERE application_name = 'labelstudio-maskclip {name}' AND datname = '{database}' "
+        "AND pid <> pg_backend_pid()"
     )
 
 
@@ -240,10 +242,19 @@ def test_a_file_lock_is_named_for_its_file_and_makes_its_folders(tmp_path: Path)
     held.release()
 
 
-def _open_descriptors() -> int:
+def _open_descriptors() -> list[str]:
+    """What this process's open lock files and sockets are (others may come and go with other threads)."""
+    import gc
     import os
 
-    return len(os.listdir("/proc/self/fd"))
+    gc.collect()  # what an earlier test left to the collector is closed now, not during the count
+    targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the listing's own descriptor, closed by now
+            continue
+    return sorted(t for t in targets if t.endswith(".lock") or t.startswith("socket:"))
 
 
 def test_refused_tries_leave_no_descriptor_or_connection_open(settings: Settings) -> None:
@@ -264,11 +275,15 @@ def test_refused_tries_leave_no_descriptor_or_connection_open(settings: Settings
     assert _open_descriptors() == before
     assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
     if settings.store_url:
-        with psycopg.connect(settings.store_url) as conn:
-            (sessions,) = conn.execute(
-                "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = 'labelstudio-maskclip train' "
-                "AND datname = current_database()"
-            ).fetchone()
+        # A closed session's row goes when its server process has exited: on a busy machine, a moment later.
+        deadline, sessions = time.monotonic() + 30, -1
+        while sessions != 1 and time.monotonic() < deadline:
+            with psycopg.connect(settings.store_url) as conn:
+                (sessions,) = conn.execute(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = 'labelstudio-maskclip train' "
+                    "AND datname = current_database()"
+                ).fetchone()
+            time.sleep(0.1 if sessions != 1 else 0)
         assert sessions == 1  # the holder's
     held.release()
 
@@ -280,7 +295,7 @@ def test_a_hand_over_nobody_takes_ends_at_its_timeout_and_releases(postgres_url:
     asked: list[float] = []  # the holder asks every 50 ms, not as fast as it can
     start = time.monotonic()
     assert held.hand_over(alive=lambda: asked.append(time.monotonic()) is None, timeout=0.5, every=0.05) is False
-    assert 0.5 <= time.monotonic() - start < 5 and not held.still_held() and 2 <= len(asked) <= 11
+    assert time.monotonic() - start >= 0.5 and not held.still_held() and 2 <= len(asked) <= 11
     assert _granted_within(run_lock(settings, "train"), 1)
 
 

@@ -75,11 +75,13 @@ def test_a_second_job_waits_for_the_running_one_by_default(tmp_path):
     running = acquire_rescore_lock(s, wait=False)
     assert running is not None and acquire_rescore_lock(s, wait=False) is None
     got: list = []
-    second = threading.Thread(target=lambda: got.append(acquire_rescore_lock(s)))
+    second = threading.Thread(target=lambda: got.append(acquire_rescore_lock(s)), daemon=True)
     second.start()
-    second.join(1.0)
-    assert second.is_alive() and got == []  # queued behind the running job
-    running.release()
+    try:
+        second.join(1.0)
+        assert second.is_alive() and got == []  # queued behind the running job
+    finally:
+        running.release()
     second.join(20)
     assert not second.is_alive() and got and got[0] is not None
     got[0].release()

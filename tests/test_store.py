@@ -1127,8 +1127,14 @@ def test_a_forked_child_opens_its_own_connection_and_the_parent_keeps_its_own(st
             code = 0 if stored and own else 3
         finally:
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    deadline = time.monotonic() + 120  # a child forked beside threads could hang: it must not hang the run
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child did not finish in 120 s")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
     assert store.current_seq() == 2 and store._conn() is conn  # the parent's connection was not ended
     assert [s.annotation_id for s in store.accepted_samples()] == [1, 2]
 
