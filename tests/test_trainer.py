@@ -345,3 +345,22 @@ def test_a_run_killed_after_a_checkpoint_resumes_from_it(tmp_path):
     assert m["data"]["validation"] == 2 and not (run_dir / "last.pt").exists()
     assert result.version == "maskclip+-1" and result.promoted
     assert store.count_since_last_training() == 1  # the run saw the store as it was when it started
+
+
+def test_the_seed_draws_the_crops_so_a_run_can_be_repeated(tmp_path):
+    """With the student's starting weights fixed (``torch.manual_seed``), the same seed, data and teacher train
+    the same student step for step: the crops and flips come from ``seed``, rank and step, not from the clock.
+    Another seed draws other crops."""
+    losses = {}
+    for name, seed in (("first", 0), ("again", 0), ("other", 1)):
+        store = Store(tmp_path / name)
+        images = {}
+        for tid in range(4):
+            images[ref := f"img-{tid}"] = synthetic(tid)[0]
+            store.put_tasks([TaskRecord(tid, image=ref)])
+        torch.manual_seed(0)
+        result = tr.train(_settings(tmp_path / name), store, load_image=lambda ref, tid, images=images: images[ref],
+                          teacher=NoisyOracle(), classes=CLASSES, progress=False, seed=seed)  # fmt: skip
+        losses[name] = result.metrics["loss"]
+    assert len(losses["first"]) == 2 and losses["again"] == losses["first"]
+    assert losses["other"] != losses["first"]
