@@ -113,8 +113,7 @@ class PostgresServer:
         return self.url(name)
 
     def drop_database(self, url: str) -> None:
-        name = url.split("/")[3].split("?")[0]
-        self.sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        self.sql(f"DROP DATABASE IF EXISTS {database_of(url)} WITH (FORCE)")
 
     def log(self) -> str:
         path = self.root / "server.log"
@@ -154,6 +153,11 @@ def started(timeout: float = 120.0) -> Iterator[PostgresServer]:
         subprocess.run(prefix + [str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
                        capture_output=True, timeout=60)  # fmt: skip
         shutil.rmtree(root, ignore_errors=True)
+
+
+def database_of(url: str) -> str:
+    """The database a URL of :meth:`PostgresServer.url` names."""
+    return url.split("/")[3].split("?")[0]
 
 
 def shared(address: str) -> PostgresServer:

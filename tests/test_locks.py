@@ -20,6 +20,7 @@ from labelstudio_maskclip.settings import Settings
 from labelstudio_maskclip.training import rescoring, trigger
 from labelstudio_maskclip.training.job import TrainJob
 from labelstudio_maskclip.training.train import run_job
+from tests.postgres import database_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,10 +181,9 @@ def test_a_hand_over_with_nobody_queued_releases_when_the_child_is_gone(postgres
 def _end_lock_sessions(postgres, url: str, name: str) -> None:
     """The server ends the sessions of ``url``'s database that hold run locks ``name`` (a restart, an
     operator's ``pg_terminate_backend``); other databases' (other test sessions on a shared server) live on."""
-    database = url.split("/")[3].split("?")[0]
     postgres.sql(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-        f"WHERE application_name = 'labelstudio-maskclip {name}' AND datname = '{database}' "
+        f"WHERE application_name = 'labelstudio-maskclip {name}' AND datname = '{database_of(url)}' "
         "AND pid <> pg_backend_pid()"
     )
 

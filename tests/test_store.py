@@ -25,6 +25,7 @@ from labelstudio_maskclip.learning.store import (
     StoreError,
     TaskRecord,
 )
+from tests.postgres import database_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -609,9 +610,9 @@ def test_a_server_that_cannot_be_reached_is_a_store_error_without_the_password(p
 
 def _terminate_sessions(postgres, url: str) -> None:
     """The server ends every session of ``url``'s database (as a restart or a failover does)."""
-    name = url.split("/")[3].split("?")[0]
     postgres.sql(
-        f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        f"WHERE datname = '{database_of(url)}' AND pid <> pg_backend_pid()"
     )
 
 

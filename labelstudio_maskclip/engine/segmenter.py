@@ -657,6 +657,7 @@ def _finalize_all(
     """
     out: list[Segmentation | None] = [None] * len(sizes)
     groups: dict[object, list[int]] = {}
+    budget = _BATCH_UPSAMPLE_BUDGET if together else _UPSAMPLE_BUDGET
     for i, size in enumerate(sizes):
         groups.setdefault(size if together else i, []).append(i)
     for idx in groups.values():
@@ -665,7 +666,6 @@ def _finalize_all(
             _BATCH_UPSAMPLE_BUDGET // (probs.shape[1] * probs.shape[2] * width),
             _BATCH_OUTPUT_PIXELS // (height * width),
         )
-        budget = _BATCH_UPSAMPLE_BUDGET if together else _UPSAMPLE_BUDGET
         for b in range(0, len(idx), max(1, per)):
             chunk = idx[b : b + max(1, per)]
             part = probs if len(chunk) == len(probs) else probs[chunk]
